@@ -1,0 +1,305 @@
+"""Vector quantization with one shared codebook, product quantization, and the SQD quantization loss.
+
+What this file teaches
+    SQD (Sec. 3.1) represents a multi-source audio clip by N semantic tokens, each snapped to its
+    nearest word of ONE shared codebook of K words. N tokens over K words can express K**N distinct
+    products (eq. 1), while the codebook itself stays small (K << K**N): the network is forced to
+    decompose a mixture into single-source parts that reuse the same words (eq. 2). The codebook
+    is trained by the first term of eq. (9); the global tokens (Sec. 3.3) are pulled to their
+    codewords by the second term; the local, per-frame tokens (Sec. 3.4) use the same codebook but
+    must not update it, only commit to it (third term).
+
+Paper: Sec. 3.1 (eq. 1, 2), Sec. 3.3 (e_i = VQ(g_i)), Sec. 3.4 (local tokens reuse C), Sec. 3.5 (eq. 9).
+
+Reading order
+    1. QuantizerOutput        what one quantization returns
+    2. VectorQuantizer        codebook, nearest codeword (VQ of eq. 2), straight-through,
+                              the two eq. (9) terms, the `update_codebook=False` local path,
+                              optional dead-code revival (off by default)
+    3. product_quantize       eq. (2): N tokens through one shared quantizer, concatenated
+    4. quantization_loss      eq. (9): the three named, unweighted terms
+    5. codebook_stats         usage, perplexity and dead codes from the chosen indices
+
+Shape alphabet
+    ...  any leading dimensions (B, or B and T)
+    N    semantic tokens per clip (or per frame)
+    D    token and codeword dimension (the model channels C)
+    K    codewords in the codebook
+    M    number of vectors after flattening the leading dimensions
+"""
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class QuantizerOutput(NamedTuple):
+    """The result of quantizing a batch of vectors x (..., D).
+
+    quantized:       (..., D) straight-through output: its value is the chosen codeword, its
+                     gradient w.r.t. x is the identity, and it carries no gradient to the codebook.
+    codes:           (..., D) the chosen codewords themselves; differentiable w.r.t. the codebook
+                     only when the quantizer was called with update_codebook=True.
+    indices:         (...) int64, the index in [0, K) of the chosen codeword.
+    codebook_loss:   scalar, eq. (9) first term ||VQ(x) - sg[x]||^2 (mean over elements,
+                     unweighted); a zero tensor when update_codebook=False.
+    commitment_loss: scalar, eq. (9) second/third term ||sg[VQ(x)] - x||^2 (mean over
+                     elements, unweighted, lambda_com is applied by the criterion).
+    """
+    quantized: torch.Tensor
+    codes: torch.Tensor
+    indices: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+class VectorQuantizer(nn.Module):
+    """VQ(x) = argmin_{e_k in C} ||x - e_k||_2 with a learnable codebook C = {e_k}, k = 1..K.
+
+    Args:
+        num_codes:         K, number of codewords (128 in the paper).
+        dim:               D, dimension of tokens and codewords.
+        revive_dead_codes: if True, while training on the codebook-owning path
+                           (update_codebook=True), keep an EMA of each code's share of the
+                           assignments in the buffer `code_usage` (K,) and, at the start of each such
+                           forward, re-seed every code whose EMA share fell below
+                           dead_threshold / K with a random current input (see
+                           `revive_dead_codes`). Off by default: the paper trains the codebook by
+                           eq. (9) alone.
+        usage_decay:       EMA decay of `code_usage` (per training forward).
+        dead_threshold:    a code is dead when its EMA share < dead_threshold * (1 / K), i.e. below
+                           this fraction of the share it would have under uniform use.
+
+    Parameters and buffers:
+        codebook:   (K, D) nn.Parameter, trained by the first term of eq. (9).
+        code_usage: (K,) buffer, EMA of the share of global-path assignments per code; starts at
+                    1/K (uniform) so that no code is dead before it has had a chance. Only updated
+                    when revival is on.
+    """
+
+    def __init__(self, num_codes: int, dim: int, revive_dead_codes: bool = False,
+                 usage_decay: float = 0.99, dead_threshold: float = 0.1):
+        super().__init__()
+        self.num_codes = num_codes
+        self.dim = dim
+        # The constructor argument keeps the interface name; the flag is stored under another name
+        # because `revive_dead_codes` is also the method that does the revival.
+        self.revival_enabled = revive_dead_codes
+        self.usage_decay = usage_decay
+        self.dead_threshold = dead_threshold
+        # PAPER: the paper does not say how the codebook is initialised. The tokens it quantizes
+        # leave a post-norm LayerNorm (the last step of every TrD layer), so each token has zero
+        # mean and unit variance over its D channels, i.e. it lies on the sphere ||g||^2 = D
+        # (up to the learnable LN affine). We draw the codewords on the same set: standard normal
+        # vectors passed through a LayerNorm without affine, so every entry has unit scale and
+        # every codeword has ||e||^2 = D exactly. Two common alternatives fail for such tokens:
+        #  - plain N(0, 1) codes: ||e||^2 varies by about sqrt(2D), which outweighs the x.e term,
+        #    so the shortest codes win most tokens (measured for K=128, D=256 on LN'd tokens:
+        #    perplexity 32-39 at init, versus 121-126 for this init);
+        #  - tiny codes near the origin (uniform(-1/K, 1/K), as in many VQ-VAE codes): every
+        #    code is used, but VQ(g) is then almost 0, so the downstream decoder receives
+        #    near-zero queries until the codebook has travelled a distance sqrt(D).
+        codebook = F.layer_norm(torch.randn(num_codes, dim), (dim,))  # (K, D)
+        self.codebook = nn.Parameter(codebook)  # (K, D)
+        self.register_buffer("code_usage", torch.full((num_codes,), 1.0 / num_codes))  # (K,)
+
+    @torch.no_grad()
+    def nearest_code(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest codeword in L2 for each row (the VQ of eq. 2).
+
+        Args:
+            flat: (M, D) vectors.
+        Returns:
+            indices: (M,) int64. Ties go to the lowest index (torch.argmin).
+
+        Squared distances are expanded as ||x||^2 - 2 x.e + ||e||^2 (one matrix product) and
+        computed in at least float32 with autocast off, so that a bf16/fp16 autocast region cannot
+        change which codeword is nearest.
+        """
+        dtype = torch.promote_types(torch.promote_types(flat.dtype, self.codebook.dtype), torch.float32)
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            x = flat.to(dtype)  # (M, D)
+            e = self.codebook.detach().to(dtype)  # (K, D)
+            dist2 = (x.pow(2).sum(1, keepdim=True)  # (M, 1)
+                     - 2.0 * x @ e.t()  # (M, K)
+                     + e.pow(2).sum(1).unsqueeze(0))  # (1, K) -> (M, K)
+            return dist2.argmin(dim=1)  # (M,) int64
+
+    def forward(self, x: torch.Tensor, update_codebook: bool = True) -> QuantizerOutput:
+        """Quantize every D-vector of x with the codebook.
+
+        Args:
+            x:               (..., D) tokens (global g_i or local l_{i,t}).
+            update_codebook: True for the global path (eq. 9 terms 1 and 2: the codebook is
+                             trained). False for the local path (eq. 9 term 3 only): the codebook
+                             gets no gradient from this call and revival never runs.
+        Returns:
+            QuantizerOutput with quantized (..., D), codes (..., D), indices (...) int64,
+            codebook_loss scalar, commitment_loss scalar.
+        """
+        lead = x.shape[:-1]  # (...) the leading dimensions
+        flat = x.reshape(-1, self.dim)  # (M, D)
+        owns_codebook = update_codebook and self.training
+        if owns_codebook and self.revival_enabled:
+            # Before this step's assignment, so that the parameter is changed outside any graph.
+            self.revive_dead_codes(flat)
+
+        indices = self.nearest_code(flat)  # (M,) int64, VQ of eq. (2)
+        codebook = self.codebook if update_codebook else self.codebook.detach()  # (K, D)
+        codes = codebook[indices]  # (M, D) e = VQ(x), gradient to the codebook only if update_codebook
+        if owns_codebook and self.revival_enabled:
+            self._update_usage(indices)
+
+        # PAPER: eq. (9) writes a sum over tokens of squared L2 norms; we take the mean over all
+        # M * D elements (MSE, as in VQ-VAE code), so the value does not grow with the batch
+        # size, N or D and lambda_quant keeps one meaning across presets. The sum is
+        # mean * M * D (the tests check this).
+        if flat.shape[0] == 0:
+            zero = flat.new_zeros(())  # () nothing to quantize
+            codebook_loss, commitment_loss = zero, zero
+        else:
+            xd = flat.to(codes.dtype)  # (M, D)
+            if update_codebook:
+                codebook_loss = F.mse_loss(codes, xd.detach())  # eq. (9), first term ||VQ(g) - sg[g]||^2
+            else:
+                codebook_loss = flat.new_zeros(())  # () the local path does not update C
+            commitment_loss = F.mse_loss(xd, codes.detach())  # eq. (9), second/third term ||sg[VQ(x)] - x||^2
+
+        # Straight-through estimator: the value is the codeword, the gradient goes to x unchanged
+        # (d quantized / d x = I) and nothing reaches the codebook through this path. Written as
+        # sg[e] + (x - sg[x]) rather than the usual x + sg[e - x]: the added term is exactly 0, so
+        # the value is bit-for-bit the codeword (x + (e - x) can differ from e in the last bit).
+        quantized = codes.detach().to(flat.dtype) + (flat - flat.detach())  # (M, D)
+        return QuantizerOutput(
+            quantized=quantized.reshape(*lead, self.dim),  # (..., D)
+            codes=codes.reshape(*lead, self.dim),  # (..., D)
+            indices=indices.reshape(lead),  # (...)
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment_loss,
+        )
+
+    @torch.no_grad()
+    def _update_usage(self, indices: torch.Tensor) -> None:
+        """EMA of each code's share of this step's assignments, summed over all DDP ranks.
+
+        Args:
+            indices: (M,) int64 codes chosen in this step.
+        """
+        counts = torch.bincount(indices, minlength=self.num_codes).to(self.code_usage.dtype)  # (K,)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)  # (K,) same EMA, hence the same dead set, on every rank
+        share = counts / counts.sum().clamp(min=1.0)  # (K,)
+        self.code_usage.mul_(self.usage_decay).add_(share, alpha=1.0 - self.usage_decay)
+
+    @torch.no_grad()
+    def revive_dead_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Re-seed dead codewords with random current inputs (optional, not in the paper).
+
+        A code is dead when its EMA share `code_usage` is below dead_threshold / K. Each dead code
+        is overwritten with a distinct input vector drawn at random without replacement, and its
+        EMA share is reset to 1/K so that it gets a grace period before it can die again. If
+        there are fewer inputs than dead codes, the least used codes are revived first and the
+        rest wait for a later step (so no two revived codes are equal). Under DDP the new
+        codebook and usage of rank 0 are broadcast, keeping every rank identical.
+        Optimizer state (e.g. Adam moments) of a revived row is left as it was.
+
+        Called automatically at the start of each training forward with update_codebook=True when
+        the quantizer was built with revive_dead_codes=True; it may also be called by hand.
+
+        Args:
+            x: (..., D) current inputs to seed from.
+        Returns:
+            revived: (R,) int64 indices of the codes that were re-seeded (R may be 0).
+        """
+        flat = x.detach().reshape(-1, self.dim)  # (M, D)
+        dead = torch.nonzero(self.code_usage < self.dead_threshold / self.num_codes).squeeze(1)  # (n_dead,)
+        if dead.numel() == 0:
+            return dead  # (0,) the same on every rank, so no collective is needed
+        dead = dead[self.code_usage[dead].argsort()]  # (n_dead,) least used first
+        revived = dead[: flat.shape[0]]  # (R,)
+        pick = torch.randperm(flat.shape[0], device=flat.device)[: revived.numel()]  # (R,)
+        self.codebook[revived] = flat[pick].to(self.codebook.dtype)  # (R, D) new codewords
+        self.code_usage[revived] = 1.0 / self.num_codes
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.codebook, src=0)  # (K, D) rank 0's random picks everywhere
+            dist.broadcast(self.code_usage, src=0)  # (K,)
+        return revived
+
+
+def product_quantize(vq: VectorQuantizer, tokens: torch.Tensor, update_codebook: bool = True):
+    """Eq. (2): PQ(x) = VQ_s(x_1) (+) ... (+) VQ_s(x_N) with one shared codebook C_s.
+
+    Args:
+        vq:              the shared VectorQuantizer (codebook (K, D)).
+        tokens:          (..., N, D) the decomposed tokens x_i = f_i(x) (here g_i or l_{i,t}).
+        update_codebook: passed to vq (False for the local path, eq. 9 third term).
+    Returns:
+        pq:  (..., N*D) channel-wise concatenation of the N straight-through quantized tokens;
+             token i occupies channels [i*D, (i+1)*D).
+        out: QuantizerOutput of the N tokens, fields shaped (..., N, D) / (..., N).
+    """
+    out = vq(tokens, update_codebook=update_codebook)  # quantized (..., N, D): one VQ_s for every token
+    pq = out.quantized.flatten(-2)  # (..., N*D) eq. (2), concatenation (+)
+    return pq, out
+
+
+def quantization_loss(global_out: QuantizerOutput, local_out: Optional[QuantizerOutput] = None,
+                      local_owns_codebook: bool = False) -> dict:
+    """Eq. (9), the three terms, unweighted (the criterion applies lambda_quant and lambda_com).
+
+    L_quant = ||VQ(g) - sg[g]||^2 + lambda_com ||sg[VQ(g)] - g||^2 + lambda_com ||sg[VQ(l)] - l||^2
+
+    Args:
+        global_out:          QuantizerOutput of the global tokens g (update_codebook=True).
+        local_out:           QuantizerOutput of the local tokens l (update_codebook=False), or None.
+        local_owns_codebook: ablation switch (default False = the paper's shared codebook). Set it
+                             only when the local path has its own, separate codebook; its codebook
+                             term is then returned as 'quant_codebook_local'.
+    Returns:
+        dict of scalars: 'quant_codebook' (term 1), 'quant_commit_global' (term 2 without
+        lambda_com), and, when local_out is given, 'quant_commit_local' (term 3 without lambda_com).
+    Raises:
+        ValueError if local_out carries a codebook gradient while the codebook is shared: the
+        local tokens must not update the shared codebook (Sec. 3.4).
+    """
+    losses = {
+        "quant_codebook": global_out.codebook_loss,  # eq. (9), first term
+        "quant_commit_global": global_out.commitment_loss,  # eq. (9), second term
+    }
+    if local_out is not None:
+        if local_out.codebook_loss.requires_grad and not local_owns_codebook:
+            raise ValueError("the local tokens must be quantized with update_codebook=False: "
+                             "they commit to the shared codebook but do not update it (eq. 9)")
+        losses["quant_commit_local"] = local_out.commitment_loss  # eq. (9), third term
+        if local_owns_codebook:
+            losses["quant_codebook_local"] = local_out.codebook_loss  # ablation: separate local codebook
+    return losses
+
+
+@torch.no_grad()
+def codebook_stats(indices: torch.Tensor, num_codes: int) -> dict:
+    """How much of the codebook a batch uses.
+
+    Args:
+        indices:   (...) int64 chosen code indices (any shape).
+        num_codes: K.
+    Returns:
+        dict with
+        usage:      float, fraction of the K codes chosen at least once;
+        perplexity: float, exp(entropy) of the code histogram p (p_k = count_k / M),
+                    exp(-sum_k p_k log p_k): 1 when one code takes everything, K under uniform use
+                    (1.0 for an empty batch);
+        dead:       int, number of codes never chosen.
+    """
+    counts = torch.bincount(indices.reshape(-1).long(), minlength=num_codes).double()  # (K,)
+    total = counts.sum().clamp(min=1.0)  # ()
+    p = counts / total  # (K,) code histogram
+    entropy = -(p * torch.log(p.clamp(min=1e-300))).sum()  # () 0 * log(0) counts as 0
+    used = int((counts > 0).sum())
+    return {
+        "usage": used / num_codes,
+        "perplexity": float(torch.exp(entropy)),
+        "dead": num_codes - used,
+    }

@@ -1,0 +1,323 @@
+"""Tests of quantize.py: eq. (1), (2), (9), codebook statistics and dead-code revival.
+
+Every test compares with an independent computation: enumeration, an explicit python loop with a
+brute-force argmin, hand-written losses and gradients, autograd Jacobians, hand-computed entropy.
+"""
+import itertools
+import math
+import os
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from quantize import (QuantizerOutput, VectorQuantizer, codebook_stats,  # noqa: E402
+                      product_quantize, quantization_loss)
+
+
+def make_vq(K, D, seed=0, **kw):
+    torch.manual_seed(seed)
+    return VectorQuantizer(K, D, **kw).double()
+
+
+def brute_force_nearest(x, codebook):
+    """Python loop over the codebook: index of the smallest squared distance."""
+    best, best_d = None, float("inf")
+    for k in range(len(codebook)):
+        d = sum((float(a) - float(b)) ** 2 for a, b in zip(x, codebook[k]))
+        if d < best_d:
+            best, best_d = k, d
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# eq. (1): N tokens over one K-word codebook express K**N products
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("K,N", [(3, 2), (2, 3), (1, 3), (4, 2)])
+def test_eq01_shared_codebook_expresses_K_to_the_N_products(K, N):
+    D = 4
+    vq = make_vq(K, D)
+    combos = list(itertools.product(range(K), repeat=N))  # every element of X_s x ... x X_s
+    noise = 0.01 * torch.randn(len(combos), N, D, dtype=torch.float64)
+    tokens = torch.stack([vq.codebook.detach()[list(c)] for c in combos]) + noise  # (K**N, N, D)
+    pq, out = product_quantize(vq, tokens)
+    distinct = {tuple(row.tolist()) for row in pq}
+    assert len(distinct) == K ** N
+    for j, c in enumerate(combos):  # each product is the concatenation of its codewords
+        assert out.indices[j].tolist() == list(c)
+        assert torch.equal(pq[j], torch.cat([vq.codebook.detach()[k] for k in c]))
+    # Contrast: one VQ with the same K words over the whole (N*D)-vector gives at most K outputs.
+    whole = make_vq(K, N * D, seed=1)
+    whole_out = whole(tokens.flatten(1))
+    assert len({tuple(row.tolist()) for row in whole_out.quantized}) <= K
+
+
+# ---------------------------------------------------------------------------------------------
+# eq. (2): PQ(x) = VQ_s(x_1) (+) ... (+) VQ_s(x_N)
+# ---------------------------------------------------------------------------------------------
+
+def test_eq02_product_quantization_equals_per_token_loop():
+    B, T, N, D, K = 2, 3, 4, 5, 7
+    vq = make_vq(K, D)
+    torch.manual_seed(1)
+    tokens = torch.randn(B, T, N, D, dtype=torch.float64)
+    pq, out = product_quantize(vq, tokens)
+    assert isinstance(out, QuantizerOutput)
+    assert pq.shape == (B, T, N * D) and out.quantized.shape == (B, T, N, D)
+    assert out.indices.shape == (B, T, N) and out.indices.dtype == torch.int64
+    cb = vq.codebook.detach()
+    for b in range(B):
+        for t in range(T):
+            for i in range(N):
+                k = brute_force_nearest(tokens[b, t, i].tolist(), cb.tolist())
+                assert out.indices[b, t, i].item() == k
+                assert torch.equal(pq[b, t, i * D:(i + 1) * D], cb[k])  # token i at channels [iD, (i+1)D)
+                assert torch.equal(out.codes[b, t, i], cb[k])
+    # the local path chooses the same codewords
+    pq_local, out_local = product_quantize(vq, tokens, update_codebook=False)
+    assert torch.equal(pq_local, pq) and torch.equal(out_local.indices, out.indices)
+
+
+def test_eq02_nearest_code_float32_matches_cdist_and_survives_bf16_autocast():
+    torch.manual_seed(0)
+    K, D, M = 128, 256, 300
+    vq = VectorQuantizer(K, D)
+    x = torch.nn.functional.layer_norm(torch.randn(M, D), (D,))  # (M, D)
+    idx = vq(x).indices
+    ref_d = torch.cdist(x.double(), vq.codebook.detach().double())  # (M, K) float64 reference
+    chosen = ref_d.gather(1, idx[:, None]).squeeze(1)
+    assert torch.allclose(chosen, ref_d.min(1).values, rtol=0, atol=1e-4)  # nearest up to fp32 rounding
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx_amp = vq(x).indices
+    assert torch.equal(idx_amp, idx)
+
+
+def test_codebook_init_matches_layernormed_tokens():
+    K, D = 64, 32
+    cb = VectorQuantizer(K, D).codebook.detach().double()
+    assert torch.allclose(cb.mean(1), torch.zeros(K, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose(cb.pow(2).sum(1), torch.full((K,), float(D), dtype=torch.float64), rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# eq. (9): the three terms and their stop-gradients
+# ---------------------------------------------------------------------------------------------
+
+def hand_sq_error(x, codebook):
+    """Sum over vectors of ||e_nearest - x||^2, by loops."""
+    flat = x.reshape(-1, x.shape[-1]).tolist()
+    cb = codebook.tolist()
+    total = 0.0
+    for v in flat:
+        k = brute_force_nearest(v, cb)
+        total += sum((a - b) ** 2 for a, b in zip(v, cb[k]))
+    return total
+
+
+def test_eq09_terms_equal_hand_computation():
+    B, T, N, D, K = 2, 3, 3, 4, 5
+    vq = make_vq(K, D)
+    torch.manual_seed(2)
+    g = torch.randn(B, N, D, dtype=torch.float64)
+    l = torch.randn(B, T, N, D, dtype=torch.float64)
+    g_out = vq(g)
+    l_out = vq(l, update_codebook=False)
+    losses = quantization_loss(g_out, l_out)
+    assert set(losses) == {"quant_codebook", "quant_commit_global", "quant_commit_local"}
+    cb = vq.codebook.detach()
+    sum_g, sum_l = hand_sq_error(g, cb), hand_sq_error(l, cb)
+    # mean over elements; the paper's sum over tokens is mean * (number of elements)
+    assert math.isclose(losses["quant_codebook"].item(), sum_g / (B * N * D), rel_tol=1e-12)
+    assert math.isclose(losses["quant_commit_global"].item(), sum_g / (B * N * D), rel_tol=1e-12)
+    assert math.isclose(losses["quant_commit_local"].item(), sum_l / (B * T * N * D), rel_tol=1e-12)
+    assert math.isclose(losses["quant_codebook"].item() * B * N * D, sum_g, rel_tol=1e-12)
+    assert l_out.codebook_loss.item() == 0.0 and not l_out.codebook_loss.requires_grad
+    assert set(quantization_loss(g_out)) == {"quant_codebook", "quant_commit_global"}
+
+
+def test_eq09_codebook_gets_gradient_only_from_first_term():
+    M, D, K = 6, 3, 4
+    vq = make_vq(K, D)
+    torch.manual_seed(3)
+    x = torch.randn(M, D, dtype=torch.float64, requires_grad=True)
+    e = vq.codebook.detach()
+    idx = torch.tensor([brute_force_nearest(v, e.tolist()) for v in x.tolist()])
+
+    # commitment term alone: gradient to x only, 2/(M D) (x - e)
+    vq(x).commitment_loss.backward()
+    assert vq.codebook.grad is None or torch.count_nonzero(vq.codebook.grad) == 0
+    assert torch.allclose(x.grad, 2.0 / (M * D) * (x.detach() - e[idx]), atol=1e-14)
+
+    # codebook term alone: gradient to the codebook only, 2/(M D) sum_{i: idx_i = k} (e_k - x_i)
+    x.grad = None
+    vq.zero_grad(set_to_none=True)
+    vq(x).codebook_loss.backward()
+    assert x.grad is None or torch.count_nonzero(x.grad) == 0
+    expected = torch.zeros(K, D, dtype=torch.float64)
+    for i in range(M):
+        expected[idx[i]] += 2.0 / (M * D) * (e[idx[i]] - x.detach()[i])
+    assert torch.allclose(vq.codebook.grad, expected, atol=1e-14)
+
+    # the straight-through output carries nothing to the codebook either
+    vq.zero_grad(set_to_none=True)
+    vq(x).quantized.pow(3).sum().backward()
+    assert vq.codebook.grad is None or torch.count_nonzero(vq.codebook.grad) == 0
+
+
+def test_eq09_straight_through_gradient_is_identity():
+    M, D, K = 3, 4, 5
+    vq = make_vq(K, D)
+    torch.manual_seed(4)
+    x = torch.randn(M, D, dtype=torch.float64)
+    out = vq(x)
+    assert torch.equal(out.quantized, out.codes.detach())  # value = codeword
+    jac = torch.autograd.functional.jacobian(lambda v: vq(v).quantized, x)  # (M, D, M, D)
+    assert torch.equal(jac.reshape(M * D, M * D), torch.eye(M * D, dtype=torch.float64))
+
+
+def test_eq09_local_path_never_changes_codebook():
+    T, N, D, K = 4, 3, 4, 5
+    vq = make_vq(K, D, revive_dead_codes=True)
+    vq.code_usage.zero_()  # every code "dead": revival would fire if the local path could trigger it
+    vq.train()
+    torch.manual_seed(5)
+    l = torch.nn.Parameter(torch.randn(T, N, D, dtype=torch.float64))
+    opt = torch.optim.AdamW(list(vq.parameters()) + [l], lr=0.1, weight_decay=0.1)
+    before = vq.codebook.detach().clone()
+    l_before = l.detach().clone()
+    for _ in range(3):
+        opt.zero_grad(set_to_none=True)
+        pq, out = product_quantize(vq, l, update_codebook=False)
+        no_global = QuantizerOutput(*[torch.zeros((), dtype=torch.float64)] * 5)
+        assert not out.codes.requires_grad  # the selected codewords are detached on the local path
+        loss = (sum(quantization_loss(no_global, out).values())  # eq. (9), third term
+                + pq.pow(2).sum() + out.codes.pow(2).sum())  # anything downstream
+        loss.backward()
+        assert vq.codebook.grad is None
+        opt.step()
+    assert torch.equal(vq.codebook.detach(), before)  # bit-identical
+    assert not torch.equal(l.detach(), l_before)  # the local tokens did move
+    # contrast: one step on the global path moves the codebook
+    opt.zero_grad(set_to_none=True)
+    vq.revival_enabled = False
+    g_out = vq(l)
+    (g_out.codebook_loss + 0.5 * g_out.commitment_loss).backward()
+    opt.step()
+    assert not torch.equal(vq.codebook.detach(), before)
+
+
+def test_eq09_shared_codebook_rejects_a_local_path_that_updates_it():
+    vq = make_vq(4, 3)
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="update_codebook=False"):
+        quantization_loss(vq(x), vq(x, update_codebook=True))
+    parts = quantization_loss(vq(x), vq(x, update_codebook=True), local_owns_codebook=True)
+    assert "quant_codebook_local" in parts
+
+
+# ---------------------------------------------------------------------------------------------
+# codebook statistics
+# ---------------------------------------------------------------------------------------------
+
+def test_codebook_stats_hand_values():
+    stats = codebook_stats(torch.tensor([[0, 0], [1, 3]]), num_codes=5)
+    # histogram p = (1/2, 1/4, 0, 1/4, 0): entropy = 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2
+    assert math.isclose(stats["perplexity"], 2.0 ** 1.5, rel_tol=1e-12)
+    assert stats["usage"] == 3 / 5 and stats["dead"] == 2
+    uniform = codebook_stats(torch.arange(8).repeat(3), num_codes=8)
+    assert math.isclose(uniform["perplexity"], 8.0, rel_tol=1e-12) and uniform["dead"] == 0
+    collapsed = codebook_stats(torch.full((10,), 2), num_codes=8)
+    assert collapsed["perplexity"] == 1.0 and collapsed["usage"] == 1 / 8 and collapsed["dead"] == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# optional dead-code revival
+# ---------------------------------------------------------------------------------------------
+
+def test_revival_off_by_default():
+    K, D = 6, 3
+    vq = make_vq(K, D)
+    assert vq.revival_enabled is False
+    vq.train()
+    before = vq.codebook.detach().clone()
+    usage_before = vq.code_usage.clone()
+    x = vq.codebook.detach()[:1].repeat(20, 1)  # (20, D) every input hits code 0
+    for _ in range(50):
+        out = vq(x)
+    assert torch.equal(vq.codebook.detach(), before) and torch.equal(vq.code_usage, usage_before)
+    assert codebook_stats(out.indices, K)["dead"] == K - 1
+
+
+def test_revival_revives_exactly_the_dead_codes():
+    K, D = 6, 3
+    vq = make_vq(K, D, revive_dead_codes=True, dead_threshold=0.5)
+    vq.code_usage.copy_(torch.tensor([0.3, 0.01, 0.2, 0.2, 0.05, 0.24], dtype=torch.float64))
+    # threshold 0.5 / 6 = 0.0833: codes 1 and 4 are dead
+    before = vq.codebook.detach().clone()
+    x = 10.0 + torch.randn(2, 5, D, dtype=torch.float64)  # (2, 5, D) far from every codeword
+    revived = vq.revive_dead_codes(x)
+    assert sorted(revived.tolist()) == [1, 4]
+    flat = x.reshape(-1, D)
+    rows = []
+    for k in range(K):
+        if k in (1, 4):
+            match = [m for m in range(flat.shape[0]) if torch.equal(vq.codebook.detach()[k], flat[m])]
+            assert len(match) == 1
+            rows.append(match[0])
+            assert vq.code_usage[k].item() == 1.0 / K
+        else:
+            assert torch.equal(vq.codebook.detach()[k], before[k])
+    assert rows[0] != rows[1]  # two distinct inputs
+
+    # fewer inputs than dead codes: only the least used code is revived
+    vq.code_usage.copy_(torch.tensor([0.02, 0.01, 0.2, 0.2, 0.05, 0.52], dtype=torch.float64))
+    assert vq.revive_dead_codes(x[0, :1]).tolist() == [1]
+
+
+def test_revival_in_forward_only_on_the_training_global_path():
+    K, D, decay = 4, 3, 0.9
+    vq = make_vq(K, D, revive_dead_codes=True, usage_decay=decay)
+    usage = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64)
+    x = 10.0 + torch.randn(3, D, dtype=torch.float64)
+    before = vq.codebook.detach().clone()
+    vq.code_usage.copy_(usage)
+    vq.eval()
+    vq(x)
+    vq.train()
+    vq(x, update_codebook=False)
+    assert torch.equal(vq.codebook.detach(), before) and torch.equal(vq.code_usage, usage)
+
+    out = vq(x)  # training, global path: codes 2 and 3 are re-seeded from x, then x is assigned
+    assert torch.equal(vq.codebook.detach()[:2], before[:2])
+    assert set(out.indices.tolist()) == {2, 3}  # the revived codes sit on two of the inputs
+    # EMA by hand: revived codes reset to 1/K, then decay * old + (1 - decay) * this step's share
+    counts = torch.bincount(out.indices, minlength=K).double()
+    reset = torch.tensor([0.5, 0.5, 1 / K, 1 / K], dtype=torch.float64)
+    assert torch.allclose(vq.code_usage, decay * reset + (1 - decay) * counts / 3, atol=1e-15)
+
+
+def _ddp_worker(rank, world, init_file, result_dir):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)  # same init on every rank
+    vq = VectorQuantizer(5, 3, revive_dead_codes=True, usage_decay=0.5)
+    vq.code_usage.copy_(torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]))
+    torch.manual_seed(100 + rank)  # different data and random picks on each rank
+    x = 10.0 + torch.randn(4, 3)
+    vq.train()
+    vq(x)
+    torch.save({"codebook": vq.codebook.detach(), "usage": vq.code_usage, "x": x},
+               os.path.join(result_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_revival_keeps_ddp_ranks_identical(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
+    assert torch.equal(r0["codebook"], r1["codebook"]) and torch.equal(r0["usage"], r1["usage"])
+    # the revived rows came from rank 0's inputs
+    for k in (2, 3, 4):
+        assert any(torch.equal(r0["codebook"][k], row) for row in r0["x"])
