@@ -1,0 +1,340 @@
+"""The decoders of SQD: audio-visual fusion, audio semantic decoders, recombination, mask decoder.
+
+What this file teaches
+    How a handful of learnable queries turn a feature map into a set of tokens (the transformer
+    decoder TrD), and how SQD uses that one idea three times: to decompose the clip's audio into N
+    semantic tokens (global ASD), to decompose each frame's audio (local ASD), and to turn each
+    quantized local token into a mask, a class and a box (the semantic-guided mask decoder, whose
+    masks come from a dynamic convolution whose filters the token itself writes).
+
+Paper (../shared/paper.txt)
+    §3.3  eq. (3) audio-visual fusion          -> AudioVisualFusion
+          eq. (4) global ASD                    -> AudioSemanticDecoder (on F'_a)
+          eq. (5) audiovisual recombination     -> SemanticRecombination
+    §3.4  eq. (6) local ASD                     -> AudioSemanticDecoder (frames flattened into batch)
+          eq. (7) semantic-guided mask decoder  -> SemanticMaskDecoder, dynamic_mask_conv
+    Fig. 4 shows the structure of the ASD (a) and of the mask decoder (b); App. D: 3 layers per TrD.
+    Public code this follows: DETR's post-norm decoder layer, CondInst's dynamic mask head (parameter
+    layout, grouped 1x1 convolutions, relative coordinates), ReferFormer's per-layer heads.
+
+Reading order
+    1. mlp, with_pos                   two small helpers (two-layer MLP, optional positional add)
+    2. DecoderLayer, TransformerDecoder TrD: self-attn, cross-attn, FFN, each residual + LayerNorm
+    3. AudioVisualFusion                eq. (3)
+    4. AudioSemanticDecoder             eq. (4) and (6)
+    5. SemanticRecombination            eq. (5)
+    6. num_dynamic_params, dynamic_mask_conv, relative_coordinates   eq. (7)
+    7. SemanticMaskDecoder              TrD_segm + controller + class/box heads + eq. (7)
+
+Shape alphabet
+    B clips, T frames, N semantic tokens, C model channels, Q queries of a decoder, S memory tokens,
+    L decoder layers, Kc foreground classes, H_l, W_l size of one visual level, Cm mask-feature
+    channels (8), h, w mask resolution (H/4, W/4), G groups of the dynamic convolution (one image
+    each), P dynamic parameters per token, Cin input channels of the dynamic convolution.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. helpers
+# ------------------------------------------------------------------------------------------------
+
+def mlp(in_dim, hidden_dim, out_dim, dropout=0.0):
+    """Two-layer MLP: Linear -> ReLU -> Dropout -> Linear (the FFN, the heads, the controller).
+
+    The Dropout slot is always there (identity at p=0) so state_dict keys never depend on it.
+    """
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden_dim, out_dim))
+
+
+def with_pos(x, pos):
+    """x + pos, or x when there is no positional embedding (DETR adds it to queries/keys only)."""
+    return x if pos is None else x + pos
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. the transformer decoder TrD
+# ------------------------------------------------------------------------------------------------
+
+class DecoderLayer(nn.Module):
+    """One DETR post-norm decoder layer: self-attn, cross-attn, FFN, each with residual + LayerNorm.
+
+    forward(x, memory, query_pos, memory_pos, memory_padding_mask)
+        x:        (B, Q, C) query content
+        memory:   (B, S, C) the tokens the queries read
+        query_pos (B, Q, C) or None, memory_pos (B, S, C) or None: added to queries / keys, never values
+        memory_padding_mask (B, S) bool or None, True = ignore that memory token
+    returns (B, Q, C)
+    """
+
+    def __init__(self, dim, num_heads, ffn_dim, dropout=0.0):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.ffn = mlp(dim, ffn_dim, dim, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, memory, query_pos=None, memory_pos=None, memory_padding_mask=None):
+        q = k = with_pos(x, query_pos)  # (B, Q, C)
+        x = self.norm1(x + self.dropout(self.self_attn(q, k, x, need_weights=False)[0]))  # (B, Q, C)
+        attn = self.cross_attn(with_pos(x, query_pos), with_pos(memory, memory_pos), memory,
+                               key_padding_mask=memory_padding_mask, need_weights=False)[0]  # (B, Q, C)
+        x = self.norm2(x + self.dropout(attn))  # (B, Q, C)
+        return self.norm3(x + self.dropout(self.ffn(x)))  # (B, Q, C)
+
+
+class TransformerDecoder(nn.Module):
+    """TrD: a stack of DETR post-norm decoder layers that returns every layer's output.
+
+    forward(queries, memory, query_pos=None, memory_pos=None, memory_padding_mask=None)
+        queries (B, Q, C), memory (B, S, C), query_pos (B, Q, C) or None, memory_pos (B, S, C) or None,
+        memory_padding_mask (B, S) bool or None (True = ignore)
+    returns (L, B, Q, C): the output of each of the L layers (the last one is the decoder's output;
+        the earlier ones feed the auxiliary losses)
+    """
+
+    def __init__(self, dim, num_layers, num_heads, ffn_dim, dropout=0.0):
+        super().__init__()
+        self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, ffn_dim, dropout)
+                                    for _ in range(num_layers))
+
+    def forward(self, queries, memory, query_pos=None, memory_pos=None, memory_padding_mask=None):
+        x, outputs = queries, []
+        for layer in self.layers:
+            x = layer(x, memory, query_pos, memory_pos, memory_padding_mask)  # (B, Q, C)
+            outputs.append(x)
+        # PAPER: no extra final LayerNorm (DETR has one); a post-norm layer already ends in LN,
+        # as in Deformable DETR.
+        return torch.stack(outputs)  # (L, B, Q, C)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. eq. (3): audio tokens read the visual tokens
+# ------------------------------------------------------------------------------------------------
+
+class AudioVisualFusion(nn.Module):
+    """Eq. (3): h_a = LN(MCA(F_a, F_v) + F_a), F'_a = LN(FFN(h_a) + h_a).
+
+    forward(audio, visual, visual_pos=None, audio_pos=None)
+        audio:  (B, T, C) F_a, one token per frame (the queries of the cross-attention)
+        visual: (B, S, C) F_v flattened to tokens (keys and values)
+        visual_pos (B, S, C) or None, audio_pos (B, T, C) or None: added to keys / queries
+    returns (B, T, C) F'_a
+    """
+
+    def __init__(self, dim, num_heads, ffn_dim, dropout=0.0):
+        super().__init__()
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.ffn = mlp(dim, ffn_dim, dim, dropout)
+
+    def forward(self, audio, visual, visual_pos=None, audio_pos=None):
+        # PAPER: positional embeddings go to queries and keys, not values, as in DETR.
+        mca = self.cross_attn(with_pos(audio, audio_pos), with_pos(visual, visual_pos), visual,
+                              need_weights=False)[0]  # (B, T, C) MCA(F_a, F_v)
+        h_a = self.norm1(mca + audio)  # eq. (3), second line: (B, T, C)
+        return self.norm2(self.ffn(h_a) + h_a)  # eq. (3), first line: (B, T, C)
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. eq. (4) and (6): learnable prototypes query the audio
+# ------------------------------------------------------------------------------------------------
+
+class AudioSemanticDecoder(nn.Module):
+    """ASD (Fig. 4a): N learnable prototypes p_i query audio tokens with a TrD.
+
+    Global ASD, eq. (4): g_i = TrD_global(p_i | F'_a), memory F'_a (B, T, C).
+    Local ASD, eq. (6):  l_{i,t} = TrD_local(p_i | f_{a,t}), frames flattened into the batch:
+        memory (B*T, S_a, C), output viewed back to (B, T, N, C) by the caller.
+
+    forward(memory, memory_pos=None)
+        memory: (B', S, C), memory_pos: (B', S, C) or None
+    returns (B', N, C) the semantic tokens (last decoder layer)
+    """
+
+    def __init__(self, dim, num_tokens, num_layers, num_heads, ffn_dim, dropout=0.0):
+        super().__init__()
+        # PAPER: the prototypes are the decoder's input content (DETR instead feeds zeros and adds a
+        # learned query embedding at every layer); N(0, 1) init, as nn.Embedding.
+        self.prototypes = nn.Parameter(torch.randn(num_tokens, dim))  # (N, C)
+        self.decoder = TransformerDecoder(dim, num_layers, num_heads, ffn_dim, dropout)
+
+    def forward(self, memory, memory_pos=None):
+        queries = self.prototypes.expand(memory.shape[0], -1, -1)  # (B', N, C)
+        return self.decoder(queries, memory, memory_pos=memory_pos)[-1]  # eq. (4) / (6): (B', N, C)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. eq. (5): the tokens modulate the visual channels, phi recombines them
+# ------------------------------------------------------------------------------------------------
+
+class SemanticRecombination(nn.Module):
+    """AVSR, eq. (5): F'_v = BN(phi(w_1 F_v (+) ... (+) w_N F_v) + F_v), for one visual level.
+
+    w_i (C,) = two linear layers of token i; w_i F_v is channel-wise attention; (+) concatenates
+    channels; phi is a 1x1 conv N*C -> C. One instance per visual level.
+
+    forward(tokens, visual)
+        tokens: (B, N, C) the (quantized) global semantic tokens e_i
+        visual: (B, T, C, H_l, W_l) F_v at one level
+    returns (B, T, C, H_l, W_l) F'_v
+    sigmoid_gate: True (default) gates with sigmoid(w_i); False multiplies by w_i raw.
+    """
+
+    def __init__(self, dim, num_tokens, sigmoid_gate=True):
+        super().__init__()
+        # PAPER: "two linear layers" read as Linear -> ReLU -> Linear with hidden width C.
+        self.filters = mlp(dim, dim, dim)
+        self.phi = nn.Conv2d(num_tokens * dim, dim, kernel_size=1)
+        self.bn = nn.BatchNorm2d(dim)
+        self.sigmoid_gate = sigmoid_gate
+
+    def forward(self, tokens, visual):
+        B, T, C, H, W = visual.shape
+        w = self.filters(tokens)  # (B, N, C) dynamic filters w_i
+        # PAPER: "channel-wise attention" read as an SE-style gate, sigmoid(w_i) in (0, 1), so a
+        # token can only re-weight channels of F_v, not flip their sign or blow them up;
+        # sigmoid_gate=False multiplies by w_i raw, as eq. (5) literally writes.
+        if self.sigmoid_gate:
+            w = w.sigmoid()  # (B, N, C)
+        modulated = w[:, None, :, :, None, None] * visual[:, :, None]  # (B, T, N, C, H_l, W_l) w_i F_v
+        concat = modulated.reshape(B * T, -1, H, W)  # (B*T, N*C, H_l, W_l) w_1 F_v (+) ... (+) w_N F_v
+        out = self.bn(self.phi(concat) + visual.reshape(B * T, C, H, W))  # eq. (5): (B*T, C, H_l, W_l)
+        return out.view(B, T, C, H, W)  # (B, T, C, H_l, W_l)
+
+
+# ------------------------------------------------------------------------------------------------
+# 6. eq. (7): the dynamic convolution (CondInst layout)
+# ------------------------------------------------------------------------------------------------
+
+def _dynamic_layer_shapes(in_channels, channels, num_layers):
+    """(c_out, c_in) of each 1x1 layer: in -> channels -> ... -> channels -> 1 (one mask logit)."""
+    c_in = [in_channels] + [channels] * (num_layers - 1)
+    c_out = [channels] * (num_layers - 1) + [1]
+    return list(zip(c_out, c_in))
+
+
+def num_dynamic_params(in_channels, channels=8, num_layers=3):
+    """Parameters per token of the dynamic mask head: weights plus biases of every 1x1 layer.
+
+    in_channels counts everything the first layer sees (Cm feature channels + 2 coordinates):
+    (8 + 2) * 8 + 8 + 8 * 8 + 8 + 8 * 1 + 1 = 169, as CondInst.
+    """
+    return sum(c_out * c_in + c_out for c_out, c_in in _dynamic_layer_shapes(in_channels, channels,
+                                                                             num_layers))
+
+
+def dynamic_mask_conv(features, params, channels=8, num_layers=3, rel_coords=None):
+    """Eq. (7), M = f_out * theta: every token runs its own small 1x1-conv net over the mask features.
+
+    All tokens of all images run at once as one grouped convolution (groups = G*Q), as CondInst.
+    Parameter layout (CondInst): all layers' weights first (layer 0, 1, ...), then all biases;
+    a layer's weights are (c_out, c_in) row-major. ReLU between layers, none after the last.
+
+    features:   (G, Cm, h, w) mask features of G images (shared by that image's tokens)
+    params:     (G, Q, P) theta of each token, P = num_dynamic_params(Cin, channels, num_layers)
+    rel_coords: (G, Q, 2, h, w) or None; when given they are put before the Cm feature channels,
+                so Cin = 2 + Cm
+    returns (G, Q, h, w) mask logits
+    """
+    G, Q, P = params.shape
+    x = features[:, None].expand(-1, Q, -1, -1, -1)  # (G, Q, Cm, h, w)
+    if rel_coords is not None:
+        x = torch.cat([rel_coords, x], dim=2)  # (G, Q, Cin, h, w), channels: (x, y, features)
+    c_in, h, w = x.shape[2:]
+    shapes = _dynamic_layer_shapes(c_in, channels, num_layers)
+    if P != num_dynamic_params(c_in, channels, num_layers):
+        raise ValueError(f"got {P} dynamic parameters per token, need "
+                         f"{num_dynamic_params(c_in, channels, num_layers)} for {c_in} input channels")
+    sizes = [o * i for o, i in shapes] + [o for o, _ in shapes]
+    chunks = params.reshape(G * Q, P).split(sizes, dim=1)  # weights then biases, each (G*Q, size)
+    weights, biases = chunks[:num_layers], chunks[num_layers:]
+    x = x.reshape(1, G * Q * c_in, h, w)  # (1, G*Q*Cin, h, w) every token's input side by side
+    for layer, (c_out, c_in) in enumerate(shapes):
+        weight = weights[layer].reshape(G * Q * c_out, c_in, 1, 1)  # (G*Q*c_out, c_in, 1, 1)
+        x = F.conv2d(x, weight, biases[layer].reshape(-1), groups=G * Q)  # (1, G*Q*c_out, h, w)
+        if layer < num_layers - 1:
+            x = F.relu(x)
+    return x.view(G, Q, h, w)  # eq. (7): (G, Q, h, w) mask logits
+
+
+def relative_coordinates(centres, h, w):
+    """Pixel centres of an h x w grid in [0, 1] minus each token's box centre.
+
+    centres: (G, Q, 2) (cx, cy) in [0, 1]
+    returns (G, Q, 2, h, w), channel 0 = x offset, channel 1 = y offset
+    """
+    xs = (torch.arange(w, dtype=centres.dtype, device=centres.device) + 0.5) / w  # (w,)
+    ys = (torch.arange(h, dtype=centres.dtype, device=centres.device) + 0.5) / h  # (h,)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, h, w)
+    # PAPER: offsets in normalised [0, 1] units (CondInst divides pixels by a size of interest,
+    # ReferFormer keeps raw pixels); this keeps the filters independent of the image size.
+    return grid - centres[:, :, :, None, None]  # (G, Q, 2, h, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. the semantic-guided mask decoder (Fig. 4b)
+# ------------------------------------------------------------------------------------------------
+
+class SemanticMaskDecoder(nn.Module):
+    """TrD_segm(VQ(l_{i,t}) | f_t), then per token: class logits, a box, and a mask by eq. (7).
+
+    theta_{i,t} = phi_segm(TrD_segm(VQ(l_{i,t}) | f_t)), phi_segm the two-layer controller MLP;
+    M_{i,t} = f_out_t * theta_{i,t} (dynamic_mask_conv with relative coordinates);
+    P_{i,t} and B_{i,t} come from two two-layer MLPs on the same embeddings (§3.4).
+    Heads and controller are shared by all decoder layers and applied to each layer's output, as
+    ReferFormer does, so every layer gives a prediction for the auxiliary losses.
+
+    forward(queries, memory, memory_pos, mask_features)
+        queries:       (B, T, N, C) the quantized local tokens VQ(l_{i,t})
+        memory:        (B, T, S, C) the visual tokens f_t of each frame
+        memory_pos:    (B, T, S, C) or None, their positional embedding
+        mask_features: (B, T, Cm, h, w) f_out_t from the FPN (stride 4)
+    returns dict
+        pred_logits (B, T, N, Kc) class logits (sigmoid; no-object = all classes off)
+        pred_masks  (B, T, N, h, w) mask logits
+        pred_boxes  (B, T, N, 4) (cx, cy, w, h) in [0, 1]
+        aux_outputs list of L-1 dicts with the same three keys from layers 0 .. L-2
+    """
+
+    def __init__(self, dim, num_classes, num_layers, num_heads, ffn_dim, mask_dim=8, dyn_channels=8,
+                 dyn_layers=3, dropout=0.0):
+        super().__init__()
+        self.dyn_channels, self.dyn_layers = dyn_channels, dyn_layers
+        self.decoder = TransformerDecoder(dim, num_layers, num_heads, ffn_dim, dropout)
+        num_params = num_dynamic_params(mask_dim + 2, dyn_channels, dyn_layers)  # 169 for 8, 8, 3
+        self.controller = mlp(dim, dim, num_params)  # phi_segm, "a two-layer fully-connected network"
+        self.class_head = mlp(dim, dim, num_classes)
+        self.box_head = mlp(dim, dim, 4)
+        # PAPER: init as ReferFormer: controller Xavier-uniform weights and zero biases; class bias at
+        # prior 0.01 (Deformable DETR) so the focal loss starts near "no object" everywhere.
+        for layer in (self.controller[0], self.controller[-1]):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
+        nn.init.constant_(self.class_head[-1].bias, -torch.log(torch.tensor(99.0)).item())
+
+    def forward(self, queries, memory, memory_pos, mask_features):
+        B, T, N, C = queries.shape
+        h, w = mask_features.shape[-2:]
+        # PAPER: the quantized tokens are the decoder's input content with no query positional
+        # embedding (the paper names none; tokens are an unordered set).
+        pos = None if memory_pos is None else memory_pos.flatten(0, 1)  # (B*T, S, C)
+        hs = self.decoder(queries.flatten(0, 1), memory.flatten(0, 1), memory_pos=pos)  # (L, B*T, N, C)
+        L = hs.shape[0]
+        logits = self.class_head(hs)  # (L, B*T, N, Kc) P_{i,t} as logits
+        boxes = self.box_head(hs).sigmoid()  # (L, B*T, N, 4) B_{i,t}, cxcywh in [0, 1]
+        params = self.controller(hs)  # (L, B*T, N, P) theta_{i,t}
+        # the box centre (detached, as CondInst/ReferFormer) says where each token is looking
+        rel = relative_coordinates(boxes[..., :2].detach().flatten(0, 1), h, w)  # (L*B*T, N, 2, h, w)
+        feats = mask_features.flatten(0, 1).expand(L, -1, -1, -1, -1).flatten(0, 1)  # (L*B*T, Cm, h, w)
+        masks = dynamic_mask_conv(feats, params.flatten(0, 1), self.dyn_channels, self.dyn_layers,
+                                  rel_coords=rel)  # eq. (7): (L*B*T, N, h, w)
+        per_layer = [dict(pred_logits=logits[i].view(B, T, N, -1),  # (B, T, N, Kc)
+                          pred_masks=masks.view(L, B, T, N, h, w)[i],  # (B, T, N, h, w)
+                          pred_boxes=boxes[i].view(B, T, N, 4))  # (B, T, N, 4)
+                     for i in range(L)]
+        return dict(per_layer[-1], aux_outputs=per_layer[:-1])
