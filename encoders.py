@@ -1,0 +1,720 @@
+"""Encoders: the parts SQD takes off the shelf (paper App. D.1).
+
+What this file teaches
+----------------------
+SQD (paper §3, Fig. 3) does not invent its encoders; App. D.1 names them:
+  * a visual backbone shared over the T frames (ResNet, with weights in torchvision's format),
+    followed by a deformable transformer encoder (Deformable-DETR, Zhu et al. 2020) that does
+    the "temporal aggregation": here each (frame, scale) pair is one attention level, so a
+    query of frame t samples every frame of the window;
+  * an FPN that brings the encoded levels down to stride 4 for the dynamic mask head (eq. 7);
+  * the standard sine positional embedding (App. D, "triangle positional embedding");
+  * VGGish (Hershey et al. 2017) for the audio: the log-mel front end and the network with the
+    key names of the released PyTorch port, so the released weights load strictly.
+For the CPU preset there are tiny stand-ins with the same interfaces (SmallBackbone, SmallVGG).
+
+Reading order
+-------------
+ 1. vggish_log_mel           the VGGish front end (numpy): waveform -> (num_examples, 96, 64)
+ 2. VGGish, load_vggish_weights, SmallVGG, AudioEncoder        audio path -> F_a (B,T,C)
+ 3. FrozenBatchNorm2d, BasicBlock, Bottleneck, ResNet, SmallBackbone   frame backbones
+ 4. sine_position_embedding  the positional embedding of App. D
+ 5. ms_deform_attn_core      multi-scale deformable attention sampling (grid_sample)
+ 6. MSDeformAttn, DeformableEncoderLayer                      one deformable encoder layer
+ 7. VisualEncoder            backbone -> 1x1 projections -> deformable encoder -> F_v
+ 8. FPN                      F_v + c2 -> mask features f_out at stride 4
+
+Shape alphabet
+--------------
+B clips, T frames, C model channels, H, W image size, h, w = H/4, W/4, Cm mask channels (8),
+L_lvl attention levels (T*3), H_l, W_l size of one level, S sum of H_l*W_l over levels
+(tokens of the deformable encoder), M heads, D = C/M head dim, P sampling points per level,
+Lq number of queries, S_a audio tokens per frame, n audio samples, F STFT frames.
+"""
+import math
+from math import gcd
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------
+# 1. The VGGish front end (numpy). Constants as in the released VGGish (vggish_params).
+# ----------------------------------------------------------------------------------------------
+VGGISH_SAMPLE_RATE = 16000
+VGGISH_WINDOW_SECONDS = 0.025  # 400 samples
+VGGISH_HOP_SECONDS = 0.010  # 160 samples
+VGGISH_NUM_MEL_BINS = 64
+VGGISH_MEL_MIN_HZ = 125.0
+VGGISH_MEL_MAX_HZ = 7500.0
+VGGISH_LOG_OFFSET = 0.01
+VGGISH_EXAMPLE_FRAMES = 96  # 0.96 s per example, non-overlapping
+
+
+def _htk_mel(freq_hz):
+    """HTK mel scale: mel = 1127 * ln(1 + f / 700)."""
+    return 1127.0 * np.log(1.0 + np.asarray(freq_hz, dtype=np.float64) / 700.0)
+
+
+def _vggish_mel_matrix(num_spectrogram_bins, sample_rate):
+    """Triangular mel filters, linear in the HTK mel domain, as in VGGish's mel_features.
+
+    Returns:
+        weights: (num_spectrogram_bins, 64) float64; the DC bin's row is zero.
+    """
+    bins_mel = _htk_mel(np.linspace(0.0, sample_rate / 2.0, num_spectrogram_bins))  # (257,)
+    edges_mel = np.linspace(_htk_mel(VGGISH_MEL_MIN_HZ), _htk_mel(VGGISH_MEL_MAX_HZ),
+                            VGGISH_NUM_MEL_BINS + 2)  # (66,) band edges
+    lower = edges_mel[:-2][None, :]  # (1, 64)
+    centre = edges_mel[1:-1][None, :]  # (1, 64)
+    upper = edges_mel[2:][None, :]  # (1, 64)
+    rising = (bins_mel[:, None] - lower) / (centre - lower)  # (257, 64)
+    falling = (upper - bins_mel[:, None]) / (upper - centre)  # (257, 64)
+    weights = np.maximum(0.0, np.minimum(rising, falling))  # (257, 64)
+    weights[0, :] = 0.0  # the DC bin does not contribute, as in VGGish
+    return weights
+
+
+def vggish_log_mel(waveform, sample_rate):
+    """The VGGish front end: a waveform -> non-overlapping 0.96 s log-mel examples.
+
+    Args:
+        waveform: np.ndarray (n,) mono or (n, channels); float in [-1, 1], or int16 (divided by
+            32768 as the VGGish wav reader does).
+        sample_rate: int, the rate of `waveform` in Hz; other rates than 16 kHz are resampled.
+
+    Returns:
+        np.ndarray (num_examples, 96, 64) float32. num_examples = floor(F / 96) with
+        F = 1 + floor((n16 - 400) / 160) STFT frames of the 16 kHz signal (n16 samples);
+        the incomplete tail is dropped; 1 s of audio gives 98 frames -> 1 example.
+    """
+    x = np.asarray(waveform)  # (n,) or (n, channels)
+    if np.issubdtype(x.dtype, np.integer):
+        x = x.astype(np.float64) / 32768.0  # (n,) or (n, channels); int16 PCM -> [-1, 1)
+    x = x.astype(np.float64)  # (n,) or (n, channels)
+    if x.ndim == 2:
+        x = x.mean(axis=1)  # (n,) stereo / multi-channel averaged to mono
+    if x.ndim != 1:
+        raise ValueError(f"waveform must be (n,) or (n, channels), got shape {x.shape}")
+    if sample_rate != VGGISH_SAMPLE_RATE:
+        # PAPER: VGGish resamples with resampy; we use scipy's polyphase resampler (resample_poly),
+        # which is close (both are band-limited) and needs no extra dependency.
+        from scipy.signal import resample_poly
+        g = gcd(int(sample_rate), VGGISH_SAMPLE_RATE)
+        x = resample_poly(x, VGGISH_SAMPLE_RATE // g, int(sample_rate) // g)  # (n16,)
+
+    window_length = int(round(VGGISH_WINDOW_SECONDS * VGGISH_SAMPLE_RATE))  # 400
+    hop_length = int(round(VGGISH_HOP_SECONDS * VGGISH_SAMPLE_RATE))  # 160
+    fft_length = 2 ** int(math.ceil(math.log2(window_length)))  # 512
+    num_frames = 1 + (len(x) - window_length) // hop_length if len(x) >= window_length else 0
+    num_examples = num_frames // VGGISH_EXAMPLE_FRAMES
+    if num_examples == 0:
+        return np.zeros((0, VGGISH_EXAMPLE_FRAMES, VGGISH_NUM_MEL_BINS), dtype=np.float32)
+
+    # Frames without centre padding: only complete windows are kept.
+    starts = hop_length * np.arange(num_frames)  # (F,)
+    frames = x[starts[:, None] + np.arange(window_length)[None, :]]  # (F, 400)
+    # Periodic Hann: 0.5 - 0.5 cos(2 pi k / N), k = 0..N-1 (not the symmetric N-1 form).
+    hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(window_length) / window_length)  # (400,)
+    spectrogram = np.abs(np.fft.rfft(frames * hann, n=fft_length))  # (F, 257) magnitude, not power
+    mel = spectrogram @ _vggish_mel_matrix(fft_length // 2 + 1, VGGISH_SAMPLE_RATE)  # (F, 64)
+    log_mel = np.log(mel + VGGISH_LOG_OFFSET)  # (F, 64)
+    log_mel = log_mel[: num_examples * VGGISH_EXAMPLE_FRAMES]  # (num_examples*96, 64) tail dropped
+    examples = log_mel.reshape(num_examples, VGGISH_EXAMPLE_FRAMES, VGGISH_NUM_MEL_BINS)  # (E, 96, 64)
+    return examples.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The audio path: VGGish (released-weight layout), a small VGG, and the AudioEncoder.
+# ----------------------------------------------------------------------------------------------
+class VGGish(nn.Module):
+    """VGGish (Hershey et al. 2017) laid out as the released PyTorch port, so its .pth loads strictly.
+
+    Keys: features.{0,3,6,8,11,13}.{weight,bias} (3x3 convs 1-64-128-256-256-512-512, ReLU, four
+    2x2 max-pools) and embeddings.{0,2,4}.{weight,bias} (12288-4096-4096-128); 72,141,184 parameters.
+
+    Args:
+        final_relu: apply a ReLU after embeddings.4 (the PyTorch port and AVS code do; TF does not).
+
+    forward:
+        x: (B, 1, 96, 64) log-mel examples from `vggish_log_mel`.
+    Returns:
+        embedding: (B, 128)
+        conv_map: (B, 512, 6, 4) the last pooled conv features (time 6 x frequency 4).
+    """
+
+    def __init__(self, final_relu=True):
+        super().__init__()
+        layers, in_ch = [], 1
+        for spec in (64, "M", 128, "M", 256, 256, "M", 512, 512, "M"):
+            if spec == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(in_ch, spec, 3, padding=1), nn.ReLU(inplace=True)]
+                in_ch = spec
+        self.features = nn.Sequential(*layers)  # indices 0..15 as in the released weights
+        # PAPER: the paper uses VGGish as-is; AVSBench code inherits the PyTorch port's final ReLU
+        # (TF's embedding is pre-activation), so final_relu=True keeps the AVS features.
+        head = [nn.Linear(512 * 6 * 4, 4096), nn.ReLU(inplace=True), nn.Linear(4096, 4096),
+                nn.ReLU(inplace=True), nn.Linear(4096, 128)]
+        if final_relu:
+            head.append(nn.ReLU(inplace=True))
+        self.embeddings = nn.Sequential(*head)
+        self.channels = 512
+        self.embedding_dim = 128
+
+    def forward(self, x):
+        conv_map = self.features(x)  # (B, 512, 6, 4)
+        # TF (NHWC) flatten order, required for the ported weights: position-major, channel-minor.
+        flat = conv_map.permute(0, 2, 3, 1).flatten(1)  # (B, 6*4*512)
+        embedding = self.embeddings(flat)  # (B, 128)
+        return embedding, conv_map
+
+    def load_vggish_weights(self, path):
+        """Load the released `vggish-10086976.pth` (model file, not the PCA file) strictly."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(state, strict=True)
+        return self
+
+
+class SmallVGG(nn.Module):
+    """A small VGG with VGGish's interface, for the CPU preset (trained from scratch).
+
+    forward:
+        x: (B, 1, 96, 64)
+    Returns:
+        embedding: (B, 128)
+        conv_map: (B, channels, 6, 4)
+    """
+
+    def __init__(self, widths=(16, 32, 64, 64)):
+        super().__init__()
+        layers, in_ch = [], 1
+        for width in widths:  # four conv + pool stages: 96x64 -> 6x4, as VGGish
+            layers += [nn.Conv2d(in_ch, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2)]
+            in_ch = width
+        self.features = nn.Sequential(*layers)
+        self.embeddings = nn.Sequential(nn.Linear(in_ch * 6 * 4, 128), nn.ReLU(inplace=True), nn.Linear(128, 128))
+        self.channels = in_ch
+        self.embedding_dim = 128
+
+    def forward(self, x):
+        conv_map = self.features(x)  # (B, channels, 6, 4)
+        embedding = self.embeddings(conv_map.permute(0, 2, 3, 1).flatten(1))  # (B, 128)
+        return embedding, conv_map
+
+
+class AudioEncoder(nn.Module):
+    """The acoustic encoder of App. D.1: VGGish (or SmallVGG) per frame, projected to C.
+
+    Args:
+        kind: 'vggish' (released layout, 72M parameters) or 'small' (CPU preset).
+        dim: C, the model width.
+
+    forward:
+        audio: (B, T, 1, 96, 64) log-mel, one 0.96 s example per frame, or precomputed
+            VGGish embeddings (B, T, 128).
+    Returns:
+        frame_emb: (B, T, C) F_a, one token per frame (used by eq. 3 and the global ASD, eq. 4).
+        frame_tokens: (B, T, S_a, C) the audio tokens of each frame for the local ASD (eq. 6):
+            the 6x4 = 24 conv-map positions, or S_a = 1 (the frame embedding) for precomputed input.
+    """
+
+    def __init__(self, kind="vggish", dim=256):
+        super().__init__()
+        if kind == "vggish":
+            self.net = VGGish()
+        elif kind == "small":
+            self.net = SmallVGG()
+        else:
+            raise ValueError(f"unknown audio encoder kind {kind!r}; use 'vggish' or 'small'")
+        self.kind = kind
+        self.emb_proj = nn.Linear(self.net.embedding_dim, dim)  # 128 -> C
+        self.token_proj = nn.Linear(self.net.channels, dim)  # conv channels -> C
+        # PAPER: f_{a,t} of eq. 6 is not specified; we take the 24 conv-map positions as tokens and
+        # give each a learned position embedding, otherwise attention could not tell time from
+        # frequency positions (the decoders' memory_pos is optional, so it lives in the tokens).
+        self.token_pos = nn.Parameter(torch.randn(6 * 4, dim) * 0.02)  # (S_a, C)
+
+    def load_vggish_weights(self, path):
+        """Load the released VGGish weights strictly into the wrapped network."""
+        if self.kind != "vggish":
+            raise ValueError("load_vggish_weights needs AudioEncoder(kind='vggish')")
+        self.net.load_vggish_weights(path)
+        return self
+
+    def forward(self, audio):
+        if audio.dim() == 3:  # precomputed embeddings (B, T, 128)
+            frame_emb = self.emb_proj(audio)  # (B, T, C)
+            return frame_emb, frame_emb.unsqueeze(2)  # (B, T, C), (B, T, 1, C)
+        B, T = audio.shape[:2]
+        embedding, conv_map = self.net(audio.flatten(0, 1))  # (B*T, 128), (B*T, Ca, 6, 4)
+        frame_emb = self.emb_proj(embedding).view(B, T, -1)  # (B, T, C)
+        tokens = conv_map.flatten(2).transpose(1, 2)  # (B*T, 24, Ca), time-major positions
+        tokens = self.token_proj(tokens) + self.token_pos  # (B*T, 24, C)
+        return frame_emb, tokens.view(B, T, tokens.shape[1], -1)  # (B, T, C), (B, T, 24, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Frame backbones: ResNet with torchvision's keys, and a tiny CPU backbone.
+# ----------------------------------------------------------------------------------------------
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (as DETR's), all buffers.
+
+    Unlike DETR's, it keeps `num_batches_tracked` so that a torchvision state_dict loads strictly;
+    a state_dict without it (old weight files) also loads (the buffer is then left at 0).
+
+    forward: x (B, Cc, H, W) -> (B, Cc, H, W) = (x - running_mean) / sqrt(running_var + eps) * weight + bias
+    """
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "num_batches_tracked"
+        if key not in state_dict:  # old files lack it; nn.BatchNorm2d fills it in the same way
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x):
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)  # (Cc,)
+        shift = self.bias - self.running_mean * scale  # (Cc,)
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)  # (B, Cc, H, W)
+
+
+class BasicBlock(nn.Module):
+    """ResNet-18/34 block: two 3x3 convs (stride on the first), identity or 1x1 downsample."""
+    expansion = 1
+
+    def __init__(self, in_ch, planes, stride, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, planes, 3, stride, 1, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = norm(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_ch != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, planes, 1, stride, bias=False), norm(planes))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)  # (B, planes, H', W')
+        out = self.relu(self.bn1(self.conv1(x)))  # (B, planes, H', W')
+        out = self.bn2(self.conv2(out))  # (B, planes, H', W')
+        return self.relu(out + identity)  # (B, planes, H', W')
+
+
+class Bottleneck(nn.Module):
+    """ResNet-50 block (torchvision "V1.5"): 1x1, 3x3 (stride here), 1x1 x4; 1x1 downsample."""
+    expansion = 4
+
+    def __init__(self, in_ch, planes, stride, norm):
+        super().__init__()
+        out_ch = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, planes, 1, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = norm(planes)
+        self.conv3 = nn.Conv2d(planes, out_ch, 1, bias=False)
+        self.bn3 = norm(out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or in_ch != out_ch:
+            self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), norm(out_ch))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)  # (B, 4*planes, H', W')
+        out = self.relu(self.bn1(self.conv1(x)))  # (B, planes, H, W)
+        out = self.relu(self.bn2(self.conv2(out)))  # (B, planes, H', W')
+        out = self.bn3(self.conv3(out))  # (B, 4*planes, H', W')
+        return self.relu(out + identity)  # (B, 4*planes, H', W')
+
+
+class ResNet(nn.Module):
+    """ResNet-18/34/50 whose state_dict keys and shapes are torchvision's (320 keys for ResNet-50).
+
+    Args:
+        depth: 18, 34 or 50.
+        frozen_bn: use FrozenBatchNorm2d (fixed ImageNet statistics, as DETR-family code does).
+
+    forward:
+        x: (B, 3, H, W) ImageNet-normalised.
+    Returns:
+        [c2 (B, channels[0], H/4, W/4), c3 (.., H/8, W/8), c4 (.., H/16, W/16), c5 (.., H/32, W/32)]
+    Attribute `channels`: (64, 128, 256, 512) for 18/34, (256, 512, 1024, 2048) for 50.
+    """
+
+    def __init__(self, depth=50, frozen_bn=False):
+        super().__init__()
+        block, counts = {18: (BasicBlock, (2, 2, 2, 2)), 34: (BasicBlock, (3, 4, 6, 3)),
+                         50: (Bottleneck, (3, 4, 6, 3))}[depth]
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = norm(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        in_ch, stages = 64, []
+        for i, (planes, count) in enumerate(zip((64, 128, 256, 512), counts)):
+            blocks = []
+            for j in range(count):
+                blocks.append(block(in_ch, planes, 2 if (i > 0 and j == 0) else 1, norm))
+                in_ch = planes * block.expansion
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        # PAPER: the classifier is never used; it is kept (frozen, so no optimizer or DDP sees it)
+        # only so that torchvision's files load with strict=True.
+        self.fc = nn.Linear(512 * block.expansion, 1000)
+        self.fc.requires_grad_(False)
+        self.channels = tuple(p * block.expansion for p in (64, 128, 256, 512))
+        for m in self.modules():  # torchvision's init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def load_torchvision_weights(self, path):
+        """Load a torchvision resnet state_dict file (e.g. resnet50-0676ba61.pth) strictly."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(state, strict=True)
+        return self
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        c2 = self.layer1(x)  # (B, channels[0], H/4, W/4)
+        c3 = self.layer2(c2)  # (B, channels[1], H/8, W/8)
+        c4 = self.layer3(c3)  # (B, channels[2], H/16, W/16)
+        c5 = self.layer4(c4)  # (B, channels[3], H/32, W/32)
+        return [c2, c3, c4, c5]
+
+
+class SmallBackbone(nn.Module):
+    """A tiny CNN with ResNet's interface (strides 4/8/16/32), for the CPU preset.
+
+    forward: x (B, 3, H, W) -> [c2 (B, 16, H/4, W/4), c3 (B, 32, H/8, W/8), c4 (B, 64, H/16, W/16),
+    c5 (B, 64, H/32, W/32)] with the default widths. Attribute `channels`.
+    """
+
+    def __init__(self, widths=(16, 32, 64, 64)):
+        super().__init__()
+
+        def conv(cin, cout, stride):
+            # PAPER: GroupNorm instead of BatchNorm: CPU batches are a handful of frames.
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                                 nn.GroupNorm(min(8, cout), cout), nn.ReLU(inplace=True))
+
+        self.stem = nn.Sequential(conv(3, widths[0], 2), conv(widths[0], widths[0], 2))  # stride 4
+        self.stages = nn.ModuleList(
+            [conv(widths[i - 1], widths[i], 2) for i in range(1, 4)])  # strides 8, 16, 32
+        self.channels = tuple(widths)
+
+    def forward(self, x):
+        feats = [self.stem(x)]  # c2 (B, widths[0], H/4, W/4)
+        for stage in self.stages:
+            feats.append(stage(feats[-1]))  # c3, c4, c5 at strides 8, 16, 32
+        return feats
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Positional embedding (App. D: the standard sine/cosine embedding of Vaswani et al.).
+# ----------------------------------------------------------------------------------------------
+def sine_position_embedding(h, w, dim, temperature=10000.0, device=None, dtype=torch.float32):
+    """2-D sine/cosine positional embedding, normalised as Deformable-DETR's.
+
+    Half the channels encode y, half x. A position p in 1..h is normalised to
+    (p - 0.5) / h * 2*pi; channel pair (2i, 2i+1) of an axis holds sin and cos of that value
+    divided by temperature^(2i / (dim/2)).
+
+    Returns:
+        pos: (dim, h, w), channels [y features (dim/2), x features (dim/2)].
+    """
+    if dim % 4:
+        raise ValueError(f"dim must be divisible by 4, got {dim}")
+    half = dim // 2
+    # PAPER: App. D names only "the standard" embedding; we use the normalised 2-D form of
+    # Deformable-DETR (positions in (0, 2*pi)), so the embedding does not depend on the image size.
+    scale = 2 * math.pi
+    y = (torch.arange(1, h + 1, device=device, dtype=torch.float32) - 0.5) / (h + 1e-6) * scale  # (h,)
+    x = (torch.arange(1, w + 1, device=device, dtype=torch.float32) - 0.5) / (w + 1e-6) * scale  # (w,)
+    i = torch.arange(half, device=device, dtype=torch.float32)  # (dim/2,)
+    freq = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / half)  # (dim/2,)
+    pos_y = y[:, None] / freq  # (h, dim/2)
+    pos_x = x[:, None] / freq  # (w, dim/2)
+    pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)  # (h, dim/2) sin,cos interleaved
+    pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)  # (w, dim/2)
+    pos = torch.cat((pos_y[:, None, :].expand(h, w, half), pos_x[None, :, :].expand(h, w, half)), dim=2)  # (h, w, dim)
+    return pos.permute(2, 0, 1).to(dtype)  # (dim, h, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5-6. Multi-scale deformable attention (Zhu et al. 2020), pure PyTorch.
+# ----------------------------------------------------------------------------------------------
+def ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_weights):
+    """The sampling core of multi-scale deformable attention (Deformable-DETR eq. 3, inner sums):
+    out[q, m] = sum_l sum_p A[q, m, l, p] * bilinear(value_l[m], loc[q, m, l, p]).
+
+    Args:
+        value: (N, S, M, D) values of all levels concatenated (level l has H_l*W_l tokens, row-major).
+        spatial_shapes: list of L (H_l, W_l) pairs (ints, or an (L, 2) tensor).
+        sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y) in [0, 1], (0, 0) the top-left
+            corner of the map; pixel i's centre is (i + 0.5) / W_l (align_corners=False).
+            Samples outside the map read zeros.
+        attention_weights: (N, Lq, M, L, P), softmax-normalised over (L, P) per head by the caller.
+
+    Returns:
+        out: (N, Lq, M*D)
+    """
+    N, S, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
+    shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes)
+                                             else spatial_shapes)]
+    values = value.split([h * w for h, w in shapes], dim=1)  # L x (N, H_l*W_l, M, D)
+    grids = 2 * sampling_locations - 1  # (N, Lq, M, L, P, 2) grid_sample's [-1, 1] coordinates
+    out = value.new_zeros(N * M, D, Lq)  # (N*M, D, Lq)
+    for lvl, (h, w) in enumerate(shapes):
+        v = values[lvl].permute(0, 2, 3, 1).reshape(N * M, D, h, w)  # (N*M, D, H_l, W_l)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (N*M, D, Lq, P)
+        a = attention_weights[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P)
+        out = out + (sampled * a[:, None]).sum(-1)  # (N*M, D, Lq) sum over points
+    return out.view(N, M * D, Lq).transpose(1, 2)  # (N, Lq, M*D)
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention (Zhu et al. 2020), layout and init as Deformable-DETR.
+
+    Args:
+        dim: C; num_levels: L; num_heads: M; num_points: P per head and level.
+
+    forward:
+        query: (N, Lq, C) (content + positional embedding)
+        reference_points: (N, Lq, L, 2) normalised (x, y) in [0, 1] per level
+        input_flatten: (N, S, C) the values' source, levels concatenated
+        spatial_shapes: list of L (H_l, W_l)
+        padding_mask: (N, S) bool, True = padding (its values are zeroed), or None
+    Returns:
+        (N, Lq, C)
+    """
+
+    def __init__(self, dim=256, num_levels=4, num_heads=8, num_points=4):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} must be divisible by num_heads {num_heads}")
+        self.num_levels, self.num_heads, self.num_points = num_levels, num_heads, num_points
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, dim)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Deformable-DETR's init: head m starts looking along angle 2*pi*m/M, point p at p+1 pixels
+        (directions scaled so max(|x|, |y|) = 1), the same on every level; uniform attention."""
+        M, L, P = self.num_heads, self.num_levels, self.num_points
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(M, dtype=torch.float32) * (2.0 * math.pi / M)  # (M,)
+        grid = torch.stack([angles.cos(), angles.sin()], -1)  # (M, 2)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]  # (M, 2) on the square ring
+        grid = grid.view(M, 1, 1, 2).repeat(1, L, P, 1)  # (M, L, P, 2)
+        grid = grid * torch.arange(1, P + 1, dtype=torch.float32).view(1, 1, P, 1)  # (M, L, P, 2)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(self, query, reference_points, input_flatten, spatial_shapes, padding_mask=None):
+        N, Lq, C = query.shape
+        M, L, P = self.num_heads, self.num_levels, self.num_points
+        value = self.value_proj(input_flatten)  # (N, S, C)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)  # (N, S, C)
+        value = value.view(N, value.shape[1], M, C // M)  # (N, S, M, D)
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)  # (N, Lq, M, L, P, 2) in level pixels
+        weights = self.attention_weights(query).view(N, Lq, M, L * P)  # (N, Lq, M, L*P)
+        weights = weights.softmax(-1).view(N, Lq, M, L, P)  # (N, Lq, M, L, P) softmax over levels and points
+        normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype,
+                                  device=query.device)  # (L, 2) as (W_l, H_l) since locations are (x, y)
+        locations = (reference_points[:, :, None, :, None, :]
+                     + offsets / normaliser[None, None, None, :, None, :])  # (N, Lq, M, L, P, 2)
+        out = ms_deform_attn_core(value, spatial_shapes, locations, weights)  # (N, Lq, C)
+        return self.output_proj(out)  # (N, Lq, C)
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm deformable encoder layer (as Deformable-DETR): deformable self-attention with
+    residual + LayerNorm, then FFN (ReLU) with residual + LayerNorm.
+
+    forward:
+        src: (N, S, C); pos: (N, S, C); reference_points: (N, S, L, 2); spatial_shapes: list of L
+        (H_l, W_l); padding_mask: (N, S) bool or None.
+    Returns:
+        (N, S, C)
+    """
+
+    def __init__(self, dim, ffn_dim, num_levels, num_heads, num_points, dropout=0.1):
+        super().__init__()
+        self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, src, pos, reference_points, spatial_shapes, padding_mask=None):
+        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)  # (N, S, C)
+        src = self.norm1(src + self.dropout1(attn))  # (N, S, C)
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))  # (N, S, C)
+        return self.norm2(src + self.dropout3(ffn))  # (N, S, C)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The visual encoder: backbone -> 1x1 projections -> deformable encoder over (frame, scale).
+# ----------------------------------------------------------------------------------------------
+class VisualEncoder(nn.Module):
+    """The visual encoder of App. D.1: a shared frame backbone and a deformable transformer encoder
+    that aggregates over time. Each (frame t, scale s) pair is one attention level (T*3 levels,
+    level index t*3 + s), so every query samples all scales of all T frames of the window.
+
+    Args:
+        backbone: ResNet or SmallBackbone (returns [c2, c3, c4, c5], attribute `channels`).
+        dim: C. num_frames: T (the encoder is built for this T). enc_layers, num_heads, num_points,
+        ffn_dim: encoder sizes. dropout: encoder dropout.
+
+    forward:
+        frames: (B, T, 3, H, W)
+        frame_valid: (B, T) bool or None; padding frames (False) are masked out as values.
+    Returns dict:
+        levels: [(B, T, C, H_l, W_l)] for strides 8, 16, 32 (F_v)
+        pos: [(B, T, C, H_l, W_l)] the sine positional embedding of each level (no level embedding)
+        c2: (B, T, C2, H/4, W/4) the backbone's stride-4 features, for the FPN
+    """
+
+    def __init__(self, backbone, dim=256, num_frames=5, enc_layers=6, num_heads=8, num_points=4,
+                 ffn_dim=1024, dropout=0.1):
+        super().__init__()
+        self.backbone = backbone
+        self.dim, self.num_frames = dim, num_frames
+        self.num_scales = 3  # strides 8, 16, 32
+        self.c2_channels = backbone.channels[0]
+        # 1x1 conv + GroupNorm to C per scale, as Deformable-DETR (32 groups, fewer if C is small).
+        groups = gcd(32, dim)
+        self.input_proj = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(c, dim, 1), nn.GroupNorm(groups, dim)) for c in backbone.channels[1:]])
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        num_levels = num_frames * self.num_scales
+        # PAPER: encoder depth, heads, points and dropout are not given; the defaults are
+        # Deformable-DETR's (6 layers, 8 heads, 4 points, FFN 1024, dropout 0.1).
+        # PAPER: "temporal aggregation" (App. D.1) is not detailed; one learned level embedding per
+        # (frame, scale) pair lets the encoder tell frames and scales apart (DESIGN §3).
+        self.level_embed = nn.Parameter(torch.empty(num_levels, dim).normal_())  # (T*3, C)
+        self.layers = nn.ModuleList([DeformableEncoderLayer(dim, ffn_dim, num_levels, num_heads, num_points, dropout)
+                                     for _ in range(enc_layers)])
+
+    @staticmethod
+    def reference_points(spatial_shapes, device, dtype):
+        """Pixel centres of every level, normalised to [0, 1] as (x, y), as Deformable-DETR's encoder
+        (no padding, so valid ratios are 1 and a token looks at the same relative place on every level).
+
+        Returns: (S, L, 2)
+        """
+        refs = []
+        for h, w in spatial_shapes:
+            ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype) + 0.5,
+                                    torch.arange(w, device=device, dtype=dtype) + 0.5, indexing="ij")  # (h, w) each
+            refs.append(torch.stack([xs.flatten() / w, ys.flatten() / h], -1))  # (h*w, 2)
+        ref = torch.cat(refs, 0)  # (S, 2)
+        return ref[:, None, :].expand(-1, len(spatial_shapes), -1)  # (S, L, 2)
+
+    def forward(self, frames, frame_valid=None):
+        B, T = frames.shape[:2]
+        if T != self.num_frames:
+            raise ValueError(f"VisualEncoder is built for T={self.num_frames} frames, got {T}; "
+                             "run longer clips in windows of T")
+        c2, *cs = self.backbone(frames.flatten(0, 1))  # c2 (B*T, C2, H/4, W/4); c3..c5
+        feats = [proj(c) for proj, c in zip(self.input_proj, cs)]  # 3 x (B*T, C, H_s, W_s)
+        scale_shapes = [tuple(f.shape[-2:]) for f in feats]  # 3 x (H_s, W_s)
+        pos = [sine_position_embedding(h, w, self.dim, device=frames.device, dtype=feats[0].dtype)
+               for h, w in scale_shapes]  # 3 x (C, H_s, W_s)
+
+        # Flatten to tokens in (frame, scale) level order: level index t*3 + s.
+        src = torch.cat([f.view(B, T, self.dim, -1).transpose(2, 3) for f in feats], dim=2)  # (B, T, S_f, C) S_f tokens per frame
+        src = src.flatten(1, 2)  # (B, S, C), S = T * S_f
+        pos_frame = torch.cat([p.flatten(1).t() for p in pos], 0)  # (S_f, C)
+        level_ids = torch.cat([torch.full((h * w,), s, dtype=torch.long, device=frames.device)
+                               for s, (h, w) in enumerate(scale_shapes)])  # (S_f,) scale of each token
+        level_ids = (torch.arange(T, device=frames.device)[:, None] * self.num_scales + level_ids).flatten()  # (S,)
+        pos_tokens = pos_frame.repeat(T, 1) + self.level_embed[level_ids]  # (S, C)
+        pos_tokens = pos_tokens[None].expand(B, -1, -1)  # (B, S, C)
+        spatial_shapes = scale_shapes * T  # T*3 (H_l, W_l), frame-major
+        ref = self.reference_points(spatial_shapes, frames.device, src.dtype)  # (S, L, 2)
+        ref = ref[None].expand(B, -1, -1, -1)  # (B, S, L, 2)
+        padding_mask = None
+        if frame_valid is not None:
+            padding_mask = (~frame_valid.bool())[:, :, None].expand(B, T, src.shape[1] // T).flatten(1)  # (B, S)
+
+        for layer in self.layers:
+            src = layer(src, pos_tokens, ref, spatial_shapes, padding_mask)  # (B, S, C)
+
+        src = src.view(B, T, -1, self.dim)  # (B, T, S_f, C)
+        levels, start = [], 0
+        for h, w in scale_shapes:
+            lvl = src[:, :, start:start + h * w].transpose(2, 3)  # (B, T, C, H_s*W_s)
+            levels.append(lvl.reshape(B, T, self.dim, h, w))  # (B, T, C, H_s, W_s)
+            start += h * w
+        pos = [p[None, None].expand(B, T, -1, -1, -1) for p in pos]  # 3 x (B, T, C, H_s, W_s)
+        c2 = c2.view(B, T, *c2.shape[1:])  # (B, T, C2, H/4, W/4)
+        return dict(levels=levels, pos=pos, c2=c2)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. FPN: the encoded levels (strides 8/16/32) and c2 -> mask features f_out at stride 4 (eq. 7).
+# ----------------------------------------------------------------------------------------------
+class FPN(nn.Module):
+    """Top-down feature pyramid to stride 4 (as the mask-feature FPNs of ReferFormer/Mask2Former):
+    nearest upsample-and-add, 3x3 conv + GroupNorm + ReLU after each merge, a 1x1 lateral on c2,
+    and a 3x3 output conv to mask_dim channels.
+
+    Args:
+        dim: C; c2_channels: channels of the backbone's stride-4 map; mask_dim: Cm (8).
+
+    forward:
+        levels: [(B*T, C, H_l, W_l)] at strides 8, 16, 32
+        c2: (B*T, C2, H/4, W/4)
+    Returns:
+        f_out: (B*T, mask_dim, H/4, W/4)
+    """
+
+    def __init__(self, dim, c2_channels, mask_dim=8):
+        super().__init__()
+        # PAPER: the mask-feature FPN is not described; this is the usual top-down path of the
+        # CondInst/ReferFormer family, ending at stride 4 with Cm = 8 channels for eq. 7.
+        groups = gcd(32, dim)
+
+        def conv3x3(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout),
+                                 nn.ReLU(inplace=True))
+
+        self.merge16 = conv3x3(dim, dim)  # after adding stride 32 into stride 16
+        self.merge8 = conv3x3(dim, dim)  # after adding into stride 8
+        self.lateral4 = nn.Sequential(nn.Conv2d(c2_channels, dim, 1, bias=False), nn.GroupNorm(groups, dim))
+        self.merge4 = conv3x3(dim, dim)  # after adding into stride 4
+        self.mask_out = nn.Conv2d(dim, mask_dim, 3, padding=1)
+
+    def forward(self, levels, c2):
+        x8, x16, x32 = levels
+        y = self.merge16(x16 + F.interpolate(x32, size=x16.shape[-2:], mode="nearest"))  # (B*T, C, H/16, W/16)
+        y = self.merge8(x8 + F.interpolate(y, size=x8.shape[-2:], mode="nearest"))  # (B*T, C, H/8, W/8)
+        y = self.merge4(self.lateral4(c2) + F.interpolate(y, size=c2.shape[-2:], mode="nearest"))  # (B*T, C, H/4, W/4)
+        return self.mask_out(y)  # (B*T, Cm, H/4, W/4)
