@@ -1,0 +1,397 @@
+"""The SQD model of Fig. 3, assembled from its parts, and per-frame inference (eq. 11).
+
+What this file teaches
+    How the pieces of the other files make one network, in the order of the paper:
+      (1) feature encoding            encoders.py   VisualEncoder, AudioEncoder     App. D.1
+      (2) global semantic quantization
+            audio-visual fusion       decoders.py   AudioVisualFusion               eq. (3)
+            global ASD                decoders.py   AudioSemanticDecoder            eq. (4)
+            product quantization      quantize.py   VectorQuantizer                 eq. (1), (2)
+            recombination (AVSR)      decoders.py   SemanticRecombination           eq. (5)
+      (3) local semantic calibration
+            local ASD                 decoders.py   AudioSemanticDecoder            eq. (6)
+            shared-codebook VQ        quantize.py   (update_codebook=False)         eq. (9), third term
+            semantic-guided masks     decoders.py   SemanticMaskDecoder             eq. (7)
+      (4) the loss                    matcher.py    SetCriterion                    eq. (8)-(10)
+      (5) inference                   this file     segment, foreground_probability eq. (11)
+
+Reading order
+    ModelConfig and PRESETS (the hyper-parameters, with the paper's values), SQD.__init__
+    (which module is which box of Fig. 3), SQD.forward (the paper's data flow, DESIGN.md §2),
+    then segment() and foreground_probability() (App. E).
+
+Ablations (Tables 2-5) are named booleans of ModelConfig whose defaults are the paper's full
+model. The forward pass reads like the paper; the ablations only choose which queries go to the
+mask decoder (SQD._mask_queries) and which codebook the local path uses.
+
+Shape alphabet
+    B clips, T frames, N semantic tokens, C channels, K codewords, Kc foreground classes,
+    H, W image size, h, w = H/4, W/4 (mask resolution), S visual tokens of one frame (all levels),
+    S_a audio tokens of one frame, Cm mask-feature channels.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, asdict, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from decoders import (AudioSemanticDecoder, AudioVisualFusion, SemanticMaskDecoder,
+                      SemanticRecombination)
+from encoders import FPN, AudioEncoder, ResNet, SmallBackbone, VisualEncoder
+from quantize import VectorQuantizer, quantization_loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """Every hyper-parameter of the model. Defaults are the paper's setting (App. D)."""
+    num_classes: int = 70          # Kc, foreground classes (AVSS: 70; S4/MS3: 1; synthetic: 12)
+    dim: int = 256                 # C = C_v = C_e = C_q, width of every transformer (App. D)
+    num_tokens: int = 5            # N, decomposed semantic tokens (Table 4 best: 5)
+    codebook_size: int = 128       # K, codewords of the shared codebook (Table 3 best: 128)
+    dec_layers: int = 3            # layers of TrD_global, TrD_local and TrD_segm (App. D, Table 7)
+    enc_layers: int = 4            # deformable encoder layers; PAPER: silent, ReferFormer uses 4
+    num_heads: int = 8             # attention heads; PAPER: silent, DETR-family default 8
+    ffn_dim: int = 1024            # FFN hidden width; PAPER: silent, Deformable-DETR default 1024
+    num_points: int = 4            # deformable attention sampling points per head and level
+    frames: int = 5                # T, frames the visual encoder is built for (Table 6 best: 5)
+    backbone: str = "resnet50"     # resnet18 | resnet34 | resnet50 | small (CPU preset)
+    frozen_bn: bool = True         # ResNet BatchNorm frozen (DETR-family practice for batch 4)
+    audio_encoder: str = "vggish"  # vggish (released weights) | small (CPU preset)
+    mask_dim: int = 8              # Cm, channels of f_out fed to the dynamic convolution (CondInst)
+    dyn_channels: int = 8          # channels of the dynamic 1x1 convolutions (CondInst: 8)
+    dyn_layers: int = 3            # layers of the dynamic convolution (CondInst: 3)
+    revive_dead_codes: bool = False  # re-seed unused codewords during training (off in the paper)
+    # --- ablation switches (Tables 2-5); the defaults are the full SQD model ------------------
+    use_gsd: bool = True           # global semantic decomposition, eq. (3)-(4) + global VQ (Table 2)
+    use_avsr: bool = True          # audiovisual semantic recombination, eq. (5) (Table 2)
+    use_lsd: bool = True           # local semantic decomposition, eq. (6) (Table 2)
+    shared_codebook: bool = True   # local tokens use the global codebook, eq. (9) (Table 2, "SC")
+    avsr_from_quantized: bool = True  # AVSR filters from e_i = VQ(g_i) (True) or from g_i
+    shared_prototypes: bool = False   # one set of prototypes p_i for global and local ASD
+    zero_audio: bool = False       # control: audio input replaced by zeros (vision alone)
+
+    def check(self) -> None:
+        """Raise ValueError for an impossible combination of switches."""
+        if self.use_avsr and not self.use_gsd:
+            raise ValueError("use_avsr needs use_gsd: the recombination (eq. 5) is driven by the "
+                             "global tokens; pass --no-avsr together with --no-gsd")
+        if not self.shared_codebook and not (self.use_gsd and self.use_lsd):
+            raise ValueError("--no-shared-codebook only means something with both GSD and LSD on "
+                             "(it gives the local tokens a codebook of their own)")
+        if self.num_tokens < 1 or self.codebook_size < 1:
+            raise ValueError(f"num_tokens and codebook_size must be >= 1, got "
+                             f"{self.num_tokens} and {self.codebook_size}")
+        if self.backbone not in ("resnet18", "resnet34", "resnet50", "small"):
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected resnet18, resnet34, "
+                             f"resnet50 or small")
+        if self.audio_encoder not in ("vggish", "small"):
+            raise ValueError(f"unknown audio encoder {self.audio_encoder!r}; expected vggish or small")
+
+
+PRESETS = {
+    # App. D: C = 256, 3 layers in every decoder, N = 5, K = 128, ResNet-50, VGGish.
+    "paper": ModelConfig(),
+    # Small enough that `python train.py` trains and evaluates on 2 CPU cores in minutes.
+    # PAPER: not in the paper; K = 32 keeps the codebook "slightly larger than the category
+    # number" (12 synthetic categories) as the paper's 128 is for 70 classes.
+    "cpu": ModelConfig(num_classes=12, dim=64, num_tokens=5, codebook_size=32, dec_layers=2,
+                       enc_layers=1, num_heads=4, ffn_dim=128, num_points=2, backbone="small",
+                       frozen_bn=False, audio_encoder="small"),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """The named preset with some fields replaced, e.g. preset('cpu', num_classes=1)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+# ----------------------------------------------------------------------------------------------
+
+def sine_embedding_1d(length: int, dim: int, device=None) -> torch.Tensor:
+    """Sinusoidal position embedding over time (Vaswani et al., App. D): (length, dim)."""
+    pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]   # (T, 1)
+    i = torch.arange(0, dim, 2, dtype=torch.float32, device=device)           # (C/2,)
+    angle = pos / (10000 ** (i / dim))                                         # (T, C/2)
+    emb = torch.zeros(length, dim, device=device)                              # (T, C)
+    emb[:, 0::2] = torch.sin(angle)
+    emb[:, 1::2] = torch.cos(angle[:, : dim // 2])
+    return emb
+
+
+class SQD(nn.Module):
+    """Semantically Quantized and Decomposed audio representation for AVS (Fig. 3).
+
+    forward(batch) takes the batch of data.py:
+        frames (B, T, 3, H, W) float, ImageNet-normalised
+        audio  (B, T, 1, 96, 64) VGGish log-mel, or (B, T, 128) precomputed embeddings
+    and returns a dict:
+        pred_logits (B, T, N, Kc)   class logits (sigmoid; no-object is all classes off)
+        pred_masks  (B, T, N, h, w) mask logits at stride 4, eq. (7)
+        pred_boxes  (B, T, N, 4)    boxes (cx, cy, w, h) in [0, 1]
+        aux_outputs list of dec_layers-1 dicts with the same three keys (earlier layers)
+        quant       dict of the unweighted eq. (9) terms (quant_codebook, quant_commit_global, ...)
+        indices     dict: 'global' (B, N) and 'local' (B, T, N) codeword ids (where present)
+        tokens      dict: 'global' (B, N, C) g_i and 'local' (B, T, N, C) l_{i,t} (where present)
+    A clip longer than cfg.frames is run in windows of cfg.frames frames (the deformable
+    encoder treats each (frame, scale) pair as one attention level, so it is built for T frames).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.check()
+        self.cfg = cfg
+        C, N = cfg.dim, cfg.num_tokens
+
+        # (1) encoders (App. D.1)
+        backbone = (SmallBackbone() if cfg.backbone == "small"
+                    else ResNet(int(cfg.backbone[len("resnet"):]), frozen_bn=cfg.frozen_bn))
+        self.visual_encoder = VisualEncoder(backbone, C, cfg.frames, cfg.enc_layers,
+                                            cfg.num_heads, cfg.num_points, cfg.ffn_dim)
+        self.audio_encoder = AudioEncoder(cfg.audio_encoder, C)
+        self.fpn = FPN(C, backbone.channels[0], cfg.mask_dim)
+
+        # (2) global semantic quantization: eq. (3), (4), the shared codebook, eq. (5)
+        self.fusion = AudioVisualFusion(C, cfg.num_heads, cfg.ffn_dim)
+        self.global_asd = AudioSemanticDecoder(C, N, cfg.dec_layers, cfg.num_heads, cfg.ffn_dim)
+        self.codebook = VectorQuantizer(cfg.codebook_size, C,
+                                        revive_dead_codes=cfg.revive_dead_codes)
+        self.avsr = nn.ModuleList(SemanticRecombination(C, N) for _ in range(3))
+
+        # (3) local semantic calibration: eq. (6), the mask decoder with eq. (7)
+        self.local_asd = AudioSemanticDecoder(C, N, cfg.dec_layers, cfg.num_heads, cfg.ffn_dim)
+        if cfg.shared_prototypes:
+            self.local_asd.prototypes = self.global_asd.prototypes     # the same p_i, one tensor
+        # "no shared codebook" ablation (Table 2, SC): the local tokens get a codebook of their own
+        self.local_codebook = (None if cfg.shared_codebook else
+                               VectorQuantizer(cfg.codebook_size, C,
+                                               revive_dead_codes=cfg.revive_dead_codes))
+        self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
+                                                cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels,
+                                                cfg.dyn_layers)
+        # Table 2 baseline without LSD: N learnable queries plus the frame's audio embedding
+        self.baseline_queries = nn.Parameter(torch.randn(N, C) * 0.02)  # (N, C)
+
+        self._drop_unused_modules()
+
+    def _drop_unused_modules(self) -> None:
+        """Ablated modules are removed so that every remaining parameter gets a gradient."""
+        cfg = self.cfg
+        if not cfg.use_gsd:
+            self.fusion, self.global_asd = None, None
+        if not cfg.use_avsr:
+            self.avsr = None
+        if not cfg.use_lsd:
+            self.local_asd = None
+            # the per-frame audio tokens f_{a,t} feed only the local ASD; without it they are
+            # unused, and frozen so that DDP sees no parameter without a gradient
+            self.audio_encoder.token_proj.requires_grad_(False)
+            self.audio_encoder.token_pos.requires_grad_(False)
+        if cfg.use_lsd or cfg.use_gsd:
+            self.baseline_queries = None
+        if not cfg.use_gsd and not cfg.use_lsd:
+            self.codebook = None
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        frames, audio = batch["frames"], batch["audio"]                   # (B, T, 3, H, W), (B, T, ...)
+        B, T = frames.shape[:2]
+        Tw = self.cfg.frames
+        if T == Tw:
+            return self._forward_window(frames, audio)
+        # PAPER: inference on clips longer than the training length (AVSS: 10 frames) runs in
+        # windows of T frames; the last window is padded by repeating its last frame.
+        n_win = math.ceil(T / Tw)
+        pad = n_win * Tw - T
+        idx = torch.cat([torch.arange(T), torch.full((pad,), T - 1)]).to(frames.device)  # (n_win*Tw,)
+        frames_w = frames[:, idx].reshape(B * n_win, Tw, *frames.shape[2:])  # (B*n_win, Tw, 3, H, W)
+        audio_w = audio[:, idx].reshape(B * n_win, Tw, *audio.shape[2:])     # (B*n_win, Tw, ...)
+        out = self._forward_window(frames_w, audio_w)
+
+        def unwindow(x):  # (B*n_win, Tw, ...) -> (B, T, ...)
+            return x.reshape(B, n_win * Tw, *x.shape[2:])[:, :T]
+
+        for key in ("pred_logits", "pred_masks", "pred_boxes"):
+            out[key] = unwindow(out[key])
+        for aux in out["aux_outputs"]:
+            for key in aux:
+                aux[key] = unwindow(aux[key])
+        if "local" in out["indices"]:
+            out["indices"]["local"] = unwindow(out["indices"]["local"])     # (B, T, N)
+            out["tokens"]["local"] = unwindow(out["tokens"]["local"])       # (B, T, N, C)
+        if "global" in out["indices"]:  # one set of global tokens per window
+            out["indices"]["global"] = out["indices"]["global"].reshape(B, n_win, -1)  # (B, n_win, N)
+            out["tokens"]["global"] = out["tokens"]["global"].reshape(B, n_win, *out["tokens"]["global"].shape[1:])
+        return out
+
+    def _forward_window(self, frames: torch.Tensor, audio: torch.Tensor) -> dict:
+        cfg = self.cfg
+        B, T = frames.shape[:2]
+        if cfg.zero_audio:
+            audio = torch.zeros_like(audio)                                  # vision-alone control
+
+        # (1) Feature encoding (App. D.1)
+        vis = self.visual_encoder(frames)
+        levels, pos = vis["levels"], vis["pos"]                   # 3 x (B, T, C, H_l, W_l)
+        f_a, f_a_tokens = self.audio_encoder(audio)               # (B, T, C), (B, T, S_a, C)
+        C = f_a.shape[-1]
+        time_pos = sine_embedding_1d(T, C, f_a.device).expand(B, T, C)  # (B, T, C)
+
+        quant, indices, tokens = {}, {}, {}
+        global_out = None
+        if cfg.use_gsd:
+            # (2) Global semantic quantization
+            memory, memory_pos = _clip_tokens(levels, pos)         # (B, T*S, C) each
+            fused = self.fusion(f_a, memory, memory_pos, time_pos)  # (B, T, C)  eq. (3): F'_a
+            g = self.global_asd(fused, time_pos)                   # (B, N, C)  eq. (4): g_i
+            global_out = self.codebook(g)                          # eq. (2): e_i = VQ(g_i), straight-through
+            indices["global"], tokens["global"] = global_out.indices, g   # (B, N), (B, N, C)
+            if cfg.use_avsr:
+                # PAPER: the paper derives the AVSR filters "from g_i" and, one sentence earlier,
+                # from the quantized e_i; we use e_i (straight-through), switchable.
+                drive = global_out.quantized if cfg.avsr_from_quantized else g   # (B, N, C)
+                levels = [avsr(drive, lv) for avsr, lv in zip(self.avsr, levels)]  # eq. (5): F'_v
+
+        # FPN on the (recombined) visual features down to stride 4 -> f_out
+        flat_levels = [lv.flatten(0, 1) for lv in levels]              # 3 x (B*T, C, H_l, W_l)
+        f_out = self.fpn(flat_levels, vis["c2"].flatten(0, 1))         # (B*T, Cm, h, w)
+        f_out = f_out.unflatten(0, (B, T))                             # (B, T, Cm, h, w)
+
+        # (3) Local semantic calibration
+        queries, local_out = self._mask_queries(f_a, f_a_tokens, global_out, tokens, indices)
+        frame_memory, frame_pos = _frame_tokens(levels, pos)           # (B, T, S, C) each
+        out = self.mask_decoder(queries, frame_memory, frame_pos, f_out)  # eq. (7) inside
+
+        # eq. (9): the quantization loss terms (weighted in matcher.SetCriterion, eq. (8))
+        if global_out is not None:
+            quant = quantization_loss(global_out, local_out if self.local_codebook is None else None)
+        if self.local_codebook is not None:
+            # no-shared-codebook ablation: the local codebook is trained by its own tokens
+            quant["quant_codebook_local"] = local_out.codebook_loss
+            quant["quant_commit_local"] = local_out.commitment_loss
+        elif global_out is None and local_out is not None:
+            # LSD without GSD: the local path is the only one, so it trains the codebook itself
+            quant["quant_codebook_local"] = local_out.codebook_loss
+            quant["quant_commit_local"] = local_out.commitment_loss
+        out["quant"] = quant
+        out["indices"], out["tokens"] = indices, tokens
+        return out
+
+    def _mask_queries(self, f_a, f_a_tokens, global_out, tokens, indices):
+        """The N queries of every frame for the mask decoder: (B, T, N, C), and the local VQ output.
+
+        Full model: VQ(l_{i,t}) with l_{i,t} = TrD_local(p_i | f_{a,t})          eq. (6)
+        No LSD, with GSD: e_i + f_{a,t}  (clip tokens, broadcast to every frame)
+        Baseline (no GSD, no LSD): q_i + f_{a,t}, N learnable queries plus the frame's
+            undecomposed audio embedding (the paper's baseline of Table 2)
+        """
+        cfg = self.cfg
+        B, T, C = f_a.shape
+        N = cfg.num_tokens
+        if cfg.use_lsd:
+            S_a = f_a_tokens.shape[2]
+            l = self.local_asd(f_a_tokens.reshape(B * T, S_a, C))      # (B*T, N, C)  eq. (6): l_{i,t}
+            l = l.reshape(B, T, N, C)                                  # (B, T, N, C)
+            # the local path commits to the global codebook but never updates it (eq. 9, 3rd term)
+            vq = self.codebook if self.local_codebook is None else self.local_codebook
+            update = self.local_codebook is not None or global_out is None
+            local_out = vq(l, update_codebook=update)                  # quantized (B, T, N, C)
+            indices["local"], tokens["local"] = local_out.indices, l   # (B, T, N), (B, T, N, C)
+            return local_out.quantized, local_out
+        # PAPER: without LSD the paper does not say what queries the mask decoder; we add the
+        # frame's undecomposed audio embedding to N clip-level queries (global tokens e_i when GSD
+        # is on, else learnable queries), so that every row of Table 2 sees the frame's audio.
+        clip_queries = (global_out.quantized if global_out is not None
+                        else self.baseline_queries.expand(B, N, C))    # (B, N, C)
+        queries = clip_queries[:, None] + f_a[:, :, None]              # (B, T, N, C)
+        return queries, None
+
+    def parameter_groups(self, lr: float, backbone_lr_mult: float = 0.5, weight_decay: float = 5e-4):
+        """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4)."""
+        backbone, rest = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (backbone if name.startswith("visual_encoder.backbone.") else rest).append(p)
+        return [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "model"},
+                {"params": backbone, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay,
+                 "name": "backbone"}]
+
+
+def _clip_tokens(levels, pos):
+    """All visual tokens of a clip, every frame and level: (B, T*S, C) features and positions."""
+    feats, poss = _frame_tokens(levels, pos)                   # (B, T, S, C) each
+    return feats.flatten(1, 2), poss.flatten(1, 2)             # (B, T*S, C) each
+
+
+def _frame_tokens(levels, pos):
+    """The visual tokens of each frame, all levels: (B, T, S, C) features and positions."""
+    feats = torch.cat([lv.flatten(3).transpose(2, 3) for lv in levels], dim=2)  # (B, T, S, C)
+    poss = torch.cat([p.flatten(3).transpose(2, 3) for p in pos], dim=2)        # (B, T, S, C)
+    return feats, poss
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference (App. E)
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def segment(pred_logits: torch.Tensor, pred_masks: torch.Tensor, size: tuple[int, int],
+            class_threshold: float = 0.1, mask_threshold: float = 0.5) -> torch.Tensor:
+    """Eq. (11): a class id for every pixel of every frame.
+
+    pred_logits (B, T, N, Kc) class logits; pred_masks (B, T, N, h, w) mask logits;
+    size (H, W) of the output. Returns labels (B, T, H, W) int64 with 0 = background.
+
+    Per frame t: tokens whose best class probability is below class_threshold are dropped
+    (App. D); a kept token covers the pixels where its mask probability exceeds mask_threshold;
+    a covered pixel takes argmax_{C in 1..Kc} sum_i P_{i,t}[C] M_{i,t}[h, w]; other pixels are
+    background. The argmax never includes the "empty" category (App. E).
+    """
+    B, T, N, Kc = pred_logits.shape
+    prob = pred_logits.sigmoid()                                         # (B, T, N, Kc)  P_{i,t}
+    keep = prob.max(-1).values >= class_threshold                        # (B, T, N)
+    out = torch.zeros(B, T, *size, dtype=torch.long, device=pred_logits.device)  # (B, T, H, W)
+    for b in range(B):          # one frame at a time keeps memory at (Kc, H, W)
+        for t in range(T):
+            m = F.interpolate(pred_masks[b, t][None], size=size, mode="bilinear",
+                              align_corners=False)[0].sigmoid()          # (N, H, W)  M_{i,t}
+            k = keep[b, t].to(m.dtype)                                   # (N,)
+            score = torch.einsum("nc,nhw->chw", prob[b, t] * k[:, None], m)  # (Kc, H, W) eq. (11)
+            covered = ((m > mask_threshold) & keep[b, t][:, None, None]).any(0)  # (H, W)
+            out[b, t] = torch.where(covered, score.argmax(0) + 1, 0)     # (H, W), ids 1..Kc or 0
+    return out
+
+
+@torch.no_grad()
+def foreground_probability(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
+                           size: tuple[int, int]) -> torch.Tensor:
+    """Binary AVS: the foreground probability max_i P_{i,t} * M_{i,t}[h, w].
+
+    pred_logits (B, T, N, Kc), pred_masks (B, T, N, h, w) -> (B, T, H, W) in [0, 1].
+    P_{i,t} is the token's best class probability (with Kc = 1, the sounding-object probability).
+    """
+    B, T, N = pred_logits.shape[:3]
+    p = pred_logits.sigmoid().max(-1).values                             # (B, T, N)
+    m = F.interpolate(pred_masks.flatten(0, 1), size=size, mode="bilinear",
+                      align_corners=False).sigmoid()                     # (B*T, N, H, W)
+    m = m.unflatten(0, (B, T))                                           # (B, T, N, H, W)
+    return (p[..., None, None] * m).max(2).values                        # (B, T, H, W)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def config_dict(cfg: ModelConfig) -> dict:
+    return asdict(cfg)
