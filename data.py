@@ -1,0 +1,1019 @@
+"""Data: the synthetic audiovisual benchmark and exact readers of AVSBench (S4, MS3, AVSS).
+
+What this file teaches
+----------------------
+Audiovisual segmentation (paper §4, "Dataset") labels, in every frame, the pixels of the objects
+that are *heard* in that second. This file makes the batches the model reads (DESIGN.md §2):
+
+  frames      (B, T, 3, H, W) float32, ImageNet-normalised
+  audio       (B, T, 1, 96, 64) float32, one 0.96 s VGGish log-mel example per frame
+  labels      (B, T, H, W) int64, 0 = background, 1..Kc = sounding class
+  label_valid (B, T) bool, the frame carries ground truth (S4 and AVSS-v1s train: frame 0 only)
+  frame_valid (B, T) bool, a real frame, not padding (AVSS clips are padded to 10 frames)
+  meta        list of B dicts (clip id, 'multi_source', and for synthetic clips the sounding table)
+
+Two halves:
+  * SyntheticAVS, the default `--dataset synthetic`: clips generated on the fly from
+    (seed, split, index), no files, under ~10 ms a clip at 64x64 on one core. Categories have a
+    look (shape x colour, so looks share single cues) and a sound (a harmonic tone: pitch,
+    timbre, modulation). Visible objects whose category is silent in a frame are background, so
+    only the audio says which visible objects to label. Multi-source clips switch sources on and
+    off; the test-unseen split has pairs of categories that never sound together in train.
+  * Readers of the real releases exactly as they are laid out (../shared/reference/avsbench.md):
+    AVSObjectDataset (S4 "Single-source", MS3 "Multi-sources") and AVSSDataset (AVSBench-semantic).
+    The dataset cannot ship with the code: it is handed out by its authors on request.
+    The VGGish PCA post-processor is not needed: AVSBench feeds the raw log-mel to VGGish.
+
+Every bad input (missing root, missing or empty metadata, absent clip folder, missing frame,
+truncated image, unreadable wav, label png of the wrong size) raises DataError with one message
+naming the file and what was expected. check_dataset(root, name) walks a layout and lists every
+problem; `python data.py check --dataset avss --data-root DIR` prints that list (exit code 2 when
+anything is wrong).
+
+Reading order
+-------------
+ 1. DataError, constants (ImageNet statistics, the AVSS classes and VOC palette)
+ 2. SyntheticAVS            plan() (the recipe of a clip), generate() (pixels, audio, labels)
+ 3. file readers            read_image, read_label, decode_palette, read_wav, read_log_mel_pkl
+ 4. spatial transform       multi-scale crop for training, square resize for evaluation
+ 5. AVSObjectDataset        S4 and MS3 (binary: class 1 = sounding object)
+ 6. AVSSDataset             AVSBench-semantic (70 classes, clips padded to 10 frames)
+ 7. build_dataset, collate  what train.py calls
+ 8. check_dataset, the `check` command line
+
+Shape alphabet
+--------------
+T frames of a clip (or of a training window), Tc frames stored for a clip, H, W image size
+(img_size), Hn, Wn native image size on disk, Kc foreground classes, O objects in a synthetic clip,
+n audio samples, E log-mel examples (0.96 s each), 96 x 64 log-mel frames x mel bands.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import pickle
+import sys
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from scipy.io import wavfile
+from torch.utils.data import Dataset
+
+from encoders import vggish_log_mel
+
+
+class DataError(Exception):
+    """A dataset file is missing, empty or unreadable. The message names the file and what was expected.
+
+    train.py catches it and exits with code 2 without a traceback.
+    """
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Constants
+# ----------------------------------------------------------------------------------------------
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+AUDIO_RATE = 16000  # Hz, the VGGish rate; one frame = one second of audio
+LOG_MEL_SHAPE = (96, 64)  # one VGGish example: 96 frames of 10 ms x 64 mel bands
+
+# AVSBench-semantic: background + 70 sounding classes, in the key order of label2idx.json
+# (values 1..71 there; the class id in tensors is value - 1, so background = 0).
+AVSS_CLASS_NAMES = (
+    "background accordion airplane axe baby bassoon bell bird boat boy bus car cat cello clarinet "
+    "clipper clock dog donkey drum duck elephant emergency-car erhu flute frying-food girl goose "
+    "guitar gun guzheng hair-dryer handpan harmonica harp helicopter hen horse keyboard leopard "
+    "lion man marimba missile-rocket motorcycle mower parrot piano pig pipa saw saxophone sheep "
+    "sitar sorna squirrel tabla tank tiger tractor train trombone truck trumpet tuba ukulele utv "
+    "vacuum-cleaner violin wolf woman").split()
+AVSS_FRAMES = 10  # every AVSS clip is padded to 10 frames (v2 clips are 10 s, v1 clips 5 s)
+
+
+def voc_palette(num_colours):
+    """The PASCAL-VOC colour map (bit interleaving), as the official AVSS loader builds it.
+
+    Args:
+        num_colours: int, e.g. 71.
+    Returns:
+        palette: np.ndarray (num_colours, 3) uint8; row j is the colour of class j (0 = black).
+    """
+    palette = np.zeros((num_colours, 3), dtype=np.uint8)  # (num_colours, 3)
+    for j in range(num_colours):
+        c, r, g, b = j, 0, 0, 0
+        for k in range(8):  # bit 3k of j -> bit 7-k of R, 3k+1 -> G, 3k+2 -> B
+            r |= ((c >> 0) & 1) << (7 - k)
+            g |= ((c >> 1) & 1) << (7 - k)
+            b |= ((c >> 2) & 1) << (7 - k)
+            c >>= 3
+        palette[j] = (r, g, b)
+    return palette
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The synthetic benchmark
+# ----------------------------------------------------------------------------------------------
+SYNTHETIC_SPLITS = {"train": 0, "val": 1, "test": 2, "test-unseen": 3}  # split -> rng stream
+SYNTHETIC_SIZES = {"train": 4000, "val": 500, "test": 1000, "test-unseen": 1000}
+SHAPES = ("disc", "square", "triangle", "diamond", "ring", "cross")
+COLOURS = {"red": (0.85, 0.20, 0.20), "green": (0.20, 0.75, 0.30), "blue": (0.25, 0.35, 0.90),
+           "yellow": (0.90, 0.80, 0.20), "magenta": (0.80, 0.25, 0.80), "cyan": (0.20, 0.80, 0.85)}
+TIMBRES = ("bright", "hollow", "soft")  # harmonics 1..8 at 1/h; odd harmonics at 1/h; 1..3 at 1/h^2
+AM_RATES = (0.0, 3.0, 6.0, 11.0)  # Hz: steady, slow tremolo, fast tremolo, flutter
+WAVETABLE = 1024  # samples of one period of each category's waveform
+
+
+class SyntheticAVS(Dataset):
+    """The synthetic audiovisual segmentation benchmark (DESIGN.md §4), generated on the fly.
+
+    Category k (class id k + 1) looks like SHAPES[k % S] in colour k // S (S = ceil(sqrt(Kc)): for
+    Kc = 12, 4 shapes x 3 colours, so each shape is shared by 3 categories and each colour by 4),
+    and sounds like a harmonic tone with its own pitch (log-spaced 200..1600 Hz, ~3 semitones
+    apart for Kc = 12), timbre (TIMBRES[k % 3]) and amplitude modulation (AM_RATES[(k // 3) % 4]).
+    Instances jitter in position, size, colour, pitch (+-2 %) and loudness.
+
+    A clip: 1 to 4 visible objects of distinct categories, drifting a little between frames.
+      * single-source (about half): one category sounds in every frame;
+      * multi-source: 2 or 3 categories, each switching on and off between frames, at least two
+        at once in some frame; with probability `offscreen_prob` one of them is off-screen
+        (heard, never seen, never labelled);
+      * the other visible objects are silent distractors, half of them sharing the shape or the
+        colour of a source. A visible object is labelled in a frame only if its category sounds
+        in that frame, so vision alone cannot tell which object to segment.
+    Audio: 1 s of 16 kHz per frame (sum of the sounding tones + white noise) through the VGGish
+    front end (encoders.vggish_log_mel), one example per second.
+    Splits: train, val, test (same distribution) and test-unseen (multi-source clips whose
+    sources contain one of the held-out pairs, which sound together in at least one frame; a
+    held-out pair never sounds together, never even co-occurs as sources, in the other splits).
+
+    Args:
+        split: 'train' | 'val' | 'test' | 'test-unseen'.
+        img_size: int, H = W of the generated frames (64 for the CPU preset, 224 for the paper's).
+        frames: int, T frames per clip.
+        seed: int; clip `index` of `split` depends only on (seed, split, index).
+        num_classes: int, Kc in 3..36.
+        num_clips: int or None (SYNTHETIC_SIZES[split]).
+        multi_source_ratio: float, fraction of multi-source clips in train/val/test.
+        offscreen_prob: float, probability that a multi-source clip has an off-screen source.
+        noise_std: (lo, hi) range of the white-noise standard deviation of the audio.
+    Item: the dict of DESIGN §2 (see the file docstring) with meta keys 'clip', 'split', 'index',
+        'multi_source', 'sources', 'offscreen', 'distractors', 'visible' (class ids),
+        'sounding' (T, Kc) nested bool lists (column c-1 is class id c; off-screen sources count),
+        'unseen_pair' ([a, b] class ids in test-unseen, else None), 'pitch_hz' (one per source).
+    """
+
+    def __init__(self, split="train", img_size=64, frames=5, seed=0, num_classes=12, num_clips=None,
+                 multi_source_ratio=0.5, offscreen_prob=0.15, noise_std=(0.002, 0.02)):
+        if split not in SYNTHETIC_SPLITS:
+            raise ValueError(f"synthetic split must be one of {list(SYNTHETIC_SPLITS)}, got {split!r}")
+        if not 3 <= num_classes <= len(SHAPES) * len(COLOURS):
+            raise ValueError(f"synthetic num_classes must be in 3..{len(SHAPES) * len(COLOURS)}")
+        self.split, self.img_size, self.frames, self.seed = split, int(img_size), int(frames), int(seed)
+        self.num_classes = Kc = int(num_classes)
+        self.num_clips = SYNTHETIC_SIZES[split] if num_clips is None else int(num_clips)
+        self.multi_source_ratio, self.offscreen_prob = multi_source_ratio, offscreen_prob
+        self.noise_std = noise_std
+
+        # Looks: a shape x colour grid.
+        num_shapes = math.ceil(math.sqrt(Kc))
+        colour_names = list(COLOURS)
+        self.shape_of = [SHAPES[k % num_shapes] for k in range(Kc)]
+        self.colour_name_of = [colour_names[k // num_shapes] for k in range(Kc)]
+        self.colour_of = np.array([COLOURS[c] for c in self.colour_name_of], dtype=np.float32)  # (Kc, 3)
+        self.class_names = ["background"] + [f"{c} {s}" for c, s in zip(self.colour_name_of, self.shape_of)]
+
+        # Sounds: pitch, timbre, modulation; one period of each waveform in a table.
+        self.pitches = 200.0 * 8.0 ** (np.arange(Kc) / (Kc - 1))  # (Kc,) Hz, log-spaced 200..1600
+        self.timbre_of = [TIMBRES[k % 3] for k in range(Kc)]
+        self.am_rate_of = np.array([AM_RATES[(k // 3) % 4] for k in range(Kc)])  # (Kc,) Hz
+        phase = np.arange(WAVETABLE) / WAVETABLE  # (WAVETABLE,) one period
+        self.wavetables = np.zeros((Kc, WAVETABLE), dtype=np.float32)  # (Kc, WAVETABLE)
+        for k in range(Kc):
+            if self.timbre_of[k] == "bright":
+                harmonics, amps = np.arange(1, 9), 1.0 / np.arange(1, 9)
+            elif self.timbre_of[k] == "hollow":
+                harmonics = np.array([1, 3, 5, 7]); amps = 1.0 / harmonics
+            else:
+                harmonics = np.arange(1, 4); amps = 1.0 / np.arange(1, 4) ** 2
+            keep = harmonics * self.pitches[k] * 1.02 < 7000.0  # stay inside VGGish's 125-7500 Hz
+            wave = (amps[keep, None] * np.sin(2 * np.pi * harmonics[keep, None] * phase)).sum(0)  # (WAVETABLE,)
+            self.wavetables[k] = wave / np.abs(wave).max()
+
+        # Held-out pairs: a random perfect matching of the categories, fixed by the seed alone.
+        order = np.random.default_rng([self.seed, 7919]).permutation(Kc) + 1  # (Kc,) class ids
+        self.held_out_pairs = [tuple(sorted((int(order[2 * i]), int(order[2 * i + 1])))) for i in range(Kc // 2)]
+        self._held_out = set(self.held_out_pairs)
+        self._t = np.arange(self.frames * AUDIO_RATE) / AUDIO_RATE  # (n,) seconds
+        # PAPER (speed): Gaussian noise is cut at a random offset from one fixed bank; drawing
+        # fresh normals would take most of the ~10 ms budget of a clip.
+        need = max(self.frames * AUDIO_RATE, self.frames * self.img_size ** 2 * 3)
+        bank = np.random.default_rng([self.seed, 104729])
+        self._noise = bank.standard_normal(2 * need, dtype=np.float32)  # (2*need,)
+
+    def __len__(self):
+        return self.num_clips
+
+    def _noisy(self, rng, n):
+        """n standard normal samples (float32) from the bank at a random offset."""
+        start = int(rng.integers(0, len(self._noise) - n + 1))
+        return self._noise[start:start + n]  # (n,) a view; callers multiply (a new array)
+
+    def _rng(self, index):
+        return np.random.default_rng([self.seed, SYNTHETIC_SPLITS[self.split], int(index)])
+
+    def plan(self, index, rng=None):
+        """The recipe of clip `index`: which categories sound when, which are seen, where they are.
+
+        Returns: dict with 'multi_source' bool, 'sources' [class ids], 'on' (T, n_src) bool,
+            'offscreen' [class ids], 'distractors' [class ids], 'visible' [class ids] (drawing
+            order, back to front), 'unseen_pair' [a, b] or None, and the meta dict entries.
+        """
+        rng = self._rng(index) if rng is None else rng
+        Kc, T = self.num_classes, self.frames
+        unseen = self.split == "test-unseen"
+        multi = unseen or rng.random() < self.multi_source_ratio
+        pair = None
+        if not multi:
+            sources = [int(rng.integers(1, Kc + 1))]
+            on = np.ones((T, 1), dtype=bool)  # (T, 1) one source throughout
+        else:
+            if unseen:
+                pair = list(self.held_out_pairs[rng.integers(len(self.held_out_pairs))])
+                sources = pair[::-1] if rng.random() < 0.5 else list(pair)
+                if rng.random() < 0.5:  # a third source, any other category
+                    rest = [c for c in range(1, Kc + 1) if c not in sources]
+                    sources.append(int(rng.choice(rest)))
+            else:
+                num_src = int(rng.integers(2, 4))
+                while True:  # rejection: no held-out pair among the sources outside test-unseen
+                    sources = [int(c) for c in rng.choice(Kc, size=num_src, replace=False) + 1]
+                    if not any(tuple(sorted((a, b))) in self._held_out for a in sources for b in sources if a < b):
+                        break
+            on = rng.random((T, len(sources))) < 0.65  # (T, n_src) sources switch on and off
+            for s in range(len(sources)):  # every source sounds in some frame
+                if not on[:, s].any():
+                    on[rng.integers(T), s] = True
+            a, b = (sources.index(pair[0]), sources.index(pair[1])) if unseen else (0, 1)
+            if not (on[:, a] & on[:, b]).any():  # two sources (the held-out pair) sound together once
+                on[rng.integers(T), [a, b]] = True
+            if T > 1 and on.all():  # at least one switch; the other frames keep the co-occurrence
+                on[rng.integers(T), rng.integers(len(sources))] = False
+        offscreen = []
+        if multi and rng.random() < self.offscreen_prob:
+            candidates = [c for c in sources if pair is None or c not in pair]
+            if candidates:
+                offscreen = [int(rng.choice(candidates))]
+        seen_sources = [c for c in sources if c not in offscreen]
+        num_distractors = int(rng.integers(0, 4 - len(seen_sources) + 1))  # 1..4 visible objects
+        distractors = []
+        for _ in range(num_distractors):
+            free = [c for c in range(1, Kc + 1) if c not in sources and c not in distractors]
+            source = seen_sources[rng.integers(len(seen_sources))] - 1
+            hard = [c for c in free if self.shape_of[c - 1] == self.shape_of[source]
+                    or self.colour_name_of[c - 1] == self.colour_name_of[source]]
+            pool = hard if hard and rng.random() < 0.5 else free  # half share a cue with a source
+            distractors.append(int(rng.choice(pool)))
+        visible = [int(c) for c in rng.permutation(seen_sources + distractors)]  # drawing order
+        sounding = np.zeros((T, Kc), dtype=bool)  # (T, Kc)
+        for s, c in enumerate(sources):
+            sounding[:, c - 1] = on[:, s]
+        return {"multi_source": bool(multi), "sources": sources, "on": on, "offscreen": offscreen,
+                "distractors": distractors, "visible": visible, "sounding": sounding,
+                "unseen_pair": sorted(pair) if pair else None}
+
+    def generate(self, index):
+        """Render clip `index`.
+
+        Returns: dict with 'frames' (T, H, W, 3) float32 in [0, 1], 'waveform' (T*16000,) float32,
+            'log_mel' (T, 96, 64) float32, 'labels' (T, H, W) int64, 'object_map' (T, H, W) int64
+            (class id of the top visible object at each pixel, sounding or not, 0 where none),
+            'meta' dict (see the class docstring).
+        """
+        rng = self._rng(index)
+        p = self.plan(index, rng)
+        T, S = self.frames, self.img_size
+
+        # Audio: each source's tone gated by its on/off schedule, plus white noise.
+        waveform = self._noisy(rng, T * AUDIO_RATE) * np.float32(rng.uniform(*self.noise_std))  # (n,)
+        pitch_hz = []
+        one_second = np.arange(AUDIO_RATE)  # (16000,) sample index within a second
+        for s, c in enumerate(p["sources"]):
+            # PAPER (speed): the instance pitch (+-2 % jitter) is rounded to whole hertz, so one
+            # second of the tone repeats exactly and is tiled over the clip with continuous phase.
+            f0 = int(round(self.pitches[c - 1] * rng.uniform(0.98, 1.02)))  # Hz
+            pitch_hz.append(float(f0))
+            cycles = (f0 * one_second) % AUDIO_RATE  # (16000,) exact phase in 1/16000 of a cycle
+            start = int(rng.integers(AUDIO_RATE))
+            idx = ((cycles + start) % AUDIO_RATE) * WAVETABLE // AUDIO_RATE  # (16000,) table index
+            tone = np.tile(self.wavetables[c - 1][idx], T)  # (n,)
+            gate = np.repeat(p["on"][:, s].astype(np.float32), 100)  # (T*100,) one value per 10 ms
+            gate = np.convolve(gate, np.ones(3, dtype=np.float32) / 3, mode="same")  # 30 ms ramps
+            rate = self.am_rate_of[c - 1]
+            am = 1.0 - 0.35 * (1 + np.cos(2 * np.pi * rate * self._t[::160] + rng.uniform(0, 2 * np.pi)))  # (T*100,)
+            envelope = np.repeat((gate * am * rng.uniform(0.05, 0.2)).astype(np.float32), 160)  # (n,)
+            waveform += tone * envelope
+        # PAPER: each second goes through the front end on its own, so example t is exactly the
+        # audio of frame t (on a whole clip the 0.96 s examples drift 0.04 s a second).
+        log_mel = np.concatenate([vggish_log_mel(waveform[t * AUDIO_RATE:(t + 1) * AUDIO_RATE], AUDIO_RATE)
+                                  for t in range(T)])  # (T, 96, 64)
+
+        # Pixels: a noisy background with a gentle gradient, then the objects back to front.
+        grid = (np.arange(S, dtype=np.float32) + 0.5) / S  # (S,) pixel centres in [0, 1]
+        base = rng.uniform(0.3, 0.6, 3).astype(np.float32)  # (3,) grey-ish, away from the palette
+        tilt = rng.uniform(-0.15, 0.15, 2).astype(np.float32)
+        background = base + (tilt[0] * grid[None, :, None] + tilt[1] * grid[:, None, None])  # (S, S, 3)
+        frames = np.repeat(background[None], T, axis=0)  # (T, S, S, 3)
+        object_map = np.zeros((T, S, S), dtype=np.int64)  # (T, S, S) class id of the top object
+        for c in p["visible"]:
+            radius = S * rng.uniform(0.12, 0.18)  # pixels
+            centre = rng.uniform(radius, S - radius, 2)  # (2,) x, y
+            velocity = rng.uniform(-0.025, 0.025, 2) * S  # pixels a frame
+            colour = self.colour_of[c - 1] + rng.uniform(-0.05, 0.05, 3).astype(np.float32)  # (3,)
+            for t in range(T):
+                cx, cy = np.clip(centre + velocity * t, radius, S - radius)
+                x0, x1 = int(cx - radius), min(S, int(math.ceil(cx + radius)) + 1)
+                y0, y1 = int(cy - radius), min(S, int(math.ceil(cy + radius)) + 1)
+                dx = (np.arange(x0, x1) + 0.5 - cx)[None, :] / radius  # (1, w_box)
+                dy = (np.arange(y0, y1) + 0.5 - cy)[:, None] / radius  # (h_box, 1)
+                inside = _shape_mask(self.shape_of[c - 1], dx, dy)  # (h_box, w_box) bool
+                frames[t, y0:y1, x0:x1][inside] = colour
+                object_map[t, y0:y1, x0:x1][inside] = c
+        frames += self._noisy(rng, frames.size).reshape(frames.shape) * np.float32(0.03)  # sensor noise
+        np.clip(frames, 0.0, 1.0, out=frames)
+        sounding_map = np.concatenate([np.zeros((T, 1), bool), p["sounding"]], axis=1)  # (T, Kc+1)
+        labels = np.where(np.take_along_axis(sounding_map, object_map.reshape(T, -1), 1).reshape(T, S, S),
+                          object_map, 0)  # (T, S, S) the class of visible *sounding* objects only
+
+        meta = {"clip": f"synthetic/{self.split}/{index}", "split": self.split, "index": int(index),
+                "multi_source": p["multi_source"], "sources": p["sources"], "offscreen": p["offscreen"],
+                "distractors": p["distractors"], "visible": sorted(p["visible"]),
+                "sounding": p["sounding"].tolist(), "unseen_pair": p["unseen_pair"], "pitch_hz": pitch_hz}
+        return {"frames": frames, "waveform": waveform, "log_mel": log_mel, "labels": labels,
+                "object_map": object_map, "meta": meta}
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.num_clips:
+            raise IndexError(index)
+        clip = self.generate(index)
+        T = self.frames
+        frames = (clip["frames"] - IMAGENET_MEAN) / IMAGENET_STD  # (T, H, W, 3)
+        frames = torch.from_numpy(frames.transpose(0, 3, 1, 2).copy())  # (T, 3, H, W)
+        return {"frames": frames,
+                "audio": torch.from_numpy(clip["log_mel"]).unsqueeze(1),  # (T, 1, 96, 64)
+                "labels": torch.from_numpy(clip["labels"]),  # (T, H, W) int64
+                "label_valid": torch.ones(T, dtype=torch.bool),  # (T,)
+                "frame_valid": torch.ones(T, dtype=torch.bool),  # (T,)
+                "meta": clip["meta"]}
+
+
+def _shape_mask(shape, dx, dy):
+    """Inside test of one shape in coordinates scaled by the radius: dx (1, w), dy (h, 1) -> (h, w) bool."""
+    if shape == "disc":
+        return dx ** 2 + dy ** 2 <= 1.0
+    if shape == "square":
+        return np.maximum(np.abs(dx), np.abs(dy)) <= 0.85
+    if shape == "triangle":  # apex up, base at dy = 0.8
+        return (dy <= 0.8) & (np.abs(dx) <= (dy + 0.95) / 1.75)
+    if shape == "diamond":
+        return np.abs(dx) + np.abs(dy) <= 1.0
+    if shape == "ring":
+        r2 = dx ** 2 + dy ** 2
+        return (r2 <= 1.0) & (r2 >= 0.3)
+    if shape == "cross":
+        return ((np.abs(dx) <= 0.3) & (np.abs(dy) <= 1.0)) | ((np.abs(dy) <= 0.3) & (np.abs(dx) <= 1.0))
+    raise ValueError(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. File readers: each raises DataError naming the file and what was expected
+# ----------------------------------------------------------------------------------------------
+def read_image(path, expected):
+    """Open and decode an image. Returns a PIL image (decoded); `expected` describes the file."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing; expected {expected}")
+    try:
+        image = Image.open(path)
+        image.load()  # decodes everything: a truncated file fails here
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"{path}: unreadable or truncated ({error}); expected {expected}") from None
+    return image
+
+
+def decode_palette(rgb, palette, path=""):
+    """Colour label map -> class ids by exact colour match; unknown colours -> 0 with a counted warning.
+
+    Args:
+        rgb: np.ndarray (H, W, 3) uint8.
+        palette: np.ndarray (K+1, 3) uint8; row j is the colour of class j.
+    Returns:
+        ids: np.ndarray (H, W) int64.
+    """
+    rgb, palette = rgb.astype(np.int64), palette.astype(np.int64)
+    keys = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # (H, W) one integer per colour
+    palette_keys = (palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]  # (K+1,)
+    order = np.argsort(palette_keys)
+    sorted_keys = palette_keys[order]  # (K+1,)
+    position = np.clip(np.searchsorted(sorted_keys, keys), 0, len(sorted_keys) - 1)  # (H, W)
+    known = sorted_keys[position] == keys  # (H, W)
+    ids = np.where(known, order[position], 0)  # (H, W), unknown colour -> background as the official code
+    unknown = int((~known).sum())
+    if unknown:
+        warnings.warn(f"{path}: {unknown} pixels have colours outside the {len(palette)}-colour palette; "
+                      f"mapped to background (class 0)", stacklevel=2)
+    return ids
+
+
+def read_wav(path, expected):
+    """A wav file -> (mono float64 waveform (n,), sample rate). int16/int32/uint8/float PCM."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing; expected {expected}")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", wavfile.WavFileWarning)
+            rate, data = wavfile.read(path)
+    except (OSError, ValueError, EOFError) as error:
+        raise DataError(f"{path}: unreadable wav ({error}); expected {expected}") from None
+    early_end = [str(w.message) for w in caught if "EOF" in str(w.message)]
+    if early_end:  # scipy returns the samples it found and only warns; a truncated file is an error
+        raise DataError(f"{path}: truncated wav ({early_end[0]}); expected {expected}")
+    if data.dtype == np.uint8:
+        data = (data.astype(np.float64) - 128.0) / 128.0
+    elif np.issubdtype(data.dtype, np.integer):
+        data = data.astype(np.float64) / float(2 ** (8 * data.dtype.itemsize - 1))  # int16: / 32768
+    data = data.astype(np.float64)
+    if data.ndim == 2:
+        data = data.mean(axis=1)  # (n,) stereo averaged to mono, as VGGish does
+    if data.size == 0:
+        raise DataError(f"{path}: no samples; expected {expected}")
+    return data, int(rate)
+
+
+def wav_log_mel(path, expected):
+    """A wav -> VGGish log-mel examples (E, 96, 64) float32 (resampled to 16 kHz inside encoders)."""
+    waveform, rate = read_wav(path, expected)
+    return vggish_log_mel(waveform, rate)  # (E, 96, 64)
+
+
+def read_log_mel_pkl(path, expected):
+    """An AVSBench v1 `.pkl`: a plain-pickled torch tensor [5, 1, 96, 64], read as is (detached).
+
+    Unpickling runs code from the file: only read files of the AVSBench release you trust.
+    """
+    try:
+        with open(path, "rb") as f:
+            tensor = pickle.load(f)
+    except Exception as error:  # a bad pickle can raise almost anything
+        raise DataError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); expected {expected}") from None
+    if isinstance(tensor, np.ndarray):
+        tensor = torch.from_numpy(tensor)
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape[-2:]) != LOG_MEL_SHAPE:
+        got = tuple(tensor.shape) if hasattr(tensor, "shape") else type(tensor).__name__
+        raise DataError(f"{path}: holds {got}; expected {expected}")
+    return tensor.detach().float().reshape(-1, 1, *LOG_MEL_SHAPE)  # (E, 1, 96, 64)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Spatial transform: the same resize (and crop) for every frame and label of a clip
+# ----------------------------------------------------------------------------------------------
+# PAPER: "multi-scale training" with no scales given. We resize the short side to img_size * s,
+# s drawn from TRAIN_SCALES, and take a random img_size x img_size crop (the official AVSS loader
+# is the case s = 1 with a centre crop). Evaluation resizes to a square img_size x img_size as the
+# official AVSS test code does (the paper says "longest side 224"; v1 frames are already 224^2).
+TRAIN_SCALES = (1.0, 1.125, 1.25)
+
+
+def spatial_plan(native_size, img_size, train):
+    """Where a clip's images go. native_size (Wn, Hn) -> (resize_to (W', H'), crop box or None)."""
+    if not train:
+        return (img_size, img_size), None
+    width, height = native_size
+    short = img_size * TRAIN_SCALES[int(torch.randint(len(TRAIN_SCALES), ()))]
+    scale = short / min(width, height)
+    new_w, new_h = max(img_size, round(width * scale)), max(img_size, round(height * scale))
+    left = int(torch.randint(new_w - img_size + 1, ()))  # torch RNG: seeded per DataLoader worker
+    top = int(torch.randint(new_h - img_size + 1, ()))
+    return (new_w, new_h), (left, top, left + img_size, top + img_size)
+
+
+def apply_spatial(image, plan, resample):
+    """Resize (bilinear for frames, nearest for labels) then crop a PIL image."""
+    size, box = plan
+    image = image.resize(size, resample)
+    return image.crop(box) if box is not None else image
+
+
+def frame_tensor(image):
+    """PIL RGB (H, W) -> ImageNet-normalised tensor (3, H, W) float32."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0  # (H, W, 3)
+    return torch.from_numpy(((array - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1).copy())  # (3, H, W)
+
+
+def choose_window(num_frames, labelled, T, train):
+    """Frame indices of one item: every frame for evaluation; T consecutive ones for training.
+
+    Training picks a random start among the windows that hold at least one labelled frame (S4 and
+    AVSS-v1s train label only the first frame). Returns a list of length min(T, num_frames) (train)
+    or num_frames (eval); the caller pads.
+    """
+    if not train or T >= num_frames:
+        return list(range(num_frames))
+    starts = [s for s in range(num_frames - T + 1) if any(s <= i < s + T for i in labelled)] or [0]
+    start = starts[int(torch.randint(len(starts), ()))]
+    return list(range(start, start + T))
+
+
+def assemble(frames, audio, labels, labelled, length, img_size):
+    """Pad a clip's per-frame tensors to `length` frames (zeros, as the official AVSS loader).
+
+    Args:
+        frames: list of (3, H, W); audio: (T, 1, 96, 64); labels: list of (H, W) int64;
+        labelled: list of bool, one per frame; length: int >= T.
+    Returns: dict frames (length,3,H,W), audio (length,1,96,64), labels (length,H,W),
+        label_valid (length,), frame_valid (length,).
+    """
+    T = len(frames)
+    out_frames = torch.zeros(length, 3, img_size, img_size)  # (length, 3, H, W)
+    out_frames[:T] = torch.stack(frames)
+    out_audio = torch.zeros(length, 1, *LOG_MEL_SHAPE)  # (length, 1, 96, 64)
+    out_audio[:T] = audio
+    out_labels = torch.zeros(length, img_size, img_size, dtype=torch.int64)  # (length, H, W)
+    out_labels[:T] = torch.stack(labels)
+    label_valid = torch.zeros(length, dtype=torch.bool)  # (length,)
+    label_valid[:T] = torch.tensor(labelled, dtype=torch.bool)
+    frame_valid = torch.zeros(length, dtype=torch.bool)  # (length,)
+    frame_valid[:T] = True
+    return {"frames": out_frames, "audio": out_audio, "labels": out_labels,
+            "label_valid": label_valid, "frame_valid": frame_valid}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. AVS-Object: S4 (Single-source) and MS3 (Multi-sources)
+# ----------------------------------------------------------------------------------------------
+V1_FRAMES = 5  # v1 clips: 5 frames, one per second, 1-based file indices
+
+
+def _v1_base(root, name):
+    """The Single-source/ or Multi-sources/ folder (root may be avsbench_data/ or that folder)."""
+    folder, csv_name = {"s4": ("Single-source", "s4_meta_data.csv"),
+                        "ms3": ("Multi-sources", "ms3_meta_data.csv")}[name]
+    if os.path.isfile(os.path.join(root, csv_name)):
+        return root, os.path.join(root, csv_name)
+    return os.path.join(root, folder), os.path.join(root, folder, csv_name)
+
+
+def _read_csv(path, required, what):
+    """A metadata csv -> (header, rows). Missing, empty, or lacking `required` columns -> DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing; expected {what}")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            table = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise DataError(f"{path}: unreadable ({error}); expected {what}") from None
+    if len(table) < 2:
+        raise DataError(f"{path}: empty (no clip rows); expected {what}")
+    header = [h.strip() for h in table[0]]
+    for column in required:
+        if column not in header:
+            raise DataError(f"{path}: no column {column!r} in header {header}; expected {what}")
+    width = len(header)
+    for number, row in enumerate(table[1:], start=2):
+        if len(row) < width:
+            raise DataError(f"{path}: line {number} has {len(row)} fields; expected {width} ({', '.join(header)})")
+    return header, [[cell.strip() for cell in row] for row in table[1:]]
+
+
+def _v1_clips(root, name):
+    """Every clip of S4 or MS3 with its expected files. Raises DataError for a missing root or csv.
+
+    Returns: list of dicts id, split, category, frames [5 paths], labels {frame index: path},
+        audio [candidate paths, first existing wins], folder (the clip's frame folder).
+    """
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: missing; expected the AVSBench-object root (avsbench_data/ holding "
+                        f"{'Single-source/' if name == 's4' else 'Multi-sources/'})")
+    base, csv_path = _v1_base(root, name)
+    if name == "s4":
+        header, rows = _read_csv(csv_path, ["split"], "s4_meta_data.csv with columns name,<start>,category,split")
+        category_col = header.index("category") if "category" in header else 2
+    else:
+        header, rows = _read_csv(csv_path, ["split"], "ms3_meta_data.csv with columns name,split")
+    name_col = header.index("name") if "name" in header else 0  # positional, as the official loader
+    split_col = header.index("split")
+    clips = []
+    for row in rows:
+        clip, split = row[name_col], row[split_col]
+        if name == "s4":
+            category = row[category_col]
+            data = os.path.join(base, "s4_data")
+            folder = os.path.join(data, "visual_frames", split, category, clip)
+            frames = [os.path.join(folder, f"{clip}_{i}.png") for i in range(1, V1_FRAMES + 1)]
+            mask_dir = os.path.join(data, "gt_masks", split, category, clip)
+            audio = [os.path.join(data, "audio_log_mel", split, category, f"{clip}.pkl"),
+                     os.path.join(data, "audio_wav", split, category, f"{clip}.wav")]
+            labelled = [0] if split == "train" else list(range(V1_FRAMES))  # S4 train: only frame 1
+        else:
+            category = None
+            data = os.path.join(base, "ms3_data")
+            folder = os.path.join(data, "visual_frames", clip)  # no split folder
+            frames = [os.path.join(folder, f"{clip}.mp4_{i}.png") for i in range(1, V1_FRAMES + 1)]  # ".mp4_" quirk
+            mask_dir = os.path.join(data, "gt_masks", split, clip)
+            audio = [os.path.join(data, "audio_log_mel", split, f"{clip}.pkl"),
+                     os.path.join(data, "audio_wav", split, f"{clip}.wav")]
+            labelled = list(range(V1_FRAMES))  # MS3: 5 masks in every split
+        labels = {i: os.path.join(mask_dir, f"{clip}_{i + 1}.png") for i in labelled}
+        clips.append({"id": clip, "split": split, "category": category, "folder": folder,
+                      "frames": frames, "labels": labels, "audio": audio})
+    return clips
+
+
+class AVSObjectDataset(Dataset):
+    """AVSBench-object S4 ('s4') or MS3 ('ms3'): binary segmentation of the sounding object(s).
+
+    Layout (avsbench.md §1): Single-source/s4_meta_data.csv and
+    s4_data/{visual_frames,gt_masks}/{split}/{category}/{name}/{name}_{1..5}.png,
+    s4_data/audio_log_mel/{split}/{category}/{name}.pkl; Multi-sources/ms3_meta_data.csv and
+    ms3_data/visual_frames/{name}/{name}.mp4_{1..5}.png (no split folder),
+    ms3_data/gt_masks/{split}/{name}/{name}_{1..5}.png, ms3_data/audio_log_mel/{split}/{name}.pkl.
+    Masks are mode-L PNGs 0/255 (>= 128 -> class 1). S4 train has only the first mask.
+    Audio: the pickled torch log-mel [5, 1, 96, 64] read as is; if absent, audio_wav/...wav through
+    the VGGish front end, padded to 5 by repeating the last example (as AVSBench's preprocessing).
+
+    Args:
+        root: avsbench_data/ (or its Single-source/ / Multi-sources/ folder); name: 's4' | 'ms3';
+        split: 'train' | 'val' | 'test'; img_size: H = W; frames: T of a training window;
+        train: bool, multi-scale crop and a T-frame window, else square resize and all 5 frames.
+    Item: the dict of the file docstring; meta: 'clip', 'split', 'category' (S4), 'multi_source'
+        (False for S4, True for MS3), 'frame_index' (source frame of each output frame, -1 = pad).
+    """
+
+    def __init__(self, root, name, split, img_size=224, frames=5, train=False):
+        self.name, self.split, self.img_size, self.frames, self.train = name, split, img_size, frames, train
+        self.clips = [c for c in _v1_clips(root, name) if c["split"] == split]
+        if not self.clips:
+            raise DataError(f"{_v1_base(root, name)[1]}: no rows with split={split!r}; expected at least one")
+        for clip in self.clips:
+            if not os.path.isdir(clip["folder"]):
+                raise DataError(f"{clip['folder']}: missing; expected the frame folder of clip {clip['id']} "
+                                f"listed in the metadata")
+        self.num_classes = 1
+        self.class_names = ["background", "sounding object"]
+
+    def __len__(self):
+        return len(self.clips)
+
+    def _audio(self, clip):
+        pkl, wav = clip["audio"]
+        if os.path.isfile(pkl):
+            audio = read_log_mel_pkl(pkl, "a pickled torch tensor [5, 1, 96, 64]")  # (E, 1, 96, 64)
+        elif os.path.isfile(wav):
+            examples = wav_log_mel(wav, "a 16 kHz wav of about 5 s")  # (E, 96, 64)
+            if len(examples) == 0:
+                raise DataError(f"{wav}: shorter than 0.96 s; expected about 5 s of audio")
+            audio = torch.from_numpy(examples).unsqueeze(1)  # (E, 1, 96, 64)
+        else:
+            raise DataError(f"{pkl}: missing (and no {wav}); expected the clip's log-mel .pkl or its wav")
+        if len(audio) < V1_FRAMES:  # repeat the last example, as AVSBench's preprocessing
+            audio = torch.cat([audio, audio[-1:].expand(V1_FRAMES - len(audio), -1, -1, -1)])
+        return audio[:V1_FRAMES]  # (5, 1, 96, 64)
+
+    def __getitem__(self, index):
+        clip = self.clips[index]
+        window = choose_window(V1_FRAMES, list(clip["labels"]), self.frames, self.train)
+        audio = self._audio(clip)[window]  # (T, 1, 96, 64)
+        images = [read_image(clip["frames"][i], f"frame {i + 1} of clip {clip['id']} (RGB PNG)") for i in window]
+        plan = spatial_plan(images[0].size, self.img_size, self.train)
+        frames, labels, labelled = [], [], []
+        for i, image in zip(window, images):
+            frames.append(frame_tensor(apply_spatial(image.convert("RGB"), plan, Image.BILINEAR)))  # (3, H, W)
+            if i in clip["labels"]:
+                path = clip["labels"][i]
+                mask = read_image(path, f"mask {i + 1} of clip {clip['id']} (mode-L PNG, 0/255)")
+                if mask.size != image.size:
+                    raise DataError(f"{path}: size {mask.size}; expected {image.size} (W, H) like its frame")
+                mask = apply_spatial(mask.convert("L"), plan, Image.NEAREST)
+                labels.append(torch.from_numpy((np.asarray(mask) >= 128).astype(np.int64)))  # (H, W) 0/1
+                labelled.append(True)
+            else:
+                labels.append(torch.zeros(self.img_size, self.img_size, dtype=torch.int64))  # (H, W)
+                labelled.append(False)
+        length = max(len(window), self.frames) if self.train else V1_FRAMES
+        item = assemble(frames, audio, labels, labelled, length, self.img_size)
+        item["meta"] = {"clip": clip["id"], "split": clip["split"], "category": clip["category"],
+                        "multi_source": self.name == "ms3",
+                        "frame_index": window + [-1] * (length - len(window))}
+        return item
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. AVSS (AVSBench-semantic)
+# ----------------------------------------------------------------------------------------------
+AVSS_COLUMNS = ["vid", "uid", "s_min", "s_sec", "a_obj", "split", "label"]
+AVSS_SUBSET_FRAMES = {"v1s": 5, "v1m": 5, "v2": 10}  # frames per clip (0-based .jpg names)
+
+
+def _avss_classes(root):
+    """Class names in label2idx.json order (value 1 = background -> class id 0)."""
+    path = os.path.join(root, "label2idx.json")
+    expected = f"label2idx.json mapping the {len(AVSS_CLASS_NAMES)} AVSS class names to 1..{len(AVSS_CLASS_NAMES)}"
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing; expected {expected}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: unreadable ({error}); expected {expected}") from None
+    if not isinstance(table, dict) or len(table) != len(AVSS_CLASS_NAMES):
+        raise DataError(f"{path}: {len(table)} entries; expected {expected}")
+    return [name for name, _ in sorted(table.items(), key=lambda item: item[1])]
+
+
+def _avss_clips(root):
+    """Every AVSS clip with its expected files. Raises DataError for a missing root or metadata."""
+    if not os.path.isdir(root):
+        raise DataError(f"{root}: missing; expected the AVSBench-semantic root holding metadata.csv, "
+                        f"label2idx.json, v1s/, v1m/, v2/")
+    header, rows = _read_csv(os.path.join(root, "metadata.csv"), AVSS_COLUMNS,
+                             "metadata.csv with columns " + ",".join(AVSS_COLUMNS))
+    col = {name: header.index(name) for name in AVSS_COLUMNS}
+    clips = []
+    for row in rows:
+        uid, split, subset, a_obj = row[col["uid"]], row[col["split"]], row[col["label"]], row[col["a_obj"]]
+        if subset not in AVSS_SUBSET_FRAMES:
+            raise DataError(f"{os.path.join(root, 'metadata.csv')}: clip {uid} has label {subset!r}; "
+                            f"expected one of v1s, v1m, v2")
+        folder = os.path.join(root, subset, uid)
+        num_frames = AVSS_SUBSET_FRAMES[subset]
+        labelled = [0] if (subset == "v1s" and split == "train") else list(range(num_frames))  # v1s train: frame 0
+        labels = {i: [os.path.join(folder, "labels_semantic", f"{i}.png"),  # class ids, used where present
+                      os.path.join(folder, "labels_rgb", f"{i}.png")] for i in labelled}
+        objects = [o for o in a_obj.split("_") if o]
+        clips.append({"id": uid, "split": split, "subset": subset, "folder": folder, "objects": objects,
+                      "frames": [os.path.join(folder, "frames", f"{i}.jpg") for i in range(num_frames)],
+                      "labels": labels, "audio": os.path.join(folder, "audio.wav"),
+                      "multi_source": subset == "v1m" or len(objects) > 1})
+    return clips
+
+
+class AVSSDataset(Dataset):
+    """AVSBench-semantic (avsbench.md §2): 70 sounding classes + background, 5 s and 10 s clips.
+
+    Layout: metadata.csv (vid,uid,s_min,s_sec,a_obj,split,label), label2idx.json, and per clip
+    {label}/{uid}/frames/{i}.jpg (0-based, native resolution), labels_semantic/{i}.png (class
+    ids, used where present) or labels_rgb/{i}.png (VOC palette, decoded by exact colour; unknown
+    colours -> background with a counted warning), audio.wav (16 or 48 kHz, mono or stereo).
+    v1s train clips are labelled in frame 0 only. Evaluation returns every frame padded to 10
+    (zeros, frame_valid/label_valid False); audio is zero-padded to 10 examples like the official
+    code. Training returns a T-frame window (padded to T if the clip is shorter).
+
+    Args: root, split ('train' | 'val' | 'test'), img_size, frames (T), train (bool).
+    Item meta: 'clip' (uid), 'split', 'subset' (v1s | v1m | v2), 'objects' (a_obj names),
+        'multi_source' (v1m, or more than one audible object), 'frame_index' (-1 = padding).
+    """
+
+    def __init__(self, root, split, img_size=224, frames=5, train=False):
+        self.split, self.img_size, self.frames, self.train = split, img_size, frames, train
+        clips = _avss_clips(root)
+        self.class_names = _avss_classes(root)
+        self.num_classes = len(self.class_names) - 1  # 70
+        self.palette = voc_palette(len(self.class_names))  # (71, 3)
+        self.clips = [c for c in clips if c["split"] == split]
+        if not self.clips:
+            raise DataError(f"{os.path.join(root, 'metadata.csv')}: no rows with split={split!r}; "
+                            f"expected at least one")
+        for clip in self.clips:
+            if not os.path.isdir(clip["folder"]):
+                raise DataError(f"{clip['folder']}: missing; expected the folder of clip {clip['id']} "
+                                f"listed in metadata.csv (frames/, labels_rgb/ or labels_semantic/, audio.wav)")
+
+    def __len__(self):
+        return len(self.clips)
+
+    def _label(self, clip, i, frame_size, plan):
+        semantic, rgb = clip["labels"][i]
+        path = semantic if os.path.isfile(semantic) else rgb
+        kind = "class-id" if path == semantic else "VOC-palette RGB"
+        label = read_image(path, f"label {i} of clip {clip['id']} ({kind} PNG)")
+        if label.size != frame_size:
+            raise DataError(f"{path}: size {label.size}; expected {frame_size} (W, H), the size of frames/{i}.jpg")
+        if path == semantic:
+            label = label if label.mode in ("L", "P") else label.convert("L")  # ids, not colours
+            ids = np.asarray(apply_spatial(label, plan, Image.NEAREST)).astype(np.int64)  # (H, W)
+            bad = ids > self.num_classes
+            if bad.any():
+                warnings.warn(f"{path}: {int(bad.sum())} pixels have class ids above {self.num_classes}; "
+                              f"mapped to background (class 0)", stacklevel=2)
+                ids[bad] = 0
+        else:
+            # The nearest resize comes first, as in the official loader (colours survive nearest).
+            ids = decode_palette(np.asarray(apply_spatial(label.convert("RGB"), plan, Image.NEAREST)),
+                                 self.palette, path)  # (H, W)
+        return torch.from_numpy(ids)  # (H, W) int64
+
+    def __getitem__(self, index):
+        clip = self.clips[index]
+        window = choose_window(len(clip["frames"]), list(clip["labels"]), self.frames, self.train)
+        examples = wav_log_mel(clip["audio"], "PCM audio of the clip (16 or 48 kHz, mono or stereo)")  # (E, 96, 64)
+        audio = torch.zeros(AVSS_FRAMES, 1, *LOG_MEL_SHAPE)  # (10, 1, 96, 64) zero-padded as AVSS
+        # PAPER: a wav longer than 10.56 s (more than 10 examples) crashes the official code; we keep 10.
+        audio[:min(len(examples), AVSS_FRAMES)] = torch.from_numpy(examples[:AVSS_FRAMES]).unsqueeze(1)
+        count = len(clip["frames"])
+        images = [read_image(clip["frames"][i], f"frame {i} of clip {clip['id']} (JPEG; "
+                             f"{clip['subset']} clips have {count} frames 0..{count - 1}.jpg)") for i in window]
+        plan = spatial_plan(images[0].size, self.img_size, self.train)
+        frames, labels, labelled = [], [], []
+        for i, image in zip(window, images):
+            frames.append(frame_tensor(apply_spatial(image.convert("RGB"), plan, Image.BILINEAR)))  # (3, H, W)
+            if i in clip["labels"]:
+                labels.append(self._label(clip, i, image.size, plan))  # (H, W)
+                labelled.append(True)
+            else:
+                labels.append(torch.zeros(self.img_size, self.img_size, dtype=torch.int64))  # (H, W)
+                labelled.append(False)
+        length = max(len(window), self.frames) if self.train else AVSS_FRAMES
+        item = assemble(frames, audio[window], labels, labelled, length, self.img_size)
+        item["meta"] = {"clip": clip["id"], "split": clip["split"], "subset": clip["subset"],
+                        "objects": clip["objects"], "multi_source": clip["multi_source"],
+                        "frame_index": window + [-1] * (length - len(window))}
+        return item
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. What train.py calls
+# ----------------------------------------------------------------------------------------------
+def build_dataset(name, split, root=None, img_size=224, frames=5, train=None, seed=0, **synthetic_options):
+    """Make a dataset.
+
+    Args:
+        name: 'synthetic' | 's4' | 'ms3' | 'avss'.
+        split: 'train' | 'val' | 'test' (synthetic also 'test-unseen').
+        root: the dataset folder (ignored for synthetic).
+        img_size: int, H = W of the returned frames and labels.
+        frames: int, T frames of a training window (of a synthetic clip).
+        train: bool, training transforms (multi-scale crop, T-frame window); None -> split == 'train'.
+            No effect on synthetic clips, which are generated at img_size with T frames.
+        seed: int, the synthetic benchmark's seed.
+        synthetic_options: num_classes, num_clips, multi_source_ratio, offscreen_prob, noise_std.
+    Returns:
+        a torch Dataset with attributes num_classes (Kc) and class_names (Kc + 1, background first).
+    """
+    train = (split == "train") if train is None else train
+    if name == "synthetic":
+        return SyntheticAVS(split, img_size=img_size, frames=frames, seed=seed, **synthetic_options)
+    if synthetic_options:
+        raise ValueError(f"options {sorted(synthetic_options)} only apply to the synthetic dataset")
+    if root is None:
+        raise DataError(f"--data-root: not given; expected the folder of the {name} dataset")
+    if name in ("s4", "ms3"):
+        return AVSObjectDataset(root, name, split, img_size=img_size, frames=frames, train=train)
+    if name == "avss":
+        return AVSSDataset(root, split, img_size=img_size, frames=frames, train=train)
+    raise ValueError(f"unknown dataset {name!r}; expected synthetic, s4, ms3 or avss")
+
+
+def collate(items):
+    """Stack a list of items into a batch: tensors gain a leading B axis, meta stays a list of dicts."""
+    batch = {key: torch.stack([item[key] for item in items])  # (B, T, ...)
+             for key in ("frames", "audio", "labels", "label_valid", "frame_valid")}
+    batch["meta"] = [item["meta"] for item in items]
+    return batch
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. check_dataset and the command line
+# ----------------------------------------------------------------------------------------------
+def _check_image(path, expected, deep):
+    """Problems of one image file: missing, unreadable header, truncated. Returns (problem or None, size)."""
+    if not os.path.isfile(path):
+        return f"{path}: missing; expected {expected}", None
+    try:
+        with Image.open(path) as image:  # reads the header only
+            size = image.size
+            if deep:
+                image.load()
+        with open(path, "rb") as f:  # a complete file ends with its end marker
+            f.seek(max(0, os.path.getsize(path) - 16))
+            tail = f.read()
+    except (OSError, SyntaxError, ValueError) as error:
+        return f"{path}: unreadable or truncated ({error}); expected {expected}", None
+    if path.endswith(".jpg") and not tail.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return f"{path}: truncated (no JPEG end marker); expected {expected}", None
+    if path.endswith(".png") and b"IEND" not in tail:
+        return f"{path}: truncated (no PNG IEND chunk); expected {expected}", None
+    return None, size
+
+
+def _check_clip(clip, frame_what, label_what, audio_what, deep):
+    problems = []
+    if not os.path.isdir(clip["folder"]):
+        return [f"{clip['folder']}: missing; expected the folder of clip {clip['id']} listed in the metadata"]
+    sizes = []
+    for i, path in enumerate(clip["frames"]):
+        problem, size = _check_image(path, frame_what(i), deep)
+        problems += [problem] if problem else []
+        sizes.append(size)
+    for i, candidates in clip["labels"].items():
+        candidates = [candidates] if isinstance(candidates, str) else candidates
+        path = next((p for p in candidates if os.path.isfile(p)), candidates[-1])
+        problem, size = _check_image(path, label_what(i), deep)
+        if problem and len(candidates) > 1 and not os.path.isfile(path):
+            problem = f"{path} (or {candidates[0]}): missing; expected {label_what(i)}"
+        elif size is not None and sizes[i] is not None and size != sizes[i]:
+            problem = f"{path}: size {size}; expected {sizes[i]} (W, H), the size of its frame"
+        problems += [problem] if problem else []
+    audio = clip["audio"] if isinstance(clip["audio"], list) else [clip["audio"]]
+    path = next((p for p in audio if os.path.isfile(p)), None)
+    if path is None:
+        problems.append(f"{audio[0]}: missing; expected {audio_what}")
+    elif path.endswith(".wav"):
+        try:
+            if deep:
+                read_wav(path, audio_what)
+            else:
+                wavfile.read(path, mmap=True)  # header and data size only (fails on a truncated file)
+        except DataError as error:
+            problems.append(str(error))
+        except (OSError, ValueError, EOFError) as error:
+            if "not compatible" not in str(error):  # mmap cannot map 24-bit or byte-swapped data: fine
+                problems.append(f"{path}: unreadable wav ({error}); expected {audio_what}")
+    elif deep:
+        try:
+            read_log_mel_pkl(path, audio_what)
+        except DataError as error:
+            problems.append(str(error))
+    elif os.path.getsize(path) == 0:
+        problems.append(f"{path}: empty; expected {audio_what}")
+    return problems
+
+
+def check_dataset(root, name, deep=False):
+    """Walk a dataset layout and list every missing or unreadable item.
+
+    Args:
+        root: the dataset folder; name: 's4' | 'ms3' | 'avss' ('synthetic' has no files: []).
+        deep: bool, also decode every image and read every audio file (slow on the full release);
+            without it, files are checked by existence, image header, end marker and wav header.
+    Returns:
+        list of str, one per problem: "<path>: <what is wrong>; expected <what it should be>".
+        Empty when the layout is complete.
+    """
+    if name == "synthetic":
+        return []
+    if root is None:
+        return [f"--data-root: not given; expected the folder of the {name} dataset"]
+    try:
+        if name in ("s4", "ms3"):
+            clips = _v1_clips(root, name)
+            mask_what = "mode-L PNG mask 0/255 of its frame's size"
+            return [p for clip in clips for p in _check_clip(
+                clip, lambda i, c=clip: f"frame {i + 1} of clip {c['id']} (RGB PNG)",
+                lambda i, c=clip: f"mask {i + 1} of clip {c['id']} ({mask_what})",
+                "a pickled torch log-mel [5, 1, 96, 64] (.pkl) or a 16 kHz wav", deep)]
+        if name == "avss":
+            clips = _avss_clips(root)
+            problems = []
+            try:
+                _avss_classes(root)
+            except DataError as error:
+                problems.append(str(error))
+            for clip in clips:
+                problems += _check_clip(
+                    clip, lambda i, c=clip: f"frame {i} of clip {c['id']} (JPEG; {c['subset']} clips have "
+                                            f"{len(c['frames'])} frames)",
+                    lambda i, c=clip: f"label {i} of clip {c['id']} (labels_semantic class ids or labels_rgb "
+                                      f"VOC palette, the size of its frame)",
+                    "audio.wav (PCM, 16 or 48 kHz)", deep)
+            return problems
+    except DataError as error:  # the root or the metadata: nothing further can be walked
+        return [str(error)]
+    raise ValueError(f"unknown dataset {name!r}; expected s4, ms3, avss or synthetic")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Check an AVSBench dataset layout.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check", help="list every missing or unreadable file")
+    check.add_argument("--dataset", required=True, choices=["s4", "ms3", "avss", "synthetic"])
+    check.add_argument("--data-root", default=None)
+    check.add_argument("--deep", action="store_true", help="decode every image and audio file")
+    args = parser.parse_args(argv)
+    try:
+        if args.dataset != "synthetic" and args.data_root is None:
+            raise DataError(f"--data-root: not given; expected the folder of the {args.dataset} dataset")
+        problems = check_dataset(args.data_root, args.dataset, deep=args.deep)
+    except DataError as error:
+        print(f"data error: {error}", file=sys.stderr)
+        return 2
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{len(problems)} problem(s) in {args.data_root} ({args.dataset})", file=sys.stderr)
+        return 2
+    print(f"ok: {args.data_root} has the complete {args.dataset} layout")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""Tests of data.py: the AVSBench readers on fixtures in the exact layout, the synthetic
+benchmark's promises, and a clear DataError for every bad input (issue 3, "What it must show").
+
+Each test compares with something written independently: the fixture's own label maps and
+pickled tensors, PIL + numpy normalisation, an FFT of the waveform, the VOC colour map written
+out again in tests/fixtures.py.
+"""
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.io import wavfile
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+from data import DataError, build_dataset, check_dataset, collate  # noqa: E402
+from encoders import vggish_log_mel  # noqa: E402
+from fixtures import AVSS_NAMES, voc_colour, write_avss, write_ms3, write_s4  # noqa: E402
+
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+SQUARE = {"v1s": (32, 32), "v1m": (32, 32), "v2": (32, 32)}  # native = img_size: resizing is the identity
+
+
+def denormalise(frame):
+    """(3, H, W) normalised tensor -> (H, W, 3) numpy in [0, 1]."""
+    return frame.numpy().transpose(1, 2, 0) * STD + MEAN
+
+
+def check_item_types(item, T, size):
+    assert item["frames"].shape == (T, 3, size, size) and item["frames"].dtype == torch.float32
+    assert item["audio"].shape == (T, 1, 96, 64) and item["audio"].dtype == torch.float32
+    assert item["labels"].shape == (T, size, size) and item["labels"].dtype == torch.int64
+    assert item["label_valid"].shape == (T,) and item["label_valid"].dtype == torch.bool
+    assert item["frame_valid"].shape == (T,) and item["frame_valid"].dtype == torch.bool
+    assert isinstance(item["meta"], dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. AVSBench readers on fixtures in the exact layout
+# ----------------------------------------------------------------------------------------------
+def test_s4_reader_masks_frames_and_pickled_log_mel_as_is(tmp_path):
+    manifest = write_s4(tmp_path, size=(32, 32))
+    ds = build_dataset("s4", "val", str(tmp_path), img_size=32, train=False)
+    assert ds.num_classes == 1 and ds.class_names == ["background", "sounding object"]
+    item = ds[0]
+    clip = manifest[item["meta"]["clip"]]
+    check_item_types(item, 5, 32)
+    assert torch.equal(item["audio"], clip["log_mel"])  # the pickled torch tensor, read as is
+    assert torch.equal(item["labels"], torch.from_numpy(clip["masks"]))  # 0/255 masks -> 0/1
+    assert item["label_valid"].all() and item["frame_valid"].all()
+    assert item["meta"]["multi_source"] is False and item["meta"]["category"] == "playing_piano"
+    # frames: independent PIL + numpy normalisation of the PNG on disk
+    name = item["meta"]["clip"]
+    png = np.asarray(Image.open(os.path.join(clip["frame_dir"], f"{name}_3.png")), dtype=np.float32) / 255
+    expected = torch.from_numpy(((png - MEAN) / STD).transpose(2, 0, 1))
+    assert torch.allclose(item["frames"][2], expected, atol=1e-6)
+
+
+def test_s4_train_labels_only_the_first_frame_and_crop_keeps_frames_and_labels_aligned(tmp_path):
+    write_s4(tmp_path, size=(32, 32))
+    torch.manual_seed(0)
+    for train in (False, True):
+        ds = build_dataset("s4", "train", str(tmp_path), img_size=24, train=train)
+        item = ds[0]
+        check_item_types(item, 5, 24)
+        assert item["label_valid"].tolist() == [True, False, False, False, False]
+        assert (item["labels"][1:] == 0).all() and item["labels"][0].sum() > 0
+        # the object is painted pure red: labelled pixels are red, unlabelled ones are not
+        rgb = denormalise(item["frames"][0])
+        red = (rgb[..., 0] > 0.7) & (rgb[..., 1] < 0.3)
+        agree = (red == (item["labels"][0].numpy() == 1)).mean()
+        assert agree > 0.93, agree
+
+
+def test_ms3_reader_mp4_frame_names_and_five_masks_in_every_split(tmp_path):
+    manifest = write_ms3(tmp_path, size=(32, 32))
+    for split in ("train", "val", "test"):
+        ds = build_dataset("ms3", split, str(tmp_path), img_size=32, train=False)
+        item = ds[0]
+        clip = manifest[item["meta"]["clip"]]
+        assert os.path.isfile(os.path.join(clip["frame_dir"], f"{item['meta']['clip']}.mp4_1.png"))
+        check_item_types(item, 5, 32)
+        assert item["label_valid"].all() and item["meta"]["multi_source"] is True
+        assert torch.equal(item["labels"], torch.from_numpy(clip["masks"]))
+        assert torch.equal(item["audio"], clip["log_mel"])
+
+
+def test_v1_wav_used_when_no_pickle(tmp_path):
+    manifest = write_s4(tmp_path, size=(32, 32), wav=True, pkl=False)
+    item = build_dataset("s4", "test", str(tmp_path), img_size=32, train=False)[0]
+    wav = manifest[item["meta"]["clip"]]["wav"]  # (80320, 2) int16
+    expected = vggish_log_mel(wav.astype(np.float64).mean(1) / 32768.0, 16000)[:5]  # (5, 96, 64)
+    assert np.allclose(item["audio"][:, 0].numpy(), expected, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def avss_square(tmp_path_factory):
+    root = tmp_path_factory.mktemp("avss_square")
+    return str(root), write_avss(str(root), sizes=SQUARE)
+
+
+def test_avss_eval_padding_flags_and_class_ids(avss_square):
+    root, manifest = avss_square
+    ds = build_dataset("avss", "val", root, img_size=32, train=False)
+    assert ds.num_classes == 70 and len(ds.class_names) == 71 and ds.class_names[0] == "background"
+    assert ds.class_names == AVSS_NAMES
+    for item in (ds[i] for i in range(len(ds))):
+        clip = manifest[item["meta"]["clip"]]
+        check_item_types(item, 10, 32)
+        n = clip["num_frames"]
+        assert item["frame_valid"].tolist() == [True] * n + [False] * (10 - n)
+        assert item["label_valid"].tolist() == [True] * n + [False] * (10 - n)
+        assert torch.equal(item["labels"][:n], torch.from_numpy(clip["labels"]))
+        assert (item["frames"][n:] == 0).all() and (item["labels"][n:] == 0).all()
+        assert (item["audio"][n:] == 0).all() and (item["audio"][:n] != 0).any()  # zero-padded to 10
+        assert item["meta"]["multi_source"] == (clip["subset"] != "v1s")
+
+
+def test_avss_palette_colours_decode_to_class_ids(tmp_path):
+    palette = data.voc_palette(71)
+    assert [tuple(c) for c in palette] == [voc_colour(j) for j in range(71)]
+    assert tuple(palette[14]) == (64, 128, 128) and tuple(palette[45]) == (192, 0, 192)  # clarinet, mower
+    assert len({tuple(c) for c in palette}) == 71
+    manifest = write_avss(str(tmp_path), sizes=SQUARE, labels="rgb")  # no labels_semantic: colours only
+    ds = build_dataset("avss", "test", str(tmp_path), img_size=32, train=False)
+    for item in (ds[i] for i in range(len(ds))):
+        clip = manifest[item["meta"]["clip"]]
+        assert torch.equal(item["labels"][:clip["num_frames"]], torch.from_numpy(clip["labels"]))
+
+
+def test_avss_v1s_train_labels_only_frame_0(avss_square):
+    root, manifest = avss_square
+    uid = next(u for u, c in manifest.items() if c["subset"] == "v1s" and c["split"] == "train")
+    for train in (False, True):
+        ds = build_dataset("avss", "train", root, img_size=32, frames=5, train=train)
+        item = next(ds[i] for i in range(len(ds)) if ds.clips[i]["id"] == uid)
+        assert item["label_valid"].tolist()[:5] == [True, False, False, False, False]
+        assert torch.equal(item["labels"][0], torch.from_numpy(manifest[uid]["labels"][0])) or train
+
+
+def test_avss_training_window_matches_evaluation_frames(avss_square):
+    root, manifest = avss_square
+    evaluation = build_dataset("avss", "train", root, img_size=32, train=False)
+    training = build_dataset("avss", "train", root, img_size=32, frames=4, train=True)
+    index = next(i for i, c in enumerate(evaluation.clips) if c["subset"] == "v2")
+    full = evaluation[index]
+    torch.manual_seed(3)
+    starts = set()
+    for _ in range(6):
+        item = training[index]
+        check_item_types(item, 4, 32)
+        window = item["meta"]["frame_index"]
+        assert window == list(range(window[0], window[0] + 4)) and item["frame_valid"].all()
+        assert torch.equal(item["audio"], full["audio"][window])  # audio example t = second t
+        starts.add(window[0])
+    assert len(starts) > 1  # a random start
+
+
+def test_avss_unknown_colour_maps_to_background_with_counted_warning(tmp_path):
+    manifest = write_avss(str(tmp_path), sizes=SQUARE, labels="rgb", unknown_colour_pixels=7)
+    ds = build_dataset("avss", "val", str(tmp_path), img_size=32, train=False)
+    with pytest.warns(UserWarning, match=r"labels_rgb.0\.png: 7 pixels .* background"):
+        item = ds[0]
+    clip = manifest[item["meta"]["clip"]]
+    assert item["labels"][0].flatten()[:7].eq(0).all()
+    assert torch.equal(item["labels"][:clip["num_frames"]], torch.from_numpy(clip["labels"]))
+
+
+def test_avss_48khz_stereo_gives_the_16khz_mono_log_mel(tmp_path):
+    clips = [("clip48kStereo_0_10000", "v2", "val", "dog"), ("clip16kMono_0_10000", "v2", "val", "dog")]
+    write_avss(str(tmp_path), clips=clips, sizes=SQUARE, audio=False)
+
+    def signal(rate):  # the same band-limited analytic signal at any rate
+        t = np.arange(int(rate * 10.0)) / rate
+        mono = sum(a * np.sin(2 * np.pi * f * t + p) for a, f, p in
+                   [(0.2, 330, 0.1), (0.1, 1250, 0.7), (0.05, 3100, 1.3), (0.03, 5500, 2.0)])
+        mono *= 1 + 0.5 * np.sin(2 * np.pi * 2.0 * t)  # some modulation
+        side = 0.1 * np.sin(2 * np.pi * 700 * t)  # cancels in the channel average
+        return mono, side
+
+    mono48, side48 = signal(48000)
+    stereo = np.stack([mono48 + side48, mono48 - side48], 1)
+    stereo = np.round(stereo * 32767).astype(np.int16)  # (480000, 2)
+    wavfile.write(os.path.join(tmp_path, "v2", clips[0][0], "audio.wav"), 48000, stereo)
+    mono16 = np.round(signal(16000)[0] * 32767).astype(np.int16)
+    wavfile.write(os.path.join(tmp_path, "v2", clips[1][0], "audio.wav"), 16000, mono16)
+    ds = build_dataset("avss", "val", str(tmp_path), img_size=32, train=False)
+    a48, a16 = ds[0]["audio"][:, 0].numpy(), ds[1]["audio"][:, 0].numpy()  # (10, 96, 64)
+    assert np.allclose(a16, vggish_log_mel(mono16, 16000), atol=1e-6)  # int16 / 32768, no resampling
+    diff = np.abs(a48 - a16)[:, 1:-1]  # the first and last STFT frames of a clip see the resampler's edge
+    assert diff.mean() < 0.02 and np.quantile(diff, 0.99) < 0.15, (diff.mean(), np.quantile(diff, 0.99))
+    assert np.abs(a48 - a16).mean() < 0.5 * np.abs(a16 - a16.mean()).mean()
+
+
+def test_collate_stacks_tensors_and_keeps_meta_as_a_list(avss_square):
+    root, _ = avss_square
+    ds = build_dataset("avss", "val", root, img_size=32, train=False)
+    items = [ds[0], ds[1]]
+    batch = collate(items)
+    assert batch["frames"].shape == (2, 10, 3, 32, 32) and batch["labels"].shape == (2, 10, 32, 32)
+    assert torch.equal(batch["audio"][1], items[1]["audio"]) and batch["meta"] == [items[0]["meta"], items[1]["meta"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The synthetic benchmark's promises
+# ----------------------------------------------------------------------------------------------
+def test_synthetic_same_seed_same_bytes():
+    a = build_dataset("synthetic", "train", img_size=32, seed=5, num_clips=10)
+    b = build_dataset("synthetic", "train", img_size=32, seed=5, num_clips=10)
+    other_seed = build_dataset("synthetic", "train", img_size=32, seed=6, num_clips=10)
+    other_split = build_dataset("synthetic", "val", img_size=32, seed=5, num_clips=10)
+    for index in (0, 7):
+        x, y = a[index], b[index]
+        for key in ("frames", "audio", "labels", "label_valid", "frame_valid"):
+            assert x[key].numpy().tobytes() == y[key].numpy().tobytes()
+        assert x["meta"] == y["meta"]
+        assert x["frames"].numpy().tobytes() != other_seed[index]["frames"].numpy().tobytes()
+        assert x["frames"].numpy().tobytes() != other_split[index]["frames"].numpy().tobytes()
+    item = a[3]
+    check_item_types(item, 5, 32)
+    assert len(a.class_names) == a.num_classes + 1 == 13 and a.class_names[0] == "background"
+
+
+def test_synthetic_labels_only_visible_sounding_objects():
+    ds = build_dataset("synthetic", "train", img_size=48, seed=1)
+    labelled_classes = silent_seen = 0
+    for index in range(40):
+        clip = ds.generate(index)
+        meta, labels, frames = clip["meta"], clip["labels"], clip["frames"]
+        sounding = np.array(meta["sounding"])  # (T, Kc)
+        for t in range(ds.frames):
+            present = set(np.unique(labels[t]).tolist()) - {0}
+            heard = {c + 1 for c in np.flatnonzero(sounding[t])}
+            assert present <= set(meta["visible"]) & heard  # visible AND sounding in this frame
+            assert not present & set(meta["offscreen"])
+            silent_seen += len(set(meta["visible"]) - heard)
+            for c in present:  # the labelled pixels have the category's colour (independent of labels)
+                colour = frames[t][labels[t] == c].mean(0)
+                assert np.abs(colour - ds.colour_of[c - 1]).max() < 0.1
+                labelled_classes += 1
+            for c in set(meta["visible"]) & heard:  # a visible sounding object is labelled
+                assert c in present or (clip["object_map"][t] == c).sum() == 0
+    assert labelled_classes > 50 and silent_seen > 20
+
+
+def test_synthetic_a_quarter_of_visible_objects_are_silent_in_some_frame():
+    ds = build_dataset("synthetic", "train", img_size=64, seed=0)
+    visible = silent = hard = distractors = 0
+    for index in range(400):
+        plan = ds.plan(index)
+        for c in plan["visible"]:
+            visible += 1
+            silent += bool((~plan["sounding"][:, c - 1]).any())
+        for c in plan["distractors"]:  # distractors sharing a cue with a source make vision ambiguous
+            distractors += 1
+            hard += any(ds.shape_of[c - 1] == ds.shape_of[s - 1]
+                        or ds.colour_name_of[c - 1] == ds.colour_name_of[s - 1] for s in plan["sources"])
+        assert 1 <= len(plan["visible"]) <= 4 and len(set(plan["visible"])) == len(plan["visible"])
+    assert silent / visible >= 0.25, silent / visible
+    assert hard / distractors > 0.4
+
+
+def test_synthetic_unseen_pairs_never_sound_together_in_train_and_always_in_test_unseen():
+    train = build_dataset("synthetic", "train", img_size=64, seed=3)
+    pairs = train.held_out_pairs
+    assert len(pairs) == 6 and len({c for p in pairs for c in p}) == 12  # a perfect matching
+    for split in ("train", "val", "test"):
+        ds = build_dataset("synthetic", split, img_size=64, seed=3)
+        assert ds.held_out_pairs == pairs
+        for index in range(len(ds) if split == "train" else 300):
+            sounding = ds.plan(index)["sounding"]  # (T, Kc)
+            for a, b in pairs:
+                assert not (sounding[:, a - 1] & sounding[:, b - 1]).any()
+    unseen = build_dataset("synthetic", "test-unseen", img_size=64, seed=3)
+    for index in range(len(unseen)):
+        plan = unseen.plan(index)
+        a, b = plan["unseen_pair"]
+        assert (a, b) in pairs and (plan["sounding"][:, a - 1] & plan["sounding"][:, b - 1]).any()
+        assert a in plan["visible"] and b in plan["visible"] and plan["multi_source"]
+
+
+def test_synthetic_single_and_multi_source_about_one_to_one():
+    ds = build_dataset("synthetic", "train", img_size=64, seed=0)
+    plans = [ds.plan(i) for i in range(1000)]
+    multi = [p for p in plans if p["multi_source"]]
+    assert 0.45 < len(multi) / len(plans) < 0.55
+    for p in plans:
+        on = p["on"]  # (T, n_src)
+        if p["multi_source"]:
+            assert 2 <= len(p["sources"]) <= 3 and (on.sum(1) >= 2).any() and on.any(0).all()
+            assert (on != on[:1]).any()  # sources switch on and off between frames
+        else:
+            assert len(p["sources"]) == 1 and on.all() and not p["offscreen"]
+    offscreen = sum(bool(p["offscreen"]) for p in multi) / len(multi)
+    assert 0.05 < offscreen < 0.3
+
+
+def test_synthetic_audio_carries_energy_at_the_pitch_of_sounding_categories():
+    ds = build_dataset("synthetic", "train", img_size=32, seed=2)
+    mel_hz = 700 * (np.exp(np.linspace(1127 * np.log(1 + 125 / 700), 1127 * np.log(1 + 7500 / 700), 66) / 1127) - 1)
+    checked_on = checked_off = 0
+    for index in range(20):
+        clip = ds.generate(index)
+        meta = clip["meta"]
+        for s, c in enumerate(meta["sources"]):
+            f0 = int(meta["pitch_hz"][s])
+            for t in range(ds.frames):
+                second = clip["waveform"][t * 16000:(t + 1) * 16000]
+                spectrum = np.abs(np.fft.rfft(second))  # 1 Hz bins
+                floor = np.median(spectrum)
+                if meta["sounding"][t][c - 1]:
+                    assert spectrum[f0] > 50 * floor
+                    band = int(np.searchsorted(mel_hz[1:-1], f0))  # the mel band centred nearest below f0
+                    log_mel = clip["log_mel"][t].mean(0)  # (64,)
+                    assert log_mel[band - 1:band + 2].max() > np.median(log_mel) + 1.0
+                    checked_on += 1
+                elif not any(meta["sounding"][t][o - 1] and abs(meta["pitch_hz"][j] * h - f0) < 30
+                             for j, o in enumerate(meta["sources"]) for h in range(1, 9)):
+                    assert spectrum[f0] < 10 * floor  # a silent category leaves no line at its pitch
+                    checked_off += 1
+    assert checked_on > 40 and checked_off > 5
+
+
+def test_synthetic_clip_generation_time_and_paper_size():
+    ds = build_dataset("synthetic", "test", img_size=64, seed=0)
+    ds[0]
+    start = time.perf_counter()
+    for index in range(30):
+        ds[index]
+    per_clip = (time.perf_counter() - start) / 30
+    assert per_clip < 0.05, per_clip  # ~6-10 ms on one idle core; loose for busy CI machines
+    item = build_dataset("synthetic", "test-unseen", img_size=224, seed=0)[0]
+    check_item_types(item, 5, 224)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Every bad input gives one clear error naming the file and what was expected
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["s4", "ms3", "avss"])
+def test_missing_root(tmp_path, name):
+    root = str(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"nowhere: missing; expected"):
+        build_dataset(name, "train", root, img_size=32)
+    problems = check_dataset(root, name)
+    assert len(problems) == 1 and "nowhere: missing; expected" in problems[0]
+
+
+def test_missing_or_empty_metadata(tmp_path):
+    write_avss(str(tmp_path), sizes=SQUARE, audio=False)
+    metadata = os.path.join(tmp_path, "metadata.csv")
+    os.remove(metadata)
+    with pytest.raises(DataError, match=r"metadata\.csv: missing; expected metadata\.csv with columns vid,uid"):
+        build_dataset("avss", "train", str(tmp_path), img_size=32)
+    with open(metadata, "w") as f:
+        f.write("vid,uid,s_min,s_sec,a_obj,split,label\n")
+    with pytest.raises(DataError, match=r"metadata\.csv: empty"):
+        build_dataset("avss", "train", str(tmp_path), img_size=32)
+    with open(metadata, "w") as f:
+        f.write("uid,split\nabc,train\n")
+    with pytest.raises(DataError, match=r"no column 'vid'"):
+        build_dataset("avss", "train", str(tmp_path), img_size=32)
+    write_s4(tmp_path / "v1")
+    os.remove(os.path.join(tmp_path, "v1", "Single-source", "s4_meta_data.csv"))
+    with pytest.raises(DataError, match=r"s4_meta_data\.csv: missing; expected"):
+        build_dataset("s4", "train", str(tmp_path / "v1"), img_size=32)
+
+
+@pytest.fixture()
+def avss_broken(tmp_path):
+    """A fresh AVSS fixture and the (v2 val) clip folder to break."""
+    manifest = write_avss(str(tmp_path), sizes=SQUARE)
+    uid = next(u for u, c in manifest.items() if c["subset"] == "v2" and c["split"] == "val")
+    return str(tmp_path), manifest[uid]["folder"]
+
+
+def read_val(root):
+    ds = build_dataset("avss", "val", root, img_size=32, train=False)
+    return [ds[i] for i in range(len(ds))]
+
+
+def test_absent_clip_folder(avss_broken):
+    root, folder = avss_broken
+    shutil.rmtree(folder)
+    with pytest.raises(DataError, match=rf"{folder}: missing; expected the folder of clip"):
+        build_dataset("avss", "val", root, img_size=32)
+
+
+def test_missing_frame(avss_broken):
+    root, folder = avss_broken
+    os.remove(os.path.join(folder, "frames", "3.jpg"))
+    with pytest.raises(DataError, match=r"frames/3\.jpg: missing; expected frame 3 of clip .* 10 frames"):
+        read_val(root)
+
+
+def test_truncated_jpg(avss_broken):
+    root, folder = avss_broken
+    path = os.path.join(folder, "frames", "0.jpg")
+    content = open(path, "rb").read()
+    open(path, "wb").write(content[: len(content) // 2])
+    with pytest.raises(DataError, match=r"frames/0\.jpg: unreadable or truncated .*; expected frame 0"):
+        read_val(root)
+
+
+def test_unreadable_wav(avss_broken):
+    root, folder = avss_broken
+    wav = os.path.join(folder, "audio.wav")
+    content = open(wav, "rb").read()
+    start = content.index(b"data") + 8  # the samples begin after the data chunk header
+    open(wav, "wb").write(content[:start + 4 * 1000])  # 1000 whole stereo int16 samples, cut short
+    with pytest.raises(DataError, match=r"audio\.wav: truncated wav .*; expected PCM audio"):
+        read_val(root)
+    open(wav, "wb").write(b"RIFF\x00\x00not really a wav")
+    with pytest.raises(DataError, match=r"audio\.wav: unreadable wav .*; expected PCM audio"):
+        read_val(root)
+
+
+def test_label_png_of_the_wrong_size(avss_broken):
+    root, folder = avss_broken
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(os.path.join(folder, "labels_semantic", "2.png"))
+    with pytest.raises(DataError, match=r"labels_semantic/2\.png: size \(12, 10\); expected \(32, 32\)"):
+        read_val(root)
+
+
+def break_everything(root, folder):
+    """Four faults in one clip; returns the paths check_dataset must name."""
+    os.remove(os.path.join(folder, "frames", "3.jpg"))
+    jpg = os.path.join(folder, "frames", "5.jpg")
+    open(jpg, "wb").write(open(jpg, "rb").read()[:200])
+    open(os.path.join(folder, "audio.wav"), "wb").write(b"garbage")
+    label = os.path.join(folder, "labels_semantic", "2.png")
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(label)
+    return [os.path.join(folder, "frames", "3.jpg"), jpg, label, os.path.join(folder, "audio.wav")]
+
+
+def test_v1_check_dataset_and_wrong_size_mask(tmp_path):
+    s4, ms3 = write_s4(tmp_path), write_ms3(tmp_path)
+    assert check_dataset(str(tmp_path), "s4") == [] and check_dataset(str(tmp_path), "ms3") == []
+    s4_val = next(c for c in s4.values() if c["split"] == "val")
+    mask = os.path.join(s4_val["mask_dir"], os.path.basename(s4_val["mask_dir"]) + "_4.png")
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(mask)
+    ms3_train = next(c for c in ms3.values() if c["split"] == "train")
+    frame = os.path.join(ms3_train["frame_dir"], os.path.basename(ms3_train["frame_dir"]) + ".mp4_2.png")
+    os.remove(frame)
+    expected = f"{mask}: size (30, 20); expected (32, 32) (W, H), the size of its frame"
+    assert check_dataset(str(tmp_path), "s4") == [expected]
+    problems = check_dataset(str(tmp_path), "ms3")
+    assert len(problems) == 1 and problems[0].startswith(f"{frame}: missing; expected frame 2 of clip")
+    with pytest.raises(DataError, match=rf"{mask}: size \(30, 20\); expected \(32, 32\)"):
+        build_dataset("s4", "val", str(tmp_path), img_size=32, train=False)[0]
+
+
+def test_check_dataset_lists_every_problem(avss_broken):
+    root, folder = avss_broken
+    assert check_dataset(root, "avss") == [] and check_dataset(root, "avss", deep=True) == []
+    paths = break_everything(root, folder)
+    for deep in (False, True):
+        problems = check_dataset(root, "avss", deep=deep)
+        assert len(problems) == 4, problems
+        for path, problem in zip(paths, problems):
+            assert problem.startswith(path) and "expected" in problem
+
+
+def test_cli_check_exits_2_without_traceback(avss_broken, tmp_path):
+    root, folder = avss_broken
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
+    ok = subprocess.run([sys.executable, script, "check", "--dataset", "avss", "--data-root", root],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "ok:" in ok.stdout, ok.stderr
+    paths = break_everything(root, folder)
+    bad = subprocess.run([sys.executable, script, "check", "--dataset", "avss", "--data-root", root],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr + bad.stdout
+    assert all(path in bad.stdout for path in paths) and "4 problem(s)" in bad.stderr
