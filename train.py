@@ -1,0 +1,686 @@
+"""Train and evaluate SQD: the paper's recipe (§4 Implementation Detail, App. D) end to end.
+
+What this file teaches
+    The training loop of a DETR-family set-prediction model on video clips: AdamW with a lower
+    backbone learning rate, a step learning-rate drop, gradient clipping, the eq. (8) loss from
+    matcher.SetCriterion, evaluation with the official AVSBench metrics (metrics.py), and the
+    plumbing a research run needs: a run directory, atomic checkpoints, exact resume, Ctrl-C,
+    bf16 autocast, torch.compile and multi-GPU through torchrun.
+
+    python train.py                                  # synthetic benchmark, CPU preset
+    python train.py --dataset avss --data-root DIR   # the paper's recipe on AVSBench-semantic
+    python train.py --dataset s4 --data-root DIR     # AVS-Object single source (ms3: multi)
+    torchrun --nproc_per_node 4 train.py --dataset avss --data-root DIR
+
+Reading order
+    TrainConfig (every setting, one comment each) and RECIPES (the paper's epochs per dataset),
+    parse_args, main/run (set-up), train_one_epoch, evaluate, then the checkpoint helpers.
+
+Shape alphabet: B clips, T frames, N tokens, Kc classes, H, W image size, h, w mask size.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+import data
+import metrics
+from matcher import HungarianMatcher, SetCriterion, build_tracks
+from quantize import codebook_stats
+from sqd import SQD, ModelConfig, foreground_probability, preset, segment
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a flag, a path); reported in one line with exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. None means "the default of the dataset's recipe or the preset"."""
+    # data
+    dataset: str = "synthetic"     # synthetic | s4 | ms3 | avss
+    data_root: str | None = None   # AVSBench root (the folder that holds the release's files)
+    img_size: int | None = None    # training/eval image size; None: preset (cpu 64, paper 224)
+    frames: int = 5                # T, consecutive frames per training clip (paper: 5)
+    workers: int = 0               # DataLoader worker processes
+    train_clips: int | None = None  # synthetic only: clips in the train split (None: data default)
+    eval_clips: int | None = None   # synthetic only: clips per evaluation split (None: data default)
+    # model
+    preset: str | None = None      # cpu | paper; None: cpu for synthetic, paper for AVSBench
+    backbone: str | None = None    # resnet18 | resnet34 | resnet50 | small; None: preset's
+    backbone_weights: str | None = None  # torchvision-format ResNet state_dict (.pth)
+    vggish_weights: str | None = None    # released VGGish weights (vggish-10086976.pth)
+    # ablations (Tables 2-5); defaults are the paper's full model
+    no_gsd: bool = False           # drop global semantic decomposition
+    no_avsr: bool = False          # drop audiovisual semantic recombination
+    no_lsd: bool = False           # drop local semantic decomposition
+    no_shared_codebook: bool = False  # local tokens get a codebook of their own
+    codebook_size: int | None = None  # K; None: preset's (paper 128)
+    num_tokens: int | None = None     # N; None: preset's (paper 5)
+    zero_audio: bool = False       # control: audio replaced by zeros (vision alone)
+    revive_dead_codes: bool = False  # re-seed unused codewords while training (not in the paper)
+    # optimisation (paper §4, App. D)
+    epochs: int | None = None      # None: recipe (s4/ms3 13, avss 16, synthetic see RECIPES)
+    lr_drop_epoch: int | None = None  # epoch (1-based) from which lr is x0.1; None: recipe
+    max_steps: int | None = None   # stop after this many optimizer steps (smoke tests, budgets)
+    batch_size: int = 4            # clips per optimizer step and GPU (paper: 4)
+    lr: float = 1e-4               # AdamW learning rate (paper: 1e-4)
+    backbone_lr_mult: float = 0.5  # backbone learning rate multiplier (paper: 0.5)
+    weight_decay: float = 5e-4     # AdamW weight decay (paper: 5e-4)
+    clip_grad: float = 0.1         # max gradient norm; PAPER: "gradient clipping", value from DETR
+    # evaluation
+    eval_batch_size: int = 4       # clips per evaluation batch (official AVSBench test batch: 4)
+    eval_every: int = 1            # evaluate on the validation split every this many epochs
+    num_overlays: int = 4          # prediction pictures written to the run directory
+    # run
+    out: str | None = None         # run directory; None: runs/{dataset}-{time}
+    resume: str | None = None      # checkpoint to continue from (last.pt)
+    eval_only: bool = False        # evaluate --checkpoint and exit
+    checkpoint: str | None = None  # checkpoint to evaluate with --eval-only
+    device: str | None = None      # cpu | cuda | cuda:1 ...; None: cuda if available
+    amp: bool = False              # bf16 autocast (GPU)
+    compile: bool = False          # torch.compile the model (GPU)
+    seed: int = 0                  # seed of model init, data order and augmentation
+    log_every: int = 10            # steps between log.jsonl lines
+    threads: int | None = None     # torch CPU threads; None: torch's default
+
+
+# The paper's schedule per dataset (§4): epochs and the epoch from which lr is multiplied by 0.1.
+# PAPER: the synthetic recipe is ours, sized so that the default run fits in 10 CPU minutes.
+RECIPES = {
+    "s4": dict(epochs=13, lr_drop_epoch=11, preset="paper"),
+    "ms3": dict(epochs=13, lr_drop_epoch=11, preset="paper"),
+    "avss": dict(epochs=16, lr_drop_epoch=14, preset="paper"),
+    "synthetic": dict(epochs=3, lr_drop_epoch=3, preset="cpu"),
+}
+PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
+
+
+def parse_args(argv=None) -> TrainConfig:
+    """argparse over TrainConfig: one flag per field, its comment as help text."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comments = _field_comments()
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = comments.get(f.name, "")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
+        choices = {"dataset": ["synthetic", "s4", "ms3", "avss"], "preset": ["cpu", "paper"],
+                   "backbone": ["resnet18", "resnet34", "resnet50", "small"]}.get(f.name)
+        p.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
+    args = p.parse_args(argv)
+    return TrainConfig(**vars(args))
+
+
+def _field_comments() -> dict:
+    """The comment after each TrainConfig field, used as its --help text."""
+    import inspect
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        line = line.strip()
+        if ":" in line and "#" in line and not line.startswith(("#", '"')):
+            comments[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
+    return comments
+
+
+def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfig]:
+    """Fill the None fields from the dataset's recipe and build the ModelConfig."""
+    recipe = RECIPES[cfg.dataset]
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if getattr(cfg, k) is None})
+    if cfg.img_size is None:
+        cfg.img_size = PRESET_IMG_SIZE[cfg.preset]
+    overrides = dict(num_classes=num_classes, frames=cfg.frames,
+                     use_gsd=not cfg.no_gsd, use_avsr=not (cfg.no_avsr or cfg.no_gsd),
+                     use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook,
+                     zero_audio=cfg.zero_audio, revive_dead_codes=cfg.revive_dead_codes)
+    if cfg.no_gsd and not cfg.no_avsr:
+        warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
+    for name in ("backbone", "codebook_size", "num_tokens"):
+        if getattr(cfg, name) is not None:
+            overrides[name] = getattr(cfg, name)
+    try:
+        model_cfg = preset(cfg.preset, **overrides)
+        model_cfg.check()
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.frames < 1:
+        raise UserError("--epochs, --batch-size and --frames must be positive")
+    if cfg.eval_only and not cfg.checkpoint:
+        raise UserError("--eval-only needs --checkpoint PATH")
+    if cfg.dataset != "synthetic" and not cfg.data_root:
+        raise UserError(f"--dataset {cfg.dataset} needs --data-root DIR (the AVSBench folder)")
+    return cfg, model_cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
+# ----------------------------------------------------------------------------------------------
+
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if cfg.device:
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        if device.type == "cuda":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+class ResumableSampler(Sampler):
+    """Clip order for one epoch: a permutation seeded by (seed, epoch), split across ranks.
+
+    Starting at `start` skips the batches already seen in this epoch, so a run resumed
+    mid-epoch sees exactly the clips the unbroken run would have seen.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.shuffle and self.world > 1:  # equal length per rank so DDP steps stay in lockstep
+            order = order[: self.n - self.n % self.world]
+        return order[self.rank :: self.world]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(self.indices()) - self.start)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        return run(cfg)
+    except (UserError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # run() saves last.pt before re-raising
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def run(cfg: TrainConfig) -> int:
+    rank, world, device = setup_distributed(cfg)
+    main_proc = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.dataset != "synthetic":
+        if not cfg.data_root or not os.path.isdir(cfg.data_root):
+            raise UserError(f"--data-root {cfg.data_root!r} is not a directory; expected the "
+                            f"AVSBench {cfg.dataset} release (see README, section Data)")
+        problems = data.check_dataset(cfg.data_root, cfg.dataset)
+        if problems:
+            shown = "\n  ".join(problems[:20])
+            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+            raise data.DataError(f"{len(problems)} problem(s) in {cfg.data_root}:\n  {shown}{more}")
+
+    # checkpoint to resume or evaluate: its config wins over the defaults (not over the flags
+    # that change the run length, which a resume may extend)
+    ckpt = None
+    if cfg.resume or cfg.eval_only:
+        path = cfg.resume or cfg.checkpoint
+        if not os.path.isfile(path):
+            raise UserError(f"checkpoint {path!r} does not exist")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        if cfg.resume:
+            saved = ckpt["config"]["train"]
+            keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "out", "device", "workers",
+                                                 "threads", "epochs")}
+            if keep["out"] is None:
+                keep["out"] = os.path.dirname(os.path.abspath(path))
+            if keep["epochs"] is None:
+                keep["epochs"] = saved["epochs"]
+            cfg = dataclasses.replace(TrainConfig(**saved), **keep)
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    # data
+    train_set = None
+    if not cfg.eval_only:
+        train_set = make_dataset(cfg, "train", train=True)
+    eval_sets = evaluation_splits(cfg)
+    num_classes = (train_set or next(iter(eval_sets.values()))).num_classes
+    cfg, model_cfg = resolve(cfg, num_classes)
+    if ckpt is not None and cfg.eval_only:
+        model_cfg = ModelConfig(**ckpt["config"]["model"])
+
+    # model, weights, loss
+    model = SQD(model_cfg).to(device)
+    load_pretrained(cfg, model_cfg, model, main_proc)
+    criterion = SetCriterion(model_cfg.num_classes, HungarianMatcher())
+    out_dir = cfg.out or os.path.join("runs", f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    cfg.out = out_dir
+    if main_proc:
+        os.makedirs(out_dir, exist_ok=True)
+    if cfg.eval_only:
+        model.load_state_dict(ckpt["model"])
+        results = evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
+        if main_proc:
+            write_json(os.path.join(out_dir, "metrics.json"), results)
+            print(json.dumps(results, indent=2))
+        return 0
+
+    opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
+    sampler = ResumableSampler(len(train_set), True, cfg.seed, rank, world)
+    # The loader draws its workers' base seed from `generator` when an epoch starts; a generator of
+    # its own keeps that draw out of the global RNG, whose state a resumed run restores exactly.
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                        collate_fn=data.collate, num_workers=cfg.workers,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    steps_per_epoch = len(sampler.indices()) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"the train split has {len(train_set)} clips, fewer than one batch of "
+                        f"{cfg.batch_size} per process")
+    drop_step = (cfg.lr_drop_epoch - 1) * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.1 if s >= drop_step else 1.0)
+
+    state = dict(epoch=0, step=0, step_in_epoch=0, best=None)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        state.update(ckpt["state"])
+        set_rng_state(ckpt["rng"])
+
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=False)
+
+    full_config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+                   "code_version": code_version(), "world_size": world,
+                   "metric_definitions": metrics.METRIC_DEFINITIONS}
+    if main_proc:
+        write_json(os.path.join(out_dir, "config.json"), full_config)
+        print(f"run directory: {out_dir}\nmodel: {sum(p.numel() for p in model.parameters()):,} "
+              f"parameters, preset {cfg.preset}, {cfg.dataset} {len(train_set)} train clips, "
+              f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {device} x {world}")
+    ctx = dict(cfg=cfg, model=model, train_model=train_model, criterion=criterion, opt=opt,
+               sched=sched, loader=loader, sampler=sampler, device=device, rank=rank,
+               world=world, main_proc=main_proc, out_dir=out_dir, full_config=full_config,
+               state=state, steps_per_epoch=steps_per_epoch)
+    log_path = os.path.join(out_dir, "log.jsonl")
+    try:
+        while state["epoch"] < cfg.epochs:
+            finished_epoch = train_one_epoch(ctx, log_path)
+            if not finished_epoch:
+                break  # --max-steps reached
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            if "val" in eval_sets and (state["epoch"] % cfg.eval_every == 0
+                                       or state["epoch"] == cfg.epochs):
+                val = evaluate(cfg, model, eval_sets["val"], "val", device, rank, world)
+                score = headline(val)
+                if main_proc:
+                    append_jsonl(log_path, {"eval": "val", "epoch": state["epoch"],
+                                            "step": state["step"], **val})
+                    if state["best"] is None or score > state["best"]:
+                        state["best"] = score
+                        save_checkpoint(ctx, os.path.join(out_dir, "best.pt"))
+            if main_proc:
+                save_checkpoint(ctx, os.path.join(out_dir, "last.pt"))
+    except KeyboardInterrupt:
+        if main_proc:
+            save_checkpoint(ctx, os.path.join(out_dir, "last.pt"))
+            print(f"\ninterrupted at step {state['step']}; saved {out_dir}/last.pt "
+                  f"(continue with --resume {out_dir}/last.pt)", file=sys.stderr)
+        raise
+    if main_proc:
+        save_checkpoint(ctx, os.path.join(out_dir, "last.pt"))
+        if not os.path.exists(os.path.join(out_dir, "best.pt")):
+            save_checkpoint(ctx, os.path.join(out_dir, "best.pt"))
+    results = evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
+    if main_proc:
+        results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
+        write_json(os.path.join(out_dir, "metrics.json"), results)
+        append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
+        print(summary(results))
+    if world > 1:
+        dist.destroy_process_group()
+    return 0
+
+
+def train_one_epoch(ctx: dict, log_path: str) -> bool:
+    """One epoch (or its remainder after a resume). Returns False when --max-steps stopped it."""
+    from tqdm import tqdm
+    cfg, state = ctx["cfg"], ctx["state"]
+    model, train_model, criterion = ctx["model"], ctx["train_model"], ctx["criterion"]
+    opt, sched, device = ctx["opt"], ctx["sched"], ctx["device"]
+    ctx["sampler"].set_epoch(state["epoch"], state["step_in_epoch"] * cfg.batch_size)
+    if hasattr(ctx["loader"].dataset, "set_epoch"):
+        ctx["loader"].dataset.set_epoch(state["epoch"])
+    model.train()
+    bar = tqdm(ctx["loader"], disable=not ctx["main_proc"], leave=False,
+               desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}",
+               initial=state["step_in_epoch"], total=ctx["steps_per_epoch"])
+    t0, clips = time.time(), 0
+    if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+        return False
+    for batch in bar:
+        batch = to_device(batch, device)
+        targets = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            outputs = train_model(batch)
+        outputs = to_float(outputs)
+        last = os.path.join(ctx["out_dir"], "last.pt")
+        last = last if os.path.exists(last) else "none written yet"
+        try:
+            total, parts = criterion(outputs, targets)  # eq. (8)
+        except ValueError as e:  # the matcher refuses a non-finite cost and names the term
+            raise UserError(f"non-finite loss at step {state['step'] + 1}: {e}\n"
+                            f"last good checkpoint: {last}") from None
+        if not torch.isfinite(total):
+            bad = [k for k, v in parts.items() if not torch.isfinite(v)]
+            raise UserError(f"non-finite loss at step {state['step'] + 1} (terms: {bad}); "
+                            f"last good checkpoint: {last}")
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        sched.step()
+        state["step"] += 1
+        state["step_in_epoch"] += 1
+        clips += cfg.batch_size * ctx["world"]
+        rate = clips / max(time.time() - t0, 1e-9)
+        bar.set_postfix(loss=f"{total.item():.3f}", clips_s=f"{rate:.1f}")
+        if ctx["main_proc"] and (state["step"] % cfg.log_every == 0 or state["step"] == 1):
+            line = {"step": state["step"], "epoch": state["epoch"], "loss": total.item(),
+                    **{k: v.item() for k, v in parts.items()},
+                    "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
+                    "clips_per_s": rate}
+            if "global" in outputs["indices"]:
+                stats = codebook_stats(outputs["indices"]["global"], model.cfg.codebook_size)
+                line.update({f"codebook_{k}": float(v) for k, v in stats.items()})
+            append_jsonl(log_path, line)
+        # checked after the step, before the next batch is drawn, so that a run stopped here
+        # and resumed draws exactly the batches (and random numbers) the unbroken run draws
+        if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+def make_dataset(cfg: TrainConfig, split: str, train: bool):
+    img = cfg.img_size or PRESET_IMG_SIZE[cfg.preset or RECIPES[cfg.dataset]["preset"]]
+    extra = {}
+    if cfg.dataset == "synthetic":
+        n = cfg.train_clips if train else cfg.eval_clips
+        if n is not None:
+            extra["num_clips"] = n
+    return data.build_dataset(cfg.dataset, split, cfg.data_root, img_size=img, frames=cfg.frames,
+                              train=train, seed=cfg.seed, **extra)
+
+
+def evaluation_splits(cfg: TrainConfig) -> dict:
+    """The splits evaluated at the end of a run (and 'val' during it)."""
+    if cfg.dataset == "synthetic":
+        names = ["val", "test", "test-unseen"]
+    else:
+        names = ["val", "test"]
+    return {name: make_dataset(cfg, name, train=False) for name in names}
+
+
+def headline(results: dict) -> float:
+    """The number that picks best.pt: mIoU for semantic tasks, J&F for AVS-Object."""
+    for key in ("miou_official", "jf_official"):
+        if key in results:
+            return float(results[key])
+    raise KeyError(f"no headline metric in {sorted(results)}")
+
+
+@torch.no_grad()
+def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: int, world: int,
+             overlay_dir: str | None = None) -> dict:
+    """Run the model on every clip of a split and return the metrics (reduced over ranks).
+
+    Semantic tasks (avss, synthetic): eq. (11) label maps -> SemanticMetrics. Binary tasks
+    (s4, ms3), and the synthetic single/multi-source columns: foreground probability ->
+    ObjectMetrics. One evaluation batch is one official test batch (4 clips).
+    """
+    model.eval()
+    binary = dataset.num_classes == 1
+    sampler = ResumableSampler(len(dataset), False, 0, rank, world)
+    loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=sampler,
+                        collate_fn=data.collate, num_workers=cfg.workers)
+    sem = None if binary else metrics.SemanticMetrics(num_classes=dataset.num_classes)
+    obj = {"all": metrics.ObjectMetrics()}
+    if cfg.dataset == "synthetic":
+        obj = {"single": metrics.ObjectMetrics(), "multi": metrics.ObjectMetrics()}
+    written = 0
+    for batch in loader:
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            out = model(batch)
+        logits, masks = out["pred_logits"].float(), out["pred_masks"].float()
+        size = tuple(batch["labels"].shape[-2:])
+        gt = batch["labels"]                                           # (B, T, H, W)
+        valid = batch["label_valid"] & batch["frame_valid"]            # (B, T)
+        if sem is not None:
+            pred = segment(logits, masks, size)                        # (B, T, H, W) eq. (11)
+            sem.update(pred, gt, batch["frame_valid"], batch["label_valid"])
+        fg = foreground_probability(logits, masks, size)               # (B, T, H, W)
+        if "all" in obj:
+            obj["all"].update(fg, (gt > 0).long(), valid)
+        else:
+            multi = torch.tensor([bool(m.get("multi_source")) for m in batch["meta"]],
+                                 device=gt.device)                     # (B,)
+            for name, sel in (("single", ~multi), ("multi", multi)):
+                if sel.any():
+                    obj[name].update(fg[sel], (gt[sel] > 0).long(), valid[sel])
+        if overlay_dir is not None and written < cfg.num_overlays:
+            pred_map = pred if sem is not None else (fg > 0.5).long()   # (B, T, H, W)
+            written += write_overlays(overlay_dir, split, batch, pred_map, cfg.num_overlays - written)
+    results = {}
+    if sem is not None:
+        sem.all_reduce()
+        results.update(sem.compute())
+    for name, m in obj.items():
+        m.all_reduce()
+        res = m.compute()
+        prefix = "" if name == "all" else f"{name}_"
+        results.update({prefix + k: v for k, v in res.items()})
+    model.train()
+    return {k: (float(v) if isinstance(v, (int, float)) or torch.is_tensor(v) else v)
+            for k, v in results.items()}
+
+
+def evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc) -> dict:
+    results = {"dataset": cfg.dataset, "metric_definitions": metrics.METRIC_DEFINITIONS}
+    for name, ds in eval_sets.items():
+        if name == "val" and len(eval_sets) > 1:
+            continue
+        results[name] = evaluate(cfg, model, ds, name, device, rank, world,
+                                 overlay_dir=out_dir if main_proc else None)
+    return results
+
+
+def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, limit: int) -> int:
+    """Frame | ground truth | prediction, side by side, labels in the AVSS (VOC) palette."""
+    from PIL import Image
+    palette = np.array(data.voc_palette(256), dtype=np.uint8)               # (256, 3)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=batch["frames"].device)[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225], device=batch["frames"].device)[:, None, None]
+    n = 0
+    for b in range(min(limit, batch["frames"].shape[0])):
+        t = 0
+        img = (batch["frames"][b, t] * std + mean).clamp(0, 1)        # (3, H, W)
+        img = (img.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)  # (H, W, 3)
+        gt = palette[batch["labels"][b, t].cpu().numpy() % 256]        # (H, W, 3)
+        pr = palette[pred[b, t].cpu().numpy() % 256]                   # (H, W, 3)
+        clip_id = str(batch["meta"][b].get("clip_id", b)).replace("/", "_")
+        Image.fromarray(np.concatenate([img, gt, pr], axis=1)).save(
+            os.path.join(out_dir, f"overlay_{split}_{clip_id}.png"))
+        n += 1
+    return n
+
+
+def summary(results: dict) -> str:
+    lines = ["results:"]
+    for split, res in results.items():
+        if isinstance(res, dict) and split not in ("metric_definitions", "train"):
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float))
+            lines.append(f"  {split}: {shown}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints, weights, small helpers
+# ----------------------------------------------------------------------------------------------
+
+def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_proc: bool) -> None:
+    for path, name in ((cfg.backbone_weights, "--backbone-weights"),
+                       (cfg.vggish_weights, "--vggish-weights")):
+        if path is not None and not os.path.isfile(path):
+            raise UserError(f"{name} {path!r} does not exist")
+    if cfg.backbone_weights:
+        if model_cfg.backbone == "small":
+            raise UserError("--backbone-weights needs a ResNet backbone (--backbone resnet50)")
+        model.visual_encoder.backbone.load_torchvision_weights(cfg.backbone_weights)
+    if cfg.vggish_weights:
+        if model_cfg.audio_encoder != "vggish":
+            raise UserError("--vggish-weights needs the VGGish audio encoder (--preset paper)")
+        model.audio_encoder.load_vggish_weights(cfg.vggish_weights)
+    if main_proc and cfg.preset == "paper" and not cfg.eval_only and not (
+            cfg.backbone_weights and cfg.vggish_weights):
+        missing = [n for n, v in (("--backbone-weights", cfg.backbone_weights),
+                                  ("--vggish-weights", cfg.vggish_weights)) if not v]
+        print("\n" + "!" * 78 + f"\n!! WARNING: the paper preset is training WITHOUT pretrained "
+              f"weights ({', '.join(missing)} not given).\n!! The paper starts from ImageNet "
+              f"ResNet-50 and AudioSet VGGish; expect far lower numbers.\n" + "!" * 78 + "\n",
+              file=sys.stderr)
+
+
+def save_checkpoint(ctx: dict, path: str) -> None:
+    """Atomic: write to a temporary file in the same folder, fsync, then rename over `path`."""
+    ckpt = {"model": ctx["model"].state_dict(), "optimizer": ctx["opt"].state_dict(),
+            "scheduler": ctx["sched"].state_dict(), "state": dict(ctx["state"]),
+            "rng": get_rng_state(), "config": ctx["full_config"]}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def get_rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def code_version() -> str:
+    """git commit of the code (with '-dirty' when the tree has changes), or 'unknown'."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()}
+
+
+def to_float(outputs: dict) -> dict:
+    """bf16 autocast outputs back to float32 before the loss."""
+    def conv(x):
+        if torch.is_tensor(x) and x.is_floating_point():
+            return x.float()
+        if isinstance(x, dict):
+            return {k: conv(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [conv(v) for v in x]
+        return x
+    return conv(outputs)
+
+
+def flatten(results: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in results.items():
+        if isinstance(v, dict):
+            if k != "metric_definitions":
+                flat.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def append_jsonl(path: str, obj: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
