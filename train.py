@@ -62,7 +62,7 @@ class TrainConfig:
     frames: int = 5                # T, consecutive frames per training clip (paper: 5)
     workers: int = 0               # DataLoader worker processes
     train_clips: int | None = None  # synthetic only: clips in the train split (None: data default)
-    eval_clips: int | None = None   # synthetic only: clips per evaluation split (None: data default)
+    eval_clips: int | None = 500    # synthetic only: clips per evaluation split (None: all of it)
     # model
     preset: str | None = None      # cpu | paper; None: cpu for synthetic, paper for AVSBench
     backbone: str | None = None    # resnet18 | resnet34 | resnet50 | small; None: preset's
@@ -109,7 +109,7 @@ RECIPES = {
     "s4": dict(epochs=13, lr_drop_epoch=11, preset="paper"),
     "ms3": dict(epochs=13, lr_drop_epoch=11, preset="paper"),
     "avss": dict(epochs=16, lr_drop_epoch=14, preset="paper"),
-    "synthetic": dict(epochs=3, lr_drop_epoch=3, preset="cpu"),
+    "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu"),
 }
 PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
 
