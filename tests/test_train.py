@@ -16,7 +16,7 @@ import torch
 from fixtures import write_avss, write_ms3, write_s4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threads", "1",
+TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threads", "1", "--epochs", "3",
         "--log-every", "1", "--num-overlays", "2"]
 
 
