@@ -206,9 +206,10 @@ class SyntheticAVS(Dataset):
         self.held_out_pairs = [tuple(sorted((int(order[2 * i]), int(order[2 * i + 1])))) for i in range(Kc // 2)]
         self._held_out = set(self.held_out_pairs)
         self._t = np.arange(self.frames * AUDIO_RATE) / AUDIO_RATE  # (n,) seconds
-        # PAPER (speed): Gaussian noise is cut at a random offset from one fixed bank; drawing
-        # fresh normals would take most of the ~10 ms budget of a clip.
-        need = max(self.frames * AUDIO_RATE, self.frames * self.img_size ** 2 * 3)
+        # PAPER: not in the paper (synthetic data, for speed): Gaussian noise is cut at a random
+        # offset from one fixed bank; drawing fresh normals would take most of the ~10 ms budget
+        # of a clip.
+        need = max(self.frames * AUDIO_RATE, self.frames * self.img_size ** 2 * 3)  # samples per clip, audio or pixels
         bank = np.random.default_rng([self.seed, 104729])
         self._noise = bank.standard_normal(2 * need, dtype=np.float32)  # (2*need,)
 
@@ -300,8 +301,9 @@ class SyntheticAVS(Dataset):
         pitch_hz = []
         one_second = np.arange(AUDIO_RATE)  # (16000,) sample index within a second
         for s, c in enumerate(p["sources"]):
-            # PAPER (speed): the instance pitch (+-2 % jitter) is rounded to whole hertz, so one
-            # second of the tone repeats exactly and is tiled over the clip with continuous phase.
+            # PAPER: not in the paper (synthetic data, for speed): the instance pitch (+-2 % jitter)
+            # is rounded to whole hertz, so one second of the tone repeats exactly and is tiled
+            # over the clip with continuous phase.
             f0 = int(round(self.pitches[c - 1] * rng.uniform(0.98, 1.02)))  # Hz
             pitch_hz.append(float(f0))
             cycles = (f0 * one_second) % AUDIO_RATE  # (16000,) exact phase in 1/16000 of a cycle

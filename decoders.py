@@ -44,6 +44,7 @@ import torch.nn.functional as F
 def mlp(in_dim, hidden_dim, out_dim, dropout=0.0):
     """Two-layer MLP: Linear -> ReLU -> Dropout -> Linear (the FFN, the heads, the controller).
 
+    Returns an nn.Sequential mapping (..., in_dim) -> (..., out_dim).
     The Dropout slot is always there (identity at p=0) so state_dict keys never depend on it.
     """
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
@@ -51,7 +52,10 @@ def mlp(in_dim, hidden_dim, out_dim, dropout=0.0):
 
 
 def with_pos(x, pos):
-    """x + pos, or x when there is no positional embedding (DETR adds it to queries/keys only)."""
+    """x + pos, or x when there is no positional embedding (DETR adds it to queries/keys only).
+
+    x: (B, S, C); pos: (B, S, C) or None. Returns (B, S, C).
+    """
     return x if pos is None else x + pos
 
 
@@ -72,6 +76,8 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, dim, num_heads, ffn_dim, dropout=0.0):
         super().__init__()
+        # PAPER: TrD is named, not specified; we use DETR's post-norm layer (self-attention among
+        # the queries, cross-attention to the memory, FFN), dropout 0 by default.
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.ffn = mlp(dim, ffn_dim, dim, dropout)
@@ -194,7 +200,7 @@ class SemanticRecombination(nn.Module):
         self.sigmoid_gate = sigmoid_gate
 
     def forward(self, tokens, visual):
-        B, T, C, H, W = visual.shape
+        B, T, C, H, W = visual.shape  # (B, T, C, H_l, W_l)
         w = self.filters(tokens)  # (B, N, C) dynamic filters w_i
         # PAPER: "channel-wise attention" read as an SE-style gate, sigmoid(w_i) in (0, 1), so a
         # token can only re-weight channels of F_v, not flip their sign or blow them up;
@@ -223,6 +229,7 @@ def num_dynamic_params(in_channels, channels=8, num_layers=3):
 
     in_channels counts everything the first layer sees (Cm feature channels + 2 coordinates):
     (8 + 2) * 8 + 8 + 8 * 8 + 8 + 8 * 1 + 1 = 169, as CondInst.
+    Inputs: in_channels Cin, channels, num_layers (ints). Returns P (int).
     """
     return sum(c_out * c_in + c_out for c_out, c_in in _dynamic_layer_shapes(in_channels, channels,
                                                                              num_layers))
@@ -246,19 +253,19 @@ def dynamic_mask_conv(features, params, channels=8, num_layers=3, rel_coords=Non
     if rel_coords is not None:
         x = torch.cat([rel_coords, x], dim=2)  # (G, Q, Cin, h, w), channels: (x, y, features)
     c_in, h, w = x.shape[2:]
-    shapes = _dynamic_layer_shapes(c_in, channels, num_layers)
+    shapes = _dynamic_layer_shapes(c_in, channels, num_layers)  # [(c_out, c_in)] per layer
     if P != num_dynamic_params(c_in, channels, num_layers):
         raise ValueError(f"got {P} dynamic parameters per token, need "
                          f"{num_dynamic_params(c_in, channels, num_layers)} for {c_in} input channels")
     sizes = [o * i for o, i in shapes] + [o for o, _ in shapes]
     chunks = params.reshape(G * Q, P).split(sizes, dim=1)  # weights then biases, each (G*Q, size)
-    weights, biases = chunks[:num_layers], chunks[num_layers:]
+    weights, biases = chunks[:num_layers], chunks[num_layers:]  # num_layers x (G*Q, c_out*c_in), x (G*Q, c_out)
     x = x.reshape(1, G * Q * c_in, h, w)  # (1, G*Q*Cin, h, w) every token's input side by side
     for layer, (c_out, c_in) in enumerate(shapes):
         weight = weights[layer].reshape(G * Q * c_out, c_in, 1, 1)  # (G*Q*c_out, c_in, 1, 1)
         x = F.conv2d(x, weight, biases[layer].reshape(-1), groups=G * Q)  # (1, G*Q*c_out, h, w)
         if layer < num_layers - 1:
-            x = F.relu(x)
+            x = F.relu(x)  # (1, G*Q*c_out, h, w)
     return x.view(G, Q, h, w)  # eq. (7): (G, Q, h, w) mask logits
 
 
@@ -306,10 +313,17 @@ class SemanticMaskDecoder(nn.Module):
         super().__init__()
         self.dyn_channels, self.dyn_layers = dyn_channels, dyn_layers
         self.decoder = TransformerDecoder(dim, num_layers, num_heads, ffn_dim, dropout)
+        # PAPER: eq. (7) cites CondInst's dynamic convolution without sizes; we take CondInst's:
+        # Cm = 8 feature channels + 2 relative coordinates, three 1x1 layers of 8 channels.
         num_params = num_dynamic_params(mask_dim + 2, dyn_channels, dyn_layers)  # 169 for 8, 8, 3
         self.controller = mlp(dim, dim, num_params)  # phi_segm, "a two-layer fully-connected network"
+        # PAPER: the class head has Kc sigmoid outputs (focal loss, no-object = all off, as
+        # Deformable DETR); the paper names focal loss but not sigmoid vs softmax.
         self.class_head = mlp(dim, dim, num_classes)
+        # PAPER: boxes are sigmoid (cx, cy, w, h) in [0, 1], as DETR; the paper gives no format.
         self.box_head = mlp(dim, dim, 4)
+        # PAPER: the paper does not mention auxiliary (per-layer) outputs; as ReferFormer, the three
+        # heads are shared by all decoder layers and applied to each layer's output.
         # PAPER: init as ReferFormer: controller Xavier-uniform weights and zero biases; class bias at
         # prior 0.01 (Deformable DETR) so the focal loss starts near "no object" everywhere.
         for layer in (self.controller[0], self.controller[-1]):
@@ -328,7 +342,8 @@ class SemanticMaskDecoder(nn.Module):
         logits = self.class_head(hs)  # (L, B*T, N, Kc) P_{i,t} as logits
         boxes = self.box_head(hs).sigmoid()  # (L, B*T, N, 4) B_{i,t}, cxcywh in [0, 1]
         params = self.controller(hs)  # (L, B*T, N, P) theta_{i,t}
-        # the box centre (detached, as CondInst/ReferFormer) says where each token is looking
+        # PAPER: the relative-coordinate origin is not given; we use the token's predicted box
+        # centre, detached (ReferFormer uses its reference point, CondInst the instance location).
         rel = relative_coordinates(boxes[..., :2].detach().flatten(0, 1), h, w)  # (L*B*T, N, 2, h, w)
         feats = mask_features.flatten(0, 1).expand(L, -1, -1, -1, -1).flatten(0, 1)  # (L*B*T, Cm, h, w)
         masks = dynamic_mask_conv(feats, params.flatten(0, 1), self.dyn_channels, self.dyn_layers,

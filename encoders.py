@@ -190,6 +190,7 @@ class SmallVGG(nn.Module):
 
     def __init__(self, widths=(16, 32, 64, 64)):
         super().__init__()
+        # PAPER: not in the paper (it uses VGGish); a stand-in for the CPU preset only.
         layers, in_ch = [], 1
         for width in widths:  # four conv + pool stages: 96x64 -> 6x4, as VGGish
             layers += [nn.Conv2d(in_ch, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2)]
@@ -230,6 +231,8 @@ class AudioEncoder(nn.Module):
         else:
             raise ValueError(f"unknown audio encoder kind {kind!r}; use 'vggish' or 'small'")
         self.kind = kind
+        # PAPER: App. D.1 gives F_a as VGGish features of dimension C_a (128) but eq. (3) adds it to
+        # C-channel tokens; the paper names no projection, we use one linear layer 128 -> C.
         self.emb_proj = nn.Linear(self.net.embedding_dim, dim)  # 128 -> C
         self.token_proj = nn.Linear(self.net.channels, dim)  # conv channels -> C
         # PAPER: f_{a,t} of eq. 6 is not specified; we take the 24 conv-map positions as tokens and
@@ -248,7 +251,7 @@ class AudioEncoder(nn.Module):
         if audio.dim() == 3:  # precomputed embeddings (B, T, 128)
             frame_emb = self.emb_proj(audio)  # (B, T, C)
             return frame_emb, frame_emb.unsqueeze(2)  # (B, T, C), (B, T, 1, C)
-        B, T = audio.shape[:2]
+        B, T = audio.shape[:2]  # (B, T, 1, 96, 64)
         embedding, conv_map = self.net(audio.flatten(0, 1))  # (B*T, 128), (B*T, Ca, 6, 4)
         frame_emb = self.emb_proj(embedding).view(B, T, -1)  # (B, T, C)
         tokens = conv_map.flatten(2).transpose(1, 2)  # (B*T, 24, Ca), time-major positions
@@ -401,6 +404,7 @@ class SmallBackbone(nn.Module):
 
     def __init__(self, widths=(16, 32, 64, 64)):
         super().__init__()
+        # PAPER: not in the paper (it uses ResNet-50 / Swin); a stand-in for the CPU preset only.
 
         def conv(cin, cout, stride):
             # PAPER: GroupNorm instead of BatchNorm: CPU batches are a handful of frames.
@@ -638,7 +642,7 @@ class VisualEncoder(nn.Module):
         return ref[:, None, :].expand(-1, len(spatial_shapes), -1)  # (S, L, 2)
 
     def forward(self, frames, frame_valid=None):
-        B, T = frames.shape[:2]
+        B, T = frames.shape[:2]  # (B, T, 3, H, W)
         if T != self.num_frames:
             raise ValueError(f"VisualEncoder is built for T={self.num_frames} frames, got {T}; "
                              "run longer clips in windows of T")

@@ -101,6 +101,8 @@ def build_tracks(labels, label_valid, num_classes):
             "sounding":    (J, T) bool, the class is present in that labelled frame,
             "label_valid": (T,) bool, copied from the input.
     """
+    # PAPER: "the j-th sounding object" of §3.5; label maps carry no instance ids, so a track is
+    # one sounding class over the clip (two objects of one class share a track).
     tracks = []
     for b in range(labels.shape[0]):
         clip = labels[b]  # (T, H, W)
@@ -175,6 +177,7 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     Returns:
         loss: (...) same shape.
     """
+    # PAPER: alpha and gamma are not given; 0.25 and 2 are the defaults of Lin et al. 2017.
     prob = logits.sigmoid()  # (...)
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # (...) -log(p_t)
     p_t = prob * targets + (1 - prob) * (1 - targets)  # (...)
@@ -193,6 +196,7 @@ def dice_loss(logits, targets):
     Returns:
         loss: (n,)
     """
+    # PAPER: the smoothing constant is not given; +1 as DETR.
     prob = logits.sigmoid()  # (n, P)
     numerator = 2 * (prob * targets).sum(dim=-1) + 1  # (n,)
     denominator = prob.sum(dim=-1) + targets.sum(dim=-1) + 1  # (n,)
@@ -426,6 +430,8 @@ class SetCriterion(nn.Module):
         self.num_classes = num_classes
         self.weights = dict(PAPER_LOSS_WEIGHTS, **(weights or {}))
         if matcher is None:
+            # PAPER: App. D gives one set of lambdas; we use them both for the matching cost
+            # (eq. 10) and for the loss (L_segm), as DETR-family code does.
             matcher = HungarianMatcher(
                 cost_class=self.weights["loss_class"], cost_mask=self.weights["loss_mask"],
                 cost_dice=self.weights["loss_dice"], cost_bbox=self.weights["loss_bbox"],
@@ -484,6 +490,8 @@ class SetCriterion(nn.Module):
         num_tracks = max(num_tracks, 1.0)
 
         parts = self.layer_losses(outputs, targets, num_tracks)
+        # PAPER: auxiliary losses on every earlier decoder layer are not in the paper; on by
+        # default, as DETR and ReferFormer (aux_loss=False switches them off).
         if self.aux_loss:
             for layer, aux in enumerate(outputs.get("aux_outputs", [])):
                 aux_parts = self.layer_losses(aux, targets, num_tracks)
@@ -493,7 +501,7 @@ class SetCriterion(nn.Module):
                 parts[name] = value
 
         # eq. (8): L = L_segm + lambda_quant * L_quant, with L_quant = eq. (9) (lambda_com inside)
-        total = sum(self.weight_of(name) * value for name, value in parts.items())
+        total = sum(self.weight_of(name) * value for name, value in parts.items())  # ()
         return total, parts
 
     def layer_losses(self, outputs, targets, num_tracks):
@@ -518,7 +526,7 @@ class SetCriterion(nn.Module):
         target_classes = torch.zeros_like(logits, dtype=dtype)  # (B, T, N, Kc)
         for b, (pred_idx, tgt_idx) in enumerate(indices):
             t = targets[b]
-            pred_idx, tgt_idx = pred_idx.to(logits.device), tgt_idx.to(logits.device)
+            pred_idx, tgt_idx = pred_idx.to(logits.device), tgt_idx.to(logits.device)  # (J',) each
             sounding = t["sounding"][tgt_idx] & t["label_valid"][None]  # (J', T)
             k, frame = sounding.nonzero(as_tuple=True)  # (#sounding pairs,) each
             target_classes[b, frame, pred_idx[k], t["classes"][tgt_idx[k]] - 1] = 1.0
@@ -540,13 +548,13 @@ class SetCriterion(nn.Module):
             if len(pred_idx) == 0:
                 continue
             t = targets[b]
-            pred_idx, tgt_idx = pred_idx.to(logits.device), tgt_idx.to(logits.device)
+            pred_idx, tgt_idx = pred_idx.to(logits.device), tgt_idx.to(logits.device)  # (J',) each
             frames = t["label_valid"].bool()  # (T,)
             src = pred_masks[b][frames][:, pred_idx].to(dtype)  # (T_l, J', h, w)
             src = src.transpose(0, 1).flatten(1)  # (J', P)
             tgt = t["masks"][tgt_idx][:, frames].to(dtype).flatten(1)  # (J', P)
-            loss_mask = loss_mask + sigmoid_focal_loss(src, tgt).mean(dim=1).sum()  # focal, mean over volume
-            loss_dice = loss_dice + dice_loss(src, tgt).sum()
+            loss_mask = loss_mask + sigmoid_focal_loss(src, tgt).mean(dim=1).sum()  # () focal, mean over volume
+            loss_dice = loss_dice + dice_loss(src, tgt).sum()  # ()
 
             sounding = t["sounding"][tgt_idx] & frames[None]  # (J', T)
             num_sounding = sounding.sum(dim=1).clamp(min=1)  # (J',)
@@ -554,12 +562,12 @@ class SetCriterion(nn.Module):
             tgt_boxes = t["boxes"][tgt_idx].to(dtype)  # (J', T, 4)
             l1 = (src_boxes - tgt_boxes).abs().sum(dim=-1)  # (J', T)
             l1 = torch.where(sounding, l1, torch.zeros_like(l1))  # (J', T) only where it sounds
-            loss_bbox = loss_bbox + (l1.sum(dim=1) / num_sounding).sum()
+            loss_bbox = loss_bbox + (l1.sum(dim=1) / num_sounding).sum()  # ()
             giou = generalized_box_iou(
                 box_cxcywh_to_xyxy(src_boxes)[..., None, :], box_cxcywh_to_xyxy(tgt_boxes)[..., None, :]
             )[..., 0, 0]  # (J', T) GIoU of each frame's pair
             giou_loss = torch.where(sounding, 1 - giou, torch.zeros_like(giou))  # (J', T)
-            loss_giou = loss_giou + (giou_loss.sum(dim=1) / num_sounding).sum()
+            loss_giou = loss_giou + (giou_loss.sum(dim=1) / num_sounding).sum()  # ()
 
         return {
             "loss_class": loss_class,

@@ -13,7 +13,7 @@ Paper: Sec. 3.1 (eq. 1, 2), Sec. 3.3 (e_i = VQ(g_i)), Sec. 3.4 (local tokens reu
 
 Reading order
     1. QuantizerOutput        what one quantization returns
-    2. VectorQuantizer        codebook, nearest codeword (VQ of eq. 2), straight-through,
+    2. VectorQuantizer        codebook, nearest_code (VQ of eq. 2), forward: straight-through,
                               the two eq. (9) terms, the `update_codebook=False` local path,
                               optional dead-code revival (off by default)
     3. product_quantize       eq. (2): N tokens through one shared quantizer, concatenated
@@ -143,6 +143,8 @@ class VectorQuantizer(nn.Module):
         flat = x.reshape(-1, self.dim)  # (M, D)
         owns_codebook = update_codebook and self.training
         if owns_codebook and self.revival_enabled:
+            # PAPER: dead-code revival is not in the paper (it trains C by eq. 9 alone); it is an
+            # option, off by default, for runs whose codebook collapses (DESIGN §3).
             # Before this step's assignment, so that the parameter is changed outside any graph.
             self.revive_dead_codes(flat)
 
@@ -150,7 +152,7 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook if update_codebook else self.codebook.detach()  # (K, D)
         codes = codebook[indices]  # (M, D) e = VQ(x), gradient to the codebook only if update_codebook
         if owns_codebook and self.revival_enabled:
-            self._update_usage(indices)
+            self._update_usage(indices)  # code_usage (K,) EMA
 
         # PAPER: eq. (9) writes a sum over tokens of squared L2 norms; we take the mean over all
         # M * D elements (MSE, as in VQ-VAE code), so the value does not grow with the batch
@@ -167,6 +169,8 @@ class VectorQuantizer(nn.Module):
                 codebook_loss = flat.new_zeros(())  # () the local path does not update C
             commitment_loss = F.mse_loss(xd, codes.detach())  # eq. (9), second/third term ||sg[VQ(x)] - x||^2
 
+        # PAPER: the paper does not say how gradients cross the argmin of VQ; we use the
+        # straight-through estimator of VQ-VAE (van den Oord et al. 2017).
         # Straight-through estimator: the value is the codeword, the gradient goes to x unchanged
         # (d quantized / d x = I) and nothing reaches the codebook through this path. Written as
         # sg[e] + (x - sg[x]) rather than the usual x + sg[e - x]: the added term is exactly 0, so

@@ -56,9 +56,11 @@ class ModelConfig:
     num_tokens: int = 5            # N, decomposed semantic tokens (Table 4 best: 5)
     codebook_size: int = 128       # K, codewords of the shared codebook (Table 3 best: 128)
     dec_layers: int = 3            # layers of TrD_global, TrD_local and TrD_segm (App. D, Table 7)
-    enc_layers: int = 4            # deformable encoder layers; PAPER: silent, ReferFormer uses 4
-    num_heads: int = 8             # attention heads; PAPER: silent, DETR-family default 8
-    ffn_dim: int = 1024            # FFN hidden width; PAPER: silent, Deformable-DETR default 1024
+    # PAPER: encoder depth, heads, FFN width, sampling points and frozen BN are not given; the
+    # values below are ReferFormer's (4 layers) and Deformable-DETR's (8 heads, 1024, 4 points).
+    enc_layers: int = 4            # deformable encoder layers (ReferFormer: 4)
+    num_heads: int = 8             # attention heads (DETR-family default 8)
+    ffn_dim: int = 1024            # FFN hidden width (Deformable-DETR default 1024)
     num_points: int = 4            # deformable attention sampling points per head and level
     frames: int = 5                # T, frames the visual encoder is built for (Table 6 best: 5)
     backbone: str = "resnet50"     # resnet18 | resnet34 | resnet50 | small (CPU preset)
@@ -74,6 +76,8 @@ class ModelConfig:
     use_lsd: bool = True           # local semantic decomposition, eq. (6) (Table 2)
     shared_codebook: bool = True   # local tokens use the global codebook, eq. (9) (Table 2, "SC")
     avsr_from_quantized: bool = True  # AVSR filters from e_i = VQ(g_i) (True) or from g_i
+    # PAPER: eq. (4) and (6) both write p_i; whether the two ASDs share them is not said. Two
+    # sets by default (DESIGN §3); shared_prototypes=True ties them.
     shared_prototypes: bool = False   # one set of prototypes p_i for global and local ASD
     zero_audio: bool = False       # control: audio input replaced by zeros (vision alone)
 
@@ -124,9 +128,9 @@ def sine_embedding_1d(length: int, dim: int, device=None) -> torch.Tensor:
     i = torch.arange(0, dim, 2, dtype=torch.float32, device=device)           # (C/2,)
     angle = pos / (10000 ** (i / dim))                                         # (T, C/2)
     emb = torch.zeros(length, dim, device=device)                              # (T, C)
-    emb[:, 0::2] = torch.sin(angle)
-    emb[:, 1::2] = torch.cos(angle[:, : dim // 2])
-    return emb
+    emb[:, 0::2] = torch.sin(angle)                                            # (T, C/2) even channels
+    emb[:, 1::2] = torch.cos(angle[:, : dim // 2])                             # (T, C/2) odd channels
+    return emb                                                                 # (T, C)
 
 
 class SQD(nn.Module):
@@ -172,14 +176,15 @@ class SQD(nn.Module):
         self.local_asd = AudioSemanticDecoder(C, N, cfg.dec_layers, cfg.num_heads, cfg.ffn_dim)
         if cfg.shared_prototypes:
             self.local_asd.prototypes = self.global_asd.prototypes     # the same p_i, one tensor
-        # "no shared codebook" ablation (Table 2, SC): the local tokens get a codebook of their own
+        # PAPER: Table 2's row without SC does not say what the local tokens use instead; we give
+        # them a codebook of their own ("no shared codebook" ablation).
         self.local_codebook = (None if cfg.shared_codebook else
                                VectorQuantizer(cfg.codebook_size, C,
                                                revive_dead_codes=cfg.revive_dead_codes))
         self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
                                                 cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels,
                                                 cfg.dyn_layers)
-        # Table 2 baseline without LSD: N learnable queries plus the frame's audio embedding
+        # Table 2 baseline without GSD and LSD: N learnable queries plus the frame's audio embedding
         self.baseline_queries = nn.Parameter(torch.randn(N, C) * 0.02)  # (N, C)
 
         self._drop_unused_modules()
@@ -245,12 +250,17 @@ class SQD(nn.Module):
         levels, pos = vis["levels"], vis["pos"]                   # 3 x (B, T, C, H_l, W_l)
         f_a, f_a_tokens = self.audio_encoder(audio)               # (B, T, C), (B, T, S_a, C)
         C = f_a.shape[-1]
+        # PAPER: App. D says only that the standard sine embedding is added in the transformers;
+        # we give the per-frame audio tokens a 1-D sine embedding over time (queries of eq. 3,
+        # memory of eq. 4).
         time_pos = sine_embedding_1d(T, C, f_a.device).expand(B, T, C)  # (B, T, C)
 
         quant, indices, tokens = {}, {}, {}
         global_out = None
         if cfg.use_gsd:
             # (2) Global semantic quantization
+            # PAPER: F_v of eq. (3) read as every visual token of the clip (all T frames, all
+            # three encoder levels), before recombination.
             memory, memory_pos = _clip_tokens(levels, pos)         # (B, T*S, C) each
             fused = self.fusion(f_a, memory, memory_pos, time_pos)  # (B, T, C)  eq. (3): F'_a
             g = self.global_asd(fused, time_pos)                   # (B, N, C)  eq. (4): g_i
@@ -269,6 +279,8 @@ class SQD(nn.Module):
 
         # (3) Local semantic calibration
         queries, local_out = self._mask_queries(f_a, f_a_tokens, global_out, tokens, indices)
+        # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as the recombined tokens F'_v of frame t,
+        # all three levels.
         frame_memory, frame_pos = _frame_tokens(levels, pos)           # (B, T, S, C) each
         out = self.mask_decoder(queries, frame_memory, frame_pos, f_out)  # eq. (7) inside
 
@@ -280,7 +292,8 @@ class SQD(nn.Module):
             quant["quant_codebook_local"] = local_out.codebook_loss
             quant["quant_commit_local"] = local_out.commitment_loss
         elif global_out is None and local_out is not None:
-            # LSD without GSD: the local path is the only one, so it trains the codebook itself
+            # PAPER: LSD without GSD is not in the paper; the local path is then the only one, so
+            # it trains the codebook itself.
             quant["quant_codebook_local"] = local_out.codebook_loss
             quant["quant_commit_local"] = local_out.commitment_loss
         out["quant"] = quant
@@ -358,6 +371,10 @@ def segment(pred_logits: torch.Tensor, pred_masks: torch.Tensor, size: tuple[int
     a covered pixel takes argmax_{C in 1..Kc} sum_i P_{i,t}[C] M_{i,t}[h, w]; other pixels are
     background. The argmax never includes the "empty" category (App. E).
     """
+    # PAPER: App. D gives the two thresholds and App. E eq. (11), not how they combine. We drop
+    # tokens below the class threshold, call a pixel covered when a kept token's mask exceeds the
+    # mask threshold, apply eq. (11) on covered pixels and give every other pixel background (id 0);
+    # masks are upsampled bilinearly (as logits) to the label size before the sigmoid.
     B, T, N, Kc = pred_logits.shape
     prob = pred_logits.sigmoid()                                         # (B, T, N, Kc)  P_{i,t}
     keep = prob.max(-1).values >= class_threshold                        # (B, T, N)
@@ -381,6 +398,8 @@ def foreground_probability(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
     pred_logits (B, T, N, Kc), pred_masks (B, T, N, h, w) -> (B, T, H, W) in [0, 1].
     P_{i,t} is the token's best class probability (with Kc = 1, the sounding-object probability).
     """
+    # PAPER: the paper gives no rule for the binary task; we score max_i P_{i,t} M_{i,t}, without
+    # the class threshold, and the metrics threshold it at 0.5 (DESIGN §2, step 11).
     B, T, N = pred_logits.shape[:3]
     p = pred_logits.sigmoid().max(-1).values                             # (B, T, N)
     m = F.interpolate(pred_masks.flatten(0, 1), size=size, mode="bilinear",
@@ -390,8 +409,10 @@ def foreground_probability(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Number of parameters of `model` (trainable or not)."""
     return sum(p.numel() for p in model.parameters())
 
 
 def config_dict(cfg: ModelConfig) -> dict:
+    """The config as a plain dict (saved in checkpoints and config.json)."""
     return asdict(cfg)

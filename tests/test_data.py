@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -330,14 +329,21 @@ def test_synthetic_audio_carries_energy_at_the_pitch_of_sounding_categories():
     assert checked_on > 40 and checked_off > 5
 
 
-def test_synthetic_clip_generation_time_and_paper_size():
+def test_synthetic_clips_well_formed_at_cpu_and_paper_size():
+    # Speed is never a timed assert in a test (generation time is measured by bench.py and
+    # stated in the README); here the 30 clips a timing loop used to run are checked instead.
     ds = build_dataset("synthetic", "test", img_size=64, seed=0)
-    ds[0]
-    start = time.perf_counter()
     for index in range(30):
-        ds[index]
-    per_clip = (time.perf_counter() - start) / 30
-    assert per_clip < 0.05, per_clip  # ~6-10 ms on one idle core; loose for busy CI machines
+        item = ds[index]
+        check_item_types(item, 5, 64)
+        assert torch.isfinite(item["frames"]).all() and torch.isfinite(item["audio"]).all()
+        labels = item["labels"]
+        assert labels.min() >= 0 and labels.max() <= ds.num_classes
+        # a labelled pixel's class sounds in that frame (the sounding table is independent of the pixels)
+        sounding = torch.tensor(item["meta"]["sounding"], dtype=torch.bool)  # (T, Kc)
+        for t in range(5):
+            for c in labels[t].unique().tolist():
+                assert c == 0 or sounding[t, c - 1], (index, t, c)
     item = build_dataset("synthetic", "test-unseen", img_size=224, seed=0)[0]
     check_item_types(item, 5, 224)
 
