@@ -32,7 +32,7 @@ Shape alphabet
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, asdict, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -287,13 +287,9 @@ class SQD(nn.Module):
         # eq. (9): the quantization loss terms (weighted in matcher.SetCriterion, eq. (8))
         if global_out is not None:
             quant = quantization_loss(global_out, local_out if self.local_codebook is None else None)
-        if self.local_codebook is not None:
-            # no-shared-codebook ablation: the local codebook is trained by its own tokens
-            quant["quant_codebook_local"] = local_out.codebook_loss
-            quant["quant_commit_local"] = local_out.commitment_loss
-        elif global_out is None and local_out is not None:
-            # PAPER: LSD without GSD is not in the paper; the local path is then the only one, so
-            # it trains the codebook itself.
+        if local_out is not None and (self.local_codebook is not None or global_out is None):
+            # The local tokens train a codebook themselves: their own in the no-shared-codebook
+            # ablation, or the only one when GSD is off (PAPER: LSD without GSD is not in the paper).
             quant["quant_codebook_local"] = local_out.codebook_loss
             quant["quant_commit_local"] = local_out.commitment_loss
         out["quant"] = quant
@@ -407,12 +403,3 @@ def foreground_probability(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
     m = m.unflatten(0, (B, T))                                           # (B, T, N, H, W)
     return (p[..., None, None] * m).max(2).values                        # (B, T, H, W)
 
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters of `model` (trainable or not)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def config_dict(cfg: ModelConfig) -> dict:
-    """The config as a plain dict (saved in checkpoints and config.json)."""
-    return asdict(cfg)

@@ -408,17 +408,16 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             outputs = train_model(batch)
         outputs = to_float(outputs)
-        last = os.path.join(ctx["out_dir"], "last.pt")
-        last = last if os.path.exists(last) else "none written yet"
         try:
             total, parts = criterion(outputs, targets)  # eq. (8)
         except ValueError as e:  # the matcher refuses a non-finite cost and names the term
             raise UserError(f"non-finite loss at step {state['step'] + 1}: {e}\n"
-                            f"last good checkpoint: {last}") from None
-        if not torch.isfinite(total):
+                            f"last good checkpoint: {_last_checkpoint(ctx)}") from None
+        loss = total.item()  # the one host sync of a step: the bar, the log and the check use it
+        if not math.isfinite(loss):
             bad = [k for k, v in parts.items() if not torch.isfinite(v)]
             raise UserError(f"non-finite loss at step {state['step'] + 1} (terms: {bad}); "
-                            f"last good checkpoint: {last}")
+                            f"last good checkpoint: {_last_checkpoint(ctx)}")
         opt.zero_grad(set_to_none=True)
         total.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
@@ -428,9 +427,9 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
         state["step_in_epoch"] += 1
         clips += cfg.batch_size * ctx["world"]
         rate = clips / max(time.time() - t0, 1e-9)
-        bar.set_postfix(loss=f"{total.item():.3f}", clips_s=f"{rate:.1f}")
+        bar.set_postfix(loss=f"{loss:.3f}", clips_s=f"{rate:.1f}")
         if ctx["main_proc"] and (state["step"] % cfg.log_every == 0 or state["step"] == 1):
-            line = {"step": state["step"], "epoch": state["epoch"], "loss": total.item(),
+            line = {"step": state["step"], "epoch": state["epoch"], "loss": loss,
                     **{k: v.item() for k, v in parts.items()},
                     "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
                     "clips_per_s": rate}
@@ -597,6 +596,11 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
               f"weights ({', '.join(missing)} not given).\n!! The paper starts from ImageNet "
               f"ResNet-50 and AudioSet VGGish; expect far lower numbers.\n" + "!" * 78 + "\n",
               file=sys.stderr)
+
+
+def _last_checkpoint(ctx: dict) -> str:
+    path = os.path.join(ctx["out_dir"], "last.pt")
+    return path if os.path.exists(path) else "none written yet"
 
 
 def save_checkpoint(ctx: dict, path: str) -> None:
