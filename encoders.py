@@ -191,9 +191,14 @@ class SmallVGG(nn.Module):
     def __init__(self, widths=(16, 32, 64, 64)):
         super().__init__()
         # PAPER: not in the paper (it uses VGGish); a stand-in for the CPU preset only.
+        # PAPER: GroupNorm after every convolution (VGGish has none). Trained from scratch, the
+        # plain stack maps every clip to nearly the same output (the log-mel floor dominates the
+        # first layer): at initialisation the clip-to-clip spread of its embedding was ~4 % of its
+        # size, and the audio was too faint a signal for the decoders to pick up in a CPU run.
         layers, in_ch = [], 1
         for width in widths:  # four conv + pool stages: 96x64 -> 6x4, as VGGish
-            layers += [nn.Conv2d(in_ch, width, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2, 2)]
+            layers += [nn.Conv2d(in_ch, width, 3, padding=1, bias=False), nn.GroupNorm(min(8, width), width),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(2, 2)]
             in_ch = width
         self.features = nn.Sequential(*layers)
         self.embeddings = nn.Sequential(nn.Linear(in_ch * 6 * 4, 128), nn.ReLU(inplace=True), nn.Linear(128, 128))
@@ -239,6 +244,12 @@ class AudioEncoder(nn.Module):
         # give each a learned position embedding, otherwise attention could not tell time from
         # frequency positions (the decoders' memory_pos is optional, so it lives in the tokens).
         self.token_pos = nn.Parameter(torch.randn(6 * 4, dim) * 0.02)  # (S_a, C)
+        # PAPER: a LayerNorm after each projection (not in the paper). The visual tokens leave the
+        # post-norm deformable encoder at unit scale and the prototypes p_i are unit normals; an
+        # unnormalised audio projection starts ~15x smaller, and the audio then hardly moves the
+        # queries of eq. (3), (4) and (6).
+        self.emb_norm = nn.LayerNorm(dim)
+        self.token_norm = nn.LayerNorm(dim)
 
     def load_vggish_weights(self, path):
         """Load the released VGGish weights strictly into the wrapped network."""
@@ -249,13 +260,13 @@ class AudioEncoder(nn.Module):
 
     def forward(self, audio):
         if audio.dim() == 3:  # precomputed embeddings (B, T, 128)
-            frame_emb = self.emb_proj(audio)  # (B, T, C)
+            frame_emb = self.emb_norm(self.emb_proj(audio))  # (B, T, C)
             return frame_emb, frame_emb.unsqueeze(2)  # (B, T, C), (B, T, 1, C)
         B, T = audio.shape[:2]  # (B, T, 1, 96, 64)
         embedding, conv_map = self.net(audio.flatten(0, 1))  # (B*T, 128), (B*T, Ca, 6, 4)
-        frame_emb = self.emb_proj(embedding).view(B, T, -1)  # (B, T, C)
+        frame_emb = self.emb_norm(self.emb_proj(embedding)).view(B, T, -1)  # (B, T, C)
         tokens = conv_map.flatten(2).transpose(1, 2)  # (B*T, 24, Ca), time-major positions
-        tokens = self.token_proj(tokens) + self.token_pos  # (B*T, 24, C)
+        tokens = self.token_norm(self.token_proj(tokens)) + self.token_pos  # (B*T, 24, C)
         return frame_emb, tokens.view(B, T, tokens.shape[1], -1)  # (B, T, C), (B, T, 24, C)
 
 

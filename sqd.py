@@ -185,7 +185,7 @@ class SQD(nn.Module):
                                                 cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels,
                                                 cfg.dyn_layers)
         # Table 2 baseline without GSD and LSD: N learnable queries plus the frame's audio embedding
-        self.baseline_queries = nn.Parameter(torch.randn(N, C) * 0.02)  # (N, C)
+        self.baseline_queries = nn.Parameter(torch.randn(N, C))  # (N, C)
 
         self._drop_unused_modules()
 

@@ -359,6 +359,9 @@ def test_audio_encoder_shapes(vggish):
     emb, tok = small(torch.randn(2, 3, 128))
     assert tuple(emb.shape) == (2, 3, 32) and tuple(tok.shape) == (2, 3, 1, 32)
     torch.testing.assert_close(tok[:, :, 0], emb)  # precomputed: the token is the embedding
+    # both outputs leave a LayerNorm (initial affine 1, 0): zero mean, unit variance per token
+    torch.testing.assert_close(emb.mean(-1), torch.zeros(2, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(emb.var(-1, unbiased=False), torch.ones(2, 3), atol=1e-3, rtol=0)
     e, c = SmallVGG()(torch.randn(2, 1, 96, 64))
     assert tuple(e.shape) == (2, 128) and tuple(c.shape) == (2, SmallVGG().channels, 6, 4)
 
@@ -367,6 +370,7 @@ def test_audio_encoder_shapes(vggish):
     big.kind, big.net = "vggish", vggish
     big.emb_proj, big.token_proj = nn.Linear(128, 16), nn.Linear(512, 16)
     big.token_pos = nn.Parameter(torch.zeros(24, 16))
+    big.emb_norm, big.token_norm = nn.LayerNorm(16), nn.LayerNorm(16)
     with torch.no_grad():
         emb, tok = big(torch.randn(1, 2, 1, 96, 64))
     assert tuple(emb.shape) == (1, 2, 16) and tuple(tok.shape) == (1, 2, 24, 16)

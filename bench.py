@@ -1,0 +1,451 @@
+"""Speed and memory of one SQD training step, with FLOPs and MFU.
+
+What this file measures
+    One optimizer step of train.py, timed on its own: build the ground-truth tracks, the forward
+    pass (Fig. 3), the eq. (8) loss with the Hungarian matcher (eq. 10), the backward pass,
+    gradient clipping and the AdamW update. Model, loss, optimizer and batch are built exactly as
+    train.py builds them (train.make_dataset, train.resolve, sqd.SQD, matcher.SetCriterion with the
+    recipe's loss weights, model.parameter_groups); the batch is one real batch of the
+    synthetic benchmark (64 x 64 for the CPU preset, 224 x 224 for the paper preset), generated
+    once and kept on the device, so data loading is NOT part of the step. Weights are random:
+    speed, memory and FLOPs do not depend on them.
+
+    The Hungarian matcher runs scipy's linear_sum_assignment on the CPU: every step copies one
+    small cost matrix per clip and decoder layer to the host and waits for it. That is part of
+    the step, as it is in training, and its share is reported separately ("matcher"). To
+    measure it, the step syncs the device once when the matcher is entered (the matcher's own
+    first copy to the host would wait there anyway).
+
+    It reports
+      step time      mean and median over --steps steps after --warmup untimed ones (the first
+                     step, with torch.compile's compilation and cuDNN's algorithm search, is
+                     shown apart); the device is synchronized around every step
+      clips/s        batch size / mean step time
+      peak memory    GPU: torch.cuda.max_memory_allocated over warm-up and timed steps;
+                     CPU: the peak resident set size of the whole process (resource.getrusage),
+                     which also counts Python, the libraries and the batch generation
+      FLOPs          of one step, forward (with the loss and matcher) plus backward, counted
+                     once with torch.utils.flop_counter.FlopCounterMode on the uncompiled model,
+                     outside the timed loop. FlopCounterMode counts matrix multiplications,
+                     convolutions and attention kernels only: the deformable attention's
+                     bilinear sampling (grid_sample), normalisations, activations, the loss's
+                     elementwise work and the AdamW update are not in the count, as usual for MFU
+      TFLOP/s, MFU   counted FLOPs / mean step time, and that over the accelerator's peak for the
+                     step's dtype mode (a small table of dense peaks, PEAK_TFLOPS, or
+                     --peak-tflops); n/a on a CPU unless --peak-tflops is given
+
+Reading order
+    parse_args (the flags), run (set-up, as train.py does it), training_step (the step of
+    train.train_one_epoch), count_step_flops and count_flops (FLOPs), time_steps (the timed
+    loop), peak_memory, peak_tflops (MFU's denominator), then report.
+
+How to run
+    python bench.py                                   # CPU preset, on cuda when there is one
+    python bench.py --device cpu --threads 2          # the CPU preset on the CPU
+    python bench.py --preset paper --amp              # the paper's model at 224, bf16 autocast
+    python bench.py --preset paper --amp --compile --json bench.json
+
+Shape alphabet: B clips, T frames, H = W image size.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+import data
+import train
+from matcher import SetCriterion, build_tracks
+from sqd import SQD
+
+# Dense (no structured sparsity) peak tensor throughput in TFLOP/s, from NVIDIA's H100 and H200
+# datasheets (SXM form factor). H200 is the H100 chip with more and faster memory: same peaks.
+# Keyed by the dtype mode of the step: bf16 (--amp), tf32 (fp32 tensors, TF32 matmuls), fp32.
+PEAK_TFLOPS = {
+    "H100 SXM": {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9},
+    "H200": {"bf16": 989.0, "tf32": 494.7, "fp32": 66.9},
+}
+
+
+class UserError(Exception):
+    """A mistake the user can fix (a flag); reported in one line with exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=["cpu", "paper"], default="cpu",
+                   help="model preset (sqd.PRESETS): cpu (C = 64, small CNNs) or paper "
+                        "(C = 256, ResNet-50, VGGish)")
+    p.add_argument("--batch-size", type=int, default=4, help="B, clips per step (paper: 4)")
+    p.add_argument("--frames", type=int, default=5, help="T, frames per clip (paper: 5)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="H = W of the frames; None: the preset's (cpu 64, paper 224)")
+    p.add_argument("--device", default=None,
+                   help="cpu | cuda | cuda:N; None: cuda if available, else cpu")
+    p.add_argument("--amp", action="store_true",
+                   help="bf16 autocast around the forward pass, as train.py --amp")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model, as train.py")
+    p.add_argument("--steps", type=int, default=20, help="timed steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; None: torch's default")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for the step's dtype, for MFU; None: "
+                        "from the table of known GPUs (H100 SXM, H200)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init and the batch")
+    return p.parse_args(argv)
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The device to run on; a device that is not there is a UserError, not a traceback."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r}: bench.py runs on cpu or cuda only")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = (f"built with CUDA {torch.version.cuda}" if torch.version.cuda
+                     else "a CPU-only build")
+            raise UserError(f"--device {name}: CUDA is not available (torch {torch.__version__}, "
+                            f"{build}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA "
+                            f"device(s), numbered from 0")
+    return device
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        return run(args, argv)
+    except (UserError, train.UserError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory; try a smaller --batch-size, --img-size or --frames, "
+              "or --amp", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace, argv=None) -> int:
+    if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.frames < 1:
+        raise UserError("--steps, --batch-size and --frames must be positive, --warmup >= 0")
+    if args.img_size is not None and args.img_size < 32:
+        raise UserError(f"--img-size {args.img_size}: the visual encoder needs at least 32 "
+                        f"(its deepest level has stride 32)")
+    if args.peak_tflops is not None and args.peak_tflops <= 0:
+        raise UserError("--peak-tflops must be positive")
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be positive")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UserError(f"--json {args.json}: its folder does not exist")
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    # The model, loss, optimizer and one batch, as train.run builds them.
+    cfg = train.TrainConfig(dataset="synthetic", preset=args.preset, img_size=args.img_size,
+                            frames=args.frames, batch_size=args.batch_size, amp=args.amp,
+                            compile=args.compile, device=str(device), threads=args.threads,
+                            seed=args.seed)
+    dataset = train.make_dataset(cfg, "train", train=True)
+    cfg, model_cfg = train.resolve(cfg, dataset.num_classes)
+    batch = data.collate([dataset[i] for i in range(cfg.batch_size)])
+    batch = train.to_device(batch, device)        # frames (B, T, 3, H, W), audio (B, T, 1, 96, 64)
+    model = SQD(model_cfg).to(device)
+    criterion = SetCriterion(model_cfg.num_classes,
+                             weights={k: getattr(cfg, k) for k in train.LOSS_WEIGHT_FIELDS})
+    opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.backbone_lr_mult,
+                                                   cfg.weight_decay))
+    model.train()
+
+    # FLOPs: once, uncompiled, outside the timed loop; then forget its gradients.
+    flops = count_step_flops(model, criterion, batch, cfg.amp)
+    opt.zero_grad(set_to_none=True)
+
+    train_model = torch.compile(model) if cfg.compile else model
+    step = functools.partial(training_step, model, train_model, criterion, opt, batch, cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timing = time_steps(step, criterion.matcher, device, args.warmup, args.steps)
+    memory = peak_memory(device)
+
+    mean = statistics.fmean(timing["step_s"])
+    mode, peak_key = dtype_mode(device, cfg.amp)
+    peak, peak_source = peak_tflops(device, peak_key, args.peak_tflops)
+    achieved = flops["total"] / mean / 1e12
+    results = {
+        "command": command_line(argv),
+        "torch": torch.__version__,
+        "device": device_name(device),
+        "device_type": device.type,
+        "threads": torch.get_num_threads(),
+        "mode": mode,
+        "compile": cfg.compile,
+        "preset": cfg.preset,
+        "batch_size": cfg.batch_size, "frames": cfg.frames, "img_size": cfg.img_size,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "warmup": args.warmup, "steps": args.steps,
+        "first_step_s": timing["first_step_s"],
+        "step_s_mean": mean,
+        "step_s_median": statistics.median(timing["step_s"]),
+        "step_s_min": min(timing["step_s"]),
+        "step_s": timing["step_s"],
+        "matcher_s_mean": statistics.fmean(timing["matcher_s"]),
+        "clips_per_s": cfg.batch_size / mean,
+        "loss_first": timing["loss"][0], "loss_last": timing["loss"][-1],
+        **memory,
+        "flops_forward": flops["forward"], "flops_backward": flops["backward"],
+        "flops_total": flops["total"], "flops_by_op": flops["by_op"],
+        "achieved_tflops": achieved,
+        "peak_tflops": peak, "peak_tflops_source": peak_source,
+        "mfu": None if peak is None else achieved / peak,
+    }
+    print(report(results))
+    if args.json:
+        train.write_json(args.json, results)
+        print(f"wrote {args.json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------
+
+def training_step(model, train_model, criterion, opt, batch: dict, cfg) -> float:
+    """One step of train.train_one_epoch (without its logging and the lr scheduler's counter)."""
+    device = batch["frames"].device
+    targets = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+        outputs = train_model(batch)
+    outputs = train.to_float(outputs)
+    total, _ = criterion(outputs, targets)                 # eq. (8), Hungarian matcher inside
+    loss = total.item()                                    # train.py's one host sync of a step
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    opt.step()
+    return loss
+
+
+def _conv_backward_flop(*args, out_val=None, **kwargs) -> int:
+    """torch's convolution_backward formula with the weight gradient of a grouped convolution
+    divided by the number of groups.
+
+    torch (up to at least 2.13) counts the weight gradient of a convolution with G groups as if
+    every output channel saw every input channel: G times too many FLOPs. Eq. (7)'s dynamic
+    convolution runs all tokens of the batch as one grouped convolution (G = B*T*N*...), so
+    without this the backward pass is counted several times over. The fix upstream is
+    pytorch/pytorch#183405.
+    """
+    # aten.convolution_backward(grad_out, input, weight, bias_sizes, stride, padding, dilation,
+    #                           transposed, output_padding, groups, output_mask)
+    groups, mask = args[9], args[10]
+    whole = flop_counter.conv_backward_flop(*args, out_val=out_val, **kwargs)
+    if groups == 1 or not mask[1]:
+        return whole
+    weight_grad = flop_counter.conv_backward_flop(*args[:10], [False, True, False],
+                                                  out_val=out_val, **kwargs)
+    return whole - weight_grad + weight_grad // groups
+
+
+_conv_backward_flop._get_raw = True   # FlopCounterMode: pass tensors, as for its own formulas
+
+
+def count_flops(fn):
+    """Run fn() under FlopCounterMode: (fn's result, total FLOPs, {op name: FLOPs})."""
+    counter = FlopCounterMode(display=False, custom_mapping={
+        torch.ops.aten.convolution_backward: _conv_backward_flop})
+    with counter:
+        out = fn()
+    by_op = {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    return out, int(counter.get_total_flops()), by_op
+
+
+def count_step_flops(model, criterion, batch: dict, amp: bool) -> dict:
+    """FLOPs of the forward pass with the loss (matcher included) and of the backward pass."""
+    device = batch["frames"].device
+
+    def forward():
+        targets = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            outputs = model(batch)
+        return criterion(train.to_float(outputs), targets)[0]
+
+    total, fwd, fwd_ops = count_flops(forward)
+    _, bwd, bwd_ops = count_flops(total.backward)
+    by_op = {op: fwd_ops.get(op, 0) + bwd_ops.get(op, 0) for op in sorted({*fwd_ops, *bwd_ops})}
+    return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "by_op": by_op}
+
+
+def time_steps(step, matcher, device: torch.device, warmup: int, steps: int) -> dict:
+    """Run warmup + steps steps; wall time of each timed step and of the matcher inside it."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    matcher_time = [0.0]
+    original = matcher.forward
+
+    def timed_matcher(*a, **k):  # the step's outputs are ready when the matcher starts
+        sync()
+        t = time.perf_counter()
+        out = original(*a, **k)
+        matcher_time[0] += time.perf_counter() - t
+        return out
+
+    matcher.forward = timed_matcher
+    step_s, matcher_s, losses, first = [], [], [], None
+    try:
+        for i in range(warmup + steps):
+            sync()
+            matcher_time[0] = 0.0
+            t0 = time.perf_counter()
+            loss = step()
+            sync()
+            dt = time.perf_counter() - t0
+            if i == 0:
+                first = dt
+            if i >= warmup:
+                step_s.append(dt)
+                matcher_s.append(matcher_time[0])
+                losses.append(loss)
+    finally:
+        del matcher.forward                          # back to the class's forward
+    return {"step_s": step_s, "matcher_s": matcher_s, "loss": losses, "first_step_s": first}
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory, device, peak throughput
+# ----------------------------------------------------------------------------------------------
+
+def peak_memory(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)),
+                "peak_memory_kind": "torch.cuda.max_memory_allocated (warm-up and timed steps)",
+                "peak_memory_reserved_bytes": int(torch.cuda.max_memory_reserved(device))}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss   # KiB on Linux, bytes on macOS
+    scale = 1 if sys.platform == "darwin" else 1024
+    return {"peak_memory_bytes": int(rss * scale),
+            "peak_memory_kind": "peak RSS of the whole process (resource.getrusage)"}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU: {name}"
+
+
+def dtype_mode(device: torch.device, amp: bool) -> tuple[str, str]:
+    """(description, key of PEAK_TFLOPS) of the arithmetic the step's matmuls run in."""
+    if amp:
+        return "bf16 autocast (forward; loss in fp32)", "bf16"
+    if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        return "fp32 tensors, TF32 matmuls", "tf32"
+    conv = ""
+    if device.type == "cuda" and torch.backends.cudnn.allow_tf32:
+        conv = " (cuDNN may run convolutions in TF32)"
+    return "fp32" + conv, "fp32"
+
+
+def peak_tflops(device: torch.device, key: str, override: float | None):
+    """MFU's denominator: (TFLOP/s or None, where it came from)."""
+    if override is not None:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "no peak for CPUs (pass --peak-tflops)"
+    name = torch.cuda.get_device_name(device)
+    if "H200" in name:
+        return PEAK_TFLOPS["H200"][key], f"table: H200 {key} dense"
+    # H100 SXM reports itself as "NVIDIA H100 80GB HBM3"; PCIe and NVL have other peaks.
+    if "H100" in name and "PCIe" not in name and "NVL" not in name:
+        return PEAK_TFLOPS["H100 SXM"][key], f"table: H100 SXM {key} dense"
+    return None, f"{name!r} not in the table (pass --peak-tflops)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def command_line(argv=None) -> str:
+    args = sys.argv[1:] if argv is None else list(argv)
+    return "python bench.py" + ("" if not args else " " + shlex.join(args))
+
+
+def report(r: dict) -> str:
+    gb = r["peak_memory_bytes"] / 1e9
+    mem = f"{gb:.3f} GB  ({r['peak_memory_kind']})"
+    if "peak_memory_reserved_bytes" in r:
+        mem += f"; reserved {r['peak_memory_reserved_bytes'] / 1e9:.3f} GB"
+    mfu = ("n/a" if r["mfu"] is None else f"{100 * r['mfu']:.2f} %")
+    peak = ("" if r["peak_tflops"] is None else f"{r['peak_tflops']:g} TFLOP/s, ")
+    first = (f"{r['first_step_s']:.3f} s" + (" (not timed)" if r["warmup"] else " (timed)"))
+    rows = [
+        ("command", r["command"]),
+        ("device", r["device"] + (f", torch threads {r['threads']}" if r["device_type"] == "cpu"
+                                  else "")),
+        ("torch", r["torch"]),
+        ("mode", f"{r['mode']}; torch.compile {'on' if r['compile'] else 'off'}"),
+        ("model", f"preset {r['preset']}, {r['parameters']:,} parameters "
+                  f"({r['trainable_parameters']:,} trainable)"),
+        ("batch", f"B = {r['batch_size']} clips x T = {r['frames']} frames x "
+                  f"{r['img_size']} x {r['img_size']}"),
+        ("step time", f"mean {r['step_s_mean']:.4f} s, median {r['step_s_median']:.4f} s, "
+                      f"min {r['step_s_min']:.4f} s  ({r['steps']} steps after {r['warmup']} "
+                      f"warm-up)"),
+        ("first step", first),
+        ("matcher", f"{1000 * r['matcher_s_mean']:.1f} ms/step "
+                    f"({100 * r['matcher_s_mean'] / r['step_s_mean']:.1f} % of the step; "
+                    f"cost matrices + scipy on CPU)"),
+        ("clips/s", f"{r['clips_per_s']:.2f}"),
+        ("peak memory", mem),
+        ("FLOPs/step", f"{r['flops_total'] / 1e9:.2f} GFLOP (forward + loss "
+                       f"{r['flops_forward'] / 1e9:.2f}, backward {r['flops_backward'] / 1e9:.2f}; "
+                       f"matmul/conv/attention only)"),
+        ("achieved", f"{r['achieved_tflops']:.4f} TFLOP/s"),
+        ("MFU", f"{mfu}  ({peak}{r['peak_tflops_source']})"),
+        ("loss", f"{r['loss_first']:.4f} (first timed step) -> {r['loss_last']:.4f} (last)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = ["SQD training step: build tracks + forward + loss (Hungarian) + backward + clip + AdamW"]
+    lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""A look inside the shared codebook: which codewords the semantic tokens choose (Fig. 6, 7).
+
+What this file teaches
+    SQD claims that the N global tokens g_i of a clip, quantized with one shared codebook
+    (eq. 1, 2), *decompose* a mixture: a clip where a dog and a car sound should choose the
+    dog's codeword and the car's codeword. On the synthetic benchmark the ground truth says which
+    categories sound, so the claim can be measured:
+
+      1. usage and perplexity of the codebook over a split (quantize.codebook_stats);
+      2. a category x codeword table: for single-source clips of each category, how often each
+         codeword is among the clip's N global tokens;
+      3. each category's *signature* codeword: the codeword most specific to it,
+             sig(c) = argmax_k  P(k in clip | c) - mean_c' P(k in clip | c')
+         (a codeword every clip chooses, e.g. one meaning "silence", is specific to nobody);
+      4. decomposition recall on multi-source clips: the fraction of a clip's sounding categories
+         whose signature codeword is among its N global tokens. An undecomposed model (N = 1,
+         Table 4) can hold one signature per clip, so its recall is bounded by 1 / #sources;
+      5. a 2-D picture of the global tokens of single-source clips, coloured by category (PCA),
+         with the codewords as crosses, as in Fig. 6.
+
+Reading order: collect() (runs the model and gathers tokens, codes and categories), summarise()
+(the numbers 1-4), scatter_png() (the picture 5). train.py calls write_diagnostics() at the end
+of a synthetic run; it writes diagnostics.json and tokens.png into the run directory.
+
+Shapes: M clips, N tokens, C channels, K codewords, Kc categories (class ids 1..Kc).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import DataLoader
+
+import data
+from quantize import codebook_stats
+
+
+@torch.no_grad()
+def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None = None) -> dict:
+    """Run the model over a synthetic split and keep, per clip, its global tokens and codes.
+
+    Returns dict of numpy arrays:
+        tokens   (M, N, C) float32, g_i before quantization (the first window of the clip)
+        codes    (M, N) int64, the chosen codewords VQ(g_i)
+        sounding (M, Kc) bool, the categories that sound somewhere in the clip (off-screen too)
+        multi    (M,) bool, multi-source clip
+        local_codes (M, T, N) int64 or absent, the codewords of the local tokens
+    Empty dict when the model has no global tokens (no GSD).
+    """
+    model.eval()
+    n = len(dataset) if max_clips is None else min(max_clips, len(dataset))
+    loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
+                        collate_fn=data.collate)
+    out = {"tokens": [], "codes": [], "sounding": [], "multi": [], "local_codes": []}
+    for batch in loader:
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        res = model(batch)
+        if "global" not in res["indices"]:
+            return {}
+        codes = res["indices"]["global"]                      # (B, N) or (B, n_win, N)
+        tokens = res["tokens"]["global"]                      # (B, N, C) or (B, n_win, N, C)
+        if codes.dim() == 3:                                  # windows: keep the first
+            codes, tokens = codes[:, 0], tokens[:, 0]         # (B, N), (B, N, C)
+        out["tokens"].append(tokens.float().cpu().numpy())
+        out["codes"].append(codes.cpu().numpy())
+        if "local" in res["indices"]:
+            out["local_codes"].append(res["indices"]["local"].cpu().numpy())  # (B, T, N)
+        for meta in batch["meta"]:
+            out["sounding"].append(np.asarray(meta["sounding"], dtype=bool).any(0))  # (Kc,)
+            out["multi"].append(bool(meta["multi_source"]))
+    model.train()
+    result = {k: np.concatenate(v) for k, v in out.items() if k not in ("sounding", "multi") and v}
+    result["sounding"] = np.stack(out["sounding"])          # (M, Kc)
+    result["multi"] = np.array(out["multi"])                 # (M,)
+    return result
+
+
+def category_code_table(codes: np.ndarray, sounding: np.ndarray, multi: np.ndarray,
+                        num_codes: int) -> np.ndarray:
+    """(Kc, K) P(k in clip | c): over single-source clips of category c, the fraction whose N
+    global tokens include codeword k (NaN row for a category with no single-source clip)."""
+    Kc = sounding.shape[1]
+    present = np.zeros((len(codes), num_codes), dtype=bool)  # (M, K)
+    rows = np.repeat(np.arange(len(codes)), codes.shape[1])  # (M*N,)
+    present[rows, codes.reshape(-1)] = True
+    table = np.full((Kc, num_codes), np.nan)                 # (Kc, K)
+    for c in range(Kc):
+        sel = ~multi & sounding[:, c]                        # (M,) single-source clips of c
+        if sel.any():
+            table[c] = present[sel].mean(0)
+    return table
+
+
+def signatures(table: np.ndarray) -> np.ndarray:
+    """(Kc,) sig(c) = argmax_k P(k|c) - mean_c' P(k|c'); -1 for a category never seen alone."""
+    seen = ~np.isnan(table).any(1)                           # (Kc,)
+    sig = np.full(table.shape[0], -1, dtype=np.int64)
+    if seen.any():
+        specific = table[seen] - table[seen].mean(0, keepdims=True)  # (Kc_seen, K)
+        sig[seen] = specific.argmax(1)
+    return sig
+
+
+def decomposition_recall(codes: np.ndarray, sounding: np.ndarray, multi: np.ndarray,
+                         sig: np.ndarray) -> float:
+    """Over multi-source clips: mean over (clip, sounding category with a signature) of
+    [sig(c) is among the clip's N global tokens]. NaN when there is nothing to count."""
+    hits, total = 0, 0
+    for m in np.nonzero(multi)[0]:
+        chosen = set(codes[m].tolist())
+        for c in np.nonzero(sounding[m])[0]:
+            if sig[c] >= 0:
+                hits += int(sig[c] in chosen)
+                total += 1
+    return hits / total if total else float("nan")
+
+
+def summarise(collected: dict, num_codes: int) -> dict:
+    """The numbers 1-4 of the file docstring as a JSON-ready dict."""
+    codes, sounding, multi = collected["codes"], collected["sounding"], collected["multi"]
+    table = category_code_table(codes, sounding, multi, num_codes)  # (Kc, K)
+    sig = signatures(table)                                          # (Kc,)
+    res = {
+        "global_codebook": codebook_stats(torch.from_numpy(codes), num_codes),
+        "distinct_signatures": int(len(set(sig[sig >= 0].tolist()))),
+        "signature_codeword": sig.tolist(),
+        "decomposition_recall": decomposition_recall(codes, sounding, multi, sig),
+        "category_codeword_table": np.nan_to_num(table, nan=-1.0).round(3).tolist(),
+        "clips": {"single": int((~multi).sum()), "multi": int(multi.sum())},
+    }
+    if "local_codes" in collected:
+        res["local_codebook"] = codebook_stats(torch.from_numpy(collected["local_codes"]), num_codes)
+    return res
+
+
+def scatter_png(tokens: np.ndarray, labels: np.ndarray, codebook: np.ndarray, path: str,
+                palette: np.ndarray, size: int = 512) -> None:
+    """PCA of tokens (P, C) to 2-D, one dot per token coloured by labels (P,) class ids, codewords
+    (K, C) as grey crosses in the same projection; written as an RGB PNG of size x size."""
+    mean = tokens.mean(0, keepdims=True)                     # (1, C)
+    _, _, vt = np.linalg.svd(tokens - mean, full_matrices=False)  # vt (C, C)
+    basis = vt[:2].T                                         # (C, 2) first two principal axes
+    pts = (tokens - mean) @ basis                            # (P, 2)
+    cb = (codebook - mean) @ basis                           # (K, 2)
+    lo = np.percentile(pts, 1, axis=0) - 0.1 * np.ptp(pts, axis=0)  # (2,) ignore far outliers
+    hi = np.percentile(pts, 99, axis=0) + 0.1 * np.ptp(pts, axis=0)  # (2,)
+    scale = (size - 20) / np.maximum(hi - lo, 1e-9)          # (2,)
+
+    def to_px(p):
+        return 10 + (p - lo) * scale                         # (..., 2) pixel coordinates
+
+    img = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for x, y in to_px(cb):
+        if 0 <= x < size and 0 <= y < size:
+            draw.line([(x - 4, y - 4), (x + 4, y + 4)], fill=(150, 150, 150))
+            draw.line([(x - 4, y + 4), (x + 4, y - 4)], fill=(150, 150, 150))
+    for (x, y), c in zip(to_px(pts), labels):
+        colour = tuple(int(v) for v in palette[int(c)])
+        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    img.save(path)
+
+
+def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | None = None) -> dict:
+    """Collect on `dataset`, write out_dir/diagnostics.json and out_dir/tokens.png, return the dict
+    (empty when the model has no global tokens)."""
+    collected = collect(model, dataset, device, max_clips=max_clips)
+    if not collected:
+        return {}
+    codebook = model.codebook.codebook.detach().float().cpu().numpy()   # (K, C)
+    res = summarise(collected, codebook.shape[0])
+    with open(os.path.join(out_dir, "diagnostics.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    single = ~collected["multi"]                                        # (M,)
+    tokens = collected["tokens"][single]                                # (M_s, N, C)
+    cats = collected["sounding"][single].argmax(1) + 1                  # (M_s,) class ids
+    if len(tokens):
+        scatter_png(tokens.reshape(-1, tokens.shape[-1]), np.repeat(cats, tokens.shape[1]),
+                    codebook, os.path.join(out_dir, "tokens.png"), data.voc_palette(256))
+    return res
