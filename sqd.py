@@ -202,6 +202,7 @@ class SQD(nn.Module):
             # unused, and frozen so that DDP sees no parameter without a gradient
             self.audio_encoder.token_proj.requires_grad_(False)
             self.audio_encoder.token_pos.requires_grad_(False)
+            self.audio_encoder.token_norm.requires_grad_(False)
         if cfg.use_lsd or cfg.use_gsd:
             self.baseline_queries = None
         if not cfg.use_gsd and not cfg.use_lsd:
