@@ -161,3 +161,15 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     # every test clip is evaluated exactly once across the two ranks
     assert metrics["test"]["num_real_frames"] == 4 * 5
     assert sorted(losses(run)) == [1, 2]
+
+
+def test_loss_weights_paper_for_avsbench_lighter_masks_for_synthetic_and_flags_win():
+    from matcher import PAPER_LOSS_WEIGHTS
+    from train import LOSS_WEIGHT_FIELDS, TrainConfig, parse_args, resolve
+    paper, _ = resolve(TrainConfig(dataset="avss", data_root="AVSS"), 70)
+    assert {k: getattr(paper, k) for k in LOSS_WEIGHT_FIELDS} == PAPER_LOSS_WEIGHTS  # App. D
+    synthetic, _ = resolve(TrainConfig(), 12)
+    assert (synthetic.loss_class, synthetic.loss_mask, synthetic.loss_dice,
+            synthetic.loss_bbox, synthetic.loss_giou) == (2.0, 1.0, 0.5, 1.0, 0.5)
+    flagged, _ = resolve(parse_args(["--loss-mask", "3"]), 12)
+    assert flagged.loss_mask == 3.0 and flagged.loss_dice == 0.5
