@@ -39,6 +39,8 @@ import time
 
 import numpy as np
 
+import train
+
 # name -> train.py flags. The full model appears once and fills a row of every table.
 ROWS = {
     "baseline": ["--no-gsd", "--no-avsr", "--no-lsd"],
@@ -209,10 +211,7 @@ def main(argv=None) -> int:
                   parallel=args.parallel, total_time_s=round(total, 1), failed=failed,
                   interrupted=interrupted,
                   rows=rows, runs=runs)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
+    train.write_json(path, result)  # atomic: a temporary file, then a rename
     print(f"\n{len(runs)} runs in {total / 60:.1f} min ({len(failed)} failed); wrote {path}\n")
     print(tables(rows))
     return 1 if failed or interrupted else 0

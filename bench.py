@@ -65,7 +65,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import train
-from matcher import SetCriterion, build_tracks
+from matcher import SetCriterion
 from sqd import SQD
 
 # Dense (no structured sparsity) peak tensor throughput in TFLOP/s, from NVIDIA's H100 and H200
@@ -240,17 +240,9 @@ def run(args: argparse.Namespace, argv=None) -> int:
 
 def training_step(model, train_model, criterion, opt, batch: dict, cfg) -> float:
     """One step of train.train_one_epoch (without its logging and the lr scheduler's counter)."""
-    device = batch["frames"].device
-    targets = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-        outputs = train_model(batch)
-    outputs = train.to_float(outputs)
-    total, _ = criterion(outputs, targets)                 # eq. (8), Hungarian matcher inside
+    total, _, _ = train.forward_loss(model, train_model, criterion, batch, cfg.amp)  # eq. (8)
     loss = total.item()                                    # train.py's one host sync of a step
-    opt.zero_grad(set_to_none=True)
-    total.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-    opt.step()
+    train.apply_gradients(model, opt, total, cfg.clip_grad)
     return loss
 
 
@@ -290,13 +282,8 @@ def count_flops(fn):
 
 def count_step_flops(model, criterion, batch: dict, amp: bool) -> dict:
     """FLOPs of the forward pass with the loss (matcher included) and of the backward pass."""
-    device = batch["frames"].device
-
     def forward():
-        targets = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            outputs = model(batch)
-        return criterion(train.to_float(outputs), targets)[0]
+        return train.forward_loss(model, model, criterion, batch, amp)[0]
 
     total, fwd, fwd_ops = count_flops(forward)
     _, bwd, bwd_ops = count_flops(total.backward)

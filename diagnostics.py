@@ -20,13 +20,12 @@ What this file teaches
 
 Reading order: collect() (runs the model and gathers tokens, codes and categories), summarise()
 (the numbers 1-4), scatter_png() (the picture 5). train.py calls write_diagnostics() at the end
-of a synthetic run; it writes diagnostics.json and tokens.png into the run directory.
+of a synthetic run, which draws tokens.png; train.py writes the returned dict to diagnostics.json.
 
 Shapes: M clips, N tokens, C channels, K codewords, Kc categories (class ids 1..Kc).
 """
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -165,15 +164,13 @@ def scatter_png(tokens: np.ndarray, labels: np.ndarray, codebook: np.ndarray, pa
 
 
 def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | None = None) -> dict:
-    """Collect on `dataset`, write out_dir/diagnostics.json and out_dir/tokens.png, return the dict
-    (empty when the model has no global tokens)."""
+    """Collect on `dataset`, write out_dir/tokens.png and return the summary dict for
+    diagnostics.json (empty when the model has no global tokens)."""
     collected = collect(model, dataset, device, max_clips=max_clips)
     if not collected:
         return {}
     codebook = model.codebook.codebook.detach().float().cpu().numpy()   # (K, C)
     res = summarise(collected, codebook.shape[0])
-    with open(os.path.join(out_dir, "diagnostics.json"), "w") as f:
-        json.dump(res, f, indent=1)
     single = ~collected["multi"]                                        # (M,)
     tokens = collected["tokens"][single]                                # (M_s, N, C)
     cats = collected["sounding"][single].argmax(1) + 1                  # (M_s,) class ids

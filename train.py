@@ -406,6 +406,7 @@ def run(cfg: TrainConfig) -> int:
             # a look inside the codebook (diagnostics.py): diagnostics.json and tokens.png
             diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir)
             if diag:
+                write_json(os.path.join(out_dir, "diagnostics.json"), diag)
                 results["codebook"] = {k: diag[k] for k in ("global_codebook", "distinct_signatures",
                                                             "decomposition_recall")}
         write_json(os.path.join(out_dir, "metrics.json"), results)
@@ -414,6 +415,28 @@ def run(cfg: TrainConfig) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def forward_loss(model: SQD, train_model, criterion: SetCriterion, batch: dict, amp: bool):
+    """The forward half of a training step (train_one_epoch and bench.py): ground-truth tracks,
+    the model under optional bf16 autocast, and the eq. (8) loss with the Hungarian matcher.
+    Returns (total loss tensor, dict of unweighted parts, outputs). ValueError: non-finite cost."""
+    targets = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
+    with torch.autocast(batch["frames"].device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = train_model(batch)
+    outputs = to_float(outputs)
+    total, parts = criterion(outputs, targets)  # eq. (8)
+    return total, parts, outputs
+
+
+def apply_gradients(model: SQD, opt, total: torch.Tensor, clip_grad: float) -> torch.Tensor:
+    """The backward half: gradients of `total`, clipped to norm clip_grad, one AdamW step.
+    Returns the gradient norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    opt.step()
+    return grad_norm
 
 
 def train_one_epoch(ctx: dict, log_path: str) -> bool:
@@ -434,12 +457,8 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
         return False
     for batch in bar:
         batch = to_device(batch, device)
-        targets = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
-            outputs = train_model(batch)
-        outputs = to_float(outputs)
         try:
-            total, parts = criterion(outputs, targets)  # eq. (8)
+            total, parts, outputs = forward_loss(model, train_model, criterion, batch, cfg.amp)
         except ValueError as e:  # the matcher refuses a non-finite cost and names the term
             raise UserError(f"non-finite loss at step {state['step'] + 1}: {e}\n"
                             f"last good checkpoint: {_last_checkpoint(ctx)}") from None
@@ -448,10 +467,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
             bad = [k for k, v in parts.items() if not torch.isfinite(v)]
             raise UserError(f"non-finite loss at step {state['step'] + 1} (terms: {bad}); "
                             f"last good checkpoint: {_last_checkpoint(ctx)}")
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        opt.step()
+        grad_norm = apply_gradients(model, opt, total, cfg.clip_grad)
         sched.step()
         state["step"] += 1
         state["step_in_epoch"] += 1
