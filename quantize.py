@@ -15,7 +15,9 @@ Reading order
     1. QuantizerOutput        what one quantization returns
     2. VectorQuantizer        codebook, nearest_code (VQ of eq. 2), forward: straight-through,
                               the two eq. (9) terms, the `update_codebook=False` local path,
-                              optional dead-code revival (off by default)
+                              optional dead-code revival (off by default), the optional
+                              warm-up (VQ(x) = x while the tokens learn to depend on the sound)
+                              and the k-means initialisation of the codebook that ends it
     3. product_quantize       eq. (2): N tokens through one shared quantizer, concatenated
     4. quantization_loss      eq. (9): the three named, unweighted terms
     5. codebook_stats         usage, perplexity and dead codes from the chosen indices
@@ -71,16 +73,24 @@ class VectorQuantizer(nn.Module):
         usage_decay:       EMA decay of `code_usage` (per training forward).
         dead_threshold:    a code is dead when its EMA share < dead_threshold * (1 / K), i.e. below
                            this fraction of the share it would have under uniform use.
+        warmup_memory:     R, how many of the most recent warm-up tokens are kept for the k-means
+                           initialisation (see `set_warmup`).
 
     Parameters and buffers:
         codebook:   (K, D) nn.Parameter, trained by the first term of eq. (9).
         code_usage: (K,) buffer, EMA of the share of global-path assignments per code; starts at
                     1/K (uniform) so that no code is dead before it has had a chance. Only updated
                     when revival is on.
+        warmup_tokens: (R, D) buffer, a ring of the most recent tokens seen in warm-up training.
+        warmup_seen:   () int64 buffer, how many tokens were written into the ring so far.
+        kmeans_done:   () bool buffer, True once the codebook was initialised from the ring.
+    The three are saved in checkpoints, so a run resumed in or after warm-up continues exactly.
+    The attribute `warmup` (a Python bool, False unless `set_warmup(True)`) says whether the
+    quantizer is in warm-up; the trainer sets it from the step count.
     """
 
     def __init__(self, num_codes: int, dim: int, revive_dead_codes: bool = False,
-                 usage_decay: float = 0.99, dead_threshold: float = 0.1):
+                 usage_decay: float = 0.99, dead_threshold: float = 0.1, warmup_memory: int = 4096):
         super().__init__()
         self.num_codes = num_codes
         self.dim = dim
@@ -104,6 +114,28 @@ class VectorQuantizer(nn.Module):
         codebook = F.layer_norm(torch.randn(num_codes, dim), (dim,))  # (K, D)
         self.codebook = nn.Parameter(codebook)  # (K, D)
         self.register_buffer("code_usage", torch.full((num_codes,), 1.0 / num_codes))  # (K,)
+        self.warmup = False
+        self.register_buffer("warmup_tokens", torch.zeros(warmup_memory, dim))  # (R, D)
+        self.register_buffer("warmup_seen", torch.tensor(0))  # () int64
+        self.register_buffer("kmeans_done", torch.tensor(False))  # ()
+
+    def set_warmup(self, active: bool) -> None:
+        """Switch the warm-up on or off (the trainer does it before every step).
+
+        PAPER: not in the paper, off in its recipes. While the warm-up is on, VQ(x) = x: the tokens
+        go on unquantized, eq. (9) is zero, and the tokens of each training forward (global and
+        local) are written into a ring of the last R. At the first training forward after it is
+        switched off, and tokens were remembered, and the codebook was not initialised yet, the
+        codebook is set to the k-means centres of that ring (`init_from_tokens`), once. Why: the paper's VGGish features separate sound categories from the first step; a
+        network trained from scratch starts with tokens that depend on their prototype p_i far
+        more than on the sound, and quantizing those from step 1 collapses the codebook (README,
+        "Training the CPU preset"). The warm-up lets the tokens become sound-dependent first, and
+        the k-means codebook then starts where they are.
+        """
+        if not active and int(self.warmup_seen) > 0 and not bool(self.kmeans_done):
+            R = self.warmup_tokens.shape[0]
+            self.init_from_tokens(self.warmup_tokens[: min(int(self.warmup_seen), R)])  # (R', D)
+        self.warmup = bool(active)
 
     @torch.no_grad()
     def nearest_code(self, flat: torch.Tensor) -> torch.Tensor:
@@ -141,6 +173,8 @@ class VectorQuantizer(nn.Module):
         """
         lead = x.shape[:-1]  # (...) the leading dimensions
         flat = x.reshape(-1, self.dim)  # (M, D)
+        if self.warmup:
+            return self._warmup_forward(flat, lead, update_codebook)  # VQ(x) = x (not in the paper; off by default)
         owns_codebook = update_codebook and self.training
         if owns_codebook and self.revival_enabled:
             # PAPER: dead-code revival is not in the paper (it trains C by eq. 9 alone); it is an
@@ -183,6 +217,83 @@ class VectorQuantizer(nn.Module):
             codebook_loss=codebook_loss,
             commitment_loss=commitment_loss,
         )
+
+    def _warmup_forward(self, flat: torch.Tensor, lead, update_codebook: bool) -> QuantizerOutput:
+        """Warm-up: VQ(x) = x, no loss; the nearest codes are still reported (for logging).
+
+        Args:
+            flat: (M, D) tokens; lead: their leading dimensions; update_codebook: as in forward.
+        Returns:
+            QuantizerOutput with quantized = x (..., D), codes = the (untrained) nearest codewords,
+            indices (...), and zero losses.
+        """
+        if self.training:
+            self._remember(flat.detach())
+        indices = self.nearest_code(flat)  # (M,)
+        # () eq. (9) is off during the warm-up. On the path that owns the codebook the zero is
+        # taken from it, so that the codebook stays in the graph with a zero gradient (DDP expects
+        # every parameter to be used); the local path never touches the codebook.
+        zero = (self.codebook.sum() * 0.0).to(flat.dtype) if update_codebook else flat.new_zeros(())
+        return QuantizerOutput(
+            quantized=flat.reshape(*lead, self.dim),  # (..., D) the token itself
+            codes=self.codebook.detach()[indices].reshape(*lead, self.dim),  # (..., D)
+            indices=indices.reshape(lead),  # (...)
+            codebook_loss=zero,
+            commitment_loss=flat.new_zeros(()),
+        )
+
+    @torch.no_grad()
+    def _remember(self, flat: torch.Tensor) -> None:
+        """Write tokens (M, D) into the ring `warmup_tokens`, overwriting the oldest."""
+        R = self.warmup_tokens.shape[0]
+        flat = flat[-R:].to(self.warmup_tokens.dtype)  # (M', D), M' <= R
+        slots = (int(self.warmup_seen) + torch.arange(flat.shape[0], device=flat.device)) % R  # (M',)
+        self.warmup_tokens[slots] = flat
+        self.warmup_seen += flat.shape[0]
+
+    @torch.no_grad()
+    def init_from_tokens(self, tokens: torch.Tensor, iters: int = 20, seed: int = 0) -> torch.Tensor:
+        """Set the codebook to the k-means centres of `tokens` (k-means++ seeding, Lloyd steps).
+
+        Args:
+            tokens: (M, D) vectors. With fewer than K distinct vectors, the codes that no vector
+                    can seed keep their current value.
+            iters:  Lloyd iterations (assign every vector to its nearest centre, move each centre
+                    to the mean of its vectors; a centre with no vector stays where it is).
+            seed:   seed of the k-means++ draws.
+        Returns:
+            sizes: (K,) int64, how many tokens each code holds after the last assignment.
+
+        Under DDP every rank computes its own centres, then rank 0's are broadcast, so the
+        codebook stays identical everywhere. Adam's moments of the codebook are left as they were.
+        """
+        x = tokens.detach().to(torch.float32)  # (M, D)
+        K = self.num_codes
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        centres = self.codebook.detach().to(torch.float32).clone()  # (K, D) fallback for unseeded codes
+        # k-means++: the first centre uniformly, each next one with probability ~ squared distance
+        first = int(torch.randint(x.shape[0], (1,), generator=g))
+        centres[0] = x[first]
+        d2 = (x - x[first]).pow(2).sum(1)  # (M,) squared distance to the nearest chosen centre
+        seeded = 1
+        while seeded < K and d2.sum() > 0:
+            pick = int(torch.multinomial((d2 / d2.sum()).cpu(), 1, generator=g))
+            centres[seeded] = x[pick]
+            d2 = torch.minimum(d2, (x - x[pick]).pow(2).sum(1))  # (M,)
+            seeded += 1
+        for _ in range(iters):
+            assign = torch.cdist(x, centres[:seeded]).argmin(1)  # (M,) nearest seeded centre
+            sums = torch.zeros(seeded, x.shape[1], device=x.device).index_add_(0, assign, x)  # (K', D)
+            counts = torch.bincount(assign, minlength=seeded)  # (K',)
+            moved = counts > 0
+            centres[:seeded][moved] = sums[moved] / counts[moved, None]  # (K', D) cluster means
+        sizes = torch.bincount(torch.cdist(x, centres[:seeded]).argmin(1), minlength=K)  # (K,)
+        self.codebook.copy_(centres.to(self.codebook.dtype))  # (K, D)
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.codebook, src=0)  # (K, D) rank 0's centres everywhere
+        self.kmeans_done.fill_(True)
+        self.code_usage.fill_(1.0 / K)
+        return sizes
 
     @torch.no_grad()
     def _update_usage(self, indices: torch.Tensor) -> None:

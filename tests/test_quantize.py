@@ -321,3 +321,88 @@ def test_revival_keeps_ddp_ranks_identical(tmp_path):
     # the revived rows came from rank 0's inputs
     for k in (2, 3, 4):
         assert any(torch.equal(r0["codebook"][k], row) for row in r0["x"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Warm-up and the k-means codebook (not in the paper; the synthetic recipe uses them)
+# ---------------------------------------------------------------------------------------------
+
+def test_warmup_passes_tokens_through_and_remembers_the_last_R():
+    K, D, R = 4, 3, 5
+    vq = make_vq(K, D, warmup_memory=R)
+    vq.set_warmup(True)
+    vq.train()
+    seen = []
+    for step in range(3):
+        x = torch.randn(2, D, dtype=torch.float64, requires_grad=True)  # (2, D)
+        out = vq(x, update_codebook=(step != 1))  # global and local paths are both remembered
+        assert torch.equal(out.quantized, x)  # VQ(x) = x
+        out.quantized.sum().backward()
+        assert torch.equal(x.grad, torch.ones_like(x))
+        assert out.codebook_loss.item() == 0.0 and out.commitment_loss.item() == 0.0
+        assert out.indices.tolist() == [brute_force_nearest(r, vq.codebook.detach()) for r in x.detach()]
+        seen += list(x.detach())
+    vq.eval()
+    vq(torch.randn(7, D, dtype=torch.float64))  # evaluation is not remembered
+    assert vq.warmup_seen.item() == 6
+    # ring of R = 5 by hand: token number j sits in slot j % R, the newest overwrite the oldest
+    for j in range(1, 6):
+        assert torch.equal(vq.warmup_tokens[j % R], seen[j])
+    assert not vq.kmeans_done
+
+
+def test_kmeans_init_recovers_separated_clusters():
+    D = 2
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]], dtype=torch.float64)  # (3, D)
+    sizes = [7, 3, 5]
+    g = torch.Generator().manual_seed(1)
+    points = torch.cat([c + 0.1 * torch.randn(n, D, generator=g, dtype=torch.float64)
+                        for c, n in zip(centres, sizes)])  # (15, D)
+    vq = make_vq(3, D)
+    got = vq.init_from_tokens(points)
+    # closed form: each codeword is the mean of one cluster, each size the cluster's size
+    means = torch.stack([chunk.mean(0) for chunk in points.split(sizes)])  # (3, D)
+    order = [int(torch.cdist(m[None], vq.codebook.detach()).argmin()) for m in means]
+    assert sorted(order) == [0, 1, 2]
+    torch.testing.assert_close(vq.codebook.detach()[order], means)
+    assert got[order].tolist() == sizes
+    assert vq.kmeans_done
+
+    # fewer distinct tokens than codes: the codes that nothing seeds keep their value
+    vq = make_vq(4, D)
+    before = vq.codebook.detach().clone()
+    vq.init_from_tokens(torch.tensor([[1.0, 1.0], [1.0, 1.0], [5.0, 5.0]], dtype=torch.float64))
+    rows = {tuple(r) for r in vq.codebook.detach()[:2].tolist()}
+    assert rows == {(1.0, 1.0), (5.0, 5.0)}
+    assert torch.equal(vq.codebook.detach()[2:], before[2:])
+
+
+def test_warmup_end_sets_the_kmeans_codebook_once_and_survives_a_checkpoint():
+    K, D = 3, 2
+    vq = make_vq(K, D, warmup_memory=64)
+    vq.train()
+    vq.set_warmup(True)
+    g = torch.Generator().manual_seed(2)
+    for c in ([0.0, 0.0], [8.0, 0.0], [0.0, 8.0]):
+        vq(torch.tensor(c, dtype=torch.float64) + 0.1 * torch.randn(6, D, generator=g, dtype=torch.float64))
+    copy = make_vq(K, D, warmup_memory=64)
+    copy.load_state_dict(vq.state_dict())  # the ring travels in the state_dict
+    expected_sizes = copy.init_from_tokens(vq.warmup_tokens[:18])
+    vq.set_warmup(False)  # ends the warm-up: k-means on the ring
+    assert torch.equal(vq.codebook.detach(), copy.codebook.detach())
+    assert sorted(expected_sizes.tolist()) == [6, 6, 6]
+    out = vq(torch.tensor([[8.1, 0.0]], dtype=torch.float64))
+    torch.testing.assert_close(out.quantized, vq.codebook.detach()[out.indices], rtol=0, atol=0)
+    assert out.codebook_loss.item() > 0  # eq. (9) is back
+    # a second switch does not initialise again
+    with torch.no_grad():
+        vq.codebook.add_(1.0)
+    moved = vq.codebook.detach().clone()
+    vq.set_warmup(True)
+    vq.set_warmup(False)
+    assert torch.equal(vq.codebook.detach(), moved)
+    # without a warm-up (the paper's recipes) switching it off changes nothing
+    plain = make_vq(K, D)
+    before = plain.codebook.detach().clone()
+    plain.set_warmup(False)
+    assert torch.equal(plain.codebook.detach(), before) and not plain.kmeans_done
