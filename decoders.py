@@ -155,7 +155,7 @@ class AudioSemanticDecoder(nn.Module):
 
     Global ASD, eq. (4): g_i = TrD_global(p_i | F'_a), memory F'_a (B, T, C).
     Local ASD, eq. (6):  l_{i,t} = TrD_local(p_i | f_{a,t}), frames flattened into the batch:
-        memory (B*T, S_a, C), output viewed back to (B, T, N, C) by the caller.
+        memory (B*T, 1, C), the frame's audio vector; output viewed back to (B, T, N, C) by the caller.
 
     forward(memory, memory_pos=None)
         memory: (B', S, C), memory_pos: (B', S, C) or None

@@ -29,7 +29,7 @@ Shape alphabet
 B clips, T frames, C model channels, H, W image size, h, w = H/4, W/4, Cm mask channels (8),
 L_lvl attention levels (T*3), H_l, W_l size of one level, S sum of H_l*W_l over levels
 (tokens of the deformable encoder), M heads, D = C/M head dim, P sampling points per level,
-Lq number of queries, S_a audio tokens per frame, n audio samples, F STFT frames.
+Lq number of queries, n audio samples, F STFT frames.
 """
 import math
 from math import gcd
@@ -222,9 +222,8 @@ class AudioEncoder(nn.Module):
         audio: (B, T, 1, 96, 64) log-mel, one 0.96 s example per frame, or precomputed
             VGGish embeddings (B, T, 128).
     Returns:
-        frame_emb: (B, T, C) F_a, one token per frame (used by eq. 3 and the global ASD, eq. 4).
-        frame_tokens: (B, T, S_a, C) the audio tokens of each frame for the local ASD (eq. 6):
-            the 6x4 = 24 conv-map positions, or S_a = 1 (the frame embedding) for precomputed input.
+        frame_emb: (B, T, C) F_a = {f_{a,t}}, one vector per frame: the queries of eq. (3) and,
+            one frame at a time, the memory of the local ASD, eq. (6).
     """
 
     def __init__(self, kind="vggish", dim=256):
@@ -239,17 +238,11 @@ class AudioEncoder(nn.Module):
         # PAPER: App. D.1 gives F_a as VGGish features of dimension C_a (128) but eq. (3) adds it to
         # C-channel tokens; the paper names no projection, we use one linear layer 128 -> C.
         self.emb_proj = nn.Linear(self.net.embedding_dim, dim)  # 128 -> C
-        self.token_proj = nn.Linear(self.net.channels, dim)  # conv channels -> C
-        # PAPER: f_{a,t} of eq. 6 is not specified; we take the 24 conv-map positions as tokens and
-        # give each a learned position embedding, otherwise attention could not tell time from
-        # frequency positions (the decoders' memory_pos is optional, so it lives in the tokens).
-        self.token_pos = nn.Parameter(torch.randn(6 * 4, dim) * 0.02)  # (S_a, C)
-        # PAPER: a LayerNorm after each projection (not in the paper). The visual tokens leave the
+        # PAPER: a LayerNorm after the projection (not in the paper). The visual tokens leave the
         # post-norm deformable encoder at unit scale and the prototypes p_i are unit normals; an
         # unnormalised audio projection starts ~15x smaller, and the audio then hardly moves the
-        # queries of eq. (3), (4) and (6).
+        # queries of eq. (3) and the tokens of eq. (4) and (6).
         self.emb_norm = nn.LayerNorm(dim)
-        self.token_norm = nn.LayerNorm(dim)
 
     def load_vggish_weights(self, path):
         """Load the released VGGish weights strictly into the wrapped network."""
@@ -260,14 +253,10 @@ class AudioEncoder(nn.Module):
 
     def forward(self, audio):
         if audio.dim() == 3:  # precomputed embeddings (B, T, 128)
-            frame_emb = self.emb_norm(self.emb_proj(audio))  # (B, T, C)
-            return frame_emb, frame_emb.unsqueeze(2)  # (B, T, C), (B, T, 1, C)
+            return self.emb_norm(self.emb_proj(audio))  # (B, T, C)
         B, T = audio.shape[:2]  # (B, T, 1, 96, 64)
-        embedding, conv_map = self.net(audio.flatten(0, 1))  # (B*T, 128), (B*T, Ca, 6, 4)
-        frame_emb = self.emb_norm(self.emb_proj(embedding)).view(B, T, -1)  # (B, T, C)
-        tokens = conv_map.flatten(2).transpose(1, 2)  # (B*T, 24, Ca), time-major positions
-        tokens = self.token_norm(self.token_proj(tokens)) + self.token_pos  # (B*T, 24, C)
-        return frame_emb, tokens.view(B, T, tokens.shape[1], -1)  # (B, T, C), (B, T, 24, C)
+        embedding, _ = self.net(audio.flatten(0, 1))  # (B*T, 128); the conv map is not used
+        return self.emb_norm(self.emb_proj(embedding)).view(B, T, -1)  # (B, T, C)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ mask decoder (SQD._mask_queries) and which codebook the local path uses.
 Shape alphabet
     B clips, T frames, N semantic tokens, C channels, K codewords, Kc foreground classes,
     H, W image size, h, w = H/4, W/4 (mask resolution), S visual tokens of one frame (all levels),
-    S_a audio tokens of one frame, Cm mask-feature channels.
+    Cm mask-feature channels.
 """
 from __future__ import annotations
 
@@ -103,9 +103,11 @@ PRESETS = {
     # App. D: C = 256, 3 layers in every decoder, N = 5, K = 128, ResNet-50, VGGish.
     "paper": ModelConfig(),
     # Small enough that `python train.py` trains and evaluates on 2 CPU cores in minutes.
-    # PAPER: not in the paper; K = 32 keeps the codebook "slightly larger than the category
-    # number" (12 synthetic categories) as the paper's 128 is for 70 classes.
-    "cpu": ModelConfig(num_classes=12, dim=64, num_tokens=5, codebook_size=32, dec_layers=2,
+    # PAPER: not in the paper. K = 128 as the paper's, although the synthetic benchmark has 12
+    # categories: the tokens of different prototypes p_i stay apart (each token index occupies
+    # its own region of the token space), so the codebook needs room for about N x 12 words
+    # (Table 3 on the synthetic benchmark, README).
+    "cpu": ModelConfig(num_classes=12, dim=64, num_tokens=5, codebook_size=128, dec_layers=2,
                        enc_layers=1, num_heads=4, ffn_dim=128, num_points=2, backbone="small",
                        frozen_bn=False, audio_encoder="small"),
 }
@@ -198,11 +200,6 @@ class SQD(nn.Module):
             self.avsr = None
         if not cfg.use_lsd:
             self.local_asd = None
-            # the per-frame audio tokens f_{a,t} feed only the local ASD; without it they are
-            # unused, and frozen so that DDP sees no parameter without a gradient
-            self.audio_encoder.token_proj.requires_grad_(False)
-            self.audio_encoder.token_pos.requires_grad_(False)
-            self.audio_encoder.token_norm.requires_grad_(False)
         if cfg.use_lsd or cfg.use_gsd:
             self.baseline_queries = None
         if not cfg.use_gsd and not cfg.use_lsd:
@@ -249,7 +246,7 @@ class SQD(nn.Module):
         # (1) Feature encoding (App. D.1)
         vis = self.visual_encoder(frames)
         levels, pos = vis["levels"], vis["pos"]                   # 3 x (B, T, C, H_l, W_l)
-        f_a, f_a_tokens = self.audio_encoder(audio)               # (B, T, C), (B, T, S_a, C)
+        f_a = self.audio_encoder(audio)                           # (B, T, C)  F_a = {f_a,t}
         C = f_a.shape[-1]
         # PAPER: App. D says only that the standard sine embedding is added in the transformers;
         # we give the per-frame audio tokens a 1-D sine embedding over time (queries of eq. 3,
@@ -279,7 +276,7 @@ class SQD(nn.Module):
         f_out = f_out.unflatten(0, (B, T))                             # (B, T, Cm, h, w)
 
         # (3) Local semantic calibration
-        queries, local_out = self._mask_queries(f_a, f_a_tokens, global_out, tokens, indices)
+        queries, local_out = self._mask_queries(f_a, global_out, tokens, indices)
         # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as the recombined tokens F'_v of frame t,
         # all three levels.
         frame_memory, frame_pos = _frame_tokens(levels, pos)           # (B, T, S, C) each
@@ -297,7 +294,7 @@ class SQD(nn.Module):
         out["indices"], out["tokens"] = indices, tokens
         return out
 
-    def _mask_queries(self, f_a, f_a_tokens, global_out, tokens, indices):
+    def _mask_queries(self, f_a, global_out, tokens, indices):
         """The N queries of every frame for the mask decoder: (B, T, N, C), and the local VQ output.
 
         Full model: VQ(l_{i,t}) with l_{i,t} = TrD_local(p_i | f_{a,t})          eq. (6)
@@ -309,8 +306,8 @@ class SQD(nn.Module):
         B, T, C = f_a.shape
         N = cfg.num_tokens
         if cfg.use_lsd:
-            S_a = f_a_tokens.shape[2]
-            l = self.local_asd(f_a_tokens.reshape(B * T, S_a, C))      # (B*T, N, C)  eq. (6): l_{i,t}
+            # eq. (6) reads one frame's audio f_{a,t}: a memory of a single token per frame
+            l = self.local_asd(f_a.reshape(B * T, 1, C))               # (B*T, N, C)  eq. (6): l_{i,t}
             l = l.reshape(B, T, N, C)                                  # (B, T, N, C)
             # the local path commits to the global codebook but never updates it (eq. 9, 3rd term)
             vq = self.codebook if self.local_codebook is None else self.local_codebook
@@ -325,6 +322,20 @@ class SQD(nn.Module):
                         else self.baseline_queries.expand(B, N, C))    # (B, N, C)
         queries = clip_queries[:, None] + f_a[:, :, None]              # (B, T, N, C)
         return queries, None
+
+    def quantizers(self) -> list:
+        """The VectorQuantizers of the model: the shared codebook, and the local one if separate."""
+        return [vq for vq in (self.codebook, self.local_codebook) if vq is not None]
+
+    def set_quantizer_warmup(self, active: bool) -> None:
+        """Quantizer warm-up on or off (quantize.VectorQuantizer.set_warmup; not in the paper).
+
+        While on, VQ(x) = x for every token and eq. (9) is zero; switching it off after a warm-up
+        sets each codebook to the k-means centres of the last warm-up tokens. train.py calls this
+        before every step with `step < quant_warmup_steps`.
+        """
+        for vq in self.quantizers():
+            vq.set_warmup(active)
 
     def parameter_groups(self, lr: float, backbone_lr_mult: float = 0.5, weight_decay: float = 5e-4):
         """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4)."""

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from scipy.signal import resample_poly
 
 from encoders import (FPN, AudioEncoder, FrozenBatchNorm2d, MSDeformAttn, ResNet, SmallBackbone, SmallVGG,
@@ -354,23 +355,25 @@ def test_vggish_keys_shapes_count_and_tf_flatten(vggish, tmp_path):
 def test_audio_encoder_shapes(vggish):
     torch.manual_seed(0)
     small = AudioEncoder("small", dim=32)
-    emb, tok = small(torch.randn(2, 3, 1, 96, 64))
-    assert tuple(emb.shape) == (2, 3, 32) and tuple(tok.shape) == (2, 3, 24, 32)
-    emb, tok = small(torch.randn(2, 3, 128))
-    assert tuple(emb.shape) == (2, 3, 32) and tuple(tok.shape) == (2, 3, 1, 32)
-    torch.testing.assert_close(tok[:, :, 0], emb)  # precomputed: the token is the embedding
-    # both outputs leave a LayerNorm (initial affine 1, 0): zero mean, unit variance per token
+    emb = small(torch.randn(2, 3, 1, 96, 64))
+    assert tuple(emb.shape) == (2, 3, 32)
+    emb = small(torch.randn(2, 3, 128))  # precomputed VGGish embeddings
+    assert tuple(emb.shape) == (2, 3, 32)
+    # the output leaves a LayerNorm (initial affine 1, 0): zero mean, unit variance per frame
     torch.testing.assert_close(emb.mean(-1), torch.zeros(2, 3), atol=1e-5, rtol=0)
     torch.testing.assert_close(emb.var(-1, unbiased=False), torch.ones(2, 3), atol=1e-3, rtol=0)
+    # the frame vector is LayerNorm(Linear(embedding)) of the wrapped network's 128-d embedding
+    x = torch.randn(2, 3, 1, 96, 64)
+    with torch.no_grad():
+        ref = F.layer_norm(small.emb_proj(small.net(x.flatten(0, 1))[0]), (32,)).view(2, 3, 32)
+        torch.testing.assert_close(small(x), ref)
     e, c = SmallVGG()(torch.randn(2, 1, 96, 64))
     assert tuple(e.shape) == (2, 128) and tuple(c.shape) == (2, SmallVGG().channels, 6, 4)
 
     big = AudioEncoder.__new__(AudioEncoder)  # reuse the module-scoped VGGish instead of building another
     nn.Module.__init__(big)
     big.kind, big.net = "vggish", vggish
-    big.emb_proj, big.token_proj = nn.Linear(128, 16), nn.Linear(512, 16)
-    big.token_pos = nn.Parameter(torch.zeros(24, 16))
-    big.emb_norm, big.token_norm = nn.LayerNorm(16), nn.LayerNorm(16)
+    big.emb_proj, big.emb_norm = nn.Linear(128, 16), nn.LayerNorm(16)
     with torch.no_grad():
-        emb, tok = big(torch.randn(1, 2, 1, 96, 64))
-    assert tuple(emb.shape) == (1, 2, 16) and tuple(tok.shape) == (1, 2, 24, 16)
+        emb = big(torch.randn(1, 2, 1, 96, 64))
+    assert tuple(emb.shape) == (1, 2, 16)

@@ -74,13 +74,21 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
 
 def test_interrupted_and_resumed_run_reproduces_the_unbroken_losses(tmp_path):
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    train("--max-steps", "6", "--out", str(whole), *TINY)
-    train("--max-steps", "3", "--out", str(broken), *TINY)
+    # the quantizer warm-up ends at step 3, where the broken run stops: the resumed run must set
+    # the same k-means codebook from the warm-up tokens saved in last.pt
+    warm = ["--quant-warmup-steps", "3"]
+    train("--max-steps", "6", "--out", str(whole), *warm, *TINY)
+    train("--max-steps", "3", "--out", str(broken), *warm, *TINY)
     train("--resume", str(broken / "last.pt"), "--max-steps", "6", "--threads", "1")
     a, b = losses(whole), losses(broken)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
+    log = [json.loads(line) for line in open(whole / "log.jsonl")]
+    warmup = {r["step"]: r["quant_warmup"] for r in log if "loss" in r and "eval" not in r}
+    assert warmup == {1: True, 2: True, 3: True, 4: False, 5: False, 6: False}
+    after = [r for r in log if r.get("step") == 4 and "loss" in r and "eval" not in r][0]
+    assert after["quant_codebook"] > 0  # eq. (9) is on once the warm-up is over
 
 
 def test_ctrl_c_saves_last_checkpoint(tmp_path):
