@@ -15,6 +15,8 @@ What this file teaches
       4. decomposition recall on multi-source clips: the fraction of a clip's sounding categories
          whose signature codeword is among its N global tokens. An undecomposed model (N = 1,
          Table 4) can hold one signature per clip, so its recall is bounded by 1 / #sources;
+         The same three numbers are also given for the local tokens l_{i,t} (all frames of a
+         clip together), which are the mask decoder's queries;
       5. a 2-D picture of the global tokens of single-source clips, coloured by category (PCA),
          with the codewords as crosses, as in Fig. 6.
 
@@ -131,7 +133,13 @@ def summarise(collected: dict, num_codes: int) -> dict:
         "clips": {"single": int((~multi).sum()), "multi": int(multi.sum())},
     }
     if "local_codes" in collected:
-        res["local_codebook"] = codebook_stats(torch.from_numpy(collected["local_codes"]), num_codes)
+        # the same measures for the local tokens l_{i,t} (the mask decoder's queries): a codeword
+        # is "in the clip" when any token of any frame chooses it
+        local = collected["local_codes"].reshape(len(multi), -1)     # (M, T*N)
+        local_sig = signatures(category_code_table(local, sounding, multi, num_codes))  # (Kc,)
+        res["local_codebook"] = codebook_stats(torch.from_numpy(local), num_codes)
+        res["local_distinct_signatures"] = int(len(set(local_sig[local_sig >= 0].tolist())))
+        res["local_decomposition_recall"] = decomposition_recall(local, sounding, multi, local_sig)
     return res
 
 

@@ -31,6 +31,12 @@ def test_signatures_and_recall_by_hand():
     res = summarise({"codes": CODES, "sounding": SOUNDING, "multi": MULTI}, num_codes=6)
     assert res["distinct_signatures"] == 2 and res["decomposition_recall"] == 0.75
     assert res["global_codebook"]["dead"] == 6 - 4                   # codes 0, 1, 3, 5 used
+    # local codes (M, T=2, N=1): a clip holds a codeword when any frame's token chose it, so
+    # these local codes hold, per clip, the same set as CODES and give the same numbers
+    res = summarise({"codes": CODES, "sounding": SOUNDING, "multi": MULTI,
+                     "local_codes": CODES.reshape(6, 2, 1)}, num_codes=6)
+    assert res["local_distinct_signatures"] == 2 and res["local_decomposition_recall"] == 0.75
+    assert res["local_codebook"]["dead"] == 2
 
 
 def test_scatter_png_draws_each_category_colour(tmp_path):
