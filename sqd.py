@@ -76,6 +76,7 @@ class ModelConfig:
     use_lsd: bool = True           # local semantic decomposition, eq. (6) (Table 2)
     shared_codebook: bool = True   # local tokens use the global codebook, eq. (9) (Table 2, "SC")
     avsr_from_quantized: bool = True  # AVSR filters from e_i = VQ(g_i) (True) or from g_i
+    avsr_batch_norm: bool = True   # eq. (5)'s BN (True) or a LayerNorm over channels (CPU preset)
     # PAPER: eq. (4) and (6) both write p_i; whether the two ASDs share them is not said. Two
     # sets by default (DESIGN §3); shared_prototypes=True ties them.
     shared_prototypes: bool = False   # one set of prototypes p_i for global and local ASD
@@ -106,10 +107,11 @@ PRESETS = {
     # PAPER: not in the paper. K = 128 as the paper's, although the synthetic benchmark has 12
     # categories: the tokens of different prototypes p_i stay apart (each token index occupies
     # its own region of the token space), so the codebook needs room for about N x 12 words
-    # (Table 3 on the synthetic benchmark, README).
+    # (Table 3 on the synthetic benchmark, README). avsr_batch_norm=False: eq. (5) normalises with a
+    # LayerNorm, since BN over the preset's tiny maps mixes the clips of a batch (decoders.py).
     "cpu": ModelConfig(num_classes=12, dim=64, num_tokens=5, codebook_size=128, dec_layers=2,
                        enc_layers=1, num_heads=4, ffn_dim=128, num_points=2, backbone="small",
-                       frozen_bn=False, audio_encoder="small"),
+                       frozen_bn=False, audio_encoder="small", avsr_batch_norm=False),
 }
 
 
@@ -172,7 +174,8 @@ class SQD(nn.Module):
         self.global_asd = AudioSemanticDecoder(C, N, cfg.dec_layers, cfg.num_heads, cfg.ffn_dim)
         self.codebook = VectorQuantizer(cfg.codebook_size, C,
                                         revive_dead_codes=cfg.revive_dead_codes)
-        self.avsr = nn.ModuleList(SemanticRecombination(C, N) for _ in range(3))
+        self.avsr = nn.ModuleList(SemanticRecombination(C, N, batch_norm=cfg.avsr_batch_norm)
+                                  for _ in range(3))
 
         # (3) local semantic calibration: eq. (6), the mask decoder with eq. (7)
         self.local_asd = AudioSemanticDecoder(C, N, cfg.dec_layers, cfg.num_heads, cfg.ffn_dim)

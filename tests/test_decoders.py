@@ -117,13 +117,14 @@ def test_eq04_global_asd_equals_hand_decoder():
     torch.testing.assert_close(decoder(q, mem2, qpos, mpos, mask)[:, 0], outs[:, 0])
 
 
-@pytest.mark.parametrize("sigmoid_gate", [True, False])
-def test_eq05_recombination_equals_token_loop(sigmoid_gate):
+@pytest.mark.parametrize("sigmoid_gate,batch_norm", [(True, True), (False, True), (True, False)])
+def test_eq05_recombination_equals_token_loop(sigmoid_gate, batch_norm):
     torch.manual_seed(2)
     H, W = 5, 6
-    avsr = SemanticRecombination(C, N, sigmoid_gate=sigmoid_gate).double().eval()
-    avsr.bn.running_mean.normal_(0.0, 0.5)
-    avsr.bn.running_var.uniform_(0.5, 2.0)
+    avsr = SemanticRecombination(C, N, sigmoid_gate=sigmoid_gate, batch_norm=batch_norm).double().eval()
+    if batch_norm:
+        avsr.bn.running_mean.normal_(0.0, 0.5)
+        avsr.bn.running_var.uniform_(0.5, 2.0)
     torch.nn.init.normal_(avsr.bn.weight, 1.0, 0.3)
     torch.nn.init.normal_(avsr.bn.bias, 0.0, 0.3)
     tokens = torch.randn(B, N, C, dtype=torch.float64)
@@ -143,12 +144,20 @@ def test_eq05_recombination_equals_token_loop(sigmoid_gate):
                 parts.append(w_i[:, None, None] * visual[b, t])  # (C, H, W)
             cat = torch.cat(parts, 0)  # (N*C, H, W)
             y = torch.einsum("oc,chw->ohw", phi_w, cat) + avsr.phi.bias[:, None, None] + visual[b, t]
-            y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+            if batch_norm:  # BN with running statistics (eval mode), per channel
+                y = (y - bn.running_mean[:, None, None]) / torch.sqrt(bn.running_var[:, None, None] + bn.eps)
+            else:  # LayerNorm over the channels of each position (h, w) on its own
+                mean = y.mean(0, keepdim=True)  # (1, H, W)
+                var = ((y - mean) ** 2).mean(0, keepdim=True)  # (1, H, W), biased as LayerNorm's
+                y = (y - mean) / torch.sqrt(var + bn.eps)
             expected[b, t] = y * bn.weight[:, None, None] + bn.bias[:, None, None]
 
     out = avsr(tokens, visual)
     assert out.shape == (B, T, C, H, W)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    if not batch_norm:  # per-clip: a clip's output does not depend on the other clips in the batch
+        avsr.train()
+        torch.testing.assert_close(avsr(tokens[:1], visual[:1]), avsr(tokens, visual)[:1])
 
 
 def test_eq06_local_asd_batched_frames_equals_frame_loop():
