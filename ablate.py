@@ -55,6 +55,7 @@ ROWS = {
     "N3": ["--num-tokens", "3"],
     "zero_audio": ["--zero-audio"],
     "multi_only": ["--train-multi-ratio", "1.0"],
+    "no_avsr": ["--no-avsr"],  # not a row of the paper: the full model without eq. (5)
 }
 # table -> [(label, row name)]; the labels are the paper's
 TABLES = {
@@ -65,6 +66,7 @@ TABLES = {
     "Table 4 (token number N)": [("N = 1", "N1"), ("N = 3", "N3"), ("N = 5", "full")],
     "Control (vision alone)": [("full SQD", "full"), ("audio zeroed", "zero_audio")],
     "Fig. 7 (training clips)": [("single + multi (1:1)", "full"), ("multi-source only", "multi_only")],
+    "Extra, not in the paper (AVSR)": [("full SQD", "full"), ("full SQD without AVSR", "no_avsr")],
 }
 QUICK = ["baseline", "gsd", "gsd_avsr", "gsd_avsr_lsd", "full"]
 # column -> (split in metrics.json, key)

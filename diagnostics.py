@@ -49,13 +49,14 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
         sounding (M, Kc) bool, the categories that sound somewhere in the clip (off-screen too)
         multi    (M,) bool, multi-source clip
         local_codes (M, T, N) int64 or absent, the codewords of the local tokens
+        local_tokens (M, N, C) float32 or absent, the local tokens l_{i,t} averaged over frames
     Empty dict when the model has no global tokens (no GSD).
     """
     model.eval()
     n = len(dataset) if max_clips is None else min(max_clips, len(dataset))
     loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
                         collate_fn=data.collate)
-    out = {"tokens": [], "codes": [], "sounding": [], "multi": [], "local_codes": []}
+    out = {"tokens": [], "codes": [], "sounding": [], "multi": [], "local_codes": [], "local_tokens": []}
     for batch in loader:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         res = model(batch)
@@ -69,6 +70,7 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
         out["codes"].append(codes.cpu().numpy())
         if "local" in res["indices"]:
             out["local_codes"].append(res["indices"]["local"].cpu().numpy())  # (B, T, N)
+            out["local_tokens"].append(res["tokens"]["local"].float().mean(1).cpu().numpy())  # (B, N, C)
         for meta in batch["meta"]:
             out["sounding"].append(np.asarray(meta["sounding"], dtype=bool).any(0))  # (Kc,)
             out["multi"].append(bool(meta["multi_source"]))
@@ -172,8 +174,8 @@ def scatter_png(tokens: np.ndarray, labels: np.ndarray, codebook: np.ndarray, pa
 
 
 def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | None = None) -> dict:
-    """Collect on `dataset`, write out_dir/tokens.png and return the summary dict for
-    diagnostics.json (empty when the model has no global tokens)."""
+    """Collect on `dataset`, write out_dir/tokens.png (and tokens_local.png) and return the
+    summary dict for diagnostics.json (empty when the model has no global tokens)."""
     collected = collect(model, dataset, device, max_clips=max_clips)
     if not collected:
         return {}
@@ -185,4 +187,13 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
     if len(tokens):
         scatter_png(tokens.reshape(-1, tokens.shape[-1]), np.repeat(cats, tokens.shape[1]),
                     codebook, os.path.join(out_dir, "tokens.png"), data.voc_palette(256))
+    if "local_tokens" in collected and single.any():
+        # the local tokens of single-source clips (frame mean), with each token index's mean
+        # removed: the index separates the tokens far more than the sound does, and would
+        # otherwise fill the two principal axes; no codewords (they sit near each index's mean)
+        local = collected["local_tokens"][single]                       # (M_s, N, C)
+        local = local - local.mean(0, keepdims=True)                    # (M_s, N, C)
+        scatter_png(local.reshape(-1, local.shape[-1]), np.repeat(cats, local.shape[1]),
+                    np.zeros((0, local.shape[-1])), os.path.join(out_dir, "tokens_local.png"),
+                    data.voc_palette(256))
     return res

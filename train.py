@@ -419,7 +419,7 @@ def run(cfg: TrainConfig) -> int:
     if main_proc:
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
         if cfg.dataset == "synthetic" and "test" in eval_sets:
-            # a look inside the codebook (diagnostics.py): diagnostics.json and tokens.png
+            # a look inside the codebook (diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
             diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir)
             if diag:
                 write_json(os.path.join(out_dir, "diagnostics.json"), diag)

@@ -44,7 +44,8 @@ def losses(run_dir):
 def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
     run = tmp_path / "run"
     train("--max-steps", "3", "--out", str(run), *TINY)
-    for name in ("config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json"):
+    for name in ("config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json",
+                 "diagnostics.json", "tokens.png", "tokens_local.png"):
         assert (run / name).is_file(), name
     assert list(run.glob("overlay_*.png")), "no prediction pictures"
     assert not list(run.glob("*.tmp*")), "a temporary checkpoint file was left behind"
@@ -146,6 +147,9 @@ def test_missing_root_and_broken_file_fail_with_one_message_and_exit_code_2(tmp_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     proc = train("--resume", str(tmp_path / "no.pt"), check=False)
     assert proc.returncode == 2 and "no.pt" in proc.stderr
+    for flag, value in (("--quant-warmup-steps", "-1"), ("--lr", "0")):
+        proc = train(flag, value, "--max-steps", "1", check=False)
+        assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
@@ -171,7 +175,7 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     assert sorted(losses(run)) == [1, 2]
 
 
-def test_loss_weights_paper_for_avsbench_lighter_masks_for_synthetic_and_flags_win():
+def test_recipes_paper_for_avsbench_ours_for_synthetic_and_flags_win():
     from matcher import PAPER_LOSS_WEIGHTS
     from train import LOSS_WEIGHT_FIELDS, TrainConfig, parse_args, resolve
     paper, _ = resolve(TrainConfig(dataset="avss", data_root="AVSS"), 70)
@@ -181,3 +185,8 @@ def test_loss_weights_paper_for_avsbench_lighter_masks_for_synthetic_and_flags_w
             synthetic.loss_bbox, synthetic.loss_giou) == (2.0, 1.0, 0.5, 1.0, 0.5)
     flagged, _ = resolve(parse_args(["--loss-mask", "3"]), 12)
     assert flagged.loss_mask == 3.0 and flagged.loss_dice == 0.5
+    # the paper's recipes: lr 1e-4, no quantizer warm-up; the synthetic one: 4e-4, 300 steps
+    assert (paper.lr, paper.quant_warmup_steps) == (1e-4, 0)
+    assert (synthetic.lr, synthetic.quant_warmup_steps) == (4e-4, 300)
+    flagged, _ = resolve(parse_args(["--lr", "2e-4", "--quant-warmup-steps", "0"]), 12)
+    assert (flagged.lr, flagged.quant_warmup_steps) == (2e-4, 0)
