@@ -115,6 +115,7 @@ class VectorQuantizer(nn.Module):
         self.codebook = nn.Parameter(codebook)  # (K, D)
         self.register_buffer("code_usage", torch.full((num_codes,), 1.0 / num_codes))  # (K,)
         self.warmup = False
+        self._first_call = True  # set_warmup has not looked at the buffers yet
         self.register_buffer("warmup_tokens", torch.zeros(warmup_memory, dim))  # (R, D)
         self.register_buffer("warmup_seen", torch.tensor(0))  # () int64
         self.register_buffer("kmeans_done", torch.tensor(False))  # ()
@@ -132,7 +133,11 @@ class VectorQuantizer(nn.Module):
         "Training the CPU preset"). The warm-up lets the tokens become sound-dependent first, and
         the k-means codebook then starts where they are.
         """
-        if not active and int(self.warmup_seen) > 0 and not bool(self.kmeans_done):
+        # Read the buffers (a host sync on a GPU) only when a warm-up may just have ended: after
+        # a step in warm-up, or on the first call after construction or a checkpoint load.
+        may_end = not active and (self.warmup or self._first_call)
+        self._first_call = False
+        if may_end and int(self.warmup_seen) > 0 and not bool(self.kmeans_done):
             R = self.warmup_tokens.shape[0]
             self.init_from_tokens(self.warmup_tokens[: min(int(self.warmup_seen), R)])  # (R', D)
         self.warmup = bool(active)
