@@ -18,11 +18,15 @@ Usage
     python ablate.py --quick              # Table 2 only
     python ablate.py --parallel 12 --device cuda   # on one GPU, 12 runs at a time
     python ablate.py --report             # print the tables of results/ablations.json again
+    python ablate.py --rows K1,K16        # adds these rows; the runs already in ablations.json stay
+    python ablate.py --fresh              # forget the runs already in ablations.json
     Anything after `--` goes to every train.py run (e.g. `-- --max-steps 200`).
 
 Output: results/runs/<row>-s<seed>/ (train.py's run directories), results/ablations.json (every
 run's metrics, config and code version, and the mean +- std of every row) and the markdown
-tables on stdout, ready for the README.
+tables on stdout, ready for the README. ablations.json accumulates: a run of (row, seed) replaces
+the earlier one of the same (row, seed), the others are kept, and `invocations` lists every
+command with its machine and time, so the tables can be filled over several sittings.
 
 Reading order: ROWS (which switches make which row), main(), then aggregate() and tables().
 """
@@ -103,6 +107,12 @@ def collect_run(info: dict) -> dict:
                 codebook=m.get("codebook"), config=config, code_version=config.get("code_version"))
 
 
+def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
+    """The earlier runs whose (row, seed) was not run again, then the new runs."""
+    redone = {(r["name"], r["seed"]) for r in new}
+    return [r for r in old if (r["name"], r["seed"]) not in redone] + new
+
+
 def aggregate(runs: list[dict]) -> dict:
     """row name -> column -> {mean, std, n} over seeds (std with ddof=1; 0 for one seed)."""
     rows = {}
@@ -156,6 +166,8 @@ def main(argv=None) -> int:
                    help="torch threads per run (default: CPU cores // parallel)")
     p.add_argument("--out", default="results", help="folder of runs/ and ablations.json")
     p.add_argument("--report", action="store_true", help="only print the tables of OUT/ablations.json")
+    p.add_argument("--fresh", action="store_true",
+                   help="start OUT/ablations.json afresh instead of adding to the runs already in it")
     args = p.parse_args(argv)
     path = os.path.join(args.out, "ablations.json")
     if args.report:
@@ -207,16 +219,21 @@ def main(argv=None) -> int:
         print(f"interrupted: {len(running)} runs stopped, {len(jobs)} never started; writing the "
               f"{len(runs)} finished runs", file=sys.stderr, flush=True)
     total = time.time() - start
-    rows = aggregate(runs)
-    result = dict(command="python ablate.py " + " ".join(sys.argv[1:]), train_flags=common,
-                  machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
-                          f"{os.cpu_count()} CPU cores", device=args.device or "default",
-                  parallel=args.parallel, total_time_s=round(total, 1), failed=failed,
-                  interrupted=interrupted,
-                  rows=rows, runs=runs)
+    earlier = dict(invocations=[], runs=[])
+    if os.path.isfile(path) and not args.fresh:
+        with open(path) as f:
+            earlier = json.load(f)
+    invocation = dict(command="python ablate.py " + " ".join(sys.argv[1:]), train_flags=common,
+                      machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
+                              f"{os.cpu_count()} CPU cores", device=args.device or "default",
+                      parallel=args.parallel, total_time_s=round(total, 1), failed=failed,
+                      interrupted=interrupted, runs=[f"{r['name']}-s{r['seed']}" for r in runs])
+    all_runs = merge_runs(earlier.get("runs", []), runs)
+    result = dict(invocations=earlier.get("invocations", []) + [invocation],
+                  rows=aggregate(all_runs), runs=all_runs)
     train.write_json(path, result)  # atomic: a temporary file, then a rename
     print(f"\n{len(runs)} runs in {total / 60:.1f} min ({len(failed)} failed); wrote {path}\n")
-    print(tables(rows))
+    print(tables(result["rows"]))
     return 1 if failed or interrupted else 0
 
 

@@ -1,4 +1,5 @@
-"""ablate.py: rows aggregate to mean +- std over seeds (hand values); the tables; a missing report."""
+"""ablate.py: rows aggregate to mean +- std over seeds (hand values); the tables; merging sittings;
+a missing report."""
 import subprocess
 import sys
 
@@ -21,6 +22,14 @@ def test_aggregate_mean_and_sample_std_by_hand():
     assert "test-unseen mIoU" not in rows["full"]           # no value, no cell
     text = ablate.tables(rows)
     assert "| +SC (full SQD) | 0.350 ± 0.071 |" in text and "| baseline | 0.200 ± 0.000 |" in text
+
+
+def test_merge_keeps_earlier_runs_and_replaces_a_redone_row_seed():
+    old = [fake_run("baseline", 0, 0.20), fake_run("full", 0, 0.30), fake_run("full", 1, 0.40)]
+    new = [fake_run("full", 1, 0.50), fake_run("K1", 0, 0.10)]
+    merged = ablate.merge_runs(old, new)
+    got = sorted((r["name"], r["seed"], r["metrics"]["test mIoU"]) for r in merged)
+    assert got == [("K1", 0, 0.10), ("baseline", 0, 0.20), ("full", 0, 0.30), ("full", 1, 0.50)]
 
 
 def test_report_without_results_is_one_clear_error(tmp_path):
