@@ -17,7 +17,7 @@ Usage
     python ablate.py                      # every row, 2 seeds, on this machine (CPU: hours)
     python ablate.py --quick              # Table 2 only
     python ablate.py --parallel 12 --device cuda   # on one GPU, 12 runs at a time
-    python ablate.py --report             # print the tables of results/ablations.json again
+    python ablate.py --report             # the tables of results/ablations.json's runs again
     python ablate.py --rows K1,K16        # adds these rows; the runs already in ablations.json stay
     python ablate.py --fresh              # forget the runs already in ablations.json
     Anything after `--` goes to every train.py run (e.g. `-- --max-steps 200`).
@@ -81,7 +81,13 @@ COLUMNS = {
     "single-source J&F": ("test", "single_jf_official"),
     "decomp. recall (global)": ("codebook", "decomposition_recall"),
     "decomp. recall (local)": ("codebook", "local_decomposition_recall"),
+    "signatures (global)": ("codebook", "distinct_signatures"),
+    "signatures (local)": ("codebook", "local_distinct_signatures"),
 }
+# Counts, printed without decimals when the seeds agree. The recall only means something when the
+# categories' signature codewords are distinct: with one signature for all 12 (K = 1, or tokens that
+# ignore the sound) it is trivially 1 or 0.
+COUNT_COLUMNS = ("signatures (global)", "signatures (local)")
 
 
 def run_one(name: str, seed: int, out_root: str, extra: list[str], log_dir: str) -> subprocess.Popen:
@@ -113,6 +119,16 @@ def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
     return [r for r in old if (r["name"], r["seed"]) not in redone] + new
 
 
+def run_value(run: dict, col: str):
+    """One run's value of a column; a codebook column missing from the run's stored metrics (a
+    column added after the run) is read from its stored codebook diagnostics."""
+    value = run["metrics"].get(col)
+    split, key = COLUMNS[col]
+    if value is None and split == "codebook":
+        value = (run.get("codebook") or {}).get(key)
+    return value
+
+
 def aggregate(runs: list[dict]) -> dict:
     """row name -> column -> {mean, std, n} over seeds (std with ddof=1; 0 for one seed)."""
     rows = {}
@@ -122,7 +138,7 @@ def aggregate(runs: list[dict]) -> dict:
             continue
         rows[name] = {}
         for col in COLUMNS:
-            vals = np.array([r["metrics"][col] for r in mine if r["metrics"][col] is not None], float)
+            vals = np.array([v for v in (run_value(r, col) for r in mine) if v is not None], float)
             vals = vals[~np.isnan(vals)]
             if len(vals):
                 rows[name][col] = dict(mean=float(vals.mean()),
@@ -144,7 +160,12 @@ def tables(rows: dict) -> str:
             cells = []
             for col in COLUMNS:
                 c = rows[name].get(col)
-                cells.append("-" if c is None else f"{c['mean']:.3f} ± {c['std']:.3f}")
+                if c is None:
+                    cells.append("-")
+                elif col in COUNT_COLUMNS:
+                    cells.append(f"{c['mean']:.0f}" if c["std"] == 0 else f"{c['mean']:.1f} ± {c['std']:.1f}")
+                else:
+                    cells.append(f"{c['mean']:.3f} ± {c['std']:.3f}")
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -175,7 +196,7 @@ def main(argv=None) -> int:
             print(f"error: {path} does not exist; run python ablate.py first", file=sys.stderr)
             return 2
         with open(path) as f:
-            print(tables(json.load(f)["rows"]))
+            print(tables(aggregate(json.load(f)["runs"])))
         return 0
 
     names = QUICK if args.quick else list(ROWS)

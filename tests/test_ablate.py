@@ -24,6 +24,17 @@ def test_aggregate_mean_and_sample_std_by_hand():
     assert "| +SC (full SQD) | 0.350 ± 0.071 |" in text and "| baseline | 0.200 ± 0.000 |" in text
 
 
+def test_codebook_column_falls_back_to_the_runs_stored_diagnostics():
+    old = fake_run("K1", 0, 0.1)
+    del old["metrics"]["signatures (local)"]               # a run stored before the column existed
+    old["codebook"] = {"local_distinct_signatures": 1}
+    new = fake_run("K1", 1, 0.1)
+    new["metrics"]["signatures (local)"] = 3
+    rows = ablate.aggregate([old, new])
+    assert rows["K1"]["signatures (local)"]["mean"] == 2.0
+    assert "| K = 1 | 0.100 ± 0.000 |" in ablate.tables(rows) and "| 2.0 ± 1.4 |" in ablate.tables(rows)
+
+
 def test_merge_keeps_earlier_runs_and_replaces_a_redone_row_seed():
     old = [fake_run("baseline", 0, 0.20), fake_run("full", 0, 0.30), fake_run("full", 1, 0.40)]
     new = [fake_run("full", 1, 0.50), fake_run("K1", 0, 0.10)]
