@@ -8,7 +8,7 @@ What this file teaches
     only against the usual mix, with the same number of clips).
 
     Table 2  baseline -> +GSD -> +GSD+AVSR -> +GSD+AVSR+LSD -> +SC (the full SQD)
-    Table 3  codebook size K = 1, 16, 32, 128
+    Table 3  codebook size K = 1, 16, 32, 128, 256
     Table 4  token number N = 1, 3, 5
     control  audio zeroed
     Fig. 7   multi-source training only vs the mix
@@ -55,6 +55,7 @@ ROWS = {
     "K1": ["--codebook-size", "1"],
     "K16": ["--codebook-size", "16"],
     "K32": ["--codebook-size", "32"],
+    "K256": ["--codebook-size", "256"],
     "N1": ["--num-tokens", "1"],
     "N3": ["--num-tokens", "3"],
     "zero_audio": ["--zero-audio"],
@@ -66,7 +67,7 @@ TABLES = {
     "Table 2 (components)": [("baseline", "baseline"), ("+GSD", "gsd"), ("+GSD+AVSR", "gsd_avsr"),
                              ("+GSD+AVSR+LSD", "gsd_avsr_lsd"), ("+SC (full SQD)", "full")],
     "Table 3 (codebook size K)": [("K = 1", "K1"), ("K = 16", "K16"), ("K = 32", "K32"),
-                                  ("K = 128 (paper, CPU preset)", "full")],
+                                  ("K = 128 (paper, CPU preset)", "full"), ("K = 256", "K256")],
     "Table 4 (token number N)": [("N = 1", "N1"), ("N = 3", "N3"), ("N = 5", "full")],
     "Control (vision alone)": [("full SQD", "full"), ("audio zeroed", "zero_audio")],
     "Fig. 7 (training clips)": [("single + multi (1:1)", "full"), ("multi-source only", "multi_only")],
