@@ -16,13 +16,21 @@ What this file teaches
          whose signature codeword is among its N global tokens. An undecomposed model (N = 1,
          Table 4) can hold one signature per clip, so its recall is bounded by 1 / #sources;
          The same three numbers are also given for the local tokens l_{i,t} (all frames of a
-         clip together), which are the mask decoder's queries;
+         clip together), which are the mask decoder's queries. Counted per clip, an undecomposed
+         local token can still reach every source of a clip, one per frame, because the sources
+         switch on and off; so a recall is also given per *frame* (frame_recall), over the frames
+         where two or more categories sound at once, with a signature per token index: there
+         N = 1 is bounded by 1 / #sounding, and only a decomposition can exceed it;
       5. a 2-D picture of the global tokens of single-source clips, coloured by category (PCA),
          with the codewords as crosses, as in Fig. 6.
 
 Reading order: collect() (runs the model and gathers tokens, codes and categories), summarise()
 (the numbers 1-4), scatter_png() (the picture 5). train.py calls write_diagnostics() at the end
 of a synthetic run, which draws tokens.png; train.py writes the returned dict to diagnostics.json.
+
+Usage on a finished run (the test split of the checkpoint's own seed, e.g. to add a measure to a
+run made before it existed):
+    python diagnostics.py runs/synthetic-DATE/last.pt [--out DIR]
 
 Shapes: M clips, N tokens, C channels, K codewords, Kc categories (class ids 1..Kc).
 """
@@ -50,13 +58,15 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
         multi    (M,) bool, multi-source clip
         local_codes (M, T, N) int64 or absent, the codewords of the local tokens
         local_tokens (M, N, C) float32 or absent, the local tokens l_{i,t} averaged over frames
+        sounding_frames (M, T, Kc) bool, the categories that sound in each frame
     Empty dict when the model has no global tokens (no GSD).
     """
     model.eval()
     n = len(dataset) if max_clips is None else min(max_clips, len(dataset))
     loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
                         collate_fn=data.collate)
-    out = {"tokens": [], "codes": [], "sounding": [], "multi": [], "local_codes": [], "local_tokens": []}
+    out = {"tokens": [], "codes": [], "sounding": [], "multi": [], "local_codes": [], "local_tokens": [],
+           "sounding_frames": []}
     for batch in loader:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         res = model(batch)
@@ -72,11 +82,14 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
             out["local_codes"].append(res["indices"]["local"].cpu().numpy())  # (B, T, N)
             out["local_tokens"].append(res["tokens"]["local"].float().mean(1).cpu().numpy())  # (B, N, C)
         for meta in batch["meta"]:
-            out["sounding"].append(np.asarray(meta["sounding"], dtype=bool).any(0))  # (Kc,)
+            out["sounding_frames"].append(np.asarray(meta["sounding"], dtype=bool))  # (T, Kc)
+            out["sounding"].append(out["sounding_frames"][-1].any(0))  # (Kc,)
             out["multi"].append(bool(meta["multi_source"]))
     model.train()
-    result = {k: np.concatenate(v) for k, v in out.items() if k not in ("sounding", "multi") and v}
+    stacked = ("sounding", "multi", "sounding_frames")
+    result = {k: np.concatenate(v) for k, v in out.items() if k not in stacked and v}
     result["sounding"] = np.stack(out["sounding"])          # (M, Kc)
+    result["sounding_frames"] = np.stack(out["sounding_frames"])  # (M, T, Kc)
     result["multi"] = np.array(out["multi"])                 # (M,)
     return result
 
@@ -121,6 +134,42 @@ def decomposition_recall(codes: np.ndarray, sounding: np.ndarray, multi: np.ndar
     return hits / total if total else float("nan")
 
 
+def frame_recall(local_codes: np.ndarray, frames: np.ndarray, sounding: np.ndarray,
+                 multi: np.ndarray, num_codes: int) -> float:
+    """Decomposition recall per frame, over the frames where two or more categories sound.
+
+    The N token indices of the CPU preset occupy separate regions of the codebook, so a category
+    has a signature per token index: sig_i(c) is the signature (see signatures()) computed from
+    token index i's codes alone, kept only where it is specific to c (P(k|c) above its mean over
+    categories; an index whose codeword ignores the sound has no signatures). A sounding category
+    of a frame is recovered when some token index i of that frame chooses sig_i(c). With N = 1
+    a frame holds one codeword, so the recall is at most 1 / #sounding (about 0.45 here); a
+    decomposition into one token per source can reach 1.
+
+    local_codes (M, T, N) int, frames (M, T, Kc) bool sounding per frame, sounding (M, Kc) and
+    multi (M,) as in collect(). Returns a float, NaN when there is nothing to count.
+    """
+    M, T, N = local_codes.shape
+    sig = np.full((frames.shape[2], N), -1, dtype=np.int64)  # (Kc, N)
+    for i in range(N):
+        table = category_code_table(local_codes[:, :, i], sounding, multi, num_codes)  # (Kc, K)
+        seen = ~np.isnan(table).any(1)                       # (Kc,)
+        if not seen.any():
+            continue
+        specific = table[seen] - table[seen].mean(0, keepdims=True)  # (Kc_seen, K)
+        best = specific.argmax(1)                            # (Kc_seen,)
+        ok = specific[np.arange(len(best)), best] > 0        # (Kc_seen,) specific to its category
+        sig[np.nonzero(seen)[0][ok], i] = best[ok]
+    hits, total = 0, 0
+    for m, t in zip(*np.nonzero(frames.sum(2) >= 2)):
+        for c in np.nonzero(frames[m, t])[0]:
+            valid = sig[c] >= 0                              # (N,)
+            if valid.any():
+                hits += int((local_codes[m, t][valid] == sig[c][valid]).any())
+                total += 1
+    return hits / total if total else float("nan")
+
+
 def summarise(collected: dict, num_codes: int) -> dict:
     """The numbers 1-4 of the file docstring as a JSON-ready dict."""
     codes, sounding, multi = collected["codes"], collected["sounding"], collected["multi"]
@@ -142,6 +191,11 @@ def summarise(collected: dict, num_codes: int) -> dict:
         res["local_codebook"] = codebook_stats(torch.from_numpy(local), num_codes)
         res["local_distinct_signatures"] = int(len(set(local_sig[local_sig >= 0].tolist())))
         res["local_decomposition_recall"] = decomposition_recall(local, sounding, multi, local_sig)
+        frames = collected.get("sounding_frames")                    # (M, T, Kc) or None
+        if frames is not None and frames.shape[1] == collected["local_codes"].shape[1]:
+            res["local_frame_recall"] = frame_recall(collected["local_codes"], frames, sounding,
+                                                     multi, num_codes)
+            res["frames_two_or_more_sounding"] = int((frames.sum(2) >= 2).sum())
     return res
 
 
@@ -197,3 +251,44 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
                     np.zeros((0, local.shape[-1])), os.path.join(out_dir, "tokens_local.png"),
                     data.voc_palette(256))
     return res
+
+
+def main(argv=None) -> int:
+    """The diagnostics of a synthetic checkpoint on its test split, printed (and written to --out)."""
+    import argparse
+    import json
+    import sys
+
+    import train
+    from sqd import SQD, ModelConfig
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("checkpoint", help="a train.py checkpoint (last.pt or best.pt) of a synthetic run")
+    p.add_argument("--out", default=None, help="also write diagnostics.json and the PNGs here")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = p.parse_args(argv)
+    if not os.path.isfile(args.checkpoint):
+        print(f"error: checkpoint {args.checkpoint!r} does not exist", file=sys.stderr)
+        return 2
+    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    cfg = train.TrainConfig(**ckpt["config"]["train"])
+    if cfg.dataset != "synthetic":
+        print(f"error: {args.checkpoint} is a {cfg.dataset} run; the diagnostics need the synthetic "
+              f"benchmark's ground truth of which categories sound", file=sys.stderr)
+        return 2
+    model = SQD(ModelConfig(**ckpt["config"]["model"])).to(args.device)
+    model.load_state_dict(ckpt["model"])
+    model.set_quantizer_warmup(ckpt["state"]["step"] < (cfg.quant_warmup_steps or 0))
+    test = train.make_dataset(cfg, "test", train=False)      # the run's own seed and clip count
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        res = write_diagnostics(model, test, args.device, args.out)
+        train.write_json(os.path.join(args.out, "diagnostics.json"), res)
+    else:
+        collected = collect(model, test, args.device)
+        res = summarise(collected, model.codebook.codebook.shape[0]) if collected else {}
+    print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

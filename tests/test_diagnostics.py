@@ -3,8 +3,8 @@ hand-computed values on a hand-built set of clips; the token picture."""
 import numpy as np
 from PIL import Image
 
-from diagnostics import (category_code_table, decomposition_recall, scatter_png, signatures,
-                         summarise)
+from diagnostics import (category_code_table, decomposition_recall, frame_recall, scatter_png,
+                         signatures, summarise)
 
 # 6 clips, N = 2 tokens, K = 6 codewords, Kc = 3 categories (column c-1 is class id c).
 CODES = np.array([[3, 0], [3, 0],      # single-source, category 1
@@ -39,6 +39,36 @@ def test_signatures_and_recall_by_hand():
     assert res["local_codebook"]["dead"] == 2
 
 
+def test_frame_level_recall_by_hand():
+    # the same local codes, now with the categories sounding per frame (M, T=2, Kc): single-source
+    # clips sound in both frames; clip 4 has categories 1+2 in frame 0 and 2 in frame 1; clip 5 has
+    # 1 in frame 0 and 1+2 in frame 1. Frames with >= 2 sounding: clip 4 frame 0 (code 3: category
+    # 1's signature, not 2's) and clip 5 frame 1 (code 0: neither) -> 1 of 4
+    frames = np.repeat(SOUNDING[:, None], 2, axis=1)                # (6, 2, 3)
+    frames[4] = [[1, 1, 0], [0, 1, 0]]
+    frames[5] = [[1, 0, 0], [1, 1, 0]]
+    res = summarise({"codes": CODES, "sounding": SOUNDING, "multi": MULTI,
+                     "local_codes": CODES.reshape(6, 2, 1), "sounding_frames": frames}, num_codes=6)
+    assert res["local_frame_recall"] == 0.25 and res["frames_two_or_more_sounding"] == 2
+    assert res["local_decomposition_recall"] == 0.75                # per clip: unchanged
+
+
+def test_frame_recall_uses_a_signature_per_token_index():
+    # T = 1, N = 3. Single-source: category 1 -> codes (1, 7, 0), category 2 -> (2, 8, 0); token
+    # index 2 always chooses 0, whatever sounds. Mixtures of 1+2: (1, 8, 0) and (3, 3, 0).
+    codes = np.array([[1, 7, 0], [1, 7, 0], [2, 8, 0], [2, 8, 0], [1, 8, 0], [3, 3, 0]])[:, None]
+    sounding = np.array([[1, 0], [1, 0], [0, 1], [0, 1], [1, 1], [1, 1]], dtype=bool)
+    multi = sounding.sum(1) == 2
+    # per index: sig_0 = (1, 2), sig_1 = (7, 8), index 2 has none (0 is specific to nobody).
+    # Frame 4: index 0 holds 1 (category 1), index 1 holds 8 (category 2): 2 of 2; frame 5: 0 of 2
+    assert frame_recall(codes, sounding[:, None], sounding, multi, num_codes=9) == 0.5
+    # one signature per category over all indices (the per-clip measure) finds only category 1
+    # in frame 4: sig(1) = 1, sig(2) = 2 (the first of its equally specific codewords)
+    flat_sig = signatures(category_code_table(codes[:, 0], sounding, multi, num_codes=9))
+    assert flat_sig.tolist() == [1, 2]
+    assert decomposition_recall(codes[:, 0], sounding, multi, flat_sig) == 0.25
+
+
 def test_scatter_png_draws_each_category_colour(tmp_path):
     rng = np.random.default_rng(0)
     tokens = np.concatenate([rng.normal(0, 0.1, (20, 8)) + 3, rng.normal(0, 0.1, (20, 8)) - 3])
@@ -50,3 +80,12 @@ def test_scatter_png_draws_each_category_colour(tmp_path):
     assert img.shape == (128, 128, 3)
     colours = {tuple(p) for p in img.reshape(-1, 3)}
     assert (200, 0, 0) in colours and (0, 0, 200) in colours
+
+
+def test_command_line_on_a_missing_checkpoint_is_one_clear_error(tmp_path):
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "diagnostics.py", str(tmp_path / "nope.pt")],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "nope.pt" in res.stderr and "does not exist" in res.stderr
+    assert "Traceback" not in res.stderr
