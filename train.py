@@ -425,7 +425,8 @@ def run(cfg: TrainConfig) -> int:
                 write_json(os.path.join(out_dir, "diagnostics.json"), diag)
                 results["codebook"] = {k: diag[k] for k in (
                     "global_codebook", "distinct_signatures", "decomposition_recall", "local_codebook",
-                    "local_distinct_signatures", "local_decomposition_recall") if k in diag}
+                    "local_distinct_signatures", "local_decomposition_recall", "local_frame_recall")
+                    if k in diag}
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
         print(summary(results))
