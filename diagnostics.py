@@ -65,7 +65,7 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
     n = len(dataset) if max_clips is None else min(max_clips, len(dataset))
     loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
                         collate_fn=data.collate)
-    out = {"tokens": [], "codes": [], "sounding": [], "multi": [], "local_codes": [], "local_tokens": [],
+    out = {"tokens": [], "codes": [], "multi": [], "local_codes": [], "local_tokens": [],
            "sounding_frames": []}
     for batch in loader:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -83,13 +83,12 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
             out["local_tokens"].append(res["tokens"]["local"].float().mean(1).cpu().numpy())  # (B, N, C)
         for meta in batch["meta"]:
             out["sounding_frames"].append(np.asarray(meta["sounding"], dtype=bool))  # (T, Kc)
-            out["sounding"].append(out["sounding_frames"][-1].any(0))  # (Kc,)
             out["multi"].append(bool(meta["multi_source"]))
     model.train()
-    stacked = ("sounding", "multi", "sounding_frames")
-    result = {k: np.concatenate(v) for k, v in out.items() if k not in stacked and v}
-    result["sounding"] = np.stack(out["sounding"])          # (M, Kc)
+    per_clip = ("multi", "sounding_frames")                  # stacked, not concatenated
+    result = {k: np.concatenate(v) for k, v in out.items() if k not in per_clip and v}
     result["sounding_frames"] = np.stack(out["sounding_frames"])  # (M, T, Kc)
+    result["sounding"] = result["sounding_frames"].any(1)   # (M, Kc) somewhere in the clip
     result["multi"] = np.array(out["multi"])                 # (M,)
     return result
 
@@ -110,13 +109,17 @@ def category_code_table(codes: np.ndarray, sounding: np.ndarray, multi: np.ndarr
     return table
 
 
-def signatures(table: np.ndarray) -> np.ndarray:
-    """(Kc,) sig(c) = argmax_k P(k|c) - mean_c' P(k|c'); -1 for a category never seen alone."""
+def signatures(table: np.ndarray, specific_only: bool = False) -> np.ndarray:
+    """(Kc,) sig(c) = argmax_k P(k|c) - mean_c' P(k|c'); -1 for a category never seen alone, and
+    with specific_only also where that maximum is not above 0 (no codeword is specific to c)."""
     seen = ~np.isnan(table).any(1)                           # (Kc,)
     sig = np.full(table.shape[0], -1, dtype=np.int64)
     if seen.any():
         specific = table[seen] - table[seen].mean(0, keepdims=True)  # (Kc_seen, K)
-        sig[seen] = specific.argmax(1)
+        best = specific.argmax(1)                            # (Kc_seen,)
+        if specific_only:
+            best[specific[np.arange(len(best)), best] <= 0] = -1
+        sig[seen] = best
     return sig
 
 
@@ -150,16 +153,10 @@ def frame_recall(local_codes: np.ndarray, frames: np.ndarray, sounding: np.ndarr
     multi (M,) as in collect(). Returns a float, NaN when there is nothing to count.
     """
     M, T, N = local_codes.shape
-    sig = np.full((frames.shape[2], N), -1, dtype=np.int64)  # (Kc, N)
+    sig = np.empty((frames.shape[2], N), dtype=np.int64)     # (Kc, N)
     for i in range(N):
         table = category_code_table(local_codes[:, :, i], sounding, multi, num_codes)  # (Kc, K)
-        seen = ~np.isnan(table).any(1)                       # (Kc,)
-        if not seen.any():
-            continue
-        specific = table[seen] - table[seen].mean(0, keepdims=True)  # (Kc_seen, K)
-        best = specific.argmax(1)                            # (Kc_seen,)
-        ok = specific[np.arange(len(best)), best] > 0        # (Kc_seen,) specific to its category
-        sig[np.nonzero(seen)[0][ok], i] = best[ok]
+        sig[:, i] = signatures(table, specific_only=True)    # (Kc,)
     hits, total = 0, 0
     for m, t in zip(*np.nonzero(frames.sum(2) >= 2)):
         for c in np.nonzero(frames[m, t])[0]:

@@ -423,10 +423,8 @@ def run(cfg: TrainConfig) -> int:
             diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir)
             if diag:
                 write_json(os.path.join(out_dir, "diagnostics.json"), diag)
-                results["codebook"] = {k: diag[k] for k in (
-                    "global_codebook", "distinct_signatures", "decomposition_recall", "local_codebook",
-                    "local_distinct_signatures", "local_decomposition_recall", "local_frame_recall")
-                    if k in diag}
+                # the summary numbers; the tables (category x codeword) stay in diagnostics.json
+                results["codebook"] = {k: v for k, v in diag.items() if not isinstance(v, list)}
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
         print(summary(results))
