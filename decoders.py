@@ -22,7 +22,7 @@ Reading order
     2. DecoderLayer, TransformerDecoder TrD: self-attn, cross-attn, FFN, each residual + LayerNorm
     3. AudioVisualFusion                eq. (3)
     4. AudioSemanticDecoder             eq. (4) and (6)
-    5. SemanticRecombination            eq. (5)
+    5. MaskedBatchNorm2d, SemanticRecombination   eq. (5)
     6. num_dynamic_params, dynamic_mask_conv, relative_coordinates   eq. (7)
     7. SemanticMaskDecoder              TrD_segm + controller + class/box heads + eq. (7)
 
@@ -125,10 +125,11 @@ class TransformerDecoder(nn.Module):
 class AudioVisualFusion(nn.Module):
     """Eq. (3): h_a = LN(MCA(F_a, F_v) + F_a), F'_a = LN(FFN(h_a) + h_a).
 
-    forward(audio, visual, visual_pos=None, audio_pos=None)
+    forward(audio, visual, visual_pos=None, audio_pos=None, visual_padding_mask=None)
         audio:  (B, T, C) F_a, one token per frame (the queries of the cross-attention)
         visual: (B, S, C) F_v flattened to tokens (keys and values)
         visual_pos (B, S, C) or None, audio_pos (B, T, C) or None: added to keys / queries
+        visual_padding_mask (B, S) bool or None: True = a token of a padding frame, never attended
     returns (B, T, C) F'_a
     """
 
@@ -138,10 +139,10 @@ class AudioVisualFusion(nn.Module):
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.ffn = mlp(dim, ffn_dim, dim, dropout)
 
-    def forward(self, audio, visual, visual_pos=None, audio_pos=None):
+    def forward(self, audio, visual, visual_pos=None, audio_pos=None, visual_padding_mask=None):
         # PAPER: positional embeddings go to queries and keys, not values, as in DETR.
         mca = self.cross_attn(with_pos(audio, audio_pos), with_pos(visual, visual_pos), visual,
-                              need_weights=False)[0]  # (B, T, C) MCA(F_a, F_v)
+                              key_padding_mask=visual_padding_mask, need_weights=False)[0]  # (B, T, C) MCA(F_a, F_v)
         h_a = self.norm1(mca + audio)  # eq. (3), second line: (B, T, C)
         return self.norm2(self.ffn(h_a) + h_a)  # eq. (3), first line: (B, T, C)
 
@@ -157,8 +158,9 @@ class AudioSemanticDecoder(nn.Module):
     Local ASD, eq. (6):  l_{i,t} = TrD_local(p_i | f_{a,t}), frames flattened into the batch:
         memory (B*T, 1, C), the frame's audio vector; output viewed back to (B, T, N, C) by the caller.
 
-    forward(memory, memory_pos=None)
-        memory: (B', S, C), memory_pos: (B', S, C) or None
+    forward(memory, memory_pos=None, memory_padding_mask=None)
+        memory: (B', S, C), memory_pos: (B', S, C) or None,
+        memory_padding_mask: (B', S) bool or None, True = a padding frame's token, never attended
     returns (B', N, C) the semantic tokens (last decoder layer)
     """
 
@@ -169,9 +171,10 @@ class AudioSemanticDecoder(nn.Module):
         self.prototypes = nn.Parameter(torch.randn(num_tokens, dim))  # (N, C)
         self.decoder = TransformerDecoder(dim, num_layers, num_heads, ffn_dim, dropout)
 
-    def forward(self, memory, memory_pos=None):
+    def forward(self, memory, memory_pos=None, memory_padding_mask=None):
         queries = self.prototypes.expand(memory.shape[0], -1, -1)  # (B', N, C)
-        return self.decoder(queries, memory, memory_pos=memory_pos)[-1]  # eq. (4) / (6): (B', N, C)
+        return self.decoder(queries, memory, memory_pos=memory_pos,
+                            memory_padding_mask=memory_padding_mask)[-1]  # eq. (4) / (6): (B', N, C)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,10 +183,38 @@ class AudioSemanticDecoder(nn.Module):
 
 class ChannelLayerNorm(nn.LayerNorm):
     """LayerNorm over the channels of a feature map: (B', C, H, W) -> (B', C, H, W), each
-    position normalised on its own (the statistics of the transformer tokens' LayerNorm)."""
+    position normalised on its own (the statistics of the transformer tokens' LayerNorm).
+    `valid` is accepted for the interface of MaskedBatchNorm2d and not needed: nothing is shared
+    between positions."""
 
-    def forward(self, x):
+    def forward(self, x, valid=None):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B', C, H, W)
+
+
+class MaskedBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from the real frames only.
+
+    forward(x, valid=None)
+        x: (B', C, H, W) the frames of a batch; valid: (B',) bool or None, False = a padding frame
+    returns (B', C, H, W). With valid None, or in eval mode, this is nn.BatchNorm2d itself. In
+    training mode the mean and (biased) variance are taken over the valid frames' pixels, and
+    the running statistics are updated with them (unbiased variance, as torch does), so a clip
+    padded with any content normalises exactly as the same clip unpadded. No host sync.
+    """
+
+    def forward(self, x, valid=None):
+        if valid is None or not self.training:
+            return super().forward(x)
+        m = valid.to(x.dtype)[:, None, None, None]  # (B', 1, 1, 1)
+        n = m.sum() * x.shape[2] * x.shape[3]  # () valid pixels per channel
+        mean = (x * m).sum((0, 2, 3)) / n  # (C,)
+        var = ((x - mean[:, None, None]).pow(2) * m).sum((0, 2, 3)) / n  # (C,) biased
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)  # (C,)
+            self.running_var.lerp_(var * n / (n - 1).clamp(min=1), self.momentum)  # (C,) unbiased
+        x_hat = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + self.eps)  # (B', C, H, W)
+        return x_hat * self.weight[:, None, None] + self.bias[:, None, None]  # (B', C, H, W)
 
 
 class SemanticRecombination(nn.Module):
@@ -192,9 +223,10 @@ class SemanticRecombination(nn.Module):
     w_i (C,) = two linear layers of token i; w_i F_v is channel-wise attention; (+) concatenates
     channels; phi is a 1x1 conv N*C -> C. One instance per visual level.
 
-    forward(tokens, visual)
+    forward(tokens, visual, frame_valid=None)
         tokens: (B, N, C) the (quantized) global semantic tokens e_i
         visual: (B, T, C, H_l, W_l) F_v at one level
+        frame_valid: (B, T) bool or None; padding frames (False) stay out of BN's statistics
     returns (B, T, C, H_l, W_l) F'_v
     sigmoid_gate: True (default) gates with sigmoid(w_i); False multiplies by w_i raw.
     batch_norm:   True (default, the paper) normalises with BatchNorm2d; False with a LayerNorm
@@ -211,10 +243,12 @@ class SemanticRecombination(nn.Module):
         # come from 20 frames of 4 clips: every clip's features then depend on the other clips in
         # the batch. With BN the full model reached val mIoU 0.149 at step 500; with this LayerNorm
         # 0.211 at step 450, as without AVSR at all (README, "Training the CPU preset").
-        self.bn = nn.BatchNorm2d(dim) if batch_norm else ChannelLayerNorm(dim)
+        # PAPER: BN's statistics are taken over the real frames only (padding frames, as in AVSS
+        # evaluation or Table 6's T = 7 on 5-frame clips, would otherwise shift every real frame).
+        self.bn = MaskedBatchNorm2d(dim) if batch_norm else ChannelLayerNorm(dim)
         self.sigmoid_gate = sigmoid_gate
 
-    def forward(self, tokens, visual):
+    def forward(self, tokens, visual, frame_valid=None):
         B, T, C, H, W = visual.shape  # (B, T, C, H_l, W_l)
         w = self.filters(tokens)  # (B, N, C) dynamic filters w_i
         # PAPER: "channel-wise attention" read as an SE-style gate, sigmoid(w_i) in (0, 1), so a
@@ -224,7 +258,8 @@ class SemanticRecombination(nn.Module):
             w = w.sigmoid()  # (B, N, C)
         modulated = w[:, None, :, :, None, None] * visual[:, :, None]  # (B, T, N, C, H_l, W_l) w_i F_v
         concat = modulated.reshape(B * T, -1, H, W)  # (B*T, N*C, H_l, W_l) w_1 F_v (+) ... (+) w_N F_v
-        out = self.bn(self.phi(concat) + visual.reshape(B * T, C, H, W))  # eq. (5): (B*T, C, H_l, W_l)
+        valid = None if frame_valid is None else frame_valid.reshape(B * T)  # (B*T,)
+        out = self.bn(self.phi(concat) + visual.reshape(B * T, C, H, W), valid)  # eq. (5): (B*T, C, H_l, W_l)
         return out.view(B, T, C, H, W)  # (B, T, C, H_l, W_l)
 
 

@@ -263,10 +263,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also write diagnostics.json and the PNGs here")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     args = p.parse_args(argv)
-    if not os.path.isfile(args.checkpoint):
-        print(f"error: checkpoint {args.checkpoint!r} does not exist", file=sys.stderr)
+    try:
+        ckpt = train.load_checkpoint(args.checkpoint)
+    except train.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
     cfg = train.TrainConfig(**ckpt["config"]["train"])
     if cfg.dataset != "synthetic":
         print(f"error: {args.checkpoint} is a {cfg.dataset} run; the diagnostics need the synthetic "

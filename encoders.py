@@ -5,8 +5,9 @@ What this file teaches
 SQD (paper §3, Fig. 3) does not invent its encoders; App. D.1 names them:
   * a visual backbone shared over the T frames (ResNet, with weights in torchvision's format),
     followed by a deformable transformer encoder (Deformable-DETR, Zhu et al. 2020) that does
-    the "temporal aggregation": here each (frame, scale) pair is one attention level, so a
-    query of frame t samples every frame of the window;
+    the "temporal aggregation": every layer attends within each frame over its three scales
+    (deformable attention), then across the clip's frames at each token position (temporal
+    attention), so a clip of any length is encoded in one pass;
   * an FPN that brings the encoded levels down to stride 4 for the dynamic mask head (eq. 7);
   * the standard sine positional embedding (App. D, "triangle positional embedding");
   * VGGish (Hershey et al. 2017) for the audio: the log-mel front end and the network with the
@@ -18,17 +19,17 @@ Reading order
  1. vggish_log_mel           the VGGish front end (numpy): waveform -> (num_examples, 96, 64)
  2. VGGish, load_vggish_weights, SmallVGG, AudioEncoder        audio path -> F_a (B,T,C)
  3. FrozenBatchNorm2d, BasicBlock, Bottleneck, ResNet, SmallBackbone   frame backbones
- 4. sine_position_embedding  the positional embedding of App. D
+ 4. sine_position_embedding, sine_embedding_1d   the positional embeddings of App. D (space, time)
  5. ms_deform_attn_core      multi-scale deformable attention sampling (grid_sample)
- 6. MSDeformAttn, DeformableEncoderLayer                      one deformable encoder layer
+ 6. MSDeformAttn, DeformableEncoderLayer, TemporalAttention   one encoder layer (space, then time)
  7. VisualEncoder            backbone -> 1x1 projections -> deformable encoder -> F_v
  8. FPN                      F_v + c2 -> mask features f_out at stride 4
 
 Shape alphabet
 --------------
 B clips, T frames, C model channels, H, W image size, h, w = H/4, W/4, Cm mask channels (8),
-L_lvl attention levels (T*3), H_l, W_l size of one level, S sum of H_l*W_l over levels
-(tokens of the deformable encoder), M heads, D = C/M head dim, P sampling points per level,
+L attention levels (the 3 scales of a frame), H_l, W_l size of one level, S sum of H_l*W_l over
+levels (the visual tokens of one frame), M heads, D = C/M head dim, P sampling points per level,
 Lq number of queries, n audio samples, F STFT frames.
 """
 import math
@@ -454,6 +455,18 @@ def sine_position_embedding(h, w, dim, temperature=10000.0, device=None, dtype=t
     return pos.permute(2, 0, 1).to(dtype)  # (dim, h, w)
 
 
+def sine_embedding_1d(length, dim, device=None):
+    """Sinusoidal embedding over time (Vaswani et al., App. D): (length, dim), sin on even
+    channels, cos on odd ones, frequency 1 / 10000^(2i / dim) for channel pair i."""
+    pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]  # (T, 1)
+    i = torch.arange(0, dim, 2, dtype=torch.float32, device=device)  # (C/2,)
+    angle = pos / (10000 ** (i / dim))  # (T, C/2)
+    emb = torch.zeros(length, dim, device=device)  # (T, C)
+    emb[:, 0::2] = torch.sin(angle)  # (T, C/2) even channels
+    emb[:, 1::2] = torch.cos(angle[:, : dim // 2])  # (T, C/2) odd channels
+    return emb  # (T, C)
+
+
 # ----------------------------------------------------------------------------------------------
 # 5-6. Multi-scale deformable attention (Zhu et al. 2020), pure PyTorch.
 # ----------------------------------------------------------------------------------------------
@@ -499,7 +512,6 @@ class MSDeformAttn(nn.Module):
         reference_points: (N, Lq, L, 2) normalised (x, y) in [0, 1] per level
         input_flatten: (N, S, C) the values' source, levels concatenated
         spatial_shapes: list of L (H_l, W_l)
-        padding_mask: (N, S) bool, True = padding (its values are zeroed), or None
     Returns:
         (N, Lq, C)
     """
@@ -534,12 +546,10 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
-    def forward(self, query, reference_points, input_flatten, spatial_shapes, padding_mask=None):
+    def forward(self, query, reference_points, input_flatten, spatial_shapes):
         N, Lq, C = query.shape
         M, L, P = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(input_flatten)  # (N, S, C)
-        if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)  # (N, S, C)
         value = value.view(N, value.shape[1], M, C // M)  # (N, S, M, D)
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)  # (N, Lq, M, L, P, 2) in level pixels
         weights = self.attention_weights(query).view(N, Lq, M, L * P)  # (N, Lq, M, L*P)
@@ -553,61 +563,105 @@ class MSDeformAttn(nn.Module):
 
 
 class DeformableEncoderLayer(nn.Module):
-    """Post-norm deformable encoder layer (as Deformable-DETR): deformable self-attention with
-    residual + LayerNorm, then FFN (ReLU) with residual + LayerNorm.
+    """One layer of the visual encoder, post-norm as Deformable-DETR, with a temporal step added:
+      1. deformable self-attention within each frame over its 3 scales (residual + LayerNorm);
+      2. self-attention over time at every token position (TemporalAttention, residual + LayerNorm);
+      3. FFN with ReLU (residual + LayerNorm).
 
     forward:
-        src: (N, S, C); pos: (N, S, C); reference_points: (N, S, L, 2); spatial_shapes: list of L
-        (H_l, W_l); padding_mask: (N, S) bool or None.
+        src: (B, T, S, C) the tokens of every frame, scales concatenated; pos: (S, C) their spatial
+        and scale embedding; reference_points: (S, 3, 2); spatial_shapes: list of the 3 (H_l, W_l);
+        time_pos: (T, C); frame_valid: (B, T) bool or None (False = a padding frame).
     Returns:
-        (N, S, C)
+        (B, T, S, C)
     """
 
-    def __init__(self, dim, ffn_dim, num_levels, num_heads, num_points, dropout=0.1):
+    def __init__(self, dim, ffn_dim, num_heads, num_points, dropout=0.1, num_scales=3):
         super().__init__()
-        self.self_attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.self_attn = MSDeformAttn(dim, num_scales, num_heads, num_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim)
+        self.temporal = TemporalAttention(dim, num_heads, dropout)
         self.linear1 = nn.Linear(dim, ffn_dim)
         self.dropout2 = nn.Dropout(dropout)
         self.linear2 = nn.Linear(ffn_dim, dim)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, padding_mask=None):
-        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)  # (N, S, C)
-        src = self.norm1(src + self.dropout1(attn))  # (N, S, C)
-        ffn = self.linear2(self.dropout2(F.relu(self.linear1(src))))  # (N, S, C)
-        return self.norm2(src + self.dropout3(ffn))  # (N, S, C)
+    def forward(self, src, pos, reference_points, spatial_shapes, time_pos, frame_valid=None):
+        B, T, S, C = src.shape
+        x = src.flatten(0, 1)  # (B*T, S, C) every frame on its own
+        q = x + pos  # (B*T, S, C)
+        ref = reference_points.expand(B * T, -1, -1, -1)  # (B*T, S, 3, 2)
+        attn = self.self_attn(q, ref, x, spatial_shapes)  # (B*T, S, C) within the frame
+        x = self.norm1(x + self.dropout1(attn)).view(B, T, S, C)  # (B, T, S, C)
+        x = self.temporal(x, time_pos, frame_valid)  # (B, T, S, C) across the clip's frames
+        ffn = self.linear2(self.dropout2(F.relu(self.linear1(x))))  # (B, T, S, C)
+        return self.norm2(x + self.dropout3(ffn))  # (B, T, S, C)
+
+
+class TemporalAttention(nn.Module):
+    """Self-attention over time at every visual token position, with residual + LayerNorm:
+    token s of frame t attends to token s of every real frame of the clip (itself included).
+
+    Queries and keys carry a sinusoidal time embedding, values do not (as DETR's positions), so
+    the layer has no parameter whose size depends on T. Padding frames take no attention mass
+    (key padding mask); their own outputs are computed but never read by a real frame.
+
+    forward:
+        x: (B, T, S, C); time_pos: (T, C); frame_valid: (B, T) bool or None.
+    Returns:
+        (B, T, S, C)
+    """
+
+    def __init__(self, dim, num_heads, dropout=0.1):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, time_pos, frame_valid=None):
+        B, T, S, C = x.shape
+        seq = x.transpose(1, 2).reshape(B * S, T, C)  # (B*S, T, C) one sequence per token position
+        q = seq + time_pos  # (B*S, T, C)
+        pad = None
+        if frame_valid is not None:
+            pad = (~frame_valid.bool())[:, None, :].expand(B, S, T).reshape(B * S, T)  # (B*S, T) True = padding
+        out = self.attn(q, q, seq, key_padding_mask=pad, need_weights=False)[0]  # (B*S, T, C)
+        seq = self.norm(seq + self.dropout(out))  # (B*S, T, C)
+        return seq.view(B, S, T, C).transpose(1, 2)  # (B, T, S, C)
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The visual encoder: backbone -> 1x1 projections -> deformable encoder over (frame, scale).
+# 7. The visual encoder: backbone -> 1x1 projections -> deformable encoder over space and time.
 # ----------------------------------------------------------------------------------------------
 class VisualEncoder(nn.Module):
-    """The visual encoder of App. D.1: a shared frame backbone and a deformable transformer encoder
-    that aggregates over time. Each (frame t, scale s) pair is one attention level (T*3 levels,
-    level index t*3 + s), so every query samples all scales of all T frames of the window.
+    """The visual encoder of App. D.1: a shared frame backbone and a deformable transformer
+    encoder that "conducts temporal aggregation". Every layer attends within each frame over its
+    three scales (deformable attention) and then across the frames of the clip at each token
+    position (TemporalAttention). No parameter depends on the number of frames, so a model trained
+    on T = 5 encodes a clip of any length in one pass (App. A).
 
     Args:
         backbone: ResNet or SmallBackbone (returns [c2, c3, c4, c5], attribute `channels`).
-        dim: C. num_frames: T (the encoder is built for this T). enc_layers, num_heads, num_points,
-        ffn_dim: encoder sizes. dropout: encoder dropout.
+        dim: C. enc_layers, num_heads, num_points, ffn_dim: encoder sizes. dropout: encoder dropout.
 
     forward:
-        frames: (B, T, 3, H, W)
-        frame_valid: (B, T) bool or None; padding frames (False) are masked out as values.
+        frames: (B, T, 3, H, W), any T >= 1
+        frame_valid: (B, T) bool or None; padding frames (False) are never attended to, so the
+            real frames' outputs do not depend on them (the backbone is per frame; a backbone with
+            BatchNorm in training mode, frozen_bn=False, would still mix them into its statistics).
     Returns dict:
         levels: [(B, T, C, H_l, W_l)] for strides 8, 16, 32 (F_v)
         pos: [(B, T, C, H_l, W_l)] the sine positional embedding of each level (no level embedding)
         c2: (B, T, C2, H/4, W/4) the backbone's stride-4 features, for the FPN
     """
 
-    def __init__(self, backbone, dim=256, num_frames=5, enc_layers=6, num_heads=8, num_points=4,
-                 ffn_dim=1024, dropout=0.1):
+    def __init__(self, backbone, dim=256, enc_layers=4, num_heads=8, num_points=4, ffn_dim=1024,
+                 dropout=0.1):
         super().__init__()
         self.backbone = backbone
-        self.dim, self.num_frames = dim, num_frames
+        self.dim = dim
         self.num_scales = 3  # strides 8, 16, 32
         self.c2_channels = backbone.channels[0]
         # 1x1 conv + GroupNorm to C per scale, as Deformable-DETR (32 groups, fewer if C is small).
@@ -617,13 +671,21 @@ class VisualEncoder(nn.Module):
         for proj in self.input_proj:
             nn.init.xavier_uniform_(proj[0].weight, gain=1)
             nn.init.zeros_(proj[0].bias)
-        num_levels = num_frames * self.num_scales
         # PAPER: encoder depth, heads, points and dropout are not given; the defaults are
-        # Deformable-DETR's (6 layers, 8 heads, 4 points, FFN 1024, dropout 0.1).
-        # PAPER: "temporal aggregation" (App. D.1) is not detailed; one learned level embedding per
-        # (frame, scale) pair lets the encoder tell frames and scales apart (DESIGN §3).
-        self.level_embed = nn.Parameter(torch.empty(num_levels, dim).normal_())  # (T*3, C)
-        self.layers = nn.ModuleList([DeformableEncoderLayer(dim, ffn_dim, num_levels, num_heads, num_points, dropout)
+        # ReferFormer's depth (4 layers) and Deformable-DETR's sizes (8 heads, 4 points, FFN 1024,
+        # dropout 0.1).
+        # PAPER: App. D.1 says only that the deformable encoder "conducts temporal aggregation" over
+        # the T frames, and App. A that the model "can accept arbitrary frame numbers during
+        # inference". We read it as factorised space-time attention (as TimeSformer's divided
+        # attention): in every layer, deformable attention within each frame over its 3 scales
+        # (one learned embedding per scale, as Deformable-DETR), then full self-attention over the
+        # clip's real frames at each token position, with a sinusoidal time embedding. Nothing is
+        # sized by T, and padding frames are masked out of the time attention. An encoder that
+        # treats each (frame, scale) pair as a deformable level would have offsets, weights and
+        # level embeddings for exactly T frames.
+        self.level_embed = nn.Parameter(torch.empty(self.num_scales, dim).normal_())  # (3, C)
+        self.layers = nn.ModuleList([DeformableEncoderLayer(dim, ffn_dim, num_heads, num_points, dropout,
+                                                            self.num_scales)
                                      for _ in range(enc_layers)])
 
     @staticmethod
@@ -643,41 +705,26 @@ class VisualEncoder(nn.Module):
 
     def forward(self, frames, frame_valid=None):
         B, T = frames.shape[:2]  # (B, T, 3, H, W)
-        if T != self.num_frames:
-            raise ValueError(f"VisualEncoder is built for T={self.num_frames} frames, got {T}; "
-                             "run longer clips in windows of T")
         c2, *cs = self.backbone(frames.flatten(0, 1))  # c2 (B*T, C2, H/4, W/4); c3..c5
-        feats = [proj(c) for proj, c in zip(self.input_proj, cs)]  # 3 x (B*T, C, H_s, W_s)
-        scale_shapes = [tuple(f.shape[-2:]) for f in feats]  # 3 x (H_s, W_s)
+        feats = [proj(c) for proj, c in zip(self.input_proj, cs)]  # 3 x (B*T, C, H_l, W_l)
+        scale_shapes = [tuple(f.shape[-2:]) for f in feats]  # 3 x (H_l, W_l)
         pos = [sine_position_embedding(h, w, self.dim, device=frames.device, dtype=feats[0].dtype)
-               for h, w in scale_shapes]  # 3 x (C, H_s, W_s)
+               for h, w in scale_shapes]  # 3 x (C, H_l, W_l)
 
-        # Flatten to tokens in (frame, scale) level order: level index t*3 + s.
-        src = torch.cat([f.view(B, T, self.dim, -1).transpose(2, 3) for f in feats], dim=2)  # (B, T, S_f, C) S_f tokens per frame
-        src = src.flatten(1, 2)  # (B, S, C), S = T * S_f
-        pos_frame = torch.cat([p.flatten(1).t() for p in pos], 0)  # (S_f, C)
-        level_ids = torch.cat([torch.full((h * w,), s, dtype=torch.long, device=frames.device)
-                               for s, (h, w) in enumerate(scale_shapes)])  # (S_f,) scale of each token
-        level_ids = (torch.arange(T, device=frames.device)[:, None] * self.num_scales + level_ids).flatten()  # (S,)
-        pos_tokens = pos_frame.repeat(T, 1) + self.level_embed[level_ids]  # (S, C)
-        pos_tokens = pos_tokens[None].expand(B, -1, -1)  # (B, S, C)
-        spatial_shapes = scale_shapes * T  # T*3 (H_l, W_l), frame-major
-        ref = self.reference_points(spatial_shapes, frames.device, src.dtype)  # (S, L, 2)
-        ref = ref[None].expand(B, -1, -1, -1)  # (B, S, L, 2)
-        padding_mask = None
-        if frame_valid is not None:
-            padding_mask = (~frame_valid.bool())[:, :, None].expand(B, T, src.shape[1] // T).flatten(1)  # (B, S)
-
+        src = torch.cat([f.flatten(2).transpose(1, 2) for f in feats], dim=1)  # (B*T, S, C) scales concatenated
+        src = src.view(B, T, -1, self.dim)  # (B, T, S, C)
+        pos_tokens = torch.cat([p.flatten(1).t() + self.level_embed[s] for s, p in enumerate(pos)])  # (S, C)
+        ref = self.reference_points(scale_shapes, frames.device, src.dtype)[None]  # (1, S, 3, 2)
+        time_pos = sine_embedding_1d(T, self.dim, frames.device).to(src.dtype)  # (T, C)
         for layer in self.layers:
-            src = layer(src, pos_tokens, ref, spatial_shapes, padding_mask)  # (B, S, C)
+            src = layer(src, pos_tokens, ref, scale_shapes, time_pos, frame_valid)  # (B, T, S, C)
 
-        src = src.view(B, T, -1, self.dim)  # (B, T, S_f, C)
         levels, start = [], 0
         for h, w in scale_shapes:
-            lvl = src[:, :, start:start + h * w].transpose(2, 3)  # (B, T, C, H_s*W_s)
-            levels.append(lvl.reshape(B, T, self.dim, h, w))  # (B, T, C, H_s, W_s)
+            lvl = src[:, :, start:start + h * w].transpose(2, 3)  # (B, T, C, H_l*W_l)
+            levels.append(lvl.reshape(B, T, self.dim, h, w))  # (B, T, C, H_l, W_l)
             start += h * w
-        pos = [p[None, None].expand(B, T, -1, -1, -1) for p in pos]  # 3 x (B, T, C, H_s, W_s)
+        pos = [p[None, None].expand(B, T, -1, -1, -1) for p in pos]  # 3 x (B, T, C, H_l, W_l)
         c2 = c2.view(B, T, *c2.shape[1:])  # (B, T, C2, H/4, W/4)
         return dict(levels=levels, pos=pos, c2=c2)
 

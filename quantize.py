@@ -164,7 +164,8 @@ class VectorQuantizer(nn.Module):
                      + e.pow(2).sum(1).unsqueeze(0))  # (1, K) -> (M, K)
             return dist2.argmin(dim=1)  # (M,) int64
 
-    def forward(self, x: torch.Tensor, update_codebook: bool = True) -> QuantizerOutput:
+    def forward(self, x: torch.Tensor, update_codebook: bool = True,
+                valid: Optional[torch.Tensor] = None) -> QuantizerOutput:
         """Quantize every D-vector of x with the codebook.
 
         Args:
@@ -172,14 +173,18 @@ class VectorQuantizer(nn.Module):
             update_codebook: True for the global path (eq. 9 terms 1 and 2: the codebook is
                              trained). False for the local path (eq. 9 term 3 only): the codebook
                              gets no gradient from this call and revival never runs.
+            valid:           (...) bool or None: the tokens that count. The losses are means over
+                             the valid tokens only, and only they are remembered in the warm-up
+                             (the local tokens of padding frames are quantized but count nowhere).
         Returns:
             QuantizerOutput with quantized (..., D), codes (..., D), indices (...) int64,
             codebook_loss scalar, commitment_loss scalar.
         """
         lead = x.shape[:-1]  # (...) the leading dimensions
         flat = x.reshape(-1, self.dim)  # (M, D)
+        keep = None if valid is None else valid.reshape(-1)  # (M,) bool
         if self.warmup:
-            return self._warmup_forward(flat, lead, update_codebook)  # VQ(x) = x (not in the paper; off by default)
+            return self._warmup_forward(flat, lead, update_codebook, keep)  # VQ(x) = x (not in the paper; off by default)
         owns_codebook = update_codebook and self.training
         if owns_codebook and self.revival_enabled:
             # PAPER: dead-code revival is not in the paper (it trains C by eq. 9 alone); it is an
@@ -203,10 +208,10 @@ class VectorQuantizer(nn.Module):
         else:
             xd = flat.to(codes.dtype)  # (M, D)
             if update_codebook:
-                codebook_loss = F.mse_loss(codes, xd.detach())  # eq. (9), first term ||VQ(g) - sg[g]||^2
+                codebook_loss = _mse(codes, xd.detach(), keep)  # eq. (9), first term ||VQ(g) - sg[g]||^2
             else:
                 codebook_loss = flat.new_zeros(())  # () the local path does not update C
-            commitment_loss = F.mse_loss(xd, codes.detach())  # eq. (9), second/third term ||sg[VQ(x)] - x||^2
+            commitment_loss = _mse(xd, codes.detach(), keep)  # eq. (9), second/third term ||sg[VQ(x)] - x||^2
 
         # PAPER: the paper does not say how gradients cross the argmin of VQ; we use the
         # straight-through estimator of VQ-VAE (van den Oord et al. 2017).
@@ -223,17 +228,19 @@ class VectorQuantizer(nn.Module):
             commitment_loss=commitment_loss,
         )
 
-    def _warmup_forward(self, flat: torch.Tensor, lead, update_codebook: bool) -> QuantizerOutput:
+    def _warmup_forward(self, flat: torch.Tensor, lead, update_codebook: bool,
+                        keep: Optional[torch.Tensor]) -> QuantizerOutput:
         """Warm-up: VQ(x) = x, no loss; the nearest codes are still reported (for logging).
 
         Args:
-            flat: (M, D) tokens; lead: their leading dimensions; update_codebook: as in forward.
+            flat: (M, D) tokens; lead: their leading dimensions; update_codebook: as in forward;
+            keep: (M,) bool or None, the tokens to remember.
         Returns:
             QuantizerOutput with quantized = x (..., D), codes = the (untrained) nearest codewords,
             indices (...), and zero losses.
         """
         if self.training:
-            self._remember(flat.detach())
+            self._remember(flat.detach() if keep is None else flat.detach()[keep])  # (M', D)
         indices = self.nearest_code(flat)  # (M,)
         # () eq. (9) is off during the warm-up. On the path that owns the codebook the zero is
         # taken from it, so that the codebook stays in the graph with a zero gradient (DDP expects
@@ -346,6 +353,15 @@ class VectorQuantizer(nn.Module):
             dist.broadcast(self.codebook, src=0)  # (K, D) rank 0's random picks everywhere
             dist.broadcast(self.code_usage, src=0)  # (K,)
         return revived
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """Mean of (a - b)^2 over all elements of the rows where keep is True (all rows if None).
+    a, b: (M, D); keep: (M,) bool or None. Returns a scalar; 0 when no row is kept."""
+    if keep is None:
+        return F.mse_loss(a, b)
+    w = keep.to(a.dtype)  # (M,)
+    return ((a - b).pow(2).mean(1) * w).sum() / w.sum().clamp(min=1.0)  # ()
 
 
 def product_quantize(vq: VectorQuantizer, tokens: torch.Tensor, update_codebook: bool = True):

@@ -31,7 +31,6 @@ Shape alphabet
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -40,7 +39,7 @@ import torch.nn.functional as F
 
 from decoders import (AudioSemanticDecoder, AudioVisualFusion, SemanticMaskDecoder,
                       SemanticRecombination)
-from encoders import FPN, AudioEncoder, ResNet, SmallBackbone, VisualEncoder
+from encoders import FPN, AudioEncoder, ResNet, SmallBackbone, VisualEncoder, sine_embedding_1d
 from quantize import VectorQuantizer, quantization_loss
 
 
@@ -62,7 +61,6 @@ class ModelConfig:
     num_heads: int = 8             # attention heads (DETR-family default 8)
     ffn_dim: int = 1024            # FFN hidden width (Deformable-DETR default 1024)
     num_points: int = 4            # deformable attention sampling points per head and level
-    frames: int = 5                # T, frames the visual encoder is built for (Table 6 best: 5)
     backbone: str = "resnet50"     # resnet18 | resnet34 | resnet50 | small (CPU preset)
     frozen_bn: bool = True         # ResNet BatchNorm frozen (DETR-family practice for batch 4)
     audio_encoder: str = "vggish"  # vggish (released weights) | small (CPU preset)
@@ -126,23 +124,13 @@ def preset(name: str, **overrides) -> ModelConfig:
 # The model
 # ----------------------------------------------------------------------------------------------
 
-def sine_embedding_1d(length: int, dim: int, device=None) -> torch.Tensor:
-    """Sinusoidal position embedding over time (Vaswani et al., App. D): (length, dim)."""
-    pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]   # (T, 1)
-    i = torch.arange(0, dim, 2, dtype=torch.float32, device=device)           # (C/2,)
-    angle = pos / (10000 ** (i / dim))                                         # (T, C/2)
-    emb = torch.zeros(length, dim, device=device)                              # (T, C)
-    emb[:, 0::2] = torch.sin(angle)                                            # (T, C/2) even channels
-    emb[:, 1::2] = torch.cos(angle[:, : dim // 2])                             # (T, C/2) odd channels
-    return emb                                                                 # (T, C)
-
-
 class SQD(nn.Module):
     """Semantically Quantized and Decomposed audio representation for AVS (Fig. 3).
 
     forward(batch) takes the batch of data.py:
         frames (B, T, 3, H, W) float, ImageNet-normalised
         audio  (B, T, 1, 96, 64) VGGish log-mel, or (B, T, 128) precomputed embeddings
+        frame_valid (B, T) bool, optional: False marks a padding frame, which no real frame sees
     and returns a dict:
         pred_logits (B, T, N, Kc)   class logits (sigmoid; no-object is all classes off)
         pred_masks  (B, T, N, h, w) mask logits at stride 4, eq. (7)
@@ -151,8 +139,7 @@ class SQD(nn.Module):
         quant       dict of the unweighted eq. (9) terms (quant_codebook, quant_commit_global, ...)
         indices     dict: 'global' (B, N) and 'local' (B, T, N) codeword ids (where present)
         tokens      dict: 'global' (B, N, C) g_i and 'local' (B, T, N, C) l_{i,t} (where present)
-    A clip longer than cfg.frames is run in windows of cfg.frames frames (the deformable
-    encoder treats each (frame, scale) pair as one attention level, so it is built for T frames).
+    A clip of any length T >= 1 runs in one pass (App. A): nothing in the model is sized by T.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -164,8 +151,8 @@ class SQD(nn.Module):
         # (1) encoders (App. D.1)
         backbone = (SmallBackbone() if cfg.backbone == "small"
                     else ResNet(int(cfg.backbone[len("resnet"):]), frozen_bn=cfg.frozen_bn))
-        self.visual_encoder = VisualEncoder(backbone, C, cfg.frames, cfg.enc_layers,
-                                            cfg.num_heads, cfg.num_points, cfg.ffn_dim)
+        self.visual_encoder = VisualEncoder(backbone, C, cfg.enc_layers, cfg.num_heads,
+                                            cfg.num_points, cfg.ffn_dim)
         self.audio_encoder = AudioEncoder(cfg.audio_encoder, C)
         self.fpn = FPN(C, backbone.channels[0], cfg.mask_dim)
 
@@ -210,44 +197,17 @@ class SQD(nn.Module):
 
     # ------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
+        cfg = self.cfg
         frames, audio = batch["frames"], batch["audio"]                   # (B, T, 3, H, W), (B, T, ...)
         B, T = frames.shape[:2]
-        Tw = self.cfg.frames
-        if T == Tw:
-            return self._forward_window(frames, audio)
-        # PAPER: inference on clips longer than the training length (AVSS: 10 frames) runs in
-        # windows of T frames; the last window is padded by repeating its last frame.
-        n_win = math.ceil(T / Tw)
-        pad = n_win * Tw - T
-        idx = torch.cat([torch.arange(T), torch.full((pad,), T - 1)]).to(frames.device)  # (n_win*Tw,)
-        frames_w = frames[:, idx].reshape(B * n_win, Tw, *frames.shape[2:])  # (B*n_win, Tw, 3, H, W)
-        audio_w = audio[:, idx].reshape(B * n_win, Tw, *audio.shape[2:])     # (B*n_win, Tw, ...)
-        out = self._forward_window(frames_w, audio_w)
-
-        def unwindow(x):  # (B*n_win, Tw, ...) -> (B, T, ...)
-            return x.reshape(B, n_win * Tw, *x.shape[2:])[:, :T]
-
-        for key in ("pred_logits", "pred_masks", "pred_boxes"):
-            out[key] = unwindow(out[key])
-        for aux in out["aux_outputs"]:
-            for key in aux:
-                aux[key] = unwindow(aux[key])
-        if "local" in out["indices"]:
-            out["indices"]["local"] = unwindow(out["indices"]["local"])     # (B, T, N)
-            out["tokens"]["local"] = unwindow(out["tokens"]["local"])       # (B, T, N, C)
-        if "global" in out["indices"]:  # one set of global tokens per window
-            out["indices"]["global"] = out["indices"]["global"].reshape(B, n_win, -1)  # (B, n_win, N)
-            out["tokens"]["global"] = out["tokens"]["global"].reshape(B, n_win, *out["tokens"]["global"].shape[1:])
-        return out
-
-    def _forward_window(self, frames: torch.Tensor, audio: torch.Tensor) -> dict:
-        cfg = self.cfg
-        B, T = frames.shape[:2]
+        # Padding frames (False) never reach a real frame: every place that mixes frames masks
+        # them (encoder, eq. 3, eq. 4, eq. 5's BN statistics, the local VQ losses).
+        frame_valid = batch.get("frame_valid")                            # (B, T) bool or None
         if cfg.zero_audio:
-            audio = torch.zeros_like(audio)                                  # vision-alone control
+            audio = torch.zeros_like(audio)                               # vision-alone control
 
         # (1) Feature encoding (App. D.1)
-        vis = self.visual_encoder(frames)
+        vis = self.visual_encoder(frames, frame_valid)
         levels, pos = vis["levels"], vis["pos"]                   # 3 x (B, T, C, H_l, W_l)
         f_a = self.audio_encoder(audio)                           # (B, T, C)  F_a = {f_a,t}
         C = f_a.shape[-1]
@@ -255,6 +215,7 @@ class SQD(nn.Module):
         # we give the per-frame audio tokens a 1-D sine embedding over time (queries of eq. 3,
         # memory of eq. 4).
         time_pos = sine_embedding_1d(T, C, f_a.device).expand(B, T, C)  # (B, T, C)
+        pad = None if frame_valid is None else ~frame_valid.bool()     # (B, T) True = padding
 
         quant, indices, tokens = {}, {}, {}
         global_out = None
@@ -263,15 +224,17 @@ class SQD(nn.Module):
             # PAPER: F_v of eq. (3) read as every visual token of the clip (all T frames, all
             # three encoder levels), before recombination.
             memory, memory_pos = _clip_tokens(levels, pos)         # (B, T*S, C) each
-            fused = self.fusion(f_a, memory, memory_pos, time_pos)  # (B, T, C)  eq. (3): F'_a
-            g = self.global_asd(fused, time_pos)                   # (B, N, C)  eq. (4): g_i
+            pad_tokens = None if pad is None else pad[:, :, None].expand(
+                B, T, memory.shape[1] // T).flatten(1)             # (B, T*S)
+            fused = self.fusion(f_a, memory, memory_pos, time_pos, pad_tokens)  # (B, T, C)  eq. (3): F'_a
+            g = self.global_asd(fused, time_pos, pad)              # (B, N, C)  eq. (4): g_i
             global_out = self.codebook(g)                          # eq. (2): e_i = VQ(g_i), straight-through
             indices["global"], tokens["global"] = global_out.indices, g   # (B, N), (B, N, C)
             if cfg.use_avsr:
                 # PAPER: the paper derives the AVSR filters "from g_i" and, one sentence earlier,
                 # from the quantized e_i; we use e_i (straight-through), switchable.
                 drive = global_out.quantized if cfg.avsr_from_quantized else g   # (B, N, C)
-                levels = [avsr(drive, lv) for avsr, lv in zip(self.avsr, levels)]  # eq. (5): F'_v
+                levels = [avsr(drive, lv, frame_valid) for avsr, lv in zip(self.avsr, levels)]  # eq. (5): F'_v
 
         # FPN on the (recombined) visual features down to stride 4 -> f_out
         flat_levels = [lv.flatten(0, 1) for lv in levels]              # 3 x (B*T, C, H_l, W_l)
@@ -279,7 +242,7 @@ class SQD(nn.Module):
         f_out = f_out.unflatten(0, (B, T))                             # (B, T, Cm, h, w)
 
         # (3) Local semantic calibration
-        queries, local_out = self._mask_queries(f_a, global_out, tokens, indices)
+        queries, local_out = self._mask_queries(f_a, global_out, tokens, indices, frame_valid)
         # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as the recombined tokens F'_v of frame t,
         # all three levels.
         frame_memory, frame_pos = _frame_tokens(levels, pos)           # (B, T, S, C) each
@@ -297,7 +260,7 @@ class SQD(nn.Module):
         out["indices"], out["tokens"] = indices, tokens
         return out
 
-    def _mask_queries(self, f_a, global_out, tokens, indices):
+    def _mask_queries(self, f_a, global_out, tokens, indices, frame_valid=None):
         """The N queries of every frame for the mask decoder: (B, T, N, C), and the local VQ output.
 
         Full model: VQ(l_{i,t}) with l_{i,t} = TrD_local(p_i | f_{a,t})          eq. (6)
@@ -315,7 +278,8 @@ class SQD(nn.Module):
             # the local path commits to the global codebook but never updates it (eq. 9, 3rd term)
             vq = self.codebook if self.local_codebook is None else self.local_codebook
             update = self.local_codebook is not None or global_out is None
-            local_out = vq(l, update_codebook=update)                  # quantized (B, T, N, C)
+            valid = None if frame_valid is None else frame_valid.bool()[:, :, None].expand(B, T, N)  # (B, T, N)
+            local_out = vq(l, update_codebook=update, valid=valid)     # quantized (B, T, N, C)
             indices["local"], tokens["local"] = local_out.indices, l   # (B, T, N), (B, T, N, C)
             return local_out.quantized, local_out
         # PAPER: without LSD the paper does not say what queries the mask decoder; we add the

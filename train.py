@@ -2,8 +2,9 @@
 
 What this file teaches
     The training loop of a DETR-family set-prediction model on video clips: AdamW with a lower
-    backbone learning rate, a step learning-rate drop, gradient clipping, the eq. (8) loss from
-    matcher.SetCriterion, evaluation with the official AVSBench metrics (metrics.py), and the
+    backbone learning rate, a step learning-rate drop, gradient clipping (ours, not the paper's),
+    the eq. (8) loss from matcher.SetCriterion, evaluation with the official AVSBench metrics
+    (metrics.py), and the
     plumbing a research run needs: a run directory, atomic checkpoints, exact resume, Ctrl-C,
     bf16 autocast, torch.compile and multi-GPU through torchrun.
 
@@ -88,7 +89,7 @@ class TrainConfig:
     lr: float | None = None        # AdamW learning rate; None: recipe (paper 1e-4; synthetic 4e-4)
     backbone_lr_mult: float = 0.5  # backbone learning rate multiplier (paper: 0.5)
     weight_decay: float = 5e-4     # AdamW weight decay (paper: 5e-4)
-    clip_grad: float = 0.1         # max gradient norm; PAPER: "gradient clipping", value from DETR
+    clip_grad: float = 0.1         # max gradient norm; NOT IN PAPER: the paper names no clipping, 0.1 is DETR's
     # loss weights of eq. (8) and matching costs of eq. (10) (App. D); None: the recipe's value
     loss_class: float | None = None  # lambda_cls, focal class loss (paper 2)
     loss_mask: float | None = None   # lambda_focal, focal mask loss (paper 5)
@@ -178,7 +179,7 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
             setattr(cfg, name, PAPER_LOSS_WEIGHTS[name])
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    overrides = dict(num_classes=num_classes, frames=cfg.frames,
+    overrides = dict(num_classes=num_classes,
                      use_gsd=not cfg.no_gsd, use_avsr=not (cfg.no_avsr or cfg.no_gsd),
                      use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook,
                      zero_audio=cfg.zero_audio, revive_dead_codes=cfg.revive_dead_codes)
@@ -294,9 +295,7 @@ def run(cfg: TrainConfig) -> int:
     ckpt = None
     if cfg.resume or cfg.eval_only:
         path = cfg.resume or cfg.checkpoint
-        if not os.path.isfile(path):
-            raise UserError(f"checkpoint {path!r} does not exist")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path)
         if cfg.resume:
             saved = ckpt["config"]["train"]
             keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "out", "device", "workers",
@@ -525,7 +524,7 @@ def make_dataset(cfg: TrainConfig, split: str, train: bool):
             if not 0.0 <= cfg.train_multi_ratio <= 1.0:
                 raise UserError(f"--train-multi-ratio must be in [0, 1], got {cfg.train_multi_ratio}")
             extra["multi_source_ratio"] = cfg.train_multi_ratio
-    return data.build_dataset(cfg.dataset, split, cfg.data_root, img_size=img, frames=cfg.frames,
+    return data.build_dataset(cfg.dataset, split, cfg.data_root, img_size=img,
                               train=train, seed=cfg.seed, **extra)
 
 
@@ -673,11 +672,34 @@ def _last_checkpoint(ctx: dict) -> str:
     return path if os.path.exists(path) else "none written yet"
 
 
+# The layout of the model's weights; a checkpoint of another format is refused with a message.
+# 2: the visual encoder is length-independent (attention per scale, then over time) and the
+#    model config has no `frames`; format 1 (no "format" key) encoded windows of T frames.
+CHECKPOINT_FORMAT = 2
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint written by save_checkpoint, or UserError naming the file and what is wrong."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file: one line, not a traceback
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise UserError(f"{path}: not a train.py checkpoint (expected the keys model, config, state)")
+    if ckpt.get("format", 1) != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: checkpoint format {ckpt.get('format', 1)}, this code reads format "
+                        f"{CHECKPOINT_FORMAT} (the visual encoder changed to attend over any number "
+                        f"of frames); retrain with this version")
+    return ckpt
+
+
 def save_checkpoint(ctx: dict, path: str) -> None:
     """Atomic: write to a temporary file in the same folder, fsync, then rename over `path`."""
-    ckpt = {"model": ctx["model"].state_dict(), "optimizer": ctx["opt"].state_dict(),
-            "scheduler": ctx["sched"].state_dict(), "state": dict(ctx["state"]),
-            "rng": get_rng_state(), "config": ctx["full_config"]}
+    ckpt = {"format": CHECKPOINT_FORMAT, "model": ctx["model"].state_dict(),
+            "optimizer": ctx["opt"].state_dict(), "scheduler": ctx["sched"].state_dict(),
+            "state": dict(ctx["state"]), "rng": get_rng_state(), "config": ctx["full_config"]}
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(ckpt, f)

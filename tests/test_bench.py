@@ -62,7 +62,7 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
     assert "python bench.py --steps 1 --warmup 0" in proc.stdout and "n/a" in proc.stdout
 
     # the model is the CPU preset on the 12-class synthetic benchmark, T = 5
-    params = sum(p.numel() for p in SQD(preset("cpu", num_classes=12, frames=5)).parameters())
+    params = sum(p.numel() for p in SQD(preset("cpu", num_classes=12)).parameters())
     assert r["parameters"] == params
     assert (r["batch_size"], r["frames"], r["img_size"], r["preset"]) == (2, 5, 64, "cpu")
 

@@ -160,18 +160,35 @@ def test_eq05_recombination_equals_token_loop(sigmoid_gate, batch_norm):
         torch.testing.assert_close(avsr(tokens[:1], visual[:1]), avsr(tokens, visual)[:1])
 
 
-def test_eq06_local_asd_batched_frames_equals_frame_loop():
+def test_eq06_local_asd_equals_hand_decoder_on_one_audio_vector_per_frame():
+    """Eq. (6) with the memory the model really uses (sqd.SQD._mask_queries): each frame's audio
+    is ONE token f_{a,t}, frames flattened into the batch, no memory position. Against the hand
+    decoder; and with a single memory token the cross-attention weight is 1, so its output is
+    out_proj(W_v f_{a,t} + b_v) for every prototype (checked in closed form on layer 0)."""
     torch.manual_seed(3)
-    Sa = 5
     asd = AudioSemanticDecoder(C, N, 2, HEADS, FFN).double().eval()
-    frames, pos = torch.randn(B, T, Sa, C, dtype=torch.float64), torch.randn(B, T, Sa, C, dtype=torch.float64)
-
-    batched = asd(frames.flatten(0, 1), pos.flatten(0, 1)).view(B, T, N, C)  # eq. (6), all frames at once
-    looped = torch.stack([asd(frames[:, t], pos[:, t]) for t in range(T)], dim=1)  # one frame at a time
-    torch.testing.assert_close(batched, looped, rtol=1e-10, atol=1e-10)
-    # every frame uses the same prototypes, so identical frames give identical tokens
-    same = asd(frames[:, :1].expand(B, T, Sa, C).flatten(0, 1)).view(B, T, N, C)
-    torch.testing.assert_close(same, same[:, :1].expand_as(same))
+    randomise_norms(asd)
+    f_a = torch.randn(B, T, C, dtype=torch.float64)                   # F_a = {f_{a,t}}
+    memory = f_a.reshape(B * T, 1, C)                                  # (B*T, 1, C) as the model
+    out = asd(memory).view(B, T, N, C)                                 # eq. (6): l_{i,t}
+    protos = asd.prototypes[None].expand(B * T, N, C)
+    expected = hand_decoder(asd.decoder, protos, memory)[-1].view(B, T, N, C)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    # closed form of layer 0's cross-attention on one memory token
+    layer = asd.decoder.layers[0]
+    _, _, Wv = layer.cross_attn.in_proj_weight.split(C)
+    _, _, bv = layer.cross_attn.in_proj_bias.split(C)
+    q = protos[:1]
+    x = layer.norm1(q + layer.self_attn(q, q, q, need_weights=False)[0])
+    got = layer.cross_attn(x, memory[:1], memory[:1], need_weights=False)[0]  # (1, N, C)
+    same = layer.cross_attn.out_proj(memory[0, 0] @ Wv.t() + bv)              # (C,)
+    torch.testing.assert_close(got[0], same.expand(N, C), rtol=1e-10, atol=1e-10)
+    # frame t's tokens depend on frame t's audio alone
+    f_b = f_a.clone()
+    f_b[0, 1] += 1.0
+    out_b = asd(f_b.reshape(B * T, 1, C)).view(B, T, N, C)
+    changed = (out_b - out).abs().amax(dim=(2, 3)) > 1e-6              # (B, T)
+    assert changed.tolist() == [[t == 1 for t in range(T)]] + [[False] * T] * (B - 1)
 
 
 def loop_dynamic_conv(features, params, rel, channels, num_layers):
@@ -252,3 +269,29 @@ def test_eq07_dynamic_conv_and_mask_decoder():
     out["pred_masks"].sum().backward()
     assert all(p.grad is None for p in dec.box_head.parameters())
     assert queries.grad is not None and dec.controller[0].weight.grad is not None
+
+
+def test_masked_batch_norm_equals_batch_norm_on_the_real_frames():
+    """Train mode: outputs on valid frames, running mean/var and the batch counter equal torch's
+    BatchNorm2d applied to the valid frames alone; eval mode and valid=None are BatchNorm2d."""
+    from decoders import MaskedBatchNorm2d
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 3, 5) * 3 + 1
+    valid = torch.tensor([True, False, True, True, False, True])
+    x[~valid] = 1000.0                                    # padding frames: anything at all
+    ours, ref = MaskedBatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())
+    for _ in range(2):
+        got = ours(x, valid)
+        want = ref(x[valid])
+        torch.testing.assert_close(got[valid], want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked) == 2
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x, valid), ref(x))
+    ours.train(), ref.train()
+    torch.testing.assert_close(ours(x), ref(x))

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from scipy.signal import resample_poly
 
 from encoders import (FPN, AudioEncoder, FrozenBatchNorm2d, MSDeformAttn, ResNet, SmallBackbone, SmallVGG,
-                      VGGish, VisualEncoder, ms_deform_attn_core, sine_position_embedding, vggish_log_mel)
+                      TemporalAttention, VGGish, VisualEncoder, ms_deform_attn_core, sine_embedding_1d,
+                      sine_position_embedding, vggish_log_mel)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,8 +204,8 @@ def test_sine_position_embedding_hand_values():
                 assert abs(pos[half + k, i, j].item() - trig(xv / f)) < 1e-5
 
 
-def _tiny_visual_encoder(T=2):
-    return VisualEncoder(SmallBackbone(), dim=32, num_frames=T, enc_layers=2, num_heads=4, num_points=2,
+def _tiny_visual_encoder():
+    return VisualEncoder(SmallBackbone(), dim=32, enc_layers=2, num_heads=4, num_points=2,
                          ffn_dim=64, dropout=0.0)
 
 
@@ -220,14 +221,15 @@ def test_visual_encoder_shapes_and_fpn():
     fpn = FPN(32, enc.c2_channels, mask_dim=8)
     f_out = fpn([x.flatten(0, 1) for x in out["levels"]], out["c2"].flatten(0, 1))
     assert tuple(f_out.shape) == (4, 8, 16, 16)
-    with pytest.raises(ValueError):
-        enc(torch.randn(1, 3, 3, 64, 64))
+    # nothing is sized by T: the same encoder takes 1, 3 and 10 frames
+    for T in (1, 3, 10):
+        assert tuple(enc(torch.randn(1, T, 3, 64, 64))["levels"][2].shape) == (1, T, 32, 2, 2)
 
 
 def test_visual_encoder_aggregates_over_frames():
-    """Temporal aggregation: changing frame 1 changes frame 0's encoded levels (each query samples
-    every (frame, scale) level) but not frame 0's backbone features; masking frame 1 as padding
-    makes frame 0's output independent of it."""
+    """Temporal aggregation: changing frame 1 changes frame 0's encoded levels (time attention)
+    but not frame 0's backbone features; masking frame 1 as padding makes frame 0's output
+    independent of it."""
     torch.manual_seed(0)
     enc = _tiny_visual_encoder().eval()
     a = torch.randn(1, 2, 3, 64, 64)
@@ -377,3 +379,44 @@ def test_audio_encoder_shapes(vggish):
     with torch.no_grad():
         emb = big(torch.randn(1, 2, 1, 96, 64))
     assert tuple(emb.shape) == (1, 2, 16)
+
+
+def test_temporal_attention_equals_explicit_loop():
+    """TemporalAttention against a hand loop: for each token position and head, softmax over the
+    real frames of q.k / sqrt(D) with the time embedding on queries and keys, then residual + LN."""
+    torch.manual_seed(0)
+    B, T, S, C, M = 2, 4, 3, 8, 2
+    D = C // M
+    layer = TemporalAttention(C, M, dropout=0.0).eval()
+    x = torch.randn(B, T, S, C)
+    time_pos = sine_embedding_1d(T, C)
+    valid = torch.tensor([[True, True, True, True], [True, False, True, False]])
+    with torch.no_grad():
+        got = layer(x, time_pos, valid)
+        Wq, Wk, Wv = layer.attn.in_proj_weight.split(C)
+        bq, bk, bv = layer.attn.in_proj_bias.split(C)
+        ref = torch.empty_like(x)
+        for b in range(B):
+            for s in range(S):
+                for t in range(T):
+                    q = (x[b, t, s] + time_pos[t]) @ Wq.t() + bq  # (C,)
+                    heads = []
+                    for m in range(M):
+                        sl = slice(m * D, (m + 1) * D)
+                        scores = [float((q[sl] * ((x[b, u, s] + time_pos[u]) @ Wk.t() + bk)[sl]).sum()) / math.sqrt(D)
+                                  for u in range(T) if valid[b, u]]
+                        w = torch.tensor(scores).softmax(0)
+                        vals = torch.stack([(x[b, u, s] @ Wv.t() + bv)[sl] for u in range(T) if valid[b, u]])
+                        heads.append((w[:, None] * vals).sum(0))
+                    out = layer.attn.out_proj(torch.cat(heads))
+                    ref[b, t, s] = layer.norm(x[b, t, s] + out)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sine_embedding_1d_hand_values():
+    emb = sine_embedding_1d(3, 6)
+    for t in range(3):
+        for i in range(3):
+            angle = t / 10000 ** (2 * i / 6)
+            assert abs(emb[t, 2 * i].item() - math.sin(angle)) < 1e-6
+            assert abs(emb[t, 2 * i + 1].item() - math.cos(angle)) < 1e-6

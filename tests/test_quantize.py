@@ -406,3 +406,27 @@ def test_warmup_end_sets_the_kmeans_codebook_once_and_survives_a_checkpoint():
     before = plain.codebook.detach().clone()
     plain.set_warmup(False)
     assert torch.equal(plain.codebook.detach(), before) and not plain.kmeans_done
+
+
+def test_valid_mask_averages_the_losses_over_valid_tokens_only():
+    """valid=(...) bool: eq. (9)'s terms are the mean squared error over the valid tokens' elements,
+    by an explicit loop; invalid tokens are still quantized (same indices as without a mask)."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(6, 4)
+    x = torch.randn(2, 3, 4)
+    valid = torch.tensor([[True, False, True], [False, False, True]])
+    out = vq(x, valid=valid)
+    plain = vq(x)
+    assert torch.equal(out.indices, plain.indices)
+    e = vq.codebook.detach()
+    errs = [((x[b, n] - e[out.indices[b, n]]) ** 2).mean() for b in range(2) for n in range(3) if valid[b, n]]
+    expected = sum(errs) / len(errs)
+    torch.testing.assert_close(out.commitment_loss, expected)
+    torch.testing.assert_close(out.codebook_loss, expected)
+    local = vq(x, update_codebook=False, valid=valid)
+    torch.testing.assert_close(local.commitment_loss, expected)
+    # in the warm-up only the valid tokens are remembered
+    vq.set_warmup(True)
+    vq(x, valid=valid)
+    assert int(vq.warmup_seen) == int(valid.sum())
+    torch.testing.assert_close(vq.warmup_tokens[:3], x[valid])

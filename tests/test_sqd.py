@@ -196,22 +196,97 @@ def test_impossible_switch_combinations_raise_clear_errors():
         preset("laptop")
 
 
-def test_long_clip_runs_in_windows_equal_to_separate_windows():
-    """A 10-frame clip (AVSS evaluation) equals its two 5-frame halves run one by one."""
+def test_whole_clip_of_any_length_in_one_pass():
+    """App. A: a model built with the training length T = 5 segments clips of 3, 7 and 10 frames
+    in one forward, with one set of global tokens per clip; the last frame's audio reaches the
+    first frame's global tokens (there are no windows)."""
     torch.manual_seed(0)
     model = SQD(tiny_cfg()).eval()
+    for T in (3, 7, 10):
+        b = random_batch(B=1, T=T)
+        with torch.no_grad():
+            out = model(b)
+        assert out["pred_masks"].shape[:3] == (1, T, 3)
+        assert out["tokens"]["global"].shape == (1, 3, 32)       # (B, N, C): one set per clip
+        assert out["indices"]["local"].shape == (1, T, 3)
     b = random_batch(B=1, T=10)
+    changed = {k: v.clone() for k, v in b.items()}
+    changed["audio"][:, 9] = torch.randn(1, 96, 64)
     with torch.no_grad():
-        whole = model({"frames": b["frames"], "audio": b["audio"]})
-        halves = [model({"frames": b["frames"][:, s:s + 5], "audio": b["audio"][:, s:s + 5]})
-                  for s in (0, 5)]
-    for key in ("pred_logits", "pred_masks", "pred_boxes"):
-        torch.testing.assert_close(whole[key], torch.cat([h[key] for h in halves], 1))
-    # 7 frames: padded to 10 by repeating the last frame, then cut back to 7
-    with torch.no_grad():
-        seven = model({"frames": b["frames"][:, :7], "audio": b["audio"][:, :7]})
-    assert seven["pred_masks"].shape[1] == 7
-    torch.testing.assert_close(seven["pred_masks"][:, :5], halves[0]["pred_masks"])
+        g_a, g_b = model(b)["tokens"]["global"], model(changed)["tokens"]["global"]
+    assert (g_a - g_b).abs().max() > 1e-4
+
+
+def _without_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(m, torch.nn.MultiheadAttention):
+            m.dropout = 0.0
+    return model
+
+
+def _real_frame_outputs(out, T):
+    """Everything a real frame gets (frames [0, T)), and everything per clip, flattened to a dict."""
+    got = {k: out[k][:, :T] for k in ("pred_logits", "pred_masks", "pred_boxes")}
+    for i, aux in enumerate(out["aux_outputs"]):
+        got.update({f"aux{i}_{k}": v[:, :T] for k, v in aux.items()})
+    got["g"] = out["tokens"]["global"]
+    got["l"] = out["tokens"]["local"][:, :T]
+    got.update(out["quant"])
+    return got
+
+
+@pytest.mark.parametrize("preset_name", ["cpu", "paper"])
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_padding_frames_never_move_real_frames(preset_name, train_mode):
+    """5 real frames padded to 7: the padding's content (zeros or loud noise) does not change any
+    output of a real frame, nor the clip's global tokens and eq. (9) terms, and all of them equal
+    those of the same 5 frames unpadded; in train mode also eq. (5)'s BatchNorm running statistics
+    (paper preset). Padded frames must take no attention or softmax mass anywhere."""
+    import copy
+    torch.manual_seed(0)
+    if preset_name == "cpu":
+        model, H = SQD(tiny_cfg()), 32
+        audio_shape = (1, 96, 64)                       # log-mel through SmallVGG
+    else:  # BatchNorm in eq. (5), frozen-BN ResNet-18 (ResNet-50's layout at a third of the cost)
+        model = SQD(preset("paper", num_classes=3, backbone="resnet18", dim=64, ffn_dim=64,
+                           enc_layers=1, dec_layers=2, num_heads=4))
+        H, audio_shape = 64, (128,)                     # precomputed VGGish embeddings
+    model.train(train_mode)
+    B, T, Tp = 2, 5, 7
+    g = torch.Generator().manual_seed(1)
+    real = dict(frames=torch.randn(B, T, 3, H, H, generator=g),
+                audio=torch.randn(B, T, *audio_shape, generator=g),
+                frame_valid=torch.ones(B, T, dtype=torch.bool))
+
+    def padded(fill):
+        frames = torch.cat([real["frames"], fill * torch.randn(B, Tp - T, 3, H, H, generator=g)], 1)
+        audio = torch.cat([real["audio"], fill * torch.randn(B, Tp - T, *audio_shape, generator=g)], 1)
+        valid = torch.arange(Tp)[None].expand(B, Tp) < T                       # (B, Tp)
+        return dict(frames=frames, audio=audio, frame_valid=valid)
+
+    def run(m, batch):
+        torch.manual_seed(123)                          # the same dropout draws for equal shapes
+        with torch.set_grad_enabled(train_mode):
+            return _real_frame_outputs(m(batch), T)
+
+    zeros, noise = padded(0.0), padded(100.0)
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    out_zeros, out_noise = run(a, zeros), run(b, noise)
+    assert out_zeros.keys() == out_noise.keys()
+    for k in out_zeros:
+        torch.testing.assert_close(out_zeros[k], out_noise[k], rtol=1e-5, atol=1e-5, msg=k)
+
+    # Unpadded against padded: dropout masks cannot match across shapes, so dropout is off here.
+    a, b = copy.deepcopy(_without_dropout(model)), copy.deepcopy(_without_dropout(model))
+    out_real, out_pad = run(a, real), run(b, noise)
+    for k in out_real:
+        torch.testing.assert_close(out_real[k], out_pad[k], rtol=1e-5, atol=1e-5, msg=k)
+    if train_mode and preset_name == "paper":
+        for bn_a, bn_b in zip(a.avsr, b.avsr):         # BN statistics from the real frames only
+            torch.testing.assert_close(bn_a.bn.running_mean, bn_b.bn.running_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(bn_a.bn.running_var, bn_b.bn.running_var, rtol=1e-5, atol=1e-6)
 
 
 def test_overfitting_one_tiny_batch():

@@ -190,3 +190,16 @@ def test_recipes_paper_for_avsbench_ours_for_synthetic_and_flags_win():
     assert (synthetic.lr, synthetic.quant_warmup_steps) == (4e-4, 300)
     flagged, _ = resolve(parse_args(["--lr", "2e-4", "--quant-warmup-steps", "0"]), 12)
     assert (flagged.lr, flagged.quant_warmup_steps) == (2e-4, 0)
+
+
+def test_checkpoint_of_an_older_format_or_not_a_checkpoint_exits_2(tmp_path):
+    """A checkpoint saved before the length-independent encoder (no "format" key) and a file that
+    is no checkpoint at all are refused in one line naming the file, not with a traceback."""
+    old = tmp_path / "old.pt"
+    torch.save({"model": {}, "config": {"train": {}, "model": {}}, "state": {"step": 1}}, old)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    for path, words in ((old, "format 1"), (junk, "not a readable checkpoint")):
+        proc = train("--eval-only", "--checkpoint", str(path), *TINY, check=False)
+        assert proc.returncode == 2 and str(path) in proc.stderr and words in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
