@@ -17,7 +17,7 @@ For the CPU preset there are tiny stand-ins with the same interfaces (SmallBackb
 Reading order
 -------------
  1. vggish_log_mel           the VGGish front end (numpy): waveform -> (num_examples, 96, 64)
- 2. VGGish, load_vggish_weights, SmallVGG, AudioEncoder        audio path -> F_a (B,T,C)
+ 2. VGGish, SmallVGG, AudioEncoder (load_net_weights, freeze_net)  audio path -> F_a (B,T,C)
  3. FrozenBatchNorm2d, BasicBlock, Bottleneck, ResNet, SmallBackbone   frame backbones
  4. sine_position_embedding, sine_embedding_1d   the positional embeddings of App. D (space, time)
  5. ms_deform_attn_core      multi-scale deformable attention sampling (grid_sample)
@@ -244,12 +244,73 @@ class AudioEncoder(nn.Module):
         # unnormalised audio projection starts ~15x smaller, and the audio then hardly moves the
         # queries of eq. (3) and the tokens of eq. (4) and (6).
         self.emb_norm = nn.LayerNorm(dim)
+        self.net_frozen = False  # see freeze_net
+
+    def load_net_weights(self, path):
+        """Load a state_dict file strictly into the wrapped network self.net (not emb_proj/norm).
+
+        For 'vggish' the released `vggish-10086976.pth` (the model file, not the PCA file); for
+        'small' a file written by `torch.save(SmallVGG().state_dict(), path)`. Raises ValueError,
+        naming the file and what was expected, when it cannot be read or does not fit the network.
+        """
+        expected = self.net.state_dict()
+        what = (f"a state_dict of the {self.kind!r} audio network ({type(self.net).__name__}: "
+                f"{len(expected)} tensors, {next(iter(expected))!r} first)")
+        import pickle
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # torch's long message would suggest weights_only=False
+            raise ValueError(f"{path} cannot be read (not a weights-only torch.save file: another "
+                             f"format, or pickled Python objects); expected {what}") from None
+        except Exception as e:  # missing, a folder, a truncated or corrupt torch file
+            reason = (str(e).strip().splitlines() or [""])[0].split(". ")[0][:200]
+            raise ValueError(f"{path} cannot be read ({type(e).__name__}: {reason}); "
+                             f"expected {what}") from None
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"{path} holds a {type(state).__name__}, not a dict of tensors; "
+                             f"expected {what}")
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        wrong = [f"{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}"
+                 for k, v in expected.items() if k in state and state[k].shape != v.shape]
+        problems = [f"{label} {items[:4]}{' ...' if len(items) > 4 else ''} ({len(items)})"
+                    for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                         ("wrong shapes", wrong)) if items]
+        if problems:
+            raise ValueError(f"{path} does not fit: expected {what}; " + "; ".join(problems))
+        self.net.load_state_dict(state, strict=True)
+        return self
 
     def load_vggish_weights(self, path):
         """Load the released VGGish weights strictly into the wrapped network."""
         if self.kind != "vggish":
             raise ValueError("load_vggish_weights needs AudioEncoder(kind='vggish')")
-        self.net.load_vggish_weights(path)
+        return self.load_net_weights(path)
+
+    def freeze_net(self):
+        """Freeze the wrapped (pretrained) network; emb_proj and emb_norm, ours, still train.
+
+        requires_grad False keeps its parameters out of the optimizer (SQD.parameter_groups skips
+        them, so AdamW's weight decay does not touch them either) and out of autograd: the
+        log-mel input needs no gradient, so no graph is recorded through the net at all.
+        """
+        self.net.requires_grad_(False)
+        self.net_frozen = True
+        self.net.eval()
+        return self
+
+    def train(self, mode=True):
+        """nn.Module.train, except that a frozen net stays in eval mode.
+
+        model.train() reaches every submodule through this method. A frozen net must compute what
+        it computed when it was pretrained: BatchNorm with its stored statistics (in train mode it
+        would normalise with the batch's and overwrite the stored ones, which requires_grad does not
+        prevent) and no dropout. VGGish has neither and SmallVGG's GroupNorm is the same in both
+        modes, so today this changes no number; it keeps a net that has them frozen.
+        """
+        super().train(mode)
+        if self.net_frozen:
+            self.net.eval()
         return self
 
     def forward(self, audio):

@@ -64,6 +64,7 @@ class ModelConfig:
     backbone: str = "resnet50"     # resnet18 | resnet34 | resnet50 | small (CPU preset)
     frozen_bn: bool = True         # ResNet BatchNorm frozen (DETR-family practice for batch 4)
     audio_encoder: str = "vggish"  # vggish (released weights) | small (CPU preset)
+    freeze_audio: bool = False     # audio network (AudioEncoder.net) frozen: pretrained, not trained
     mask_dim: int = 8              # Cm, channels of f_out fed to the dynamic convolution (CondInst)
     dyn_channels: int = 8          # channels of the dynamic 1x1 convolutions (CondInst: 8)
     dyn_layers: int = 3            # layers of the dynamic convolution (CondInst: 3)
@@ -180,6 +181,8 @@ class SQD(nn.Module):
         self.baseline_queries = nn.Parameter(torch.randn(N, C))  # (N, C)
 
         self._drop_unused_modules()
+        if cfg.freeze_audio:  # a pretrained audio network kept as it is (train.py sets this)
+            self.audio_encoder.freeze_net()
 
     def _drop_unused_modules(self) -> None:
         """Ablated modules are removed so that every remaining parameter gets a gradient."""
@@ -305,7 +308,8 @@ class SQD(nn.Module):
             vq.set_warmup(active)
 
     def parameter_groups(self, lr: float, backbone_lr_mult: float = 0.5, weight_decay: float = 5e-4):
-        """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4)."""
+        """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4).
+        Frozen parameters (ResNet's unused fc, a frozen audio network) are left out."""
         backbone, rest = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:

@@ -70,7 +70,9 @@ class TrainConfig:
     preset: str | None = None      # cpu | paper; None: cpu for synthetic, paper for AVSBench
     backbone: str | None = None    # resnet18 | resnet34 | resnet50 | small; None: preset's
     backbone_weights: str | None = None  # torchvision-format ResNet state_dict (.pth)
-    vggish_weights: str | None = None    # released VGGish weights (vggish-10086976.pth)
+    vggish_weights: str | None = None    # released VGGish weights (vggish-10086976.pth): --audio-weights, VGGish only
+    audio_weights: str | None = None     # state_dict of the audio network (VGGish, or the cpu preset's SmallVGG)
+    finetune_audio: bool = False   # train the loaded audio network instead of freezing it (AVSBench freezes it)
     # ablations (Tables 2-5); defaults are the paper's full model
     no_gsd: bool = False           # drop global semantic decomposition
     no_avsr: bool = False          # drop audiovisual semantic recombination
@@ -185,6 +187,14 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
                      zero_audio=cfg.zero_audio, revive_dead_codes=cfg.revive_dead_codes)
     if cfg.no_gsd and not cfg.no_avsr:
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
+    if cfg.audio_weights and cfg.vggish_weights:
+        raise UserError("give one of --audio-weights and --vggish-weights, not both")
+    # PAPER: the paper does not say whether VGGish trains. AVSBench (FREEZE_AUDIO_EXTRACTOR) and
+    # AVSegFormer (freeze_audio_extractor=True) keep the pretrained audio network frozen; so do we,
+    # unless --finetune-audio. A network without pretrained weights always trains.
+    overrides["freeze_audio"] = bool(cfg.audio_weights or cfg.vggish_weights) and not cfg.finetune_audio
+    if cfg.finetune_audio and not (cfg.audio_weights or cfg.vggish_weights):
+        warnings.warn("--finetune-audio without --audio-weights: the audio network trains anyway")
     for name in ("backbone", "codebook_size", "num_tokens"):
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
@@ -376,7 +386,8 @@ def run(cfg: TrainConfig) -> int:
     if main_proc:
         write_json(os.path.join(out_dir, "config.json"), full_config)
         print(f"run directory: {out_dir}\nmodel: {sum(p.numel() for p in model.parameters()):,} "
-              f"parameters, preset {cfg.preset}, {cfg.dataset} {len(train_set)} train clips, "
+              f"parameters ({sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+              f"trained), preset {cfg.preset}, {cfg.dataset} {len(train_set)} train clips, "
               f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs on {device} x {world}")
     ctx = dict(cfg=cfg, model=model, train_model=train_model, criterion=criterion, opt=opt,
                sched=sched, loader=loader, sampler=sampler, device=device, rank=rank,
@@ -646,21 +657,28 @@ def summary(results: dict) -> str:
 
 def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_proc: bool) -> None:
     for path, name in ((cfg.backbone_weights, "--backbone-weights"),
-                       (cfg.vggish_weights, "--vggish-weights")):
+                       (cfg.vggish_weights, "--vggish-weights"), (cfg.audio_weights, "--audio-weights")):
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{name} {path!r} does not exist")
     if cfg.backbone_weights:
         if model_cfg.backbone == "small":
             raise UserError("--backbone-weights needs a ResNet backbone (--backbone resnet50)")
         model.visual_encoder.backbone.load_torchvision_weights(cfg.backbone_weights)
-    if cfg.vggish_weights:
-        if model_cfg.audio_encoder != "vggish":
-            raise UserError("--vggish-weights needs the VGGish audio encoder (--preset paper)")
-        model.audio_encoder.load_vggish_weights(cfg.vggish_weights)
+    if cfg.vggish_weights and model_cfg.audio_encoder != "vggish":
+        raise UserError("--vggish-weights needs the VGGish audio encoder (--preset paper)")
+    # --vggish-weights is --audio-weights restricted to VGGish; either one freezes the network
+    # unless --finetune-audio (resolve() sets model_cfg.freeze_audio, SQD applies it)
+    audio_flag, audio_path = (("--vggish-weights", cfg.vggish_weights) if cfg.vggish_weights
+                              else ("--audio-weights", cfg.audio_weights))
+    if audio_path:
+        try:
+            model.audio_encoder.load_net_weights(audio_path)
+        except ValueError as e:
+            raise UserError(f"{audio_flag}: {e}") from None
     if main_proc and cfg.preset == "paper" and not cfg.eval_only and not (
-            cfg.backbone_weights and cfg.vggish_weights):
+            cfg.backbone_weights and audio_path):
         missing = [n for n, v in (("--backbone-weights", cfg.backbone_weights),
-                                  ("--vggish-weights", cfg.vggish_weights)) if not v]
+                                  ("--vggish-weights", audio_path)) if not v]
         print("\n" + "!" * 78 + f"\n!! WARNING: the paper preset is training WITHOUT pretrained "
               f"weights ({', '.join(missing)} not given).\n!! The paper starts from ImageNet "
               f"ResNet-50 and AudioSet VGGish; expect far lower numbers.\n" + "!" * 78 + "\n",

@@ -420,3 +420,94 @@ def test_sine_embedding_1d_hand_values():
             angle = t / 10000 ** (2 * i / 6)
             assert abs(emb[t, 2 * i].item() - math.sin(angle)) < 1e-6
             assert abs(emb[t, 2 * i + 1].item() - math.cos(angle)) < 1e-6
+
+
+def test_small_audio_net_weights_round_trip_through_a_file(tmp_path):
+    """A SmallVGG state_dict written with torch.save loads strictly into another encoder's net:
+    the same tensors, hence the same embeddings and the same F_a."""
+    torch.manual_seed(0)
+    source = SmallVGG()
+    path = tmp_path / "small_vgg.pt"
+    torch.save(source.state_dict(), path)
+    torch.manual_seed(1)
+    enc = AudioEncoder("small", dim=32)
+    x = torch.randn(2, 3, 1, 96, 64)
+    with torch.no_grad():
+        want = source(x.flatten(0, 1))[0]  # (6, 128)
+        assert not torch.equal(enc.net(x.flatten(0, 1))[0], want)  # another initialisation
+        enc.load_net_weights(path)
+        got = enc.net.state_dict()
+        assert got.keys() == source.state_dict().keys()
+        assert all(torch.equal(got[k], v) for k, v in source.state_dict().items())
+        assert torch.equal(enc.net(x.flatten(0, 1))[0], want)
+        ref = F.layer_norm(enc.emb_proj(want), (32,)).view(2, 3, 32)  # LayerNorm(Linear(embedding))
+        torch.testing.assert_close(enc(x), ref)
+
+
+def test_bad_audio_weight_files_name_the_file_and_leave_the_net_untouched(tmp_path):
+    torch.manual_seed(0)
+    enc = AudioEncoder("small", dim=32)
+    before = {k: v.clone() for k, v in enc.net.state_dict().items()}
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"this is not a torch file")
+    pickled = tmp_path / "pickled_module.pt"
+    torch.save(nn.Linear(2, 2), pickled)  # a pickled object: weights_only=True refuses it
+    truncated = tmp_path / "truncated.pt"
+    torch.save(SmallVGG().state_dict(), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    a_list = tmp_path / "a_list.pt"
+    torch.save([torch.zeros(1)], a_list)
+    prefixed = tmp_path / "whole_encoder.pt"  # the AudioEncoder's state_dict, not its net's
+    torch.save(AudioEncoder("small", dim=32).state_dict(), prefixed)
+    narrow = tmp_path / "narrow.pt"           # the right keys, other widths
+    torch.save(SmallVGG(widths=(8, 16, 32, 32)).state_dict(), narrow)
+    cases = {tmp_path / "missing.pt": "cannot be read (FileNotFoundError",
+             garbage: "cannot be read", truncated: "cannot be read (RuntimeError",
+             pickled: "cannot be read (not a weights-only", a_list: "not a dict of tensors",
+             prefixed: "unexpected keys ['net.features.0.weight'",
+             narrow: "wrong shapes ['features.0.weight (8, 1, 3, 3) instead of (16, 1, 3, 3)'"}
+    for path, reason in cases.items():
+        with pytest.raises(ValueError) as err:
+            enc.load_net_weights(path)
+        msg = str(err.value)
+        assert str(path) in msg and reason in msg, msg
+        assert "expected a state_dict of the 'small' audio network (SmallVGG" in msg, msg
+    with pytest.raises(ValueError, match=r"missing keys \['features.0.weight'"):
+        enc.load_net_weights(prefixed)
+    # a load that fails leaves nothing half-loaded (torch's strict load copies the tensors that fit)
+    assert all(torch.equal(enc.net.state_dict()[k], v) for k, v in before.items())
+    with pytest.raises(ValueError, match="kind='vggish'"):
+        enc.load_vggish_weights(narrow)
+
+
+def test_frozen_audio_net_has_no_gradient_and_stays_in_eval_mode():
+    """freeze_net: no net parameter trains; model.train() leaves the net in eval mode, so a
+    BatchNorm keeps its stored statistics and a dropout is off (eval-mode outputs, bit for bit);
+    emb_proj and emb_norm, after the net, still train."""
+    torch.manual_seed(0)
+    enc = AudioEncoder("small", dim=32)
+    enc.net.features[1] = nn.BatchNorm2d(16)  # a net with BatchNorm and dropout (SmallVGG has neither)
+    enc.net.embeddings[1] = nn.Sequential(nn.ReLU(), nn.Dropout(0.5))
+    with torch.no_grad():
+        enc.net.features[1].running_mean.normal_()
+        enc.net.features[1].running_var.uniform_(0.5, 2.0)
+    stats = [enc.net.features[1].running_mean.clone(), enc.net.features[1].running_var.clone()]
+    x = torch.randn(2, 3, 1, 96, 64)
+    enc.eval()
+    with torch.no_grad():
+        want = enc(x)  # (2, 3, 32) eval mode throughout
+    enc.freeze_net()
+    model = nn.ModuleDict({"audio_encoder": enc}).train()  # train() reaches enc from a parent
+    assert enc.training and enc.emb_proj.training and enc.emb_norm.training
+    assert not any(m.training for m in enc.net.modules())
+    assert not any(p.requires_grad for p in enc.net.parameters())
+    assert all(p.requires_grad for p in [*enc.emb_proj.parameters(), *enc.emb_norm.parameters()])
+    got = enc(x)
+    assert torch.equal(got, want) and torch.equal(enc(x), want)
+    assert torch.equal(enc.net.features[1].running_mean, stats[0])
+    assert torch.equal(enc.net.features[1].running_var, stats[1])
+    got.square().sum().backward()
+    assert all(p.grad is None for p in enc.net.parameters())
+    assert enc.emb_proj.weight.grad is not None and enc.emb_proj.weight.grad.abs().sum() > 0
+    model.eval()
+    assert not enc.training and not enc.emb_proj.training

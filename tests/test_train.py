@@ -203,3 +203,124 @@ def test_checkpoint_of_an_older_format_or_not_a_checkpoint_exits_2(tmp_path):
         proc = train("--eval-only", "--checkpoint", str(path), *TINY, check=False)
         assert proc.returncode == 2 and str(path) in proc.stderr and words in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------------------ pretrained audio network
+
+def _audio_net(state: dict) -> dict:
+    """The audio network's tensors in a model state_dict, under the network's own key names."""
+    prefix = "audio_encoder.net."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def test_frozen_audio_net_is_out_of_the_optimizer_and_unchanged_by_training_steps():
+    """Three real training steps (train.forward_loss + apply_gradients, AdamW with weight decay):
+    with freeze_audio every net tensor is bit-identical afterwards while emb_proj moves; without
+    it every net tensor moves. The optimizer holds exactly the parameters that train."""
+    from matcher import SetCriterion
+    from sqd import SQD, preset
+    from train import apply_gradients, forward_loss
+    g = torch.Generator().manual_seed(0)
+    B, T, H = 2, 5, 32
+    labels = torch.zeros(B, T, H, H, dtype=torch.long)
+    labels[0, :, 4:14, 4:14], labels[1, :, 16:28, 10:24] = 1, 2
+    batch = dict(frames=torch.randn(B, T, 3, H, H, generator=g),
+                 audio=torch.randn(B, T, 1, 96, 64, generator=g), labels=labels,
+                 label_valid=torch.ones(B, T, dtype=torch.bool),
+                 frame_valid=torch.ones(B, T, dtype=torch.bool))
+    for freeze in (True, False):
+        torch.manual_seed(0)
+        model = SQD(preset("cpu", num_classes=3, dim=32, ffn_dim=64, codebook_size=8,
+                           num_tokens=3, freeze_audio=freeze))
+        net = list(model.audio_encoder.net.parameters())
+        assert all(p.requires_grad is not freeze for p in net)
+        groups = model.parameter_groups(1e-3, 0.5, 5e-4)
+        in_opt = {id(p) for group in groups for p in group["params"]}
+        assert in_opt == {id(p) for p in model.parameters() if p.requires_grad}
+        assert in_opt.isdisjoint(map(id, net)) if freeze else in_opt.issuperset(map(id, net))
+        opt = torch.optim.AdamW(groups)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        model.train()
+        assert model.audio_encoder.net.training is not freeze
+        for _ in range(3):
+            total, _, _ = forward_loss(model, model, SetCriterion(3), batch, amp=False)
+            apply_gradients(model, opt, total, clip_grad=0.1)
+        after = model.state_dict()
+        unchanged = [torch.equal(v, after[f"audio_encoder.net.{k}"])
+                     for k, v in _audio_net(before).items()]
+        assert all(unchanged) if freeze else not any(unchanged), (freeze, unchanged)
+        for k in ("audio_encoder.emb_proj.weight", "audio_encoder.emb_norm.weight"):
+            assert not torch.equal(before[k], after[k]), k
+
+
+def test_audio_weights_flag_freezes_the_net_resumes_exactly_and_finetune_trains_it(tmp_path):
+    from encoders import SmallVGG
+    from sqd import SQD, ModelConfig
+    torch.manual_seed(3)
+    weights = tmp_path / "small_vgg.pt"
+    state = SmallVGG().state_dict()
+    torch.save(state, weights)
+
+    whole, broken, tuned = tmp_path / "whole", tmp_path / "broken", tmp_path / "tuned"
+    train("--audio-weights", str(weights), "--max-steps", "3", "--out", str(whole), *TINY)
+    train("--audio-weights", str(weights), "--max-steps", "2", "--out", str(broken), *TINY)
+    config = json.loads((broken / "config.json").read_text())
+    assert config["model"]["freeze_audio"] is True
+    assert config["train"]["audio_weights"] == str(weights) and not config["train"]["finetune_audio"]
+    train("--resume", str(broken / "last.pt"), "--max-steps", "3", "--threads", "1")
+    assert json.loads((broken / "config.json").read_text())["model"]["freeze_audio"] is True
+    a, b = losses(whole), losses(broken)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
+    for run in (whole, broken):
+        ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+        net = _audio_net(ckpt["model"])
+        assert net.keys() == state.keys() and all(torch.equal(net[k], state[k]) for k in state)
+        # AdamW's groups hold the trainable parameters only: the model's minus the net's
+        model = SQD(ModelConfig(**ckpt["config"]["model"]))
+        n_opt = sum(len(group["params"]) for group in ckpt["optimizer"]["param_groups"])
+        assert n_opt == len(list(model.parameters())) - len(state)
+
+    train("--audio-weights", str(weights), "--finetune-audio", "--max-steps", "2", "--out",
+          str(tuned), *TINY)
+    ckpt = torch.load(tuned / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["config"]["model"]["freeze_audio"] is False
+    net = _audio_net(ckpt["model"])
+    assert not any(torch.equal(net[k], state[k]) for k in state)
+    assert sum(len(group["params"]) for group in ckpt["optimizer"]["param_groups"]) == len(
+        list(SQD(ModelConfig(**ckpt["config"]["model"])).parameters()))
+
+
+def test_bad_audio_weights_exit_2_naming_the_file(tmp_path):
+    from encoders import SmallVGG
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    narrow = tmp_path / "narrow_vgg.pt"
+    torch.save(SmallVGG(widths=(8, 16, 32, 32)).state_dict(), narrow)
+    for path, reason in ((tmp_path / "missing.pt", "does not exist"), (garbage, "cannot be read"),
+                         (narrow, "wrong shapes")):
+        proc = train("--audio-weights", str(path), "--max-steps", "1", "--out",
+                     str(tmp_path / "run"), *TINY, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert str(path) in proc.stderr and reason in proc.stderr, proc.stderr[-2000:]
+        assert "--audio-weights" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing written
+    # both flags at once; the VGGish flag on the CPU preset's small network
+    for flags in (["--audio-weights", str(narrow), "--vggish-weights", str(narrow)],
+                  ["--vggish-weights", str(narrow)]):
+        proc = train(*flags, "--max-steps", "1", *TINY, check=False)
+        assert proc.returncode == 2 and "--vggish-weights" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+
+
+def test_finetune_audio_and_weights_set_freeze_audio():
+    from train import UserError, parse_args, resolve
+    for flags, frozen in (([], False), (["--audio-weights", "w.pt"], True),
+                          (["--vggish-weights", "w.pt"], True),
+                          (["--audio-weights", "w.pt", "--finetune-audio"], False)):
+        assert resolve(parse_args(flags), 12)[1].freeze_audio is frozen, flags
+    with pytest.warns(UserWarning, match="--finetune-audio"):
+        assert resolve(parse_args(["--finetune-audio"]), 12)[1].freeze_audio is False
+    with pytest.raises(UserError, match="not both"):
+        resolve(parse_args(["--audio-weights", "a.pt", "--vggish-weights", "b.pt"]), 12)
