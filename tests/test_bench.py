@@ -90,6 +90,10 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     per_clip = json.loads(out.read_text())
     assert per_clip["matcher"] == "per-clip" and "per-clip: cost matrices" in proc.stdout
+    # the other code ran: the same backward pass, but the batched matcher prices every class slot
+    # of the batch (matcher.track_batch) where the per-clip one prices each clip's tracks
+    assert per_clip["flops_backward"] == r["flops_backward"]
+    assert per_clip["flops_forward"] != r["flops_forward"]
     assert r["loss_first"] != r["loss_last"]
     for key in ("loss_first", "loss_last"):
         assert abs(per_clip[key] - r[key]) <= 1e-5 * abs(r[key]), (key, per_clip[key], r[key])
