@@ -12,7 +12,6 @@ import os
 import sys
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
