@@ -10,11 +10,14 @@ What this file measures
     once and kept on the device, so data loading is NOT part of the step. Weights are random:
     speed, memory and FLOPs do not depend on them.
 
-    The Hungarian matcher runs scipy's linear_sum_assignment on the CPU: every step copies one
-    small cost matrix per clip and decoder layer to the host and waits for it. That is part of
-    the step, as it is in training, and its share is reported separately ("matcher"). To
-    measure it, the step syncs the device once when the matcher is entered (the matcher's own
-    first copy to the host would wait there anyway).
+    The Hungarian matcher runs scipy's linear_sum_assignment on the CPU: every step copies the
+    cost matrices of all clips and decoder layers to the host in one tensor (with the previous
+    step's loss riding along, as train.py does) and waits for it. That is part of the step, as it
+    is in training, and its share is reported separately ("matcher"). To measure it, the step
+    syncs the device once when the matcher is entered (the matcher's copy to the host would wait
+    there anyway). --matcher per-clip runs the earlier form instead (tools/matcher_per_clip.py:
+    one cost matrix, NaN checks and copy per clip and layer, per-clip losses, the loss read with
+    .item() every step), to measure the difference.
 
     It reports
       step time      mean and median over --steps steps after --warmup untimed ones (the first
@@ -44,6 +47,7 @@ How to run
     python bench.py --device cpu --threads 2          # the CPU preset on the CPU
     python bench.py --preset paper --amp              # the paper's model at 224, bf16 autocast
     python bench.py --preset paper --amp --compile --json bench.json
+    python bench.py --preset paper --amp --matcher per-clip   # the per-clip matcher, to compare
 
 Shape alphabet: B clips, T frames, H = W image size.
 """
@@ -67,6 +71,7 @@ import data
 import train
 from matcher import SetCriterion
 from sqd import SQD
+from tools import matcher_per_clip
 
 # Dense (no structured sparsity) peak tensor throughput in TFLOP/s, from NVIDIA's H100 and H200
 # datasheets (SXM form factor). H200 is the H100 chip with more and faster memory: same peaks.
@@ -109,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "from the table of known GPUs (H100 SXM, H200)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the batch")
+    p.add_argument("--matcher", choices=["batched", "per-clip"], default="batched",
+                   help="batched: matcher.py, one copy to the host per step (as train.py); "
+                        "per-clip: tools/matcher_per_clip.py, the earlier per-clip matcher and losses")
     return p.parse_args(argv)
 
 
@@ -178,21 +186,25 @@ def run(args: argparse.Namespace, argv=None) -> int:
     batch = data.collate([dataset[i] for i in range(cfg.batch_size)])
     batch = train.to_device(batch, device)        # frames (B, T, 3, H, W), audio (B, T, 1, 96, 64)
     model = SQD(model_cfg).to(device)
-    criterion = SetCriterion(model_cfg.num_classes,
-                             weights={k: getattr(cfg, k) for k in train.LOSS_WEIGHT_FIELDS})
+    per_clip = args.matcher == "per-clip"
+    criterion = (matcher_per_clip.PerClipSetCriterion if per_clip else SetCriterion)(
+        model_cfg.num_classes, weights={k: getattr(cfg, k) for k in train.LOSS_WEIGHT_FIELDS})
     opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.backbone_lr_mult,
                                                    cfg.weight_decay))
     model.train()
 
     # FLOPs: once, uncompiled, outside the timed loop; then forget its gradients.
-    flops = count_step_flops(model, criterion, batch, cfg.amp)
+    flops = count_step_flops(model, criterion, batch, cfg.amp, per_clip)
     opt.zero_grad(set_to_none=True)
 
     train_model = torch.compile(model) if cfg.compile else model
-    step = functools.partial(training_step, model, train_model, criterion, opt, batch, cfg)
+    step = functools.partial(training_step, model, train_model, criterion, opt, batch, cfg,
+                             per_clip, {})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    timing = time_steps(step, criterion.matcher, device, args.warmup, args.steps)
+    # the batched criterion calls matcher.match once per step, the per-clip one forward per layer
+    timing = time_steps(step, criterion.matcher, "forward" if per_clip else "match", device,
+                        args.warmup, args.steps)
     memory = peak_memory(device)
 
     mean = statistics.fmean(timing["step_s"])
@@ -207,6 +219,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
         "threads": torch.get_num_threads(),
         "mode": mode,
         "compile": cfg.compile,
+        "matcher": args.matcher,
         "preset": cfg.preset,
         "batch_size": cfg.batch_size, "frames": cfg.frames, "img_size": cfg.img_size,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -238,12 +251,25 @@ def run(args: argparse.Namespace, argv=None) -> int:
 # The step
 # ----------------------------------------------------------------------------------------------
 
-def training_step(model, train_model, criterion, opt, batch: dict, cfg) -> float:
-    """One step of train.train_one_epoch (without its logging and the lr scheduler's counter)."""
-    total, _, _ = train.forward_loss(model, train_model, criterion, batch, cfg.amp)  # eq. (8)
-    loss = total.item()                                    # train.py's one host sync of a step
-    train.apply_gradients(model, opt, total, cfg.clip_grad)
-    return loss
+def training_step(model, train_model, criterion, opt, batch: dict, cfg, per_clip: bool,
+                  previous: dict) -> torch.Tensor:
+    """One step of train.train_one_epoch (without its logging and the lr scheduler's counter).
+
+    previous: the step before's values (train.step_values), which ride to the host with this
+    step's matcher copy as in train.py; replaced by this step's. Returns the step's loss tensor.
+    With per_clip, the step as it was with tools/matcher_per_clip.py: the loss read at once.
+    """
+    if per_clip:
+        total, _, _ = matcher_per_clip.forward_loss(model, train_model, criterion, batch, cfg.amp)
+        total.item()                                       # that step's read of the loss
+        train.apply_gradients(model, opt, total, cfg.clip_grad)
+        return total.detach()
+    total, parts, outputs, _ = train.forward_loss(model, train_model, criterion, batch, cfg.amp,
+                                                  carry=previous or None)  # eq. (8)
+    grad_norm = train.apply_gradients(model, opt, total, cfg.clip_grad)
+    previous.clear()
+    previous.update(train.step_values(total, grad_norm, parts, outputs))
+    return total.detach()
 
 
 def _conv_backward_flop(*args, out_val=None, **kwargs) -> int:
@@ -280,10 +306,11 @@ def count_flops(fn):
     return out, int(counter.get_total_flops()), by_op
 
 
-def count_step_flops(model, criterion, batch: dict, amp: bool) -> dict:
+def count_step_flops(model, criterion, batch: dict, amp: bool, per_clip: bool = False) -> dict:
     """FLOPs of the forward pass with the loss (matcher included) and of the backward pass."""
     def forward():
-        return train.forward_loss(model, model, criterion, batch, amp)[0]
+        fwd = matcher_per_clip.forward_loss if per_clip else train.forward_loss
+        return fwd(model, model, criterion, batch, amp)[0]
 
     total, fwd, fwd_ops = count_flops(forward)
     _, bwd, bwd_ops = count_flops(total.backward)
@@ -291,14 +318,15 @@ def count_step_flops(model, criterion, batch: dict, amp: bool) -> dict:
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "by_op": by_op}
 
 
-def time_steps(step, matcher, device: torch.device, warmup: int, steps: int) -> dict:
-    """Run warmup + steps steps; wall time of each timed step and of the matcher inside it."""
+def time_steps(step, matcher, method: str, device: torch.device, warmup: int, steps: int) -> dict:
+    """Run warmup + steps steps; wall time of each timed step and of matcher.<method> inside it.
+    The losses are read once all steps are done."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     matcher_time = [0.0]
-    original = matcher.forward
+    original = getattr(matcher, method)
 
     def timed_matcher(*a, **k):  # the step's outputs are ready when the matcher starts
         sync()
@@ -307,7 +335,7 @@ def time_steps(step, matcher, device: torch.device, warmup: int, steps: int) -> 
         matcher_time[0] += time.perf_counter() - t
         return out
 
-    matcher.forward = timed_matcher
+    setattr(matcher, method, timed_matcher)
     step_s, matcher_s, losses, first = [], [], [], None
     try:
         for i in range(warmup + steps):
@@ -324,8 +352,9 @@ def time_steps(step, matcher, device: torch.device, warmup: int, steps: int) -> 
                 matcher_s.append(matcher_time[0])
                 losses.append(loss)
     finally:
-        del matcher.forward                          # back to the class's forward
-    return {"step_s": step_s, "matcher_s": matcher_s, "loss": losses, "first_step_s": first}
+        delattr(matcher, method)                     # back to the class's method
+    return {"step_s": step_s, "matcher_s": matcher_s, "loss": [float(x) for x in losses],
+            "first_step_s": first}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,7 +447,7 @@ def report(r: dict) -> str:
         ("first step", first),
         ("matcher", f"{1000 * r['matcher_s_mean']:.1f} ms/step "
                     f"({100 * r['matcher_s_mean'] / r['step_s_mean']:.1f} % of the step; "
-                    f"cost matrices + scipy on CPU)"),
+                    f"{r['matcher']}: cost matrices + scipy on CPU)"),
         ("clips/s", f"{r['clips_per_s']:.2f}"),
         ("peak memory", mem),
         ("FLOPs/step", f"{r['flops_total'] / 1e9:.2f} GFLOP (forward + loss "

@@ -11,7 +11,7 @@ Mask2Former, made video-level as in ReferFormer:
     frame (a track is "no object" in the frames where it is silent);
   * one assignment tokens <-> tracks per clip, found by the Hungarian algorithm
     (scipy's linear_sum_assignment) on the matching cost L_match of eq. (10), computed over the
-    frames that carry labels;
+    frames that carry labels, and again for every earlier decoder layer (auxiliary losses);
   * the segmentation loss L_segm is L_match of the matched pairs, plus the "no object" class
     loss of every other token; eq. (8) adds lambda_quant * L_quant (eq. 9, computed in
     quantize.py and passed in here).
@@ -26,17 +26,35 @@ Reading order
  3. sigmoid_focal_loss, dice_loss                                    the loss functions
  4. pairwise_focal_cost, pairwise_dice_cost                          the same, for all pairs
  5. masks_at_resolution, tracks_at_resolution                        GT masks -> stride 4
- 6. HungarianMatcher          eq. (10), one assignment per clip
- 7. SetCriterion              eq. (8): matched losses, auxiliary layers, quantization terms
+ 6. Tracks, pack_tracks, track_batch  the tracks of a whole batch as padded tensors
+ 7. HungarianMatcher          eq. (10), one assignment per clip and decoder layer
+ 8. SetCriterion              eq. (8): matched losses, auxiliary layers, quantization terms
+
+How the work is batched (why sections 6 to 8 look the way they do)
+------------------------------------------------------------------
+On a GPU the matcher is the one place where the host must wait for the device: scipy's
+Hungarian algorithm runs on the CPU. The whole batch is therefore matched at once, in the way
+DETR batches its matcher: the clips' tracks are padded to one track axis (Tracks), the tokens
+of every decoder layer are stacked into L*N rows, the cost of eq. (10) is computed for all of
+them in one pass, and ONE tensor (costs, non-finite counts, which track slots are real, and
+whatever the caller asks to carry along) is copied to the host. scipy then solves one small
+problem per clip and layer on the host copy, and the assignment goes back to the device as one
+tensor, without waiting. The losses read it with gathers and masks, never with shapes that
+depend on the data, so the rest of the step does not wait for the device either.
 
 Shape alphabet
 --------------
 B clips, T frames, N semantic tokens, Kc foreground classes, H, W label size,
-h, w = H/4, W/4 (mask resolution of the predictions), J ground-truth tracks of one clip,
-J' matched tracks of one clip (min(N, J)), T_l frames of a clip that carry labels,
-P = T_l*h*w pixels of a clip's labelled volume, n, m numbers of boxes or masks.
+h, w = H/4, W/4 (mask resolution of the predictions), J ground-truth tracks of one clip (or
+track slots of a padded batch), J' matched tracks of one clip (min(N, J)), L decoder layers,
+R = L*N token rows (every layer's tokens), T_l frames of a clip that carry labels,
+P = T*h*w pixels of a clip's volume (the T_l*h*w labelled ones count), n, m numbers of boxes
+or masks.
 Class ids: 0 = background, 1..Kc foreground; class-head logit c-1 is class id c.
 """
+from typing import NamedTuple
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,11 +82,20 @@ def masks_to_boxes(masks):
         boxes: (..., 4) float32 (cx, cy, w, h) in [0, 1]; all zeros where a mask is empty.
     """
     masks = masks.bool()  # (..., H, W)
-    H, W = masks.shape[-2:]
-    rows = masks.any(dim=-1)  # (..., H) row holds a pixel
-    cols = masks.any(dim=-2)  # (..., W) column holds a pixel
-    ys = torch.arange(H, device=masks.device)  # (H,)
-    xs = torch.arange(W, device=masks.device)  # (W,)
+    return extent_boxes(masks.any(dim=-1), masks.any(dim=-2))  # (..., 4)
+
+
+def extent_boxes(rows, cols):
+    """Boxes from the rows and columns a mask occupies (the core of masks_to_boxes).
+
+    Args:
+        rows: (..., H) bool, row y holds a pixel of the mask; cols: (..., W) bool, the same for columns.
+    Returns:
+        boxes: (..., 4) float32 (cx, cy, w, h) in [0, 1]; all zeros where no row is occupied.
+    """
+    H, W = rows.shape[-1], cols.shape[-1]
+    ys = torch.arange(H, device=rows.device)  # (H,)
+    xs = torch.arange(W, device=cols.device)  # (W,)
     y0 = torch.where(rows, ys, H).amin(dim=-1)  # (...,) first occupied row
     y1 = torch.where(rows, ys, -1).amax(dim=-1) + 1  # (...,) one past the last occupied row
     x0 = torch.where(cols, xs, W).amin(dim=-1)  # (...,)
@@ -103,6 +130,8 @@ def build_tracks(labels, label_valid, num_classes):
     """
     # PAPER: "the j-th sounding object" of §3.5; label maps carry no instance ids, so a track is
     # one sounding class over the clip (two objects of one class share a track).
+    # On a GPU, torch.unique and the boolean indexing make the host wait for the device (J is
+    # data); the training step uses track_batch (section 6), the same tracks without that wait.
     tracks = []
     for b in range(labels.shape[0]):
         clip = labels[b]  # (T, H, W)
@@ -185,55 +214,69 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     return alpha_t * (1 - p_t) ** gamma * ce  # (...)
 
 
-def dice_loss(logits, targets):
+def dice_loss(logits, targets, valid=None):
     """Dice loss (Milletari et al. 2016; Li et al. 2019) with +1 smoothing, as in DETR.
 
-    dice = 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1), p = sigmoid(x).
+    dice = 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1), p = sigmoid(x), sums over the pixels.
 
     Args:
-        logits: (n, P) mask logits, one mask per row.
-        targets: (n, P) 0/1 masks.
+        logits: (..., P) mask logits, one mask per row.
+        targets: (..., P) 0/1 masks.
+        valid: optional (..., P) bool (broadcast), the pixels that count; default all.
     Returns:
-        loss: (n,)
+        loss: (...)
     """
     # PAPER: the smoothing constant is not given; +1 as DETR.
-    prob = logits.sigmoid()  # (n, P)
-    numerator = 2 * (prob * targets).sum(dim=-1) + 1  # (n,)
-    denominator = prob.sum(dim=-1) + targets.sum(dim=-1) + 1  # (n,)
-    return 1 - numerator / denominator  # (n,)
+    prob = logits.sigmoid()  # (..., P)
+    if valid is not None:
+        prob = torch.where(valid, prob, 0.0)  # (..., P) pixels outside the labelled volume: nothing
+        targets = torch.where(valid, targets, 0.0)  # (..., P)
+    numerator = 2 * (prob * targets).sum(dim=-1) + 1  # (...)
+    denominator = prob.sum(dim=-1) + targets.sum(dim=-1) + 1  # (...)
+    return 1 - numerator / denominator  # (...)
 
 
-def pairwise_focal_cost(logits, targets, alpha=0.25, gamma=2.0):
+def pairwise_focal_cost(logits, targets, valid=None, alpha=0.25, gamma=2.0):
     """Mean sigmoid focal loss of every predicted mask against every 0/1 target mask.
 
     Because the target is 0 or 1, FL(x, t) = t * FL(x, 1) + (1 - t) * FL(x, 0), so all pairs
     come from two matrix products instead of an (n, m, P) tensor (as ReferFormer/Mask2Former).
 
     Args:
-        logits: (n, P) predicted mask logits.
-        targets: (m, P) 0/1 target masks.
+        logits: (..., n, P) predicted mask logits.
+        targets: (..., m, P) 0/1 target masks; leading dims broadcast with logits'.
+        valid: optional (..., 1, P) bool, the pixels that count (the mean is over them); default all.
     Returns:
-        cost: (n, m), cost[i, j] = mean_p FL(logits[i, p], targets[j, p]).
+        cost: (..., n, m), cost[i, j] = mean over counted p of FL(logits[i, p], targets[j, p]).
     """
-    loss_pos = sigmoid_focal_loss(logits, torch.ones_like(logits), alpha, gamma)  # (n, P)
-    loss_neg = sigmoid_focal_loss(logits, torch.zeros_like(logits), alpha, gamma)  # (n, P)
-    cost = loss_pos @ targets.T + loss_neg @ (1 - targets).T  # (n, m)
-    return cost / logits.shape[-1]  # (n, m)
+    loss_pos = sigmoid_focal_loss(logits, torch.ones_like(logits), alpha, gamma)  # (..., n, P)
+    loss_neg = sigmoid_focal_loss(logits, torch.zeros_like(logits), alpha, gamma)  # (..., n, P)
+    count = logits.shape[-1]
+    if valid is not None:
+        loss_pos = torch.where(valid, loss_pos, 0.0)  # (..., n, P)
+        loss_neg = torch.where(valid, loss_neg, 0.0)  # (..., n, P)
+        count = valid.sum(dim=-1, keepdim=True).clamp(min=1)  # (..., 1, 1)
+    cost = loss_pos @ targets.transpose(-1, -2) + loss_neg @ (1 - targets).transpose(-1, -2)  # (..., n, m)
+    return cost / count  # (..., n, m)
 
 
-def pairwise_dice_cost(logits, targets):
+def pairwise_dice_cost(logits, targets, valid=None):
     """Dice loss of every predicted mask against every target mask.
 
     Args:
-        logits: (n, P) predicted mask logits.
-        targets: (m, P) 0/1 target masks.
+        logits: (..., n, P) predicted mask logits.
+        targets: (..., m, P) 0/1 target masks; leading dims broadcast with logits'.
+        valid: optional (..., 1, P) bool, the pixels that count; default all.
     Returns:
-        cost: (n, m), cost[i, j] = dice_loss(logits[i], targets[j]).
+        cost: (..., n, m), cost[i, j] = dice_loss(logits[i], targets[j], valid).
     """
-    prob = logits.sigmoid()  # (n, P)
-    numerator = 2 * prob @ targets.T + 1  # (n, m)
-    denominator = prob.sum(dim=-1)[:, None] + targets.sum(dim=-1)[None, :] + 1  # (n, m)
-    return 1 - numerator / denominator  # (n, m)
+    prob = logits.sigmoid()  # (..., n, P)
+    if valid is not None:
+        prob = torch.where(valid, prob, 0.0)  # (..., n, P)
+        targets = torch.where(valid, targets, 0.0)  # (..., m, P)
+    numerator = 2 * prob @ targets.transpose(-1, -2) + 1  # (..., n, m)
+    denominator = prob.sum(dim=-1)[..., :, None] + targets.sum(dim=-1)[..., None, :] + 1  # (..., n, m)
+    return 1 - numerator / denominator  # (..., n, m)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -263,16 +306,132 @@ def tracks_at_resolution(targets, size):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The video-level Hungarian matcher, eq. (10)
+# 6. The tracks of a whole batch as padded tensors
 # ----------------------------------------------------------------------------------------------
-def _check_finite(name, cost, clip):
-    """Stop with a clear message if a cost term holds NaN or inf (scipy would fail obscurely)."""
-    if not torch.isfinite(cost).all():
-        bad = (~torch.isfinite(cost)).sum().item()
-        raise ValueError(
-            f"HungarianMatcher: cost term '{name}' has {bad} non-finite entries in clip {clip}; "
-            f"the predictions feeding it contain NaN or inf (check the loss scale, lr, AMP)."
-        )
+class Tracks(NamedTuple):
+    """The ground-truth tracks of a batch as padded tensors: what the batched matcher and loss read.
+
+    Slot j of clip b holds a track when real[b, j]. The other slots (padding, or in track_batch
+    the classes that do not sound in the clip) have empty masks, zero boxes, never sound and are
+    never matched. Real slots keep the order of build_tracks (ascending class), so the k-th real
+    slot of a clip is its track k.
+    """
+    classes: torch.Tensor  # (B, J) int64 class ids in 1..Kc (a valid id in every slot)
+    masks: torch.Tensor  # (B, J, T, h, w) float 0/1 at the predictions' mask resolution
+    boxes: torch.Tensor  # (B, J, T, 4) cxcywh in [0, 1], zeros where the mask is empty
+    sounding: torch.Tensor  # (B, J, T) bool, the track sounds in that labelled frame
+    label_valid: torch.Tensor  # (B, T) bool, the frame carries ground truth
+    real: torch.Tensor  # (B, J) bool, the slot holds a track
+
+
+def pack_tracks(targets, size):
+    """The track dicts of build_tracks (one per clip) as one Tracks, padded to the largest clip.
+
+    Args:
+        targets: list of B track dicts ("classes" (J_b,), "masks" (J_b, T, H, W) at label or mask
+            resolution, "boxes" (J_b, T, 4), "sounding" (J_b, T), "label_valid" (T,)).
+        size: (h, w), the mask resolution of the predictions.
+    Returns:
+        Tracks with J = max(1, max_b J_b) slots (one slot at least, so that gathers stay in range).
+    """
+    targets = tracks_at_resolution(targets, size)
+    J = max([1] + [t["classes"].shape[0] for t in targets])
+
+    def pad(x, value=0):  # (J_b, ...) -> (J, ...), filled with value
+        return torch.cat([x, x.new_full((J - x.shape[0], *x.shape[1:]), value)])
+
+    valid = torch.stack([t["label_valid"].bool() for t in targets])  # (B, T)
+    return Tracks(
+        classes=torch.stack([pad(t["classes"].long(), 1) for t in targets]),  # (B, J)
+        masks=torch.stack([pad(t["masks"]) for t in targets]),  # (B, J, T, h, w)
+        boxes=torch.stack([pad(t["boxes"]) for t in targets]),  # (B, J, T, 4)
+        sounding=torch.stack([pad(t["sounding"].bool(), False) for t in targets]) & valid[:, None],  # (B, J, T)
+        label_valid=valid,  # (B, T)
+        real=torch.stack([pad(torch.ones_like(t["classes"], dtype=torch.bool), False) for t in targets]),  # (B, J)
+    )
+
+
+def track_batch(labels, label_valid, num_classes, size):
+    """The tracks of build_tracks for a whole batch, packed, without the host waiting for the device.
+
+    One slot per foreground class (slot c-1 holds class c); `real` says which classes sound in
+    the clip's labelled frames, i.e. are its tracks. Every shape is known before the labels are
+    read, so, unlike build_tracks, nothing here makes the host wait for a GPU.
+    On the real slots it equals pack_tracks(build_tracks(labels, label_valid, Kc), size).
+
+    Args:
+        labels: (B, T, H, W) int64 class ids (0 background; ids outside 1..Kc make no track).
+        label_valid: (B, T) bool, True where the frame carries ground truth.
+        num_classes: Kc.
+        size: (h, w), the mask resolution of the predictions.
+    Returns:
+        Tracks with J = Kc slots.
+    """
+    B, T, H, W = labels.shape
+    Kc = num_classes
+    valid = label_valid.bool()  # (B, T)
+    ids = torch.where(valid[:, :, None, None] & (labels >= 1) & (labels <= Kc), labels, 0)  # (B, T, H, W) 0: no track
+    # The rows and columns each class occupies in each frame, by a scatter over the class axis
+    # (slot 0 collects background), so that no (B, Kc, T, H, W) mask is ever made.
+    rows = torch.zeros(B, T, H, Kc + 1, dtype=torch.bool, device=labels.device)  # (B, T, H, Kc+1)
+    rows = rows.scatter_(3, ids, True)[..., 1:].permute(0, 3, 1, 2)  # (B, Kc, T, H) row y holds class c
+    cols = torch.zeros(B, T, W, Kc + 1, dtype=torch.bool, device=labels.device)  # (B, T, W, Kc+1)
+    cols = cols.scatter_(3, ids.transpose(2, 3), True)[..., 1:].permute(0, 3, 1, 2)  # (B, Kc, T, W)
+    sounding = rows.any(dim=-1)  # (B, Kc, T) the class has a pixel in that labelled frame
+    # Masks at the prediction resolution: the label map subsampled as masks_at_resolution
+    # subsamples every class mask, then compared with each class.
+    small = masks_at_resolution(ids.float(), size).long()  # (B, T, h, w)
+    classes = torch.arange(1, Kc + 1, device=labels.device)  # (Kc,)
+    return Tracks(
+        classes=classes.expand(B, Kc),  # (B, Kc)
+        masks=(small[:, None] == classes[None, :, None, None, None]).float(),  # (B, Kc, T, h, w)
+        boxes=extent_boxes(rows, cols),  # (B, Kc, T, 4)
+        sounding=sounding,  # (B, Kc, T)
+        label_valid=valid,  # (B, T)
+        real=sounding.any(dim=-1),  # (B, Kc)
+    )
+
+
+def stack_layers(layers):
+    """The outputs of L decoder layers as L*N token rows, layer-major (row l*N + i: token i of layer l).
+
+    Args:
+        layers: list of L dicts with "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
+            "pred_boxes" (B, T, N, 4).
+    Returns:
+        logits (B, T, R, Kc), masks (B, T, R, h, w), boxes (B, T, R, 4), R = L*N.
+    """
+    def rows(key):
+        return torch.cat([layer[key] for layer in layers], dim=2)  # (B, T, R, ...)
+    return rows("pred_logits"), rows("pred_masks"), rows("pred_boxes")
+
+
+def to_host(tensors):
+    """Copy a dict of tensors to the host as ONE tensor: on a GPU, one wait for the device.
+
+    Every tensor is flattened into one float64 (if any input is float64) or float32 vector: the
+    values come back exact for floats of at most that precision, booleans, and integers below
+    2**24 (counts, indices).
+
+    Args:
+        tensors: dict name -> tensor (any shape, any device).
+    Returns:
+        dict name -> numpy array of the same shape, dtype float32 or float64.
+    """
+    if not tensors:
+        return {}
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors.values()) else torch.float32
+    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors.values()])  # (total,)
+    host = flat.cpu().numpy()  # the one copy to the host
+    sizes = np.cumsum([0] + [t.numel() for t in tensors.values()])
+    return {name: host[sizes[k]:sizes[k + 1]].reshape(t.shape) for k, (name, t) in enumerate(tensors.items())}
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The video-level Hungarian matcher, eq. (10)
+# ----------------------------------------------------------------------------------------------
+# The five terms of eq. (10), in the order in which a non-finite one is reported.
+COST_TERMS = ("cost_class", "cost_bbox", "cost_giou", "cost_mask", "cost_dice")
 
 
 class HungarianMatcher(nn.Module):
@@ -294,6 +453,9 @@ class HungarianMatcher(nn.Module):
         ReferFormer, so a token is also asked to be empty where its track is silent.
     Each term is thus the increase of the corresponding loss of SetCriterion if token i takes
     track j (up to constants), so matching and loss agree.
+
+    `match` does every clip and decoder layer at once: the costs of all L*N token rows against
+    all track slots on the device, one copy to the host, then scipy per clip and layer.
     """
 
     def __init__(self, cost_class=2.0, cost_mask=5.0, cost_dice=2.0, cost_bbox=5.0, cost_giou=2.0):
@@ -304,7 +466,6 @@ class HungarianMatcher(nn.Module):
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
 
-    @torch.no_grad()
     def forward(self, outputs, targets):
         """
         Args:
@@ -314,91 +475,144 @@ class HungarianMatcher(nn.Module):
                 "pred_boxes":  (B, T, N, 4) boxes cxcywh in [0, 1].
             targets: list of B track dicts from build_tracks ("classes" (J,), "masks" (J, T, H, W)
                 at label or mask resolution, "boxes" (J, T, 4), "sounding" (J, T), "label_valid" (T,)),
-                on the predictions' device.
+                on the predictions' device; or a Tracks.
         Returns:
             a list of B pairs (pred_idx (J',), tgt_idx (J',)) int64, J' = min(N, J): token
             pred_idx[k] is matched to track tgt_idx[k]; pred_idx is ascending.
         """
-        h, w = outputs["pred_masks"].shape[-2:]
-        targets = tracks_at_resolution(targets, (h, w))
-        indices = []
-        for b, target in enumerate(targets):
-            # Costs in full precision even inside an AMP region (matmuls would otherwise run in half).
-            with torch.autocast(device_type=outputs["pred_logits"].device.type, enabled=False):
-                cost = self.clip_cost(
-                    outputs["pred_logits"][b], outputs["pred_masks"][b], outputs["pred_boxes"][b], target, clip=b
-                )  # (N, J)
-            pred_idx, tgt_idx = linear_sum_assignment(cost.cpu().numpy())  # Hungarian (Kuhn 1955)
-            indices.append((torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64)))
-        return indices
+        indices, _, _ = self.match([outputs], targets)
+        return indices[0]
 
-    def clip_cost(self, logits, masks, boxes, target, clip=0):
-        """The eq. (10) cost matrix of one clip.
+    @torch.no_grad()
+    def match(self, layers, targets, carry=None):
+        """Every clip and decoder layer at once, with one copy to the host.
 
         Args:
-            logits: (T, N, Kc); masks: (T, N, h, w); boxes: (T, N, 4) cxcywh.
-            target: one track dict with masks already at (h, w).
-            clip: index used in error messages.
+            layers: list of L output dicts as in forward (the final layer first, then the others).
+            targets: a Tracks at the predictions' mask size, or a list of B track dicts.
+            carry: optional dict name -> tensor that rides to the host in the same copy (e.g. the
+                previous step's loss, see train.py); integers in it must be below 2**24.
         Returns:
-            cost: (N, J) float; (N, 0) when the clip has no track.
+            indices: L lists of B pairs (pred_idx (J',), tgt_idx (J',)) int64, as forward.
+            assignment: (B, L*N) int64 numpy; row l*N + i holds the slot of `targets` (Tracks)
+                that token i of layer l is matched to, -1 if none.
+            carried: dict name -> CPU tensor, the carry (same shapes and dtypes).
+        Raises:
+            ValueError naming the term and the clip when a cost term has a non-finite entry
+            (scipy would fail obscurely), layers in the order given, clips in order.
         """
-        T, N = logits.shape[:2]
-        J = target["classes"].shape[0]
+        logits, masks, boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
+        if not isinstance(targets, Tracks):
+            targets = pack_tracks(targets, masks.shape[-2:])
+        B, R, L = logits.shape[0], logits.shape[2], len(layers)
+        N, J = R // L, targets.classes.shape[1]
+        # Costs in full precision even inside an AMP region (matmuls would otherwise run in half).
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            cost, terms = self.cost_matrices(logits, masks, boxes, targets)  # (B, R, J), 5 x (B, R, J)
+        real = targets.real[:, None, :]  # (B, 1, J)
+        bad = torch.stack([(~torch.isfinite(term) & real).reshape(B, L, N * J).sum(dim=-1)
+                           for term in terms], dim=-1)  # (B, L, 5) non-finite entries per term
+
+        host = to_host({"cost": cost, "bad": bad, "real": targets.real, **(carry or {})})  # the one wait
+        for layer in range(L):
+            for b in range(B):
+                for k, name in enumerate(COST_TERMS):
+                    if host["bad"][b, layer, k] > 0:
+                        raise ValueError(
+                            f"HungarianMatcher: cost term '{name}' has {int(host['bad'][b, layer, k])} "
+                            f"non-finite entries in clip {b}; the predictions feeding it contain NaN "
+                            f"or inf (check the loss scale, lr, AMP).")
+        indices = [[] for _ in range(L)]
+        assignment = np.full((B, R), -1, dtype=np.int64)  # (B, R)
+        for b in range(B):
+            slots = np.flatnonzero(host["real"][b])  # (J_b,) the clip's tracks, in order
+            for layer in range(L):
+                block = host["cost"][b, layer * N:(layer + 1) * N][:, slots]  # (N, J_b)
+                pred_idx, tgt_idx = linear_sum_assignment(block)  # Hungarian (Kuhn 1955)
+                indices[layer].append((torch.as_tensor(pred_idx, dtype=torch.int64),
+                                       torch.as_tensor(tgt_idx, dtype=torch.int64)))
+                assignment[b, layer * N + pred_idx] = slots[tgt_idx]
+        carried = {name: torch.from_numpy(host[name]).to(t.dtype) for name, t in (carry or {}).items()}  # dtypes restored
+        return indices, assignment, carried
+
+    def cost_matrices(self, logits, masks, boxes, targets):
+        """The eq. (10) cost of every token row against every track slot of its clip.
+
+        Args:
+            logits: (B, T, R, Kc); masks: (B, T, R, h, w); boxes: (B, T, R, 4) cxcywh.
+            targets: Tracks with masks at (h, w).
+        Returns:
+            cost: (B, R, J) float, and the five unweighted terms, each (B, R, J), in COST_TERMS
+            order. Slots that hold no track get a cost as well; match ignores them.
+        """
+        B, T, R = logits.shape[:3]
+        J = targets.classes.shape[1]
         dtype = torch.promote_types(logits.dtype, torch.float32)  # no half-precision costs
-        if J == 0:
-            return logits.new_zeros((N, 0), dtype=dtype)  # linear_sum_assignment -> empty
-        valid = target["label_valid"].bool()  # (T,)
-        sounding = target["sounding"].bool() & valid[None]  # (J, T)
-        num_labelled = valid.sum().clamp(min=1)  # T_l
-        num_sounding = sounding.sum(dim=1).clamp(min=1)  # (J,)
+        valid = targets.label_valid  # (B, T)
+        sounding = targets.sounding & valid[:, None]  # (B, J, T)
+        sounds = sounding.transpose(1, 2)[:, :, None, :]  # (B, T, 1, J)
+        num_labelled = valid.sum(dim=1).clamp(min=1)[:, None, None]  # (B, 1, 1) T_l
+        num_sounding = sounding.sum(dim=2).clamp(min=1)[:, None, :]  # (B, 1, J)
 
         # Class term: focal cost on the track's class logit, frames where it sounds.
         # PAPER: eq. (10) names the terms, not their video form. As ReferFormer we average over
         # frames; a frame where the track is silent has target "no object" whoever takes the
         # track, so it adds 0, and we divide by all labelled frames T_l so the cost is the exact
         # change of loss_class (Deformable-DETR's FL(x,1) - FL(x,0), here without its 1e-8 eps).
-        x = logits.to(dtype)[:, :, target["classes"] - 1]  # (T, N, J) logit of each track's class
-        focal_gain = sigmoid_focal_loss(x, torch.ones_like(x)) - sigmoid_focal_loss(x, torch.zeros_like(x))  # (T, N, J)
-        focal_gain = torch.where(sounding.T[:, None, :], focal_gain, torch.zeros_like(focal_gain))  # (T, N, J)
-        cost_class = focal_gain.sum(dim=0) / num_labelled  # (N, J)
-        _check_finite("cost_class", cost_class, clip)
+        class_idx = (targets.classes - 1)[:, None, None, :].expand(B, T, R, J)  # (B, T, R, J)
+        x = logits.to(dtype).gather(3, class_idx)  # (B, T, R, J) logit of each track's class
+        focal_gain = sigmoid_focal_loss(x, torch.ones_like(x)) - sigmoid_focal_loss(x, torch.zeros_like(x))  # (B, T, R, J)
+        focal_gain = torch.where(sounds, focal_gain, torch.zeros_like(focal_gain))  # (B, T, R, J)
+        cost_class = focal_gain.sum(dim=1) / num_labelled  # (B, R, J)
 
         # Box terms: L1 and 1 - GIoU, averaged over the frames where the track sounds.
-        pred_boxes = boxes.to(dtype)  # (T, N, 4)
-        tgt_boxes = target["boxes"].to(dtype).transpose(0, 1)  # (T, J, 4)
-        l1 = (pred_boxes[:, :, None, :] - tgt_boxes[:, None, :, :]).abs().sum(dim=-1)  # (T, N, J)
-        l1 = torch.where(sounding.T[:, None, :], l1, torch.zeros_like(l1))  # (T, N, J)
-        cost_bbox = l1.sum(dim=0) / num_sounding  # (N, J)
-        _check_finite("cost_bbox", cost_bbox, clip)
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes))  # (T, N, J)
-        giou_loss = torch.where(sounding.T[:, None, :], 1 - giou, torch.zeros_like(giou))  # (T, N, J)
-        cost_giou = giou_loss.sum(dim=0) / num_sounding  # (N, J)
-        _check_finite("cost_giou", cost_giou, clip)
+        pred_boxes = boxes.to(dtype)  # (B, T, R, 4)
+        tgt_boxes = targets.boxes.to(dtype).transpose(1, 2)  # (B, T, J, 4)
+        l1 = (pred_boxes[:, :, :, None, :] - tgt_boxes[:, :, None, :, :]).abs().sum(dim=-1)  # (B, T, R, J)
+        l1 = torch.where(sounds, l1, torch.zeros_like(l1))  # (B, T, R, J)
+        cost_bbox = l1.sum(dim=1) / num_sounding  # (B, R, J)
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes))  # (B, T, R, J)
+        giou_loss = torch.where(sounds, 1 - giou, torch.zeros_like(giou))  # (B, T, R, J)
+        cost_giou = giou_loss.sum(dim=1) / num_sounding  # (B, R, J)
 
         # Mask terms on the labelled volume (T_l, h, w).
         # PAPER: §3.5 says "Dice and BCE", App. D gives lambda_focal = 5 and lambda_dice = 2; we
         # use focal + Dice (as ReferFormer) on the whole labelled volume, not per frame, so a
         # silent frame asks the matched token for an empty mask.
-        pred_masks = masks.to(dtype)[valid].transpose(0, 1).flatten(1)  # (N, P)
-        tgt_masks = target["masks"].to(dtype)[:, valid].flatten(1)  # (J, P)
-        cost_mask = pairwise_focal_cost(pred_masks, tgt_masks)  # (N, J)
-        _check_finite("cost_mask", cost_mask, clip)
-        cost_dice = pairwise_dice_cost(pred_masks, tgt_masks)  # (N, J)
-        _check_finite("cost_dice", cost_dice, clip)
+        h, w = masks.shape[-2:]
+        pred_masks = masks.to(dtype).transpose(1, 2).flatten(2)  # (B, R, P)
+        tgt_masks = targets.masks.to(dtype).flatten(2)  # (B, J, P)
+        pixels = valid[:, None, :, None, None].expand(B, 1, T, h, w).flatten(2)  # (B, 1, P) labelled pixels
+        cost_mask = pairwise_focal_cost(pred_masks, tgt_masks, pixels)  # (B, R, J)
+        cost_dice = pairwise_dice_cost(pred_masks, tgt_masks, pixels)  # (B, R, J)
 
         # eq. (10): L_match = lambda_box L_box + lambda_cls L_cls + lambda_mask L_mask
-        return (self.cost_bbox * cost_bbox + self.cost_giou * cost_giou + self.cost_class * cost_class
-                + self.cost_mask * cost_mask + self.cost_dice * cost_dice)  # (N, J)
+        cost = (self.cost_bbox * cost_bbox + self.cost_giou * cost_giou + self.cost_class * cost_class
+                + self.cost_mask * cost_mask + self.cost_dice * cost_dice)  # (B, R, J)
+        return cost, (cost_class, cost_bbox, cost_giou, cost_mask, cost_dice)
+
+    def clip_cost(self, logits, masks, boxes, target):
+        """The eq. (10) cost matrix of one clip (cost_matrices on a batch of one).
+
+        Args:
+            logits: (T, N, Kc); masks: (T, N, h, w); boxes: (T, N, 4) cxcywh.
+            target: one track dict (masks at label or mask resolution).
+        Returns:
+            cost: (N, J) float; (N, 0) when the clip has no track.
+        """
+        tracks = pack_tracks([target], masks.shape[-2:])
+        cost, _ = self.cost_matrices(logits[None], masks[None], boxes[None], tracks)  # (1, N, max(J, 1))
+        return cost[0, :, :target["classes"].shape[0]]  # (N, J)
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The set criterion, eq. (8)
+# 8. The set criterion, eq. (8)
 # ----------------------------------------------------------------------------------------------
 class SetCriterion(nn.Module):
     """The training loss of eq. (8): L = lambda_quant * L_quant + L_segm.
 
     For every decoder layer (the last one and, with aux_loss, each earlier one as in DETR and
-    ReferFormer, with the matcher re-run per layer), the tokens are matched to the tracks and
+    ReferFormer, with an assignment of its own per layer), the tokens are matched to the tracks and
       * loss_class: sigmoid focal loss on every token's Kc logits in every labelled frame; the
         target is the track's class where the matched track sounds and all zeros elsewhere
         (unmatched tokens, silent frames: "no object");
@@ -413,6 +627,10 @@ class SetCriterion(nn.Module):
     `weight_dict` maps every logged term to its weight, and total == sum(weight_dict[k] * parts[k]).
     Keys of auxiliary layers (suffix _0 .. _{L-2}) and unforeseen quant_ keys are added to it the
     first time they are seen.
+
+    forward = match (every layer's assignment, the only copy to the host) + losses (all layers
+    and clips at once, on the device). The training step calls the two itself (train.py), so
+    that the previous step's loss can ride along with the costs.
     """
 
     def __init__(self, num_classes, matcher=None, weights=None, lambda_quant=1.0, lambda_com=0.5, aux_loss=True):
@@ -471,31 +689,126 @@ class SetCriterion(nn.Module):
                 optional "aux_outputs": list of L-1 dicts with the same three keys (earlier layers);
                 optional "quant": dict name -> scalar tensor, the unweighted eq. (9) terms
                 (quant_codebook, quant_commit_global, quant_commit_local; only quant_* keys are used).
-            targets: list of B track dicts from build_tracks (masks at label resolution H, W).
+            targets: list of B track dicts from build_tracks (masks at label resolution H, W), or
+                a Tracks at the mask resolution (h, w) (track_batch).
         Returns:
             total: scalar, eq. (8).
             parts: dict name -> unweighted scalar: loss_class, loss_mask, loss_dice, loss_bbox,
                 loss_giou, the same with suffix _l for aux layer l, and every quant_* term.
         """
-        h, w = outputs["pred_masks"].shape[-2:]
-        targets = tracks_at_resolution(targets, (h, w))  # GT masks to the prediction resolution
-        # PAPER: the paper does not give the normaliser; as DETR divides by the number of boxes,
-        # we divide every term by the number of ground-truth tracks in the batch (at least 1).
-        num_tracks = float(sum(int(t["classes"].shape[0]) for t in targets))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # As DETR: normalise by the mean number of tracks per GPU, so every rank agrees.
-            count = torch.tensor(num_tracks, device=outputs["pred_masks"].device)  # ()
-            torch.distributed.all_reduce(count)
-            num_tracks = count.item() / torch.distributed.get_world_size()
-        num_tracks = max(num_tracks, 1.0)
+        if not isinstance(targets, Tracks):
+            targets = pack_tracks(targets, outputs["pred_masks"].shape[-2:])
+        assignment, _ = self.match(outputs, targets)
+        return self.losses(outputs, targets, assignment)
 
-        parts = self.layer_losses(outputs, targets, num_tracks)
+    def layers(self, outputs):
+        """The decoder layers that get a loss: the final one, then the earlier ones in order."""
         # PAPER: auxiliary losses on every earlier decoder layer are not in the paper; on by
         # default, as DETR and ReferFormer (aux_loss=False switches them off).
-        if self.aux_loss:
-            for layer, aux in enumerate(outputs.get("aux_outputs", [])):
-                aux_parts = self.layer_losses(aux, targets, num_tracks)
-                parts.update({f"{name}_{layer}": value for name, value in aux_parts.items()})
+        return [outputs] + (list(outputs.get("aux_outputs", [])) if self.aux_loss else [])
+
+    def match(self, outputs, targets, carry=None):
+        """The Hungarian matching of every decoder layer (eq. 10): the step's one copy to the host.
+
+        Args:
+            outputs: as forward.
+            targets: Tracks at the predictions' mask size (pack_tracks or track_batch).
+            carry: optional dict name -> tensor copied to the host along with the costs
+                (HungarianMatcher.match).
+        Returns:
+            assignment: (B, L*N) int64 on the predictions' device; row l*N + i holds the slot of
+                `targets` that token i of layer l (0 = final, l = aux layer l-1) is matched to,
+                -1 if none.
+            carried: dict name -> CPU tensor, the carry.
+        """
+        _, assignment, carried = self.matcher.match(self.layers(outputs), targets, carry)
+        assignment = torch.from_numpy(assignment)  # (B, L*N)
+        device = outputs["pred_logits"].device
+        if device.type == "cuda":
+            assignment = assignment.pin_memory()  # pinned memory: the copy need not make the host wait
+        if assignment.device != device:
+            assignment = assignment.to(device, non_blocking=True)  # (B, L*N)
+        return assignment, carried
+
+    def losses(self, outputs, targets, assignment):
+        """Eq. (8) for the matched tokens of every decoder layer, all layers and clips at once.
+
+        Args:
+            outputs: as forward; targets: the Tracks given to match; assignment: what match returned.
+        Returns:
+            total, parts: as forward.
+        """
+        layers = self.layers(outputs)
+        logits, pred_masks, pred_boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
+        B, T, R, Kc = logits.shape
+        L = len(layers)
+        N = R // L
+        h, w = pred_masks.shape[-2:]
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+
+        # PAPER: the paper does not give the normaliser; as DETR divides by the number of boxes,
+        # we divide every term by the number of ground-truth tracks in the batch (at least 1).
+        num_tracks = targets.real.sum().to(dtype)  # () kept on the device: no wait for it
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # As DETR: normalise by the mean number of tracks per GPU, so every rank agrees.
+            torch.distributed.all_reduce(num_tracks)
+            num_tracks = num_tracks / torch.distributed.get_world_size()
+        num_tracks = num_tracks.clamp(min=1)  # ()
+
+        matched = assignment >= 0  # (B, R) the token row has a track
+        slot = assignment.clamp(min=0)  # (B, R) its slot (any slot when unmatched: masked below)
+        clip = torch.arange(B, device=logits.device)[:, None]  # (B, 1)
+        valid = targets.label_valid  # (B, T)
+        sounding = (targets.sounding & valid[:, None])[clip, slot] & matched[..., None]  # (B, R, T)
+
+        def per_layer(loss):  # (B, R) loss of each token row -> (L,) summed over clips and matched tokens
+            return torch.where(matched, loss, 0.0).reshape(B, L, N).sum(dim=(0, 2))
+
+        def zero_per_layer(x):  # (B, T, R, ...) -> (L,) zeros tied to the graph, so that a batch
+            # without any track still gives defined (zero) losses and gradients
+            return x.reshape(B, T, L, -1).sum(dim=(0, 1, 3)) * 0.0
+
+        # Class loss: one-hot target where a matched track sounds, all zeros everywhere else.
+        class_ids = torch.arange(1, Kc + 1, device=logits.device)  # (Kc,)
+        one_hot = (targets.classes[clip, slot][..., None] == class_ids).to(dtype)  # (B, R, Kc) the slot's class
+        target_classes = one_hot[:, None] * sounding.transpose(1, 2)[..., None]  # (B, T, R, Kc)
+        focal = sigmoid_focal_loss(logits.to(dtype), target_classes)  # (B, T, R, Kc)
+        focal = focal.reshape(B, T, L, N * Kc).sum(dim=-1)  # (B, T, L)
+        focal = torch.where(valid[..., None], focal, torch.zeros_like(focal))  # (B, T, L) unlabelled frames: nothing
+        # PAPER: the paper does not say how the class loss is normalised; per clip we average over
+        # the labelled frames (the video form of Deformable-DETR's sum / number of boxes) so that
+        # it is the sum over tracks of cost_class in HungarianMatcher, plus the no-object terms.
+        loss_class = (focal.sum(dim=1) / valid.sum(dim=1).clamp(min=1)[:, None]).sum(dim=0) / num_tracks  # (L,)
+
+        # Mask losses of the matched pairs on the clip's labelled volume.
+        src = pred_masks.to(dtype).transpose(1, 2).flatten(2)  # (B, R, P)
+        tgt = targets.masks[clip, slot].to(dtype).flatten(2)  # (B, R, P) the matched track's masks
+        pixels = valid[:, None, :, None, None].expand(B, 1, T, h, w).flatten(2)  # (B, 1, P) labelled pixels
+        num_pixels = pixels.sum(dim=-1).clamp(min=1)  # (B, 1) T_l*h*w
+        focal = torch.where(pixels, sigmoid_focal_loss(src, tgt), 0.0).sum(dim=-1) / num_pixels  # (B, R) focal, mean over volume
+        loss_mask = zero_per_layer(pred_masks) + per_layer(focal)  # (L,)
+        loss_dice = zero_per_layer(pred_masks) + per_layer(dice_loss(src, tgt, pixels))  # (L,)
+
+        # Box losses of the matched pairs on the frames where the track sounds.
+        num_sounding = sounding.sum(dim=2).clamp(min=1)  # (B, R)
+        src_boxes = pred_boxes.to(dtype).transpose(1, 2)  # (B, R, T, 4)
+        tgt_boxes = targets.boxes[clip, slot].to(dtype)  # (B, R, T, 4)
+        l1 = (src_boxes - tgt_boxes).abs().sum(dim=-1)  # (B, R, T)
+        l1 = torch.where(sounding, l1, torch.zeros_like(l1))  # (B, R, T) only where it sounds
+        loss_bbox = zero_per_layer(pred_boxes) + per_layer(l1.sum(dim=2) / num_sounding)  # (L,)
+        giou = generalized_box_iou(
+            box_cxcywh_to_xyxy(src_boxes)[..., None, :], box_cxcywh_to_xyxy(tgt_boxes)[..., None, :]
+        )[..., 0, 0]  # (B, R, T) GIoU of each frame's pair
+        giou_loss = torch.where(sounding, 1 - giou, torch.zeros_like(giou))  # (B, R, T)
+        loss_giou = zero_per_layer(pred_boxes) + per_layer(giou_loss.sum(dim=2) / num_sounding)  # (L,)
+
+        per_term = {"loss_class": loss_class, "loss_mask": loss_mask / num_tracks,
+                    "loss_dice": loss_dice / num_tracks, "loss_bbox": loss_bbox / num_tracks,
+                    "loss_giou": loss_giou / num_tracks}  # name -> (L,)
+        parts = {}
+        for layer in range(L):
+            suffix = "" if layer == 0 else f"_{layer - 1}"
+            parts.update({name + suffix: value[layer] for name, value in per_term.items()})
         for name, value in outputs.get("quant", {}).items():
             if name.startswith("quant_"):
                 parts[name] = value
@@ -503,76 +816,3 @@ class SetCriterion(nn.Module):
         # eq. (8): L = L_segm + lambda_quant * L_quant, with L_quant = eq. (9) (lambda_com inside)
         total = sum(self.weight_of(name) * value for name, value in parts.items())  # ()
         return total, parts
-
-    def layer_losses(self, outputs, targets, num_tracks):
-        """Unweighted losses of one decoder layer.
-
-        Args:
-            outputs: dict with "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
-                "pred_boxes" (B, T, N, 4).
-            targets: B track dicts with masks at (h, w).
-            num_tracks: the normaliser (number of tracks in the batch, at least 1; averaged over
-                GPUs under torch.distributed).
-        Returns:
-            dict loss_class, loss_mask, loss_dice, loss_bbox, loss_giou -> scalar.
-        """
-        logits = outputs["pred_logits"]  # (B, T, N, Kc)
-        pred_masks = outputs["pred_masks"]  # (B, T, N, h, w)
-        pred_boxes = outputs["pred_boxes"]  # (B, T, N, 4)
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        indices = self.matcher(outputs, targets)
-
-        # Class loss: one-hot target where a matched track sounds, all zeros everywhere else.
-        target_classes = torch.zeros_like(logits, dtype=dtype)  # (B, T, N, Kc)
-        for b, (pred_idx, tgt_idx) in enumerate(indices):
-            t = targets[b]
-            pred_idx, tgt_idx = pred_idx.to(logits.device), tgt_idx.to(logits.device)  # (J',) each
-            sounding = t["sounding"][tgt_idx] & t["label_valid"][None]  # (J', T)
-            k, frame = sounding.nonzero(as_tuple=True)  # (#sounding pairs,) each
-            target_classes[b, frame, pred_idx[k], t["classes"][tgt_idx[k]] - 1] = 1.0
-        focal = sigmoid_focal_loss(logits.to(dtype), target_classes).sum(dim=(2, 3))  # (B, T)
-        valid = torch.stack([t["label_valid"].bool() for t in targets])  # (B, T)
-        focal = torch.where(valid, focal, torch.zeros_like(focal))  # (B, T) unlabelled frames: nothing
-        # PAPER: the paper does not say how the class loss is normalised; per clip we average over
-        # the labelled frames (the video form of Deformable-DETR's sum / number of boxes) so that
-        # it is the sum over tracks of cost_class in HungarianMatcher, plus the no-object terms.
-        loss_class = (focal.sum(dim=1) / valid.sum(dim=1).clamp(min=1)).sum() / num_tracks  # ()
-
-        # Mask and box losses of the matched pairs; they start as zeros tied to the graph so that
-        # a batch without any track still gives defined (zero) losses and gradients.
-        loss_mask = pred_masks.sum() * 0.0  # ()
-        loss_dice = pred_masks.sum() * 0.0  # ()
-        loss_bbox = pred_boxes.sum() * 0.0  # ()
-        loss_giou = pred_boxes.sum() * 0.0  # ()
-        for b, (pred_idx, tgt_idx) in enumerate(indices):
-            if len(pred_idx) == 0:
-                continue
-            t = targets[b]
-            pred_idx, tgt_idx = pred_idx.to(logits.device), tgt_idx.to(logits.device)  # (J',) each
-            frames = t["label_valid"].bool()  # (T,)
-            src = pred_masks[b][frames][:, pred_idx].to(dtype)  # (T_l, J', h, w)
-            src = src.transpose(0, 1).flatten(1)  # (J', P)
-            tgt = t["masks"][tgt_idx][:, frames].to(dtype).flatten(1)  # (J', P)
-            loss_mask = loss_mask + sigmoid_focal_loss(src, tgt).mean(dim=1).sum()  # () focal, mean over volume
-            loss_dice = loss_dice + dice_loss(src, tgt).sum()  # ()
-
-            sounding = t["sounding"][tgt_idx] & frames[None]  # (J', T)
-            num_sounding = sounding.sum(dim=1).clamp(min=1)  # (J',)
-            src_boxes = pred_boxes[b][:, pred_idx].transpose(0, 1).to(dtype)  # (J', T, 4)
-            tgt_boxes = t["boxes"][tgt_idx].to(dtype)  # (J', T, 4)
-            l1 = (src_boxes - tgt_boxes).abs().sum(dim=-1)  # (J', T)
-            l1 = torch.where(sounding, l1, torch.zeros_like(l1))  # (J', T) only where it sounds
-            loss_bbox = loss_bbox + (l1.sum(dim=1) / num_sounding).sum()  # ()
-            giou = generalized_box_iou(
-                box_cxcywh_to_xyxy(src_boxes)[..., None, :], box_cxcywh_to_xyxy(tgt_boxes)[..., None, :]
-            )[..., 0, 0]  # (J', T) GIoU of each frame's pair
-            giou_loss = torch.where(sounding, 1 - giou, torch.zeros_like(giou))  # (J', T)
-            loss_giou = loss_giou + (giou_loss.sum(dim=1) / num_sounding).sum()  # ()
-
-        return {
-            "loss_class": loss_class,
-            "loss_mask": loss_mask / num_tracks,
-            "loss_dice": loss_dice / num_tracks,
-            "loss_bbox": loss_bbox / num_tracks,
-            "loss_giou": loss_giou / num_tracks,
-        }

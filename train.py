@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Sampler
 import data
 import diagnostics
 import metrics
-from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, build_tracks
+from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, to_host, track_batch
 from quantize import codebook_stats
 from sqd import SQD, ModelConfig, foreground_probability, preset, segment
 
@@ -443,16 +443,24 @@ def run(cfg: TrainConfig) -> int:
     return 0
 
 
-def forward_loss(model: SQD, train_model, criterion: SetCriterion, batch: dict, amp: bool):
-    """The forward half of a training step (train_one_epoch and bench.py): ground-truth tracks,
-    the model under optional bf16 autocast, and the eq. (8) loss with the Hungarian matcher.
-    Returns (total loss tensor, dict of unweighted parts, outputs). ValueError: non-finite cost."""
-    targets = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
+def forward_loss(model: SQD, train_model, criterion: SetCriterion, batch: dict, amp: bool,
+                 carry: dict | None = None):
+    """The forward half of a training step (train_one_epoch and bench.py): the model under
+    optional bf16 autocast, the ground-truth tracks of the batch (matcher.track_batch), the
+    Hungarian matching of every decoder layer and the eq. (8) loss.
+
+    The matching copies one tensor to the host, the step's only wait for the device; `carry`
+    (a dict of device tensors, e.g. the previous step's loss) rides along in that copy.
+    Returns (total loss tensor, dict of unweighted parts, outputs, carried: the carry as CPU
+    tensors). ValueError: non-finite cost."""
     with torch.autocast(batch["frames"].device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = train_model(batch)
     outputs = to_float(outputs)
-    total, parts = criterion(outputs, targets)  # eq. (8)
-    return total, parts, outputs
+    targets = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
+                          outputs["pred_masks"].shape[-2:])
+    assignment, carried = criterion.match(outputs, targets, carry)  # eq. (10), the one host copy
+    total, parts = criterion.losses(outputs, targets, assignment)  # eq. (8)
+    return total, parts, outputs, carried
 
 
 def apply_gradients(model: SQD, opt, total: torch.Tensor, clip_grad: float) -> torch.Tensor:
@@ -481,43 +489,92 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
     t0, clips = time.time(), 0
     if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
         return False
-    for batch in bar:
-        batch = to_device(batch, device)
-        # quantizer warm-up for the first quant_warmup_steps steps; the step that ends it first
-        # sets the codebook to the k-means centres of the warm-up tokens (sqd.set_quantizer_warmup)
-        warmup = state["step"] < cfg.quant_warmup_steps
-        model.set_quantizer_warmup(warmup)
-        try:
-            total, parts, outputs = forward_loss(model, train_model, criterion, batch, cfg.amp)
-        except ValueError as e:  # the matcher refuses a non-finite cost and names the term
-            raise UserError(f"non-finite loss at step {state['step'] + 1}: {e}\n"
-                            f"last good checkpoint: {_last_checkpoint(ctx)}") from None
-        loss = total.item()  # the one host sync of a step: the bar, the log and the check use it
-        if not math.isfinite(loss):
-            bad = [k for k, v in parts.items() if not torch.isfinite(v)]
-            raise UserError(f"non-finite loss at step {state['step'] + 1} (terms: {bad}); "
-                            f"last good checkpoint: {_last_checkpoint(ctx)}")
-        grad_norm = apply_gradients(model, opt, total, cfg.clip_grad)
-        sched.step()
-        state["step"] += 1
-        state["step_in_epoch"] += 1
-        clips += cfg.batch_size * ctx["world"]
-        rate = clips / max(time.time() - t0, 1e-9)
-        bar.set_postfix(loss=f"{loss:.3f}", clips_s=f"{rate:.1f}")
-        if ctx["main_proc"] and (state["step"] % cfg.log_every == 0 or state["step"] == 1):
-            line = {"step": state["step"], "epoch": state["epoch"], "loss": loss,
-                    **{k: v.item() for k, v in parts.items()},
-                    "lr": opt.param_groups[0]["lr"], "grad_norm": grad_norm.item(),
-                    "clips_per_s": rate, "quant_warmup": warmup}
-            if "global" in outputs["indices"]:
-                stats = codebook_stats(outputs["indices"]["global"], model.cfg.codebook_size)
-                line.update({f"codebook_{k}": float(v) for k, v in stats.items()})
-            append_jsonl(log_path, line)
-        # checked after the step, before the next batch is drawn, so that a run stopped here
-        # and resumed draws exactly the batches (and random numbers) the unbroken run draws
-        if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
-            return False
+    # A step's loss reaches the host one step late: its values (loss, parts, gradient norm) ride
+    # along with the next step's matcher copy (forward_loss's carry), so that a step waits for
+    # the device once. The check for a non-finite loss and the log line of step s therefore
+    # happen during step s + 1, after step s's update; the run still stops before anything is
+    # saved or evaluated, because the last step is checked on its own first (finish_step).
+    pending = None  # the last finished step whose values are still on the device
+    try:
+        for batch in bar:
+            batch = to_device(batch, device)
+            # quantizer warm-up for the first quant_warmup_steps steps; the step that ends it first
+            # sets the codebook to the k-means centres of the warm-up tokens (sqd.set_quantizer_warmup)
+            warmup = state["step"] < cfg.quant_warmup_steps
+            model.set_quantizer_warmup(warmup)
+            try:
+                total, parts, outputs, carried = forward_loss(
+                    model, train_model, criterion, batch, cfg.amp,
+                    carry=None if pending is None else pending["values"])
+            except ValueError as e:  # the matcher refuses a non-finite cost and names the term
+                if pending is not None:  # the previous step's loss may be the cause: report it first
+                    finish_step(ctx, pending, None, log_path, bar)
+                    pending = None
+                raise UserError(f"non-finite loss at step {state['step'] + 1}: {e}\n"
+                                f"last good checkpoint: {_last_checkpoint(ctx)}") from None
+            if pending is not None:
+                finish_step(ctx, pending, carried, log_path, bar)
+                pending = None
+            grad_norm = apply_gradients(model, opt, total, cfg.clip_grad)
+            sched.step()
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+            clips += cfg.batch_size * ctx["world"]
+            pending = {"step": state["step"], "epoch": state["epoch"], "warmup": warmup,
+                       "lr": opt.param_groups[0]["lr"], "parts": list(parts),
+                       "rate": clips / max(time.time() - t0, 1e-9),
+                       "values": step_values(total, grad_norm, parts, outputs)}
+            # checked after the step, before the next batch is drawn, so that a run stopped here
+            # and resumed draws exactly the batches (and random numbers) the unbroken run draws
+            if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+                finish_step(ctx, pending, None, log_path, bar)
+                return False
+    except KeyboardInterrupt:
+        if pending is not None:
+            finish_step(ctx, pending, None, log_path, bar)
+        raise
+    if pending is not None:
+        finish_step(ctx, pending, None, log_path, bar)
     return True
+
+
+def step_values(total: torch.Tensor, grad_norm: torch.Tensor, parts: dict, outputs: dict) -> dict:
+    """What a step hands to the next one's carry: the loss, the gradient norm, every loss part
+    (names start with loss_ or quant_) and the global codeword indices (B, N), on the device."""
+    values = {"loss": total.detach(), "grad_norm": grad_norm.detach(),
+              **{k: v.detach() for k, v in parts.items()}}
+    if "global" in outputs["indices"]:
+        values["codebook_indices"] = outputs["indices"]["global"]  # (B, N) codebook_stats of the log
+    return values
+
+
+def finish_step(ctx: dict, pending: dict, carried: dict | None, log_path: str, bar) -> None:
+    """Check a finished step's loss and write its log line (train_one_epoch).
+
+    pending: the step's number, epoch, lr, rate and its values on the device; carried: those
+    values on the host (copied with the next step's costs), or None to copy them now (the end of
+    an epoch, a stop or an error; one extra wait for the device then).
+    Raises UserError if the loss is not finite.
+    """
+    cfg, step = ctx["cfg"], pending["step"]
+    if carried is None:
+        carried = {k: torch.from_numpy(v).to(pending["values"][k].dtype)
+                   for k, v in to_host(pending["values"]).items()}
+    loss = float(carried["loss"])
+    if not math.isfinite(loss):
+        bad = [k for k in pending["parts"] if not math.isfinite(float(carried[k]))]
+        raise UserError(f"non-finite loss at step {step} (terms: {bad}); "
+                        f"last good checkpoint: {_last_checkpoint(ctx)}")
+    bar.set_postfix(loss=f"{loss:.3f}", clips_s=f"{pending['rate']:.1f}")
+    if ctx["main_proc"] and (step % cfg.log_every == 0 or step == 1):
+        line = {"step": step, "epoch": pending["epoch"], "loss": loss,
+                **{k: float(carried[k]) for k in pending["parts"]},
+                "lr": pending["lr"], "grad_norm": float(carried["grad_norm"]),
+                "clips_per_s": pending["rate"], "quant_warmup": pending["warmup"]}
+        if "codebook_indices" in carried:
+            stats = codebook_stats(carried["codebook_indices"], ctx["model"].cfg.codebook_size)
+            line.update({f"codebook_{k}": float(v) for k, v in stats.items()})
+        append_jsonl(log_path, line)
 
 
 # ----------------------------------------------------------------------------------------------

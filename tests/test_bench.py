@@ -3,7 +3,7 @@
 The counter is checked on layers whose FLOPs are written out by hand (a Linear layer, a grouped
 convolution); the command-line run is checked against numbers computed here independently (the
 parameter count of the CPU preset, the memory AdamW needs at least, the bounds that backward
-FLOPs of matrix products obey).
+FLOPs of matrix products obey), and the batched matcher's run against the per-clip one's losses.
 """
 import json
 import os
@@ -54,20 +54,21 @@ def test_flop_counter_matches_hand_counts_for_linear_and_grouped_conv():
 
 def test_cli_cpu_run_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--steps", "1", "--warmup", "0", "--threads", "1",
+    cmd = [sys.executable, "bench.py", "--steps", "2", "--warmup", "0", "--threads", "1",
            "--batch-size", "2", "--device", "cpu", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())
-    assert "python bench.py --steps 1 --warmup 0" in proc.stdout and "n/a" in proc.stdout
+    assert "python bench.py --steps 2 --warmup 0" in proc.stdout and "n/a" in proc.stdout
+    assert r["matcher"] == "batched"
 
     # the model is the CPU preset on the 12-class synthetic benchmark, T = 5
     params = sum(p.numel() for p in SQD(preset("cpu", num_classes=12)).parameters())
     assert r["parameters"] == params
     assert (r["batch_size"], r["frames"], r["img_size"], r["preset"]) == (2, 5, 64, "cpu")
 
-    # one timed step; throughput numbers follow from it
-    assert len(r["step_s"]) == 1 and r["step_s_mean"] == r["step_s"][0] > 0
+    # two timed steps; throughput numbers follow from them
+    assert len(r["step_s"]) == 2 and r["step_s_mean"] == sum(r["step_s"]) / 2 > 0
     assert abs(r["clips_per_s"] * r["step_s_mean"] - 2) < 1e-9
     assert 0 <= r["matcher_s_mean"] < r["step_s_mean"]
     assert abs(r["achieved_tflops"] - r["flops_total"] / r["step_s_mean"] / 1e12) < 1e-12
@@ -81,6 +82,21 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
 
     # AdamW in fp32 holds weights, gradients and two moments: at least 16 bytes per parameter
     assert r["peak_memory_bytes"] >= 16 * params
+
+    # the per-clip matcher and losses (tools/matcher_per_clip.py) give the same two losses,
+    # before and after an update, to float rounding
+    proc = subprocess.run(cmd + ["--matcher", "per-clip"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    per_clip = json.loads(out.read_text())
+    assert per_clip["matcher"] == "per-clip" and "per-clip: cost matrices" in proc.stdout
+    # the other code ran: the same backward pass, but the batched matcher prices every class slot
+    # of the batch (matcher.track_batch) where the per-clip one prices each clip's tracks
+    assert per_clip["flops_backward"] == r["flops_backward"]
+    assert per_clip["flops_forward"] != r["flops_forward"]
+    assert r["loss_first"] != r["loss_last"]
+    for key in ("loss_first", "loss_last"):
+        assert abs(per_clip[key] - r[key]) <= 1e-5 * abs(r[key]), (key, per_clip[key], r[key])
 
     # asking for CUDA where there is none: one line, exit code 2, no traceback
     if not torch.cuda.is_available():

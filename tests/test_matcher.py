@@ -1,32 +1,40 @@
 """Tests of matcher.py: tracks, loss functions, the Hungarian matcher (eq. 10) and the criterion (eq. 8).
 
 Every test compares with something computed independently: brute force over all permutations,
-scalar formulas written out with `math`, hand-computed boxes, masks and GIoU values, and explicit
-Python loops over frames, tokens, classes and pixels.
+scalar formulas written out with `math`, hand-computed boxes, masks and GIoU values, explicit
+Python loops over frames, tokens, classes and pixels, and the per-clip matcher and criterion the
+batched ones replaced (tools/matcher_per_clip.py). The copies to the host are counted by wrapping
+the torch.Tensor methods that make the host wait for a GPU.
 """
 import itertools
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import train  # noqa: E402
 from matcher import (  # noqa: E402
     HungarianMatcher,
     SetCriterion,
+    Tracks,
     box_cxcywh_to_xyxy,
     box_xyxy_to_cxcywh,
     build_tracks,
     dice_loss,
     generalized_box_iou,
     masks_at_resolution,
+    pack_tracks,
     pairwise_dice_cost,
     pairwise_focal_cost,
     sigmoid_focal_loss,
+    track_batch,
 )
+from tools.matcher_per_clip import PerClipHungarianMatcher, PerClipSetCriterion  # noqa: E402
 
 ALPHA, GAMMA = 0.25, 2.0
 PAPER_WEIGHTS = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_dice": 2.0, "loss_mask": 5.0}
@@ -422,3 +430,234 @@ def test_masks_at_resolution_is_condinst_subsampling():
     assert torch.equal(masks_at_resolution(masks, (4, 6)), masks[..., 2::4, 2::4])
     assert masks_at_resolution(masks, (16, 24)) is masks
     assert masks_at_resolution(torch.zeros(0, 3, 16, 24), (4, 6)).shape == (0, 3, 4, 6)
+
+
+# ----------------------------------------------------------------------------------------------
+# The batched matcher and criterion: the per-clip reference, brute force, one copy to the host
+# ----------------------------------------------------------------------------------------------
+def random_layers(gen, B, T, N, Kc, h, w, num_layers, dtype=torch.float64, requires_grad=False):
+    """Outputs of num_layers decoder layers: the final one with the others in "aux_outputs"."""
+    layers = [random_outputs(gen, B, T, N, Kc, h, w) for _ in range(num_layers)]
+    layers = [{k: v.to(dtype).requires_grad_(requires_grad) for k, v in layer.items()} for layer in layers]
+    return dict(layers[0], aux_outputs=layers[1:])
+
+
+def drop_frame(target, frame):
+    """Mark a frame of a track dict unlabelled (no mask, box or sound there), as build_tracks does."""
+    target["label_valid"][frame] = False
+    target["sounding"][:, frame] = False
+    target["masks"][:, frame] = 0.0
+    target["boxes"][:, frame] = 0.0
+    target["sounding"][:, int(target["label_valid"].nonzero()[0])] = True  # every track still sounds
+
+
+def pairs(indices):
+    return [(p.tolist(), q.tolist()) for p, q in indices]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_matcher_and_losses_equal_the_per_clip_reference(dtype):
+    Kc, T, N, h, w, L = 7, 3, 4, 4, 4, 3
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        Js = [0, 1, 3, N, N + 2]  # no track, fewer, as many and more tracks than tokens
+        Js = [Js[i] for i in torch.randperm(len(Js), generator=gen).tolist()]
+        targets = [random_clip_targets(gen, J, T, h, w, Kc) for J in Js]
+        out = random_layers(gen, len(Js), T, N, Kc, h, w, L, dtype, requires_grad=True)
+        layers = [out] + out["aux_outputs"]
+
+        indices, assignment, _ = HungarianMatcher().match(layers, targets)
+        reference = PerClipHungarianMatcher()
+        for layer, outputs in enumerate(layers):
+            expected = reference(outputs, targets)
+            assert pairs(indices[layer]) == pairs(expected), (seed, layer)
+            for b, (pred_idx, tgt_idx) in enumerate(expected):  # the assignment rows agree
+                row = assignment[b, layer * N:(layer + 1) * N]  # (N,) slot = track index here
+                assert row[pred_idx.numpy()].tolist() == tgt_idx.tolist()
+                assert int((row >= 0).sum()) == len(pred_idx) == min(N, Js[b])
+
+        total, parts = SetCriterion(Kc)(out, targets)
+        total_ref, parts_ref = PerClipSetCriterion(Kc)(out, targets)
+        assert list(parts) == list(parts_ref)  # same terms, same order (_0, _1 for the aux layers)
+        assert len(parts) == 5 * L
+        for k in parts:
+            assert float(parts[k].detach()) == pytest.approx(float(parts_ref[k].detach()), rel=1e-6, abs=1e-7), (seed, k)
+        assert float(total.detach()) == pytest.approx(float(total_ref.detach()), rel=1e-6)
+        # the same function: the same gradients for every layer's predictions
+        grads = torch.autograd.grad(total, [x for o in layers for x in o.values() if torch.is_tensor(x)])
+        grads_ref = torch.autograd.grad(total_ref, [x for o in layers for x in o.values() if torch.is_tensor(x)])
+        tol = 1e-9 if dtype == torch.float64 else 1e-4
+        for g, g_ref in zip(grads, grads_ref):
+            assert torch.allclose(g, g_ref, rtol=tol, atol=tol * 1e-2)
+
+
+def test_batched_matcher_equals_brute_force_over_layers_and_clips():
+    Kc, T, N, h, w, L = 6, 2, 3, 3, 3, 2
+    gen = torch.Generator().manual_seed(11)
+    Js = [2, 0, 3, 4]  # fewer tracks than tokens, none, as many, more
+    targets = [random_clip_targets(gen, J, T, h, w, Kc) for J in Js]
+    out = random_layers(gen, len(Js), T, N, Kc, h, w, L)
+    layers = [out] + out["aux_outputs"]
+    indices, _, _ = HungarianMatcher().match(layers, targets)
+    for layer, outputs in enumerate(layers):
+        for b, J in enumerate(Js):
+            cost = [[sum(PAPER_WEIGHTS[k] * v for k, v in reference_pair_losses(
+                outputs["pred_logits"][b], outputs["pred_masks"][b], outputs["pred_boxes"][b], targets[b], i, j
+            ).items()) for j in range(J)] for i in range(N)]
+            if J <= N:
+                best = min(itertools.permutations(range(N), J),
+                           key=lambda tokens: sum(cost[tokens[j]][j] for j in range(J)))
+                expected = sorted((best[j], j) for j in range(J))
+            else:
+                best = min(itertools.permutations(range(J), N),
+                           key=lambda tracks: sum(cost[i][tracks[i]] for i in range(N)))
+                expected = [(i, best[i]) for i in range(N)]
+            assert list(zip(*pairs(indices[layer])[b])) == expected, (layer, b)
+
+
+def test_track_batch_equals_packed_build_tracks():
+    Kc, T = 5, 3
+    labels, valid = _labels_batch()  # 3 clips: four tracks, none, one; an unlabelled frame
+    labels = labels.clone()
+    labels[0, 0, 12:16, 0:3] = 255  # an ignore value: no track
+    labels[1, 1, 0:5, 0:5] = 5  # clip 1 gets a track in its middle frame ...
+    labels[1, 0, 10:12, 10:12] = 4  # ... and a class only in a frame without labels
+    valid[1, 0] = False
+    out_size = (4, 4)
+    for size in (out_size, (16, 16)):
+        dense = track_batch(labels, valid, Kc, size)
+        packed = pack_tracks(build_tracks(labels, valid, Kc), size)
+        assert isinstance(dense, Tracks) and dense.masks.shape == (3, Kc, T, *size)
+        assert torch.equal(dense.label_valid, packed.label_valid)
+        assert dense.real.sum(dim=1).tolist() == packed.real.sum(dim=1).tolist() == [4, 1, 1]
+        for b in range(3):
+            slots = dense.real[b].nonzero()[:, 0]  # the clip's classes - 1
+            J = int(packed.real[b].sum())
+            assert torch.equal(dense.classes[b, slots], packed.classes[b, :J])
+            assert torch.equal(dense.masks[b, slots], packed.masks[b, :J])
+            assert torch.equal(dense.boxes[b, slots], packed.boxes[b, :J])
+            assert torch.equal(dense.sounding[b, slots], packed.sounding[b, :J])
+            absent = ~dense.real[b]  # every other class slot: empty, never sounds
+            assert dense.masks[b, absent].sum() == 0 and dense.boxes[b, absent].abs().sum() == 0
+            assert not dense.sounding[b, absent].any()
+    # and the loss does not notice the difference
+    gen = torch.Generator().manual_seed(3)
+    out = random_layers(gen, 3, T, 3, Kc, *out_size, 2)
+    _, parts = SetCriterion(Kc)(out, build_tracks(labels, valid, Kc))
+    _, parts_dense = SetCriterion(Kc)(out, track_batch(labels, valid, Kc, out_size))
+    for k in parts:
+        assert float(parts_dense[k]) == pytest.approx(float(parts[k]), rel=1e-12, abs=1e-15), k
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("key", ["pred_logits", "pred_boxes", "pred_masks"])
+@pytest.mark.parametrize("layer", [0, 2])
+@pytest.mark.parametrize("clip,frame", [(0, 0), (1, 1), (2, 2), (2, 1)])
+def test_non_finite_costs_raise_as_the_per_clip_matcher(value, key, layer, clip, frame):
+    # clip 1 has no track; frame 1 of clip 2 carries no label: a NaN there reaches no cost
+    Kc, T, N, h, w = 5, 3, 3, 4, 4
+    gen = torch.Generator().manual_seed(7)
+    targets = [random_clip_targets(gen, J, T, h, w, Kc, some_unlabelled=False) for J in (2, 0, 3)]
+    drop_frame(targets[2], 1)
+    out = random_layers(gen, 3, T, N, Kc, h, w, 3)
+    layers = [out] + out["aux_outputs"]
+    layers[layer][key][clip, frame, 1] = value  # token 1 of one layer, clip and frame
+
+    def outcome(run):
+        try:
+            return run()
+        except ValueError as e:
+            return str(e)
+
+    expected = outcome(lambda: [pairs(PerClipHungarianMatcher()(o, targets)) for o in layers])
+    got = outcome(lambda: [pairs(i) for i in HungarianMatcher().match(layers, targets)[0]])
+    assert got == expected
+    assert isinstance(got, str) == (clip != 1 and (clip, frame) != (2, 1))  # raised where a cost is hit
+
+
+@pytest.fixture
+def host_waits(monkeypatch):
+    """Counts the torch.Tensor calls that make the host wait for a GPU, while `active` is True.
+
+    copies: copies to the host (.cpu(), .to("cpu") without non_blocking); other: reads of values
+    (.item(), .tolist(), bool/int/float(tensor), .numpy() of anything but a copy just made) and
+    shapes that depend on the data (nonzero, unique, masked_select, boolean-mask indexing).
+    """
+    log = SimpleNamespace(active=False, copies=0, other=[], host=[])
+
+    def patch(owner, name, kind):
+        original = getattr(owner, name)
+
+        def wrapped(*args, **kwargs):
+            if log.active:
+                if kind == "copy":
+                    log.copies += 1
+                    out = original(*args, **kwargs)
+                    log.host.append(out)
+                    return out
+                if not (kind == "numpy" and any(args[0] is x for x in log.host)):
+                    log.other.append(name)
+            return original(*args, **kwargs)
+        monkeypatch.setattr(owner, name, wrapped)
+
+    patch(torch.Tensor, "cpu", "copy")
+    patch(torch.Tensor, "numpy", "numpy")
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "__array__",
+                 "nonzero", "unique", "masked_select"):
+        patch(torch.Tensor, name, "read")
+    for name in ("nonzero", "unique", "masked_select"):
+        patch(torch, name, "read")
+    to, getitem = torch.Tensor.to, torch.Tensor.__getitem__
+
+    def to_wrapped(t, *args, **kwargs):
+        targets = [a for a in (*args, kwargs.get("device")) if isinstance(a, (str, torch.device))]
+        if log.active and any(torch.device(a).type == "cpu" for a in targets) and not kwargs.get("non_blocking"):
+            log.copies += 1
+        return to(t, *args, **kwargs)
+
+    def getitem_wrapped(t, index):
+        items = index if isinstance(index, tuple) else (index,)
+        if log.active and any(torch.is_tensor(i) and i.dtype == torch.bool for i in items):
+            log.other.append("boolean mask")
+        return getitem(t, index)
+    monkeypatch.setattr(torch.Tensor, "to", to_wrapped)
+    monkeypatch.setattr(torch.Tensor, "__getitem__", getitem_wrapped)
+    return log
+
+
+def test_one_copy_to_the_host_per_step_with_the_carry(host_waits):
+    Kc, T, N, h, w, L, B = 5, 3, 3, 4, 4, 3, 4
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, Kc + 1, (B, T, 4 * h, 4 * w), generator=gen)  # (B, T, H, W)
+    labels[1] = 0  # a clip without any track
+    valid = torch.ones(B, T, dtype=torch.bool)
+    valid[2, 1] = False
+    batch = {"labels": labels, "label_valid": valid, "frames": torch.zeros(B, T, 3, 4 * h, 4 * w)}
+    out = random_layers(gen, B, T, N, Kc, h, w, L, torch.float32, requires_grad=True)
+    out["quant"], out["indices"] = {"quant_codebook": torch.tensor(0.5)}, {}
+    model = SimpleNamespace(cfg=SimpleNamespace(num_classes=Kc))  # forward_loss reads Kc from it
+    carry = {"loss": torch.tensor(1.2345678), "grad_norm": torch.tensor(3e-5),
+             "codebook_indices": torch.randint(0, 128, (B, N), generator=gen), "flag": torch.tensor(True)}
+
+    criterion = SetCriterion(Kc)
+    host_waits.active = True  # the forward half of train.py's step, the model's forward left out
+    total, parts, _, carried = train.forward_loss(model, lambda b: out, criterion, batch, False, carry)
+    host_waits.active = False
+    assert host_waits.copies == 1 and host_waits.other == []
+    assert {k: (v.dtype, v.tolist()) for k, v in carried.items()} == \
+           {k: (v.dtype, v.tolist()) for k, v in carry.items()}  # the carry came back exact
+
+    tracks = build_tracks(labels, valid, Kc)  # (its torch.unique would count)
+    host_waits.active = True  # the matcher alone, track dicts in, no carry: one copy as well
+    HungarianMatcher()(out, tracks)
+    host_waits.active = False
+    assert host_waits.copies == 2 and host_waits.other == []
+
+    # The counter sees the waits of the per-clip reference: a copy per clip and layer, and more.
+    host_waits.copies = 0
+    host_waits.active = True
+    total_ref, parts_ref = PerClipSetCriterion(Kc)(out, tracks)
+    host_waits.active = False
+    assert host_waits.copies >= B * L  # .cpu() of each cost matrix, plus blocking .to(device)
+    assert {"__bool__", "nonzero", "boolean mask"} <= set(host_waits.other)
+    assert float(total.detach()) == pytest.approx(float(total_ref.detach()), rel=1e-6)

@@ -1,7 +1,8 @@
 """End-to-end tests of train.py: run directory, resume, AVSBench fixtures, bad input, torchrun.
 
 Every test runs the real command line in a subprocess on tiny settings (32x32 images, a handful
-of clips), so it checks what a user sees: files written, exit codes, one-line error messages.
+of clips), so it checks what a user sees: files written, exit codes, one-line error messages;
+one calls finish_step, the check and log line of a step from its carried values, directly.
 """
 import json
 import os
@@ -324,3 +325,34 @@ def test_finetune_audio_and_weights_set_freeze_audio():
         assert resolve(parse_args(["--finetune-audio"]), 12)[1].freeze_audio is False
     with pytest.raises(UserError, match="not both"):
         resolve(parse_args(["--audio-weights", "a.pt", "--vggish-weights", "b.pt"]), 12)
+
+
+def test_finish_step_checks_and_logs_a_step_from_its_carried_values(tmp_path):
+    from types import SimpleNamespace
+
+    from train import TrainConfig, UserError, finish_step
+    bar = SimpleNamespace(set_postfix=lambda **kwargs: None)
+    ctx = {"cfg": TrainConfig(log_every=10), "main_proc": True, "out_dir": str(tmp_path),
+           "model": SimpleNamespace(cfg=SimpleNamespace(codebook_size=4))}
+    log = tmp_path / "log.jsonl"
+    values = {"loss": torch.tensor(2.5), "grad_norm": torch.tensor(0.25),
+              "loss_class": torch.tensor(0.75), "quant_codebook": torch.tensor(0.125),
+              "codebook_indices": torch.tensor([[0, 0], [1, 3]])}
+    pending = {"step": 10, "epoch": 1, "warmup": False, "lr": 1e-4, "rate": 3.0,
+               "parts": ["loss_class", "quant_codebook"], "values": values}
+    finish_step(ctx, pending, None, str(log), bar)  # values copied from the device here
+    finish_step(ctx, pending, {k: v.clone() for k, v in values.items()}, str(log), bar)  # carried
+    finish_step(ctx, dict(pending, step=11), None, str(log), bar)  # not a log step: no line
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    # codes 0, 0, 1, 3 of K = 4: 3 used, p = (1/2, 1/4, 0, 1/4), perplexity 2^1.5
+    expected = {"step": 10, "epoch": 1, "loss": 2.5, "loss_class": 0.75, "quant_codebook": 0.125,
+                "lr": 1e-4, "grad_norm": 0.25, "clips_per_s": 3.0, "quant_warmup": False,
+                "codebook_usage": 0.75, "codebook_perplexity": pytest.approx(2 ** 1.5),
+                "codebook_dead": 1.0}
+    assert lines == [expected, expected]
+    assert list(lines[0]) == list(expected)  # the keys in the order of the log
+    # a non-finite loss stops the run with the step, the bad terms and the last checkpoint
+    bad = dict(values, loss=torch.tensor(float("inf")), quant_codebook=torch.tensor(float("nan")))
+    with pytest.raises(UserError, match=r"non-finite loss at step 12 \(terms: \['quant_codebook'\]\); "
+                                        r"last good checkpoint: none written yet"):
+        finish_step(ctx, dict(pending, step=12, values=bad), None, str(log), bar)

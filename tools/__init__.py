@@ -1,0 +1,1 @@
+"""Lab scripts and reference implementations (not imported by the training code)."""
