@@ -151,13 +151,18 @@ def test_ctrl_c_saves_last_checkpoint(tmp_path):
                                          ("ms3", write_ms3)])
 def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer):
     root = tmp_path / "data"
-    writer(str(root))
+    # AVSS: the v2 test clip's audio.wav holds 1.5 s for 10 frames; the run reads it (zero-padded)
+    # and says so once, naming the file (the test split is read once, at the end)
+    short = {"audio_seconds": {"v2TestClip1_2000_12000": 1.5}} if name == "avss" else {}
+    writer(str(root), **short)
     run = tmp_path / "run"
-    train("--dataset", name, "--data-root", str(root), "--preset", "cpu", "--max-steps", "2",
-          "--out", str(run), "--batch-size", "1", "--img-size", "32", "--threads", "1")
+    proc = train("--dataset", name, "--data-root", str(root), "--preset", "cpu", "--max-steps", "2",
+                 "--out", str(run), "--batch-size", "1", "--img-size", "32", "--threads", "1")
     metrics = json.loads((run / "metrics.json").read_text())
     key = "miou_official" if name == "avss" else "jf_official"
     assert 0.0 <= metrics["test"][key] <= 1.0
+    wav = os.path.join(str(root), "v2", "v2TestClip1_2000_12000", "audio.wav")
+    assert proc.stderr.count(f"{wav}: 1.5 s of audio; expected 9.615 s") == (name == "avss"), proc.stderr[-3000:]
 
 
 def test_missing_root_and_broken_file_fail_with_one_message_and_exit_code_2(tmp_path):
