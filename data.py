@@ -19,7 +19,7 @@ Two halves:
     timbre, modulation). Visible objects whose category is silent in a frame are background, so
     only the audio says which visible objects to label. Multi-source clips switch sources on and
     off; the test-unseen split has pairs of categories that never sound together in train.
-  * Readers of the real releases exactly as they are laid out (../shared/reference/avsbench.md):
+  * Readers of the real releases exactly as they are laid out on disk:
     AVSObjectDataset (S4 "Single-source", MS3 "Multi-sources") and AVSSDataset (AVSBench-semantic).
     The dataset cannot ship with the code: it is handed out by its authors on request.
     The VGGish PCA post-processor is not needed: AVSBench feeds the raw log-mel to VGGish.
