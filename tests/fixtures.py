@@ -1,7 +1,7 @@
 """Tiny AVSBench datasets in the exact official layout, written into a folder by the tests.
 
 The real AVSBench is handed out by its authors and cannot ship with the code, so the readers in
-data.py are tested on these (../shared/reference/avsbench.md §1.8 and §2.8):
+data.py are tested on these (the file names, folders and formats of the releases):
 
   write_s4(root, ...)    root/Single-source/{s4_meta_data.csv, s4_data/...}
   write_ms3(root, ...)   root/Multi-sources/{ms3_meta_data.csv, ms3_data/...}
@@ -61,16 +61,20 @@ def tone_wav(path, rate, seconds, channels, seed=0):
     return data
 
 
-def _save_log_mel(path, seed):
-    """A pickled torch float32 tensor [5, 1, 96, 64] with requires_grad, as AVSBench writes it."""
-    tensor = torch.randn(5, 1, 96, 64, generator=torch.Generator().manual_seed(seed)).requires_grad_()
+def _save_log_mel(path, seed, examples=5):
+    """A pickled torch float32 tensor [examples, 1, 96, 64] with requires_grad, as AVSBench writes it.
+
+    AVSBench's own files always hold 5 examples (its preprocessing pads); fewer model a file made
+    by other tools.
+    """
+    tensor = torch.randn(examples, 1, 96, 64, generator=torch.Generator().manual_seed(seed)).requires_grad_()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         pickle.dump(tensor, f)
     return tensor.detach().clone()
 
 
-def _write_v1(root, name, clips, size, wav, pkl):
+def _write_v1(root, name, clips, size, wav, pkl, audio_seconds, log_mel_examples):
     folder = "Single-source" if name == "s4" else "Multi-sources"
     base = os.path.join(root, folder)
     data = os.path.join(base, f"{name}_data")
@@ -103,18 +107,22 @@ def _write_v1(root, name, clips, size, wav, pkl):
         entry = {"split": split, "masks": np.stack(masks), "num_masks": num_masks,
                  "frame_dir": frame_dir, "mask_dir": mask_dir}
         if pkl:
-            entry["log_mel"] = _save_log_mel(os.path.join(data, "audio_log_mel", audio_sub, f"{clip_id}.pkl"), number)
+            entry["pkl"] = os.path.join(data, "audio_log_mel", audio_sub, f"{clip_id}.pkl")
+            entry["log_mel"] = _save_log_mel(entry["pkl"], number, (log_mel_examples or {}).get(clip_id, 5))
         if wav:
             path = os.path.join(data, "audio_wav", audio_sub, f"{clip_id}.wav")
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            entry["wav"] = tone_wav(path, 16000, 5.02, 2, seed=number)  # 16 kHz stereo int16, 80,320 samples
+            seconds = (audio_seconds or {}).get(clip_id, 5.02)  # 5.02 s: 80,320 samples
+            entry["wav"] = tone_wav(path, 16000, seconds, 2, seed=number)  # 16 kHz stereo int16
+            entry["wav_path"] = path
         if name == "s4":
             entry["category"] = clip[1]
         manifest[clip_id] = entry
     return manifest
 
 
-def write_s4(root, clips=None, size=(32, 32), wav=False, pkl=True):
+def write_s4(root, clips=None, size=(32, 32), wav=False, pkl=True, audio_seconds=None,
+             log_mel_examples=None):
     """AVSBench S4 in root/Single-source/: csv name,start,category,split; PNG frames and masks.
 
     Args:
@@ -122,21 +130,25 @@ def write_s4(root, clips=None, size=(32, 32), wav=False, pkl=True):
         size: (W, H) of frames and masks (the release has 224 x 224).
         wav: also write audio_wav/{split}/{category}/{name}.wav (16 kHz stereo int16, 5.02 s).
         pkl: write audio_log_mel/{split}/{category}/{name}.pkl (pickled torch [5, 1, 96, 64]).
+        audio_seconds: {name: seconds} of the wavs that are not 5.02 s long.
+        log_mel_examples: {name: E} of the .pkl files that hold E examples, not 5.
     Returns: manifest {name: dict(split, masks (num_masks, H, W) int64 0/1, num_masks,
-        log_mel (5, 1, 96, 64) tensor, wav int16 array, frame_dir, mask_dir, category)}.
+        log_mel (E, 1, 96, 64) tensor, pkl (its path), wav int16 array, wav_path, frame_dir,
+        mask_dir, category)}.
     """
     clips = clips or [("s4TrainClip", "dog_barking", "train"), ("s4ValClip01", "playing_piano", "val"),
                       ("s4TestClip1", "helicopter", "test")]
-    return _write_v1(root, "s4", clips, size, wav, pkl)
+    return _write_v1(root, "s4", clips, size, wav, pkl, audio_seconds, log_mel_examples)
 
 
-def write_ms3(root, clips=None, size=(32, 32), wav=False, pkl=True):
+def write_ms3(root, clips=None, size=(32, 32), wav=False, pkl=True, audio_seconds=None,
+              log_mel_examples=None):
     """AVSBench MS3 in root/Multi-sources/: csv name,split; frames visual_frames/{name}/{name}.mp4_{i}.png.
 
     Args and returns as write_s4, with clips a list of (name, split); 5 masks in every split.
     """
     clips = clips or [("ms3trainAAA_1", "train"), ("ms3valBBBBB_2", "val"), ("ms3testCCCC_3", "test")]
-    return _write_v1(root, "ms3", clips, size, wav, pkl)
+    return _write_v1(root, "ms3", clips, size, wav, pkl, audio_seconds, log_mel_examples)
 
 
 AVSS_DEFAULT_CLIPS = [
@@ -154,7 +166,8 @@ AVSS_DEFAULT_CLIPS = [
 AVSS_SIZES = {"v1s": (48, 36), "v1m": (64, 36), "v2": (64, 36)}  # (W, H), native and not square
 
 
-def write_avss(root, clips=None, sizes=None, labels="both", audio=True, unknown_colour_pixels=0):
+def write_avss(root, clips=None, sizes=None, labels="both", audio=True, unknown_colour_pixels=0,
+               audio_seconds=None, audio_rate=None):
     """AVSBench-semantic in root/: metadata.csv, label2idx.json, {v1s,v1m,v2}/{uid}/...
 
     Args:
@@ -162,10 +175,13 @@ def write_avss(root, clips=None, sizes=None, labels="both", audio=True, unknown_
         sizes: {subset: (W, H)} native frame sizes; default AVSS_SIZES.
         labels: 'both' | 'rgb' | 'semantic', which label folders to write.
         audio: write audio.wav (v1: 16 kHz stereo int16, 5.02 s; v2: 48 kHz stereo int16, 10 s).
+        audio_seconds: {uid: seconds} of the audio.wav files that are not that long.
+        audio_rate: None, or the rate (Hz) of every audio.wav instead of 16 / 48 kHz.
         unknown_colour_pixels: paint this many pixels of labels_rgb/0.png of every clip in the
             colour (1, 2, 3), which is not in the palette (the class-id map keeps them background).
     Returns: manifest {uid: dict(split, subset, labels (n_labels, H, W) int64 class ids at native
-        size, label_frames [i], num_frames, size (W, H), folder)}.
+        size, label_frames [i], num_frames, size (W, H), folder, and with audio: wav int16 array
+        (n, 2), wav_rate)}.
     """
     clips = clips or AVSS_DEFAULT_CLIPS
     sizes = dict(AVSS_SIZES, **(sizes or {}))
@@ -207,12 +223,12 @@ def write_avss(root, clips=None, sizes=None, labels="both", audio=True, unknown_
                     Image.fromarray(label.astype(np.uint8)).save(
                         os.path.join(folder, "labels_semantic", f"{i}.png"))
                 label_maps.append(label)
-        if audio:
-            if subset == "v2":
-                tone_wav(os.path.join(folder, "audio.wav"), 48000, 10.0, 2, seed=number)
-            else:
-                tone_wav(os.path.join(folder, "audio.wav"), 16000, 5.02, 2, seed=number)
         manifest[uid] = {"split": split, "subset": subset, "labels": np.stack(label_maps),
                          "label_frames": label_frames, "num_frames": num_frames,
                          "size": (width, height), "folder": folder}
+        if audio:
+            rate = audio_rate or (48000 if subset == "v2" else 16000)
+            seconds = (audio_seconds or {}).get(uid, 10.0 if subset == "v2" else 5.02)
+            manifest[uid]["wav"] = tone_wav(os.path.join(folder, "audio.wav"), rate, seconds, 2, seed=number)
+            manifest[uid]["wav_rate"] = rate
     return manifest

@@ -1,14 +1,18 @@
 """Tests of data.py: the AVSBench readers on fixtures in the exact layout, the synthetic
-benchmark's promises, and a clear DataError for every bad input (issue 3, "What it must show").
+benchmark's promises, a clear DataError for every bad input, and the flaws the official code
+tolerates (short audio, label colours outside the palette): read as it reads them, with a warning
+naming the file, and counted by check_dataset.
 
 Each test compares with something written independently: the fixture's own label maps and
 pickled tensors, PIL + numpy normalisation, an FFT of the waveform, the VOC colour map written
 out again in tests/fixtures.py.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -207,6 +211,217 @@ def test_collate_stacks_tensors_and_keeps_meta_as_a_list(avss_square):
     batch = collate(items)
     assert batch["frames"].shape == (2, 10, 3, 32, 32) and batch["labels"].shape == (2, 10, 32, 32)
     assert torch.equal(batch["audio"][1], items[1]["audio"]) and batch["meta"] == [items[0]["meta"], items[1]["meta"]]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1b. Short audio: the official padding, a warning once per file beyond one example, counted
+# ----------------------------------------------------------------------------------------------
+def audio_warnings(caught, path):
+    """The short-audio warnings among `caught` that name `path`."""
+    return [str(w.message) for w in caught
+            if str(w.message).startswith(f"{path}: ") and "s of audio" in str(w.message)]
+
+
+def read_all(ds, times=1):
+    """Every item of ds, `times` times; returns (items of the first pass, every warning raised)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the readers' own once-per-file rule is what is tested
+        passes = [[ds[i] for i in range(len(ds))] for _ in range(times)]
+    return passes[0], caught
+
+
+def front_end(wav, rate):
+    """The log-mel examples (E, 96, 64) of an int16 (n, 2) wav, as VGGish reads it."""
+    return vggish_log_mel(wav.astype(np.float64).mean(1) / 32768.0, rate)
+
+
+def test_example_count_from_the_header_matches_the_front_end():
+    rng = np.random.default_rng(0)
+    for rate in (16000, 48000, 44100):
+        for seconds in (0.02, 0.5, 0.975, 1.5, 4.5, 4.815, 5.02, 9.0, 10.0):
+            n = int(round(rate * seconds))
+            count = len(vggish_log_mel(0.1 * rng.standard_normal(n), rate))
+            assert data.examples_in(n, rate) == count, (rate, n)
+    for rate in (48000, 44100):  # around the boundary, where the resampled length's rounding decides
+        for examples in (1, 2):
+            edge = -(-(15360 * examples + 240) * rate // 16000)  # ceil: 16 kHz samples -> rate
+            for n in range(edge - 4, edge + 4):
+                assert data.examples_in(n, rate) == len(vggish_log_mel(np.zeros(n), rate)), (rate, n)
+    for examples in (1, 5, 10):  # seconds_for_examples is the shortest length that gives them
+        n = int(round(data.seconds_for_examples(examples) * 16000))
+        assert len(vggish_log_mel(np.zeros(n), 16000)) == examples
+        assert len(vggish_log_mel(np.zeros(n - 1), 16000)) == examples - 1
+
+
+SHORT_AVSS = [  # (uid, subset, split, a_obj), seconds of audio.wav, VGGish examples it gives
+    (("v2OneShort_0_10000", "v2", "val", "dog"), 9.0, 9),       # 10 frames, 1 example short
+    (("v1sOneShort_0_5000", "v1s", "val", "cat"), 4.5, 4),      # 5 frames, 1 example short
+    (("v2TenFrames_0_10000", "v2", "val", "dog"), 1.5, 1),      # 10 frames, 9 examples short
+    (("v1mTwoShort_1", "v1m", "val", "man_guitar"), 3.5, 3),    # 5 frames, 2 examples short
+    (("v1sNoExample_0_5000", "v1s", "val", "cat"), 0.5, 0),     # 5 frames, not one example
+    (("v2Complete_0_10000", "v2", "val", "dog"), 10.0, 10),
+]
+NEEDED = {10: "9.615", 5: "4.815"}  # seconds of audio F frames need: (400 + 160 (96 F - 1)) / 16000
+
+
+@pytest.fixture()
+def avss_short(tmp_path):
+    """Fresh files for every test: the readers warn once per file and process."""
+    root = str(tmp_path / "avss_short")
+    manifest = write_avss(root, clips=[c for c, _, _ in SHORT_AVSS], sizes=SQUARE, audio_rate=16000,
+                          audio_seconds={c[0]: seconds for c, seconds, _ in SHORT_AVSS})
+    return root, manifest
+
+
+def test_avss_short_audio_is_zero_padded_silently_up_to_one_example(avss_short):
+    root, manifest = avss_short
+    items, caught = read_all(build_dataset("avss", "val", root, img_size=32, train=False))
+    for item, (clip, seconds, examples) in zip(items, SHORT_AVSS):
+        entry = manifest[clip[0]]
+        log_mel = front_end(entry["wav"], 16000)  # (E, 96, 64)
+        assert len(log_mel) == examples
+        expected = np.zeros((10, 96, 64), dtype=np.float32)  # the official AVSS padding: zeros to 10
+        expected[:examples] = log_mel
+        assert np.allclose(item["audio"][:, 0].numpy(), expected, atol=1e-5), clip[0]
+        if entry["num_frames"] - examples <= 1:  # the official padding, without a word
+            assert audio_warnings(caught, os.path.join(entry["folder"], "audio.wav")) == [], clip[0]
+
+
+def test_avss_audio_more_than_one_example_short_warns_once_per_file(avss_short):
+    root, manifest = avss_short
+    _, caught = read_all(build_dataset("avss", "val", root, img_size=32, train=False), times=2)
+    paths, messages = [], []
+    for clip, seconds, examples in SHORT_AVSS:
+        entry, frames = manifest[clip[0]], manifest[clip[0]]["num_frames"]
+        path = os.path.join(entry["folder"], "audio.wav")
+        found = audio_warnings(caught, path)
+        if frames - examples <= 1:
+            assert found == [], found
+            continue
+        assert found == [  # once, though read twice
+            f"{path}: {seconds:g} s of audio; expected {NEEDED[frames]} s, one 0.96 s VGGish example "
+            f"for each of the {frames} frames of its clip; it gives {examples} of {frames}, and the "
+            f"{frames - examples} missing examples are filled with zeros, as the official AVSS loader pads"]
+        paths.append(path)
+        messages += found
+    assert len(paths) == 3
+    # training windows of the same files: warned already in this process
+    _, caught = read_all(build_dataset("avss", "val", root, img_size=32, frames=4, train=True))
+    assert [m for path in paths for m in audio_warnings(caught, path)] == []
+    tolerated = {}  # check_dataset lists the same lines
+    assert check_dataset(root, "avss", tolerated=tolerated) == []
+    assert tolerated == {"short_audio": messages}
+
+
+V1_SHORT = {  # (clip row of the csv, audio kind, wav seconds or pkl examples, examples)
+    "s4": [(("s4OneShortW", "dog_barking", "val"), "wav", 4.5, 4),
+           (("s4TwoShortW", "dog_barking", "val"), "wav", 3.5, 3),
+           (("s4OneShortP", "dog_barking", "val"), "pkl", 4, 4),
+           (("s4TwoShortP", "dog_barking", "val"), "pkl", 3, 3)],
+    "ms3": [(("ms3OneShortW_1", "val"), "wav", 4.5, 4), (("ms3FourShortW_2", "val"), "wav", 1.5, 1),
+            (("ms3OneShortP_3", "val"), "pkl", 4, 4), (("ms3FourShortP_4", "val"), "pkl", 1, 1)],
+}
+
+
+def write_v1_short(root, name):
+    """S4 or MS3 with the clips of V1_SHORT: wav-only clips lose their .pkl (the reader prefers it)."""
+    rows = V1_SHORT[name]
+    writer = write_s4 if name == "s4" else write_ms3
+    manifest = writer(root, clips=[clip for clip, *_ in rows], wav=True, pkl=True,
+                      audio_seconds={c[0]: size for c, kind, size, _ in rows if kind == "wav"},
+                      log_mel_examples={c[0]: size for c, kind, size, _ in rows if kind == "pkl"})
+    for clip, kind, _, _ in rows:
+        entry = manifest[clip[0]]
+        if kind == "wav":
+            os.remove(entry["pkl"])
+        entry["path"] = entry["wav_path"] if kind == "wav" else entry["pkl"]
+    return manifest
+
+
+@pytest.mark.parametrize("name", ["s4", "ms3"])
+def test_v1_short_audio_repeats_the_last_example_and_warns_once_beyond_one(tmp_path, name):
+    manifest = write_v1_short(str(tmp_path), name)
+    ds = build_dataset(name, "val", str(tmp_path), img_size=32, train=False)
+    items, caught = read_all(ds, times=2)
+    for item, (clip, kind, size, examples) in zip(items, V1_SHORT[name]):
+        entry = manifest[clip[0]]
+        log_mel = front_end(entry["wav"], 16000) if kind == "wav" else entry["log_mel"][:, 0].numpy()
+        assert len(log_mel) == examples
+        expected = np.stack([log_mel[min(t, examples - 1)] for t in range(5)])  # the last one repeated
+        assert np.allclose(item["audio"][:, 0].numpy(), expected, atol=1e-5), clip[0]
+        found = audio_warnings(caught, entry["path"])
+        if examples >= 4:
+            assert found == [], found
+            continue
+        # a wav holds `size` seconds and needs 4.815; a .pkl holds 0.96 s per example and needs 5
+        seconds, needed = (f"{size:g}", "4.815") if kind == "wav" else (f"{examples * 0.96:g}", "4.8")
+        assert found == [  # once, though read twice
+            f"{entry['path']}: {seconds} s of audio; expected {needed} s, one 0.96 s VGGish example for "
+            f"each of the 5 frames of its clip; it gives {examples} of 5, and the {5 - examples} missing "
+            f"examples are filled with copies of the last example, as AVSBench's preprocessing pads"]
+
+
+def test_v1_audio_without_one_example_is_an_error(tmp_path):
+    manifest = write_s4(str(tmp_path), clips=[("s4EmptyWav0", "dog_barking", "val")], wav=True,
+                        pkl=False, audio_seconds={"s4EmptyWav0": 0.5})
+    path = manifest["s4EmptyWav0"]["wav_path"]
+    message = f"{path}: 0.5 s of audio, not one 0.96 s VGGish example; expected about 5 s"
+    with pytest.raises(DataError, match=re.escape(message)):
+        build_dataset("s4", "val", str(tmp_path), img_size=32, train=False)[0]
+    for deep in (False, True):
+        assert [p[:len(message)] for p in check_dataset(str(tmp_path), "s4", deep=deep)] == [message]
+
+
+def test_check_dataset_counts_short_audio(avss_short, tmp_path):
+    root, manifest = avss_short
+    for deep in (False, True):  # the wav header is enough
+        tolerated = {}
+        assert check_dataset(root, "avss", deep=deep, tolerated=tolerated) == []
+        short = [os.path.join(manifest[c[0]]["folder"], "audio.wav") for c, _, examples in SHORT_AVSS
+                 if manifest[c[0]]["num_frames"] - examples > 1]
+        assert len(short) == 3 and list(tolerated) == ["short_audio"]
+        assert [line.split(": ")[0] for line in tolerated["short_audio"]] == short
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
+    cli = subprocess.run([sys.executable, script, "check", "--dataset", "avss", "--data-root", root],
+                         capture_output=True, text=True)
+    assert cli.returncode == 0 and "ok:" in cli.stdout, cli.stderr
+    assert all(path in cli.stdout for path in short)
+    assert "3 audio file(s) more than one 0.96 s example short" in cli.stderr
+
+    for name in ("s4", "ms3"):
+        v1 = write_v1_short(str(tmp_path / name), name)
+        short = [v1[c[0]]["path"] for c, kind, _, examples in V1_SHORT[name] if examples < 4]
+        wav_short = [p for p in short if p.endswith(".wav")]
+        for deep, expected in ((False, wav_short), (True, short)):  # a .pkl is counted when unpickled
+            tolerated = {}
+            assert check_dataset(str(tmp_path / name), name, deep=deep, tolerated=tolerated) == []
+            assert [line.split(": ")[0] for line in tolerated.get("short_audio", [])] == expected
+
+
+def test_check_dataset_counts_label_pixels_read_as_background(tmp_path):
+    manifest = write_avss(str(tmp_path / "rgb"), sizes=SQUARE, labels="rgb", unknown_colour_pixels=7)
+    tolerated = {}
+    assert check_dataset(str(tmp_path / "rgb"), "avss", tolerated=tolerated) == []
+    assert tolerated == {}  # label pixels are counted with deep only
+    assert check_dataset(str(tmp_path / "rgb"), "avss", deep=True, tolerated=tolerated) == []
+    rgb = sorted(os.path.join(c["folder"], "labels_rgb", "0.png") for c in manifest.values())
+    assert sorted(tolerated["label_pixels"]) == [
+        f"{p}: 7 pixels have colours outside the 71-colour palette; mapped to background (class 0)" for p in rgb]
+
+    manifest = write_avss(str(tmp_path / "ids"), sizes=SQUARE, labels="semantic")
+    uid = next(u for u, c in manifest.items() if c["split"] == "val")
+    semantic = os.path.join(manifest[uid]["folder"], "labels_semantic", "1.png")
+    ids = manifest[uid]["labels"][1].astype(np.uint8)  # (H, W)
+    ids.reshape(-1)[:5] = 200  # class ids above 70
+    Image.fromarray(ids).save(semantic)
+    tolerated = {}
+    assert check_dataset(str(tmp_path / "ids"), "avss", deep=True, tolerated=tolerated) == []
+    line = f"{semantic}: 5 pixels have class ids above 70; mapped to background (class 0)"
+    assert tolerated == {"label_pixels": [line]}
+    ds = build_dataset("avss", "val", str(tmp_path / "ids"), img_size=32, train=False)
+    with pytest.warns(UserWarning) as caught:
+        ds[next(i for i, c in enumerate(ds.clips) if c["id"] == uid)]
+    assert line in {str(w.message) for w in caught}  # the reader warns with the same line
 
 
 # ----------------------------------------------------------------------------------------------

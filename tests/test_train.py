@@ -93,23 +93,58 @@ def test_interrupted_and_resumed_run_reproduces_the_unbroken_losses(tmp_path):
     assert after["quant_codebook"] > 0  # eq. (9) is on once the warm-up is over
 
 
+def logged_steps(log):
+    """The training steps in log.jsonl so far (a line still being written is skipped)."""
+    steps = []
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in rec and "eval" not in rec:
+                steps.append(rec["step"])
+    return steps
+
+
 def test_ctrl_c_saves_last_checkpoint(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "train.py", "--out", str(run), "--epochs", "50",
-                             *TINY], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until training has logged a few steps
-        log = run / "log.jsonl"
-        if log.is_file() and len(log.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    # The flags after TINY win (argparse keeps the last value): one epoch of 10,000 steps and no
+    # step limit the run could reach, so the interrupt lands inside the first epoch's training
+    # loop, never in an end-of-epoch evaluation or checkpoint, nor after the run has ended.
+    long_run = ["--train-clips", "40000", "--epochs", "1000", "--max-steps", "100000000"]
+    err_path = tmp_path / "stderr.txt"  # a file, not a pipe: tqdm's output can never fill it and block
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "train.py", "--out", str(run), *TINY, *long_run],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file)
+    try:
+        # Wait for the evidence that training is under way: step 3 in log.jsonl, which is written
+        # after each step, inside the loop that saves last.pt on Ctrl-C. Bounded, never timed.
+        deadline = time.monotonic() + 600
+        while max(logged_steps(run / "log.jsonl"), default=0) < 3:
+            if proc.poll() is not None:
+                pytest.fail(f"train.py exited {proc.returncode} before logging step 3:\n"
+                            f"{err_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("train.py logged no step 3 within 600 s; stopped waiting")
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            pytest.fail("train.py did not exit within 300 s of SIGINT")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = err_path.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "continue with --resume" in err
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
-    assert ckpt["state"]["step"] >= 3
+    step = ckpt["state"]["step"]
+    assert step >= 3 and ckpt["state"]["epoch"] == 0
+    # the step counter rises before a step's log line is written: the log ends at step or step - 1
+    assert max(logged_steps(run / "log.jsonl")) in (step - 1, step)
     assert not list(run.glob("*.tmp*"))
 
 
@@ -117,13 +152,18 @@ def test_ctrl_c_saves_last_checkpoint(tmp_path):
                                          ("ms3", write_ms3)])
 def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer):
     root = tmp_path / "data"
-    writer(str(root))
+    # AVSS: the v2 test clip's audio.wav holds 1.5 s for 10 frames; the run reads it (zero-padded)
+    # and says so once, naming the file (the test split is read once, at the end)
+    short = {"audio_seconds": {"v2TestClip1_2000_12000": 1.5}} if name == "avss" else {}
+    writer(str(root), **short)
     run = tmp_path / "run"
-    train("--dataset", name, "--data-root", str(root), "--preset", "cpu", "--max-steps", "2",
-          "--out", str(run), "--batch-size", "1", "--img-size", "32", "--threads", "1")
+    proc = train("--dataset", name, "--data-root", str(root), "--preset", "cpu", "--max-steps", "2",
+                 "--out", str(run), "--batch-size", "1", "--img-size", "32", "--threads", "1")
     metrics = json.loads((run / "metrics.json").read_text())
     key = "miou_official" if name == "avss" else "jf_official"
     assert 0.0 <= metrics["test"][key] <= 1.0
+    wav = os.path.join(str(root), "v2", "v2TestClip1_2000_12000", "audio.wav")
+    assert proc.stderr.count(f"{wav}: 1.5 s of audio; expected 9.615 s") == (name == "avss"), proc.stderr[-3000:]
 
 
 def test_missing_root_and_broken_file_fail_with_one_message_and_exit_code_2(tmp_path):
@@ -163,8 +203,10 @@ def test_non_finite_loss_stops_with_the_step_and_last_checkpoint(tmp_path):
 def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "train.py", "--max-steps", "2", "--out",
+    # --standalone: the rendezvous takes a free port from the system; a fixed --master_port
+    # fails whenever another run on the same machine holds it
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "train.py", "--max-steps", "2", "--out",
                            str(run), *TINY], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
