@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -372,6 +373,7 @@ def run(cfg: TrainConfig) -> int:
 
     full_config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
                    "code_version": code_version(), "world_size": world,
+                   "class_names": list(train_set.class_names),  # predict.py names its classes
                    "metric_definitions": metrics.METRIC_DEFINITIONS}
     if main_proc:
         write_json(os.path.join(out_dir, "config.json"), full_config)
@@ -672,26 +674,44 @@ def _last_checkpoint(ctx: dict) -> str:
     return path if os.path.exists(path) else "none written yet"
 
 
-# The layout of the model's weights; a checkpoint of another format is refused with a message.
+# The layout of a checkpoint; a checkpoint of another format is refused with a message.
+# 3: RNG states and config hold only tensors and plain Python values, so that a checkpoint loads
+#    with torch.load(weights_only=True), which rebuilds no arbitrary object and runs no code from
+#    the file; format 2 pickled numpy's RNG state and only loaded with weights_only=False.
 # 2: the visual encoder is length-independent (attention per scale, then over time) and the
 #    model config has no `frames`; format 1 (no "format" key) encoded windows of T frames.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+OLD_FORMATS = {1: "the visual encoder then encoded windows of T frames; retrain with this version",
+               2: "its RNG states need a full unpickle, which can run code; retrain with this version"}
 
 
 def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by save_checkpoint, or UserError naming the file and what is wrong."""
+    """A checkpoint written by save_checkpoint, or UserError naming the file and what is wrong.
+
+    torch.load(weights_only=True) rebuilds only tensors and plain values (dict, list, str, number),
+    so a shared checkpoint cannot run code: one that names any other Python object is refused.
+    """
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: one line, not a traceback
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated, foreign or unsafe file: one line, not a traceback
+        text = str(e)
+        unsafe = re.search(r"Unsupported (?:global: GLOBAL |class )([\w.]+)", text)
+        if unsafe:
+            raise UserError(f"{path}: refused; loading it would call {unsafe.group(1)}, and a "
+                            f"checkpoint that needs a Python object rebuilt can run code. Checkpoints "
+                            f"of this code (format {CHECKPOINT_FORMAT}) hold only tensors and plain "
+                            f"values; format 2 and older ones must be retrained") from None
+        reason = re.search(r"WeightsUnpickler error: *(.+)", text.replace("\n", " "))
+        reason = reason.group(1).split(" Check the documentation")[0].strip() if reason else text
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason[:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a train.py checkpoint (expected the keys model, config, state)")
-    if ckpt.get("format", 1) != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: checkpoint format {ckpt.get('format', 1)}, this code reads format "
-                        f"{CHECKPOINT_FORMAT} (the visual encoder changed to attend over any number "
-                        f"of frames); retrain with this version")
+    found = ckpt.get("format", 1)
+    if found != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: checkpoint format {found}, this code reads format "
+                        f"{CHECKPOINT_FORMAT} ({OLD_FORMATS.get(found, 'unknown format')})")
     return ckpt
 
 
@@ -709,17 +729,26 @@ def save_checkpoint(ctx: dict, path: str) -> None:
 
 
 def get_rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    """Every RNG state as tensors and plain values (a checkpoint must load with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()         # keys (624,) uint32
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),  # (624,)
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """The inverse of get_rng_state."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

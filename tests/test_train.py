@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from fixtures import write_avss, write_ms3, write_s4
+from fixtures import RunsCode, write_avss, write_ms3, write_s4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threads", "1", "--epochs", "3",
@@ -52,7 +52,7 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["dataset"] == "synthetic" and config["model"]["dim"] == 64
     assert config["code_version"] and config["metric_definitions"]
-    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["state"]["step"] == 3
     assert ckpt["config"]["metric_definitions"] == config["metric_definitions"]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -64,7 +64,7 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
 
     train("--resume", str(run / "last.pt"), "--max-steps", "5")
     assert sorted(losses(run)) == [1, 2, 3, 4, 5]
-    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["state"]["step"] == 5
 
     # --eval-only evaluates a checkpoint into a new directory
@@ -107,7 +107,7 @@ def test_ctrl_c_saves_last_checkpoint(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "continue with --resume" in err
-    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["state"]["step"] >= 3
     assert not list(run.glob("*.tmp*"))
 
@@ -203,3 +203,39 @@ def test_checkpoint_of_an_older_format_or_not_a_checkpoint_exits_2(tmp_path):
         proc = train("--eval-only", "--checkpoint", str(path), *TINY, check=False)
         assert proc.returncode == 2 and str(path) in proc.stderr and words in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_whose_unpickling_would_run_code_is_refused_and_the_code_never_runs(tmp_path):
+    """A shared checkpoint is loaded with weights_only=True: one that names a Python callable (here
+    open(), which would create `marker`) is refused with exit code 2 before anything is called."""
+    marker = tmp_path / "code_ran"
+    bad = tmp_path / "bad.pt"
+    torch.save({"format": 3, "model": {}, "config": {"train": {}, "model": {}},
+                "state": {"step": 0}, "payload": RunsCode(marker)}, bad)
+    proc = train("--eval-only", "--checkpoint", str(bad), *TINY, check=False)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "refused" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    """get_rng_state -> torch.save -> torch.load(weights_only=True) -> set_rng_state gives back the
+    same torch, numpy and Python random streams (numpy's with a cached Gaussian pending)."""
+    import random
+
+    import numpy as np
+
+    from train import get_rng_state, set_rng_state
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()                      # leaves a cached Gaussian in numpy's state
+    random.gauss(0, 1)                               # and in Python's
+
+    def draw():
+        return (torch.rand(3).tolist(), np.random.standard_normal(3).tolist(),
+                np.random.randint(0, 1 << 30, 3).tolist(), random.random(), random.gauss(0, 1))
+
+    torch.save(get_rng_state(), tmp_path / "rng.pt")
+    expected = draw()
+    draw()                                           # move every stream on
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draw() == expected
