@@ -40,7 +40,6 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 import data
-import diagnostics
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, build_tracks
 from quantize import codebook_stats
@@ -421,11 +420,13 @@ def run(cfg: TrainConfig) -> int:
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
         if cfg.dataset == "synthetic" and "test" in eval_sets:
             # a look inside the codebook (diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
+            import diagnostics  # a lab tool: loaded only here, so that predict.py never loads it
             diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir)
             if diag:
                 write_json(os.path.join(out_dir, "diagnostics.json"), diag)
                 # the summary numbers; the tables (category x codeword) stay in diagnostics.json
                 results["codebook"] = {k: v for k, v in diag.items() if not isinstance(v, list)}
+            write_clip_pictures(cfg, model, eval_sets, diag, device, out_dir)
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
         print(summary(results))
@@ -588,7 +589,8 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
                     obj[name].update(fg[sel], (gt[sel] > 0).long(), valid[sel])
         if overlay_dir is not None and written < cfg.num_overlays:
             pred_map = pred if sem is not None else (fg > 0.5).long()   # (B, T, H, W)
-            written += write_overlays(overlay_dir, split, batch, pred_map, cfg.num_overlays - written)
+            written += write_overlays(overlay_dir, split, batch, pred_map, cfg.num_overlays - written,
+                                      dataset.class_names)
     results = {}
     if sem is not None:
         sem.all_reduce()
@@ -608,29 +610,58 @@ def evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
     for name, ds in eval_sets.items():
         if name == "val" and len(eval_sets) > 1:
             continue
+        # synthetic runs draw richer pictures of a few clips instead (write_clip_pictures)
+        overlays = main_proc and cfg.dataset != "synthetic"
         results[name] = evaluate(cfg, model, ds, name, device, rank, world,
-                                 overlay_dir=out_dir if main_proc else None)
+                                 overlay_dir=out_dir if overlays else None)
     return results
 
 
-def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, limit: int) -> int:
-    """Frame | ground truth | prediction, side by side, labels in the AVSS (VOC) palette."""
-    from PIL import Image
-    palette = np.array(data.voc_palette(256), dtype=np.uint8)               # (256, 3)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=batch["frames"].device)[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225], device=batch["frames"].device)[:, None, None]
+def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, limit: int,
+                   class_names: list) -> int:
+    """Frame | ground truth | prediction of the first frame of up to `limit` clips, labels in the
+    AVSS (VOC) palette, panels scaled up to at least 256 px under title lines that name the panels
+    and the classes (drawn with predict.py's helpers)."""
+    import predict  # here, not at the top: predict.py imports this file
+    mean = torch.tensor(data.IMAGENET_MEAN, device=batch["frames"].device)[:, None, None]
+    std = torch.tensor(data.IMAGENET_STD, device=batch["frames"].device)[:, None, None]
     n = 0
     for b in range(min(limit, batch["frames"].shape[0])):
         t = 0
         img = (batch["frames"][b, t] * std + mean).clamp(0, 1)        # (3, H, W)
         img = (img.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)  # (H, W, 3)
-        gt = palette[batch["labels"][b, t].cpu().numpy() % 256]        # (H, W, 3)
-        pr = palette[pred[b, t].cpu().numpy() % 256]                   # (H, W, 3)
-        clip_id = str(batch["meta"][b].get("clip_id", b)).replace("/", "_")
-        Image.fromarray(np.concatenate([img, gt, pr], axis=1)).save(
-            os.path.join(out_dir, f"overlay_{split}_{clip_id}.png"))
+        gt, pr = batch["labels"][b, t].cpu().numpy(), pred[b, t].cpu().numpy()  # (H, W) each
+        panels = np.concatenate([img, predict.colour_ids(gt), predict.colour_ids(pr)], axis=1)  # (H, 3W, 3)
+        clip_id = str(batch["meta"][b].get("clip", b))
+
+        def named(ids):
+            return ([(f"{class_names[c]}  ", predict.PALETTE[c]) for c in np.unique(ids) if c > 0]
+                    or [("nothing", None)])
+        picture = predict.titled(panels, [
+            [(f"{split} clip {clip_id}, frame {t}:   frame | ground truth | prediction", None)],
+            [("ground truth: ", None)] + named(gt), [("prediction: ", None)] + named(pr)])
+        picture.save(os.path.join(out_dir, f"overlay_{split}_{clip_id.replace('/', '_')}.png"))
         n += 1
     return n
+
+
+def write_clip_pictures(cfg: TrainConfig, model: SQD, eval_sets: dict, diag: dict, device,
+                        out_dir: str) -> None:
+    """A synthetic run's pictures (predict.synthetic_picture), up to cfg.num_overlays: a single-
+    and a multi-source clip of test, then test-unseen clips. Per frame: the frame, the log-mel of
+    its second, ground truth, prediction, and the codeword of each local token with the category
+    it is the signature of (diag: the run's diagnostics)."""
+    import predict  # here, not at the top: predict.py imports this file
+    test = eval_sets["test"]
+    multi = [bool(test[i]["meta"]["multi_source"]) for i in range(min(8, len(test)))]
+    picks = [("test", multi.index(m)) for m in (False, True) if m in multi]
+    picks += [("test-unseen", i) for i in range(2) if "test-unseen" in eval_sets]
+    signatures = (diag or {}).get("local_signature_codeword_per_index")
+    model.eval()
+    for split, index in picks[:cfg.num_overlays]:
+        predict.write_synthetic_pictures(out_dir, model, eval_sets[split], [index],
+                                         test.class_names, signatures, device, cfg.amp)
+    model.train()
 
 
 def summary(results: dict) -> str:

@@ -47,7 +47,11 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
     for name in ("config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json",
                  "diagnostics.json", "tokens.png", "tokens_local.png"):
         assert (run / name).is_file(), name
-    assert list(run.glob("overlay_*.png")), "no prediction pictures"
+    # --num-overlays 2: a single- and a multi-source test clip, drawn by predict.py (PNG and GIF)
+    pictures = sorted(p.name for p in run.glob("clip_*"))
+    assert len(pictures) == 4 and all(p.startswith("clip_test_") for p in pictures), pictures
+    assert {p[:-4] for p in pictures if p.endswith(".gif")} == {p[:-4] for p in pictures if p.endswith(".png")}
+    assert not list(run.glob("overlay_*.png"))
     assert not list(run.glob("*.tmp*")), "a temporary checkpoint file was left behind"
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["dataset"] == "synthetic" and config["model"]["dim"] == 64
@@ -122,6 +126,10 @@ def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer):
           "--out", str(run), "--batch-size", "1", "--img-size", "32", "--threads", "1")
     metrics = json.loads((run / "metrics.json").read_text())
     key = "miou_official" if name == "avss" else "jf_official"
+    # the pictures a student can read: three panels of at least 256 px under a title
+    from PIL import Image
+    overlays = [Image.open(p) for p in run.glob("overlay_test_*.png")]
+    assert overlays and all(o.width >= 3 * 256 and o.height > 256 for o in overlays)
     assert 0.0 <= metrics["test"][key] <= 1.0
 
 
