@@ -72,7 +72,7 @@ def load_model(path: str, device) -> tuple[SQD, train.TrainConfig, list]:
     UserError (exit code 2) for a missing or unreadable file, a file that is no train.py
     checkpoint, one of an older format, or weights that do not fit the model its config describes.
     """
-    ckpt = train.load_checkpoint(path)
+    ckpt = train.load_checkpoint(path, mmap=True)                      # weights only, no code runs
     try:
         known = {f.name for f in dataclasses.fields(train.TrainConfig)}
         cfg = train.TrainConfig(**{k: v for k, v in ckpt["config"]["train"].items() if k in known})

@@ -716,16 +716,18 @@ OLD_FORMATS = {1: "the visual encoder then encoded windows of T frames; retrain 
                2: "its RNG states need a full unpickle, which can run code; retrain with this version"}
 
 
-def load_checkpoint(path: str) -> dict:
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
     """A checkpoint written by save_checkpoint, or UserError naming the file and what is wrong.
 
     torch.load(weights_only=True) rebuilds only tensors and plain values (dict, list, str, number),
     so a shared checkpoint cannot run code: one that names any other Python object is refused.
+    mmap: map the tensors from the file instead of reading them all (predict.py needs only the
+    model's weights, not the optimizer's state).
     """
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated, foreign or unsafe file: one line, not a traceback
         text = str(e)
         unsafe = re.search(r"Unsupported (?:global: GLOBAL |class )([\w.]+)", text)
