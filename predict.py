@@ -388,8 +388,11 @@ def stack(images: list, horizontal: bool = False, gap: int = 0) -> Image.Image:
 def save_gif(pictures: list, path: str, ms_per_frame: int = 1000) -> None:
     """An animated GIF (Pillow), one picture a second, looping; pictures are padded to one size."""
     width, height = max(p.width for p in pictures), max(p.height for p in pictures)
-    frames = [stack([p, Image.new("RGB", (width, height - p.height + 1), (255, 255, 255))])
-              .crop((0, 0, width, height)) for p in pictures]
+    frames = []
+    for picture in pictures:
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        canvas.paste(picture, (0, 0))
+        frames.append(canvas)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
 
 
@@ -482,7 +485,7 @@ def synthetic_picture(model: SQD, dataset, index: int, class_names: list, signat
             + [(class_names[c] + "  ", PALETTE[c]) for c in seen] + ([("nothing", None)] if not seen else [])])
         rows.append(stack([title, stack(images, horizontal=True, gap=6)]))
     clip_title = caption(rows[0].width, [
-        [(f"{item['meta']['clip']} (seed {dataset.seed}): ", None)],
+        [(f"{item['meta']['clip']}, the benchmark of seed {dataset.seed}", None)],
         [("panels: " + " | ".join(panel_names[:4]) + " | the local tokens' codewords, named by the "
           "category each is the signature of (none: shared or nobody's)", None)]])
     picture = stack([clip_title] + rows, gap=4)
