@@ -51,7 +51,9 @@ T frames of a clip (or of a training window), Tc frames stored for a clip, H, W 
 n audio samples, E log-mel examples (0.96 s each), 96 x 64 log-mel frames x mel bands.
 """
 import argparse
+import collections
 import csv
+import io
 import json
 import math
 import os
@@ -477,20 +479,46 @@ def wav_log_mel(path, expected):
     return vggish_log_mel(waveform, rate), len(waveform) / rate  # (E, 96, 64), seconds
 
 
+class _TensorUnpickler(pickle.Unpickler):
+    """Unpickles a plain-pickled torch tensor and nothing else.
+
+    A pickle names the functions that rebuild its objects, and unpickling calls them: a crafted
+    file can name os.system. This unpickler admits only the three globals `pickle.dump(tensor)`
+    writes (_rebuild_tensor_v2, the storage loader and OrderedDict for the tensor's hooks); the
+    storage bytes inside go through torch.load(weights_only=True). Anything else is refused.
+    """
+
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return torch._utils._rebuild_tensor_v2
+        if (module, name) == ("torch.storage", "_load_from_bytes"):
+            return _storage_from_bytes
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"refused to load {module}.{name}: a log-mel .pkl holds one "
+                                     f"torch tensor, and unpickling anything else can run code")
+
+
+def _storage_from_bytes(blob):
+    """The storage of a pickled tensor: a torch.save blob, loaded with weights_only=True."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "TypedStorage is deprecated"
+        return torch.load(io.BytesIO(blob), weights_only=True)
+
+
 def read_log_mel_pkl(path, expected):
     """An AVSBench v1 `.pkl`: a plain-pickled torch tensor [5, 1, 96, 64], read as is (detached).
 
-    Unpickling runs code from the file: only read files of the AVSBench release you trust.
+    Read with _TensorUnpickler: a file that holds anything but a tensor is refused (DataError), and
+    no code in it runs.
     """
     try:
         with open(path, "rb") as f:
-            tensor = pickle.load(f)
+            tensor = _TensorUnpickler(f).load()
     except Exception as error:  # a bad pickle can raise almost anything
         raise DataError(f"{path}: unreadable pickle ({type(error).__name__}: {error}); expected {expected}") from None
-    if isinstance(tensor, np.ndarray):
-        tensor = torch.from_numpy(tensor)
     if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape[-2:]) != LOG_MEL_SHAPE:
-        got = tuple(tensor.shape) if hasattr(tensor, "shape") else type(tensor).__name__
+        got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise DataError(f"{path}: holds {got}; expected {expected}")
     return tensor.detach().float().reshape(-1, 1, *LOG_MEL_SHAPE)  # (E, 1, 96, 64)
 

@@ -152,11 +152,7 @@ def frame_recall(local_codes: np.ndarray, frames: np.ndarray, sounding: np.ndarr
     local_codes (M, T, N) int, frames (M, T, Kc) bool sounding per frame, sounding (M, Kc) and
     multi (M,) as in collect(). Returns a float, NaN when there is nothing to count.
     """
-    M, T, N = local_codes.shape
-    sig = np.empty((frames.shape[2], N), dtype=np.int64)     # (Kc, N)
-    for i in range(N):
-        table = category_code_table(local_codes[:, :, i], sounding, multi, num_codes)  # (Kc, K)
-        sig[:, i] = signatures(table, specific_only=True)    # (Kc,)
+    sig = index_signatures(local_codes, sounding, multi, num_codes)  # (Kc, N)
     hits, total = 0, 0
     for m, t in zip(*np.nonzero(frames.sum(2) >= 2)):
         for c in np.nonzero(frames[m, t])[0]:
@@ -165,6 +161,19 @@ def frame_recall(local_codes: np.ndarray, frames: np.ndarray, sounding: np.ndarr
                 hits += int((local_codes[m, t][valid] == sig[c][valid]).any())
                 total += 1
     return hits / total if total else float("nan")
+
+
+def index_signatures(local_codes: np.ndarray, sounding: np.ndarray, multi: np.ndarray,
+                     num_codes: int) -> np.ndarray:
+    """(Kc, N) sig_i(c): the signature of category c among token index i's codes alone, -1 where
+    no codeword is specific to c (see frame_recall). local_codes (M, T, N); sounding, multi as in
+    collect()."""
+    N = local_codes.shape[2]
+    sig = np.empty((sounding.shape[1], N), dtype=np.int64)   # (Kc, N)
+    for i in range(N):
+        table = category_code_table(local_codes[:, :, i], sounding, multi, num_codes)  # (Kc, K)
+        sig[:, i] = signatures(table, specific_only=True)    # (Kc,)
+    return sig
 
 
 def summarise(collected: dict, num_codes: int) -> dict:
@@ -188,6 +197,10 @@ def summarise(collected: dict, num_codes: int) -> dict:
         res["local_codebook"] = codebook_stats(torch.from_numpy(local), num_codes)
         res["local_distinct_signatures"] = int(len(set(local_sig[local_sig >= 0].tolist())))
         res["local_decomposition_recall"] = decomposition_recall(local, sounding, multi, local_sig)
+        # per token index i, the codeword sig_i(c) of each category (column c-1: class id c; -1:
+        # none); predict.py names a token's codeword with it
+        res["local_signature_codeword_per_index"] = index_signatures(
+            collected["local_codes"], sounding, multi, num_codes).T.tolist()  # N lists of Kc
         frames = collected.get("sounding_frames")                    # (M, T, Kc) or None
         if frames is not None and frames.shape[1] == collected["local_codes"].shape[1]:
             res["local_frame_recall"] = frame_recall(collected["local_codes"], frames, sounding,
@@ -197,9 +210,10 @@ def summarise(collected: dict, num_codes: int) -> dict:
 
 
 def scatter_png(tokens: np.ndarray, labels: np.ndarray, codebook: np.ndarray, path: str,
-                palette: np.ndarray, size: int = 512) -> None:
+                palette: np.ndarray, size: int = 512, names: list | None = None) -> None:
     """PCA of tokens (P, C) to 2-D, one dot per token coloured by labels (P,) class ids, codewords
-    (K, C) as grey crosses in the same projection; written as an RGB PNG of size x size."""
+    (K, C) as grey crosses in the same projection; written as an RGB PNG of size x size. With
+    names (class id -> name), a legend of the categories' colours is added on the right."""
     mean = tokens.mean(0, keepdims=True)                     # (1, C)
     _, _, vt = np.linalg.svd(tokens - mean, full_matrices=False)  # vt (C, C)
     basis = vt[:2].T                                         # (C, 2) first two principal axes
@@ -221,7 +235,30 @@ def scatter_png(tokens: np.ndarray, labels: np.ndarray, codebook: np.ndarray, pa
     for (x, y), c in zip(to_px(pts), labels):
         colour = tuple(int(v) for v in palette[int(c)])
         draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    if names is not None:
+        img = _with_legend(img, sorted(set(int(c) for c in labels)), names, palette)
     img.save(path)
+
+
+def _with_legend(img, class_ids: list, names: list, palette: np.ndarray):
+    """img with a white column on its right: a colour swatch and the name of each class id."""
+    from PIL import ImageFont
+    try:
+        font = ImageFont.load_default(size=14)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        font = ImageFont.load_default()
+    width = 40 + max(int(font.getlength(names[c])) for c in class_ids) if class_ids else 0
+    out = Image.new("RGB", (img.width + width, max(img.height, 20 * len(class_ids) + 30)),
+                    (255, 255, 255))
+    out.paste(img, (0, 0))
+    draw = ImageDraw.Draw(out)
+    draw.text((img.width + 8, 4), "category", fill=(0, 0, 0), font=font)
+    for row, c in enumerate(class_ids):
+        y = 26 + 20 * row
+        draw.rectangle([img.width + 8, y, img.width + 21, y + 13],
+                       fill=tuple(int(v) for v in palette[c]))
+        draw.text((img.width + 28, y - 1), names[c], fill=(0, 0, 0), font=font)
+    return out
 
 
 def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | None = None) -> dict:
@@ -237,7 +274,8 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
     cats = collected["sounding"][single].argmax(1) + 1                  # (M_s,) class ids
     if len(tokens):
         scatter_png(tokens.reshape(-1, tokens.shape[-1]), np.repeat(cats, tokens.shape[1]),
-                    codebook, os.path.join(out_dir, "tokens.png"), data.voc_palette(256))
+                    codebook, os.path.join(out_dir, "tokens.png"), data.voc_palette(256),
+                    names=dataset.class_names)
     if "local_tokens" in collected and single.any():
         # the local tokens of single-source clips (frame mean), with each token index's mean
         # removed: the index separates the tokens far more than the sound does, and would
@@ -246,7 +284,7 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
         local = local - local.mean(0, keepdims=True)                    # (M_s, N, C)
         scatter_png(local.reshape(-1, local.shape[-1]), np.repeat(cats, local.shape[1]),
                     np.zeros((0, local.shape[-1])), os.path.join(out_dir, "tokens_local.png"),
-                    data.voc_palette(256))
+                    data.voc_palette(256), names=dataset.class_names)
     return res
 
 

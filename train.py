@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -39,7 +40,6 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 import data
-import diagnostics
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, to_host, track_batch
 from quantize import codebook_stats
@@ -382,6 +382,7 @@ def run(cfg: TrainConfig) -> int:
 
     full_config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
                    "code_version": code_version(), "world_size": world,
+                   "class_names": list(train_set.class_names),  # predict.py names its classes
                    "metric_definitions": metrics.METRIC_DEFINITIONS}
     if main_proc:
         write_json(os.path.join(out_dir, "config.json"), full_config)
@@ -430,11 +431,13 @@ def run(cfg: TrainConfig) -> int:
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
         if cfg.dataset == "synthetic" and "test" in eval_sets:
             # a look inside the codebook (diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
+            import diagnostics  # a lab tool: loaded only here, so that predict.py never loads it
             diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir)
             if diag:
                 write_json(os.path.join(out_dir, "diagnostics.json"), diag)
                 # the summary numbers; the tables (category x codeword) stay in diagnostics.json
                 results["codebook"] = {k: v for k, v in diag.items() if not isinstance(v, list)}
+            write_clip_pictures(cfg, model, eval_sets, diag, device, out_dir)
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
         print(summary(results))
@@ -654,7 +657,8 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
                     obj[name].update(fg[sel], (gt[sel] > 0).long(), valid[sel])
         if overlay_dir is not None and written < cfg.num_overlays:
             pred_map = pred if sem is not None else (fg > 0.5).long()   # (B, T, H, W)
-            written += write_overlays(overlay_dir, split, batch, pred_map, cfg.num_overlays - written)
+            written += write_overlays(overlay_dir, split, batch, pred_map, cfg.num_overlays - written,
+                                      dataset.class_names)
     results = {}
     if sem is not None:
         sem.all_reduce()
@@ -674,29 +678,58 @@ def evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
     for name, ds in eval_sets.items():
         if name == "val" and len(eval_sets) > 1:
             continue
+        # synthetic runs draw richer pictures of a few clips instead (write_clip_pictures)
+        overlays = main_proc and cfg.dataset != "synthetic"
         results[name] = evaluate(cfg, model, ds, name, device, rank, world,
-                                 overlay_dir=out_dir if main_proc else None)
+                                 overlay_dir=out_dir if overlays else None)
     return results
 
 
-def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, limit: int) -> int:
-    """Frame | ground truth | prediction, side by side, labels in the AVSS (VOC) palette."""
-    from PIL import Image
-    palette = np.array(data.voc_palette(256), dtype=np.uint8)               # (256, 3)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=batch["frames"].device)[:, None, None]
-    std = torch.tensor([0.229, 0.224, 0.225], device=batch["frames"].device)[:, None, None]
+def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, limit: int,
+                   class_names: list) -> int:
+    """Frame | ground truth | prediction of the first frame of up to `limit` clips, labels in the
+    AVSS (VOC) palette, panels scaled up to at least 256 px under title lines that name the panels
+    and the classes (drawn with predict.py's helpers)."""
+    import predict  # here, not at the top: predict.py imports this file
+    mean = torch.tensor(data.IMAGENET_MEAN, device=batch["frames"].device)[:, None, None]
+    std = torch.tensor(data.IMAGENET_STD, device=batch["frames"].device)[:, None, None]
     n = 0
     for b in range(min(limit, batch["frames"].shape[0])):
         t = 0
         img = (batch["frames"][b, t] * std + mean).clamp(0, 1)        # (3, H, W)
         img = (img.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)  # (H, W, 3)
-        gt = palette[batch["labels"][b, t].cpu().numpy() % 256]        # (H, W, 3)
-        pr = palette[pred[b, t].cpu().numpy() % 256]                   # (H, W, 3)
-        clip_id = str(batch["meta"][b].get("clip_id", b)).replace("/", "_")
-        Image.fromarray(np.concatenate([img, gt, pr], axis=1)).save(
-            os.path.join(out_dir, f"overlay_{split}_{clip_id}.png"))
+        gt, pr = batch["labels"][b, t].cpu().numpy(), pred[b, t].cpu().numpy()  # (H, W) each
+        panels = np.concatenate([img, predict.colour_ids(gt), predict.colour_ids(pr)], axis=1)  # (H, 3W, 3)
+        clip_id = str(batch["meta"][b].get("clip", b))
+
+        def named(ids):
+            return ([(f"{class_names[c]}  ", predict.PALETTE[c]) for c in np.unique(ids) if c > 0]
+                    or [("nothing", None)])
+        picture = predict.titled(panels, [
+            [(f"{split} clip {clip_id}, frame {t}:   frame | ground truth | prediction", None)],
+            [("ground truth: ", None)] + named(gt), [("prediction: ", None)] + named(pr)])
+        picture.save(os.path.join(out_dir, f"overlay_{split}_{clip_id.replace('/', '_')}.png"))
         n += 1
     return n
+
+
+def write_clip_pictures(cfg: TrainConfig, model: SQD, eval_sets: dict, diag: dict, device,
+                        out_dir: str) -> None:
+    """A synthetic run's pictures (predict.synthetic_picture), up to cfg.num_overlays: a single-
+    and a multi-source clip of test, then test-unseen clips. Per frame: the frame, the log-mel of
+    its second, ground truth, prediction, and the codeword of each local token with the category
+    it is the signature of (diag: the run's diagnostics)."""
+    import predict  # here, not at the top: predict.py imports this file
+    test = eval_sets["test"]
+    multi = [bool(test[i]["meta"]["multi_source"]) for i in range(min(8, len(test)))]
+    picks = [("test", multi.index(m)) for m in (False, True) if m in multi]
+    picks += [("test-unseen", i) for i in range(2) if "test-unseen" in eval_sets]
+    signatures = (diag or {}).get("local_signature_codeword_per_index")
+    model.eval()
+    for split, index in picks[:cfg.num_overlays]:
+        predict.write_synthetic_pictures(out_dir, model, eval_sets[split], [index],
+                                         test.class_names, signatures, device, cfg.amp)
+    model.train()
 
 
 def summary(results: dict) -> str:
@@ -747,26 +780,46 @@ def _last_checkpoint(ctx: dict) -> str:
     return path if os.path.exists(path) else "none written yet"
 
 
-# The layout of the model's weights; a checkpoint of another format is refused with a message.
+# The layout of a checkpoint; a checkpoint of another format is refused with a message.
+# 3: RNG states and config hold only tensors and plain Python values, so that a checkpoint loads
+#    with torch.load(weights_only=True), which rebuilds no arbitrary object and runs no code from
+#    the file; format 2 pickled numpy's RNG state and only loaded with weights_only=False.
 # 2: the visual encoder is length-independent (attention per scale, then over time) and the
 #    model config has no `frames`; format 1 (no "format" key) encoded windows of T frames.
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3
+OLD_FORMATS = {1: "the visual encoder then encoded windows of T frames; retrain with this version",
+               2: "its RNG states need a full unpickle, which can run code; retrain with this version"}
 
 
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint written by save_checkpoint, or UserError naming the file and what is wrong."""
+def load_checkpoint(path: str, mmap: bool = False) -> dict:
+    """A checkpoint written by save_checkpoint, or UserError naming the file and what is wrong.
+
+    torch.load(weights_only=True) rebuilds only tensors and plain values (dict, list, str, number),
+    so a shared checkpoint cannot run code: one that names any other Python object is refused.
+    mmap: map the tensors from the file instead of reading them all (predict.py needs only the
+    model's weights, not the optimizer's state).
+    """
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a truncated or foreign file: one line, not a traceback
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # a truncated, foreign or unsafe file: one line, not a traceback
+        text = str(e)
+        unsafe = re.search(r"Unsupported (?:global: GLOBAL |class )([\w.]+)", text)
+        if unsafe:
+            raise UserError(f"{path}: refused; loading it would call {unsafe.group(1)}, and a "
+                            f"checkpoint that needs a Python object rebuilt can run code. Checkpoints "
+                            f"of this code (format {CHECKPOINT_FORMAT}) hold only tensors and plain "
+                            f"values; format 2 and older ones must be retrained") from None
+        reason = re.search(r"WeightsUnpickler error: *(.+)", text.replace("\n", " "))
+        reason = reason.group(1).split(" Check the documentation")[0].strip() if reason else text
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason[:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a train.py checkpoint (expected the keys model, config, state)")
-    if ckpt.get("format", 1) != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: checkpoint format {ckpt.get('format', 1)}, this code reads format "
-                        f"{CHECKPOINT_FORMAT} (the visual encoder changed to attend over any number "
-                        f"of frames); retrain with this version")
+    found = ckpt.get("format", 1)
+    if found != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: checkpoint format {found}, this code reads format "
+                        f"{CHECKPOINT_FORMAT} ({OLD_FORMATS.get(found, 'unknown format')})")
     return ckpt
 
 
@@ -784,17 +837,26 @@ def save_checkpoint(ctx: dict, path: str) -> None:
 
 
 def get_rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    """Every RNG state as tensors and plain values (a checkpoint must load with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()         # keys (624,) uint32
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),  # (624,)
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "python": [version, list(internal), gauss_next]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """The inverse of get_rng_state."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -8,6 +8,7 @@ pickled tensors, PIL + numpy normalisation, an FFT of the waveform, the VOC colo
 out again in tests/fixtures.py.
 """
 import os
+import pickle
 import re
 import shutil
 import subprocess
@@ -701,3 +702,25 @@ def test_cli_check_exits_2_without_traceback(avss_broken, tmp_path):
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr + bad.stdout
     assert all(path in bad.stdout for path in paths) and "4 problem(s)" in bad.stderr
+
+
+def test_pickled_log_mel_that_would_run_code_is_refused_and_the_code_never_runs(tmp_path):
+    from fixtures import RunsCode
+    manifest = write_s4(tmp_path / "s4")
+    clip = next(c for c in manifest.values() if c["split"] == "test")
+    pkl = os.path.join(str(tmp_path / "s4"), "Single-source", "s4_data", "audio_log_mel", "test",
+                       clip["category"], "s4TestClip1.pkl")
+    assert torch.equal(data.read_log_mel_pkl(pkl, "a tensor")[:, 0], clip["log_mel"][:, 0])
+    marker = tmp_path / "code_ran"
+    for payload in (RunsCode(marker), [clip["log_mel"], RunsCode(marker)]):  # alone, or beside a tensor
+        with open(pkl, "wb") as f:
+            pickle.dump(payload, f)
+        with pytest.raises(DataError) as error:
+            data.read_log_mel_pkl(pkl, "a tensor")
+        assert str(error.value).startswith(f"{pkl}: unreadable pickle") and "refused" in str(error.value)
+        assert not marker.exists()
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
+    bad = subprocess.run([sys.executable, script, "check", "--deep", "--dataset", "s4", "--data-root",
+                          str(tmp_path / "s4")], capture_output=True, text=True)
+    assert bad.returncode == 2 and pkl in bad.stdout and "Traceback" not in bad.stderr + bad.stdout
+    assert not marker.exists()

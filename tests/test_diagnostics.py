@@ -67,6 +67,10 @@ def test_frame_recall_uses_a_signature_per_token_index():
     flat_sig = signatures(category_code_table(codes[:, 0], sounding, multi, num_codes=9))
     assert flat_sig.tolist() == [1, 2]
     assert decomposition_recall(codes[:, 0], sounding, multi, flat_sig) == 0.25
+    # diagnostics.json keeps the per-index signatures (token index i -> category c's codeword)
+    res = summarise({"codes": codes[:, 0], "sounding": sounding, "multi": multi,
+                     "local_codes": codes}, num_codes=9)
+    assert res["local_signature_codeword_per_index"] == [[1, 2], [7, 8], [-1, -1]]
 
 
 def test_scatter_png_draws_each_category_colour(tmp_path):
@@ -80,6 +84,23 @@ def test_scatter_png_draws_each_category_colour(tmp_path):
     assert img.shape == (128, 128, 3)
     colours = {tuple(p) for p in img.reshape(-1, 3)}
     assert (200, 0, 0) in colours and (0, 0, 200) in colours
+
+
+def test_scatter_png_legend_has_a_swatch_and_a_name_per_category(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = rng.normal(size=(30, 8))
+    labels = np.array([1] * 10 + [2] * 20)
+    palette = np.array([[0, 0, 0], [200, 0, 0], [0, 0, 200], [0, 200, 0]])
+    path = tmp_path / "t.png"
+    scatter_png(tokens, labels, np.zeros((0, 8)), str(path), palette, size=128,
+                names=["background", "red disc", "blue square", "green ring"])
+    img = np.asarray(Image.open(path))
+    assert img.shape[0] == 128 and img.shape[1] > 128 + 60      # a column on the right
+    legend = img[:, 128:].reshape(-1, 3)
+    count = {c: int((legend == c).all(1).sum()) for c in [(200, 0, 0), (0, 0, 200), (0, 200, 0)]}
+    assert count[(200, 0, 0)] >= 100 and count[(0, 0, 200)] >= 100   # a 14 x 14 swatch each
+    assert count[(0, 200, 0)] == 0                                   # no token of class 3
+    assert (legend.max(1) < 100).sum() > 50                          # dark text: the names
 
 
 def test_command_line_on_a_missing_checkpoint_is_one_clear_error(tmp_path):

@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from fixtures import write_avss, write_ms3, write_s4
+from fixtures import RunsCode, write_avss, write_ms3, write_s4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threads", "1", "--epochs", "3",
@@ -48,12 +48,16 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
     for name in ("config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json",
                  "diagnostics.json", "tokens.png", "tokens_local.png"):
         assert (run / name).is_file(), name
-    assert list(run.glob("overlay_*.png")), "no prediction pictures"
+    # --num-overlays 2: a single- and a multi-source test clip, drawn by predict.py (PNG and GIF)
+    pictures = sorted(p.name for p in run.glob("clip_*"))
+    assert len(pictures) == 4 and all(p.startswith("clip_test_") for p in pictures), pictures
+    assert {p[:-4] for p in pictures if p.endswith(".gif")} == {p[:-4] for p in pictures if p.endswith(".png")}
+    assert not list(run.glob("overlay_*.png"))
     assert not list(run.glob("*.tmp*")), "a temporary checkpoint file was left behind"
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["dataset"] == "synthetic" and config["model"]["dim"] == 64
     assert config["code_version"] and config["metric_definitions"]
-    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["state"]["step"] == 3
     assert ckpt["config"]["metric_definitions"] == config["metric_definitions"]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -65,7 +69,7 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
 
     train("--resume", str(run / "last.pt"), "--max-steps", "5")
     assert sorted(losses(run)) == [1, 2, 3, 4, 5]
-    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["state"]["step"] == 5
 
     # --eval-only evaluates a checkpoint into a new directory
@@ -140,7 +144,7 @@ def test_ctrl_c_saves_last_checkpoint(tmp_path):
     err = err_path.read_text()
     assert proc.returncode == 130, err[-2000:]
     assert "continue with --resume" in err
-    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     step = ckpt["state"]["step"]
     assert step >= 3 and ckpt["state"]["epoch"] == 0
     # the step counter rises before a step's log line is written: the log ends at step or step - 1
@@ -161,6 +165,10 @@ def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer):
                  "--out", str(run), "--batch-size", "1", "--img-size", "32", "--threads", "1")
     metrics = json.loads((run / "metrics.json").read_text())
     key = "miou_official" if name == "avss" else "jf_official"
+    # the pictures a student can read: three panels of at least 256 px under a title
+    from PIL import Image
+    overlays = [Image.open(p) for p in run.glob("overlay_test_*.png")]
+    assert overlays and all(o.width >= 3 * 256 and o.height > 256 for o in overlays)
     assert 0.0 <= metrics["test"][key] <= 1.0
     wav = os.path.join(str(root), "v2", "v2TestClip1_2000_12000", "audio.wav")
     assert proc.stderr.count(f"{wav}: 1.5 s of audio; expected 9.615 s") == (name == "avss"), proc.stderr[-3000:]
@@ -317,7 +325,7 @@ def test_audio_weights_flag_freezes_the_net_resumes_exactly_and_finetune_trains_
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
     for run in (whole, broken):
-        ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
         net = _audio_net(ckpt["model"])
         assert net.keys() == state.keys() and all(torch.equal(net[k], state[k]) for k in state)
         # AdamW's groups hold the trainable parameters only: the model's minus the net's
@@ -327,7 +335,7 @@ def test_audio_weights_flag_freezes_the_net_resumes_exactly_and_finetune_trains_
 
     train("--audio-weights", str(weights), "--finetune-audio", "--max-steps", "2", "--out",
           str(tuned), *TINY)
-    ckpt = torch.load(tuned / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(tuned / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["config"]["model"]["freeze_audio"] is False
     net = _audio_net(ckpt["model"])
     assert not any(torch.equal(net[k], state[k]) for k in state)
@@ -398,3 +406,39 @@ def test_finish_step_checks_and_logs_a_step_from_its_carried_values(tmp_path):
     with pytest.raises(UserError, match=r"non-finite loss at step 12 \(terms: \['quant_codebook'\]\); "
                                         r"last good checkpoint: none written yet"):
         finish_step(ctx, dict(pending, step=12, values=bad), None, str(log), bar)
+
+
+def test_checkpoint_whose_unpickling_would_run_code_is_refused_and_the_code_never_runs(tmp_path):
+    """A shared checkpoint is loaded with weights_only=True: one that names a Python callable (here
+    open(), which would create `marker`) is refused with exit code 2 before anything is called."""
+    marker = tmp_path / "code_ran"
+    bad = tmp_path / "bad.pt"
+    torch.save({"format": 3, "model": {}, "config": {"train": {}, "model": {}},
+                "state": {"step": 0}, "payload": RunsCode(marker)}, bad)
+    proc = train("--eval-only", "--checkpoint", str(bad), *TINY, check=False)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "refused" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
+    """get_rng_state -> torch.save -> torch.load(weights_only=True) -> set_rng_state gives back the
+    same torch, numpy and Python random streams (numpy's with a cached Gaussian pending)."""
+    import random
+
+    import numpy as np
+
+    from train import get_rng_state, set_rng_state
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.standard_normal()                      # leaves a cached Gaussian in numpy's state
+    random.gauss(0, 1)                               # and in Python's
+
+    def draw():
+        return (torch.rand(3).tolist(), np.random.standard_normal(3).tolist(),
+                np.random.randint(0, 1 << 30, 3).tolist(), random.random(), random.gauss(0, 1))
+
+    torch.save(get_rng_state(), tmp_path / "rng.pt")
+    expected = draw()
+    draw()                                           # move every stream on
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert draw() == expected
