@@ -294,7 +294,7 @@ def test_frozen_audio_net_is_out_of_the_optimizer_and_unchanged_by_training_step
         model.train()
         assert model.audio_encoder.net.training is not freeze
         for _ in range(3):
-            total, _, _ = forward_loss(model, model, SetCriterion(3), batch, amp=False)
+            total, _, _, _ = forward_loss(model, model, SetCriterion(3), batch, amp=False)
             apply_gradients(model, opt, total, clip_grad=0.1)
         after = model.state_dict()
         unchanged = [torch.equal(v, after[f"audio_encoder.net.{k}"])
