@@ -93,20 +93,49 @@ def frame_table(ds, indices):
     """Log-mel, sounding set and held-out flag of every frame of clips `indices` of a split.
 
     Returns dict: log_mel (F, 96, 64) float32, sounding (F, Kc) bool, held_out (F,) bool (a
-    held-out pair sounds together in the frame), multi (F,) bool (the frame's clip is multi-source).
+    held-out pair sounds together in the frame), multi (F,) bool (the frame's clip is multi-source),
+    snr_db (F,) float (v2; NaN on v1), dropout (F,) bool (v2: the frame has a dropout).
     """
-    mels, sounding, multi = [], [], []
+    mels, sounding, multi, snr, dropout = [], [], [], [], []
     for i in indices:
         clip = ds.generate_audio(i)
+        plan = clip["plan"]
         mels.append(clip["log_mel"])  # (T, 96, 64)
-        sounding.append(clip["plan"]["sounding"])  # (T, Kc)
-        multi += [clip["plan"]["multi_source"]] * ds.frames
+        sounding.append(plan["sounding"])  # (T, Kc)
+        multi += [plan["multi_source"]] * ds.frames
+        snr.append(plan.get("snr_db", np.full(ds.frames, np.nan)))  # (T,)
+        dropped = np.zeros(ds.frames, dtype=bool)  # (T,)
+        dropped[[t for t, _, _ in plan.get("dropouts", [])]] = True
+        dropout.append(dropped)
     sounding = np.concatenate(sounding)  # (F, Kc)
     held_out = np.zeros(len(sounding), dtype=bool)  # (F,)
     for a, b in ds.held_out_pairs:
         held_out |= sounding[:, a - 1] & sounding[:, b - 1]
     return {"log_mel": np.concatenate(mels), "sounding": sounding, "held_out": held_out,
-            "multi": np.array(multi)}
+            "multi": np.array(multi), "snr_db": np.concatenate(snr), "dropout": np.concatenate(dropout)}
+
+
+SNR_BINS = ((-100.0, 4.0), (4.0, 12.0), (12.0, 100.0))  # dB
+
+
+def reliability(pred, table):
+    """Exact-set accuracy of single-source and of >= 2-source frames by the frame's SNR and dropout
+    (v2): does a frame's audio get less reliable where the benchmark says it is?
+
+    Returns dict: 'snr lo..hi' or 'dropout' / 'no dropout' -> {'1': ..., '>=2': ...}, each
+    {'accuracy', 'frames'}."""
+    out = {}
+    count = table["sounding"].sum(1)  # (F,)
+    exact = (np.asarray(pred) == table["sounding"]).all(1)  # (F,)
+    groups = {f"snr {lo:g}..{hi:g} dB": (table["snr_db"] >= lo) & (table["snr_db"] < hi) for lo, hi in SNR_BINS}
+    groups.update({"dropout": table["dropout"], "no dropout": ~table["dropout"]})
+    for name, sel in groups.items():
+        out[name] = {}
+        for n, by_count in (("1", count == 1), (">=2", count >= 2)):
+            both = sel & by_count
+            if both.any():
+                out[name][n] = {"accuracy": float(exact[both].mean()), "frames": int(both.sum())}
+    return out
 
 
 def mean_std_features(log_mel):
@@ -250,10 +279,13 @@ def probe(benchmark, seed, train_clips=4000, eval_clips=500, steps=1500, batch=3
     assert held_train == 0, "a held-out pair sounds together in train"
 
     def score(pred_seen, pred_unseen):
-        return {"seen": exact_set_accuracy(pred_seen, seen["sounding"]),
-                "unseen_all_frames": exact_set_accuracy(pred_unseen, unseen["sounding"]),
-                "unseen": exact_set_accuracy(pred_unseen[unseen["held_out"]],
-                                             unseen["sounding"][unseen["held_out"]])}
+        out = {"seen": exact_set_accuracy(pred_seen, seen["sounding"]),
+               "unseen_all_frames": exact_set_accuracy(pred_unseen, unseen["sounding"]),
+               "unseen": exact_set_accuracy(pred_unseen[unseen["held_out"]],
+                                            unseen["sounding"][unseen["held_out"]])}
+        if benchmark == "v2":
+            out["seen_reliability"] = reliability(pred_seen, seen)
+        return out
 
     res = {"benchmark": benchmark, "seed": seed, "seen_split": seen_name, "unseen_split": "test-unseen",
            "clips": {"train": train_clips, "seen": len(seen_idx), "unseen": eval_clips},
@@ -351,6 +383,10 @@ def summary_lines(res):
             d = res[name][part]
             lines.append(f"{name:8s} {part:18s} " + "  ".join(f"{k}: {v['accuracy']:.3f} ({v['frames']})"
                                                               for k, v in d.items()))
+        if "seen_reliability" in res[name]:
+            lines.append(f"{name:8s} seen by frame: " + "; ".join(
+                f"{g} " + " ".join(f"{n}: {v['accuracy']:.3f} ({v['frames']})" for n, v in d.items())
+                for g, d in res[name]["seen_reliability"].items()))
     lines.append(f"acceptance: {json.dumps(res['acceptance'])}")
     lines.append(f"all-background mIoU: {json.dumps(res['all_background_miou'])}")
     return "\n".join(lines)
@@ -412,9 +448,9 @@ def main(argv=None):
     if not args.table:
         res = probe(args.benchmark, args.seed, args.train_clips, args.eval_clips, args.steps, args.batch)
         if args.steps == 0:
-            for part in ("seen", "unseen_all_frames", "unseen"):
-                print(f"linear   {part:18s} " + "  ".join(f"{k}: {v['accuracy']:.3f} ({v['frames']})"
-                                                         for k, v in res["linear"][part].items()))
+            for part in ("seen", "unseen_all_frames", "unseen", "seen_reliability"):
+                if part in res["linear"]:
+                    print(f"linear   {part:18s} {json.dumps(res['linear'][part])}")
             return 0
         res["acceptance"] = acceptance(res)
         print(summary_lines(res))
