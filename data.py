@@ -14,7 +14,7 @@ that are *heard* in that second. This file makes the batches the model reads (DE
 
 Two halves:
   * SyntheticAVS, the default `--dataset synthetic`: clips generated on the fly from
-    (seed, split, index), no files, ~5 ms (v1) to ~25 ms (v2) a clip at 64x64 on one core.
+    (seed, split, index), no files, under ~10 ms a clip at 64x64 on one core (v1 and v2).
     Categories have a look (shape x colour, so looks share single cues) and a sound. Visible
     objects whose category is silent in a frame are background, so only the audio says which
     visible objects to label. Multi-source clips switch sources on and off; the test-unseen split
@@ -135,8 +135,9 @@ COLOURS = {"red": (0.85, 0.20, 0.20), "green": (0.20, 0.75, 0.30), "blue": (0.25
 TIMBRES = ("bright", "hollow", "soft")  # harmonics 1..8 at 1/h; odd harmonics at 1/h; 1..3 at 1/h^2
 AM_RATES = (0.0, 3.0, 6.0, 11.0)  # Hz: steady, slow tremolo, fast tremolo, flutter
 WAVETABLE = 1024  # samples of one period of each category's waveform
-# v2's parameters (DESIGN: what the paper assumes). Every number here is ours; the README gives the
-# probe results that chose them.
+# v2's parameters. PAPER: not in the paper (synthetic data): the paper assumes independent sound
+# events in a combinatorial space (§3.1) and frame audio that is less reliable than the clip's
+# (§3.4); every number here is ours, chosen with tools/probe_synthetic.py (results/probes.md).
 V2 = dict(
     num_classes=24,               # default Kc
     held_out_fraction=1 / 3,      # share of the Kc (Kc - 1) / 2 category pairs that never sound together in train

@@ -65,7 +65,7 @@ class TrainConfig:
     train_clips: int | None = None  # synthetic only: clips in the train split (None: data default)
     eval_clips: int | None = 500    # synthetic only: clips per evaluation split (None: all of it)
     train_multi_ratio: float | None = None  # synthetic only: share of multi-source train clips (None: 0.5; Fig. 7: 1.0)
-    benchmark: str | None = None   # synthetic only: v1 | v2 (v2 also evaluates test-seen-multi and val-unseen); None: the checkpoint's with --eval-only, else DEFAULT_BENCHMARK
+    benchmark: str | None = None   # synthetic only: v1 | v2 (adds test-seen-multi, val-unseen); None: the checkpoint's (--eval-only), else DEFAULT_BENCHMARK
     # model
     preset: str | None = None      # cpu | paper; None: cpu for synthetic, paper for AVSBench
     backbone: str | None = None    # resnet18 | resnet34 | resnet50 | small; None: preset's

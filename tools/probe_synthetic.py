@@ -363,6 +363,29 @@ def write_table(results, path):
         lines.append(f"| {label(r)} | {r['num_classes']} | {r['held_out_pairs']} of {r['pairs']} "
                      f"| {bg} | {looks['min_colour_distance']:.2f}, {looks['max_shape_iou']:.2f} "
                      f"({' / '.join(looks['max_shape_iou_pair'])}) |")
+    reliable = [k for k in sorted(results) if "seen_reliability" in results[k]["network"]]
+    if reliable:
+        groups = [f"snr {lo:g}..{hi:g} dB" for lo, hi in SNR_BINS] + ["dropout", "no dropout"]
+        heads = [f"SNR < {SNR_BINS[0][1]:g} dB"] + [f"SNR {lo:g}..{hi:g} dB" for lo, hi in SNR_BINS[1:-1]] + [
+            f"SNR >= {SNR_BINS[-1][0]:g} dB", "dropout", "no dropout"]
+        lines += ["", "Seen frames by how reliable their audio is (v2): exact-set accuracy of single-source / "
+                  ">=2-source frames.", "",
+                  "| benchmark, seed | probe | " + " | ".join(heads) + " |", "| --- | --- |" + " --- |" * len(groups)]
+        for key in reliable:
+            for name in ("linear", "network"):
+                rel = results[key][name]["seen_reliability"]
+                lines.append(f"| {label(results[key])} | {name} | " + " | ".join(
+                    " / ".join(cell(rel[g], n) for n in ("1", ">=2")) for g in groups) + " |")
+    lines += ["", "Acceptance (v2): network gap (>=2) >= 0.2; linear unseen (>=2) <= 0.6; vision alone within"
+              " 0.03 mIoU of all-background on every evaluated split.", "",
+              "| benchmark, seed | network gap (>=2) | linear unseen (>=2) | vision alone - all-background (max) |",
+              "| --- | --- | --- | --- |"]
+    for key in sorted(results):
+        a = results[key].get("acceptance", {})
+        if a:
+            vision = a.get("vision_alone_max_difference")
+            lines.append(f"| {label(results[key])} | {a['network_gap_>=2']:.3f} | {a['linear_unseen_>=2']:.3f} | "
+                         + (f"{vision:.4f} |" if vision is not None else "not run |"))
     vision = [r for r in results.values() if "vision_alone" in r]
     if vision:
         lines += ["", "| benchmark, seed | split | vision alone mIoU | all-background mIoU | difference |",
@@ -425,8 +448,9 @@ def main(argv=None):
                         "all-background mIoU of the same benchmark and seed, then rewrite the table")
     args = p.parse_args(argv)
     for name in ("train_clips", "eval_clips", "steps", "batch"):
-        if getattr(args, name) < (0 if name == "steps" else 1):
-            print(f"error: --{name.replace('_', '-')} must be positive", file=sys.stderr)
+        lowest = 0 if name == "steps" else 1
+        if getattr(args, name) < lowest:
+            print(f"error: --{name.replace('_', '-')} must be >= {lowest}", file=sys.stderr)
             return 2
     torch.set_num_threads(1)
     results = load_results()
@@ -438,9 +462,17 @@ def main(argv=None):
             return 2
         with open(args.vision_alone) as f:
             m = json.load(f)
+        miou = {s: m[s]["miou_official"] for s in results[key]["all_background_miou"]
+                if isinstance(m.get(s), dict)}
+        if not miou:
+            print(f"error: {args.vision_alone} has no miou_official of the splits "
+                  f"{[s for s in results[key]['all_background_miou'] if s != 'clips']}", file=sys.stderr)
+            return 2
+        worst = max(abs(v - results[key]["all_background_miou"][s]) for s, v in miou.items())
         results[key]["vision_alone"] = {"metrics": os.path.relpath(os.path.abspath(args.vision_alone), ROOT),
-                                        "miou": {s: m[s]["miou_official"] for s in results[key]["all_background_miou"]
-                                                 if s in m and isinstance(m[s], dict)}}
+                                        "miou": miou, "max_difference": worst}
+        results[key]["acceptance"]["vision_alone_max_difference"] = worst
+        results[key]["acceptance"]["vision_alone_ok"] = worst <= 0.03
         save_results(results)
         write_table(results, RESULTS_MD)
         print(json.dumps(results[key]["vision_alone"], indent=1))
@@ -457,6 +489,7 @@ def main(argv=None):
         if args.no_save:
             return 0
         res["tag"] = args.tag
+        results = load_results()  # again: another probe may have finished meanwhile
         results[key] = res
         save_results(results)
     write_table(results, RESULTS_MD)
