@@ -14,11 +14,14 @@ that are *heard* in that second. This file makes the batches the model reads (DE
 
 Two halves:
   * SyntheticAVS, the default `--dataset synthetic`: clips generated on the fly from
-    (seed, split, index), no files, under ~10 ms a clip at 64x64 on one core. Categories have a
-    look (shape x colour, so looks share single cues) and a sound (a harmonic tone: pitch,
-    timbre, modulation). Visible objects whose category is silent in a frame are background, so
-    only the audio says which visible objects to label. Multi-source clips switch sources on and
-    off; the test-unseen split has pairs of categories that never sound together in train.
+    (seed, split, index), no files, under ~10 ms a clip at 64x64 on one core (v1 and v2).
+    Categories have a look (shape x colour, so looks share single cues) and a sound. Visible
+    objects whose category is silent in a frame are background, so only the audio says which
+    visible objects to label. Multi-source clips switch sources on and off; the test-unseen split
+    has pairs of categories that never sound together in train. Two versions (`benchmark`): v1, a
+    harmonic tone per category in faint noise; v2, what the paper assumes: 24 categories built
+    from shared partials, a third of all category pairs held out, unreliable frames (low SNR,
+    dropouts, off-screen sounds), and a test-seen-multi split matched to test-unseen.
   * Readers of the real releases exactly as they are laid out on disk:
     AVSObjectDataset (S4 "Single-source", MS3 "Multi-sources") and AVSSDataset (AVSBench-semantic).
     The dataset cannot ship with the code: it is handed out by its authors on request.
@@ -36,7 +39,7 @@ wrong, 0 when only tolerated flaws are found).
 Reading order
 -------------
  1. DataError, constants (ImageNet statistics, the AVSS classes and VOC palette)
- 2. SyntheticAVS            plan() (the recipe of a clip), generate() (pixels, audio, labels)
+ 2. SyntheticAVS            plan() (the recipe of a clip), generate() (pixels, audio, labels); v2 last
  3. file readers            read_image, decode_palette, read_wav, read_log_mel_pkl; short audio
  4. spatial transform       multi-scale crop for training, square resize for evaluation
  5. AVSObjectDataset        S4 and MS3 (binary: class 1 = sounding object)
@@ -120,75 +123,162 @@ def voc_palette(num_colours):
 # ----------------------------------------------------------------------------------------------
 # 2. The synthetic benchmark
 # ----------------------------------------------------------------------------------------------
-SYNTHETIC_SPLITS = {"train": 0, "val": 1, "test": 2, "test-unseen": 3}  # split -> rng stream
+BENCHMARKS = ("v1", "v2")
+SYNTHETIC_SPLITS = {"train": 0, "val": 1, "test": 2, "test-unseen": 3}  # v1: split -> rng stream
 SYNTHETIC_SIZES = {"train": 4000, "val": 500, "test": 1000, "test-unseen": 1000}
+# v2 adds a split matched to test-unseen and a validation twin of test-unseen.
+SYNTHETIC_V2_SPLITS = {**SYNTHETIC_SPLITS, "test-seen-multi": 4, "val-unseen": 5}
+SYNTHETIC_V2_SIZES = {**SYNTHETIC_SIZES, "test-seen-multi": 1000, "val-unseen": 500}
+# The stream of a v2 clip's *schedule* (how many sources, when each sounds, how reliable each
+# frame's audio is). test-seen-multi reads test-unseen's, so clip i of the two splits has the same
+# schedule and they differ only in which categories sound: their difference is "unseen" alone.
+V2_SCHEDULE_STREAM = {"train": 0, "val": 1, "test": 2, "test-unseen": 3, "test-seen-multi": 3,
+                      "val-unseen": 5}
 SHAPES = ("disc", "square", "triangle", "diamond", "ring", "cross")
 COLOURS = {"red": (0.85, 0.20, 0.20), "green": (0.20, 0.75, 0.30), "blue": (0.25, 0.35, 0.90),
            "yellow": (0.90, 0.80, 0.20), "magenta": (0.80, 0.25, 0.80), "cyan": (0.20, 0.80, 0.85)}
 TIMBRES = ("bright", "hollow", "soft")  # harmonics 1..8 at 1/h; odd harmonics at 1/h; 1..3 at 1/h^2
 AM_RATES = (0.0, 3.0, 6.0, 11.0)  # Hz: steady, slow tremolo, fast tremolo, flutter
 WAVETABLE = 1024  # samples of one period of each category's waveform
+# v2's parameters. PAPER: not in the paper (synthetic data): the paper assumes independent sound
+# events in a combinatorial space (§3.1) and frame audio that is less reliable than the clip's
+# (§3.4); every number here is ours, chosen with tools/probe_synthetic.py (results/probes.md).
+V2 = dict(
+    num_classes=24,               # default Kc
+    held_out_fraction=1 / 3,      # share of the Kc (Kc - 1) / 2 category pairs that never sound together in train
+    pool_hz=(250.0, 3000.0),      # the shared partials, log-spaced in this range
+    pool_size=10,                 # P partials in the pool
+    partials=3,                   # partials per category, drawn from the pool
+    envelopes=("tremolo", "pulse"),             # a category's modulation shape ...
+    rates=(2.0, 3.0, 4.5, 6.5, 9.5, 13.0),      # ... and rate (Hz)
+    design_seed=2,                # the category sounds are fixed (like v1's); only the held-out pairs follow the seed
+    on_prob=0.65,                 # a multi-source clip's source sounds in a frame with this probability
+    offscreen_prob=0.6,           # probability that the third source of a 3-source clip is off-screen
+    snr_db=(-2.0, 24.0),          # per-frame signal-to-noise ratio, uniform in dB
+    noise_band_hz=(150.0, 5000.0),  # the noise is pink inside this band, so it covers the partials
+    dropout_prob=0.3,             # probability that a frame has a dropout (all sources muted) ...
+    dropout_ms=(60, 250),         # ... of this length
+    distractor_prob=0.5,          # probability that a clip has off-screen non-category sounds (1-3 events)
+)
 
 
 class SyntheticAVS(Dataset):
     """The synthetic audiovisual segmentation benchmark (DESIGN.md §4), generated on the fly.
 
-    Category k (class id k + 1) looks like SHAPES[k % S] in colour k // S (S = ceil(sqrt(Kc)): for
-    Kc = 12, 4 shapes x 3 colours, so each shape is shared by 3 categories and each colour by 4),
-    and sounds like a harmonic tone with its own pitch (log-spaced 200..1600 Hz, ~3 semitones
-    apart for Kc = 12), timbre (TIMBRES[k % 3]) and amplitude modulation (AM_RATES[(k // 3) % 4]).
-    Instances jitter in position, size, colour, pitch (+-2 %) and loudness.
+    Two versions, chosen by `benchmark`; v1 is kept exactly as it was first published.
 
-    A clip: 1 to 4 visible objects of distinct categories, drifting a little between frames.
-      * single-source (about half): one category sounds in every frame;
-      * multi-source: 2 or 3 categories, each switching on and off between frames, at least two
-        at once in some frame; with probability `offscreen_prob` one of them is off-screen
-        (heard, never seen, never labelled);
-      * the other visible objects are silent distractors, half of them sharing the shape or the
-        colour of a source. A visible object is labelled in a frame only if its category sounds
-        in that frame, so vision alone cannot tell which object to segment.
-    Audio: 1 s of 16 kHz per frame (sum of the sounding tones + white noise) through the VGGish
-    front end (encoders.vggish_log_mel), one example per second.
-    Splits: train, val, test (same distribution) and test-unseen (multi-source clips whose
-    sources contain one of the held-out pairs, which sound together in at least one frame; a
-    held-out pair never sounds together, never even co-occurs as sources, in the other splits).
+    Looks (both): category k (class id k + 1) looks like SHAPES[k % S] in colour k // S, S shapes
+    (v1: S = ceil(sqrt(Kc)), for Kc = 12 4 shapes x 3 colours; v2: all 6 shapes, for Kc = 24 6
+    shapes x 4 colours), so each shape and each colour is shared by several categories. Instances
+    jitter in position, size and colour. A clip: 1 to 4 visible objects of distinct categories,
+    drifting a little between frames; the visible objects that are not sources are silent
+    distractors, half of them sharing the shape or the colour of a source. A visible object is
+    labelled in a frame only if its category sounds in that frame, so vision alone cannot tell which
+    object to segment.
+
+    Clips (both): single-source (about half): one category sounds in every frame; multi-source:
+    2 or 3 categories, each switching on and off between frames, at least two at once in some frame;
+    sometimes one of them is off-screen (heard, never seen, never labelled).
+
+    v1 sounds: a harmonic tone per category with its own pitch (log-spaced 200..1600 Hz, ~3
+    semitones apart for Kc = 12), timbre (TIMBRES[k % 3]) and amplitude modulation
+    (AM_RATES[(k // 3) % 4]); +-2 % pitch jitter. Audio: the sum of the sounding tones + faint
+    white noise. Held out: a random perfect matching of the categories (Kc / 2 pairs).
+    Splits: train, val, test (same distribution) and test-unseen (multi-source clips whose sources
+    contain one of the held-out pairs, which sound together in at least one frame; a held-out pair
+    never sounds together, never even co-occurs as sources, in the other splits).
+
+    v2 sounds (what the paper assumes: independent sound events in a combinatorial space, frame
+    audio less reliable than the clip's): each category is V2['partials'] partials from one
+    shared pool (so a mixture is not a union of disjoint frequency bands; other categories'
+    partials hide in it), with its own amplitude envelope (tremolo or pulses at its own rate), the
+    same for all its partials. Per frame: pink noise at an SNR drawn from V2['snr_db'] (some frames
+    near 0 dB), short dropouts that mute every source, and in half the clips off-screen sounds of
+    no category (chirps, noise bursts); a 3-source clip's third source is often off-screen.
+    Held out: V2['held_out_fraction'] of all category pairs, at random but touching every category,
+    cut in two disjoint halves: test-unseen's and val-unseen's. No held-out pair ever co-occurs as
+    sources in train, val, test or test-seen-multi.
+    v2 splits: train, val, test (single and multi-source, seen pairs only); test-seen-multi
+    (multi-source, seen pairs only, with test-unseen's schedules, see V2_SCHEDULE_STREAM);
+    test-unseen (multi-source: a held-out pair of the test half that sounds together in some frame,
+    plus sometimes a third category seen with both); val-unseen (the same with the val half).
+
+    Audio (both): 1 s of 16 kHz per frame through the VGGish front end (encoders.vggish_log_mel),
+    one example per second.
 
     Args:
-        split: 'train' | 'val' | 'test' | 'test-unseen'.
+        split: one of SYNTHETIC_SPLITS (v1) or SYNTHETIC_V2_SPLITS (v2).
         img_size: int, H = W of the generated frames (64 for the CPU preset, 224 for the paper's).
         frames: int, T frames per clip.
-        seed: int; clip `index` of `split` depends only on (seed, split, index).
-        num_classes: int, Kc in 3..36.
-        num_clips: int or None (SYNTHETIC_SIZES[split]).
+        seed: int; clip `index` of `split` depends only on (benchmark, seed, split, index).
+        num_classes: int, Kc (v1 3..36, default 12; v2 12..36, default 24).
+        num_clips: int or None (SYNTHETIC_SIZES[split] or SYNTHETIC_V2_SIZES[split]).
         multi_source_ratio: float, fraction of multi-source clips in train/val/test.
-        offscreen_prob: float, probability that a multi-source clip has an off-screen source.
-        noise_std: (lo, hi) range of the white-noise standard deviation of the audio.
+        offscreen_prob: float; v1: probability that a multi-source clip has an off-screen source
+            (default 0.15); v2: that a 3-source clip's third source is off-screen (V2).
+        noise_std: (lo, hi) range of the white-noise standard deviation of the audio (v1 only).
+        benchmark: 'v1' | 'v2'.
     Item: the dict of DESIGN §2 (see the file docstring) with meta keys 'clip', 'split', 'index',
         'multi_source', 'sources', 'offscreen', 'distractors', 'visible' (class ids),
         'sounding' (T, Kc) nested bool lists (column c-1 is class id c; off-screen sources count),
-        'unseen_pair' ([a, b] class ids in test-unseen, else None), 'pitch_hz' (one per source).
+        'unseen_pair' ([a, b] class ids in test-unseen and val-unseen, else None); v1: 'pitch_hz'
+        (one per source); v2: 'benchmark', 'partials_hz' (per source), 'snr_db' (per frame),
+        'dropout' (per frame, bool), 'distractor_sounds' (number of events).
     """
 
-    def __init__(self, split="train", img_size=64, frames=5, seed=0, num_classes=12, num_clips=None,
-                 multi_source_ratio=0.5, offscreen_prob=0.15, noise_std=(0.002, 0.02)):
-        if split not in SYNTHETIC_SPLITS:
-            raise ValueError(f"synthetic split must be one of {list(SYNTHETIC_SPLITS)}, got {split!r}")
-        if not 3 <= num_classes <= len(SHAPES) * len(COLOURS):
-            raise ValueError(f"synthetic num_classes must be in 3..{len(SHAPES) * len(COLOURS)}")
+    def __init__(self, split="train", img_size=64, frames=5, seed=0, num_classes=None, num_clips=None,
+                 multi_source_ratio=0.5, offscreen_prob=None, noise_std=(0.002, 0.02), benchmark="v1"):
+        if benchmark not in BENCHMARKS:
+            raise ValueError(f"synthetic benchmark must be one of {list(BENCHMARKS)}, got {benchmark!r}")
+        v1 = benchmark == "v1"
+        splits, sizes = (SYNTHETIC_SPLITS, SYNTHETIC_SIZES) if v1 else (SYNTHETIC_V2_SPLITS, SYNTHETIC_V2_SIZES)
+        if split not in splits:
+            raise ValueError(f"synthetic {benchmark} split must be one of {list(splits)}, got {split!r}")
+        num_classes = (12 if v1 else V2["num_classes"]) if num_classes is None else num_classes
+        lowest = 3 if v1 else 12
+        if not lowest <= num_classes <= len(SHAPES) * len(COLOURS):
+            raise ValueError(f"synthetic {benchmark} num_classes must be in {lowest}..{len(SHAPES) * len(COLOURS)}")
+        self.benchmark = benchmark
         self.split, self.img_size, self.frames, self.seed = split, int(img_size), int(frames), int(seed)
         self.num_classes = Kc = int(num_classes)
-        self.num_clips = SYNTHETIC_SIZES[split] if num_clips is None else int(num_clips)
-        self.multi_source_ratio, self.offscreen_prob = multi_source_ratio, offscreen_prob
+        self.num_clips = sizes[split] if num_clips is None else int(num_clips)
+        self.multi_source_ratio = multi_source_ratio
+        self.offscreen_prob = (0.15 if v1 else V2["offscreen_prob"]) if offscreen_prob is None else offscreen_prob
         self.noise_std = noise_std
 
         # Looks: a shape x colour grid.
-        num_shapes = math.ceil(math.sqrt(Kc))
+        num_shapes = math.ceil(math.sqrt(Kc)) if v1 else len(SHAPES)
         colour_names = list(COLOURS)
         self.shape_of = [SHAPES[k % num_shapes] for k in range(Kc)]
         self.colour_name_of = [colour_names[k // num_shapes] for k in range(Kc)]
         self.colour_of = np.array([COLOURS[c] for c in self.colour_name_of], dtype=np.float32)  # (Kc, 3)
         self.class_names = ["background"] + [f"{c} {s}" for c, s in zip(self.colour_name_of, self.shape_of)]
 
+        if v1:
+            self._v1_sounds_and_pairs()
+        else:
+            self._v2_sounds()
+            self._v2_pairs()
+        self._t = np.arange(self.frames * AUDIO_RATE) / AUDIO_RATE  # (n,) seconds
+        # PAPER: not in the paper (synthetic data, for speed): Gaussian noise is cut at a random
+        # offset from one fixed bank; drawing fresh normals would take most of the ~10 ms budget
+        # of a clip.
+        need = max(self.frames * AUDIO_RATE, self.frames * self.img_size ** 2 * 3)  # samples per clip, audio or pixels
+        bank = np.random.default_rng([self.seed, 104729])
+        self._noise = bank.standard_normal(2 * need, dtype=np.float32)  # (2*need,)
+        if not v1:  # a second bank of band-limited pink noise for the audio
+            n = 2 * self.frames * AUDIO_RATE
+            white = np.random.default_rng([self.seed, 104729, 2]).standard_normal(n)  # (n,)
+            spectrum = np.fft.rfft(white)  # (n//2+1,)
+            hz = np.fft.rfftfreq(n, 1.0 / AUDIO_RATE)  # (n//2+1,)
+            lo, hi = V2["noise_band_hz"]
+            spectrum *= np.where((hz >= lo) & (hz <= hi), 1.0 / np.sqrt(np.maximum(hz, 1.0)), 0.0)  # 1/f power
+            pink = np.fft.irfft(spectrum, n)  # (n,)
+            self._pink = (pink / pink.std()).astype(np.float32)  # (n,) unit variance
+
+    def _v1_sounds_and_pairs(self):
+        """v1: a harmonic tone per category (one period in a wavetable); held out: a perfect matching."""
+        Kc = self.num_classes
         # Sounds: pitch, timbre, modulation; one period of each waveform in a table.
         self.pitches = 200.0 * 8.0 ** (np.arange(Kc) / (Kc - 1))  # (Kc,) Hz, log-spaced 200..1600
         self.timbre_of = [TIMBRES[k % 3] for k in range(Kc)]
@@ -210,13 +300,6 @@ class SyntheticAVS(Dataset):
         order = np.random.default_rng([self.seed, 7919]).permutation(Kc) + 1  # (Kc,) class ids
         self.held_out_pairs = [tuple(sorted((int(order[2 * i]), int(order[2 * i + 1])))) for i in range(Kc // 2)]
         self._held_out = set(self.held_out_pairs)
-        self._t = np.arange(self.frames * AUDIO_RATE) / AUDIO_RATE  # (n,) seconds
-        # PAPER: not in the paper (synthetic data, for speed): Gaussian noise is cut at a random
-        # offset from one fixed bank; drawing fresh normals would take most of the ~10 ms budget
-        # of a clip.
-        need = max(self.frames * AUDIO_RATE, self.frames * self.img_size ** 2 * 3)  # samples per clip, audio or pixels
-        bank = np.random.default_rng([self.seed, 104729])
-        self._noise = bank.standard_normal(2 * need, dtype=np.float32)  # (2*need,)
 
     def __len__(self):
         return self.num_clips
@@ -227,16 +310,26 @@ class SyntheticAVS(Dataset):
         return self._noise[start:start + n]  # (n,) a view; callers multiply (a new array)
 
     def _rng(self, index):
-        return np.random.default_rng([self.seed, SYNTHETIC_SPLITS[self.split], int(index)])
+        if self.benchmark == "v1":
+            return np.random.default_rng([self.seed, SYNTHETIC_SPLITS[self.split], int(index)])
+        return np.random.default_rng([self.seed, SYNTHETIC_V2_SPLITS[self.split], int(index), 2])
+
+    def seen(self, a, b):
+        """True when categories a and b (class ids) may sound together in train."""
+        return tuple(sorted((a, b))) not in self._held_out
 
     def plan(self, index, rng=None):
         """The recipe of clip `index`: which categories sound when, which are seen, where they are.
 
         Returns: dict with 'multi_source' bool, 'sources' [class ids], 'on' (T, n_src) bool,
             'offscreen' [class ids], 'distractors' [class ids], 'visible' [class ids] (drawing
-            order, back to front), 'unseen_pair' [a, b] or None, and the meta dict entries.
+            order, back to front), 'sounding' (T, Kc) bool, 'unseen_pair' [a, b] or None;
+            v2 also 'snr_db' (T,), 'dropouts' [(t, start, length) in 10 ms steps] and
+            'distractor_sounds' [dict of one event].
         """
         rng = self._rng(index) if rng is None else rng
+        if self.benchmark == "v2":
+            return self._plan_v2(index, rng)
         Kc, T = self.num_classes, self.frames
         unseen = self.split == "test-unseen"
         multi = unseen or rng.random() < self.multi_source_ratio
@@ -253,24 +346,46 @@ class SyntheticAVS(Dataset):
                     sources.append(int(rng.choice(rest)))
             else:
                 num_src = int(rng.integers(2, 4))
-                while True:  # rejection: no held-out pair among the sources outside test-unseen
-                    sources = [int(c) for c in rng.choice(Kc, size=num_src, replace=False) + 1]
-                    if not any(tuple(sorted((a, b))) in self._held_out for a in sources for b in sources if a < b):
-                        break
-            on = rng.random((T, len(sources))) < 0.65  # (T, n_src) sources switch on and off
-            for s in range(len(sources)):  # every source sounds in some frame
-                if not on[:, s].any():
-                    on[rng.integers(T), s] = True
+                sources = self._seen_sources(rng, num_src)
             a, b = (sources.index(pair[0]), sources.index(pair[1])) if unseen else (0, 1)
-            if not (on[:, a] & on[:, b]).any():  # two sources (the held-out pair) sound together once
-                on[rng.integers(T), [a, b]] = True
-            if T > 1 and on.all():  # at least one switch; the other frames keep the co-occurrence
-                on[rng.integers(T), rng.integers(len(sources))] = False
+            on = self._switching(rng, T, len(sources), 0.65, a, b)  # (T, n_src)
         offscreen = []
         if multi and rng.random() < self.offscreen_prob:
             candidates = [c for c in sources if pair is None or c not in pair]
             if candidates:
                 offscreen = [int(rng.choice(candidates))]
+        return {"multi_source": bool(multi), "sources": sources, "on": on, "offscreen": offscreen,
+                **self._scene(rng, sources, offscreen, on), "unseen_pair": sorted(pair) if pair else None}
+
+    def _seen_sources(self, rng, num_src):
+        """num_src distinct categories, no held-out pair among them (rejection sampling)."""
+        Kc = self.num_classes
+        while True:
+            sources = [int(c) for c in rng.choice(Kc, size=num_src, replace=False) + 1]
+            if all(self.seen(a, b) for a in sources for b in sources if a < b):
+                return sources
+
+    @staticmethod
+    def _switching(rng, T, num_src, on_prob, a, b):
+        """The on/off table (T, num_src) bool of a multi-source clip: each source sounds in a frame
+        with probability on_prob and in at least one frame, sources a and b sound together in at
+        least one frame, and (T > 1) some source switches."""
+        on = rng.random((T, num_src)) < on_prob  # (T, n_src) sources switch on and off
+        for s in range(num_src):  # every source sounds in some frame
+            if not on[:, s].any():
+                on[rng.integers(T), s] = True
+        if not (on[:, a] & on[:, b]).any():  # two sources (a held-out pair in test-unseen) sound together once
+            on[rng.integers(T), [a, b]] = True
+        if T > 1 and on.all():  # at least one switch; the other frames keep the co-occurrence
+            on[rng.integers(T), rng.integers(num_src)] = False
+        return on
+
+    def _scene(self, rng, sources, offscreen, on):
+        """The visible objects (sources not off-screen + silent distractors) and the sounding table.
+
+        Returns dict 'distractors', 'visible' (drawing order) [class ids], 'sounding' (T, Kc) bool.
+        """
+        Kc = self.num_classes
         seen_sources = [c for c in sources if c not in offscreen]
         num_distractors = int(rng.integers(0, 4 - len(seen_sources) + 1))  # 1..4 visible objects
         distractors = []
@@ -282,12 +397,10 @@ class SyntheticAVS(Dataset):
             pool = hard if hard and rng.random() < 0.5 else free  # half share a cue with a source
             distractors.append(int(rng.choice(pool)))
         visible = [int(c) for c in rng.permutation(seen_sources + distractors)]  # drawing order
-        sounding = np.zeros((T, Kc), dtype=bool)  # (T, Kc)
+        sounding = np.zeros((self.frames, Kc), dtype=bool)  # (T, Kc)
         for s, c in enumerate(sources):
             sounding[:, c - 1] = on[:, s]
-        return {"multi_source": bool(multi), "sources": sources, "on": on, "offscreen": offscreen,
-                "distractors": distractors, "visible": visible, "sounding": sounding,
-                "unseen_pair": sorted(pair) if pair else None}
+        return {"distractors": distractors, "visible": visible, "sounding": sounding}
 
     def generate(self, index):
         """Render clip `index`.
@@ -299,9 +412,42 @@ class SyntheticAVS(Dataset):
         """
         rng = self._rng(index)
         p = self.plan(index, rng)
-        T, S = self.frames, self.img_size
+        if self.benchmark == "v1":
+            waveform, extra = self._audio_v1(p, rng)
+        else:
+            waveform, extra = self._audio_v2(p, rng)
+        log_mel = self.log_mel(waveform)  # (T, 96, 64)
+        frames, object_map, labels = self._pixels(p, rng)
+        meta = {"clip": f"synthetic/{self.split}/{index}", "split": self.split, "index": int(index),
+                "multi_source": p["multi_source"], "sources": p["sources"], "offscreen": p["offscreen"],
+                "distractors": p["distractors"], "visible": sorted(p["visible"]),
+                "sounding": p["sounding"].tolist(), "unseen_pair": p["unseen_pair"], **extra}
+        return {"frames": frames, "waveform": waveform, "log_mel": log_mel, "labels": labels,
+                "object_map": object_map, "meta": meta}
 
-        # Audio: each source's tone gated by its on/off schedule, plus white noise.
+    def generate_audio(self, index):
+        """The audio of clip `index` without its pixels (the probes of tools/ read only the sound).
+
+        Returns: dict 'waveform' (T*16000,), 'log_mel' (T, 96, 64), 'plan' (see `plan`); the same
+            numbers as `generate` (the pixels are drawn after the audio).
+        """
+        rng = self._rng(index)
+        p = self.plan(index, rng)
+        waveform, _ = (self._audio_v1 if self.benchmark == "v1" else self._audio_v2)(p, rng)
+        return {"waveform": waveform, "log_mel": self.log_mel(waveform), "plan": p}
+
+    def log_mel(self, waveform):
+        """(T*16000,) -> (T, 96, 64): one VGGish example per frame."""
+        # PAPER: each second goes through the front end on its own, so example t is exactly the
+        # audio of frame t (on a whole clip the 0.96 s examples drift 0.04 s a second).
+        return np.concatenate([vggish_log_mel(waveform[t * AUDIO_RATE:(t + 1) * AUDIO_RATE], AUDIO_RATE)
+                               for t in range(self.frames)])  # (T, 96, 64)
+
+    def _audio_v1(self, p, rng):
+        """v1 audio: each source's tone gated by its on/off schedule, plus white noise.
+
+        Returns (waveform (T*16000,) float32, meta entries {'pitch_hz': [...]})."""
+        T = self.frames
         waveform = self._noisy(rng, T * AUDIO_RATE) * np.float32(rng.uniform(*self.noise_std))  # (n,)
         pitch_hz = []
         one_second = np.arange(AUDIO_RATE)  # (16000,) sample index within a second
@@ -315,17 +461,18 @@ class SyntheticAVS(Dataset):
             start = int(rng.integers(AUDIO_RATE))
             idx = ((cycles + start) % AUDIO_RATE) * WAVETABLE // AUDIO_RATE  # (16000,) table index
             tone = np.tile(self.wavetables[c - 1][idx], T)  # (n,)
-            gate = np.repeat(p["on"][:, s].astype(np.float32), 100)  # (T*100,) one value per 10 ms
-            gate = np.convolve(gate, np.ones(3, dtype=np.float32) / 3, mode="same")  # 30 ms ramps
+            gate = _gate(p["on"][:, s])  # (T*100,) one value per 10 ms
             rate = self.am_rate_of[c - 1]
             am = 1.0 - 0.35 * (1 + np.cos(2 * np.pi * rate * self._t[::160] + rng.uniform(0, 2 * np.pi)))  # (T*100,)
             envelope = np.repeat((gate * am * rng.uniform(0.05, 0.2)).astype(np.float32), 160)  # (n,)
             waveform += tone * envelope
-        # PAPER: each second goes through the front end on its own, so example t is exactly the
-        # audio of frame t (on a whole clip the 0.96 s examples drift 0.04 s a second).
-        log_mel = np.concatenate([vggish_log_mel(waveform[t * AUDIO_RATE:(t + 1) * AUDIO_RATE], AUDIO_RATE)
-                                  for t in range(T)])  # (T, 96, 64)
+        return waveform, {"pitch_hz": pitch_hz}
 
+    def _pixels(self, p, rng):
+        """Frames, object map and labels of a plan.
+
+        Returns: frames (T, S, S, 3) float32 in [0, 1], object_map (T, S, S) int64, labels (T, S, S) int64."""
+        T, S = self.frames, self.img_size
         # Pixels: a noisy background with a gentle gradient, then the objects back to front.
         grid = (np.arange(S, dtype=np.float32) + 0.5) / S  # (S,) pixel centres in [0, 1]
         base = rng.uniform(0.3, 0.6, 3).astype(np.float32)  # (3,) grey-ish, away from the palette
@@ -352,13 +499,171 @@ class SyntheticAVS(Dataset):
         sounding_map = np.concatenate([np.zeros((T, 1), bool), p["sounding"]], axis=1)  # (T, Kc+1)
         labels = np.where(np.take_along_axis(sounding_map, object_map.reshape(T, -1), 1).reshape(T, S, S),
                           object_map, 0)  # (T, S, S) the class of visible *sounding* objects only
+        return frames, object_map, labels
 
-        meta = {"clip": f"synthetic/{self.split}/{index}", "split": self.split, "index": int(index),
-                "multi_source": p["multi_source"], "sources": p["sources"], "offscreen": p["offscreen"],
-                "distractors": p["distractors"], "visible": sorted(p["visible"]),
-                "sounding": p["sounding"].tolist(), "unseen_pair": p["unseen_pair"], "pitch_hz": pitch_hz}
-        return {"frames": frames, "waveform": waveform, "log_mel": log_mel, "labels": labels,
-                "object_map": object_map, "meta": meta}
+    # -- v2 ------------------------------------------------------------------------------------
+    def _v2_sounds(self):
+        """v2: each category is V2['partials'] partials of a shared pool with its own envelope.
+
+        Sets partials_hz (Kc, partials), partial_amps (Kc, partials), envelope_of [str],
+        rate_of (Kc,) Hz. Two categories with the same envelope and rate share at most one partial,
+        so every category differs from every other in its partials or in its envelope."""
+        Kc, P, m = self.num_classes, V2["pool_size"], V2["partials"]
+        lo, hi = V2["pool_hz"]
+        self.pool_hz = lo * (hi / lo) ** (np.arange(P) / (P - 1))  # (P,) Hz
+        design = np.random.default_rng([V2["design_seed"], 1009])
+        patterns = [(e, r) for e in V2["envelopes"] for r in V2["rates"]]
+        subsets, pattern_of = [], []
+        for k in range(Kc):
+            pattern = k % len(patterns)
+            while True:
+                subset = tuple(sorted(int(i) for i in design.choice(P, size=m, replace=False)))
+                same = [subsets[j] for j in range(k) if pattern_of[j] == pattern]
+                if subset not in subsets and all(len(set(subset) & set(o)) <= 1 for o in same):
+                    break
+            subsets.append(subset)
+            pattern_of.append(pattern)
+        self.partial_index = np.array(subsets)  # (Kc, m) indices into the pool
+        self.partials_hz = self.pool_hz[self.partial_index]  # (Kc, m)
+        self.partial_amps = design.uniform(0.5, 1.0, (Kc, m))  # (Kc, m)
+        self.envelope_of = [patterns[p][0] for p in pattern_of]
+        self.rate_of = np.array([patterns[p][1] for p in pattern_of])  # (Kc,) Hz
+
+    def _v2_pairs(self):
+        """v2 held-out pairs: a random V2['held_out_fraction'] of all pairs, fixed by the seed.
+
+        Redrawn until every category is in some held-out pair and every held-out pair (a, b) has a
+        third category seen with both (test-unseen's 3-source clips need one). The first half of the
+        draw is test-unseen's (held_out_test_pairs), the second val-unseen's (held_out_val_pairs)."""
+        Kc = self.num_classes
+        pairs = [(a, b) for a in range(1, Kc + 1) for b in range(a + 1, Kc + 1)]
+        n_held = 2 * math.ceil(V2["held_out_fraction"] * len(pairs) / 2)  # even: two halves
+        rng = np.random.default_rng([self.seed, 7919, 2])
+        for _ in range(1000):
+            pick = rng.permutation(len(pairs))[:n_held]  # (n_held,)
+            self._held_out = {pairs[i] for i in pick}
+            touched = {c for pair in self._held_out for c in pair}
+            if len(touched) == Kc and all(self._thirds(pair) for pair in self._held_out):
+                break
+        else:  # not reached for Kc >= 12 and fractions up to 1/2
+            raise ValueError(f"no held-out set of {n_held} pairs touches all {Kc} categories")
+        self.held_out_test_pairs = sorted(pairs[i] for i in pick[: n_held // 2])
+        self.held_out_val_pairs = sorted(pairs[i] for i in pick[n_held // 2:])
+        self.held_out_pairs = sorted(self._held_out)
+
+    def _thirds(self, pair):
+        """Categories (class ids) that may join a held-out pair: seen with both of its members."""
+        a, b = pair
+        return [c for c in range(1, self.num_classes + 1)
+                if c not in pair and self.seen(a, c) and self.seen(b, c)]
+
+    def _plan_v2(self, index, rng):
+        """v2 plan: the schedule from the split's schedule stream, the categories from `rng`."""
+        T = self.frames
+        sched = np.random.default_rng([self.seed, V2_SCHEDULE_STREAM[self.split], int(index), 2, 1])
+        matched = self.split in ("test-unseen", "test-seen-multi", "val-unseen")
+        multi = matched or sched.random() < self.multi_source_ratio
+        if multi:
+            num_src = int(sched.integers(2, 4))
+            on = self._switching(sched, T, num_src, V2["on_prob"], 0, 1)  # (T, n_src)
+            third_offscreen = num_src == 3 and sched.random() < self.offscreen_prob
+        else:
+            num_src, third_offscreen = 1, False
+            on = np.ones((T, 1), dtype=bool)  # (T, 1) one source throughout
+        reliability = self._reliability(sched)
+
+        pair = None
+        if not multi:
+            sources = [int(rng.integers(1, self.num_classes + 1))]
+        elif self.split in ("test-unseen", "val-unseen"):
+            pool = self.held_out_test_pairs if self.split == "test-unseen" else self.held_out_val_pairs
+            pair = list(pool[rng.integers(len(pool))])
+            sources = pair[::-1] if rng.random() < 0.5 else list(pair)
+            if num_src == 3:  # a third source seen with both: the clip holds exactly one held-out pair
+                sources.append(int(rng.choice(self._thirds(tuple(pair)))))
+        else:
+            sources = self._seen_sources(rng, num_src)
+        offscreen = [sources[2]] if third_offscreen else []  # the held-out pair stays visible
+        return {"multi_source": bool(multi), "sources": sources, "on": on, "offscreen": offscreen,
+                **self._scene(rng, sources, offscreen, on), "unseen_pair": sorted(pair) if pair else None,
+                **reliability}
+
+    def _reliability(self, sched):
+        """How reliable each frame's audio is: per-frame SNR, dropouts, non-category sounds.
+
+        Returns dict 'snr_db' (T,) float, 'dropouts' [(t, start, length)] in 10 ms steps within
+        frame t, 'distractor_sounds' [dict kind, start (s), duration (s), f0, f1 (Hz), amp]."""
+        T = self.frames
+        snr_db = sched.uniform(*V2["snr_db"], T)  # (T,)
+        dropouts = []
+        for t in range(T):
+            if sched.random() < V2["dropout_prob"]:
+                length = int(sched.integers(V2["dropout_ms"][0] // 10, V2["dropout_ms"][1] // 10 + 1))
+                dropouts.append((t, int(sched.integers(0, 100 - length + 1)), length))
+        events = []
+        if sched.random() < V2["distractor_prob"]:
+            for _ in range(int(sched.integers(1, 4))):
+                duration = float(sched.uniform(0.1, 0.4))
+                events.append({"kind": "chirp" if sched.random() < 0.5 else "burst",
+                               "start": float(sched.uniform(0, T - duration)), "duration": duration,
+                               "f0": float(sched.uniform(300, 4000)), "f1": float(sched.uniform(300, 4000)),
+                               "amp": float(sched.uniform(0.05, 0.2))})
+        return {"snr_db": snr_db, "dropouts": dropouts, "distractor_sounds": events}
+
+    def _audio_v2(self, p, rng):
+        """v2 audio: each source's partials under its envelope, gated, muted in dropouts; pink noise
+        at the frame's SNR; the non-category sounds on top.
+
+        Returns (waveform (T*16000,) float32, meta entries)."""
+        T = self.frames
+        steps = T * 100  # the envelopes live on a 10 ms grid
+        t10 = np.arange(steps) / 100.0  # (T*100,) seconds
+        keep = np.ones(steps, dtype=np.float32)  # (T*100,) 0 inside a dropout
+        for t, start, length in p["dropouts"]:
+            keep[t * 100 + start:t * 100 + start + length] = 0.0
+        one_second = np.arange(AUDIO_RATE)  # (16000,)
+        signal = np.zeros(T * AUDIO_RATE, dtype=np.float32)  # (n,)
+        partials_hz = []
+        for s, c in enumerate(p["sources"]):
+            scale = rng.uniform(0.98, 1.02)  # instance jitter of all partials together
+            freqs = [int(round(f * scale)) for f in self.partials_hz[c - 1]]  # whole hertz: 1 s repeats
+            partials_hz.append([float(f) for f in freqs])
+            tone = np.zeros(AUDIO_RATE, dtype=np.float32)  # (16000,)
+            for f, amp in zip(freqs, self.partial_amps[c - 1]):
+                phase = ((f * one_second + int(rng.integers(AUDIO_RATE))) % AUDIO_RATE)  # (16000,)
+                tone += np.float32(amp) * _SINE[phase]
+            rate = self.rate_of[c - 1] * rng.uniform(0.95, 1.05)  # Hz
+            cycle = (rate * t10 + rng.uniform()) % 1.0  # (T*100,) position in the modulation cycle
+            if self.envelope_of[c - 1] == "tremolo":
+                shape = 1.0 - 0.8 * 0.5 * (1.0 + np.cos(2 * np.pi * cycle))  # (T*100,) 0.2..1
+            else:  # pulses: an onset each cycle, then an exponential decay
+                shape = np.exp(-4.0 * cycle)  # (T*100,)
+            envelope = _gate(p["on"][:, s]) * keep * shape * rng.uniform(0.05, 0.2)  # (T*100,)
+            signal += np.tile(tone, T) * np.repeat(envelope.astype(np.float32), 160)
+        # Noise at each frame's SNR, relative to the power of the frame's sources (of the clip's
+        # sounding frames on average where no source sounds).
+        power = (signal.reshape(T, AUDIO_RATE) ** 2).mean(1)  # (T,)
+        active = p["on"].any(1)  # (T,)
+        level = np.where(active, power, power[active].mean())  # (T,)
+        noise_std = np.sqrt(level / 10.0 ** (p["snr_db"] / 10.0)).astype(np.float32)  # (T,)
+        start = int(rng.integers(0, len(self._pink) - T * AUDIO_RATE + 1))
+        waveform = signal + self._pink[start:start + T * AUDIO_RATE] * np.repeat(noise_std, AUDIO_RATE)  # (n,)
+        for ev in p["distractor_sounds"]:  # off-screen sounds of no category
+            i0, length = int(ev["start"] * AUDIO_RATE), int(ev["duration"] * AUDIO_RATE)
+            tt = np.arange(length) / AUDIO_RATE  # (L,) seconds, L samples of the event
+            ramp = np.minimum(1.0, np.minimum(tt, ev["duration"] - tt) / 0.01)  # (L,) 10 ms fades
+            if ev["kind"] == "chirp":  # exponential sweep f0 -> f1
+                k = math.log(ev["f1"] / ev["f0"]) / ev["duration"]
+                x = np.sin(2 * np.pi * ev["f0"] * (np.expm1(k * tt) / k if abs(k) > 1e-9 else tt))  # (L,)
+            else:
+                x = self._noisy(rng, length)  # (L,) white
+            waveform[i0:i0 + length] += (ev["amp"] * ramp * x).astype(np.float32)
+        dropped = np.zeros(T, dtype=bool)  # (T,)
+        for t, _, _ in p["dropouts"]:
+            dropped[t] = True
+        return waveform, {"benchmark": "v2", "partials_hz": partials_hz,
+                          "snr_db": [round(float(x), 2) for x in p["snr_db"]], "dropout": dropped.tolist(),
+                          "distractor_sounds": len(p["distractor_sounds"])}
 
     def __getitem__(self, index):
         if not 0 <= index < self.num_clips:
@@ -373,6 +678,15 @@ class SyntheticAVS(Dataset):
                 "label_valid": torch.ones(T, dtype=torch.bool),  # (T,)
                 "frame_valid": torch.ones(T, dtype=torch.bool),  # (T,)
                 "meta": clip["meta"]}
+
+
+_SINE = np.sin(2 * np.pi * np.arange(AUDIO_RATE) / AUDIO_RATE).astype(np.float32)  # (16000,) one cycle
+
+
+def _gate(on):
+    """On/off per frame (T,) bool -> (T*100,) float32 on a 10 ms grid with 30 ms ramps."""
+    gate = np.repeat(on.astype(np.float32), 100)  # (T*100,) one value per 10 ms
+    return np.convolve(gate, np.ones(3, dtype=np.float32) / 3, mode="same")  # 30 ms ramps
 
 
 def _shape_mask(shape, dx, dy):
@@ -964,14 +1278,16 @@ def build_dataset(name, split, root=None, img_size=224, frames=5, train=None, se
 
     Args:
         name: 'synthetic' | 's4' | 'ms3' | 'avss'.
-        split: 'train' | 'val' | 'test' (synthetic also 'test-unseen').
+        split: 'train' | 'val' | 'test' (synthetic also 'test-unseen'; v2 also 'test-seen-multi',
+            'val-unseen').
         root: the dataset folder (ignored for synthetic).
         img_size: int, H = W of the returned frames and labels.
         frames: int, T frames of a training window (of a synthetic clip).
         train: bool, training transforms (multi-scale crop, T-frame window); None -> split == 'train'.
             No effect on synthetic clips, which are generated at img_size with T frames.
         seed: int, the synthetic benchmark's seed.
-        synthetic_options: num_classes, num_clips, multi_source_ratio, offscreen_prob, noise_std.
+        synthetic_options: benchmark ('v1' | 'v2'), num_classes, num_clips, multi_source_ratio,
+            offscreen_prob, noise_std (see SyntheticAVS).
     Returns:
         a torch Dataset with attributes num_classes (Kc) and class_names (Kc + 1, background first).
     """

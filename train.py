@@ -66,6 +66,7 @@ class TrainConfig:
     train_clips: int | None = None  # synthetic only: clips in the train split (None: data default)
     eval_clips: int | None = 500    # synthetic only: clips per evaluation split (None: all of it)
     train_multi_ratio: float | None = None  # synthetic only: share of multi-source train clips (None: 0.5; Fig. 7: 1.0)
+    benchmark: str | None = None   # synthetic only: v1 | v2 (adds test-seen-multi, val-unseen); None: the checkpoint's (--eval-only), else DEFAULT_BENCHMARK
     # model
     preset: str | None = None      # cpu | paper; None: cpu for synthetic, paper for AVSBench
     backbone: str | None = None    # resnet18 | resnet34 | resnet50 | small; None: preset's
@@ -136,6 +137,7 @@ RECIPES = {
     "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu", lr=4e-4, quant_warmup_steps=300,
                       loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0, loss_giou=0.5),
 }
+DEFAULT_BENCHMARK = "v1"  # the synthetic benchmark of a run without --benchmark (data.SyntheticAVS)
 LOSS_WEIGHT_FIELDS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
 PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
 
@@ -153,6 +155,7 @@ def parse_args(argv=None) -> TrainConfig:
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         choices = {"dataset": ["synthetic", "s4", "ms3", "avss"], "preset": ["cpu", "paper"],
+                   "benchmark": list(data.BENCHMARKS),
                    "backbone": ["resnet18", "resnet34", "resnet50", "small"]}.get(f.name)
         p.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
     args = p.parse_args(argv)
@@ -213,6 +216,8 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
         raise UserError("--eval-only needs --checkpoint PATH")
     if cfg.dataset != "synthetic" and cfg.train_multi_ratio is not None:
         raise UserError("--train-multi-ratio only applies to --dataset synthetic")
+    if cfg.dataset != "synthetic" and cfg.benchmark not in (None, DEFAULT_BENCHMARK):
+        raise UserError("--benchmark only applies to --dataset synthetic")
     if cfg.dataset != "synthetic" and not cfg.data_root:
         raise UserError(f"--dataset {cfg.dataset} needs --data-root DIR (the AVSBench folder)")
     return cfg, model_cfg
@@ -315,6 +320,10 @@ def run(cfg: TrainConfig) -> int:
             if keep["epochs"] is None:
                 keep["epochs"] = saved["epochs"]
             cfg = dataclasses.replace(TrainConfig(**saved), **keep)
+
+    if cfg.benchmark is None and cfg.dataset == "synthetic":  # an evaluated checkpoint keeps its benchmark
+        saved = ckpt["config"]["train"].get("benchmark") if ckpt is not None else None
+        cfg.benchmark = saved or DEFAULT_BENCHMARK
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -588,6 +597,7 @@ def make_dataset(cfg: TrainConfig, split: str, train: bool):
     img = cfg.img_size or PRESET_IMG_SIZE[cfg.preset or RECIPES[cfg.dataset]["preset"]]
     extra = {}
     if cfg.dataset == "synthetic":
+        extra["benchmark"] = cfg.benchmark or DEFAULT_BENCHMARK
         n = cfg.train_clips if train else cfg.eval_clips
         if n is not None:
             extra["num_clips"] = n
@@ -601,7 +611,9 @@ def make_dataset(cfg: TrainConfig, split: str, train: bool):
 
 def evaluation_splits(cfg: TrainConfig) -> dict:
     """The splits evaluated at the end of a run (and 'val' during it)."""
-    if cfg.dataset == "synthetic":
+    if cfg.dataset == "synthetic" and cfg.benchmark == "v2":  # test-seen-multi: test-unseen's matched twin
+        names = ["val", "test", "test-seen-multi", "test-unseen", "val-unseen"]
+    elif cfg.dataset == "synthetic":
         names = ["val", "test", "test-unseen"]
     else:
         names = ["val", "test"]
