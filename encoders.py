@@ -615,8 +615,11 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)  # (N, Lq, M, L, P, 2) in level pixels
         weights = self.attention_weights(query).view(N, Lq, M, L * P)  # (N, Lq, M, L*P)
         weights = weights.softmax(-1).view(N, Lq, M, L, P)  # (N, Lq, M, L, P) softmax over levels and points
-        normaliser = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype,
-                                  device=query.device)  # (L, 2) as (W_l, H_l) since locations are (x, y)
+        # (L, 2) as (W_l, H_l) since locations are (x, y); filled on the device, so that no
+        # host-to-device copy makes the host wait (torch.tensor(list, device=cuda) would)
+        normaliser = query.new_empty(L, 2)  # (L, 2)
+        for lvl, (h, w) in enumerate(spatial_shapes):
+            normaliser[lvl, 0], normaliser[lvl, 1] = w, h
         locations = (reference_points[:, :, None, :, None, :]
                      + offsets / normaliser[None, None, None, :, None, :])  # (N, Lq, M, L, P, 2)
         out = ms_deform_attn_core(value, spatial_shapes, locations, weights)  # (N, Lq, C)

@@ -365,6 +365,7 @@ def run(cfg: TrainConfig) -> int:
     # its own keeps that draw out of the global RNG, whose state a resumed run restores exactly.
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                         collate_fn=data.collate, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda",  # so that to_device's copies do not block
                         generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = len(sampler.indices()) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -641,7 +642,8 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
     binary = dataset.num_classes == 1
     sampler = ResumableSampler(len(dataset), False, 0, rank, world)
     loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=sampler,
-                        collate_fn=data.collate, num_workers=cfg.workers)
+                        collate_fn=data.collate, num_workers=cfg.workers,
+                        pin_memory=device.type == "cuda")
     sem = None if binary else metrics.SemanticMetrics(num_classes=dataset.num_classes)
     obj = {"all": metrics.ObjectMetrics()}
     if cfg.dataset == "synthetic":
