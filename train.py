@@ -28,8 +28,10 @@ import math
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -528,10 +530,11 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
             if pending is not None:
                 finish_step(ctx, pending, carried, log_path, bar)
                 pending = None
-            grad_norm = apply_gradients(model, opt, total, cfg.clip_grad)
-            sched.step()
-            state["step"] += 1
-            state["step_in_epoch"] += 1
+            with deferred_interrupt():  # Ctrl-C never splits an update from its step count
+                grad_norm = apply_gradients(model, opt, total, cfg.clip_grad)
+                sched.step()
+                state["step"] += 1
+                state["step_in_epoch"] += 1
             clips += cfg.batch_size * ctx["world"]
             pending = {"step": state["step"], "epoch": state["epoch"], "warmup": warmup,
                        "lr": opt.param_groups[0]["lr"], "parts": list(parts),
@@ -837,17 +840,48 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
     return ckpt
 
 
+class deferred_interrupt:
+    """Hold back Ctrl-C (SIGINT) inside the block and raise KeyboardInterrupt when it ends.
+
+    The optimizer step, the scheduler step and the step counter change together: an interrupt
+    between them would save updated weights under the old step number, and a resumed run would
+    repeat that step. Outside the main thread (where no handler can be set) it does nothing.
+    """
+
+    def __enter__(self):
+        self.caught, self.previous = False, None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.caught = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.caught and exc[0] is None:
+            raise KeyboardInterrupt
+        return False
+
+
 def save_checkpoint(ctx: dict, path: str) -> None:
-    """Atomic: write to a temporary file in the same folder, fsync, then rename over `path`."""
+    """Atomic: write to a temporary file in the same folder, fsync, then rename over `path`.
+    An interrupted or failed write removes the temporary file and leaves `path` as it was."""
     ckpt = {"format": CHECKPOINT_FORMAT, "model": ctx["model"].state_dict(),
             "optimizer": ctx["opt"].state_dict(), "scheduler": ctx["sched"].state_dict(),
             "state": dict(ctx["state"]), "rng": get_rng_state(), "config": ctx["full_config"]}
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def get_rng_state() -> dict:

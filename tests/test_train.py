@@ -442,3 +442,43 @@ def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
     draw()                                           # move every stream on
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert draw() == expected
+
+
+def test_ctrl_c_inside_an_update_is_held_until_the_step_is_counted():
+    """deferred_interrupt: a SIGINT that arrives inside the block does not interrupt it; the block
+    runs to its end, then KeyboardInterrupt is raised and the previous handler is back."""
+    import signal as sig
+
+    from train import deferred_interrupt
+    before = sig.getsignal(sig.SIGINT)
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            os.kill(os.getpid(), sig.SIGINT)
+            for _ in range(1000):  # give the handler every chance to run inside the block
+                time.sleep(0)
+            done.append("update and step count")
+    assert done == ["update and step count"]
+    assert sig.getsignal(sig.SIGINT) is before
+    with deferred_interrupt():  # no signal: nothing raised
+        pass
+
+
+def test_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """A checkpoint write stopped halfway removes its temporary file and leaves the old one."""
+    import train as train_module
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"the previous checkpoint")
+    ctx = {"model": torch.nn.Linear(1, 1), "opt": torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1),
+           "sched": torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), 1),
+           "state": {"step": 1}, "full_config": {}}
+
+    def interrupted(obj, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_module.save_checkpoint(ctx, str(path))
+    assert path.read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
