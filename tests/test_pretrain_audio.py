@@ -75,6 +75,40 @@ def test_command_writes_only_the_state_dict_atomically_and_it_loads_as_audio_wei
     assert all(torch.equal(v, saved[k]) for k, v in enc.net.state_dict().items())
 
 
+def test_training_runs_on_one_thread_and_the_count_comes_back(monkeypatch):
+    seen, train = [], pretrain_audio.probe.train_classifier
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(pretrain_audio.probe, "train_classifier", spy)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        pretrain_audio.pretrain("v2", 0, steps=1, train_clips=1, val_clips=1, log=None)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "w.pt"
+
+    def broken_save(obj, f):
+        f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pretrain_audio.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        pretrain_audio.save_weights({"a": torch.zeros(2)}, str(path))
+    assert os.listdir(tmp_path) == []
+    path.write_bytes(b"old")
+    with pytest.raises(OSError):
+        pretrain_audio.save_weights({"a": torch.zeros(2)}, str(path))
+    assert os.listdir(tmp_path) == ["w.pt"] and path.read_bytes() == b"old"
+
+
 @pytest.mark.parametrize("flags, words", [(["--steps", "0"], "--steps must be >= 1"),
                                           (["--train-clips", "0"], "--train-clips must be >= 1"),
                                           (["--out-is-folder"], "is a folder")])
