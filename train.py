@@ -197,7 +197,8 @@ def check_audio_regime(cfg: TrainConfig) -> bool:
         raise UserError("--audio-regime pretrained-frozen keeps the audio network frozen; "
                         "--finetune-audio contradicts it (use --audio-weights with --finetune-audio)")
     if cfg.audio_pretrain_steps < 1 or (cfg.audio_pretrain_clips is not None and cfg.audio_pretrain_clips < 1):
-        raise UserError("--audio-pretrain-steps and --audio-pretrain-clips must be >= 1")
+        raise UserError("--audio-regime pretrained-frozen: --audio-pretrain-steps and "
+                        "--audio-pretrain-clips must be >= 1")
     return True
 
 
