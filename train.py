@@ -76,6 +76,10 @@ class TrainConfig:
     vggish_weights: str | None = None    # released VGGish weights (vggish-10086976.pth): --audio-weights, VGGish only
     audio_weights: str | None = None     # state_dict of the audio network (VGGish, or the cpu preset's SmallVGG)
     finetune_audio: bool = False   # train the loaded audio network instead of freezing it (AVSBench freezes it)
+    audio_regime: str = "scratch"  # synthetic only: scratch | pretrained-frozen (AUDIO_REGIMES, tools/pretrain_audio.py)
+    audio_pretrain_steps: int = 1500  # pretrained-frozen: steps of the pretraining (part of the cached file's name)
+    audio_pretrain_clips: int | None = None  # pretrained-frozen: train clips of the pretraining; None: the whole train split (not --train-clips)
+    audio_cache: str = os.path.join("runs", "audio-weights")  # pretrained-frozen: folder of the cached weights, built on first use
     # ablations (Tables 2-5); defaults are the paper's full model
     no_gsd: bool = False           # drop global semantic decomposition
     no_avsr: bool = False          # drop audiovisual semantic recombination
@@ -140,6 +144,11 @@ RECIPES = {
                       loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0, loss_giou=0.5),
 }
 DEFAULT_BENCHMARK = "v1"  # the synthetic benchmark of a run without --benchmark (data.SyntheticAVS)
+# How the CPU preset's audio network starts on the synthetic benchmark. scratch: random, trained
+# with the rest of SQD. pretrained-frozen: the paper's regime (VGGish trained on AudioSet, frozen
+# as in AVSBench and AVSegFormer) for the CPU preset: SmallVGG pretrained as a multi-label sound
+# classifier on the train split (tools/pretrain_audio.py), then loaded as --audio-weights would.
+AUDIO_REGIMES = ("scratch", "pretrained-frozen")
 LOSS_WEIGHT_FIELDS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
 PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
 
@@ -157,6 +166,7 @@ def parse_args(argv=None) -> TrainConfig:
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         choices = {"dataset": ["synthetic", "s4", "ms3", "avss"], "preset": ["cpu", "paper"],
+                   "audio_regime": list(AUDIO_REGIMES),
                    "benchmark": list(data.BENCHMARKS),
                    "backbone": ["resnet18", "resnet34", "resnet50", "small"]}.get(f.name)
         p.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
@@ -173,6 +183,25 @@ def _field_comments() -> dict:
         if ":" in line and "#" in line and not line.startswith(("#", '"')):
             comments[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
     return comments
+
+
+def check_audio_regime(cfg: TrainConfig) -> bool:
+    """UserError for a flag that contradicts --audio-regime; True for pretrained-frozen."""
+    if cfg.audio_regime != "pretrained-frozen":
+        return False
+    if cfg.dataset != "synthetic":
+        raise UserError("--audio-regime pretrained-frozen only applies to --dataset synthetic "
+                        "(AVSBench: --vggish-weights)")
+    if cfg.audio_weights or cfg.vggish_weights:
+        raise UserError("--audio-regime pretrained-frozen builds its own audio weights; give it "
+                        "or --audio-weights/--vggish-weights, not both")
+    if cfg.finetune_audio:
+        raise UserError("--audio-regime pretrained-frozen keeps the audio network frozen; "
+                        "--finetune-audio contradicts it (use --audio-weights with --finetune-audio)")
+    if cfg.audio_pretrain_steps < 1 or (cfg.audio_pretrain_clips is not None and cfg.audio_pretrain_clips < 1):
+        raise UserError("--audio-regime pretrained-frozen: --audio-pretrain-steps and "
+                        "--audio-pretrain-clips must be >= 1")
+    return True
 
 
 def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfig]:
@@ -194,10 +223,12 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
     if cfg.audio_weights and cfg.vggish_weights:
         raise UserError("give one of --audio-weights and --vggish-weights, not both")
+    pretrained_frozen = check_audio_regime(cfg)
     # PAPER: the paper does not say whether VGGish trains. AVSBench (FREEZE_AUDIO_EXTRACTOR) and
     # AVSegFormer (freeze_audio_extractor=True) keep the pretrained audio network frozen; so do we,
     # unless --finetune-audio. A network without pretrained weights always trains.
-    overrides["freeze_audio"] = bool(cfg.audio_weights or cfg.vggish_weights) and not cfg.finetune_audio
+    overrides["freeze_audio"] = ((bool(cfg.audio_weights or cfg.vggish_weights) and not cfg.finetune_audio)
+                                 or pretrained_frozen)
     if cfg.finetune_audio and not (cfg.audio_weights or cfg.vggish_weights):
         warnings.warn("--finetune-audio without --audio-weights: the audio network trains anyway")
     for name in ("backbone", "codebook_size", "num_tokens"):
@@ -208,6 +239,9 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
         model_cfg.check()
     except ValueError as e:
         raise UserError(str(e)) from None
+    if pretrained_frozen and model_cfg.audio_encoder != "small":
+        raise UserError(f"--audio-regime pretrained-frozen pretrains the CPU preset's SmallVGG; "
+                        f"--preset {cfg.preset} uses the {model_cfg.audio_encoder!r} audio network")
     if cfg.quant_warmup_steps < 0:
         raise UserError(f"--quant-warmup-steps must be >= 0, got {cfg.quant_warmup_steps}")
     if cfg.lr <= 0:
@@ -293,6 +327,7 @@ def main(argv=None) -> int:
 
 
 def run(cfg: TrainConfig) -> int:
+    check_audio_regime(cfg)  # before the data checks: a flag mistake is named first
     rank, world, device = setup_distributed(cfg)
     main_proc = rank == 0
     if cfg.threads:
@@ -777,6 +812,8 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
     # unless --finetune-audio (resolve() sets model_cfg.freeze_audio, SQD applies it)
     audio_flag, audio_path = (("--vggish-weights", cfg.vggish_weights) if cfg.vggish_weights
                               else ("--audio-weights", cfg.audio_weights))
+    if cfg.audio_regime == "pretrained-frozen" and not cfg.eval_only:  # (--eval-only: the checkpoint's)
+        audio_flag, audio_path = "--audio-regime pretrained-frozen", pretrained_audio_weights(cfg, main_proc)
     if audio_path:
         try:
             model.audio_encoder.load_net_weights(audio_path)
@@ -790,6 +827,27 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
               f"weights ({', '.join(missing)} not given).\n!! The paper starts from ImageNet "
               f"ResNet-50 and AudioSet VGGish; expect far lower numbers.\n" + "!" * 78 + "\n",
               file=sys.stderr)
+
+
+def pretrained_audio_weights(cfg: TrainConfig, main_proc: bool) -> str:
+    """The cached SmallVGG weights of --audio-regime pretrained-frozen, built on first use.
+
+    tools/pretrain_audio.py trains them on the train split of this benchmark and seed (the whole
+    split, or --audio-pretrain-clips clips) and writes {audio_cache}/{benchmark}-s{seed}-{steps}.pt
+    atomically; a later run, or a resumed one, finds the file and loads it without training. The
+    pretraining has its own random streams and one thread, so this run's own randomness is the same
+    whether the file was built now or found. Under torchrun rank 0 builds while the others wait.
+    """
+    from tools import pretrain_audio  # the lab tool that pretrains; loaded only in this regime
+    path = os.path.join(cfg.audio_cache, pretrain_audio.cache_name(
+        cfg.benchmark, cfg.seed, cfg.audio_pretrain_steps, cfg.audio_pretrain_clips))
+    distributed = dist.is_available() and dist.is_initialized()
+    if main_proc:
+        pretrain_audio.cached_weights(cfg.audio_cache, cfg.benchmark, cfg.seed, cfg.audio_pretrain_steps,
+                                      cfg.audio_pretrain_clips, val_clips=cfg.eval_clips)
+    if distributed:
+        dist.barrier()
+    return path
 
 
 def _last_checkpoint(ctx: dict) -> str:

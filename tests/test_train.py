@@ -56,6 +56,7 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
     assert not list(run.glob("*.tmp*")), "a temporary checkpoint file was left behind"
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["dataset"] == "synthetic" and config["model"]["dim"] == 64
+    assert config["train"]["audio_regime"] == "scratch" and config["model"]["freeze_audio"] is False
     assert config["code_version"] and config["metric_definitions"]
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["state"]["step"] == 3
@@ -375,6 +376,62 @@ def test_finetune_audio_and_weights_set_freeze_audio():
         assert resolve(parse_args(["--finetune-audio"]), 12)[1].freeze_audio is False
     with pytest.raises(UserError, match="not both"):
         resolve(parse_args(["--audio-weights", "a.pt", "--vggish-weights", "b.pt"]), 12)
+
+
+def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_resumes_exactly(tmp_path):
+    sys.path.insert(0, ROOT)
+    from tools import pretrain_audio
+    cache = tmp_path / "cache"
+    regime = ["--benchmark", "v2", "--audio-regime", "pretrained-frozen", "--audio-pretrain-steps", "3",
+              "--audio-pretrain-clips", "4", "--audio-cache", str(cache)]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    first = train(*regime, "--max-steps", "3", "--out", str(whole), *TINY)
+    built = cache / "v2-s0-3-c4.pt"
+    assert "audio pretraining (v2, seed 0, 3 steps)" in first.stdout and f"wrote {built}" in first.stdout
+    assert os.listdir(cache) == ["v2-s0-3-c4.pt"]
+    weights = torch.load(built, map_location="cpu", weights_only=True)
+    # the file is what the command makes (tools/pretrain_audio.py, same benchmark, seed, steps, clips)
+    expected, _ = pretrain_audio.pretrain("v2", 0, steps=3, train_clips=4, val_clips=4, log=None)
+    assert list(weights) == list(expected) and all(torch.equal(weights[k], expected[k]) for k in weights)
+    stamp = (built.stat().st_mtime_ns, built.read_bytes())
+
+    second = train(*regime, "--max-steps", "2", "--out", str(broken), *TINY)  # the cache is found
+    assert "audio pretraining" not in second.stdout and f"{built} (cached)" in second.stdout
+    assert (built.stat().st_mtime_ns, built.read_bytes()) == stamp
+    config = json.loads((broken / "config.json").read_text())
+    assert config["train"]["audio_regime"] == "pretrained-frozen" and config["model"]["freeze_audio"] is True
+    assert config["train"]["audio_weights"] is None  # the regime, not the flag, named the weights
+    third = train("--resume", str(broken / "last.pt"), "--max-steps", "3", "--threads", "1")
+    assert "audio pretraining" not in third.stdout and f"{built} (cached)" in third.stdout
+    # building the weights in the run or finding them leaves the run's own randomness alone, and
+    # the resumed run continues exactly
+    a, b = losses(whole), losses(broken)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
+    for run in (whole, broken):  # loaded and frozen: the net in the checkpoint is the cached file
+        net = _audio_net(torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"])
+        assert net.keys() == weights.keys() and all(torch.equal(net[k], weights[k]) for k in weights)
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--dataset", "s4", "--data-root", "nowhere"], "only applies to --dataset synthetic"),
+    (["--audio-weights", "w.pt"], "not both"),
+    (["--vggish-weights", "w.pt"], "not both"),
+    (["--finetune-audio"], "--finetune-audio contradicts it"),
+    (["--preset", "paper"], "pretrains the CPU preset's SmallVGG"),
+    (["--audio-pretrain-steps", "0"], "must be >= 1"),
+])
+def test_audio_regime_contradicted_by_a_flag_exits_2_with_one_line(tmp_path, capsys, flags, words):
+    import train as train_py
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    code = train_py.main(["--audio-regime", "pretrained-frozen", *flags, "--out", str(out),
+                          "--audio-cache", str(cache), "--max-steps", "1", "--img-size", "32",
+                          "--train-clips", "4", "--eval-clips", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "--audio-regime" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not cache.exists()
 
 
 def test_finish_step_checks_and_logs_a_step_from_its_carried_values(tmp_path):

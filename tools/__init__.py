@@ -1,1 +1,2 @@
-"""Lab scripts and reference implementations (not imported by the training code)."""
+"""Lab scripts and reference implementations. The training code imports one of them, and only
+in one regime: pretrain_audio (train.py --audio-regime pretrained-frozen)."""

@@ -30,7 +30,8 @@ the vision-alone control must stay near it) and how far apart the looks are at t
 Results go to results/probes.json (one entry per benchmark and seed, replaced when rerun) and
 results/probes.md (the table).
 
-Reading order: exact_set_accuracy, frame_table (the data), linear_probe, network_probe,
+Reading order: exact_set_accuracy, frame_table (the data), linear_probe, train_classifier and
+predict_sets (the audio network, shared with tools/pretrain_audio.py), network_probe,
 all_background_miou, look_separation, probe (all of it), write_table, main.
 
 Shape alphabet: F frames, Kc categories, B frames in a batch, 96 x 64 log-mel.
@@ -173,16 +174,19 @@ def linear_probe(train_x, train_y, test_xs, weight_decay=1e-4, iterations=300):
         return [(head(torch.tensor((t - mu) / sd, dtype=torch.float64)) > 0).numpy() for t in test_xs]
 
 
-def network_probe(train_mel, train_y, test_mels, steps=1500, batch=32, lr=1e-3, seed=0, log=None):
+def train_classifier(train_mel, train_y, steps=1500, batch=32, lr=1e-3, seed=0, log=None):
     """encoders.SmallVGG + a linear head trained alone as a per-frame multi-label classifier.
 
     The network reads the raw log-mel, as in the CPU preset's model. Adam, binary cross-entropy,
-    frames drawn at random (with replacement) from the train frames.
+    frames drawn at random (with replacement) from the train frames. The network probe below and
+    tools/pretrain_audio.py (the pretrained audio network of `train.py --audio-regime
+    pretrained-frozen`) both train with this function.
 
     Args:
-        train_mel: (F, 96, 64) float32, train_y: (F, Kc) bool; test_mels: list of (F_i, 96, 64).
+        train_mel: (F, 96, 64) float32, train_y: (F, Kc) bool.
+        log: None or a function of one string, called every 250 steps with the loss.
     Returns:
-        list of (F_i, Kc) bool predictions (probability > 0.5).
+        (net, head): the trained SmallVGG (in eval mode) and nn.Linear(128, Kc).
     """
     torch.manual_seed(seed)
     net = SmallVGG()
@@ -202,13 +206,36 @@ def network_probe(train_mel, train_y, test_mels, steps=1500, batch=32, lr=1e-3, 
         if log and (step + 1) % 250 == 0:
             log(f"  network step {step + 1}/{steps}: loss {loss.item():.4f}")
     net.eval()
+    return net, head
+
+
+@torch.no_grad()
+def predict_sets(net, head, test_mels):
+    """The predicted set of every frame: probability > 0.5, in batches of 256 frames.
+
+    Args:
+        test_mels: list of (F_i, 96, 64) float32.
+    Returns:
+        list of (F_i, Kc) bool.
+    """
     preds = []
-    with torch.no_grad():
-        for test in test_mels:
-            out = [head(net(torch.from_numpy(test[i:i + 256]).unsqueeze(1))[0]) > 0  # (B, Kc)
-                   for i in range(0, len(test), 256)]
-            preds.append(torch.cat(out).numpy())
+    for test in test_mels:
+        out = [head(net(torch.from_numpy(test[i:i + 256]).unsqueeze(1))[0]) > 0  # (B, Kc)
+               for i in range(0, len(test), 256)]
+        preds.append(torch.cat(out).numpy())  # (F_i, Kc)
     return preds
+
+
+def network_probe(train_mel, train_y, test_mels, steps=1500, batch=32, lr=1e-3, seed=0, log=None):
+    """The audio network probe: train_classifier on the train frames, predict_sets on each test set.
+
+    Args:
+        train_mel: (F, 96, 64) float32, train_y: (F, Kc) bool; test_mels: list of (F_i, 96, 64).
+    Returns:
+        list of (F_i, Kc) bool predictions (probability > 0.5).
+    """
+    net, head = train_classifier(train_mel, train_y, steps=steps, batch=batch, lr=lr, seed=seed, log=log)
+    return predict_sets(net, head, test_mels)
 
 
 # ----------------------------------------------------------------------------------------------
