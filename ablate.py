@@ -22,13 +22,21 @@ Usage
     python ablate.py --fresh              # forget the runs already in ablations.json
     Anything after `--` goes to every train.py run (e.g. `-- --max-steps 200`).
 
-Output: results/runs/<row>-s<seed>/ (train.py's run directories), results/ablations.json (every
-run's metrics, config and code version, and the mean +- std of every row) and the markdown
-tables on stdout, ready for the README. ablations.json accumulates: a run of (row, seed) replaces
-the earlier one of the same (row, seed), the others are kept, and `invocations` lists every
-command with its machine and time, so the tables can be filled over several sittings.
+    python ablate.py --benchmark v2 --audio-regime pretrained-frozen --rows baseline,full --seeds 3
+    python ablate.py --report --benchmark v2 --audio-regime pretrained-frozen   # + the hypotheses
 
-Reading order: ROWS (which switches make which row), main(), then aggregate() and tables().
+Every run belongs to a *group*, its synthetic benchmark and audio regime ("v2/pretrained-frozen";
+runs stored before groups existed are "v1/scratch", which they were).
+
+Output: results/runs/<benchmark>-<regime>/<row>-s<seed>/ (train.py's run directories),
+results/ablations.json (every run's metrics, config and code version; `rows`: per group, the mean
++- std of every row; `hypotheses`: per group, the verdicts of HYPOTHESES) and the markdown tables
+on stdout, ready for the README. ablations.json accumulates: a run of (group, row, seed) replaces
+the earlier one of the same key, the others are kept, and `invocations` lists every command with
+its machine and time, so the tables can be filled over several sittings.
+
+Reading order: ROWS (which switches make which row), main(), then aggregate(), tables() and
+HYPOTHESES with paired().
 """
 from __future__ import annotations
 
@@ -74,21 +82,59 @@ TABLES = {
     "Extra, not in the paper (AVSR)": [("full SQD", "full"), ("full SQD without AVSR", "no_avsr")],
 }
 QUICK = ["baseline", "gsd", "gsd_avsr", "gsd_avsr_lsd", "full"]
+# Clips per evaluation split of every ablation run (the default train.py run evaluates 200, to
+# stay within 10 CPU minutes): with 500, the split-to-split noise of one run's mIoU is well below
+# the seed spread (README, "Results on the synthetic benchmark").
+EVAL_CLIPS = 500
 # column -> (split in metrics.json, key)
 COLUMNS = {
     "test mIoU": ("test", "miou_official"),
     "test-unseen mIoU": ("test-unseen", "miou_official"),
     "multi-source J&F": ("test", "multi_jf_official"),
     "single-source J&F": ("test", "single_jf_official"),
+    "test-seen-multi mIoU": ("test-seen-multi", "miou_official"),
+    "val mIoU": ("val", "miou_official"),
+    "val-unseen mIoU": ("val-unseen", "miou_official"),
     "decomp. recall (global)": ("codebook", "decomposition_recall"),
     "decomp. recall (local)": ("codebook", "local_decomposition_recall"),
     "signatures (global)": ("codebook", "distinct_signatures"),
     "signatures (local)": ("codebook", "local_distinct_signatures"),
+    "held signatures (global)": ("codebook", "held_signatures"),
+    "held signatures, shuffled p95": ("codebook", "held_signatures_null_p95"),
 }
 # Counts, printed without decimals when the seeds agree. The recall only means something when the
 # categories' signature codewords are distinct: with one signature for all 12 (K = 1, or tokens that
 # ignore the sound) it is trivially 1 or 0.
-COUNT_COLUMNS = ("signatures (global)", "signatures (local)")
+COUNT_COLUMNS = ("signatures (global)", "signatures (local)", "held signatures (global)",
+                 "held signatures, shuffled p95")
+# The columns of the markdown tables (ablations.json keeps them all); the val columns are for
+# choosing settings, the others for reporting.
+TABLE_COLUMNS = ("test mIoU", "test-seen-multi mIoU", "test-unseen mIoU", "multi-source J&F",
+                 "single-source J&F", "decomp. recall (global)", "decomp. recall (local)",
+                 "signatures (global)", "signatures (local)", "held signatures (global)",
+                 "held signatures, shuffled p95")
+
+# The pre-registered hypotheses (results/README.md), each a list of paired comparisons
+# (row a, row b, column, "better" | "not worse"). "better": the mean of the per-seed differences
+# a - b is more than twice their standard deviation (ddof 1); "not worse": b - a is not better
+# than a by that measure. H2 is per run (held signatures, see held_signatures_hold).
+HYPOTHESES = {
+    "H1": [("full", "baseline", "test-unseen mIoU", "better"),
+           ("full", "baseline", "test-seen-multi mIoU", "not worse")],
+    "H3": [("gsd", "baseline", "test-unseen mIoU", "better"),
+           ("gsd_avsr", "gsd", "test-unseen mIoU", "better"),
+           ("gsd_avsr_lsd", "gsd_avsr", "test-unseen mIoU", "better"),
+           ("full", "gsd_avsr_lsd", "test-unseen mIoU", "better")],
+    "H4": [("full", "N1", "test-seen-multi mIoU", "better"),
+           ("full", "N1", "test-unseen mIoU", "better")],
+    "H5": [("full", "multi_only", "test-seen-multi mIoU", "better"),
+           ("full", "multi_only", "test-unseen mIoU", "better")],
+}
+
+
+def group_of(run: dict) -> str:
+    """'benchmark/audio regime' of a stored run; runs stored before groups existed: v1/scratch."""
+    return f"{run.get('benchmark', 'v1')}/{run.get('audio_regime', 'scratch')}"
 
 
 def run_one(name: str, seed: int, out_root: str, extra: list[str], log_dir: str) -> subprocess.Popen:
@@ -109,15 +155,17 @@ def collect_run(info: dict) -> dict:
     with open(os.path.join(info["out"], "config.json")) as f:
         config = json.load(f)
     values = {col: m.get(split, {}).get(key) for col, (split, key) in COLUMNS.items()}
-    return dict(name=info["name"], seed=info["seed"], flags=ROWS[info["name"]],
+    return dict(benchmark=config["train"].get("benchmark") or "v1",
+                audio_regime=config["train"].get("audio_regime") or "scratch",
+                name=info["name"], seed=info["seed"], flags=ROWS[info["name"]],
                 time_s=round(time.time() - info["start"], 1), metrics=values,
                 codebook=m.get("codebook"), config=config, code_version=config.get("code_version"))
 
 
 def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
-    """The earlier runs whose (row, seed) was not run again, then the new runs."""
-    redone = {(r["name"], r["seed"]) for r in new}
-    return [r for r in old if (r["name"], r["seed"]) not in redone] + new
+    """The earlier runs whose (group, row, seed) was not run again, then the new runs."""
+    redone = {(group_of(r), r["name"], r["seed"]) for r in new}
+    return [r for r in old if (group_of(r), r["name"], r["seed"]) not in redone] + new
 
 
 def run_value(run: dict, col: str):
@@ -148,18 +196,26 @@ def aggregate(runs: list[dict]) -> dict:
     return rows
 
 
+def aggregate_groups(runs: list[dict]) -> dict:
+    """group -> aggregate() of the group's runs."""
+    groups = sorted({group_of(r) for r in runs})
+    return {g: aggregate([r for r in runs if group_of(r) == g]) for g in groups}
+
+
 def tables(rows: dict) -> str:
-    """Markdown tables, one per entry of TABLES, mean +- std over seeds."""
+    """Markdown tables of one group's rows, one per entry of TABLES, mean +- std over seeds; the
+    TABLE_COLUMNS that some row of the table has."""
     lines = []
     for title, entries in TABLES.items():
         present = [(label, name) for label, name in entries if name in rows]
         if not present:
             continue
-        lines += [f"**{title}**", "", "| row | " + " | ".join(COLUMNS) + " |",
-                  "| --- |" + " --- |" * len(COLUMNS)]
+        cols = [c for c in TABLE_COLUMNS if any(c in rows[n] for _, n in present)]
+        lines += [f"**{title}**", "", "| row | " + " | ".join(cols) + " |",
+                  "| --- |" + " --- |" * len(cols)]
         for label, name in present:
             cells = []
-            for col in COLUMNS:
+            for col in cols:
                 c = rows[name].get(col)
                 if c is None:
                     cells.append("-")
@@ -170,6 +226,90 @@ def tables(rows: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def paired(runs: list[dict], a: str, b: str, col: str) -> dict | None:
+    """The per-seed differences a - b of one group's runs in column col, over the seeds both rows
+    have: {seeds, diffs, mean, std (ddof 1), better: mean > 2 std}; None below two seeds."""
+    value = {(r["name"], r["seed"]): run_value(r, col) for r in runs}
+    seeds = sorted(s for (n, s), v in value.items() if n == a and v is not None
+                   and value.get((b, s)) is not None)
+    if len(seeds) < 2:
+        return None
+    d = np.array([value[(a, s)] - value[(b, s)] for s in seeds])   # (seeds,)
+    mean, std = float(d.mean()), float(d.std(ddof=1))
+    return dict(seeds=seeds, diffs=d.round(4).tolist(), mean=mean, std=std, better=mean > 2 * std)
+
+
+def held_signatures_hold(run: dict) -> bool | None:
+    """H2 for one run: its held global signatures are at least half the categories and above the
+    95th percentile of the shuffled-label count; None without the measure."""
+    cb = run.get("codebook") or {}
+    if cb.get("held_signatures") is None:
+        return None
+    categories = run["config"]["model"]["num_classes"]
+    return cb["held_signatures"] >= categories / 2 and cb["held_signatures"] > cb["held_signatures_null_p95"]
+
+
+def hypotheses(runs: list[dict]) -> dict:
+    """The verdict of every pre-registered hypothesis on one group's runs (where its rows ran):
+    name -> {holds, tests: [paired() and its kind]}; H2 -> {holds, per_seed}."""
+    out = {}
+    for h, tests in HYPOTHESES.items():
+        results = []
+        for a, b, col, kind in tests:
+            if kind == "better":
+                p = paired(runs, a, b, col)
+                ok = None if p is None else p["better"]
+            else:  # not worse: b is not better than a
+                p = paired(runs, b, a, col)
+                ok = None if p is None else not p["better"]
+            results.append(dict(a=a, b=b, column=col, kind=kind, holds=ok, paired=p))
+        if all(r["holds"] is None for r in results):
+            continue
+        out[h] = dict(holds=all(r["holds"] for r in results)
+                      if all(r["holds"] is not None for r in results) else None, tests=results)
+    full = sorted((r for r in runs if r["name"] == "full"), key=lambda r: r["seed"])
+    per_seed = {r["seed"]: held_signatures_hold(r) for r in full}
+    if per_seed and all(v is not None for v in per_seed.values()):
+        out["H2"] = dict(holds=all(per_seed.values()), per_seed=per_seed,
+                         held=[r["codebook"]["held_signatures"] for r in full],
+                         null_p95=[r["codebook"]["held_signatures_null_p95"] for r in full])
+    return dict(sorted(out.items()))
+
+
+def hypotheses_text(verdicts: dict) -> str:
+    """The verdicts as markdown lines."""
+    word = {True: "holds", False: "fails", None: "not run"}
+    lines = []
+    for h, v in verdicts.items():
+        if h == "H2":
+            lines.append(f"- **H2** {word[v['holds']]}: held global signatures {v['held']} against "
+                         f"shuffled-label p95 {v['null_p95']} (seeds {list(v['per_seed'])})")
+            continue
+        parts = []
+        for t in v["tests"]:
+            p = t["paired"]
+            diff = ("-" if p is None else f"{t['a'] if t['kind'] == 'better' else t['b']} - "
+                    f"{t['b'] if t['kind'] == 'better' else t['a']} = {p['mean']:+.3f} ± {p['std']:.3f} "
+                    f"(seeds {p['seeds']})")
+            parts.append(f"{t['column']} {t['a']} {t['kind']} than {t['b']}: {diff}, {word[t['holds']]}")
+        lines.append(f"- **{h}** {word[v['holds']]}: " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def report(runs: list[dict], group: str | None) -> str:
+    """Tables (and hypotheses) of every group, or of one."""
+    text = []
+    for g, rows in aggregate_groups(runs).items():
+        if group is not None and g != group:
+            continue
+        mine = [r for r in runs if group_of(r) == g]
+        text += [f"### {g}", "", tables(rows)]
+        verdicts = hypotheses(mine)
+        if verdicts:
+            text += ["Pre-registered hypotheses (results/README.md):", "", hypotheses_text(verdicts), ""]
+    return "\n".join(text)
 
 
 def main(argv=None) -> int:
@@ -186,6 +326,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="passed to train.py (cpu, cuda)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: CPU cores // parallel)")
+    p.add_argument("--benchmark", choices=["v1", "v2"], default=None,
+                   help=f"synthetic benchmark of the runs (default: train.py's, {train.DEFAULT_BENCHMARK})")
+    p.add_argument("--audio-regime", choices=list(train.AUDIO_REGIMES), default="pretrained-frozen",
+                   help="how the audio network starts (train.py --audio-regime; its synthetic default)")
     p.add_argument("--out", default="results", help="folder of runs/ and ablations.json")
     p.add_argument("--report", action="store_true", help="only print the tables of OUT/ablations.json")
     p.add_argument("--fresh", action="store_true",
@@ -197,7 +341,9 @@ def main(argv=None) -> int:
             print(f"error: {path} does not exist; run python ablate.py first", file=sys.stderr)
             return 2
         with open(path) as f:
-            print(tables(aggregate(json.load(f)["runs"])))
+            stored = json.load(f)["runs"]
+        only = f"{args.benchmark}/{args.audio_regime}" if args.benchmark else None
+        print(report(stored, only))
         return 0
 
     names = QUICK if args.quick else list(ROWS)
@@ -208,8 +354,19 @@ def main(argv=None) -> int:
             print(f"error: unknown rows {unknown}; expected some of {list(ROWS)}", file=sys.stderr)
             return 2
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
-    common = ["--threads", str(threads)] + (["--device", args.device] if args.device else []) + extra
-    log_dir = os.path.join(args.out, "logs")
+    benchmark = args.benchmark or train.DEFAULT_BENCHMARK
+    group_dir = f"{benchmark}-{args.audio_regime}"
+    common = (["--threads", str(threads), "--benchmark", benchmark, "--audio-regime", args.audio_regime,
+               "--eval-clips", str(EVAL_CLIPS)]
+              + (["--device", args.device] if args.device else []) + extra)
+    if args.audio_regime == "pretrained-frozen":
+        # build each seed's pretrained audio weights once, before the runs that share them start
+        from tools import pretrain_audio
+        cfg = train.TrainConfig()
+        for seed in range(args.seeds):
+            pretrain_audio.cached_weights(cfg.audio_cache, benchmark, seed, cfg.audio_pretrain_steps,
+                                          None, val_clips=EVAL_CLIPS)
+    log_dir = os.path.join(args.out, "logs", group_dir)
     os.makedirs(log_dir, exist_ok=True)
     jobs = [(n, s) for s in range(args.seeds) for n in names]  # every row's seed 0 first
     start, running, runs, failed, interrupted = time.time(), [], [], [], False
@@ -219,7 +376,8 @@ def main(argv=None) -> int:
         while jobs or running:
             while jobs and len(running) < args.parallel:
                 name, seed = jobs.pop(0)
-                running.append(run_one(name, seed, os.path.join(args.out, "runs"), common, log_dir))
+                running.append(run_one(name, seed, os.path.join(args.out, "runs", group_dir), common,
+                                       log_dir))
             time.sleep(2)
             for proc in [q for q in running if q.poll() is not None]:
                 running.remove(proc)
@@ -251,11 +409,14 @@ def main(argv=None) -> int:
                       parallel=args.parallel, total_time_s=round(total, 1), failed=failed,
                       interrupted=interrupted, runs=[f"{r['name']}-s{r['seed']}" for r in runs])
     all_runs = merge_runs(earlier.get("runs", []), runs)
+    groups = sorted({group_of(r) for r in all_runs})
     result = dict(invocations=earlier.get("invocations", []) + [invocation],
-                  rows=aggregate(all_runs), runs=all_runs)
+                  rows=aggregate_groups(all_runs),
+                  hypotheses={g: hypotheses([r for r in all_runs if group_of(r) == g]) for g in groups},
+                  runs=all_runs)
     train.write_json(path, result)  # atomic: a temporary file, then a rename
     print(f"\n{len(runs)} runs in {total / 60:.1f} min ({len(failed)} failed); wrote {path}\n")
-    print(tables(result["rows"]))
+    print(report(all_runs, f"{benchmark}/{args.audio_regime}"))
     return 1 if failed or interrupted else 0
 
 

@@ -24,6 +24,14 @@ What this file teaches
       5. a 2-D picture of the global tokens of single-source clips, coloured by category (PCA),
          with the codewords as crosses, as in Fig. 6.
 
+    A collapsed codebook fools a recall: when many categories share one signature codeword, a
+    clip that chooses it "recovers" all of them. So every recall counts only categories whose
+    signature is their *own* (no other category has it, own_signatures); with a collapsed
+    codebook nobody owns one and the recall is NaN (reported as null), never a high number.
+    Whether the global tokens carry the sound at all is tested against chance: the number of
+    category-specific signatures fixed on one split (val) that stay specific on another (test),
+    against the same number with the category labels shuffled (signature_test).
+
 Reading order: collect() (runs the model and gathers tokens, codes and categories), summarise()
 (the numbers 1-4), scatter_png() (the picture 5). train.py calls write_diagnostics() at the end
 of a synthetic run, which draws tokens.png; train.py writes the returned dict to diagnostics.json.
@@ -52,7 +60,7 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
     """Run the model over a synthetic split and keep, per clip, its global tokens and codes.
 
     Returns dict of numpy arrays:
-        tokens   (M, N, C) float32, g_i before quantization (the first window of the clip)
+        tokens   (M, N, C) float32, g_i before quantization
         codes    (M, N) int64, the chosen codewords VQ(g_i)
         sounding (M, Kc) bool, the categories that sound somewhere in the clip (off-screen too)
         multi    (M,) bool, multi-source clip
@@ -72,10 +80,8 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
         res = model(batch)
         if "global" not in res["indices"]:
             return {}
-        codes = res["indices"]["global"]                      # (B, N) or (B, n_win, N)
-        tokens = res["tokens"]["global"]                      # (B, N, C) or (B, n_win, N, C)
-        if codes.dim() == 3:                                  # windows: keep the first
-            codes, tokens = codes[:, 0], tokens[:, 0]         # (B, N), (B, N, C)
+        codes = res["indices"]["global"]                      # (B, N)
+        tokens = res["tokens"]["global"]                      # (B, N, C)
         out["tokens"].append(tokens.float().cpu().numpy())
         out["codes"].append(codes.cpu().numpy())
         if "local" in res["indices"]:
@@ -123,10 +129,71 @@ def signatures(table: np.ndarray, specific_only: bool = False) -> np.ndarray:
     return sig
 
 
+def own_signatures(sig: np.ndarray) -> np.ndarray:
+    """(Kc,) sig with -1 where a category shares its signature codeword with another category:
+    under collapse (one codeword for every category) no category owns one, and a recall over
+    such shared signatures would count a single codeword as many recovered sources."""
+    words, counts = np.unique(sig[sig >= 0], return_counts=True)
+    own = sig.copy()
+    own[np.isin(own, words[counts > 1])] = -1
+    return own
+
+
+def specific_signature_count(table: np.ndarray) -> int:
+    """The number of distinct codewords among the category-specific signatures
+    (signatures(table, specific_only=True)): 0 when the tokens ignore the sound."""
+    sig = signatures(table, specific_only=True)              # (Kc,)
+    return int(len(set(sig[sig >= 0].tolist())))
+
+
+def held_signature_count(sig: np.ndarray, table: np.ndarray) -> int:
+    """How many categories' signatures, fixed on one split (sig, -1: none), are their own and
+    still specific to them on another split (table: that split's category x codeword table)."""
+    own = own_signatures(sig)                                # (Kc,)
+    seen = ~np.isnan(table).any(1)                           # (Kc,)
+    mean = table[seen].mean(0)                               # (K,)
+    c = np.nonzero((own >= 0) & seen)[0]                     # categories to check
+    return int((table[c, own[c]] - mean[own[c]] > 0).sum())
+
+
+def signature_test(fit: tuple, held: tuple, num_codes: int, shuffles: int = 200,
+                   seed: int = 0) -> dict:
+    """Do the tokens carry the sound? Signatures fixed on one split, counted on another, against
+    chance.
+
+    fit and held are (codes, sounding, multi) of two splits (val and test). Each category's
+    specific signature is fixed on `fit`; the count is the number of categories whose signature
+    is their own and is still specific to them on `held` (held_signature_count). Counted on the
+    split that chose them, signatures are always specific: with about ten single-source clips a
+    category, noise alone gives nearly every category one (the test shows it). The null: the
+    category labels of fit's single-source clips permuted, which breaks any link between a
+    clip's sound and its codewords while every category keeps its number of clips. Returns
+    {count, fit_count, null_p95, null_mean, p_value, shuffles, categories}; fit_count is the
+    count on `fit` alone; p_value = (1 + #null >= count) / (1 + shuffles)."""
+    (codes, sounding, multi), (h_codes, h_sounding, h_multi) = fit, held
+    table = category_code_table(codes, sounding, multi, num_codes)        # (Kc, K)
+    held_table = category_code_table(h_codes, h_sounding, h_multi, num_codes)  # (Kc, K)
+    count = held_signature_count(signatures(table, specific_only=True), held_table)
+    rng = np.random.default_rng(seed)
+    single = np.nonzero(~multi)[0]                           # (M_s,)
+    null = np.empty(shuffles, dtype=np.int64)
+    for j in range(shuffles):
+        perm = sounding.copy()                               # (M, Kc)
+        perm[single] = sounding[rng.permutation(single)]     # labels of single-source clips permuted
+        perm_table = category_code_table(codes, perm, multi, num_codes)   # (Kc, K)
+        null[j] = held_signature_count(signatures(perm_table, specific_only=True), held_table)
+    return {"count": count, "fit_count": specific_signature_count(table),
+            "null_p95": float(np.percentile(null, 95)), "null_mean": float(null.mean()),
+            "p_value": float((1 + (null >= count).sum()) / (1 + shuffles)),
+            "shuffles": shuffles, "categories": int(sounding.shape[1])}
+
+
 def decomposition_recall(codes: np.ndarray, sounding: np.ndarray, multi: np.ndarray,
                          sig: np.ndarray) -> float:
     """Over multi-source clips: mean over (clip, sounding category with a signature) of
-    [sig(c) is among the clip's N global tokens]. NaN when there is nothing to count."""
+    [sig(c) is among the clip's N global tokens]. NaN when there is nothing to count. Pass
+    own_signatures(sig): a signature shared by several categories would count one codeword as
+    several recovered sources."""
     hits, total = 0, 0
     for m in np.nonzero(multi)[0]:
         chosen = set(codes[m].tolist())
@@ -166,13 +233,13 @@ def frame_recall(local_codes: np.ndarray, frames: np.ndarray, sounding: np.ndarr
 def index_signatures(local_codes: np.ndarray, sounding: np.ndarray, multi: np.ndarray,
                      num_codes: int) -> np.ndarray:
     """(Kc, N) sig_i(c): the signature of category c among token index i's codes alone, -1 where
-    no codeword is specific to c (see frame_recall). local_codes (M, T, N); sounding, multi as in
-    collect()."""
+    no codeword is specific to c or where another category has the same one (own_signatures; see
+    frame_recall). local_codes (M, T, N); sounding, multi as in collect()."""
     N = local_codes.shape[2]
     sig = np.empty((sounding.shape[1], N), dtype=np.int64)   # (Kc, N)
     for i in range(N):
         table = category_code_table(local_codes[:, :, i], sounding, multi, num_codes)  # (Kc, K)
-        sig[:, i] = signatures(table, specific_only=True)    # (Kc,)
+        sig[:, i] = own_signatures(signatures(table, specific_only=True))  # (Kc,)
     return sig
 
 
@@ -181,11 +248,14 @@ def summarise(collected: dict, num_codes: int) -> dict:
     codes, sounding, multi = collected["codes"], collected["sounding"], collected["multi"]
     table = category_code_table(codes, sounding, multi, num_codes)  # (Kc, K)
     sig = signatures(table)                                          # (Kc,)
+    own = own_signatures(sig)                                        # (Kc,)
     res = {
         "global_codebook": codebook_stats(torch.from_numpy(codes), num_codes),
         "distinct_signatures": int(len(set(sig[sig >= 0].tolist()))),
+        "own_signatures": int((own >= 0).sum()),
+        "specific_signatures": specific_signature_count(table),
         "signature_codeword": sig.tolist(),
-        "decomposition_recall": decomposition_recall(codes, sounding, multi, sig),
+        "decomposition_recall": decomposition_recall(codes, sounding, multi, own),
         "category_codeword_table": np.nan_to_num(table, nan=-1.0).round(3).tolist(),
         "clips": {"single": int((~multi).sum()), "multi": int(multi.sum())},
     }
@@ -195,8 +265,10 @@ def summarise(collected: dict, num_codes: int) -> dict:
         local = collected["local_codes"].reshape(len(multi), -1)     # (M, T*N)
         local_sig = signatures(category_code_table(local, sounding, multi, num_codes))  # (Kc,)
         res["local_codebook"] = codebook_stats(torch.from_numpy(local), num_codes)
+        local_own = own_signatures(local_sig)                        # (Kc,)
         res["local_distinct_signatures"] = int(len(set(local_sig[local_sig >= 0].tolist())))
-        res["local_decomposition_recall"] = decomposition_recall(local, sounding, multi, local_sig)
+        res["local_own_signatures"] = int((local_own >= 0).sum())
+        res["local_decomposition_recall"] = decomposition_recall(local, sounding, multi, local_own)
         # per token index i, the codeword sig_i(c) of each category (column c-1: class id c; -1:
         # none); predict.py names a token's codeword with it
         res["local_signature_codeword_per_index"] = index_signatures(
@@ -261,14 +333,25 @@ def _with_legend(img, class_ids: list, names: list, palette: np.ndarray):
     return out
 
 
-def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | None = None) -> dict:
+def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | None = None,
+                      fit_dataset=None) -> dict:
     """Collect on `dataset`, write out_dir/tokens.png (and tokens_local.png) and return the
-    summary dict for diagnostics.json (empty when the model has no global tokens)."""
+    summary dict for diagnostics.json (empty when the model has no global tokens). With
+    fit_dataset (val), also signature_test: the global signatures fixed on fit_dataset and
+    counted on `dataset` against shuffled labels (held_signatures, held_signatures_null_p95,
+    held_signatures_p)."""
     collected = collect(model, dataset, device, max_clips=max_clips)
     if not collected:
         return {}
     codebook = model.codebook.codebook.detach().float().cpu().numpy()   # (K, C)
     res = summarise(collected, codebook.shape[0])
+    if fit_dataset is not None:
+        fit = collect(model, fit_dataset, device, max_clips=max_clips)
+        test = signature_test((fit["codes"], fit["sounding"], fit["multi"]),
+                              (collected["codes"], collected["sounding"], collected["multi"]),
+                              codebook.shape[0])
+        res.update(held_signatures=test["count"], held_signatures_null_p95=test["null_p95"],
+                   held_signatures_p=test["p_value"], held_signatures_fit_count=test["fit_count"])
     single = ~collected["multi"]                                        # (M,)
     tokens = collected["tokens"][single]                                # (M_s, N, C)
     cats = collected["sounding"][single].argmax(1) + 1                  # (M_s,) class ids

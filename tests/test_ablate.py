@@ -48,3 +48,60 @@ def test_report_without_results_is_one_clear_error(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2 and "ablations.json does not exist" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_groups_keep_runs_of_other_benchmarks_and_regimes_apart():
+    old = [fake_run("full", 0, 0.30)]                                  # stored before groups: v1/scratch
+    new = [dict(fake_run("full", 0, 0.50), benchmark="v2", audio_regime="pretrained-frozen")]
+    merged = ablate.merge_runs(old, new)
+    assert len(merged) == 2                                            # not a redo of the v1 run
+    groups = ablate.aggregate_groups(merged)
+    assert groups["v1/scratch"]["full"]["test mIoU"]["mean"] == 0.30
+    assert groups["v2/pretrained-frozen"]["full"]["test mIoU"]["mean"] == 0.50
+    redo = [dict(fake_run("full", 0, 0.60), benchmark="v2", audio_regime="pretrained-frozen")]
+    assert sorted(r["metrics"]["test mIoU"] for r in ablate.merge_runs(merged, redo)) == [0.30, 0.60]
+
+
+def run_with(name, seed, **cols):
+    r = fake_run(name, seed, None)
+    r["metrics"].update({k.replace("_", " "): v for k, v in cols.items()})
+    return r
+
+
+def test_paired_differences_by_hand():
+    runs = [run_with("full", s, **{"test-unseen_mIoU": v}) for s, v in enumerate([0.30, 0.34, 0.35])]
+    runs += [run_with("baseline", s, **{"test-unseen_mIoU": v}) for s, v in enumerate([0.20, 0.25, 0.24])]
+    p = ablate.paired(runs, "full", "baseline", "test-unseen mIoU")
+    # differences 0.10, 0.09, 0.11: mean 0.10, std 0.01 -> better (0.10 > 0.02)
+    assert p["seeds"] == [0, 1, 2] and abs(p["mean"] - 0.10) < 1e-12 and abs(p["std"] - 0.01) < 1e-12
+    assert p["better"]
+    # a seed only one row has is left out; one common seed is no test
+    assert ablate.paired(runs[:1] + runs[3:], "full", "baseline", "test-unseen mIoU") is None
+
+
+def test_hypothesis_h1_needs_better_unseen_and_not_worse_seen_multi():
+    def runs(full_seen_multi):
+        out = []
+        for s, (fu, bu) in enumerate([(0.30, 0.20), (0.34, 0.25), (0.35, 0.24)]):
+            out.append(run_with("full", s, **{"test-unseen_mIoU": fu, "test-seen-multi_mIoU": full_seen_multi[s]}))
+            out.append(run_with("baseline", s, **{"test-unseen_mIoU": bu, "test-seen-multi_mIoU": 0.40}))
+        return out
+    # on test-seen-multi the full model is lower on average, but inside twice the spread: holds
+    v = ablate.hypotheses(runs([0.36, 0.43, 0.40]))
+    assert v["H1"]["holds"] is True and set(v) == {"H1"}            # no row of H3-H5 ran
+    # consistently 0.05 lower on test-seen-multi: baseline is better there, H1 fails
+    v = ablate.hypotheses(runs([0.35, 0.36, 0.34]))
+    assert v["H1"]["holds"] is False
+    assert v["H1"]["tests"][0]["holds"] is True and v["H1"]["tests"][1]["holds"] is False
+    assert "**H1** fails" in ablate.hypotheses_text(v)
+
+
+def test_hypothesis_h2_per_seed_from_held_signatures():
+    def full(seed, held, p95):
+        r = fake_run("full", seed, 0.3)
+        r["codebook"] = {"held_signatures": held, "held_signatures_null_p95": p95}
+        r["config"] = {"model": {"num_classes": 24}}
+        return r
+    assert ablate.hypotheses([full(0, 13, 5.0), full(1, 12, 4.0)])["H2"]["holds"] is True
+    assert ablate.hypotheses([full(0, 13, 5.0), full(1, 11, 4.0)])["H2"]["holds"] is False  # < 24 / 2
+    assert ablate.hypotheses([full(0, 13, 13.0), full(1, 12, 4.0)])["H2"]["holds"] is False  # not above chance

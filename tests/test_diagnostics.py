@@ -3,8 +3,8 @@ hand-computed values on a hand-built set of clips; the token picture."""
 import numpy as np
 from PIL import Image
 
-from diagnostics import (category_code_table, decomposition_recall, frame_recall, scatter_png,
-                         signatures, summarise)
+from diagnostics import (category_code_table, decomposition_recall, frame_recall, own_signatures,
+                         scatter_png, signature_test, signatures, summarise)
 
 # 6 clips, N = 2 tokens, K = 6 codewords, Kc = 3 categories (column c-1 is class id c).
 CODES = np.array([[3, 0], [3, 0],      # single-source, category 1
@@ -71,6 +71,71 @@ def test_frame_recall_uses_a_signature_per_token_index():
     res = summarise({"codes": codes[:, 0], "sounding": sounding, "multi": multi,
                      "local_codes": codes}, num_codes=9)
     assert res["local_signature_codeword_per_index"] == [[1, 2], [7, 8], [-1, -1]]
+
+
+def test_a_shared_signature_is_nobodys_and_recovers_nobody():
+    # K = 6, N = 2, Kc = 3. Alone, categories 1 and 3 both choose (4, 1) and category 2 (4, 2):
+    # mean over categories k4 1, k1 2/3, k2 1/3, so sig = (1, 2, 1); codeword 1 is shared.
+    codes = np.array([[4, 1], [4, 1], [4, 2], [4, 2], [4, 1], [4, 1],
+                      [4, 1],              # multi-source, categories 1 and 2
+                      [4, 1]])             # multi-source, categories 1 and 3
+    sounding = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 1, 0], [0, 0, 1], [0, 0, 1],
+                         [1, 1, 0], [1, 0, 1]], dtype=bool)
+    multi = sounding.sum(1) == 2
+    sig = signatures(category_code_table(codes, sounding, multi, num_codes=6))
+    assert sig.tolist() == [1, 2, 1] and own_signatures(sig).tolist() == [-1, 2, -1]
+    # with the shared signature the 1+3 clip "recovers" both sources with one codeword: 3 of 4
+    assert decomposition_recall(codes, sounding, multi, sig) == 0.75
+    # counting own signatures only: category 2 in the 1+2 clip, missed -> 0 of 1
+    res = summarise({"codes": codes, "sounding": sounding, "multi": multi}, num_codes=6)
+    assert res["decomposition_recall"] == 0.0 and res["own_signatures"] == 1
+    assert res["distinct_signatures"] == 2 and res["specific_signatures"] == 2
+
+
+def test_a_collapsed_codebook_has_no_recall():
+    # every clip chooses codeword 0 whatever sounds: one signature for all, owned by nobody
+    sounding = np.eye(3, dtype=bool)[[0, 1, 2, 0, 1]]
+    sounding[3:, 2] = True                                            # two mixtures
+    multi = sounding.sum(1) == 2
+    codes = np.zeros((5, 2), dtype=np.int64)
+    res = summarise({"codes": codes, "sounding": sounding, "multi": multi,
+                     "local_codes": codes[:, None], "sounding_frames": sounding[:, None]}, num_codes=4)
+    assert res["distinct_signatures"] == 1 and res["own_signatures"] == 0
+    assert np.isnan(res["decomposition_recall"]) and np.isnan(res["local_decomposition_recall"])
+    assert np.isnan(res["local_frame_recall"])                       # was 1.0 before own signatures
+    assert res["specific_signatures"] == 0
+
+
+def test_signature_test_against_chance():
+    rng = np.random.default_rng(0)
+
+    def split(n, codes_of):
+        cats = rng.integers(0, 6, n)                                   # n single-source clips
+        return codes_of(cats), np.eye(6, dtype=bool)[cats], np.zeros(n, dtype=bool)
+
+    # tokens that name the category (codeword c, plus one of 6..9): all 6 signatures hold on the
+    # other split, against a few with shuffled labels
+    tracking = lambda cats: np.stack([cats, rng.integers(6, 10, len(cats))], 1)  # (n, 2)
+    res = signature_test(split(120, tracking), split(120, tracking), num_codes=10, shuffles=50)
+    assert res["count"] == 6 and res["null_p95"] <= 4 and res["p_value"] == 1 / 51
+    # tokens that ignore the sound: on the split that chose them noise gives most categories a
+    # "specific" signature (why the count is taken on another split); there, chance level
+    noise = lambda cats: rng.integers(0, 10, (len(cats), 2))
+    res = signature_test(split(60, noise), split(60, noise), num_codes=10, shuffles=50)
+    assert res["fit_count"] >= 4 and res["count"] <= res["null_p95"] + 1 and res["p_value"] > 0.05
+    constant = lambda cats: np.zeros((len(cats), 2), dtype=np.int64)
+    res = signature_test(split(60, constant), split(60, constant), num_codes=10, shuffles=50)
+    assert res["count"] == 0 and res["null_p95"] == 0 and res["p_value"] == 1.0
+
+
+def test_held_signature_count_by_hand():
+    from diagnostics import held_signature_count
+    # signatures fixed elsewhere: categories 1, 2, 3 -> codewords 0, 1, 1 (1 shared), 4: none
+    sig = np.array([0, 1, 1, -1])
+    # held-out table (Kc = 4, K = 2): codeword 0 is specific to category 1 (0.9 > mean 0.5)
+    table = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.5, 0.5]])
+    assert held_signature_count(sig, table) == 1                     # 2 and 3 share theirs
+    assert held_signature_count(np.array([1, 0, -1, -1]), table) == 0  # both below the mean
 
 
 def test_scatter_png_draws_each_category_colour(tmp_path):
