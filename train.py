@@ -66,7 +66,7 @@ class TrainConfig:
     frames: int = 5                # T, consecutive frames per training clip (paper: 5)
     workers: int = 0               # DataLoader worker processes
     train_clips: int | None = None  # synthetic only: clips in the train split (None: data default)
-    eval_clips: int | None = 500    # synthetic only: clips per evaluation split (None: all of it)
+    eval_clips: int | None = 200    # synthetic only: clips per evaluation split (None: all of it; ablate.py: 500)
     train_multi_ratio: float | None = None  # synthetic only: share of multi-source train clips (None: 0.5; Fig. 7: 1.0)
     benchmark: str | None = None   # synthetic only: v1 | v2 (adds test-seen-multi, val-unseen); None: the checkpoint's (--eval-only), else DEFAULT_BENCHMARK
     # model
@@ -76,7 +76,7 @@ class TrainConfig:
     vggish_weights: str | None = None    # released VGGish weights (vggish-10086976.pth): --audio-weights, VGGish only
     audio_weights: str | None = None     # state_dict of the audio network (VGGish, or the cpu preset's SmallVGG)
     finetune_audio: bool = False   # train the loaded audio network instead of freezing it (AVSBench freezes it)
-    audio_regime: str = "scratch"  # synthetic only: scratch | pretrained-frozen (AUDIO_REGIMES, tools/pretrain_audio.py)
+    audio_regime: str | None = None  # synthetic only: scratch | pretrained-frozen (AUDIO_REGIMES); None: default_audio_regime()
     audio_pretrain_steps: int = 1500  # pretrained-frozen: steps of the pretraining (part of the cached file's name)
     audio_pretrain_clips: int | None = None  # pretrained-frozen: train clips of the pretraining; None: the whole train split (not --train-clips)
     audio_cache: str = os.path.join("runs", "audio-weights")  # pretrained-frozen: folder of the cached weights, built on first use
@@ -143,7 +143,7 @@ RECIPES = {
     "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu", lr=4e-4, quant_warmup_steps=300,
                       loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0, loss_giou=0.5),
 }
-DEFAULT_BENCHMARK = "v1"  # the synthetic benchmark of a run without --benchmark (data.SyntheticAVS)
+DEFAULT_BENCHMARK = "v2"  # the synthetic benchmark of a run without --benchmark (data.SyntheticAVS; v1: the earlier tables)
 # How the CPU preset's audio network starts on the synthetic benchmark. scratch: random, trained
 # with the rest of SQD. pretrained-frozen: the paper's regime (VGGish trained on AudioSet, frozen
 # as in AVSBench and AVSegFormer) for the CPU preset: SmallVGG pretrained as a multi-label sound
@@ -183,6 +183,20 @@ def _field_comments() -> dict:
         if ":" in line and "#" in line and not line.startswith(("#", '"')):
             comments[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
     return comments
+
+
+def default_audio_regime(cfg: TrainConfig, ckpt: dict | None) -> str:
+    """The audio regime of a run without --audio-regime: an evaluated checkpoint's own; on the
+    synthetic benchmark with the CPU preset, pretrained-frozen (the paper's regime) unless the
+    flags bring audio weights or ask to fine-tune them; otherwise scratch (for AVSBench the
+    pretrained network comes from --vggish-weights)."""
+    if cfg.eval_only and ckpt is not None:
+        return ckpt["config"]["train"].get("audio_regime") or "scratch"
+    preset = cfg.preset or RECIPES[cfg.dataset]["preset"]
+    if (cfg.dataset == "synthetic" and preset == "cpu" and not cfg.finetune_audio
+            and not (cfg.audio_weights or cfg.vggish_weights)):
+        return "pretrained-frozen"
+    return "scratch"
 
 
 def check_audio_regime(cfg: TrainConfig) -> bool:
@@ -361,6 +375,8 @@ def run(cfg: TrainConfig) -> int:
     if cfg.benchmark is None and cfg.dataset == "synthetic":  # an evaluated checkpoint keeps its benchmark
         saved = ckpt["config"]["train"].get("benchmark") if ckpt is not None else None
         cfg.benchmark = saved or DEFAULT_BENCHMARK
+    if cfg.audio_regime is None:
+        cfg.audio_regime = default_audio_regime(cfg, ckpt)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -479,7 +495,8 @@ def run(cfg: TrainConfig) -> int:
         if cfg.dataset == "synthetic" and "test" in eval_sets:
             # a look inside the codebook (diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
             import diagnostics  # a lab tool: loaded only here, so that predict.py never loads it
-            diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir)
+            diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir,
+                                                 fit_dataset=eval_sets.get("val"))
             if diag:
                 write_json(os.path.join(out_dir, "diagnostics.json"), diag)
                 # the summary numbers; the tables (category x codeword) stay in diagnostics.json

@@ -280,7 +280,7 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path):
     run = tmp_path / "run"
     cmd = [sys.executable, "train.py", "--benchmark", "v2", "--max-steps", "1", "--out", str(run),
            "--img-size", "32", "--train-clips", "8", "--eval-clips", "4", "--threads", "1",
-           "--num-overlays", "0"]
+           "--num-overlays", "0", "--audio-regime", "scratch"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((run / "config.json").read_text())

@@ -17,8 +17,10 @@ import torch
 from fixtures import RunsCode, write_avss, write_ms3, write_s4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# v1 and the from-scratch audio network keep these runs small and fast; the defaults (v2, the
+# pretrained frozen audio network) are checked by test_defaults_are_v2_and_the_pretrained_frozen_audio
 TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threads", "1", "--epochs", "3",
-        "--log-every", "1", "--num-overlays", "2"]
+        "--log-every", "1", "--num-overlays", "2", "--benchmark", "v1", "--audio-regime", "scratch"]
 
 
 def train(*args, check=True, timeout=300):
@@ -385,7 +387,7 @@ def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_
     regime = ["--benchmark", "v2", "--audio-regime", "pretrained-frozen", "--audio-pretrain-steps", "3",
               "--audio-pretrain-clips", "4", "--audio-cache", str(cache)]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    first = train(*regime, "--max-steps", "3", "--out", str(whole), *TINY)
+    first = train("--max-steps", "3", "--out", str(whole), *TINY, *regime)  # regime after TINY wins
     built = cache / "v2-s0-3-c4.pt"
     assert "audio pretraining (v2, seed 0, 3 steps)" in first.stdout and f"wrote {built}" in first.stdout
     assert os.listdir(cache) == ["v2-s0-3-c4.pt"]
@@ -395,7 +397,7 @@ def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_
     assert list(weights) == list(expected) and all(torch.equal(weights[k], expected[k]) for k in weights)
     stamp = (built.stat().st_mtime_ns, built.read_bytes())
 
-    second = train(*regime, "--max-steps", "2", "--out", str(broken), *TINY)  # the cache is found
+    second = train("--max-steps", "2", "--out", str(broken), *TINY, *regime)  # the cache is found
     assert "audio pretraining" not in second.stdout and f"{built} (cached)" in second.stdout
     assert (built.stat().st_mtime_ns, built.read_bytes()) == stamp
     config = json.loads((broken / "config.json").read_text())
@@ -412,6 +414,20 @@ def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_
     for run in (whole, broken):  # loaded and frozen: the net in the checkpoint is the cached file
         net = _audio_net(torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"])
         assert net.keys() == weights.keys() and all(torch.equal(net[k], weights[k]) for k in weights)
+
+
+def test_defaults_are_v2_and_the_pretrained_frozen_audio():
+    from train import DEFAULT_BENCHMARK, default_audio_regime, make_dataset, parse_args
+    assert DEFAULT_BENCHMARK == "v2"
+    assert make_dataset(parse_args(["--eval-clips", "1"]), "val", train=False).benchmark == "v2"
+    assert default_audio_regime(parse_args([]), None) == "pretrained-frozen"
+    # flags that bring their own audio weights, another network or AVSBench: scratch
+    for flags in (["--audio-weights", "w.pt"], ["--vggish-weights", "w.pt"], ["--finetune-audio"],
+                  ["--preset", "paper"], ["--dataset", "avss"]):
+        assert default_audio_regime(parse_args(flags), None) == "scratch", flags
+    # an evaluated checkpoint keeps its own regime
+    ckpt = {"config": {"train": {"audio_regime": "scratch"}}}
+    assert default_audio_regime(parse_args(["--eval-only"]), ckpt) == "scratch"
 
 
 @pytest.mark.parametrize("flags, words", [
