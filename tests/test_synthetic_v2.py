@@ -278,7 +278,7 @@ def test_v2_frame_audio_is_less_reliable_than_v1():
 # ----------------------------------------------------------------------------------------------
 def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--benchmark", "v2", "--max-steps", "1", "--out", str(run),
+    cmd = [sys.executable, "train.py", "--benchmark", "v2", "--epochs", "1", "--out", str(run),  # 2 steps
            "--img-size", "32", "--train-clips", "8", "--eval-clips", "4", "--threads", "1",
            "--num-overlays", "0", "--audio-regime", "scratch"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -289,6 +289,10 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path):
     for split in ("test", "test-seen-multi", "test-unseen", "val-unseen"):
         assert 0.0 <= metrics[split]["miou_official"] <= 1.0, split
     assert "multi_jf_official" in metrics["test-seen-multi"]
+    # the val evaluation of the final model, as log.jsonl logged it, is in metrics.json too
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    val = [rec for rec in logged if rec.get("eval") == "val"]
+    assert len(val) == 1 and val[0]["miou_official"] == metrics["val"]["miou_official"]
     # --eval-only without --benchmark evaluates on the checkpoint's benchmark
     ev = tmp_path / "eval"
     proc = subprocess.run([sys.executable, "train.py", "--eval-only", "--checkpoint", str(run / "last.pt"),
