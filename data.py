@@ -3,7 +3,7 @@
 What this file teaches
 ----------------------
 Audiovisual segmentation (paper §4, "Dataset") labels, in every frame, the pixels of the objects
-that are *heard* in that second. This file makes the batches the model reads (DESIGN.md §2):
+that are *heard* in that second. This file makes the batches the model reads:
 
   frames      (B, T, 3, H, W) float32, ImageNet-normalised
   audio       (B, T, 1, 96, 64) float32, one 0.96 s VGGish log-mel example per frame
@@ -163,7 +163,8 @@ V2 = dict(
 
 
 class SyntheticAVS(Dataset):
-    """The synthetic audiovisual segmentation benchmark (DESIGN.md §4), generated on the fly.
+    """The synthetic audiovisual segmentation benchmark, generated on the fly (README, "The
+    synthetic benchmark").
 
     Two versions, chosen by `benchmark`; v1 is kept exactly as it was first published.
 
@@ -218,7 +219,7 @@ class SyntheticAVS(Dataset):
             (default 0.15); v2: that a 3-source clip's third source is off-screen (V2).
         noise_std: (lo, hi) range of the white-noise standard deviation of the audio (v1 only).
         benchmark: 'v1' | 'v2'.
-    Item: the dict of DESIGN §2 (see the file docstring) with meta keys 'clip', 'split', 'index',
+    Item: the dict of the file docstring with meta keys 'clip', 'split', 'index',
         'multi_source', 'sources', 'offscreen', 'distractors', 'visible' (class ids),
         'sounding' (T, Kc) nested bool lists (column c-1 is class id c; off-screen sources count),
         'unseen_pair' ([a, b] class ids in test-unseen and val-unseen, else None); v1: 'pitch_hz'

@@ -7,7 +7,7 @@ What this file teaches
     quantized local token into a mask, a class and a box (the semantic-guided mask decoder, whose
     masks come from a dynamic convolution whose filters the token itself writes).
 
-Paper (../shared/paper.txt)
+Paper
     §3.3  eq. (3) audio-visual fusion          -> AudioVisualFusion
           eq. (4) global ASD                    -> AudioSemanticDecoder (on F'_a)
           eq. (5) audiovisual recombination     -> SemanticRecombination

@@ -188,7 +188,7 @@ class VectorQuantizer(nn.Module):
         owns_codebook = update_codebook and self.training
         if owns_codebook and self.revival_enabled:
             # PAPER: dead-code revival is not in the paper (it trains C by eq. 9 alone); it is an
-            # option, off by default, for runs whose codebook collapses (DESIGN §3).
+            # option, off by default, for runs whose codebook collapses.
             # Before this step's assignment, so that the parameter is changed outside any graph.
             self.revive_dead_codes(flat)
 

@@ -17,7 +17,7 @@ What this file teaches
 
 Reading order
     ModelConfig and PRESETS (the hyper-parameters, with the paper's values), SQD.__init__
-    (which module is which box of Fig. 3), SQD.forward (the paper's data flow, DESIGN.md §2),
+    (which module is which box of Fig. 3), SQD.forward (the paper's data flow, Fig. 3),
     then segment() and foreground_probability() (App. E).
 
 Ablations (Tables 2-5) are named booleans of ModelConfig whose defaults are the paper's full
@@ -77,7 +77,7 @@ class ModelConfig:
     avsr_from_quantized: bool = True  # AVSR filters from e_i = VQ(g_i) (True) or from g_i
     avsr_batch_norm: bool = True   # eq. (5)'s BN (True) or a LayerNorm over channels (CPU preset)
     # PAPER: eq. (4) and (6) both write p_i; whether the two ASDs share them is not said. Two
-    # sets by default (DESIGN §3); shared_prototypes=True ties them.
+    # sets by default; shared_prototypes=True ties them.
     shared_prototypes: bool = False   # one set of prototypes p_i for global and local ASD
     zero_audio: bool = False       # control: audio input replaced by zeros (vision alone)
 
@@ -378,7 +378,7 @@ def foreground_probability(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
     P_{i,t} is the token's best class probability (with Kc = 1, the sounding-object probability).
     """
     # PAPER: the paper gives no rule for the binary task; we score max_i P_{i,t} M_{i,t}, without
-    # the class threshold, and the metrics threshold it at 0.5 (DESIGN §2, step 11).
+    # the class threshold, and the metrics threshold it at 0.5.
     B, T, N = pred_logits.shape[:3]
     p = pred_logits.sigmoid().max(-1).values                             # (B, T, N)
     m = F.interpolate(pred_masks.flatten(0, 1), size=size, mode="bilinear",

@@ -109,7 +109,7 @@ def test_cpu_preset_forward_backward_shapes_and_every_parameter_learns():
     batch = random_batch(B, T, H)
     out, total, parts, missing = loss_and_grads(model, batch)
     N, C, Kc, h = cfg.num_tokens, cfg.dim, cfg.num_classes, H // 4
-    assert out["pred_logits"].shape == (B, T, N, Kc)          # DESIGN §2 step 9
+    assert out["pred_logits"].shape == (B, T, N, Kc)          # a class score per token and frame
     assert out["pred_masks"].shape == (B, T, N, h, h)
     assert out["pred_boxes"].shape == (B, T, N, 4)
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
