@@ -806,12 +806,34 @@ def write_clip_pictures(cfg: TrainConfig, model: SQD, eval_sets: dict, diag: dic
     model.train()
 
 
+# The numbers printed at the end of a run (metrics.json holds every measure): the paper's Table 1
+# columns for the dataset, per evaluated split; the synthetic benchmark fills all three of them.
+HEADLINE = {
+    "avss": [("mIoU", "miou_official"), ("F", "f_official")],
+    "s4": [("J", "j_official"), ("F", "f_official"), ("J&F", "jf_official")],
+    "ms3": [("J", "j_official"), ("F", "f_official"), ("J&F", "jf_official")],
+    "synthetic": [("mIoU", "miou_official"), ("F", "f_official"),
+                  ("single-source J&F", "single_jf_official"), ("multi-source J&F", "multi_jf_official")],
+}
+
+
 def summary(results: dict) -> str:
-    lines = ["results:"]
-    for split, res in results.items():
-        if isinstance(res, dict) and split not in ("metric_definitions", "train"):
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float))
-            lines.append(f"  {split}: {shown}")
+    """A small table of the headline numbers of every evaluated split (see HEADLINE)."""
+    cols = HEADLINE[results["dataset"]]
+    splits = [k for k, v in results.items()
+              if isinstance(v, dict) and k not in ("metric_definitions", "train", "codebook")]
+    width = max(len(s) for s in splits) if splits else 5
+    lines = ["results (every measure: metrics.json):",
+             "  " + "split".ljust(width) + "".join(f"  {name:>17}" for name, _ in cols)]
+    for split in splits:
+        cells = []
+        for _, key in cols:
+            v = results[split].get(key)
+            # a split without single- (or multi-) source frames has no such J&F
+            present = v is not None and not (key.startswith(("single", "multi"))
+                                             and not results[split].get(key.split("_")[0] + "_num_frames"))
+            cells.append(f"  {v:>17.3f}" if present else f"  {'-':>17}")
+        lines.append("  " + split.ljust(width) + "".join(cells))
     return "\n".join(lines)
 
 

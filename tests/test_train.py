@@ -555,3 +555,22 @@ def test_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeyp
         train_module.save_checkpoint(ctx, str(path))
     assert path.read_bytes() == b"the previous checkpoint"
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_final_print_is_a_small_table_of_the_headline_numbers():
+    from train import summary
+    synthetic = {"dataset": "synthetic", "metric_definitions": {"x": "y"}, "train": {"steps": 3},
+                 "test": {"miou_official": 0.25, "f_official": 0.5, "single_jf_official": 0.125,
+                          "multi_jf_official": 0.375, "single_num_frames": 10, "multi_num_frames": 10,
+                          "num_real_frames": 20},
+                 "test-unseen": {"miou_official": 0.0625, "f_official": 0.75, "single_jf_official": 0.0,
+                                 "multi_jf_official": 0.5, "single_num_frames": 0, "multi_num_frames": 10},
+                 "codebook": {"held_signatures": 3}}
+    lines = summary(synthetic).splitlines()
+    assert len(lines) == 4 and lines[1].split() == ["split", "mIoU", "F", "single-source", "J&F",
+                                                     "multi-source", "J&F"]
+    assert lines[2].split() == ["test", "0.250", "0.500", "0.125", "0.375"]
+    assert lines[3].split() == ["test-unseen", "0.062", "0.750", "-", "0.500"]  # no single-source frame
+    s4 = {"dataset": "s4", "metric_definitions": {}, "test": {"j_official": 0.5, "f_official": 0.25,
+                                                             "jf_official": 0.375, "num_frames": 4}}
+    assert summary(s4).splitlines()[2].split() == ["test", "0.500", "0.250", "0.375"]
