@@ -69,6 +69,10 @@ ROWS = {
     "zero_audio": ["--zero-audio"],
     "multi_only": ["--train-multi-ratio", "1.0"],
     "no_avsr": ["--no-avsr"],  # not a row of the paper: the full model without eq. (5)
+    # the paper's own wording, read differently (results/README.md, if H2 fails)
+    "shared_prototypes": ["--shared-prototypes"],
+    "avsr_from_g": ["--avsr-from-g"],
+    "quant_sum": ["--quant-sum"],
 }
 # table -> [(label, row name)]; the labels are the paper's
 TABLES = {
@@ -80,6 +84,10 @@ TABLES = {
     "Control (vision alone)": [("full SQD", "full"), ("audio zeroed", "zero_audio")],
     "Fig. 7 (training clips)": [("single + multi (1:1)", "full"), ("multi-source only", "multi_only")],
     "Extra, not in the paper (AVSR)": [("full SQD", "full"), ("full SQD without AVSR", "no_avsr")],
+    "Other readings of the paper's wording": [
+        ("full SQD (two prototype sets, AVSR from e_i, eq. 9 as means)", "full"),
+        ("one prototype set p_i for eq. 4 and 6", "shared_prototypes"),
+        ("AVSR filters from g_i", "avsr_from_g"), ("eq. 9 as sums", "quant_sum")],
 }
 QUICK = ["baseline", "gsd", "gsd_avsr", "gsd_avsr_lsd", "full"]
 # Clips per evaluation split of every ablation run (the default train.py run evaluates 200, to

@@ -89,6 +89,10 @@ class TrainConfig:
     num_tokens: int | None = None     # N; None: preset's (paper 5)
     zero_audio: bool = False       # control: audio replaced by zeros (vision alone)
     revive_dead_codes: bool = False  # re-seed unused codewords while training (not in the paper)
+    # other readings of the paper's wording (results/README.md: tried if the global tokens ignore the sound)
+    shared_prototypes: bool = False  # one set of prototypes p_i for eq. (4) and (6), as the one symbol suggests
+    avsr_from_g: bool = False      # AVSR (eq. 5) filters from g_i ("learned from global semantic tokens") instead of e_i
+    quant_sum: bool = False        # eq. (9) as sums over tokens and channels instead of means (x N*C)
     quant_warmup_steps: int | None = None  # first steps with VQ(x) = x, then a k-means codebook (not in the paper); None: recipe (synthetic 300, AVSBench 0)
     # optimisation (paper §4, App. D)
     epochs: int | None = None      # None: recipe (s4/ms3 13, avss 16, synthetic see RECIPES)
@@ -201,6 +205,16 @@ def default_audio_regime(cfg: TrainConfig, ckpt: dict | None) -> str:
     return "scratch"
 
 
+def quant_weight(cfg: TrainConfig, model_cfg: ModelConfig) -> float:
+    """lambda_quant of eq. (8). quantize.py's eq. (9) terms are means over tokens and channels;
+    eq. (9) writes a sum over the N tokens of squared norms over C channels, so --quant-sum
+    multiplies them by N * C (a mean over clips and frames stays)."""
+    # PAPER: eq. (9) is written with sums and App. D gives lambda_quant = 1. We take means by
+    # default (the VQ-VAE convention), which weighs the terms N * C times less against the
+    # segmentation losses (320 for the CPU preset); --quant-sum takes the sums.
+    return float(model_cfg.num_tokens * model_cfg.dim) if cfg.quant_sum else 1.0
+
+
 def check_audio_regime(cfg: TrainConfig) -> bool:
     """UserError for a flag that contradicts --audio-regime; True for pretrained-frozen."""
     if cfg.audio_regime != "pretrained-frozen":
@@ -234,7 +248,8 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
     overrides = dict(num_classes=num_classes,
                      use_gsd=not cfg.no_gsd, use_avsr=not (cfg.no_avsr or cfg.no_gsd),
                      use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook,
-                     zero_audio=cfg.zero_audio, revive_dead_codes=cfg.revive_dead_codes)
+                     zero_audio=cfg.zero_audio, revive_dead_codes=cfg.revive_dead_codes,
+                     shared_prototypes=cfg.shared_prototypes, avsr_from_quantized=not cfg.avsr_from_g)
     if cfg.no_gsd and not cfg.no_avsr:
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
     if cfg.audio_weights and cfg.vggish_weights:
@@ -399,7 +414,8 @@ def run(cfg: TrainConfig) -> int:
     load_pretrained(cfg, model_cfg, model, main_proc)
     # eq. (8) weights and eq. (10) matching costs: the same numbers (App. D gives one set)
     criterion = SetCriterion(model_cfg.num_classes,
-                             weights={name: getattr(cfg, name) for name in LOSS_WEIGHT_FIELDS})
+                             weights={name: getattr(cfg, name) for name in LOSS_WEIGHT_FIELDS},
+                             lambda_quant=quant_weight(cfg, model_cfg))
     out_dir = cfg.out or os.path.join("runs", f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = out_dir
     if main_proc:

@@ -574,3 +574,18 @@ def test_final_print_is_a_small_table_of_the_headline_numbers():
     s4 = {"dataset": "s4", "metric_definitions": {}, "test": {"j_official": 0.5, "f_official": 0.25,
                                                              "jf_official": 0.375, "num_frames": 4}}
     assert summary(s4).splitlines()[2].split() == ["test", "0.500", "0.250", "0.375"]
+
+
+def test_other_readings_of_the_papers_wording_reach_the_model_and_the_loss():
+    from sqd import SQD
+    from train import parse_args, quant_weight, resolve
+    cfg, model_cfg = resolve(parse_args(["--shared-prototypes", "--avsr-from-g", "--quant-sum"]), 12)
+    assert model_cfg.shared_prototypes and not model_cfg.avsr_from_quantized
+    model = SQD(model_cfg)
+    assert model.local_asd.prototypes is model.global_asd.prototypes     # one tensor p_i
+    assert quant_weight(cfg, model_cfg) == 5 * 64                         # N * C of the CPU preset
+    cfg, model_cfg = resolve(parse_args([]), 12)                          # the defaults
+    assert not model_cfg.shared_prototypes and model_cfg.avsr_from_quantized
+    assert quant_weight(cfg, model_cfg) == 1.0
+    model = SQD(model_cfg)
+    assert model.local_asd.prototypes is not model.global_asd.prototypes
