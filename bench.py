@@ -48,6 +48,7 @@ How to run
     python bench.py --preset paper --amp              # the paper's model at 224, bf16 autocast
     python bench.py --preset paper --amp --compile --json bench.json
     python bench.py --preset paper --amp --matcher per-clip   # the per-clip matcher, to compare
+    python bench.py --preset paper --amp --channels-last --eval-steps 10 --profile 3
 
 Shape alphabet: B clips, T frames, H = W image size.
 """
@@ -117,6 +118,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matcher", choices=["batched", "per-clip"], default="batched",
                    help="batched: matcher.py, one copy to the host per step (as train.py); "
                         "per-clip: tools/matcher_per_clip.py, the earlier per-clip matcher and losses")
+    p.add_argument("--channels-last", action="store_true",
+                   help="the visual backbone's weights (and so its convolutions) in channels_last layout")
+    p.add_argument("--eval-steps", type=int, default=0,
+                   help="also time this many evaluation batches (no_grad forward + segment, as "
+                        "train.evaluate; B = --batch-size clips), after 2 untimed ones")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also run this many training steps under torch.profiler and report the "
+                        "10 operators with the most self time (device time on a GPU)")
     return p.parse_args(argv)
 
 
@@ -162,6 +171,8 @@ def main(argv=None) -> int:
 def run(args: argparse.Namespace, argv=None) -> int:
     if args.steps < 1 or args.warmup < 0 or args.batch_size < 1 or args.frames < 1:
         raise UserError("--steps, --batch-size and --frames must be positive, --warmup >= 0")
+    if args.eval_steps < 0 or args.profile < 0:
+        raise UserError("--eval-steps and --profile must be >= 0")
     if args.img_size is not None and args.img_size < 32:
         raise UserError(f"--img-size {args.img_size}: the visual encoder needs at least 32 "
                         f"(its deepest level has stride 32)")
@@ -186,6 +197,8 @@ def run(args: argparse.Namespace, argv=None) -> int:
     batch = data.collate([dataset[i] for i in range(cfg.batch_size)])
     batch = train.to_device(batch, device)        # frames (B, T, 3, H, W), audio (B, T, 1, 96, 64)
     model = SQD(model_cfg).to(device)
+    if args.channels_last:
+        model.visual_encoder.backbone.to(memory_format=torch.channels_last)
     per_clip = args.matcher == "per-clip"
     criterion = (matcher_per_clip.PerClipSetCriterion if per_clip else SetCriterion)(
         model_cfg.num_classes, weights={k: getattr(cfg, k) for k in train.LOSS_WEIGHT_FIELDS})
@@ -206,6 +219,8 @@ def run(args: argparse.Namespace, argv=None) -> int:
     timing = time_steps(step, criterion.matcher, "forward" if per_clip else "match", device,
                         args.warmup, args.steps)
     memory = peak_memory(device)
+    profile = profile_steps(step, device, args.profile) if args.profile else None
+    evaluation = time_eval(model, train_model, batch, cfg.amp, device, args.eval_steps) if args.eval_steps else None
 
     mean = statistics.fmean(timing["step_s"])
     mode, peak_key = dtype_mode(device, cfg.amp)
@@ -239,6 +254,9 @@ def run(args: argparse.Namespace, argv=None) -> int:
         "achieved_tflops": achieved,
         "peak_tflops": peak, "peak_tflops_source": peak_source,
         "mfu": None if peak is None else achieved / peak,
+        "channels_last": args.channels_last,
+        "eval": evaluation,
+        "profile_top10": profile,
     }
     print(report(results))
     if args.json:
@@ -357,6 +375,45 @@ def time_steps(step, matcher, method: str, device: torch.device, warmup: int, st
             "first_step_s": first}
 
 
+def time_eval(model, train_model, batch: dict, amp: bool, device: torch.device, steps: int) -> dict:
+    """Evaluation throughput: `steps` timed batches of train.evaluate's work on the device (the
+    no_grad forward pass and segment(), the per-pixel class map of eq. 11; not the metrics),
+    after 2 untimed ones."""
+    from sqd import segment
+    model.eval()
+    times = []
+    with torch.no_grad():
+        for i in range(2 + steps):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                out = train_model(batch)
+            segment(out["pred_logits"].float(), out["pred_masks"].float(),
+                    tuple(batch["labels"].shape[-2:]))                    # (B, T, H, W) eq. (11)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+    model.train()
+    mean = statistics.fmean(times)
+    return {"steps": steps, "batch_s_mean": mean, "clips_per_s": batch["frames"].shape[0] / mean}
+
+
+def profile_steps(step, device: torch.device, steps: int) -> str:
+    """The 10 operators with the most self time over `steps` training steps (torch.profiler):
+    device time on a GPU, CPU time otherwise."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=10)
+
+
 # ----------------------------------------------------------------------------------------------
 # Memory, device, peak throughput
 # ----------------------------------------------------------------------------------------------
@@ -457,9 +514,18 @@ def report(r: dict) -> str:
         ("MFU", f"{mfu}  ({peak}{r['peak_tflops_source']})"),
         ("loss", f"{r['loss_first']:.4f} (first timed step) -> {r['loss_last']:.4f} (last)"),
     ]
+    if r.get("channels_last"):
+        rows.insert(4, ("layout", "visual backbone in channels_last"))
+    if r.get("eval"):
+        e = r["eval"]
+        rows.append(("evaluation", f"{e['clips_per_s']:.2f} clips/s ({1000 * e['batch_s_mean']:.1f} ms "
+                                   f"per batch of {r['batch_size']}, no_grad forward + segment, "
+                                   f"{e['steps']} batches)"))
     width = max(len(k) for k, _ in rows)
     lines = ["SQD training step: build tracks + forward + loss (Hungarian) + backward + clip + AdamW"]
     lines += [f"  {k.ljust(width)}  {v}" for k, v in rows]
+    if r.get("profile_top10"):
+        lines += ["", "top 10 operators by self time (torch.profiler):", r["profile_top10"]]
     return "\n".join(lines)
 
 

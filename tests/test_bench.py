@@ -62,8 +62,8 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
     assert "python bench.py --steps 2 --warmup 0" in proc.stdout and "n/a" in proc.stdout
     assert r["matcher"] == "batched"
 
-    # the model is the CPU preset on the 12-class synthetic benchmark, T = 5
-    params = sum(p.numel() for p in SQD(preset("cpu", num_classes=12)).parameters())
+    # the model is the CPU preset on the default synthetic benchmark (v2, 24 classes), T = 5
+    params = sum(p.numel() for p in SQD(preset("cpu", num_classes=24)).parameters())
     assert r["parameters"] == params
     assert (r["batch_size"], r["frames"], r["img_size"], r["preset"]) == (2, 5, 64, "cpu")
 
@@ -105,3 +105,26 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: --device cuda: CUDA is not available")
         assert "Traceback" not in proc.stderr
+
+
+def test_cli_eval_throughput_profile_and_channels_last(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--steps", "1", "--warmup", "0", "--threads", "1",
+           "--batch-size", "2", "--device", "cpu", "--eval-steps", "2", "--profile", "1",
+           "--channels-last", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    assert r["channels_last"] and "channels_last" in proc.stdout
+    e = r["eval"]
+    assert e["steps"] == 2 and abs(e["clips_per_s"] - 2 / e["batch_s_mean"]) < 1e-9
+    assert f"{e['clips_per_s']:.2f} clips/s" in proc.stdout
+    # the profiler's table: 10 operator rows between its rules, sorted by self CPU time
+    table = r["profile_top10"]
+    assert "Self CPU" in table and "top 10 operators" in proc.stdout
+    rows = [line for line in table.splitlines()[3:] if line.strip() and not line.startswith("-")
+            and "time total" not in line]
+    assert len(rows) == 10, table
+    res = subprocess.run([sys.executable, "bench.py", "--eval-steps", "-1", "--device", "cpu"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "--eval-steps" in res.stderr and "Traceback" not in res.stderr
