@@ -55,6 +55,7 @@ Shape alphabet: B clips, T frames, H = W image size.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import platform
@@ -106,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--amp", action="store_true",
                    help="bf16 autocast around the forward pass, as train.py --amp")
     p.add_argument("--compile", action="store_true", help="torch.compile the model, as train.py")
+    p.add_argument("--compile-mode", default=None,
+                   help="with --compile: torch.compile's mode (reduce-overhead: CUDA graphs)")
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
     p.add_argument("--threads", type=int, default=None,
@@ -118,6 +121,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matcher", choices=["batched", "per-clip"], default="batched",
                    help="batched: matcher.py, one copy to the host per step (as train.py); "
                         "per-clip: tools/matcher_per_clip.py, the earlier per-clip matcher and losses")
+    p.add_argument("--freeze-audio", action="store_true",
+                   help="the audio network frozen, as train.py runs it with pretrained weights "
+                        "(--vggish-weights); weights stay random, speed does not depend on them")
     p.add_argument("--channels-last", action="store_true",
                    help="the visual backbone's weights (and so its convolutions) in channels_last layout")
     p.add_argument("--eval-steps", type=int, default=0,
@@ -173,6 +179,8 @@ def run(args: argparse.Namespace, argv=None) -> int:
         raise UserError("--steps, --batch-size and --frames must be positive, --warmup >= 0")
     if args.eval_steps < 0 or args.profile < 0:
         raise UserError("--eval-steps and --profile must be >= 0")
+    if args.compile_mode and not args.compile:
+        raise UserError("--compile-mode needs --compile")
     if args.img_size is not None and args.img_size < 32:
         raise UserError(f"--img-size {args.img_size}: the visual encoder needs at least 32 "
                         f"(its deepest level has stride 32)")
@@ -194,6 +202,8 @@ def run(args: argparse.Namespace, argv=None) -> int:
                             seed=args.seed)
     dataset = train.make_dataset(cfg, "train", train=True)
     cfg, model_cfg = train.resolve(cfg, dataset.num_classes)
+    if args.freeze_audio:
+        model_cfg = dataclasses.replace(model_cfg, freeze_audio=True)
     batch = data.collate([dataset[i] for i in range(cfg.batch_size)])
     batch = train.to_device(batch, device)        # frames (B, T, 3, H, W), audio (B, T, 1, 96, 64)
     model = SQD(model_cfg).to(device)
@@ -210,7 +220,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
     flops = count_step_flops(model, criterion, batch, cfg.amp, per_clip)
     opt.zero_grad(set_to_none=True)
 
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(model, mode=args.compile_mode) if cfg.compile else model
     step = functools.partial(training_step, model, train_model, criterion, opt, batch, cfg,
                              per_clip, {})
     if device.type == "cuda":
@@ -233,7 +243,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
         "device_type": device.type,
         "threads": torch.get_num_threads(),
         "mode": mode,
-        "compile": cfg.compile,
+        "compile": cfg.compile, "compile_mode": args.compile_mode,
         "matcher": args.matcher,
         "preset": cfg.preset,
         "batch_size": cfg.batch_size, "frames": cfg.frames, "img_size": cfg.img_size,
@@ -255,6 +265,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
         "peak_tflops": peak, "peak_tflops_source": peak_source,
         "mfu": None if peak is None else achieved / peak,
         "channels_last": args.channels_last,
+        "freeze_audio": model_cfg.freeze_audio,
         "eval": evaluation,
         "profile_top10": profile,
     }
@@ -493,7 +504,9 @@ def report(r: dict) -> str:
         ("device", r["device"] + (f", torch threads {r['threads']}" if r["device_type"] == "cpu"
                                   else "")),
         ("torch", r["torch"]),
-        ("mode", f"{r['mode']}; torch.compile {'on' if r['compile'] else 'off'}"),
+        ("mode", f"{r['mode']}; torch.compile "
+                 + (("on" + (f", mode {r['compile_mode']}" if r.get("compile_mode") else ""))
+                    if r["compile"] else "off")),
         ("model", f"preset {r['preset']}, {r['parameters']:,} parameters "
                   f"({r['trainable_parameters']:,} trainable)"),
         ("batch", f"B = {r['batch_size']} clips x T = {r['frames']} frames x "
@@ -516,6 +529,8 @@ def report(r: dict) -> str:
     ]
     if r.get("channels_last"):
         rows.insert(4, ("layout", "visual backbone in channels_last"))
+    if r.get("freeze_audio"):
+        rows.insert(4, ("audio", "audio network frozen (as with pretrained weights)"))
     if r.get("eval"):
         e = r["eval"]
         rows.append(("evaluation", f"{e['clips_per_s']:.2f} clips/s ({1000 * e['batch_s_mean']:.1f} ms "

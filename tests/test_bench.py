@@ -111,11 +111,14 @@ def test_cli_eval_throughput_profile_and_channels_last(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--steps", "1", "--warmup", "0", "--threads", "1",
            "--batch-size", "2", "--device", "cpu", "--eval-steps", "2", "--profile", "1",
-           "--channels-last", "--json", str(out)]
+           "--channels-last", "--freeze-audio", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())
     assert r["channels_last"] and "channels_last" in proc.stdout
+    # frozen audio network: its parameters are not trained (the CPU preset's SmallVGG)
+    audio = sum(p.numel() for p in SQD(preset("cpu", num_classes=24)).audio_encoder.net.parameters())
+    assert r["freeze_audio"] and r["trainable_parameters"] == r["parameters"] - audio
     e = r["eval"]
     assert e["steps"] == 2 and abs(e["clips_per_s"] - 2 / e["batch_s_mean"]) < 1e-9
     assert f"{e['clips_per_s']:.2f} clips/s" in proc.stdout
