@@ -216,21 +216,25 @@ def tables(rows: dict) -> str:
     lines = []
     for title, entries in TABLES.items():
         present = [(label, name) for label, name in entries if name in rows]
-        if not present:
+        if len(present) < 2:  # a table is a comparison: the full model alone says nothing new
             continue
         cols = [c for c in TABLE_COLUMNS if any(c in rows[n] for _, n in present)]
         lines += [f"**{title}**", "", "| row | " + " | ".join(cols) + " |",
                   "| --- |" + " --- |" * len(cols)]
         for label, name in present:
             cells = []
+            seeds = max(c["n"] for c in rows[name].values())
             for col in cols:
                 c = rows[name].get(col)
                 if c is None:
                     cells.append("-")
-                elif col in COUNT_COLUMNS:
-                    cells.append(f"{c['mean']:.0f}" if c["std"] == 0 else f"{c['mean']:.1f} ± {c['std']:.1f}")
+                    continue
+                if col in COUNT_COLUMNS:
+                    cell = f"{c['mean']:.0f}" if c["std"] == 0 else f"{c['mean']:.1f} ± {c['std']:.1f}"
                 else:
-                    cells.append(f"{c['mean']:.3f} ± {c['std']:.3f}")
+                    cell = f"{c['mean']:.3f} ± {c['std']:.3f}"
+                # fewer seeds than the row has: the others had no value (e.g. an undefined recall)
+                cells.append(cell + (f" (n = {c['n']})" if c["n"] < seeds else ""))
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

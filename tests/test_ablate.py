@@ -30,9 +30,18 @@ def test_codebook_column_falls_back_to_the_runs_stored_diagnostics():
     old["codebook"] = {"local_distinct_signatures": 1}
     new = fake_run("K1", 1, 0.1)
     new["metrics"]["signatures (local)"] = 3
-    rows = ablate.aggregate([old, new])
+    rows = ablate.aggregate([old, new, fake_run("full", 0, 0.3)])
     assert rows["K1"]["signatures (local)"]["mean"] == 2.0
     assert "| K = 1 | 0.100 ± 0.000 |" in ablate.tables(rows) and "| 2.0 ± 1.4 |" in ablate.tables(rows)
+
+
+def test_tables_compare_rows_and_say_when_a_value_has_fewer_seeds():
+    full = [fake_run("full", 0, 0.3), fake_run("full", 1, 0.4)]
+    full[0]["metrics"]["decomp. recall (global)"] = 0.5    # seed 1's recall is undefined (None)
+    text = ablate.tables(ablate.aggregate(full))
+    assert text == ""                                        # the full model alone: no table
+    text = ablate.tables(ablate.aggregate(full + [fake_run("baseline", 0, 0.2), fake_run("baseline", 1, 0.2)]))
+    assert "| +SC (full SQD) | 0.350 ± 0.071 | 0.500 ± 0.000 (n = 1) |" in text
 
 
 def test_merge_keeps_earlier_runs_and_replaces_a_redone_row_seed():
