@@ -110,9 +110,8 @@ COLUMNS = {
     "held signatures (global)": ("codebook", "held_signatures"),
     "held signatures, shuffled p95": ("codebook", "held_signatures_null_p95"),
 }
-# Counts, printed without decimals when the seeds agree. The recall only means something when the
-# categories' signature codewords are distinct: with one signature for all 12 (K = 1, or tokens that
-# ignore the sound) it is trivially 1 or 0.
+# Counts, printed without decimals when the seeds agree. (The recalls count only signatures a
+# category owns, so a collapsed codebook gives no recall; runs stored before that rule show 1 or 0.)
 COUNT_COLUMNS = ("signatures (global)", "signatures (local)", "held signatures (global)",
                  "held signatures, shuffled p95")
 # The columns of the markdown tables (ablations.json keeps them all); the val columns are for
@@ -204,10 +203,14 @@ def aggregate(runs: list[dict]) -> dict:
     return rows
 
 
+def by_group(runs: list[dict]) -> dict:
+    """group -> its runs, groups sorted."""
+    return {g: [r for r in runs if group_of(r) == g] for g in sorted({group_of(r) for r in runs})}
+
+
 def aggregate_groups(runs: list[dict]) -> dict:
     """group -> aggregate() of the group's runs."""
-    groups = sorted({group_of(r) for r in runs})
-    return {g: aggregate([r for r in runs if group_of(r) == g]) for g in groups}
+    return {g: aggregate(mine) for g, mine in by_group(runs).items()}
 
 
 def tables(rows: dict) -> str:
@@ -313,11 +316,10 @@ def hypotheses_text(verdicts: dict) -> str:
 def report(runs: list[dict], group: str | None) -> str:
     """Tables (and hypotheses) of every group, or of one."""
     text = []
-    for g, rows in aggregate_groups(runs).items():
+    for g, mine in by_group(runs).items():
         if group is not None and g != group:
             continue
-        mine = [r for r in runs if group_of(r) == g]
-        text += [f"### {g}", "", tables(rows)]
+        text += [f"### {g}", "", tables(aggregate(mine))]
         verdicts = hypotheses(mine)
         if verdicts:
             text += ["Pre-registered hypotheses (results/README.md):", "", hypotheses_text(verdicts), ""]
@@ -421,10 +423,9 @@ def main(argv=None) -> int:
                       parallel=args.parallel, total_time_s=round(total, 1), failed=failed,
                       interrupted=interrupted, runs=[f"{r['name']}-s{r['seed']}" for r in runs])
     all_runs = merge_runs(earlier.get("runs", []), runs)
-    groups = sorted({group_of(r) for r in all_runs})
     result = dict(invocations=earlier.get("invocations", []) + [invocation],
                   rows=aggregate_groups(all_runs),
-                  hypotheses={g: hypotheses([r for r in all_runs if group_of(r) == g]) for g in groups},
+                  hypotheses={g: hypotheses(mine) for g, mine in by_group(all_runs).items()},
                   runs=all_runs)
     train.write_json(path, result)  # atomic: a temporary file, then a rename
     print(f"\n{len(runs)} runs in {total / 60:.1f} min ({len(failed)} failed); wrote {path}\n")
