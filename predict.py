@@ -523,7 +523,7 @@ def read_signatures(path: str | None) -> tuple[list | None, str]:
     they came from (or why there are none)."""
     if path is None or not os.path.isfile(path):
         return None, (f"no {path or 'diagnostics.json'}: tokens are not named (python "
-                      f"diagnostics.py CKPT --out DIR writes one)")
+                      f"tools/diagnostics.py CKPT --out DIR writes one)")
     try:
         with open(path) as f:
             sig = json.load(f).get("local_signature_codeword_per_index")

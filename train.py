@@ -46,6 +46,7 @@ import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, to_host, track_batch
 from quantize import codebook_stats
 from sqd import SQD, ModelConfig, foreground_probability, preset, segment
+from tools.check_dataset import check_dataset
 
 
 class UserError(Exception):
@@ -66,7 +67,7 @@ class TrainConfig:
     frames: int = 5                # T, consecutive frames per training clip (paper: 5)
     workers: int = 0               # DataLoader worker processes
     train_clips: int | None = None  # synthetic only: clips in the train split (None: data default)
-    eval_clips: int | None = 200    # synthetic only: clips per evaluation split (None: all of it; ablate.py: 500)
+    eval_clips: int | None = 200    # synthetic only: clips per evaluation split (None: all of it; tools/ablate.py: 500)
     train_multi_ratio: float | None = None  # synthetic only: share of multi-source train clips (None: 0.5; Fig. 7: 1.0)
     benchmark: str | None = None   # synthetic only: v1 | v2 (adds test-seen-multi, val-unseen); None: the checkpoint's (--eval-only), else DEFAULT_BENCHMARK
     # model
@@ -367,7 +368,7 @@ def run(cfg: TrainConfig) -> int:
         if not cfg.data_root or not os.path.isdir(cfg.data_root):
             raise UserError(f"--data-root {cfg.data_root!r} is not a directory; expected the "
                             f"AVSBench {cfg.dataset} release (see README, section Data)")
-        problems = data.check_dataset(cfg.data_root, cfg.dataset)
+        problems = check_dataset(cfg.data_root, cfg.dataset)  # every missing file, named now
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -487,7 +488,7 @@ def run(cfg: TrainConfig) -> int:
                                        or state["epoch"] == cfg.epochs):
                 model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
                 val = evaluate(cfg, model, eval_sets["val"], "val", device, rank, world)
-                state["val"] = val  # the last one goes to metrics.json (ablate.py's val columns)
+                state["val"] = val  # the last one goes to metrics.json (tools/ablate.py's val columns)
                 score = headline(val)
                 if main_proc:
                     append_jsonl(log_path, {"eval": "val", "epoch": state["epoch"],
@@ -514,8 +515,8 @@ def run(cfg: TrainConfig) -> int:
             results["val"] = state["val"]
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
         if cfg.dataset == "synthetic" and "test" in eval_sets:
-            # a look inside the codebook (diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
-            import diagnostics  # a lab tool: loaded only here, so that predict.py never loads it
+            # a look inside the codebook (tools/diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
+            from tools import diagnostics  # the lab tool, loaded only here: predict.py never loads it
             diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir,
                                                  fit_dataset=eval_sets.get("val"))
             if diag:
@@ -533,7 +534,7 @@ def run(cfg: TrainConfig) -> int:
 
 def forward_loss(model: SQD, train_model, criterion: SetCriterion, batch: dict, amp: bool,
                  carry: dict | None = None):
-    """The forward half of a training step (train_one_epoch and bench.py): the model under
+    """The forward half of a training step (train_one_epoch and tools/bench.py): the model under
     optional bf16 autocast, the ground-truth tracks of the batch (matcher.track_batch), the
     Hungarian matching of every decoder layer and the eq. (8) loss.
 

@@ -1,9 +1,9 @@
-"""ablate.py: rows aggregate to mean +- std over seeds (hand values); the tables; merging sittings;
+"""tools/ablate.py: rows aggregate to mean +- std over seeds (hand values); the tables; merging sittings;
 a missing report."""
 import subprocess
 import sys
 
-import ablate
+from tools import ablate
 
 
 def fake_run(name, seed, miou):
@@ -53,7 +53,7 @@ def test_merge_keeps_earlier_runs_and_replaces_a_redone_row_seed():
 
 
 def test_report_without_results_is_one_clear_error(tmp_path):
-    res = subprocess.run([sys.executable, "ablate.py", "--report", "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, "tools/ablate.py", "--report", "--out", str(tmp_path)],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "ablations.json does not exist" in res.stderr
     assert "Traceback" not in res.stderr

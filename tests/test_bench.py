@@ -1,4 +1,4 @@
-"""Tests of bench.py: the FLOP counter against hand-counted FLOPs, and the command line on CPU.
+"""Tests of tools/bench.py: the FLOP counter against hand-counted FLOPs, and the command line on CPU.
 
 The counter is checked on layers whose FLOPs are written out by hand (a Linear layer, a grouped
 convolution); the command-line run is checked against numbers computed here independently (the
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import bench  # noqa: E402
+from tools import bench  # noqa: E402
 from sqd import SQD, preset  # noqa: E402
 
 
@@ -54,12 +54,12 @@ def test_flop_counter_matches_hand_counts_for_linear_and_grouped_conv():
 
 def test_cli_cpu_run_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--steps", "2", "--warmup", "0", "--threads", "1",
+    cmd = [sys.executable, "tools/bench.py", "--steps", "2", "--warmup", "0", "--threads", "1",
            "--batch-size", "2", "--device", "cpu", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())
-    assert "python bench.py --steps 2 --warmup 0" in proc.stdout and "n/a" in proc.stdout
+    assert "python tools/bench.py --steps 2 --warmup 0" in proc.stdout and "n/a" in proc.stdout
     assert r["matcher"] == "batched"
 
     # the model is the CPU preset on the default synthetic benchmark (v2, 24 classes), T = 5
@@ -100,7 +100,7 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
 
     # asking for CUDA where there is none: one line, exit code 2, no traceback
     if not torch.cuda.is_available():
-        proc = subprocess.run([sys.executable, "bench.py", "--device", "cuda"], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "tools/bench.py", "--device", "cuda"], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: --device cuda: CUDA is not available")
@@ -109,7 +109,7 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
 
 def test_cli_eval_throughput_profile_and_channels_last(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--steps", "1", "--warmup", "0", "--threads", "1",
+    cmd = [sys.executable, "tools/bench.py", "--steps", "1", "--warmup", "0", "--threads", "1",
            "--batch-size", "2", "--device", "cpu", "--eval-steps", "2", "--profile", "1",
            "--channels-last", "--freeze-audio", "--json", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -128,6 +128,6 @@ def test_cli_eval_throughput_profile_and_channels_last(tmp_path):
     rows = [line for line in table.splitlines()[3:] if line.strip() and not line.startswith("-")
             and "time total" not in line]
     assert len(rows) == 10, table
-    res = subprocess.run([sys.executable, "bench.py", "--eval-steps", "-1", "--device", "cpu"],
+    res = subprocess.run([sys.executable, "tools/bench.py", "--eval-steps", "-1", "--device", "cpu"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--eval-steps" in res.stderr and "Traceback" not in res.stderr

@@ -1,6 +1,6 @@
 """torch.compile: the compiled training step equals the eager one, and the model is one graph.
 
-The GPU speed-up of `--compile` is measured with bench.py on a device; here, on the CPU, the
+The GPU speed-up of `--compile` is measured with tools/bench.py on a device; here, on the CPU, the
 `aot_eager` backend (dynamo's graph capture and AOTAutograd's forward/backward split, run with
 eager kernels) checks what compilation must not change: the eq. (8) loss and every gradient
 equal eager mode's (rel 1e-5 in fp32), and the forward pass is captured as a single graph with no

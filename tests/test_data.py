@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
-from data import DataError, build_dataset, check_dataset, collate  # noqa: E402
+from data import DataError, build_dataset, collate  # noqa: E402
+from tools.check_dataset import check_dataset  # noqa: E402
 from encoders import vggish_log_mel  # noqa: E402
 from fixtures import AVSS_NAMES, voc_colour, write_avss, write_ms3, write_s4  # noqa: E402
 
@@ -382,8 +383,8 @@ def test_check_dataset_counts_short_audio(avss_short, tmp_path):
                  if manifest[c[0]]["num_frames"] - examples > 1]
         assert len(short) == 3 and list(tolerated) == ["short_audio"]
         assert [line.split(": ")[0] for line in tolerated["short_audio"]] == short
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
-    cli = subprocess.run([sys.executable, script, "check", "--dataset", "avss", "--data-root", root],
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "check_dataset.py")
+    cli = subprocess.run([sys.executable, script, "--dataset", "avss", "--data-root", root],
                          capture_output=True, text=True)
     assert cli.returncode == 0 and "ok:" in cli.stdout, cli.stderr
     assert all(path in cli.stdout for path in short)
@@ -546,7 +547,7 @@ def test_synthetic_audio_carries_energy_at_the_pitch_of_sounding_categories():
 
 
 def test_synthetic_clips_well_formed_at_cpu_and_paper_size():
-    # Speed is never a timed assert in a test (generation time is measured by bench.py and
+    # Speed is never a timed assert in a test (generation time is measured by tools/bench.py and
     # stated in the README); here the 30 clips a timing loop used to run are checked instead.
     ds = build_dataset("synthetic", "test", img_size=64, seed=0)
     for index in range(30):
@@ -693,12 +694,12 @@ def test_check_dataset_lists_every_problem(avss_broken):
 
 def test_cli_check_exits_2_without_traceback(avss_broken, tmp_path):
     root, folder = avss_broken
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
-    ok = subprocess.run([sys.executable, script, "check", "--dataset", "avss", "--data-root", root],
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "check_dataset.py")
+    ok = subprocess.run([sys.executable, script, "--dataset", "avss", "--data-root", root],
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "ok:" in ok.stdout, ok.stderr
     paths = break_everything(root, folder)
-    bad = subprocess.run([sys.executable, script, "check", "--dataset", "avss", "--data-root", root],
+    bad = subprocess.run([sys.executable, script, "--dataset", "avss", "--data-root", root],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr + bad.stdout
     assert all(path in bad.stdout for path in paths) and "4 problem(s)" in bad.stderr
@@ -719,8 +720,8 @@ def test_pickled_log_mel_that_would_run_code_is_refused_and_the_code_never_runs(
             data.read_log_mel_pkl(pkl, "a tensor")
         assert str(error.value).startswith(f"{pkl}: unreadable pickle") and "refused" in str(error.value)
         assert not marker.exists()
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data.py")
-    bad = subprocess.run([sys.executable, script, "check", "--deep", "--dataset", "s4", "--data-root",
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "check_dataset.py")
+    bad = subprocess.run([sys.executable, script, "--deep", "--dataset", "s4", "--data-root",
                           str(tmp_path / "s4")], capture_output=True, text=True)
     assert bad.returncode == 2 and pkl in bad.stdout and "Traceback" not in bad.stderr + bad.stdout
     assert not marker.exists()

@@ -1,9 +1,9 @@
-"""diagnostics.py: the category x codeword table, signatures and decomposition recall against
+"""tools/diagnostics.py: the category x codeword table, signatures and decomposition recall against
 hand-computed values on a hand-built set of clips; the token picture."""
 import numpy as np
 from PIL import Image
 
-from diagnostics import (category_code_table, decomposition_recall, frame_recall, own_signatures,
+from tools.diagnostics import (category_code_table, decomposition_recall, frame_recall, own_signatures,
                          scatter_png, signature_test, signatures, summarise)
 
 # 6 clips, N = 2 tokens, K = 6 codewords, Kc = 3 categories (column c-1 is class id c).
@@ -129,7 +129,7 @@ def test_signature_test_against_chance():
 
 
 def test_held_signature_count_by_hand():
-    from diagnostics import held_signature_count
+    from tools.diagnostics import held_signature_count
     # signatures fixed elsewhere: categories 1, 2, 3 -> codewords 0, 1, 1 (1 shared), 4: none
     sig = np.array([0, 1, 1, -1])
     # held-out table (Kc = 4, K = 2): codeword 0 is specific to category 1 (0.9 > mean 0.5)
@@ -171,7 +171,7 @@ def test_scatter_png_legend_has_a_swatch_and_a_name_per_category(tmp_path):
 def test_command_line_on_a_missing_checkpoint_is_one_clear_error(tmp_path):
     import subprocess
     import sys
-    res = subprocess.run([sys.executable, "diagnostics.py", str(tmp_path / "nope.pt")],
+    res = subprocess.run([sys.executable, "tools/diagnostics.py", str(tmp_path / "nope.pt")],
                          capture_output=True, text=True)
     assert res.returncode == 2 and "nope.pt" in res.stderr and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr

@@ -1,7 +1,7 @@
 """Does torch.compile change the training step? The eq. (8) loss of one step, eager against compiled.
 
 What this file checks
-    bench.py measures how much faster `--compile` makes a step; this script checks that it is
+    tools/bench.py measures how much faster `--compile` makes a step; this script checks that it is
     the same step. One batch of the synthetic benchmark, the model in train mode with the same
     dropout seed, the loss of train.forward_loss computed eagerly and through
     torch.compile(model), in fp32 (TF32 off, so that both use the same matmul precision) and

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Every speed measurement of the paper preset's training step on one GPU, before and after each
-# change, in one run (about 10 minutes on an H200, compilation included). Each bench.py run
+# change, in one run (about 10 minutes on an H200, compilation included). Each tools/bench.py run
 # writes its JSON to $OUT as soon as it ends, so a run cut short keeps what it measured.
 #
 #   OUT=/tmp/bench bash tools/device_bench.sh
 #
-# Rows, each the one before plus one change (bench.py's switches):
+# Rows, each the one before plus one change (tools/bench.py's switches):
 #   1 per-clip    the earlier matcher: a host copy and NaN check per clip and layer, loss .item()
 #   2 batched     one host copy per step, the loss carried to the next step (train.py today)
 #   3 frozen      + the audio network frozen, as train.py runs it with --vggish-weights
@@ -20,7 +20,7 @@ OUT=${OUT:?set OUT to a folder}
 mkdir -p "$OUT"
 # PRESET, DEVICE, STEPS: for a dry run on a CPU (PRESET=cpu DEVICE=cpu STEPS=1)
 PRESET=${PRESET:-paper}; DEVICE=${DEVICE:-cuda}; STEPS=${STEPS:-20}
-B="python bench.py --preset $PRESET --device $DEVICE --steps $STEPS --warmup $(( STEPS < 5 ? 0 : 5 ))"
+B="python tools/bench.py --preset $PRESET --device $DEVICE --steps $STEPS --warmup $(( STEPS < 5 ? 0 : 5 ))"
 run() {  # name, flags...
   local name=$1; shift
   echo "== $name: $*"

@@ -8,7 +8,7 @@ What this file is for
     own, and the losses are then gathered clip by clip with boolean indexing (more waits). It is
     kept
       * as the reference the batched code is tested against (tests/test_matcher.py), and
-      * to measure the difference on a GPU: python bench.py --matcher per-clip.
+      * to measure the difference on a GPU: python tools/bench.py --matcher per-clip.
     Train with matcher.py; the numbers agree to float rounding.
 
 Reading order

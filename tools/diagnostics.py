@@ -38,21 +38,26 @@ of a synthetic run, which draws tokens.png; train.py writes the returned dict to
 
 Usage on a finished run (the test split of the checkpoint's own seed, e.g. to add a measure to a
 run made before it existed):
-    python diagnostics.py runs/synthetic-DATE/last.pt [--out DIR]
+    python tools/diagnostics.py runs/synthetic-DATE/last.pt [--out DIR]
 
 Shapes: M clips, N tokens, C channels, K codewords, Kc categories (class ids 1..Kc).
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader
 
-import data
-from quantize import codebook_stats
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
+    sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+from quantize import codebook_stats  # noqa: E402
 
 
 @torch.no_grad()

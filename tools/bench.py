@@ -43,12 +43,12 @@ Reading order
     loop), peak_memory, peak_tflops (MFU's denominator), then report.
 
 How to run
-    python bench.py                                   # CPU preset, on cuda when there is one
-    python bench.py --device cpu --threads 2          # the CPU preset on the CPU
-    python bench.py --preset paper --amp              # the paper's model at 224, bf16 autocast
-    python bench.py --preset paper --amp --compile --json bench.json
-    python bench.py --preset paper --amp --matcher per-clip   # the per-clip matcher, to compare
-    python bench.py --preset paper --amp --channels-last --eval-steps 10 --profile 3
+    python tools/bench.py                                   # CPU preset, on cuda when there is one
+    python tools/bench.py --device cpu --threads 2          # the CPU preset on the CPU
+    python tools/bench.py --preset paper --amp              # the paper's model at 224, bf16 autocast
+    python tools/bench.py --preset paper --amp --compile --json bench.json
+    python tools/bench.py --preset paper --amp --matcher per-clip   # the per-clip matcher, to compare
+    python tools/bench.py --preset paper --amp --channels-last --eval-steps 10 --profile 3
 
 Shape alphabet: B clips, T frames, H = W image size.
 """
@@ -69,11 +69,15 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
-import train
-from matcher import SetCriterion
-from sqd import SQD
-from tools import matcher_per_clip
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
+    sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import train  # noqa: E402
+from matcher import SetCriterion  # noqa: E402
+from sqd import SQD  # noqa: E402
+from tools import matcher_per_clip  # noqa: E402
 
 # Dense (no structured sparsity) peak tensor throughput in TFLOP/s, from NVIDIA's H100 and H200
 # datasheets (SXM form factor). H200 is the H100 chip with more and faster memory: same peaks.
@@ -488,7 +492,7 @@ def peak_tflops(device: torch.device, key: str, override: float | None):
 
 def command_line(argv=None) -> str:
     args = sys.argv[1:] if argv is None else list(argv)
-    return "python bench.py" + ("" if not args else " " + shlex.join(args))
+    return "python tools/bench.py" + ("" if not args else " " + shlex.join(args))
 
 
 def report(r: dict) -> str:

@@ -14,16 +14,16 @@ What this file teaches
     Fig. 7   multi-source training only vs the mix
 
 Usage
-    python ablate.py                      # every row, 2 seeds, on this machine (CPU: hours)
-    python ablate.py --quick              # Table 2 only
-    python ablate.py --parallel 12 --device cuda   # on one GPU, 12 runs at a time
-    python ablate.py --report             # the tables of results/ablations.json's runs again
-    python ablate.py --rows K1,K16        # adds these rows; the runs already in ablations.json stay
-    python ablate.py --fresh              # forget the runs already in ablations.json
+    python tools/ablate.py                      # every row, 2 seeds, on this machine (CPU: hours)
+    python tools/ablate.py --quick              # Table 2 only
+    python tools/ablate.py --parallel 12 --device cuda   # on one GPU, 12 runs at a time
+    python tools/ablate.py --report             # the tables of results/ablations.json's runs again
+    python tools/ablate.py --rows K1,K16        # adds these rows; the runs already in ablations.json stay
+    python tools/ablate.py --fresh              # forget the runs already in ablations.json
     Anything after `--` goes to every train.py run (e.g. `-- --max-steps 200`).
 
-    python ablate.py --benchmark v2 --audio-regime pretrained-frozen --rows baseline,full --seeds 3
-    python ablate.py --report --benchmark v2 --audio-regime pretrained-frozen   # + the hypotheses
+    python tools/ablate.py --benchmark v2 --audio-regime pretrained-frozen --rows baseline,full --seeds 3
+    python tools/ablate.py --report --benchmark v2 --audio-regime pretrained-frozen   # + the hypotheses
 
 Every run belongs to a *group*, its synthetic benchmark and audio regime ("v2/pretrained-frozen";
 runs stored before groups existed are "v1/scratch", which they were).
@@ -51,7 +51,11 @@ import time
 
 import numpy as np
 
-import train
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
+    sys.path.insert(0, ROOT)
+
+import train  # noqa: E402
 
 # name -> train.py flags. The full model appears once and fills a row of every table.
 ROWS = {
@@ -147,10 +151,10 @@ def group_of(run: dict) -> str:
 def run_one(name: str, seed: int, out_root: str, extra: list[str], log_dir: str) -> subprocess.Popen:
     """Start `python train.py` for one (row, seed); its output goes to log_dir/<row>-s<seed>.log."""
     out = os.path.join(out_root, f"{name}-s{seed}")
-    cmd = [sys.executable, "train.py", "--out", out, "--seed", str(seed), *ROWS[name], *extra]
+    cmd = [sys.executable, "train.py", "--out", os.path.abspath(out), "--seed", str(seed), *ROWS[name], *extra]
     log = open(os.path.join(log_dir, f"{name}-s{seed}.log"), "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=os.path.dirname(os.path.abspath(__file__)))
+                            cwd=ROOT)
     proc.info = dict(name=name, seed=seed, out=out, cmd=cmd, start=time.time(), log=log)
     return proc
 
@@ -352,7 +356,7 @@ def main(argv=None) -> int:
     path = os.path.join(args.out, "ablations.json")
     if args.report:
         if not os.path.isfile(path):
-            print(f"error: {path} does not exist; run python ablate.py first", file=sys.stderr)
+            print(f"error: {path} does not exist; run python tools/ablate.py first", file=sys.stderr)
             return 2
         with open(path) as f:
             stored = json.load(f)["runs"]
@@ -417,7 +421,7 @@ def main(argv=None) -> int:
     if os.path.isfile(path) and not args.fresh:
         with open(path) as f:
             earlier = json.load(f)
-    invocation = dict(command="python ablate.py " + " ".join(sys.argv[1:]), train_flags=common,
+    invocation = dict(command="python tools/ablate.py " + " ".join(sys.argv[1:]), train_flags=common,
                       machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
                               f"{os.cpu_count()} CPU cores", device=args.device or "default",
                       parallel=args.parallel, total_time_s=round(total, 1), failed=failed,
