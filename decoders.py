@@ -26,11 +26,11 @@ Reading order
     6. num_dynamic_params, dynamic_mask_conv, relative_coordinates   eq. (7)
     7. SemanticMaskDecoder              TrD_segm + controller + class/box heads + eq. (7)
 
-Shape alphabet
+Shape alphabet (the repository's one alphabet: docs/shapes.md)
     B clips, T frames, N semantic tokens, C model channels, Q queries of a decoder, S memory tokens,
     L decoder layers, Kc foreground classes, H_l, W_l size of one visual level, Cm mask-feature
-    channels (8), h, w mask resolution (H/4, W/4), G groups of the dynamic convolution (one image
-    each), P dynamic parameters per token, Cin input channels of the dynamic convolution.
+    channels (8), h, w mask resolution (H/4, W/4), G images of the dynamic convolution,
+    Pd dynamic parameters per token, Cin input channels of the dynamic convolution (2 + Cm).
 """
 import torch
 import torch.nn as nn
@@ -228,12 +228,11 @@ class SemanticRecombination(nn.Module):
         visual: (B, T, C, H_l, W_l) F_v at one level
         frame_valid: (B, T) bool or None; padding frames (False) stay out of BN's statistics
     returns (B, T, C, H_l, W_l) F'_v
-    sigmoid_gate: True (default) gates with sigmoid(w_i); False multiplies by w_i raw.
     batch_norm:   True (default, the paper) normalises with BatchNorm2d; False with a LayerNorm
-                  over the C channels at every position (attribute `bn` either way).
+                  over the C channels at every position (attribute `norm` either way).
     """
 
-    def __init__(self, dim, num_tokens, sigmoid_gate=True, batch_norm=True):
+    def __init__(self, dim, num_tokens, batch_norm=True):
         super().__init__()
         # PAPER: "two linear layers" read as Linear -> ReLU -> Linear with hidden width C.
         self.filters = mlp(dim, dim, dim)
@@ -245,21 +244,19 @@ class SemanticRecombination(nn.Module):
         # 0.211 at step 450, as without AVSR at all (README, "Training the CPU preset").
         # PAPER: BN's statistics are taken over the real frames only (padding frames, as in AVSS
         # evaluation or Table 6's T = 7 on 5-frame clips, would otherwise shift every real frame).
-        self.bn = MaskedBatchNorm2d(dim) if batch_norm else ChannelLayerNorm(dim)
-        self.sigmoid_gate = sigmoid_gate
+        self.norm = MaskedBatchNorm2d(dim) if batch_norm else ChannelLayerNorm(dim)
 
     def forward(self, tokens, visual, frame_valid=None):
         B, T, C, H, W = visual.shape  # (B, T, C, H_l, W_l)
         w = self.filters(tokens)  # (B, N, C) dynamic filters w_i
         # PAPER: "channel-wise attention" read as an SE-style gate, sigmoid(w_i) in (0, 1), so a
-        # token can only re-weight channels of F_v, not flip their sign or blow them up;
-        # sigmoid_gate=False multiplies by w_i raw, as eq. (5) literally writes.
-        if self.sigmoid_gate:
-            w = w.sigmoid()  # (B, N, C)
+        # token can only re-weight channels of F_v, not flip their sign or blow them up. The
+        # reading not taken: multiplying by w_i raw, as eq. (5) literally writes.
+        w = w.sigmoid()  # (B, N, C)
         modulated = w[:, None, :, :, None, None] * visual[:, :, None]  # (B, T, N, C, H_l, W_l) w_i F_v
         concat = modulated.reshape(B * T, -1, H, W)  # (B*T, N*C, H_l, W_l) w_1 F_v (+) ... (+) w_N F_v
         valid = None if frame_valid is None else frame_valid.reshape(B * T)  # (B*T,)
-        out = self.bn(self.phi(concat) + visual.reshape(B * T, C, H, W), valid)  # eq. (5): (B*T, C, H_l, W_l)
+        out = self.norm(self.phi(concat) + visual.reshape(B * T, C, H, W), valid)  # eq. (5): (B*T, C, H_l, W_l)
         return out.view(B, T, C, H, W)  # (B, T, C, H_l, W_l)
 
 
@@ -279,13 +276,13 @@ def num_dynamic_params(in_channels, channels=8, num_layers=3):
 
     in_channels counts everything the first layer sees (Cm feature channels + 2 coordinates):
     (8 + 2) * 8 + 8 + 8 * 8 + 8 + 8 * 1 + 1 = 169, as CondInst.
-    Inputs: in_channels Cin, channels, num_layers (ints). Returns P (int).
+    Inputs: in_channels Cin, channels, num_layers (ints). Returns Pd (int).
     """
     return sum(c_out * c_in + c_out for c_out, c_in in _dynamic_layer_shapes(in_channels, channels,
                                                                              num_layers))
 
 
-def dynamic_mask_conv(features, params, channels=8, num_layers=3, rel_coords=None):
+def dynamic_mask_conv(features, theta, channels=8, num_layers=3, rel_coords=None):
     """Eq. (7), M = f_out * theta: every token runs its own small 1x1-conv net over the mask features.
 
     All tokens of all images run at once as one grouped convolution (groups = G*Q), as CondInst.
@@ -293,22 +290,22 @@ def dynamic_mask_conv(features, params, channels=8, num_layers=3, rel_coords=Non
     a layer's weights are (c_out, c_in) row-major. ReLU between layers, none after the last.
 
     features:   (G, Cm, h, w) mask features of G images (shared by that image's tokens)
-    params:     (G, Q, P) theta of each token, P = num_dynamic_params(Cin, channels, num_layers)
+    theta:      (G, Q, Pd) theta_{i,t} of each token, Pd = num_dynamic_params(Cin, channels, num_layers)
     rel_coords: (G, Q, 2, h, w) or None; when given they are put before the Cm feature channels,
                 so Cin = 2 + Cm
     returns (G, Q, h, w) mask logits
     """
-    G, Q, P = params.shape
+    G, Q, Pd = theta.shape
     x = features[:, None].expand(-1, Q, -1, -1, -1)  # (G, Q, Cm, h, w)
     if rel_coords is not None:
         x = torch.cat([rel_coords, x], dim=2)  # (G, Q, Cin, h, w), channels: (x, y, features)
     c_in, h, w = x.shape[2:]
     shapes = _dynamic_layer_shapes(c_in, channels, num_layers)  # [(c_out, c_in)] per layer
-    if P != num_dynamic_params(c_in, channels, num_layers):
-        raise ValueError(f"got {P} dynamic parameters per token, need "
+    if Pd != num_dynamic_params(c_in, channels, num_layers):
+        raise ValueError(f"got {Pd} dynamic parameters per token, need "
                          f"{num_dynamic_params(c_in, channels, num_layers)} for {c_in} input channels")
     sizes = [o * i for o, i in shapes] + [o for o, _ in shapes]
-    chunks = params.reshape(G * Q, P).split(sizes, dim=1)  # weights then biases, each (G*Q, size)
+    chunks = theta.reshape(G * Q, Pd).split(sizes, dim=1)  # weights then biases, each (G*Q, size)
     weights, biases = chunks[:num_layers], chunks[num_layers:]  # num_layers x (G*Q, c_out*c_in), x (G*Q, c_out)
     x = x.reshape(1, G * Q * c_in, h, w)  # (1, G*Q*Cin, h, w) every token's input side by side
     for layer, (c_out, c_in) in enumerate(shapes):
@@ -391,12 +388,12 @@ class SemanticMaskDecoder(nn.Module):
         L = hs.shape[0]
         logits = self.class_head(hs)  # (L, B*T, N, Kc) P_{i,t} as logits
         boxes = self.box_head(hs).sigmoid()  # (L, B*T, N, 4) B_{i,t}, cxcywh in [0, 1]
-        params = self.controller(hs)  # (L, B*T, N, P) theta_{i,t}
+        theta = self.controller(hs)  # (L, B*T, N, Pd) theta_{i,t}
         # PAPER: the relative-coordinate origin is not given; we use the token's predicted box
         # centre, detached (ReferFormer uses its reference point, CondInst the instance location).
         rel = relative_coordinates(boxes[..., :2].detach().flatten(0, 1), h, w)  # (L*B*T, N, 2, h, w)
         feats = mask_features.flatten(0, 1).expand(L, -1, -1, -1, -1).flatten(0, 1)  # (L*B*T, Cm, h, w)
-        masks = dynamic_mask_conv(feats, params.flatten(0, 1), self.dyn_channels, self.dyn_layers,
+        masks = dynamic_mask_conv(feats, theta.flatten(0, 1), self.dyn_channels, self.dyn_layers,
                                   rel_coords=rel)  # eq. (7): (L*B*T, N, h, w)
         per_layer = [dict(pred_logits=logits[i].view(B, T, N, -1),  # (B, T, N, Kc)
                           pred_masks=masks.view(L, B, T, N, h, w)[i],  # (B, T, N, h, w)

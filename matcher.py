@@ -624,9 +624,8 @@ class SetCriterion(nn.Module):
     of ground-truth tracks in the batch (at least 1), as DETR normalises by the number of boxes.
     The unweighted eq. (9) terms come in outputs["quant"] and are weighted here.
 
-    `weight_dict` maps every logged term to its weight, and total == sum(weight_dict[k] * parts[k]).
-    Keys of auxiliary layers (suffix _0 .. _{L-2}) and unforeseen quant_ keys are added to it the
-    first time they are seen.
+    `weight_dict` maps every term to its weight; an auxiliary layer's term (suffix _0 .. _{L-2})
+    has the weight of its base term, and total == sum(weight(k) * parts[k]).
 
     forward = match (every layer's assignment, the only copy to the host) + losses (all layers
     and clips at once, on the device). The training step calls the two itself (train.py), so
@@ -663,23 +662,9 @@ class SetCriterion(nn.Module):
         self.weight_dict["quant_codebook"] = lambda_quant  # eq. (8) x eq. (9) first term
         self.weight_dict["quant_commit_global"] = lambda_quant * lambda_com  # eq. (9) second term
         self.weight_dict["quant_commit_local"] = lambda_quant * lambda_com  # eq. (9) third term
-
-    def weight_of(self, name):
-        """The weight of a logged term (adds aux-layer and new quant_ keys to weight_dict)."""
-        if name not in self.weight_dict:
-            base = name.rsplit("_", 1)[0]
-            if name.startswith("quant_commit"):
-                self.weight_dict[name] = self.lambda_quant * self.lambda_com  # a commitment term of eq. (9)
-            elif name.startswith("quant_"):
-                # PAPER: eq. (9) has only the codebook and two commitment terms; any other quant_
-                # term (e.g. quant_codebook_local of the separate-codebook ablation) is taken as
-                # part of L_quant with weight lambda_quant, like the codebook term.
-                self.weight_dict[name] = self.lambda_quant
-            elif base in self.weights:
-                self.weight_dict[name] = self.weights[base]  # auxiliary layer, same weight as the last
-            else:
-                raise KeyError(f"SetCriterion: no weight for the term '{name}'")
-        return self.weight_dict[name]
+        # NOT IN PAPER: the codebook term of a local path that trains its own codebook (Table 2's
+        # row without SC), weighted as eq. (9)'s codebook term.
+        self.weight_dict["quant_codebook_local"] = lambda_quant
 
     def forward(self, outputs, targets):
         """
@@ -688,7 +673,7 @@ class SetCriterion(nn.Module):
                 "pred_logits": (B, T, N, Kc), "pred_masks": (B, T, N, h, w), "pred_boxes": (B, T, N, 4);
                 optional "aux_outputs": list of L-1 dicts with the same three keys (earlier layers);
                 optional "quant": dict name -> scalar tensor, the unweighted eq. (9) terms
-                (quant_codebook, quant_commit_global, quant_commit_local; only quant_* keys are used).
+                (quant_codebook, quant_commit_global, quant_commit_local, quant_codebook_local).
             targets: list of B track dicts from build_tracks (masks at label resolution H, W), or
                 a Tracks at the mask resolution (h, w) (track_batch).
         Returns:
@@ -809,10 +794,11 @@ class SetCriterion(nn.Module):
         for layer in range(L):
             suffix = "" if layer == 0 else f"_{layer - 1}"
             parts.update({name + suffix: value[layer] for name, value in per_term.items()})
-        for name, value in outputs.get("quant", {}).items():
-            if name.startswith("quant_"):
-                parts[name] = value
+        parts.update(outputs.get("quant", {}))  # the unweighted eq. (9) terms
 
-        # eq. (8): L = L_segm + lambda_quant * L_quant, with L_quant = eq. (9) (lambda_com inside)
-        total = sum(self.weight_of(name) * value for name, value in parts.items())  # ()
+        # eq. (8): L = L_segm + lambda_quant * L_quant, with L_quant = eq. (9) (lambda_com inside);
+        # an auxiliary layer's term "loss_dice_0" has the weight of "loss_dice"
+        weight = {name: self.weight_dict[name if name in self.weight_dict else name.rsplit("_", 1)[0]]
+                  for name in parts}
+        total = sum(weight[name] * value for name, value in parts.items())  # ()
         return total, parts

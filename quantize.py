@@ -15,19 +15,19 @@ Reading order
     1. QuantizerOutput        what one quantization returns
     2. VectorQuantizer        codebook, nearest_code (VQ of eq. 2), forward: straight-through,
                               the two eq. (9) terms, the `update_codebook=False` local path,
-                              optional dead-code revival (off by default), the optional
-                              warm-up (VQ(x) = x while the tokens learn to depend on the sound)
-                              and the k-means initialisation of the codebook that ends it
+                              then, fenced off as not in the paper, the warm-up (VQ(x) = x
+                              while the tokens learn to depend on the sound) and the k-means
+                              initialisation of the codebook that ends it
     3. product_quantize       eq. (2): N tokens through one shared quantizer, concatenated
     4. quantization_loss      eq. (9): the three named, unweighted terms
     5. codebook_stats         usage, perplexity and dead codes from the chosen indices
 
-Shape alphabet
+Shape alphabet (the repository's one alphabet: docs/shapes.md)
     ...  any leading dimensions (B, or B and T)
     N    semantic tokens per clip (or per frame)
-    D    token and codeword dimension (the model channels C)
+    C    token and codeword width (the model channels)
     K    codewords in the codebook
-    M    number of vectors after flattening the leading dimensions
+    V    vectors after flattening the leading dimensions
 """
 from typing import NamedTuple, Optional
 
@@ -38,11 +38,11 @@ import torch.nn.functional as F
 
 
 class QuantizerOutput(NamedTuple):
-    """The result of quantizing a batch of vectors x (..., D).
+    """The result of quantizing a batch of vectors x (..., C).
 
-    quantized:       (..., D) straight-through output: its value is the chosen codeword, its
+    quantized:       (..., C) straight-through output: its value is the chosen codeword, its
                      gradient w.r.t. x is the identity, and it carries no gradient to the codebook.
-    codes:           (..., D) the chosen codewords themselves; differentiable w.r.t. the codebook
+    codes:           (..., C) the chosen codewords themselves; differentiable w.r.t. the codebook
                      only when the quantizer was called with update_codebook=True.
     indices:         (...) int64, the index in [0, K) of the chosen codeword.
     codebook_loss:   scalar, eq. (9) first term ||VQ(x) - sg[x]||^2 (mean over elements,
@@ -62,94 +62,53 @@ class VectorQuantizer(nn.Module):
 
     Args:
         num_codes:         K, number of codewords (128 in the paper).
-        dim:               D, dimension of tokens and codewords.
-        revive_dead_codes: if True, while training on the codebook-owning path
-                           (update_codebook=True), keep an EMA of each code's share of the
-                           assignments in the buffer `code_usage` (K,) and, at the start of each such
-                           forward, re-seed every code whose EMA share fell below
-                           dead_threshold / K with a random current input (see
-                           `revive_dead_codes`). Off by default: the paper trains the codebook by
-                           eq. (9) alone.
-        usage_decay:       EMA decay of `code_usage` (per training forward).
-        dead_threshold:    a code is dead when its EMA share < dead_threshold * (1 / K), i.e. below
-                           this fraction of the share it would have under uniform use.
-        warmup_memory:     R, how many of the most recent warm-up tokens are kept for the k-means
-                           initialisation (see `set_warmup`).
+        dim:               C, width of tokens and codewords.
+        warmup_memory:     how many of the most recent warm-up tokens are kept for the k-means
+                           initialisation (see `set_warmup`; not in the paper).
 
     Parameters and buffers:
-        codebook:   (K, D) nn.Parameter, trained by the first term of eq. (9).
-        code_usage: (K,) buffer, EMA of the share of global-path assignments per code; starts at
-                    1/K (uniform) so that no code is dead before it has had a chance. Only updated
-                    when revival is on.
-        warmup_tokens: (R, D) buffer, a ring of the most recent tokens seen in warm-up training.
+        codebook:      (K, C) nn.Parameter, the codewords {e_k}, trained by the first term of eq. (9).
+        warmup_tokens: (V, C) buffer, a ring of the most recent tokens seen in warm-up training.
         warmup_seen:   () int64 buffer, how many tokens were written into the ring so far.
         kmeans_done:   () bool buffer, True once the codebook was initialised from the ring.
-    The three are saved in checkpoints, so a run resumed in or after warm-up continues exactly.
+    The three buffers are saved in checkpoints, so a run resumed in or after warm-up continues
+    exactly.
     The attribute `warmup` (a Python bool, False unless `set_warmup(True)`) says whether the
     quantizer is in warm-up; the trainer sets it from the step count.
     """
 
-    def __init__(self, num_codes: int, dim: int, revive_dead_codes: bool = False,
-                 usage_decay: float = 0.99, dead_threshold: float = 0.1, warmup_memory: int = 4096):
+    def __init__(self, num_codes: int, dim: int, warmup_memory: int = 4096):
         super().__init__()
         self.num_codes = num_codes
         self.dim = dim
-        # The constructor argument keeps the interface name; the flag is stored under another name
-        # because `revive_dead_codes` is also the method that does the revival.
-        self.revival_enabled = revive_dead_codes
-        self.usage_decay = usage_decay
-        self.dead_threshold = dead_threshold
         # PAPER: the paper does not say how the codebook is initialised. The tokens it quantizes
         # leave a post-norm LayerNorm (the last step of every TrD layer), so each token has zero
-        # mean and unit variance over its D channels, i.e. it lies on the sphere ||g||^2 = D
+        # mean and unit variance over its C channels, i.e. it lies on the sphere ||g||^2 = C
         # (up to the learnable LN affine). We draw the codewords on the same set: standard normal
         # vectors passed through a LayerNorm without affine, so every entry has unit scale and
-        # every codeword has ||e||^2 = D exactly. Two common alternatives fail for such tokens:
+        # every codeword has ||e||^2 = C exactly. Two common alternatives fail for such tokens:
         #  - plain N(0, 1) codes: ||e||^2 varies by about sqrt(2D), which outweighs the x.e term,
-        #    so the shortest codes win most tokens (measured for K=128, D=256 on LN'd tokens:
+        #    so the shortest codes win most tokens (measured for K=128, C=256 on LN'd tokens:
         #    perplexity 32-39 at init, versus 121-126 for this init);
         #  - tiny codes near the origin (uniform(-1/K, 1/K), as in many VQ-VAE codes): every
         #    code is used, but VQ(g) is then almost 0, so the downstream decoder receives
-        #    near-zero queries until the codebook has travelled a distance sqrt(D).
-        codebook = F.layer_norm(torch.randn(num_codes, dim), (dim,))  # (K, D)
-        self.codebook = nn.Parameter(codebook)  # (K, D)
-        self.register_buffer("code_usage", torch.full((num_codes,), 1.0 / num_codes))  # (K,)
+        #    near-zero queries until the codebook has travelled a distance sqrt(C).
+        codebook = F.layer_norm(torch.randn(num_codes, dim), (dim,))  # (K, C)
+        self.codebook = nn.Parameter(codebook)  # (K, C)
         self.warmup = False
         self._first_call = True  # set_warmup has not looked at the buffers yet
-        self.register_buffer("warmup_tokens", torch.zeros(warmup_memory, dim))  # (R, D)
+        self.register_buffer("warmup_tokens", torch.zeros(warmup_memory, dim))  # (V, C)
         self.register_buffer("warmup_seen", torch.tensor(0))  # () int64
         self.register_buffer("kmeans_done", torch.tensor(False))  # ()
-
-    def set_warmup(self, active: bool) -> None:
-        """Switch the warm-up on or off (the trainer does it before every step).
-
-        PAPER: not in the paper, off in its recipes. While the warm-up is on, VQ(x) = x: the tokens
-        go on unquantized, eq. (9) is zero, and the tokens of each training forward (global and
-        local) are written into a ring of the last R. At the first training forward after it is
-        switched off, and tokens were remembered, and the codebook was not initialised yet, the
-        codebook is set to the k-means centres of that ring (`init_from_tokens`), once. Why: the paper's VGGish features separate sound categories from the first step; a
-        network trained from scratch starts with tokens that depend on their prototype p_i far
-        more than on the sound, and quantizing those from step 1 collapses the codebook (README,
-        "Training the CPU preset"). The warm-up lets the tokens become sound-dependent first, and
-        the k-means codebook then starts where they are.
-        """
-        # Read the buffers (a host sync on a GPU) only when a warm-up may just have ended: after
-        # a step in warm-up, or on the first call after construction or a checkpoint load.
-        may_end = not active and (self.warmup or self._first_call)
-        self._first_call = False
-        if may_end and int(self.warmup_seen) > 0 and not bool(self.kmeans_done):
-            R = self.warmup_tokens.shape[0]
-            self.init_from_tokens(self.warmup_tokens[: min(int(self.warmup_seen), R)])  # (R', D)
-        self.warmup = bool(active)
 
     @torch.no_grad()
     def nearest_code(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest codeword in L2 for each row (the VQ of eq. 2).
 
         Args:
-            flat: (M, D) vectors.
+            flat: (V, C) vectors.
         Returns:
-            indices: (M,) int64. Ties go to the lowest index (torch.argmin).
+            indices: (V,) int64. Ties go to the lowest index (torch.argmin).
 
         Squared distances are expanded as ||x||^2 - 2 x.e + ||e||^2 (one matrix product) and
         computed in at least float32 with autocast off, so that a bf16/fp16 autocast region cannot
@@ -157,56 +116,47 @@ class VectorQuantizer(nn.Module):
         """
         dtype = torch.promote_types(torch.promote_types(flat.dtype, self.codebook.dtype), torch.float32)
         with torch.autocast(device_type=flat.device.type, enabled=False):
-            x = flat.to(dtype)  # (M, D)
-            e = self.codebook.detach().to(dtype)  # (K, D)
-            dist2 = (x.pow(2).sum(1, keepdim=True)  # (M, 1)
-                     - 2.0 * x @ e.t()  # (M, K)
-                     + e.pow(2).sum(1).unsqueeze(0))  # (1, K) -> (M, K)
-            return dist2.argmin(dim=1)  # (M,) int64
+            x = flat.to(dtype)  # (V, C)
+            e = self.codebook.detach().to(dtype)  # (K, C)
+            dist2 = (x.pow(2).sum(1, keepdim=True)  # (V, 1)
+                     - 2.0 * x @ e.t()  # (V, K)
+                     + e.pow(2).sum(1).unsqueeze(0))  # (1, K) -> (V, K)
+            return dist2.argmin(dim=1)  # (V,) int64
 
     def forward(self, x: torch.Tensor, update_codebook: bool = True,
                 valid: Optional[torch.Tensor] = None) -> QuantizerOutput:
-        """Quantize every D-vector of x with the codebook.
+        """Quantize every C-vector of x with the codebook.
 
         Args:
-            x:               (..., D) tokens (global g_i or local l_{i,t}).
+            x:               (..., C) tokens (global g_i or local l_{i,t}).
             update_codebook: True for the global path (eq. 9 terms 1 and 2: the codebook is
                              trained). False for the local path (eq. 9 term 3 only): the codebook
-                             gets no gradient from this call and revival never runs.
+                             gets no gradient from this call.
             valid:           (...) bool or None: the tokens that count. The losses are means over
                              the valid tokens only, and only they are remembered in the warm-up
                              (the local tokens of padding frames are quantized but count nowhere).
         Returns:
-            QuantizerOutput with quantized (..., D), codes (..., D), indices (...) int64,
+            QuantizerOutput with quantized (..., C), codes (..., C), indices (...) int64,
             codebook_loss scalar, commitment_loss scalar.
         """
         lead = x.shape[:-1]  # (...) the leading dimensions
-        flat = x.reshape(-1, self.dim)  # (M, D)
-        keep = None if valid is None else valid.reshape(-1)  # (M,) bool
+        flat = x.reshape(-1, self.dim)  # (V, C)
+        keep = None if valid is None else valid.reshape(-1)  # (V,) bool
         if self.warmup:
             return self._warmup_forward(flat, lead, update_codebook, keep)  # VQ(x) = x (not in the paper; off by default)
-        owns_codebook = update_codebook and self.training
-        if owns_codebook and self.revival_enabled:
-            # PAPER: dead-code revival is not in the paper (it trains C by eq. 9 alone); it is an
-            # option, off by default, for runs whose codebook collapses.
-            # Before this step's assignment, so that the parameter is changed outside any graph.
-            self.revive_dead_codes(flat)
-
-        indices = self.nearest_code(flat)  # (M,) int64, VQ of eq. (2)
-        codebook = self.codebook if update_codebook else self.codebook.detach()  # (K, D)
-        codes = codebook[indices]  # (M, D) e = VQ(x), gradient to the codebook only if update_codebook
-        if owns_codebook and self.revival_enabled:
-            self._update_usage(indices)  # code_usage (K,) EMA
+        indices = self.nearest_code(flat)  # (V,) int64, VQ of eq. (2)
+        codebook = self.codebook if update_codebook else self.codebook.detach()  # (K, C)
+        codes = codebook[indices]  # (V, C) e = VQ(x), gradient to the codebook only if update_codebook
 
         # PAPER: eq. (9) writes a sum over tokens of squared L2 norms; we take the mean over all
-        # M * D elements (MSE, as in VQ-VAE code), so the value does not grow with the batch
-        # size, N or D and lambda_quant keeps one meaning across presets. The sum is
-        # mean * M * D (the tests check this).
+        # V * C elements (MSE, as in VQ-VAE code), so the value does not grow with the batch
+        # size, N or C and lambda_quant keeps one meaning across presets. The sum is
+        # mean * V * C (the tests check this).
         if flat.shape[0] == 0:
             zero = flat.new_zeros(())  # () nothing to quantize
             codebook_loss, commitment_loss = zero, zero
         else:
-            xd = flat.to(codes.dtype)  # (M, D)
+            xd = flat.to(codes.dtype)  # (V, C)
             if update_codebook:
                 codebook_loss = _mse(codes, xd.detach(), keep)  # eq. (9), first term ||VQ(g) - sg[g]||^2
             else:
@@ -219,36 +169,62 @@ class VectorQuantizer(nn.Module):
         # (d quantized / d x = I) and nothing reaches the codebook through this path. Written as
         # sg[e] + (x - sg[x]) rather than the usual x + sg[e - x]: the added term is exactly 0, so
         # the value is bit-for-bit the codeword (x + (e - x) can differ from e in the last bit).
-        quantized = codes.detach().to(flat.dtype) + (flat - flat.detach())  # (M, D)
+        quantized = codes.detach().to(flat.dtype) + (flat - flat.detach())  # (V, C)
         return QuantizerOutput(
-            quantized=quantized.reshape(*lead, self.dim),  # (..., D)
-            codes=codes.reshape(*lead, self.dim),  # (..., D)
+            quantized=quantized.reshape(*lead, self.dim),  # (..., C)
+            codes=codes.reshape(*lead, self.dim),  # (..., C)
             indices=indices.reshape(lead),  # (...)
             codebook_loss=codebook_loss,
             commitment_loss=commitment_loss,
         )
+
+    # ------------------------------------------------------------------------------------------
+    # NOT IN PAPER: the quantizer warm-up and the k-means initialisation that ends it. Off unless
+    # train.py's --quant-warmup-steps is > 0 (the CPU preset's recipe uses 300 steps).
+    # ------------------------------------------------------------------------------------------
+    def set_warmup(self, active: bool) -> None:
+        """Switch the warm-up on or off (the trainer does it before every step).
+
+        NOT IN PAPER (the paper quantizes from the first step). While the warm-up is on,
+        VQ(x) = x: the tokens go on unquantized, eq. (9) is zero, and the tokens of each training
+        forward (global and local) are written into a ring of the last `warmup_memory`. At the
+        first training forward after it is switched off, if tokens were remembered and the
+        codebook was not initialised yet, the codebook is set to the k-means centres of that ring
+        (`init_from_tokens`), once. Why: quantized from step 1, the CPU preset's codebook
+        collapses to a few words and the model predicts background only (docs/lab-notes.md);
+        the warm-up lets the tokens become sound-dependent first, and the k-means codebook then
+        starts where they are.
+        """
+        # Read the buffers (a host sync on a GPU) only when a warm-up may just have ended: after
+        # a step in warm-up, or on the first call after construction or a checkpoint load.
+        may_end = not active and (self.warmup or self._first_call)
+        self._first_call = False
+        if may_end and int(self.warmup_seen) > 0 and not bool(self.kmeans_done):
+            R = self.warmup_tokens.shape[0]
+            self.init_from_tokens(self.warmup_tokens[: min(int(self.warmup_seen), R)])  # (V', C)
+        self.warmup = bool(active)
 
     def _warmup_forward(self, flat: torch.Tensor, lead, update_codebook: bool,
                         keep: Optional[torch.Tensor]) -> QuantizerOutput:
         """Warm-up: VQ(x) = x, no loss; the nearest codes are still reported (for logging).
 
         Args:
-            flat: (M, D) tokens; lead: their leading dimensions; update_codebook: as in forward;
-            keep: (M,) bool or None, the tokens to remember.
+            flat: (V, C) tokens; lead: their leading dimensions; update_codebook: as in forward;
+            keep: (V,) bool or None, the tokens to remember.
         Returns:
-            QuantizerOutput with quantized = x (..., D), codes = the (untrained) nearest codewords,
+            QuantizerOutput with quantized = x (..., C), codes = the (untrained) nearest codewords,
             indices (...), and zero losses.
         """
         if self.training:
-            self._remember(flat.detach() if keep is None else flat.detach()[keep])  # (M', D)
-        indices = self.nearest_code(flat)  # (M,)
+            self._remember(flat.detach() if keep is None else flat.detach()[keep])  # (V', C)
+        indices = self.nearest_code(flat)  # (V,)
         # () eq. (9) is off during the warm-up. On the path that owns the codebook the zero is
         # taken from it, so that the codebook stays in the graph with a zero gradient (DDP expects
         # every parameter to be used); the local path never touches the codebook.
         zero = (self.codebook.sum() * 0.0).to(flat.dtype) if update_codebook else flat.new_zeros(())
         return QuantizerOutput(
-            quantized=flat.reshape(*lead, self.dim),  # (..., D) the token itself
-            codes=self.codebook.detach()[indices].reshape(*lead, self.dim),  # (..., D)
+            quantized=flat.reshape(*lead, self.dim),  # (..., C) the token itself
+            codes=self.codebook.detach()[indices].reshape(*lead, self.dim),  # (..., C)
             indices=indices.reshape(lead),  # (...)
             codebook_loss=zero,
             commitment_loss=flat.new_zeros(()),
@@ -256,10 +232,10 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _remember(self, flat: torch.Tensor) -> None:
-        """Write tokens (M, D) into the ring `warmup_tokens`, overwriting the oldest."""
+        """Write tokens (V, C) into the ring `warmup_tokens`, overwriting the oldest."""
         R = self.warmup_tokens.shape[0]
-        flat = flat[-R:].to(self.warmup_tokens.dtype)  # (M', D), M' <= R
-        slots = (int(self.warmup_seen) + torch.arange(flat.shape[0], device=flat.device)) % R  # (M',)
+        flat = flat[-R:].to(self.warmup_tokens.dtype)  # (V', C), V' <= ring size
+        slots = (int(self.warmup_seen) + torch.arange(flat.shape[0], device=flat.device)) % R  # (V',)
         self.warmup_tokens[slots] = flat
         self.warmup_seen += flat.shape[0]
 
@@ -268,7 +244,7 @@ class VectorQuantizer(nn.Module):
         """Set the codebook to the k-means centres of `tokens` (k-means++ seeding, Lloyd steps).
 
         Args:
-            tokens: (M, D) vectors. With fewer than K distinct vectors, the codes that no vector
+            tokens: (V, C) vectors. With fewer than K distinct vectors, the codes that no vector
                     can seed keep their current value.
             iters:  Lloyd iterations (assign every vector to its nearest centre, move each centre
                     to the mean of its vectors; a centre with no vector stays where it is).
@@ -276,91 +252,45 @@ class VectorQuantizer(nn.Module):
         Returns:
             sizes: (K,) int64, how many tokens each code holds after the last assignment.
 
-        Under DDP every rank computes its own centres, then rank 0's are broadcast, so the
+        scipy.cluster.vq.kmeans2(tokens, K, minit='++') computes the same k-means; these lines stay
+        in torch so that the codebook never leaves its device and a recorded run reproduces bit
+        for bit. Under DDP every rank computes its own centres, then rank 0's are broadcast, so the
         codebook stays identical everywhere. Adam's moments of the codebook are left as they were.
         """
-        x = tokens.detach().to(torch.float32)  # (M, D)
+        x = tokens.detach().to(torch.float32)  # (V, C)
         K = self.num_codes
         g = torch.Generator(device="cpu").manual_seed(seed)
-        centres = self.codebook.detach().to(torch.float32).clone()  # (K, D) fallback for unseeded codes
+        centres = self.codebook.detach().to(torch.float32).clone()  # (K, C) fallback for unseeded codes
         # k-means++: the first centre uniformly, each next one with probability ~ squared distance
         first = int(torch.randint(x.shape[0], (1,), generator=g))
         centres[0] = x[first]
-        d2 = (x - x[first]).pow(2).sum(1)  # (M,) squared distance to the nearest chosen centre
+        d2 = (x - x[first]).pow(2).sum(1)  # (V,) squared distance to the nearest chosen centre
         seeded = 1
         while seeded < K and d2.sum() > 0:
             pick = int(torch.multinomial((d2 / d2.sum()).cpu(), 1, generator=g))
             centres[seeded] = x[pick]
-            d2 = torch.minimum(d2, (x - x[pick]).pow(2).sum(1))  # (M,)
+            d2 = torch.minimum(d2, (x - x[pick]).pow(2).sum(1))  # (V,)
             seeded += 1
         for _ in range(iters):
-            assign = torch.cdist(x, centres[:seeded]).argmin(1)  # (M,) nearest seeded centre
-            sums = torch.zeros(seeded, x.shape[1], device=x.device).index_add_(0, assign, x)  # (K', D)
+            assign = torch.cdist(x, centres[:seeded]).argmin(1)  # (V,) nearest seeded centre
+            sums = torch.zeros(seeded, x.shape[1], device=x.device).index_add_(0, assign, x)  # (K', C)
             counts = torch.bincount(assign, minlength=seeded)  # (K',)
             moved = counts > 0
-            centres[:seeded][moved] = sums[moved] / counts[moved, None]  # (K', D) cluster means
+            centres[:seeded][moved] = sums[moved] / counts[moved, None]  # (K', C) cluster means
         sizes = torch.bincount(torch.cdist(x, centres[:seeded]).argmin(1), minlength=K)  # (K,)
-        self.codebook.copy_(centres.to(self.codebook.dtype))  # (K, D)
+        self.codebook.copy_(centres.to(self.codebook.dtype))  # (K, C)
         if dist.is_available() and dist.is_initialized():
-            dist.broadcast(self.codebook, src=0)  # (K, D) rank 0's centres everywhere
+            dist.broadcast(self.codebook, src=0)  # (K, C) rank 0's centres everywhere
         self.kmeans_done.fill_(True)
-        self.code_usage.fill_(1.0 / K)
         return sizes
-
-    @torch.no_grad()
-    def _update_usage(self, indices: torch.Tensor) -> None:
-        """EMA of each code's share of this step's assignments, summed over all DDP ranks.
-
-        Args:
-            indices: (M,) int64 codes chosen in this step.
-        """
-        counts = torch.bincount(indices, minlength=self.num_codes).to(self.code_usage.dtype)  # (K,)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)  # (K,) same EMA, hence the same dead set, on every rank
-        share = counts / counts.sum().clamp(min=1.0)  # (K,)
-        self.code_usage.mul_(self.usage_decay).add_(share, alpha=1.0 - self.usage_decay)
-
-    @torch.no_grad()
-    def revive_dead_codes(self, x: torch.Tensor) -> torch.Tensor:
-        """Re-seed dead codewords with random current inputs (optional, not in the paper).
-
-        A code is dead when its EMA share `code_usage` is below dead_threshold / K. Each dead code
-        is overwritten with a distinct input vector drawn at random without replacement, and its
-        EMA share is reset to 1/K so that it gets a grace period before it can die again. If
-        there are fewer inputs than dead codes, the least used codes are revived first and the
-        rest wait for a later step (so no two revived codes are equal). Under DDP the new
-        codebook and usage of rank 0 are broadcast, keeping every rank identical.
-        Optimizer state (e.g. Adam moments) of a revived row is left as it was.
-
-        Called automatically at the start of each training forward with update_codebook=True when
-        the quantizer was built with revive_dead_codes=True; it may also be called by hand.
-
-        Args:
-            x: (..., D) current inputs to seed from.
-        Returns:
-            revived: (R,) int64 indices of the codes that were re-seeded (R may be 0).
-        """
-        flat = x.detach().reshape(-1, self.dim)  # (M, D)
-        dead = torch.nonzero(self.code_usage < self.dead_threshold / self.num_codes).squeeze(1)  # (n_dead,)
-        if dead.numel() == 0:
-            return dead  # (0,) the same on every rank, so no collective is needed
-        dead = dead[self.code_usage[dead].argsort()]  # (n_dead,) least used first
-        revived = dead[: flat.shape[0]]  # (R,)
-        pick = torch.randperm(flat.shape[0], device=flat.device)[: revived.numel()]  # (R,)
-        self.codebook[revived] = flat[pick].to(self.codebook.dtype)  # (R, D) new codewords
-        self.code_usage[revived] = 1.0 / self.num_codes
-        if dist.is_available() and dist.is_initialized():
-            dist.broadcast(self.codebook, src=0)  # (K, D) rank 0's random picks everywhere
-            dist.broadcast(self.code_usage, src=0)  # (K,)
-        return revived
 
 
 def _mse(a: torch.Tensor, b: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     """Mean of (a - b)^2 over all elements of the rows where keep is True (all rows if None).
-    a, b: (M, D); keep: (M,) bool or None. Returns a scalar; 0 when no row is kept."""
+    a, b: (V, C); keep: (V,) bool or None. Returns a scalar; 0 when no row is kept."""
     if keep is None:
         return F.mse_loss(a, b)
-    w = keep.to(a.dtype)  # (M,)
+    w = keep.to(a.dtype)  # (V,)
     return ((a - b).pow(2).mean(1) * w).sum() / w.sum().clamp(min=1.0)  # ()
 
 
@@ -368,21 +298,20 @@ def product_quantize(vq: VectorQuantizer, tokens: torch.Tensor, update_codebook:
     """Eq. (2): PQ(x) = VQ_s(x_1) (+) ... (+) VQ_s(x_N) with one shared codebook C_s.
 
     Args:
-        vq:              the shared VectorQuantizer (codebook (K, D)).
-        tokens:          (..., N, D) the decomposed tokens x_i = f_i(x) (here g_i or l_{i,t}).
+        vq:              the shared VectorQuantizer (codebook (K, C)).
+        tokens:          (..., N, C) the decomposed tokens x_i = f_i(x) (here g_i or l_{i,t}).
         update_codebook: passed to vq (False for the local path, eq. 9 third term).
     Returns:
-        pq:  (..., N*D) channel-wise concatenation of the N straight-through quantized tokens;
-             token i occupies channels [i*D, (i+1)*D).
-        out: QuantizerOutput of the N tokens, fields shaped (..., N, D) / (..., N).
+        pq:  (..., N*C) channel-wise concatenation of the N straight-through quantized tokens;
+             token i occupies channels [i*C, (i+1)*C).
+        out: QuantizerOutput of the N tokens, fields shaped (..., N, C) / (..., N).
     """
-    out = vq(tokens, update_codebook=update_codebook)  # quantized (..., N, D): one VQ_s for every token
-    pq = out.quantized.flatten(-2)  # (..., N*D) eq. (2), concatenation (+)
+    out = vq(tokens, update_codebook=update_codebook)  # quantized (..., N, C): one VQ_s for every token
+    pq = out.quantized.flatten(-2)  # (..., N*C) eq. (2), concatenation (+)
     return pq, out
 
 
-def quantization_loss(global_out: QuantizerOutput, local_out: Optional[QuantizerOutput] = None,
-                      local_owns_codebook: bool = False) -> dict:
+def quantization_loss(global_out: QuantizerOutput, local_out: Optional[QuantizerOutput] = None) -> dict:
     """Eq. (9), the three terms, unweighted (the criterion applies lambda_quant and lambda_com).
 
     L_quant = ||VQ(g) - sg[g]||^2 + lambda_com ||sg[VQ(g)] - g||^2 + lambda_com ||sg[VQ(l)] - l||^2
@@ -390,9 +319,6 @@ def quantization_loss(global_out: QuantizerOutput, local_out: Optional[Quantizer
     Args:
         global_out:          QuantizerOutput of the global tokens g (update_codebook=True).
         local_out:           QuantizerOutput of the local tokens l (update_codebook=False), or None.
-        local_owns_codebook: ablation switch (default False = the paper's shared codebook). Set it
-                             only when the local path has its own, separate codebook; its codebook
-                             term is then returned as 'quant_codebook_local'.
     Returns:
         dict of scalars: 'quant_codebook' (term 1), 'quant_commit_global' (term 2 without
         lambda_com), and, when local_out is given, 'quant_commit_local' (term 3 without lambda_com).
@@ -405,12 +331,10 @@ def quantization_loss(global_out: QuantizerOutput, local_out: Optional[Quantizer
         "quant_commit_global": global_out.commitment_loss,  # eq. (9), second term
     }
     if local_out is not None:
-        if local_out.codebook_loss.requires_grad and not local_owns_codebook:
+        if local_out.codebook_loss.requires_grad:
             raise ValueError("the local tokens must be quantized with update_codebook=False: "
                              "they commit to the shared codebook but do not update it (eq. 9)")
         losses["quant_commit_local"] = local_out.commitment_loss  # eq. (9), third term
-        if local_owns_codebook:
-            losses["quant_codebook_local"] = local_out.codebook_loss  # ablation: separate local codebook
     return losses
 
 
@@ -424,7 +348,7 @@ def codebook_stats(indices: torch.Tensor, num_codes: int) -> dict:
     Returns:
         dict with
         usage:      float, fraction of the K codes chosen at least once;
-        perplexity: float, exp(entropy) of the code histogram p (p_k = count_k / M),
+        perplexity: float, exp(entropy) of the code histogram p (p_k = count_k / V),
                     exp(-sum_k p_k log p_k): 1 when one code takes everything, K under uniform use
                     (1.0 for an empty batch);
         dead:       int, number of codes never chosen.

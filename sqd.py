@@ -20,14 +20,15 @@ Reading order
     (which module is which box of Fig. 3), SQD.forward (the paper's data flow, Fig. 3),
     then segment() and foreground_probability() (App. E).
 
-Ablations (Tables 2-5) are named booleans of ModelConfig whose defaults are the paper's full
-model. The forward pass reads like the paper; the ablations only choose which queries go to the
-mask decoder (SQD._mask_queries) and which codebook the local path uses.
+Ablations (Table 2) are three named booleans of ModelConfig, use_gsd, use_avsr and use_lsd, each
+one `if` in SQD.forward; their defaults are the paper's full model. What the mask decoder queries
+without LSD, and which codebook the local tokens use without SC, live in two small methods below
+forward (ablation_queries, quantize_local), so that forward reads as Fig. 3.
 
-Shape alphabet
+Shape alphabet (the repository's one alphabet: docs/shapes.md)
     B clips, T frames, N semantic tokens, C channels, K codewords, Kc foreground classes,
-    H, W image size, h, w = H/4, W/4 (mask resolution), S visual tokens of one frame (all levels),
-    Cm mask-feature channels.
+    H, W image size, h, w = H/4, W/4 (mask resolution), H_l, W_l one visual level,
+    S visual tokens of one frame (all levels), Cm mask-feature channels.
 """
 from __future__ import annotations
 
@@ -68,16 +69,17 @@ class ModelConfig:
     mask_dim: int = 8              # Cm, channels of f_out fed to the dynamic convolution (CondInst)
     dyn_channels: int = 8          # channels of the dynamic 1x1 convolutions (CondInst: 8)
     dyn_layers: int = 3            # layers of the dynamic convolution (CondInst: 3)
-    revive_dead_codes: bool = False  # re-seed unused codewords during training (off in the paper)
     # --- ablation switches (Tables 2-5); the defaults are the full SQD model ------------------
     use_gsd: bool = True           # global semantic decomposition, eq. (3)-(4) + global VQ (Table 2)
     use_avsr: bool = True          # audiovisual semantic recombination, eq. (5) (Table 2)
     use_lsd: bool = True           # local semantic decomposition, eq. (6) (Table 2)
     shared_codebook: bool = True   # local tokens use the global codebook, eq. (9) (Table 2, "SC")
-    avsr_from_quantized: bool = True  # AVSR filters from e_i = VQ(g_i) (True) or from g_i
+    # PAPER: §3.3 derives the AVSR filters from the quantized e_i and, one sentence later, "from
+    # g_i"; e_i by default, g_i with avsr_from_g (results/README.md, "other readings").
+    avsr_from_g: bool = False      # AVSR (eq. 5) filters from g_i instead of e_i = VQ(g_i)
     avsr_batch_norm: bool = True   # eq. (5)'s BN (True) or a LayerNorm over channels (CPU preset)
     # PAPER: eq. (4) and (6) both write p_i; whether the two ASDs share them is not said. Two
-    # sets by default; shared_prototypes=True ties them.
+    # sets by default; shared_prototypes=True ties them (results/README.md, "other readings").
     shared_prototypes: bool = False   # one set of prototypes p_i for global and local ASD
     zero_audio: bool = False       # control: audio input replaced by zeros (vision alone)
 
@@ -160,8 +162,7 @@ class SQD(nn.Module):
         # (2) global semantic quantization: eq. (3), (4), the shared codebook, eq. (5)
         self.fusion = AudioVisualFusion(C, cfg.num_heads, cfg.ffn_dim)
         self.global_asd = AudioSemanticDecoder(C, N, cfg.dec_layers, cfg.num_heads, cfg.ffn_dim)
-        self.codebook = VectorQuantizer(cfg.codebook_size, C,
-                                        revive_dead_codes=cfg.revive_dead_codes)
+        self.vq = VectorQuantizer(cfg.codebook_size, C)                # the shared codebook {e_k}
         self.avsr = nn.ModuleList(SemanticRecombination(C, N, batch_norm=cfg.avsr_batch_norm)
                                   for _ in range(3))
 
@@ -171,9 +172,7 @@ class SQD(nn.Module):
             self.local_asd.prototypes = self.global_asd.prototypes     # the same p_i, one tensor
         # PAPER: Table 2's row without SC does not say what the local tokens use instead; we give
         # them a codebook of their own ("no shared codebook" ablation).
-        self.local_codebook = (None if cfg.shared_codebook else
-                               VectorQuantizer(cfg.codebook_size, C,
-                                               revive_dead_codes=cfg.revive_dead_codes))
+        self.local_vq = None if cfg.shared_codebook else VectorQuantizer(cfg.codebook_size, C)
         self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
                                                 cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels,
                                                 cfg.dyn_layers)
@@ -196,106 +195,110 @@ class SQD(nn.Module):
         if cfg.use_lsd or cfg.use_gsd:
             self.baseline_queries = None
         if not cfg.use_gsd and not cfg.use_lsd:
-            self.codebook = None
+            self.vq = None
 
     # ------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
         cfg = self.cfg
-        frames, audio = batch["frames"], batch["audio"]                   # (B, T, 3, H, W), (B, T, ...)
+        frames, audio = batch["frames"], batch["audio"]           # (B, T, 3, H, W), (B, T, 1, 96, 64)
+        frame_valid = batch.get("frame_valid")                    # (B, T) bool or None; False = padding
+        if cfg.zero_audio:                                        # control: vision alone
+            audio = torch.zeros_like(audio)
         B, T = frames.shape[:2]
-        # Padding frames (False) never reach a real frame: every place that mixes frames masks
-        # them (encoder, eq. 3, eq. 4, eq. 5's BN statistics, the local VQ losses).
-        frame_valid = batch.get("frame_valid")                            # (B, T) bool or None
-        if cfg.zero_audio:
-            audio = torch.zeros_like(audio)                               # vision-alone control
+        N, C = cfg.num_tokens, cfg.dim
 
-        # (1) Feature encoding (App. D.1)
+        # (1) feature encoding (App. D.1)
         vis = self.visual_encoder(frames, frame_valid)
-        levels, pos = vis["levels"], vis["pos"]                   # 3 x (B, T, C, H_l, W_l)
+        F_v, pos = vis["levels"], vis["pos"]                      # 3 x (B, T, C, H_l, W_l) each
         f_a = self.audio_encoder(audio)                           # (B, T, C)  F_a = {f_a,t}
-        C = f_a.shape[-1]
         # PAPER: App. D says only that the standard sine embedding is added in the transformers;
-        # we give the per-frame audio tokens a 1-D sine embedding over time (queries of eq. 3,
+        # the per-frame audio tokens get a 1-D sine embedding over time (queries of eq. 3,
         # memory of eq. 4).
         time_pos = sine_embedding_1d(T, C, f_a.device).expand(B, T, C)  # (B, T, C)
         pad = None if frame_valid is None else ~frame_valid.bool()     # (B, T) True = padding
 
-        quant, indices, tokens = {}, {}, {}
-        global_out = None
+        # (2) global semantic quantization
+        e, tokens = None, {}                                      # e: QuantizerOutput of the g_i
+        F_v_prime = F_v                                           # F'_v; F_v itself without AVSR
         if cfg.use_gsd:
-            # (2) Global semantic quantization
-            # PAPER: F_v of eq. (3) read as every visual token of the clip (all T frames, all
-            # three encoder levels), before recombination.
-            memory, memory_pos = _clip_tokens(levels, pos)         # (B, T*S, C) each
-            pad_tokens = None if pad is None else pad[:, :, None].expand(
-                B, T, memory.shape[1] // T).flatten(1)             # (B, T*S)
-            fused = self.fusion(f_a, memory, memory_pos, time_pos, pad_tokens)  # (B, T, C)  eq. (3): F'_a
-            g = self.global_asd(fused, time_pos, pad)              # (B, N, C)  eq. (4): g_i
-            global_out = self.codebook(g)                          # eq. (2): e_i = VQ(g_i), straight-through
-            indices["global"], tokens["global"] = global_out.indices, g   # (B, N), (B, N, C)
+            memory, memory_pos, memory_pad = _clip_tokens(F_v, pos, pad)  # (B, T*S, C) x2, (B, T*S)
+            F_a_prime = self.fusion(f_a, memory, memory_pos, time_pos, memory_pad)  # (B, T, C) eq. (3): F'_a
+            g = tokens["global"] = self.global_asd(F_a_prime, time_pos, pad)  # (B, N, C)  eq. (4): g_i
+            e = self.vq(g)                                        # (B, N, C)  eq. (2): e_i = VQ(g_i)
             if cfg.use_avsr:
-                # PAPER: the paper derives the AVSR filters "from g_i" and, one sentence earlier,
-                # from the quantized e_i; we use e_i (straight-through), switchable.
-                drive = global_out.quantized if cfg.avsr_from_quantized else g   # (B, N, C)
-                levels = [avsr(drive, lv, frame_valid) for avsr, lv in zip(self.avsr, levels)]  # eq. (5): F'_v
+                e_i = g if cfg.avsr_from_g else e.quantized       # (B, N, C)  e_i, straight-through
+                F_v_prime = [avsr(e_i, F_l, frame_valid) for avsr, F_l in zip(self.avsr, F_v)]  # eq. (5)
+        f_out = self.fpn([F_l.flatten(0, 1) for F_l in F_v_prime], vis["c2"].flatten(0, 1))  # (B*T, Cm, h, w)
+        f_out = f_out.unflatten(0, (B, T))                        # (B, T, Cm, h, w)
 
-        # FPN on the (recombined) visual features down to stride 4 -> f_out
-        flat_levels = [lv.flatten(0, 1) for lv in levels]              # 3 x (B*T, C, H_l, W_l)
-        f_out = self.fpn(flat_levels, vis["c2"].flatten(0, 1))         # (B*T, Cm, h, w)
-        f_out = f_out.unflatten(0, (B, T))                             # (B, T, Cm, h, w)
-
-        # (3) Local semantic calibration
-        queries, local_out = self._mask_queries(f_a, global_out, tokens, indices, frame_valid)
-        # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as the recombined tokens F'_v of frame t,
-        # all three levels.
-        frame_memory, frame_pos = _frame_tokens(levels, pos)           # (B, T, S, C) each
-        out = self.mask_decoder(queries, frame_memory, frame_pos, f_out)  # eq. (7) inside
-
-        # eq. (9): the quantization loss terms (weighted in matcher.SetCriterion, eq. (8))
-        if global_out is not None:
-            quant = quantization_loss(global_out, local_out if self.local_codebook is None else None)
-        if local_out is not None and (self.local_codebook is not None or global_out is None):
-            # The local tokens train a codebook themselves: their own in the no-shared-codebook
-            # ablation, or the only one when GSD is off (PAPER: LSD without GSD is not in the paper).
-            quant["quant_codebook_local"] = local_out.codebook_loss
-            quant["quant_commit_local"] = local_out.commitment_loss
-        out["quant"] = quant
-        out["indices"], out["tokens"] = indices, tokens
-        return out
-
-    def _mask_queries(self, f_a, global_out, tokens, indices, frame_valid=None):
-        """The N queries of every frame for the mask decoder: (B, T, N, C), and the local VQ output.
-
-        Full model: VQ(l_{i,t}) with l_{i,t} = TrD_local(p_i | f_{a,t})          eq. (6)
-        No LSD, with GSD: e_i + f_{a,t}  (clip tokens, broadcast to every frame)
-        Baseline (no GSD, no LSD): q_i + f_{a,t}, N learnable queries plus the frame's
-            undecomposed audio embedding (the paper's baseline of Table 2)
-        """
-        cfg = self.cfg
-        B, T, C = f_a.shape
-        N = cfg.num_tokens
+        # (3) local semantic calibration
+        local = None                                              # QuantizerOutput of the l_{i,t}
         if cfg.use_lsd:
             # eq. (6) reads one frame's audio f_{a,t}: a memory of a single token per frame
-            l = self.local_asd(f_a.reshape(B * T, 1, C))               # (B*T, N, C)  eq. (6): l_{i,t}
-            l = l.reshape(B, T, N, C)                                  # (B, T, N, C)
-            # the local path commits to the global codebook but never updates it (eq. 9, 3rd term)
-            vq = self.codebook if self.local_codebook is None else self.local_codebook
-            update = self.local_codebook is not None or global_out is None
-            valid = None if frame_valid is None else frame_valid.bool()[:, :, None].expand(B, T, N)  # (B, T, N)
-            local_out = vq(l, update_codebook=update, valid=valid)     # quantized (B, T, N, C)
-            indices["local"], tokens["local"] = local_out.indices, l   # (B, T, N), (B, T, N, C)
-            return local_out.quantized, local_out
-        # PAPER: without LSD the paper does not say what queries the mask decoder; we add the
-        # frame's undecomposed audio embedding to N clip-level queries (global tokens e_i when GSD
-        # is on, else learnable queries), so that every row of Table 2 sees the frame's audio.
-        clip_queries = (global_out.quantized if global_out is not None
-                        else self.baseline_queries.expand(B, N, C))    # (B, N, C)
-        queries = clip_queries[:, None] + f_a[:, :, None]              # (B, T, N, C)
-        return queries, None
+            l = self.local_asd(f_a.reshape(B * T, 1, C))          # (B*T, N, C)  eq. (6): l_{i,t}
+            l = tokens["local"] = l.reshape(B, T, N, C)           # (B, T, N, C)
+            local = self.quantize_local(l, e, frame_valid)        # (B, T, N, C)  VQ(l_{i,t})
+            queries = local.quantized                             # (B, T, N, C)
+        else:
+            queries = self.ablation_queries(f_a, e)               # (B, T, N, C)
+        # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as the recombined tokens F'_v of frame t,
+        # all three levels.
+        memory, memory_pos = _frame_tokens(F_v_prime, pos)        # (B, T, S, C) each
+        out = self.mask_decoder(queries, memory, memory_pos, f_out)  # eq. (7) inside
+
+        out["quant"] = self.quantization_terms(e, local)          # eq. (9), weighted in eq. (8)
+        out["indices"] = {k: q.indices for k, q in (("global", e), ("local", local)) if q is not None}
+        out["tokens"] = tokens                                    # g_i (B, N, C), l_{i,t} (B, T, N, C)
+        return out
+
+    # ------------------------------------------------------------------------------------------
+    # The ablations' side of forward: what replaces a removed box of Fig. 3
+    # ------------------------------------------------------------------------------------------
+    def quantize_local(self, l, e, frame_valid):
+        """VQ(l_{i,t}): l (B, T, N, C) -> QuantizerOutput with quantized (B, T, N, C).
+
+        The paper's model: the shared codebook, which the local tokens commit to but never update
+        (eq. 9, third term). Without SC (Table 2), the local tokens train a codebook of their own;
+        without GSD they train the only one (PAPER: LSD without GSD is not in the paper).
+        """
+        B, T, N, C = l.shape
+        vq = self.vq if self.local_vq is None else self.local_vq
+        update = self.local_vq is not None or e is None
+        valid = None if frame_valid is None else frame_valid.bool()[:, :, None].expand(B, T, N)  # (B, T, N)
+        return vq(l, update_codebook=update, valid=valid)
+
+    def ablation_queries(self, f_a, e):
+        """The mask decoder's queries without LSD (Table 2): (B, T, N, C).
+
+        With GSD: e_i + f_{a,t}, the clip tokens broadcast to every frame. Baseline (no GSD, no
+        LSD): q_i + f_{a,t}, N learnable queries plus the frame's undecomposed audio embedding.
+        PAPER: the paper does not say what the mask decoder queries without LSD; adding the frame's
+        audio embedding lets every row of Table 2 see the frame's audio.
+        """
+        B, T, C = f_a.shape
+        clip_queries = (e.quantized if e is not None
+                        else self.baseline_queries.expand(B, self.cfg.num_tokens, C))  # (B, N, C)
+        return clip_queries[:, None] + f_a[:, :, None]            # (B, T, N, C)
+
+    def quantization_terms(self, e, local) -> dict:
+        """The unweighted terms of eq. (9) (matcher.SetCriterion weights them, eq. 8).
+
+        The paper's model: quant_codebook (term 1) and quant_commit_global (term 2) from the global
+        tokens, quant_commit_local (term 3) from the local ones. A local path that trains a codebook
+        (no SC, or no GSD) adds its own codebook term quant_codebook_local.
+        """
+        if e is None and local is None:
+            return {}
+        if e is None:  # LSD without GSD: the local tokens own the only codebook
+            return {"quant_codebook_local": local.codebook_loss, "quant_commit_local": local.commitment_loss}
+        if self.local_vq is not None:  # no SC: a separate local codebook
+            return {**quantization_loss(e), "quant_codebook_local": local.codebook_loss,
+                    "quant_commit_local": local.commitment_loss}
+        return quantization_loss(e, local)
 
     def quantizers(self) -> list:
         """The VectorQuantizers of the model: the shared codebook, and the local one if separate."""
-        return [vq for vq in (self.codebook, self.local_codebook) if vq is not None]
+        return [vq for vq in (self.vq, self.local_vq) if vq is not None]
 
     def set_quantizer_warmup(self, active: bool) -> None:
         """Quantizer warm-up on or off (quantize.VectorQuantizer.set_warmup; not in the paper).
@@ -320,15 +323,20 @@ class SQD(nn.Module):
                  "name": "backbone"}]
 
 
-def _clip_tokens(levels, pos):
-    """All visual tokens of a clip, every frame and level: (B, T*S, C) features and positions."""
-    feats, poss = _frame_tokens(levels, pos)                   # (B, T, S, C) each
-    return feats.flatten(1, 2), poss.flatten(1, 2)             # (B, T*S, C) each
+def _clip_tokens(F_v, pos, pad):
+    """All visual tokens of a clip, every frame and level: (B, T*S, C) features and positions,
+    and (B, T*S) True where the token belongs to a padding frame (None without padding).
+    PAPER: F_v of eq. (3) read as every visual token of the clip, all T frames and all three
+    encoder levels, before recombination."""
+    feats, poss = _frame_tokens(F_v, pos)                      # (B, T, S, C) each
+    B, T, S = feats.shape[:3]
+    pad_tokens = None if pad is None else pad[:, :, None].expand(B, T, S).flatten(1)  # (B, T*S)
+    return feats.flatten(1, 2), poss.flatten(1, 2), pad_tokens  # (B, T*S, C) x2, (B, T*S)
 
 
-def _frame_tokens(levels, pos):
+def _frame_tokens(F_v, pos):
     """The visual tokens of each frame, all levels: (B, T, S, C) features and positions."""
-    feats = torch.cat([lv.flatten(3).transpose(2, 3) for lv in levels], dim=2)  # (B, T, S, C)
+    feats = torch.cat([F_l.flatten(3).transpose(2, 3) for F_l in F_v], dim=2)  # (B, T, S, C)
     poss = torch.cat([p.flatten(3).transpose(2, 3) for p in pos], dim=2)        # (B, T, S, C)
     return feats, poss
 

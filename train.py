@@ -89,7 +89,6 @@ class TrainConfig:
     codebook_size: int | None = None  # K; None: preset's (paper 128)
     num_tokens: int | None = None     # N; None: preset's (paper 5)
     zero_audio: bool = False       # control: audio replaced by zeros (vision alone)
-    revive_dead_codes: bool = False  # re-seed unused codewords while training (not in the paper)
     # other readings of the paper's wording (results/README.md: tried if the global tokens ignore the sound)
     shared_prototypes: bool = False  # one set of prototypes p_i for eq. (4) and (6), as the one symbol suggests
     avsr_from_g: bool = False      # AVSR (eq. 5) filters from g_i ("learned from global semantic tokens") instead of e_i
@@ -249,8 +248,8 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
     overrides = dict(num_classes=num_classes,
                      use_gsd=not cfg.no_gsd, use_avsr=not (cfg.no_avsr or cfg.no_gsd),
                      use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook,
-                     zero_audio=cfg.zero_audio, revive_dead_codes=cfg.revive_dead_codes,
-                     shared_prototypes=cfg.shared_prototypes, avsr_from_quantized=not cfg.avsr_from_g)
+                     zero_audio=cfg.zero_audio, shared_prototypes=cfg.shared_prototypes,
+                     avsr_from_g=cfg.avsr_from_g)
     if cfg.no_gsd and not cfg.no_avsr:
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
     if cfg.audio_weights and cfg.vggish_weights:
@@ -917,12 +916,15 @@ def _last_checkpoint(ctx: dict) -> str:
 
 
 # The layout of a checkpoint; a checkpoint of another format is refused with a message.
+# 4: module names follow the paper (SQD.vq and local_vq, the codebook's VectorQuantizer;
+#    SemanticRecombination.norm) and the quantizer keeps no dead-code-revival state. A format 3
+#    checkpoint is read by renaming its keys (upgrade_format_3).
 # 3: RNG states and config hold only tensors and plain Python values, so that a checkpoint loads
 #    with torch.load(weights_only=True), which rebuilds no arbitrary object and runs no code from
 #    the file; format 2 pickled numpy's RNG state and only loaded with weights_only=False.
 # 2: the visual encoder is length-independent (attention per scale, then over time) and the
 #    model config has no `frames`; format 1 (no "format" key) encoded windows of T frames.
-CHECKPOINT_FORMAT = 3
+CHECKPOINT_FORMAT = 4
 OLD_FORMATS = {1: "the visual encoder then encoded windows of T frames; retrain with this version",
                2: "its RNG states need a full unpickle, which can run code; retrain with this version"}
 
@@ -953,10 +955,32 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a train.py checkpoint (expected the keys model, config, state)")
     found = ckpt.get("format", 1)
+    if found == 3:
+        ckpt, found = upgrade_format_3(ckpt), CHECKPOINT_FORMAT
     if found != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: checkpoint format {found}, this code reads format "
                         f"{CHECKPOINT_FORMAT} ({OLD_FORMATS.get(found, 'unknown format')})")
     return ckpt
+
+
+def upgrade_format_3(ckpt: dict) -> dict:
+    """A format 3 checkpoint in format 4: its model keys renamed, revival's state and flag dropped."""
+    renames = [(r"^codebook\.", "vq."), (r"^local_codebook\.", "local_vq."),
+               (r"^(avsr\.\d+)\.bn\.", r"\1.norm.")]
+    model = {}
+    for key, value in ckpt["model"].items():
+        if key.endswith("code_usage"):
+            continue
+        for pattern, new in renames:
+            key = re.sub(pattern, new, key)
+        model[key] = value
+    config = {part: dict(values) for part, values in ckpt["config"].items() if isinstance(values, dict)}
+    for part in ("model", "train"):
+        config.get(part, {}).pop("revive_dead_codes", None)
+    if "avsr_from_quantized" in config.get("model", {}):
+        config["model"]["avsr_from_g"] = not config["model"].pop("avsr_from_quantized")
+    config = {**ckpt["config"], **config}
+    return {**ckpt, "format": CHECKPOINT_FORMAT, "model": model, "config": config}
 
 
 class deferred_interrupt:

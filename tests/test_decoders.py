@@ -117,30 +117,29 @@ def test_eq04_global_asd_equals_hand_decoder():
     torch.testing.assert_close(decoder(q, mem2, qpos, mpos, mask)[:, 0], outs[:, 0])
 
 
-@pytest.mark.parametrize("sigmoid_gate,batch_norm", [(True, True), (False, True), (True, False)])
-def test_eq05_recombination_equals_token_loop(sigmoid_gate, batch_norm):
+@pytest.mark.parametrize("batch_norm", [True, False])
+def test_eq05_recombination_equals_token_loop(batch_norm):
     torch.manual_seed(2)
     H, W = 5, 6
-    avsr = SemanticRecombination(C, N, sigmoid_gate=sigmoid_gate, batch_norm=batch_norm).double().eval()
+    avsr = SemanticRecombination(C, N, batch_norm=batch_norm).double().eval()
     if batch_norm:
-        avsr.bn.running_mean.normal_(0.0, 0.5)
-        avsr.bn.running_var.uniform_(0.5, 2.0)
-    torch.nn.init.normal_(avsr.bn.weight, 1.0, 0.3)
-    torch.nn.init.normal_(avsr.bn.bias, 0.0, 0.3)
+        avsr.norm.running_mean.normal_(0.0, 0.5)
+        avsr.norm.running_var.uniform_(0.5, 2.0)
+    torch.nn.init.normal_(avsr.norm.weight, 1.0, 0.3)
+    torch.nn.init.normal_(avsr.norm.bias, 0.0, 0.3)
     tokens = torch.randn(B, N, C, dtype=torch.float64)
     visual = torch.randn(B, T, C, H, W, dtype=torch.float64)
 
     expected = torch.empty_like(visual)
     first, last = avsr.filters[0], avsr.filters[-1]
     phi_w = avsr.phi.weight[:, :, 0, 0]  # (C, N*C)
-    bn = avsr.bn
+    bn = avsr.norm
     for b in range(B):
         for t in range(T):
             parts = []
             for i in range(N):  # w_i F_v, one token at a time
                 w_i = torch.relu(tokens[b, i] @ first.weight.T + first.bias) @ last.weight.T + last.bias
-                if sigmoid_gate:
-                    w_i = torch.sigmoid(w_i)
+                w_i = torch.sigmoid(w_i)  # the channel-wise gate
                 parts.append(w_i[:, None, None] * visual[b, t])  # (C, H, W)
             cat = torch.cat(parts, 0)  # (N*C, H, W)
             y = torch.einsum("oc,chw->ohw", phi_w, cat) + avsr.phi.bias[:, None, None] + visual[b, t]

@@ -1,4 +1,4 @@
-"""Tests of quantize.py: eq. (1), (2), (9), codebook statistics and dead-code revival.
+"""Tests of quantize.py: eq. (1), (2), (9), codebook statistics, the warm-up and its k-means.
 
 Every test compares with an independent computation: enumeration, an explicit python loop with a
 brute-force argmin, hand-written losses and gradients, autograd Jacobians, hand-computed entropy.
@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from quantize import (QuantizerOutput, VectorQuantizer, codebook_stats,  # noqa: E402
@@ -180,8 +179,7 @@ def test_eq09_straight_through_gradient_is_identity():
 
 def test_eq09_local_path_never_changes_codebook():
     T, N, D, K = 4, 3, 4, 5
-    vq = make_vq(K, D, revive_dead_codes=True)
-    vq.code_usage.zero_()  # every code "dead": revival would fire if the local path could trigger it
+    vq = make_vq(K, D)
     vq.train()
     torch.manual_seed(5)
     l = torch.nn.Parameter(torch.randn(T, N, D, dtype=torch.float64))
@@ -202,7 +200,6 @@ def test_eq09_local_path_never_changes_codebook():
     assert not torch.equal(l.detach(), l_before)  # the local tokens did move
     # contrast: one step on the global path moves the codebook
     opt.zero_grad(set_to_none=True)
-    vq.revival_enabled = False
     g_out = vq(l)
     (g_out.codebook_loss + 0.5 * g_out.commitment_loss).backward()
     opt.step()
@@ -214,8 +211,6 @@ def test_eq09_shared_codebook_rejects_a_local_path_that_updates_it():
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="update_codebook=False"):
         quantization_loss(vq(x), vq(x, update_codebook=True))
-    parts = quantization_loss(vq(x), vq(x, update_codebook=True), local_owns_codebook=True)
-    assert "quant_codebook_local" in parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,96 +226,6 @@ def test_codebook_stats_hand_values():
     assert math.isclose(uniform["perplexity"], 8.0, rel_tol=1e-12) and uniform["dead"] == 0
     collapsed = codebook_stats(torch.full((10,), 2), num_codes=8)
     assert collapsed["perplexity"] == 1.0 and collapsed["usage"] == 1 / 8 and collapsed["dead"] == 7
-
-
-# ---------------------------------------------------------------------------------------------
-# optional dead-code revival
-# ---------------------------------------------------------------------------------------------
-
-def test_revival_off_by_default():
-    K, D = 6, 3
-    vq = make_vq(K, D)
-    assert vq.revival_enabled is False
-    vq.train()
-    before = vq.codebook.detach().clone()
-    usage_before = vq.code_usage.clone()
-    x = vq.codebook.detach()[:1].repeat(20, 1)  # (20, D) every input hits code 0
-    for _ in range(50):
-        out = vq(x)
-    assert torch.equal(vq.codebook.detach(), before) and torch.equal(vq.code_usage, usage_before)
-    assert codebook_stats(out.indices, K)["dead"] == K - 1
-
-
-def test_revival_revives_exactly_the_dead_codes():
-    K, D = 6, 3
-    vq = make_vq(K, D, revive_dead_codes=True, dead_threshold=0.5)
-    vq.code_usage.copy_(torch.tensor([0.3, 0.01, 0.2, 0.2, 0.05, 0.24], dtype=torch.float64))
-    # threshold 0.5 / 6 = 0.0833: codes 1 and 4 are dead
-    before = vq.codebook.detach().clone()
-    x = 10.0 + torch.randn(2, 5, D, dtype=torch.float64)  # (2, 5, D) far from every codeword
-    revived = vq.revive_dead_codes(x)
-    assert sorted(revived.tolist()) == [1, 4]
-    flat = x.reshape(-1, D)
-    rows = []
-    for k in range(K):
-        if k in (1, 4):
-            match = [m for m in range(flat.shape[0]) if torch.equal(vq.codebook.detach()[k], flat[m])]
-            assert len(match) == 1
-            rows.append(match[0])
-            assert vq.code_usage[k].item() == 1.0 / K
-        else:
-            assert torch.equal(vq.codebook.detach()[k], before[k])
-    assert rows[0] != rows[1]  # two distinct inputs
-
-    # fewer inputs than dead codes: only the least used code is revived
-    vq.code_usage.copy_(torch.tensor([0.02, 0.01, 0.2, 0.2, 0.05, 0.52], dtype=torch.float64))
-    assert vq.revive_dead_codes(x[0, :1]).tolist() == [1]
-
-
-def test_revival_in_forward_only_on_the_training_global_path():
-    K, D, decay = 4, 3, 0.9
-    vq = make_vq(K, D, revive_dead_codes=True, usage_decay=decay)
-    usage = torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=torch.float64)
-    x = 10.0 + torch.randn(3, D, dtype=torch.float64)
-    before = vq.codebook.detach().clone()
-    vq.code_usage.copy_(usage)
-    vq.eval()
-    vq(x)
-    vq.train()
-    vq(x, update_codebook=False)
-    assert torch.equal(vq.codebook.detach(), before) and torch.equal(vq.code_usage, usage)
-
-    out = vq(x)  # training, global path: codes 2 and 3 are re-seeded from x, then x is assigned
-    assert torch.equal(vq.codebook.detach()[:2], before[:2])
-    assert set(out.indices.tolist()) == {2, 3}  # the revived codes sit on two of the inputs
-    # EMA by hand: revived codes reset to 1/K, then decay * old + (1 - decay) * this step's share
-    counts = torch.bincount(out.indices, minlength=K).double()
-    reset = torch.tensor([0.5, 0.5, 1 / K, 1 / K], dtype=torch.float64)
-    assert torch.allclose(vq.code_usage, decay * reset + (1 - decay) * counts / 3, atol=1e-15)
-
-
-def _ddp_worker(rank, world, init_file, result_dir):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.manual_seed(0)  # same init on every rank
-    vq = VectorQuantizer(5, 3, revive_dead_codes=True, usage_decay=0.5)
-    vq.code_usage.copy_(torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0]))
-    torch.manual_seed(100 + rank)  # different data and random picks on each rank
-    x = 10.0 + torch.randn(4, 3)
-    vq.train()
-    vq(x)
-    torch.save({"codebook": vq.codebook.detach(), "usage": vq.code_usage, "x": x},
-               os.path.join(result_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def test_revival_keeps_ddp_ranks_identical(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    r0, r1 = (torch.load(tmp_path / f"{r}.pt") for r in (0, 1))
-    assert torch.equal(r0["codebook"], r1["codebook"]) and torch.equal(r0["usage"], r1["usage"])
-    # the revived rows came from rank 0's inputs
-    for k in (2, 3, 4):
-        assert any(torch.equal(r0["codebook"][k], row) for row in r0["x"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,9 +129,9 @@ def test_local_path_never_updates_the_shared_codebook_in_the_model():
     model = SQD(tiny_cfg())
     out = model(random_batch())
     out["quant"]["quant_commit_local"].backward(retain_graph=True)
-    assert model.codebook.codebook.grad is None or model.codebook.codebook.grad.abs().sum() == 0
+    assert model.vq.codebook.grad is None or model.vq.codebook.grad.abs().sum() == 0
     out["quant"]["quant_codebook"].backward()
-    assert model.codebook.codebook.grad.abs().sum() > 0
+    assert model.vq.codebook.grad.abs().sum() > 0
 
 
 def test_paper_preset_builds_with_resnet50_and_runs_one_forward_pass():
@@ -155,7 +155,7 @@ def test_paper_preset_builds_with_resnet50_and_runs_one_forward_pass():
     dict(use_avsr=False, use_lsd=False),                       # +GSD
     dict(use_lsd=False),                                       # +GSD+AVSR
     dict(shared_codebook=False),                               # +GSD+AVSR+LSD (no SC)
-    dict(avsr_from_quantized=False, shared_prototypes=True),
+    dict(avsr_from_g=True, shared_prototypes=True),
     dict(codebook_size=1, num_tokens=1),                       # Tables 3 and 4 extremes
     dict(zero_audio=True),
 ])
@@ -169,9 +169,9 @@ def test_ablation_switches_build_train_and_every_parameter_learns(switches):
         missing = [n for n in missing if not n.startswith("audio_encoder.")]
     assert missing == [], f"parameters without a useful gradient: {missing}"
     if switches.get("shared_codebook") is False:
-        assert model.local_codebook is not None
+        assert model.local_vq is not None
         assert {"quant_codebook_local", "quant_commit_local"} <= set(out["quant"])
-        assert model.local_codebook.codebook.grad.abs().sum() > 0
+        assert model.local_vq.codebook.grad.abs().sum() > 0
     if not switches.get("use_lsd", True):
         assert "local" not in out["indices"]
 
@@ -285,8 +285,8 @@ def test_padding_frames_never_move_real_frames(preset_name, train_mode):
         torch.testing.assert_close(out_real[k], out_pad[k], rtol=1e-5, atol=1e-5, msg=k)
     if train_mode and preset_name == "paper":
         for bn_a, bn_b in zip(a.avsr, b.avsr):         # BN statistics from the real frames only
-            torch.testing.assert_close(bn_a.bn.running_mean, bn_b.bn.running_mean, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(bn_a.bn.running_var, bn_b.bn.running_var, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(bn_a.norm.running_mean, bn_b.norm.running_mean, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(bn_a.norm.running_var, bn_b.norm.running_var, rtol=1e-5, atol=1e-6)
 
 
 def test_overfitting_one_tiny_batch():

@@ -54,7 +54,7 @@ def test_mask_decoder_queries_are_the_codewords_chosen_for_the_local_tokens():
     B, T, N, C = queries.shape
     l = rec.outputs["local"][0].view(B, T, N, C)                            # l_{i,t}
     # the nearest codeword of each l_{i,t}, by brute force over the codebook
-    e = model.codebook.codebook.detach()                                    # (K, C)
+    e = model.vq.codebook.detach()                                    # (K, C)
     nearest = torch.cdist(l.reshape(-1, C), e).argmin(1).view(B, T, N)      # (B, T, N)
     assert torch.equal(nearest, out["indices"]["local"])
     assert torch.equal(queries, e[nearest])
@@ -71,7 +71,7 @@ def test_avsr_filters_come_from_the_quantized_global_tokens():
     with torch.no_grad():
         out = model(batch)
     g = rec.outputs["global"][0]                                            # (B, N, C) g_i
-    e = model.codebook.codebook.detach()
+    e = model.vq.codebook.detach()
     nearest = torch.cdist(g.flatten(0, 1), e).argmin(1).view(g.shape[:2])   # (B, N)
     assert torch.equal(nearest, out["indices"]["global"])
     for k in range(3):
@@ -143,7 +143,7 @@ def test_local_path_never_changes_the_codebook(local_only):
     tracks = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
     out = model(batch)
     total, _ = crit(out, tracks)
-    book = model.codebook.codebook
+    book = model.vq.codebook
     if local_only:
         grad = torch.autograd.grad(out["quant"]["quant_commit_local"], book, allow_unused=True)[0]
         assert grad is None or torch.count_nonzero(grad) == 0

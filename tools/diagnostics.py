@@ -348,7 +348,7 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
     collected = collect(model, dataset, device, max_clips=max_clips)
     if not collected:
         return {}
-    codebook = model.codebook.codebook.detach().float().cpu().numpy()   # (K, C)
+    codebook = model.vq.codebook.detach().float().cpu().numpy()   # (K, C)
     res = summarise(collected, codebook.shape[0])
     if fit_dataset is not None:
         fit = collect(model, fit_dataset, device, max_clips=max_clips)
@@ -409,7 +409,7 @@ def main(argv=None) -> int:
         train.write_json(os.path.join(args.out, "diagnostics.json"), res)
     else:
         collected = collect(model, test, args.device)
-        res = summarise(collected, model.codebook.codebook.shape[0]) if collected else {}
+        res = summarise(collected, model.vq.codebook.shape[0]) if collected else {}
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1))
     return 0
 

@@ -181,12 +181,12 @@ class PerClipSetCriterion(SetCriterion):
             for layer, aux in enumerate(outputs.get("aux_outputs", [])):
                 aux_parts = self.layer_losses(aux, targets, num_tracks)
                 parts.update({f"{name}_{layer}": value for name, value in aux_parts.items()})
-        for name, value in outputs.get("quant", {}).items():
-            if name.startswith("quant_"):
-                parts[name] = value
+        parts.update(outputs.get("quant", {}))  # the unweighted eq. (9) terms
 
         # eq. (8): L = L_segm + lambda_quant * L_quant, with L_quant = eq. (9) (lambda_com inside)
-        total = sum(self.weight_of(name) * value for name, value in parts.items())  # ()
+        weight = {name: self.weight_dict[name if name in self.weight_dict else name.rsplit("_", 1)[0]]
+                  for name in parts}
+        total = sum(weight[name] * value for name, value in parts.items())  # ()
         return total, parts
 
     def layer_losses(self, outputs, targets, num_tracks):
