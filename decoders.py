@@ -241,7 +241,7 @@ class SemanticRecombination(nn.Module):
         # LayerNorm over channels. The CPU preset's maps are 8 x 8 down to 2 x 2, so BN's statistics
         # come from 20 frames of 4 clips: every clip's features then depend on the other clips in
         # the batch. With BN the full model reached val mIoU 0.149 at step 500; with this LayerNorm
-        # 0.211 at step 450, as without AVSR at all (README, "Training the CPU preset").
+        # 0.211 at step 450, as without AVSR at all (docs/lab-notes.md).
         # PAPER: BN's statistics are taken over the real frames only (padding frames, as in AVSS
         # evaluation or Table 6's T = 7 on 5-frame clips, would otherwise shift every real frame).
         self.norm = MaskedBatchNorm2d(dim) if batch_norm else ChannelLayerNorm(dim)

@@ -51,7 +51,7 @@ from quantize import VectorQuantizer, quantization_loss
 @dataclass
 class ModelConfig:
     """Every hyper-parameter of the model. Defaults are the paper's setting (App. D)."""
-    num_classes: int = 70          # Kc, foreground classes (AVSS: 70; S4/MS3: 1; synthetic: 12)
+    num_classes: int = 70          # Kc, foreground classes (AVSS: 70; S4/MS3: 1; synthetic v2: 24, v1: 12)
     dim: int = 256                 # C = C_v = C_e = C_q, width of every transformer (App. D)
     num_tokens: int = 5            # N, decomposed semantic tokens (Table 4 best: 5)
     codebook_size: int = 128       # K, codewords of the shared codebook (Table 3 best: 128)
@@ -105,11 +105,12 @@ PRESETS = {
     # App. D: C = 256, 3 layers in every decoder, N = 5, K = 128, ResNet-50, VGGish.
     "paper": ModelConfig(),
     # Small enough that `python train.py` trains and evaluates on 2 CPU cores in minutes.
-    # PAPER: not in the paper. K = 128 as the paper's, although the synthetic benchmark has 12
-    # categories: the tokens of different prototypes p_i stay apart (each token index occupies
-    # its own region of the token space), so the codebook needs room for about N x 12 words
-    # (Table 3 on the synthetic benchmark, README). avsr_batch_norm=False: eq. (5) normalises with a
+    # NOT IN PAPER: the whole preset. K = 128 as the paper's, although the synthetic benchmark has
+    # 24 categories (v1: 12): the tokens of different prototypes p_i stay apart (each token index
+    # occupies its own region of the token space), so the codebook needs room for about N x 24
+    # words (Table 3, results/README.md). avsr_batch_norm=False: eq. (5) normalises with a
     # LayerNorm, since BN over the preset's tiny maps mixes the clips of a batch (decoders.py).
+    # num_classes is set from the dataset by train.py.
     "cpu": ModelConfig(num_classes=12, dim=64, num_tokens=5, codebook_size=128, dec_layers=2,
                        enc_layers=1, num_heads=4, ffn_dim=128, num_points=2, backbone="small",
                        frozen_bn=False, audio_encoder="small", avsr_batch_norm=False),

@@ -135,17 +135,17 @@ RECIPES = {
     # PAPER: the synthetic recipe weights masks and boxes 5x less than App. D (class 2 kept). Trained
     # from scratch for 1000 steps with App. D's weights, the mask and box gradients drown the class
     # loss: the class head stayed at chance (top-1 class in the ground truth 12 % after 400 steps,
-    # 12 categories) while the masks improved; with these weights it was 67 % (README, "Training
+    # 12 categories) while the masks improved; with these weights it was 67 % (docs/lab-notes.md, "Training
     # the CPU preset"). The paper's recipes keep App. D's weights.
     # PAPER: the synthetic recipe also trains the first 300 steps with the quantizer in warm-up
     # (VQ(x) = x, eq. 9 off) and then sets the codebook to the k-means centres of the last warm-up
     # tokens (quantize.VectorQuantizer.set_warmup). Quantized from step 1, the from-scratch tokens
     # depend on their prototype far more than on the sound and the codebook collapses to one word
-    # (README, "Training the CPU preset"). Chosen again on v2 with the pretrained frozen audio
+    # (docs/lab-notes.md). Chosen again on v2 with the pretrained frozen audio
     # network, on val only (seed 0, results/README.md): quantized from step 1, 4 codewords in use
     # and val mIoU 0.040, the all-background score; with the warm-up 0.228 (val-unseen 0.135).
     # PAPER: lr 4e-4 instead of 1e-4 for the from-scratch CPU preset: at 1e-4 the full model's
-    # class loss had barely moved after 250 steps (0.75 against 0.44 at 4e-4, README).
+    # class loss had barely moved after 250 steps (0.75 against 0.44 at 4e-4, docs/lab-notes.md).
     "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu", lr=4e-4, quant_warmup_steps=300,
                       loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0, loss_giou=0.5),
 }
@@ -366,7 +366,7 @@ def run(cfg: TrainConfig) -> int:
     if cfg.dataset != "synthetic":
         if not cfg.data_root or not os.path.isdir(cfg.data_root):
             raise UserError(f"--data-root {cfg.data_root!r} is not a directory; expected the "
-                            f"AVSBench {cfg.dataset} release (see README, section Data)")
+                            f"AVSBench {cfg.dataset} release (see docs/data.md)")
         problems = check_dataset(cfg.data_root, cfg.dataset)  # every missing file, named now
         if problems:
             shown = "\n  ".join(problems[:20])
