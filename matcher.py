@@ -44,12 +44,13 @@ depend on the data, so the rest of the step does not wait for the device either.
 
 Shape alphabet
 --------------
+(the repository's one alphabet: docs/shapes.md)
 B clips, T frames, N semantic tokens, Kc foreground classes, H, W label size,
 h, w = H/4, W/4 (mask resolution of the predictions), J ground-truth tracks of one clip (or
 track slots of a padded batch), J' matched tracks of one clip (min(N, J)), L decoder layers,
 R = L*N token rows (every layer's tokens), T_l frames of a clip that carry labels,
-P = T*h*w pixels of a clip's volume (the T_l*h*w labelled ones count), n, m numbers of boxes
-or masks.
+Px = T*h*w pixels of a clip's volume (the T_l*h*w labelled ones count), n, m the two sides of a
+pairwise cost (predicted and target boxes or masks).
 Class ids: 0 = background, 1..Kc foreground; class-head logit c-1 is class id c.
 """
 from typing import NamedTuple
@@ -220,17 +221,17 @@ def dice_loss(logits, targets, valid=None):
     dice = 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1), p = sigmoid(x), sums over the pixels.
 
     Args:
-        logits: (..., P) mask logits, one mask per row.
-        targets: (..., P) 0/1 masks.
-        valid: optional (..., P) bool (broadcast), the pixels that count; default all.
+        logits: (..., Px) mask logits, one mask per row.
+        targets: (..., Px) 0/1 masks.
+        valid: optional (..., Px) bool (broadcast), the pixels that count; default all.
     Returns:
         loss: (...)
     """
     # PAPER: the smoothing constant is not given; +1 as DETR.
-    prob = logits.sigmoid()  # (..., P)
+    prob = logits.sigmoid()  # (..., Px)
     if valid is not None:
-        prob = torch.where(valid, prob, 0.0)  # (..., P) pixels outside the labelled volume: nothing
-        targets = torch.where(valid, targets, 0.0)  # (..., P)
+        prob = torch.where(valid, prob, 0.0)  # (..., Px) pixels outside the labelled volume: nothing
+        targets = torch.where(valid, targets, 0.0)  # (..., Px)
     numerator = 2 * (prob * targets).sum(dim=-1) + 1  # (...)
     denominator = prob.sum(dim=-1) + targets.sum(dim=-1) + 1  # (...)
     return 1 - numerator / denominator  # (...)
@@ -240,21 +241,21 @@ def pairwise_focal_cost(logits, targets, valid=None, alpha=0.25, gamma=2.0):
     """Mean sigmoid focal loss of every predicted mask against every 0/1 target mask.
 
     Because the target is 0 or 1, FL(x, t) = t * FL(x, 1) + (1 - t) * FL(x, 0), so all pairs
-    come from two matrix products instead of an (n, m, P) tensor (as ReferFormer/Mask2Former).
+    come from two matrix products instead of an (n, m, Px) tensor (as ReferFormer/Mask2Former).
 
     Args:
-        logits: (..., n, P) predicted mask logits.
-        targets: (..., m, P) 0/1 target masks; leading dims broadcast with logits'.
-        valid: optional (..., 1, P) bool, the pixels that count (the mean is over them); default all.
+        logits: (..., n, Px) predicted mask logits.
+        targets: (..., m, Px) 0/1 target masks; leading dims broadcast with logits'.
+        valid: optional (..., 1, Px) bool, the pixels that count (the mean is over them); default all.
     Returns:
         cost: (..., n, m), cost[i, j] = mean over counted p of FL(logits[i, p], targets[j, p]).
     """
-    loss_pos = sigmoid_focal_loss(logits, torch.ones_like(logits), alpha, gamma)  # (..., n, P)
-    loss_neg = sigmoid_focal_loss(logits, torch.zeros_like(logits), alpha, gamma)  # (..., n, P)
+    loss_pos = sigmoid_focal_loss(logits, torch.ones_like(logits), alpha, gamma)  # (..., n, Px)
+    loss_neg = sigmoid_focal_loss(logits, torch.zeros_like(logits), alpha, gamma)  # (..., n, Px)
     count = logits.shape[-1]
     if valid is not None:
-        loss_pos = torch.where(valid, loss_pos, 0.0)  # (..., n, P)
-        loss_neg = torch.where(valid, loss_neg, 0.0)  # (..., n, P)
+        loss_pos = torch.where(valid, loss_pos, 0.0)  # (..., n, Px)
+        loss_neg = torch.where(valid, loss_neg, 0.0)  # (..., n, Px)
         count = valid.sum(dim=-1, keepdim=True).clamp(min=1)  # (..., 1, 1)
     cost = loss_pos @ targets.transpose(-1, -2) + loss_neg @ (1 - targets).transpose(-1, -2)  # (..., n, m)
     return cost / count  # (..., n, m)
@@ -264,16 +265,16 @@ def pairwise_dice_cost(logits, targets, valid=None):
     """Dice loss of every predicted mask against every target mask.
 
     Args:
-        logits: (..., n, P) predicted mask logits.
-        targets: (..., m, P) 0/1 target masks; leading dims broadcast with logits'.
-        valid: optional (..., 1, P) bool, the pixels that count; default all.
+        logits: (..., n, Px) predicted mask logits.
+        targets: (..., m, Px) 0/1 target masks; leading dims broadcast with logits'.
+        valid: optional (..., 1, Px) bool, the pixels that count; default all.
     Returns:
         cost: (..., n, m), cost[i, j] = dice_loss(logits[i], targets[j], valid).
     """
-    prob = logits.sigmoid()  # (..., n, P)
+    prob = logits.sigmoid()  # (..., n, Px)
     if valid is not None:
-        prob = torch.where(valid, prob, 0.0)  # (..., n, P)
-        targets = torch.where(valid, targets, 0.0)  # (..., m, P)
+        prob = torch.where(valid, prob, 0.0)  # (..., n, Px)
+        targets = torch.where(valid, targets, 0.0)  # (..., m, Px)
     numerator = 2 * prob @ targets.transpose(-1, -2) + 1  # (..., n, m)
     denominator = prob.sum(dim=-1)[..., :, None] + targets.sum(dim=-1)[..., None, :] + 1  # (..., n, m)
     return 1 - numerator / denominator  # (..., n, m)
@@ -580,9 +581,9 @@ class HungarianMatcher(nn.Module):
         # use focal + Dice (as ReferFormer) on the whole labelled volume, not per frame, so a
         # silent frame asks the matched token for an empty mask.
         h, w = masks.shape[-2:]
-        pred_masks = masks.to(dtype).transpose(1, 2).flatten(2)  # (B, R, P)
-        tgt_masks = targets.masks.to(dtype).flatten(2)  # (B, J, P)
-        pixels = valid[:, None, :, None, None].expand(B, 1, T, h, w).flatten(2)  # (B, 1, P) labelled pixels
+        pred_masks = masks.to(dtype).transpose(1, 2).flatten(2)  # (B, R, Px)
+        tgt_masks = targets.masks.to(dtype).flatten(2)  # (B, J, Px)
+        pixels = valid[:, None, :, None, None].expand(B, 1, T, h, w).flatten(2)  # (B, 1, Px) labelled pixels
         cost_mask = pairwise_focal_cost(pred_masks, tgt_masks, pixels)  # (B, R, J)
         cost_dice = pairwise_dice_cost(pred_masks, tgt_masks, pixels)  # (B, R, J)
 
@@ -766,9 +767,9 @@ class SetCriterion(nn.Module):
         loss_class = (focal.sum(dim=1) / valid.sum(dim=1).clamp(min=1)[:, None]).sum(dim=0) / num_tracks  # (L,)
 
         # Mask losses of the matched pairs on the clip's labelled volume.
-        src = pred_masks.to(dtype).transpose(1, 2).flatten(2)  # (B, R, P)
-        tgt = targets.masks[clip, slot].to(dtype).flatten(2)  # (B, R, P) the matched track's masks
-        pixels = valid[:, None, :, None, None].expand(B, 1, T, h, w).flatten(2)  # (B, 1, P) labelled pixels
+        src = pred_masks.to(dtype).transpose(1, 2).flatten(2)  # (B, R, Px)
+        tgt = targets.masks[clip, slot].to(dtype).flatten(2)  # (B, R, Px) the matched track's masks
+        pixels = valid[:, None, :, None, None].expand(B, 1, T, h, w).flatten(2)  # (B, 1, Px) labelled pixels
         num_pixels = pixels.sum(dim=-1).clamp(min=1)  # (B, 1) T_l*h*w
         focal = torch.where(pixels, sigmoid_focal_loss(src, tgt), 0.0).sum(dim=-1) / num_pixels  # (B, R) focal, mean over volume
         loss_mask = zero_per_layer(pred_masks) + per_layer(focal)  # (L,)
