@@ -237,7 +237,7 @@ class SemanticRecombination(nn.Module):
         # PAPER: "two linear layers" read as Linear -> ReLU -> Linear with hidden width C.
         self.filters = mlp(dim, dim, dim)
         self.phi = nn.Conv2d(num_tokens * dim, dim, kernel_size=1)
-        # PAPER: batch_norm=False (the CPU preset) replaces eq. (5)'s BN by a per-position
+        # NOT IN PAPER: batch_norm=False (the CPU preset) replaces eq. (5)'s BN by a per-position
         # LayerNorm over channels. The CPU preset's maps are 8 x 8 down to 2 x 2, so BN's statistics
         # come from 20 frames of 4 clips: every clip's features then depend on the other clips in
         # the batch. With BN the full model reached val mIoU 0.149 at step 500; with this LayerNorm

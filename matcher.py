@@ -689,7 +689,7 @@ class SetCriterion(nn.Module):
 
     def layers(self, outputs):
         """The decoder layers that get a loss: the final one, then the earlier ones in order."""
-        # PAPER: auxiliary losses on every earlier decoder layer are not in the paper; on by
+        # NOT IN PAPER: auxiliary losses on every earlier decoder layer are not in the paper; on by
         # default, as DETR and ReferFormer (aux_loss=False switches them off).
         return [outputs] + (list(outputs.get("aux_outputs", [])) if self.aux_loss else [])
 

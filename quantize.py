@@ -148,7 +148,7 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook if update_codebook else self.codebook.detach()  # (K, C)
         codes = codebook[indices]  # (V, C) e = VQ(x), gradient to the codebook only if update_codebook
 
-        # PAPER: eq. (9) writes a sum over tokens of squared L2 norms; we take the mean over all
+        # NOT IN PAPER: eq. (9) writes a sum over tokens of squared L2 norms; we take the mean over all
         # V * C elements (MSE, as in VQ-VAE code), so the value does not grow with the batch
         # size, N or C and lambda_quant keeps one meaning across presets. The sum is
         # mean * V * C (the tests check this).

@@ -127,24 +127,24 @@ class TrainConfig:
 
 
 # The paper's schedule per dataset (§4): epochs and the epoch from which lr is multiplied by 0.1.
-# PAPER: the synthetic recipe is ours, sized so that the default run fits in 10 CPU minutes.
+# NOT IN PAPER: the synthetic recipe is ours, sized so that the default run fits in 10 CPU minutes.
 RECIPES = {
     "s4": dict(epochs=13, lr_drop_epoch=11, preset="paper", lr=1e-4, quant_warmup_steps=0),
     "ms3": dict(epochs=13, lr_drop_epoch=11, preset="paper", lr=1e-4, quant_warmup_steps=0),
     "avss": dict(epochs=16, lr_drop_epoch=14, preset="paper", lr=1e-4, quant_warmup_steps=0),
-    # PAPER: the synthetic recipe weights masks and boxes 5x less than App. D (class 2 kept). Trained
+    # NOT IN PAPER: the synthetic recipe weights masks and boxes 5x less than App. D (class 2 kept). Trained
     # from scratch for 1000 steps with App. D's weights, the mask and box gradients drown the class
     # loss: the class head stayed at chance (top-1 class in the ground truth 12 % after 400 steps,
     # 12 categories) while the masks improved; with these weights it was 67 % (docs/lab-notes.md, "Training
     # the CPU preset"). The paper's recipes keep App. D's weights.
-    # PAPER: the synthetic recipe also trains the first 300 steps with the quantizer in warm-up
+    # NOT IN PAPER: the synthetic recipe also trains the first 300 steps with the quantizer in warm-up
     # (VQ(x) = x, eq. 9 off) and then sets the codebook to the k-means centres of the last warm-up
     # tokens (quantize.VectorQuantizer.set_warmup). Quantized from step 1, the from-scratch tokens
     # depend on their prototype far more than on the sound and the codebook collapses to one word
     # (docs/lab-notes.md). Chosen again on v2 with the pretrained frozen audio
     # network, on val only (seed 0, results/README.md): quantized from step 1, 4 codewords in use
     # and val mIoU 0.040, the all-background score; with the warm-up 0.228 (val-unseen 0.135).
-    # PAPER: lr 4e-4 instead of 1e-4 for the from-scratch CPU preset: at 1e-4 the full model's
+    # NOT IN PAPER: lr 4e-4 instead of 1e-4 for the from-scratch CPU preset: at 1e-4 the full model's
     # class loss had barely moved after 250 steps (0.75 against 0.44 at 4e-4, docs/lab-notes.md).
     "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu", lr=4e-4, quant_warmup_steps=300,
                       loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0, loss_giou=0.5),
@@ -209,7 +209,7 @@ def quant_weight(cfg: TrainConfig, model_cfg: ModelConfig) -> float:
     """lambda_quant of eq. (8). quantize.py's eq. (9) terms are means over tokens and channels;
     eq. (9) writes a sum over the N tokens of squared norms over C channels, so --quant-sum
     multiplies them by N * C (a mean over clips and frames stays)."""
-    # PAPER: eq. (9) is written with sums and App. D gives lambda_quant = 1. We take means by
+    # NOT IN PAPER: eq. (9) is written with sums and App. D gives lambda_quant = 1. We take means by
     # default (the VQ-VAE convention), which weighs the terms N * C times less against the
     # segmentation losses (320 for the CPU preset); --quant-sum takes the sums.
     return float(model_cfg.num_tokens * model_cfg.dim) if cfg.quant_sum else 1.0
