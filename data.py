@@ -46,9 +46,11 @@ Reading order
 
 Shape alphabet
 --------------
-T frames of a clip (or of a training window), Tc frames stored for a clip, H, W image size
-(img_size), Hn, Wn native image size on disk, Kc foreground classes, O objects in a synthetic clip,
-n audio samples, E log-mel examples (0.96 s each), 96 x 64 log-mel frames x mel bands.
+The repository's one shape alphabet: docs/shapes.md. Letters used here: B clips, T frames of a
+clip (or of a training window), Tc frames stored on disk for a clip, H, W image size (img_size,
+H = W), Hn, Wn an image's own size on disk, Kc foreground classes, Ns audio samples, E 0.96 s
+log-mel examples, each 96 x 64 (time steps x mel bands). Other sizes are written as words or as
+the names of the code (num_src sources, partials, pool_size, length, w_box x h_box).
 """
 import collections
 import csv
@@ -135,7 +137,7 @@ COLOURS = {"red": (0.85, 0.20, 0.20), "green": (0.20, 0.75, 0.30), "blue": (0.25
 TIMBRES = ("bright", "hollow", "soft")  # harmonics 1..8 at 1/h; odd harmonics at 1/h; 1..3 at 1/h^2
 AM_RATES = (0.0, 3.0, 6.0, 11.0)  # Hz: steady, slow tremolo, fast tremolo, flutter
 WAVETABLE = 1024  # samples of one period of each category's waveform
-# v2's parameters. PAPER: not in the paper (synthetic data): the paper assumes independent sound
+# v2's parameters. NOT IN PAPER (synthetic data): the paper assumes independent sound
 # events in a combinatorial space (§3.1) and frame audio that is less reliable than the clip's
 # (§3.4); every number here is ours, chosen with tools/probe_synthetic.py (results/probes.md).
 V2 = dict(
@@ -158,19 +160,19 @@ V2 = dict(
 
 
 class SyntheticAVS(Dataset):
-    """The synthetic audiovisual segmentation benchmark, generated on the fly (README, "The
-    synthetic benchmark").
+    """The synthetic audiovisual segmentation benchmark, generated on the fly (docs/data.md,
+    "The synthetic benchmark").
 
     Two versions, chosen by `benchmark`; v1 is kept exactly as it was first published.
 
-    Looks (both): category k (class id k + 1) looks like SHAPES[k % S] in colour k // S, S shapes
-    (v1: S = ceil(sqrt(Kc)), for Kc = 12 4 shapes x 3 colours; v2: all 6 shapes, for Kc = 24 6
-    shapes x 4 colours), so each shape and each colour is shared by several categories. Instances
-    jitter in position, size and colour. A clip: 1 to 4 visible objects of distinct categories,
-    drifting a little between frames; the visible objects that are not sources are silent
-    distractors, half of them sharing the shape or the colour of a source. A visible object is
-    labelled in a frame only if its category sounds in that frame, so vision alone cannot tell which
-    object to segment.
+    Looks (both): category k (class id k + 1) looks like SHAPES[k % num_shapes] in colour
+    k // num_shapes (v1: num_shapes = ceil(sqrt(Kc)), for Kc = 12 4 shapes x 3 colours; v2: all 6
+    shapes, for Kc = 24 6 shapes x 4 colours), so each shape and each colour is shared by several
+    categories. Instances jitter in position, size and colour. A clip: 1 to 4 visible objects of
+    distinct categories, drifting a little between frames; the visible objects that are not sources
+    are silent distractors, half of them sharing the shape or the colour of a source. A visible
+    object is labelled in a frame only if its category sounds in that frame, so vision alone
+    cannot tell which object to segment.
 
     Clips (both): single-source (about half): one category sounds in every frame; multi-source:
     2 or 3 categories, each switching on and off between frames, at least two at once in some frame;
@@ -255,8 +257,8 @@ class SyntheticAVS(Dataset):
         else:
             self._v2_sounds()
             self._v2_pairs()
-        self._t = np.arange(self.frames * AUDIO_RATE) / AUDIO_RATE  # (n,) seconds
-        # PAPER: not in the paper (synthetic data, for speed): Gaussian noise is cut at a random
+        self._t = np.arange(self.frames * AUDIO_RATE) / AUDIO_RATE  # (Ns,) seconds
+        # NOT IN PAPER (synthetic data, for speed): Gaussian noise is cut at a random
         # offset from one fixed bank; drawing fresh normals would take most of the ~10 ms budget
         # of a clip.
         need = max(self.frames * AUDIO_RATE, self.frames * self.img_size ** 2 * 3)  # samples per clip, audio or pixels
@@ -264,13 +266,13 @@ class SyntheticAVS(Dataset):
         self._noise = bank.standard_normal(2 * need, dtype=np.float32)  # (2*need,)
         if not v1:  # a second bank of band-limited pink noise for the audio
             n = 2 * self.frames * AUDIO_RATE
-            white = np.random.default_rng([self.seed, 104729, 2]).standard_normal(n)  # (n,)
-            spectrum = np.fft.rfft(white)  # (n//2+1,)
-            hz = np.fft.rfftfreq(n, 1.0 / AUDIO_RATE)  # (n//2+1,)
+            white = np.random.default_rng([self.seed, 104729, 2]).standard_normal(n)  # (Ns,)
+            spectrum = np.fft.rfft(white)  # (Ns//2+1,)
+            hz = np.fft.rfftfreq(n, 1.0 / AUDIO_RATE)  # (Ns//2+1,)
             lo, hi = V2["noise_band_hz"]
             spectrum *= np.where((hz >= lo) & (hz <= hi), 1.0 / np.sqrt(np.maximum(hz, 1.0)), 0.0)  # 1/f power
-            pink = np.fft.irfft(spectrum, n)  # (n,)
-            self._pink = (pink / pink.std()).astype(np.float32)  # (n,) unit variance
+            pink = np.fft.irfft(spectrum, n)  # (Ns,)
+            self._pink = (pink / pink.std()).astype(np.float32)  # (Ns,) unit variance
 
     def _v1_sounds_and_pairs(self):
         """v1: a harmonic tone per category (one period in a wavetable); held out: a perfect matching."""
@@ -303,7 +305,7 @@ class SyntheticAVS(Dataset):
     def _noisy(self, rng, n):
         """n standard normal samples (float32) from the bank at a random offset."""
         start = int(rng.integers(0, len(self._noise) - n + 1))
-        return self._noise[start:start + n]  # (n,) a view; callers multiply (a new array)
+        return self._noise[start:start + n]  # n values, a view; callers multiply (a new array)
 
     def _rng(self, index):
         if self.benchmark == "v1":
@@ -317,7 +319,7 @@ class SyntheticAVS(Dataset):
     def plan(self, index, rng=None):
         """The recipe of clip `index`: which categories sound when, which are seen, where they are.
 
-        Returns: dict with 'multi_source' bool, 'sources' [class ids], 'on' (T, n_src) bool,
+        Returns: dict with 'multi_source' bool, 'sources' [class ids], 'on' (T, num_src) bool,
             'offscreen' [class ids], 'distractors' [class ids], 'visible' [class ids] (drawing
             order, back to front), 'sounding' (T, Kc) bool, 'unseen_pair' [a, b] or None;
             v2 also 'snr_db' (T,), 'dropouts' [(t, start, length) in 10 ms steps] and
@@ -344,7 +346,7 @@ class SyntheticAVS(Dataset):
                 num_src = int(rng.integers(2, 4))
                 sources = self._seen_sources(rng, num_src)
             a, b = (sources.index(pair[0]), sources.index(pair[1])) if unseen else (0, 1)
-            on = self._switching(rng, T, len(sources), 0.65, a, b)  # (T, n_src)
+            on = self._switching(rng, T, len(sources), 0.65, a, b)  # (T, num_src)
         offscreen = []
         if multi and rng.random() < self.offscreen_prob:
             candidates = [c for c in sources if pair is None or c not in pair]
@@ -366,7 +368,7 @@ class SyntheticAVS(Dataset):
         """The on/off table (T, num_src) bool of a multi-source clip: each source sounds in a frame
         with probability on_prob and in at least one frame, sources a and b sound together in at
         least one frame, and (T > 1) some source switches."""
-        on = rng.random((T, num_src)) < on_prob  # (T, n_src) sources switch on and off
+        on = rng.random((T, num_src)) < on_prob  # (T, num_src) sources switch on and off
         for s in range(num_src):  # every source sounds in some frame
             if not on[:, s].any():
                 on[rng.integers(T), s] = True
@@ -444,11 +446,11 @@ class SyntheticAVS(Dataset):
 
         Returns (waveform (T*16000,) float32, meta entries {'pitch_hz': [...]})."""
         T = self.frames
-        waveform = self._noisy(rng, T * AUDIO_RATE) * np.float32(rng.uniform(*self.noise_std))  # (n,)
+        waveform = self._noisy(rng, T * AUDIO_RATE) * np.float32(rng.uniform(*self.noise_std))  # (Ns,)
         pitch_hz = []
         one_second = np.arange(AUDIO_RATE)  # (16000,) sample index within a second
         for s, c in enumerate(p["sources"]):
-            # PAPER: not in the paper (synthetic data, for speed): the instance pitch (+-2 % jitter)
+            # NOT IN PAPER (synthetic data, for speed): the instance pitch (+-2 % jitter)
             # is rounded to whole hertz, so one second of the tone repeats exactly and is tiled
             # over the clip with continuous phase.
             f0 = int(round(self.pitches[c - 1] * rng.uniform(0.98, 1.02)))  # Hz
@@ -456,26 +458,27 @@ class SyntheticAVS(Dataset):
             cycles = (f0 * one_second) % AUDIO_RATE  # (16000,) exact phase in 1/16000 of a cycle
             start = int(rng.integers(AUDIO_RATE))
             idx = ((cycles + start) % AUDIO_RATE) * WAVETABLE // AUDIO_RATE  # (16000,) table index
-            tone = np.tile(self.wavetables[c - 1][idx], T)  # (n,)
+            tone = np.tile(self.wavetables[c - 1][idx], T)  # (Ns,)
             gate = _gate(p["on"][:, s])  # (T*100,) one value per 10 ms
             rate = self.am_rate_of[c - 1]
             am = 1.0 - 0.35 * (1 + np.cos(2 * np.pi * rate * self._t[::160] + rng.uniform(0, 2 * np.pi)))  # (T*100,)
-            envelope = np.repeat((gate * am * rng.uniform(0.05, 0.2)).astype(np.float32), 160)  # (n,)
+            envelope = np.repeat((gate * am * rng.uniform(0.05, 0.2)).astype(np.float32), 160)  # (Ns,)
             waveform += tone * envelope
         return waveform, {"pitch_hz": pitch_hz}
 
     def _pixels(self, p, rng):
         """Frames, object map and labels of a plan.
 
-        Returns: frames (T, S, S, 3) float32 in [0, 1], object_map (T, S, S) int64, labels (T, S, S) int64."""
+        Returns: frames (T, H, W, 3) float32 in [0, 1], object_map (T, H, W) int64, labels (T, H, W) int64
+        (H = W = img_size)."""
         T, S = self.frames, self.img_size
         # Pixels: a noisy background with a gentle gradient, then the objects back to front.
-        grid = (np.arange(S, dtype=np.float32) + 0.5) / S  # (S,) pixel centres in [0, 1]
+        grid = (np.arange(S, dtype=np.float32) + 0.5) / S  # (W,) pixel centres (H = W) in [0, 1]
         base = rng.uniform(0.3, 0.6, 3).astype(np.float32)  # (3,) grey-ish, away from the palette
         tilt = rng.uniform(-0.15, 0.15, 2).astype(np.float32)
-        background = base + (tilt[0] * grid[None, :, None] + tilt[1] * grid[:, None, None])  # (S, S, 3)
-        frames = np.repeat(background[None], T, axis=0)  # (T, S, S, 3)
-        object_map = np.zeros((T, S, S), dtype=np.int64)  # (T, S, S) class id of the top object
+        background = base + (tilt[0] * grid[None, :, None] + tilt[1] * grid[:, None, None])  # (H, W, 3)
+        frames = np.repeat(background[None], T, axis=0)  # (T, H, W, 3)
+        object_map = np.zeros((T, S, S), dtype=np.int64)  # (T, H, W) class id of the top object
         for c in p["visible"]:
             radius = S * rng.uniform(0.12, 0.18)  # pixels
             centre = rng.uniform(radius, S - radius, 2)  # (2,) x, y
@@ -494,7 +497,7 @@ class SyntheticAVS(Dataset):
         np.clip(frames, 0.0, 1.0, out=frames)
         sounding_map = np.concatenate([np.zeros((T, 1), bool), p["sounding"]], axis=1)  # (T, Kc+1)
         labels = np.where(np.take_along_axis(sounding_map, object_map.reshape(T, -1), 1).reshape(T, S, S),
-                          object_map, 0)  # (T, S, S) the class of visible *sounding* objects only
+                          object_map, 0)  # (T, H, W) the class of visible *sounding* objects only
         return frames, object_map, labels
 
     # -- v2 ------------------------------------------------------------------------------------
@@ -506,7 +509,7 @@ class SyntheticAVS(Dataset):
         so every category differs from every other in its partials or in its envelope."""
         Kc, P, m = self.num_classes, V2["pool_size"], V2["partials"]
         lo, hi = V2["pool_hz"]
-        self.pool_hz = lo * (hi / lo) ** (np.arange(P) / (P - 1))  # (P,) Hz
+        self.pool_hz = lo * (hi / lo) ** (np.arange(P) / (P - 1))  # (pool_size,) Hz
         design = np.random.default_rng([V2["design_seed"], 1009])
         patterns = [(e, r) for e in V2["envelopes"] for r in V2["rates"]]
         subsets, pattern_of = [], []
@@ -519,9 +522,9 @@ class SyntheticAVS(Dataset):
                     break
             subsets.append(subset)
             pattern_of.append(pattern)
-        self.partial_index = np.array(subsets)  # (Kc, m) indices into the pool
-        self.partials_hz = self.pool_hz[self.partial_index]  # (Kc, m)
-        self.partial_amps = design.uniform(0.5, 1.0, (Kc, m))  # (Kc, m)
+        self.partial_index = np.array(subsets)  # (Kc, partials) indices into the pool
+        self.partials_hz = self.pool_hz[self.partial_index]  # (Kc, partials)
+        self.partial_amps = design.uniform(0.5, 1.0, (Kc, m))  # (Kc, partials)
         self.envelope_of = [patterns[p][0] for p in pattern_of]
         self.rate_of = np.array([patterns[p][1] for p in pattern_of])  # (Kc,) Hz
 
@@ -561,7 +564,7 @@ class SyntheticAVS(Dataset):
         multi = matched or sched.random() < self.multi_source_ratio
         if multi:
             num_src = int(sched.integers(2, 4))
-            on = self._switching(sched, T, num_src, V2["on_prob"], 0, 1)  # (T, n_src)
+            on = self._switching(sched, T, num_src, V2["on_prob"], 0, 1)  # (T, num_src)
             third_offscreen = num_src == 3 and sched.random() < self.offscreen_prob
         else:
             num_src, third_offscreen = 1, False
@@ -618,7 +621,7 @@ class SyntheticAVS(Dataset):
         for t, start, length in p["dropouts"]:
             keep[t * 100 + start:t * 100 + start + length] = 0.0
         one_second = np.arange(AUDIO_RATE)  # (16000,)
-        signal = np.zeros(T * AUDIO_RATE, dtype=np.float32)  # (n,)
+        signal = np.zeros(T * AUDIO_RATE, dtype=np.float32)  # (Ns,)
         partials_hz = []
         for s, c in enumerate(p["sources"]):
             scale = rng.uniform(0.98, 1.02)  # instance jitter of all partials together
@@ -643,16 +646,16 @@ class SyntheticAVS(Dataset):
         level = np.where(active, power, power[active].mean())  # (T,)
         noise_std = np.sqrt(level / 10.0 ** (p["snr_db"] / 10.0)).astype(np.float32)  # (T,)
         start = int(rng.integers(0, len(self._pink) - T * AUDIO_RATE + 1))
-        waveform = signal + self._pink[start:start + T * AUDIO_RATE] * np.repeat(noise_std, AUDIO_RATE)  # (n,)
+        waveform = signal + self._pink[start:start + T * AUDIO_RATE] * np.repeat(noise_std, AUDIO_RATE)  # (Ns,)
         for ev in p["distractor_sounds"]:  # off-screen sounds of no category
             i0, length = int(ev["start"] * AUDIO_RATE), int(ev["duration"] * AUDIO_RATE)
-            tt = np.arange(length) / AUDIO_RATE  # (L,) seconds, L samples of the event
-            ramp = np.minimum(1.0, np.minimum(tt, ev["duration"] - tt) / 0.01)  # (L,) 10 ms fades
+            tt = np.arange(length) / AUDIO_RATE  # (length,) seconds, the event's samples
+            ramp = np.minimum(1.0, np.minimum(tt, ev["duration"] - tt) / 0.01)  # (length,) 10 ms fades
             if ev["kind"] == "chirp":  # exponential sweep f0 -> f1
                 k = math.log(ev["f1"] / ev["f0"]) / ev["duration"]
-                x = np.sin(2 * np.pi * ev["f0"] * (np.expm1(k * tt) / k if abs(k) > 1e-9 else tt))  # (L,)
+                x = np.sin(2 * np.pi * ev["f0"] * (np.expm1(k * tt) / k if abs(k) > 1e-9 else tt))  # (length,)
             else:
-                x = self._noisy(rng, length)  # (L,) white
+                x = self._noisy(rng, length)  # (length,) white
             waveform[i0:i0 + length] += (ev["amp"] * ramp * x).astype(np.float32)
         dropped = np.zeros(T, dtype=bool)  # (T,)
         for t, _, _ in p["dropouts"]:
@@ -686,7 +689,8 @@ def _gate(on):
 
 
 def _shape_mask(shape, dx, dy):
-    """Inside test of one shape in coordinates scaled by the radius: dx (1, w), dy (h, 1) -> (h, w) bool."""
+    """Inside test of one shape in coordinates scaled by the radius: dx (1, w_box), dy (h_box, 1) ->
+    (h_box, w_box) bool."""
     if shape == "disc":
         return dx ** 2 + dy ** 2 <= 1.0
     if shape == "square":
@@ -722,16 +726,17 @@ def palette_ids(rgb, palette):
     """Colour label map -> (class ids, known) by exact colour match; unknown colours -> 0.
 
     Args:
-        rgb: np.ndarray (H, W, 3) uint8.
-        palette: np.ndarray (K+1, 3) uint8; row j is the colour of class j.
+        rgb: np.ndarray (H, W, 3) uint8 (a label resized to img_size; tools/check_dataset.py passes
+            one at its own size, (Hn, Wn, 3)).
+        palette: np.ndarray (Kc+1, 3) uint8; row j is the colour of class j.
     Returns:
         ids: np.ndarray (H, W) int64; known: np.ndarray (H, W) bool, the colour is in the palette.
     """
     rgb, palette = rgb.astype(np.int64), palette.astype(np.int64)
     keys = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]  # (H, W) one integer per colour
-    palette_keys = (palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]  # (K+1,)
+    palette_keys = (palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]  # (Kc+1,)
     order = np.argsort(palette_keys)
-    sorted_keys = palette_keys[order]  # (K+1,)
+    sorted_keys = palette_keys[order]  # (Kc+1,)
     position = np.clip(np.searchsorted(sorted_keys, keys), 0, len(sorted_keys) - 1)  # (H, W)
     known = sorted_keys[position] == keys  # (H, W)
     ids = np.where(known, order[position], 0)  # (H, W), unknown colour -> background as the official code
@@ -743,7 +748,7 @@ def decode_palette(rgb, palette, path=""):
 
     Args:
         rgb: np.ndarray (H, W, 3) uint8.
-        palette: np.ndarray (K+1, 3) uint8; row j is the colour of class j.
+        palette: np.ndarray (Kc+1, 3) uint8; row j is the colour of class j.
     Returns:
         ids: np.ndarray (H, W) int64.
     """
@@ -756,7 +761,7 @@ def decode_palette(rgb, palette, path=""):
 
 
 def read_wav(path, expected):
-    """A wav file -> (mono float64 waveform (n,), sample rate). int16/int32/uint8/float PCM."""
+    """A wav file -> (mono float64 waveform (Ns,), sample rate). int16/int32/uint8/float PCM."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: missing; expected {expected}")
     try:
@@ -774,7 +779,7 @@ def read_wav(path, expected):
         data = data.astype(np.float64) / float(2 ** (8 * data.dtype.itemsize - 1))  # int16: / 32768
     data = data.astype(np.float64)
     if data.ndim == 2:
-        data = data.mean(axis=1)  # (n,) stereo averaged to mono, as VGGish does
+        data = data.mean(axis=1)  # (Ns,) stereo averaged to mono, as VGGish does
     if data.size == 0:
         raise DataError(f"{path}: no samples; expected {expected}")
     return data, int(rate)
@@ -783,7 +788,7 @@ def read_wav(path, expected):
 def wav_log_mel(path, expected):
     """A wav -> (VGGish log-mel examples (E, 96, 64) float32, its duration in seconds).
 
-    Resampled to 16 kHz inside encoders.vggish_log_mel; E = examples_in(n, rate).
+    Resampled to 16 kHz inside encoders.vggish_log_mel; E = examples_in(Ns, rate).
     """
     waveform, rate = read_wav(path, expected)
     return vggish_log_mel(waveform, rate), len(waveform) / rate  # (E, 96, 64), seconds
@@ -833,7 +838,7 @@ def read_log_mel_pkl(path, expected):
     return tensor.detach().float().reshape(-1, 1, *LOG_MEL_SHAPE)  # (E, 1, 96, 64)
 
 
-# Short audio. A clip of F frames needs F VGGish examples, one per frame (0.96 s each). Where a
+# Short audio. A clip of Tc frames needs Tc VGGish examples, one per frame (0.96 s each). Where a
 # file gives fewer, the official code pads: the AVSS loader with zero examples, AVSBench's S4/MS3
 # preprocessing by repeating the last example. One example short is ordinary (a 5 s clip cut a
 # few ms early gives 4 examples) and is padded without a word. More than one is padded the same
@@ -850,8 +855,9 @@ _warned_short_audio = set()  # audio files already warned about in this process
 def examples_in(num_samples, rate):
     """VGGish examples in `num_samples` samples at `rate` Hz, as encoders.vggish_log_mel counts them.
 
-    The waveform is resampled to n16 = ceil(n * 16000 / rate) samples; STFT frames = 1 + (n16 -
-    400) // 160 (25 ms windows, 10 ms hop, no padding); examples = frames // 96.
+    The waveform of Ns = num_samples samples is resampled to ceil(Ns * 16000 / rate) samples at
+    16 kHz; STFT frames = 1 + (that - 400) // 160 (25 ms windows, 10 ms hop, no padding);
+    E = STFT frames // 96.
     """
     n16 = -(-int(num_samples) * AUDIO_RATE // int(rate))  # ceil, resample_poly's output length
     frames = 1 + (n16 - 400) // 160 if n16 >= 400 else 0
@@ -867,9 +873,9 @@ def short_audio_note(path, num_examples, num_frames, found_seconds, needed_secon
     """The line naming an audio file more than one example short of its clip's frames, else None.
 
     Args:
-        path: the wav or .pkl; num_examples: E, the examples it gives; num_frames: F of the clip;
-        found_seconds, needed_seconds: the audio it holds and the audio F examples need;
-        padding: what fills the F - E missing examples (AVSS_AUDIO_PADDING or V1_AUDIO_PADDING).
+        path: the wav or .pkl; num_examples: E, the examples it gives; num_frames: Tc of the clip;
+        found_seconds, needed_seconds: the audio it holds and the audio Tc examples need;
+        padding: what fills the Tc - E missing examples (AVSS_AUDIO_PADDING or V1_AUDIO_PADDING).
     """
     missing = num_frames - num_examples
     if missing <= 1:  # the official padding, silently
@@ -903,7 +909,7 @@ TRAIN_SCALES = (1.0, 1.125, 1.25)
 
 
 def spatial_plan(native_size, img_size, train):
-    """Where a clip's images go. native_size (Wn, Hn) -> (resize_to (W', H'), crop box or None)."""
+    """Where a clip's images go. native_size (Wn, Hn) -> (resize_to (new_w, new_h), crop box or None)."""
     if not train:
         return (img_size, img_size), None
     width, height = native_size
@@ -1240,7 +1246,7 @@ class AVSSDataset(Dataset):
         window = choose_window(len(clip["frames"]), list(clip["labels"]), self.frames, self.train)
         examples, found = wav_log_mel(clip["audio"], "PCM audio of the clip (16 or 48 kHz, "
                                                      "mono or stereo)")  # (E, 96, 64), seconds
-        count = len(clip["frames"])  # F frames need F examples
+        count = len(clip["frames"])  # Tc frames need Tc examples
         warn_short_audio(clip["audio"], short_audio_note(clip["audio"], len(examples), count, found,
                                                          seconds_for_examples(count), AVSS_AUDIO_PADDING))
         audio = torch.zeros(AVSS_FRAMES, 1, *LOG_MEL_SHAPE)  # (10, 1, 96, 64) zero-padded as AVSS

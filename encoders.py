@@ -16,7 +16,7 @@ For the CPU preset there are tiny stand-ins with the same interfaces (SmallBackb
 
 Reading order
 -------------
- 1. vggish_log_mel           the VGGish front end (numpy): waveform -> (num_examples, 96, 64)
+ 1. vggish_log_mel           the VGGish front end (numpy): waveform (Ns,) -> (E, 96, 64)
  2. VGGish, SmallVGG, AudioEncoder (load_net_weights, freeze_net)  audio path -> F_a (B,T,C)
  3. FrozenBatchNorm2d, BasicBlock, Bottleneck, ResNet, SmallBackbone   frame backbones
  4. sine_position_embedding, sine_embedding_1d   the positional embeddings of App. D (space, time)
@@ -27,10 +27,16 @@ Reading order
 
 Shape alphabet
 --------------
-B clips, T frames, C model channels, H, W image size, h, w = H/4, W/4, Cm mask channels (8),
-L attention levels (the 3 scales of a frame), H_l, W_l size of one level, S sum of H_l*W_l over
-levels (the visual tokens of one frame), M heads, D = C/M head dim, P sampling points per level,
-Lq number of queries, n audio samples, F STFT frames.
+The repository's one shape alphabet: docs/shapes.md. Letters used here:
+B clips, T frames, C model channels, H, W image size, h, w = H/4, W/4 mask resolution,
+Cm mask channels (8), H_l, W_l size of visual level l (3 levels, strides 8, 16, 32), S visual
+tokens of one frame (sum of H_l*W_l over the 3 levels), Q queries of an attention layer,
+Hd heads, Dh = C/Hd channels of one head, Pt sampling points per head and level,
+E 0.96 s log-mel examples (96 x 64: time steps x mel bands), Ns audio samples.
+The frame backbones and the deformable attention take every frame on its own: their batch is the
+B*T frames of a batch. Inside the ResNet, H', W' is the size of a feature map (H/2 .. H/32;
+a block's output size).
+STFT frames, levels and other counts are written as words (or as 3, the number of levels).
 """
 import math
 from math import gcd
@@ -81,21 +87,21 @@ def vggish_log_mel(waveform, sample_rate):
     """The VGGish front end: a waveform -> non-overlapping 0.96 s log-mel examples.
 
     Args:
-        waveform: np.ndarray (n,) mono or (n, channels); float in [-1, 1], or int16 (divided by
+        waveform: np.ndarray (Ns,) mono or (Ns, channels); float in [-1, 1], or int16 (divided by
             32768 as the VGGish wav reader does).
         sample_rate: int, the rate of `waveform` in Hz; other rates than 16 kHz are resampled.
 
     Returns:
-        np.ndarray (num_examples, 96, 64) float32. num_examples = floor(F / 96) with
-        F = 1 + floor((n16 - 400) / 160) STFT frames of the 16 kHz signal (n16 samples);
-        the incomplete tail is dropped; 1 s of audio gives 98 frames -> 1 example.
+        np.ndarray (E, 96, 64) float32. E = floor(STFT frames / 96) with
+        STFT frames = 1 + floor((Ns - 400) / 160), Ns the samples of the 16 kHz signal;
+        the incomplete tail is dropped; 1 s of audio gives 98 STFT frames -> 1 example.
     """
-    x = np.asarray(waveform)  # (n,) or (n, channels)
+    x = np.asarray(waveform)  # (Ns,) or (Ns, channels)
     if np.issubdtype(x.dtype, np.integer):
-        x = x.astype(np.float64) / 32768.0  # (n,) or (n, channels); int16 PCM -> [-1, 1)
-    x = x.astype(np.float64)  # (n,) or (n, channels)
+        x = x.astype(np.float64) / 32768.0  # (Ns,) or (Ns, channels); int16 PCM -> [-1, 1)
+    x = x.astype(np.float64)  # (Ns,) or (Ns, channels)
     if x.ndim == 2:
-        x = x.mean(axis=1)  # (n,) stereo / multi-channel averaged to mono
+        x = x.mean(axis=1)  # (Ns,) stereo / multi-channel averaged to mono
     if x.ndim != 1:
         raise ValueError(f"waveform must be (n,) or (n, channels), got shape {x.shape}")
     if sample_rate != VGGISH_SAMPLE_RATE:
@@ -103,7 +109,7 @@ def vggish_log_mel(waveform, sample_rate):
         # which is close (both are band-limited) and needs no extra dependency.
         from scipy.signal import resample_poly
         g = gcd(int(sample_rate), VGGISH_SAMPLE_RATE)
-        x = resample_poly(x, VGGISH_SAMPLE_RATE // g, int(sample_rate) // g)  # (n16,)
+        x = resample_poly(x, VGGISH_SAMPLE_RATE // g, int(sample_rate) // g)  # (Ns,) Ns counted at 16 kHz
 
     window_length = int(round(VGGISH_WINDOW_SECONDS * VGGISH_SAMPLE_RATE))  # 400
     hop_length = int(round(VGGISH_HOP_SECONDS * VGGISH_SAMPLE_RATE))  # 160
@@ -114,14 +120,14 @@ def vggish_log_mel(waveform, sample_rate):
         return np.zeros((0, VGGISH_EXAMPLE_FRAMES, VGGISH_NUM_MEL_BINS), dtype=np.float32)
 
     # Frames without centre padding: only complete windows are kept.
-    starts = hop_length * np.arange(num_frames)  # (F,)
-    frames = x[starts[:, None] + np.arange(window_length)[None, :]]  # (F, 400)
+    starts = hop_length * np.arange(num_frames)  # (STFT frames,)
+    frames = x[starts[:, None] + np.arange(window_length)[None, :]]  # (STFT frames, 400)
     # Periodic Hann: 0.5 - 0.5 cos(2 pi k / N), k = 0..N-1 (not the symmetric N-1 form).
     hann = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(window_length) / window_length)  # (400,)
-    spectrogram = np.abs(np.fft.rfft(frames * hann, n=fft_length))  # (F, 257) magnitude, not power
-    mel = spectrogram @ _vggish_mel_matrix(fft_length // 2 + 1, VGGISH_SAMPLE_RATE)  # (F, 64)
-    log_mel = np.log(mel + VGGISH_LOG_OFFSET)  # (F, 64)
-    log_mel = log_mel[: num_examples * VGGISH_EXAMPLE_FRAMES]  # (num_examples*96, 64) tail dropped
+    spectrogram = np.abs(np.fft.rfft(frames * hann, n=fft_length))  # (STFT frames, 257) magnitude, not power
+    mel = spectrogram @ _vggish_mel_matrix(fft_length // 2 + 1, VGGISH_SAMPLE_RATE)  # (STFT frames, 64)
+    log_mel = np.log(mel + VGGISH_LOG_OFFSET)  # (STFT frames, 64)
+    log_mel = log_mel[: num_examples * VGGISH_EXAMPLE_FRAMES]  # (E*96, 64) tail dropped
     examples = log_mel.reshape(num_examples, VGGISH_EXAMPLE_FRAMES, VGGISH_NUM_MEL_BINS)  # (E, 96, 64)
     return examples.astype(np.float32)
 
@@ -139,10 +145,11 @@ class VGGish(nn.Module):
         final_relu: apply a ReLU after embeddings.4 (the PyTorch port and AVS code do; TF does not).
 
     forward:
-        x: (B, 1, 96, 64) log-mel examples from `vggish_log_mel`.
+        x: (B*T, 1, 96, 64) log-mel examples from `vggish_log_mel`, one per frame (AudioEncoder
+            feeds the B*T frames of a batch; any number of examples works).
     Returns:
-        embedding: (B, 128)
-        conv_map: (B, 512, 6, 4) the last pooled conv features (time 6 x frequency 4).
+        embedding: (B*T, 128)
+        conv_map: (B*T, 512, 6, 4) the last pooled conv features (time 6 x frequency 4).
     """
 
     def __init__(self, final_relu=True):
@@ -166,10 +173,10 @@ class VGGish(nn.Module):
         self.embedding_dim = 128
 
     def forward(self, x):
-        conv_map = self.features(x)  # (B, 512, 6, 4)
+        conv_map = self.features(x)  # (B*T, 512, 6, 4)
         # TF (NHWC) flatten order, required for the ported weights: position-major, channel-minor.
-        flat = conv_map.permute(0, 2, 3, 1).flatten(1)  # (B, 6*4*512)
-        embedding = self.embeddings(flat)  # (B, 128)
+        flat = conv_map.permute(0, 2, 3, 1).flatten(1)  # (B*T, 6*4*512)
+        embedding = self.embeddings(flat)  # (B*T, 128)
         return embedding, conv_map
 
     def load_vggish_weights(self, path):
@@ -183,15 +190,15 @@ class SmallVGG(nn.Module):
     """A small VGG with VGGish's interface, for the CPU preset (trained from scratch).
 
     forward:
-        x: (B, 1, 96, 64)
+        x: (B*T, 1, 96, 64), as VGGish
     Returns:
-        embedding: (B, 128)
-        conv_map: (B, channels, 6, 4)
+        embedding: (B*T, 128)
+        conv_map: (B*T, channels, 6, 4)
     """
 
     def __init__(self, widths=(16, 32, 64, 64)):
         super().__init__()
-        # PAPER: not in the paper (it uses VGGish); a stand-in for the CPU preset only.
+        # NOT IN PAPER (it uses VGGish): a stand-in for the CPU preset only.
         # PAPER: GroupNorm after every convolution (VGGish has none). Trained from scratch, the
         # plain stack maps every clip to nearly the same output (the log-mel floor dominates the
         # first layer): at initialisation the clip-to-clip spread of its embedding was ~4 % of its
@@ -207,8 +214,8 @@ class SmallVGG(nn.Module):
         self.embedding_dim = 128
 
     def forward(self, x):
-        conv_map = self.features(x)  # (B, channels, 6, 4)
-        embedding = self.embeddings(conv_map.permute(0, 2, 3, 1).flatten(1))  # (B, 128)
+        conv_map = self.features(x)  # (B*T, channels, 6, 4)
+        embedding = self.embeddings(conv_map.permute(0, 2, 3, 1).flatten(1))  # (B*T, 128)
         return embedding, conv_map
 
 
@@ -330,7 +337,8 @@ class FrozenBatchNorm2d(nn.Module):
     Unlike DETR's, it keeps `num_batches_tracked` so that a torchvision state_dict loads strictly;
     a state_dict without it (old weight files) also loads (the buffer is then left at 0).
 
-    forward: x (B, Cc, H, W) -> (B, Cc, H, W) = (x - running_mean) / sqrt(running_var + eps) * weight + bias
+    forward: x (B*T, num_features, H', W') -> (B*T, num_features, H', W')
+        = (x - running_mean) / sqrt(running_var + eps) * weight + bias (any map size H', W')
     """
 
     def __init__(self, num_features, eps=1e-5):
@@ -349,13 +357,16 @@ class FrozenBatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x):
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)  # (Cc,)
-        shift = self.bias - self.running_mean * scale  # (Cc,)
-        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)  # (B, Cc, H, W)
+        scale = self.weight * torch.rsqrt(self.running_var + self.eps)  # (num_features,)
+        shift = self.bias - self.running_mean * scale  # (num_features,)
+        return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)  # (B*T, num_features, H', W')
 
 
 class BasicBlock(nn.Module):
-    """ResNet-18/34 block: two 3x3 convs (stride on the first), identity or 1x1 downsample."""
+    """ResNet-18/34 block: two 3x3 convs (stride on the first), identity or 1x1 downsample.
+
+    forward: x (B*T, in_ch, x's size) -> (B*T, planes, H', W'), H', W' = x's size / stride.
+    """
     expansion = 1
 
     def __init__(self, in_ch, planes, stride, norm):
@@ -370,14 +381,17 @@ class BasicBlock(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(in_ch, planes, 1, stride, bias=False), norm(planes))
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)  # (B, planes, H', W')
-        out = self.relu(self.bn1(self.conv1(x)))  # (B, planes, H', W')
-        out = self.bn2(self.conv2(out))  # (B, planes, H', W')
-        return self.relu(out + identity)  # (B, planes, H', W')
+        identity = x if self.downsample is None else self.downsample(x)  # (B*T, planes, H', W')
+        out = self.relu(self.bn1(self.conv1(x)))  # (B*T, planes, H', W')
+        out = self.bn2(self.conv2(out))  # (B*T, planes, H', W')
+        return self.relu(out + identity)  # (B*T, planes, H', W')
 
 
 class Bottleneck(nn.Module):
-    """ResNet-50 block (torchvision "V1.5"): 1x1, 3x3 (stride here), 1x1 x4; 1x1 downsample."""
+    """ResNet-50 block (torchvision "V1.5"): 1x1, 3x3 (stride here), 1x1 x4; 1x1 downsample.
+
+    forward: x (B*T, in_ch, x's size) -> (B*T, 4*planes, H', W'), H', W' = x's size / stride.
+    """
     expansion = 4
 
     def __init__(self, in_ch, planes, stride, norm):
@@ -395,11 +409,11 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), norm(out_ch))
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)  # (B, 4*planes, H', W')
-        out = self.relu(self.bn1(self.conv1(x)))  # (B, planes, H, W)
-        out = self.relu(self.bn2(self.conv2(out)))  # (B, planes, H', W')
-        out = self.bn3(self.conv3(out))  # (B, 4*planes, H', W')
-        return self.relu(out + identity)  # (B, 4*planes, H', W')
+        identity = x if self.downsample is None else self.downsample(x)  # (B*T, 4*planes, H', W')
+        out = self.relu(self.bn1(self.conv1(x)))  # (B*T, planes) at x's size (before the stride)
+        out = self.relu(self.bn2(self.conv2(out)))  # (B*T, planes, H', W')
+        out = self.bn3(self.conv3(out))  # (B*T, 4*planes, H', W')
+        return self.relu(out + identity)  # (B*T, 4*planes, H', W')
 
 
 class ResNet(nn.Module):
@@ -410,9 +424,9 @@ class ResNet(nn.Module):
         frozen_bn: use FrozenBatchNorm2d (fixed ImageNet statistics, as DETR-family code does).
 
     forward:
-        x: (B, 3, H, W) ImageNet-normalised.
+        x: (B*T, 3, H, W) ImageNet-normalised, every frame on its own.
     Returns:
-        [c2 (B, channels[0], H/4, W/4), c3 (.., H/8, W/8), c4 (.., H/16, W/16), c5 (.., H/32, W/32)]
+        [c2 (B*T, channels[0], H/4, W/4), c3 (.., H/8, W/8), c4 (.., H/16, W/16), c5 (.., H/32, W/32)]
     Attribute `channels`: (64, 128, 256, 512) for 18/34, (256, 512, 1024, 2048) for 50.
     """
 
@@ -449,24 +463,24 @@ class ResNet(nn.Module):
         return self
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
-        c2 = self.layer1(x)  # (B, channels[0], H/4, W/4)
-        c3 = self.layer2(c2)  # (B, channels[1], H/8, W/8)
-        c4 = self.layer3(c3)  # (B, channels[2], H/16, W/16)
-        c5 = self.layer4(c4)  # (B, channels[3], H/32, W/32)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B*T, 64, H/4, W/4)
+        c2 = self.layer1(x)  # (B*T, channels[0], H/4, W/4)
+        c3 = self.layer2(c2)  # (B*T, channels[1], H/8, W/8)
+        c4 = self.layer3(c3)  # (B*T, channels[2], H/16, W/16)
+        c5 = self.layer4(c4)  # (B*T, channels[3], H/32, W/32)
         return [c2, c3, c4, c5]
 
 
 class SmallBackbone(nn.Module):
     """A tiny CNN with ResNet's interface (strides 4/8/16/32), for the CPU preset.
 
-    forward: x (B, 3, H, W) -> [c2 (B, 16, H/4, W/4), c3 (B, 32, H/8, W/8), c4 (B, 64, H/16, W/16),
-    c5 (B, 64, H/32, W/32)] with the default widths. Attribute `channels`.
+    forward: x (B*T, 3, H, W) -> [c2 (B*T, 16, H/4, W/4), c3 (B*T, 32, H/8, W/8),
+    c4 (B*T, 64, H/16, W/16), c5 (B*T, 64, H/32, W/32)] with the default widths. Attribute `channels`.
     """
 
     def __init__(self, widths=(16, 32, 64, 64)):
         super().__init__()
-        # PAPER: not in the paper (it uses ResNet-50 / Swin); a stand-in for the CPU preset only.
+        # NOT IN PAPER (it uses ResNet-50 / Swin): a stand-in for the CPU preset only.
 
         def conv(cin, cout, stride):
             # PAPER: GroupNorm instead of BatchNorm: CPU batches are a handful of frames.
@@ -479,7 +493,7 @@ class SmallBackbone(nn.Module):
         self.channels = tuple(widths)
 
     def forward(self, x):
-        feats = [self.stem(x)]  # c2 (B, widths[0], H/4, W/4)
+        feats = [self.stem(x)]  # c2 (B*T, widths[0], H/4, W/4)
         for stage in self.stages:
             feats.append(stage(feats[-1]))  # c3, c4, c5 at strides 8, 16, 32
         return feats
@@ -495,8 +509,10 @@ def sine_position_embedding(h, w, dim, temperature=10000.0, device=None, dtype=t
     (p - 0.5) / h * 2*pi; channel pair (2i, 2i+1) of an axis holds sin and cos of that value
     divided by temperature^(2i / (dim/2)).
 
+    Called with a level's size h, w = H_l, W_l and dim = C.
+
     Returns:
-        pos: (dim, h, w), channels [y features (dim/2), x features (dim/2)].
+        pos: (C, H_l, W_l), channels [y features (C/2), x features (C/2)].
     """
     if dim % 4:
         raise ValueError(f"dim must be divisible by 4, got {dim}")
@@ -504,21 +520,21 @@ def sine_position_embedding(h, w, dim, temperature=10000.0, device=None, dtype=t
     # PAPER: App. D names only "the standard" embedding; we use the normalised 2-D form of
     # Deformable-DETR (positions in (0, 2*pi)), so the embedding does not depend on the image size.
     scale = 2 * math.pi
-    y = (torch.arange(1, h + 1, device=device, dtype=torch.float32) - 0.5) / (h + 1e-6) * scale  # (h,)
-    x = (torch.arange(1, w + 1, device=device, dtype=torch.float32) - 0.5) / (w + 1e-6) * scale  # (w,)
-    i = torch.arange(half, device=device, dtype=torch.float32)  # (dim/2,)
-    freq = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / half)  # (dim/2,)
-    pos_y = y[:, None] / freq  # (h, dim/2)
-    pos_x = x[:, None] / freq  # (w, dim/2)
-    pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)  # (h, dim/2) sin,cos interleaved
-    pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)  # (w, dim/2)
-    pos = torch.cat((pos_y[:, None, :].expand(h, w, half), pos_x[None, :, :].expand(h, w, half)), dim=2)  # (h, w, dim)
-    return pos.permute(2, 0, 1).to(dtype)  # (dim, h, w)
+    y = (torch.arange(1, h + 1, device=device, dtype=torch.float32) - 0.5) / (h + 1e-6) * scale  # (H_l,)
+    x = (torch.arange(1, w + 1, device=device, dtype=torch.float32) - 0.5) / (w + 1e-6) * scale  # (W_l,)
+    i = torch.arange(half, device=device, dtype=torch.float32)  # (C/2,)
+    freq = temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / half)  # (C/2,)
+    pos_y = y[:, None] / freq  # (H_l, C/2)
+    pos_x = x[:, None] / freq  # (W_l, C/2)
+    pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)  # (H_l, C/2) sin,cos interleaved
+    pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)  # (W_l, C/2)
+    pos = torch.cat((pos_y[:, None, :].expand(h, w, half), pos_x[None, :, :].expand(h, w, half)), dim=2)  # (H_l, W_l, C)
+    return pos.permute(2, 0, 1).to(dtype)  # (C, H_l, W_l)
 
 
 def sine_embedding_1d(length, dim, device=None):
-    """Sinusoidal embedding over time (Vaswani et al., App. D): (length, dim), sin on even
-    channels, cos on odd ones, frequency 1 / 10000^(2i / dim) for channel pair i."""
+    """Sinusoidal embedding over time (Vaswani et al., App. D): (T, C) for length = T frames and
+    dim = C, sin on even channels, cos on odd ones, frequency 1 / 10000^(2i / C) for channel pair i."""
     pos = torch.arange(length, dtype=torch.float32, device=device)[:, None]  # (T, 1)
     i = torch.arange(0, dim, 2, dtype=torch.float32, device=device)  # (C/2,)
     angle = pos / (10000 ** (i / dim))  # (T, C/2)
@@ -535,46 +551,52 @@ def ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_wei
     """The sampling core of multi-scale deformable attention (Deformable-DETR eq. 3, inner sums):
     out[q, m] = sum_l sum_p A[q, m, l, p] * bilinear(value_l[m], loc[q, m, l, p]).
 
+    Shapes: B*T frames, each attended to on its own (the encoder's batch); Q queries; Hd heads;
+    Dh channels of a head; Pt points; the level axis is written 3 (the model's 3 levels; the
+    function takes any number, one per entry of spatial_shapes).
+
     Args:
-        value: (N, S, M, D) values of all levels concatenated (level l has H_l*W_l tokens, row-major).
-        spatial_shapes: list of L (H_l, W_l) pairs (ints, or an (L, 2) tensor).
-        sampling_locations: (N, Lq, M, L, P, 2) normalised (x, y) in [0, 1], (0, 0) the top-left
+        value: (B*T, S, Hd, Dh) values of all levels concatenated (level l has H_l*W_l tokens, row-major).
+        spatial_shapes: list of the 3 (H_l, W_l) pairs (ints, or a (3, 2) tensor).
+        sampling_locations: (B*T, Q, Hd, 3, Pt, 2) normalised (x, y) in [0, 1], (0, 0) the top-left
             corner of the map; pixel i's centre is (i + 0.5) / W_l (align_corners=False).
             Samples outside the map read zeros.
-        attention_weights: (N, Lq, M, L, P), softmax-normalised over (L, P) per head by the caller.
+        attention_weights: (B*T, Q, Hd, 3, Pt), softmax-normalised over (levels, points) per head by
+            the caller.
 
     Returns:
-        out: (N, Lq, M*D)
+        out: (B*T, Q, Hd*Dh)
     """
     N, S, M, D = value.shape
     _, Lq, _, L, P, _ = sampling_locations.shape
     shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes)
                                              else spatial_shapes)]
-    values = value.split([h * w for h, w in shapes], dim=1)  # L x (N, H_l*W_l, M, D)
-    grids = 2 * sampling_locations - 1  # (N, Lq, M, L, P, 2) grid_sample's [-1, 1] coordinates
-    out = value.new_zeros(N * M, D, Lq)  # (N*M, D, Lq)
+    values = value.split([h * w for h, w in shapes], dim=1)  # 3 x (B*T, H_l*W_l, Hd, Dh)
+    grids = 2 * sampling_locations - 1  # (B*T, Q, Hd, 3, Pt, 2) grid_sample's [-1, 1] coordinates
+    out = value.new_zeros(N * M, D, Lq)  # (B*T*Hd, Dh, Q)
     for lvl, (h, w) in enumerate(shapes):
-        v = values[lvl].permute(0, 2, 3, 1).reshape(N * M, D, h, w)  # (N*M, D, H_l, W_l)
-        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P, 2)
-        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (N*M, D, Lq, P)
-        a = attention_weights[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (N*M, Lq, P)
-        out = out + (sampled * a[:, None]).sum(-1)  # (N*M, D, Lq) sum over points
-    return out.view(N, M * D, Lq).transpose(1, 2)  # (N, Lq, M*D)
+        v = values[lvl].permute(0, 2, 3, 1).reshape(N * M, D, h, w)  # (B*T*Hd, Dh, H_l, W_l)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*T*Hd, Q, Pt, 2)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*T*Hd, Dh, Q, Pt)
+        a = attention_weights[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*T*Hd, Q, Pt)
+        out = out + (sampled * a[:, None]).sum(-1)  # (B*T*Hd, Dh, Q) sum over points
+    return out.view(N, M * D, Lq).transpose(1, 2)  # (B*T, Q, Hd*Dh)
 
 
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention (Zhu et al. 2020), layout and init as Deformable-DETR.
 
     Args:
-        dim: C; num_levels: L; num_heads: M; num_points: P per head and level.
+        dim: C; num_levels: the levels (3 in the encoder; written 3 in the shapes below);
+        num_heads: Hd; num_points: Pt per head and level.
 
-    forward:
-        query: (N, Lq, C) (content + positional embedding)
-        reference_points: (N, Lq, L, 2) normalised (x, y) in [0, 1] per level
-        input_flatten: (N, S, C) the values' source, levels concatenated
-        spatial_shapes: list of L (H_l, W_l)
+    forward (B*T frames, each on its own; Q queries, in the encoder the S tokens of a frame):
+        query: (B*T, Q, C) (content + positional embedding)
+        reference_points: (B*T, Q, 3, 2) normalised (x, y) in [0, 1] per level
+        input_flatten: (B*T, S, C) the values' source, levels concatenated
+        spatial_shapes: list of the 3 (H_l, W_l)
     Returns:
-        (N, Lq, C)
+        (B*T, Q, C)
     """
 
     def __init__(self, dim=256, num_levels=4, num_heads=8, num_points=4):
@@ -589,15 +611,15 @@ class MSDeformAttn(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """Deformable-DETR's init: head m starts looking along angle 2*pi*m/M, point p at p+1 pixels
+        """Deformable-DETR's init: head m starts looking along angle 2*pi*m/Hd, point p at p+1 pixels
         (directions scaled so max(|x|, |y|) = 1), the same on every level; uniform attention."""
         M, L, P = self.num_heads, self.num_levels, self.num_points
         nn.init.zeros_(self.sampling_offsets.weight)
-        angles = torch.arange(M, dtype=torch.float32) * (2.0 * math.pi / M)  # (M,)
-        grid = torch.stack([angles.cos(), angles.sin()], -1)  # (M, 2)
-        grid = grid / grid.abs().max(-1, keepdim=True)[0]  # (M, 2) on the square ring
-        grid = grid.view(M, 1, 1, 2).repeat(1, L, P, 1)  # (M, L, P, 2)
-        grid = grid * torch.arange(1, P + 1, dtype=torch.float32).view(1, 1, P, 1)  # (M, L, P, 2)
+        angles = torch.arange(M, dtype=torch.float32) * (2.0 * math.pi / M)  # (Hd,)
+        grid = torch.stack([angles.cos(), angles.sin()], -1)  # (Hd, 2)
+        grid = grid / grid.abs().max(-1, keepdim=True)[0]  # (Hd, 2) on the square ring
+        grid = grid.view(M, 1, 1, 2).repeat(1, L, P, 1)  # (Hd, 3, Pt, 2)
+        grid = grid * torch.arange(1, P + 1, dtype=torch.float32).view(1, 1, P, 1)  # (Hd, 3, Pt, 2)
         with torch.no_grad():
             self.sampling_offsets.bias.copy_(grid.flatten())
         nn.init.zeros_(self.attention_weights.weight)
@@ -610,20 +632,20 @@ class MSDeformAttn(nn.Module):
     def forward(self, query, reference_points, input_flatten, spatial_shapes):
         N, Lq, C = query.shape
         M, L, P = self.num_heads, self.num_levels, self.num_points
-        value = self.value_proj(input_flatten)  # (N, S, C)
-        value = value.view(N, value.shape[1], M, C // M)  # (N, S, M, D)
-        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)  # (N, Lq, M, L, P, 2) in level pixels
-        weights = self.attention_weights(query).view(N, Lq, M, L * P)  # (N, Lq, M, L*P)
-        weights = weights.softmax(-1).view(N, Lq, M, L, P)  # (N, Lq, M, L, P) softmax over levels and points
-        # (L, 2) as (W_l, H_l) since locations are (x, y); filled on the device, so that no
+        value = self.value_proj(input_flatten)  # (B*T, S, C)
+        value = value.view(N, value.shape[1], M, C // M)  # (B*T, S, Hd, Dh)
+        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)  # (B*T, Q, Hd, 3, Pt, 2) in level pixels
+        weights = self.attention_weights(query).view(N, Lq, M, L * P)  # (B*T, Q, Hd, 3*Pt)
+        weights = weights.softmax(-1).view(N, Lq, M, L, P)  # (B*T, Q, Hd, 3, Pt) softmax over levels and points
+        # (3, 2) as (W_l, H_l) since locations are (x, y); filled on the device, so that no
         # host-to-device copy makes the host wait (torch.tensor(list, device=cuda) would)
-        normaliser = query.new_empty(L, 2)  # (L, 2)
+        normaliser = query.new_empty(L, 2)  # (3, 2)
         for lvl, (h, w) in enumerate(spatial_shapes):
             normaliser[lvl, 0], normaliser[lvl, 1] = w, h
         locations = (reference_points[:, :, None, :, None, :]
-                     + offsets / normaliser[None, None, None, :, None, :])  # (N, Lq, M, L, P, 2)
-        out = ms_deform_attn_core(value, spatial_shapes, locations, weights)  # (N, Lq, C)
-        return self.output_proj(out)  # (N, Lq, C)
+                     + offsets / normaliser[None, None, None, :, None, :])  # (B*T, Q, Hd, 3, Pt, 2)
+        out = ms_deform_attn_core(value, spatial_shapes, locations, weights)  # (B*T, Q, C)
+        return self.output_proj(out)  # (B*T, Q, C)
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -634,7 +656,7 @@ class DeformableEncoderLayer(nn.Module):
 
     forward:
         src: (B, T, S, C) the tokens of every frame, scales concatenated; pos: (S, C) their spatial
-        and scale embedding; reference_points: (S, 3, 2); spatial_shapes: list of the 3 (H_l, W_l);
+        and scale embedding; reference_points: (1, S, 3, 2); spatial_shapes: list of the 3 (H_l, W_l);
         time_pos: (T, C); frame_valid: (B, T) bool or None (False = a padding frame).
     Returns:
         (B, T, S, C)
@@ -718,7 +740,7 @@ class VisualEncoder(nn.Module):
     Returns dict:
         levels: [(B, T, C, H_l, W_l)] for strides 8, 16, 32 (F_v)
         pos: [(B, T, C, H_l, W_l)] the sine positional embedding of each level (no level embedding)
-        c2: (B, T, C2, H/4, W/4) the backbone's stride-4 features, for the FPN
+        c2: (B, T, c2_channels, h, w) the backbone's stride-4 features, for the FPN
     """
 
     def __init__(self, backbone, dim=256, enc_layers=4, num_heads=8, num_points=4, ffn_dim=1024,
@@ -757,19 +779,19 @@ class VisualEncoder(nn.Module):
         """Pixel centres of every level, normalised to [0, 1] as (x, y), as Deformable-DETR's encoder
         (no padding, so valid ratios are 1 and a token looks at the same relative place on every level).
 
-        Returns: (S, L, 2)
+        Returns: (S, 3, 2)
         """
         refs = []
         for h, w in spatial_shapes:
             ys, xs = torch.meshgrid(torch.arange(h, device=device, dtype=dtype) + 0.5,
-                                    torch.arange(w, device=device, dtype=dtype) + 0.5, indexing="ij")  # (h, w) each
-            refs.append(torch.stack([xs.flatten() / w, ys.flatten() / h], -1))  # (h*w, 2)
+                                    torch.arange(w, device=device, dtype=dtype) + 0.5, indexing="ij")  # (H_l, W_l) each
+            refs.append(torch.stack([xs.flatten() / w, ys.flatten() / h], -1))  # (H_l*W_l, 2)
         ref = torch.cat(refs, 0)  # (S, 2)
-        return ref[:, None, :].expand(-1, len(spatial_shapes), -1)  # (S, L, 2)
+        return ref[:, None, :].expand(-1, len(spatial_shapes), -1)  # (S, 3, 2)
 
     def forward(self, frames, frame_valid=None):
         B, T = frames.shape[:2]  # (B, T, 3, H, W)
-        c2, *cs = self.backbone(frames.flatten(0, 1))  # c2 (B*T, C2, H/4, W/4); c3..c5
+        c2, *cs = self.backbone(frames.flatten(0, 1))  # c2 (B*T, c2_channels, h, w); c3..c5
         feats = [proj(c) for proj, c in zip(self.input_proj, cs)]  # 3 x (B*T, C, H_l, W_l)
         scale_shapes = [tuple(f.shape[-2:]) for f in feats]  # 3 x (H_l, W_l)
         pos = [sine_position_embedding(h, w, self.dim, device=frames.device, dtype=feats[0].dtype)
@@ -789,7 +811,7 @@ class VisualEncoder(nn.Module):
             levels.append(lvl.reshape(B, T, self.dim, h, w))  # (B, T, C, H_l, W_l)
             start += h * w
         pos = [p[None, None].expand(B, T, -1, -1, -1) for p in pos]  # 3 x (B, T, C, H_l, W_l)
-        c2 = c2.view(B, T, *c2.shape[1:])  # (B, T, C2, H/4, W/4)
+        c2 = c2.view(B, T, *c2.shape[1:])  # (B, T, c2_channels, h, w)
         return dict(levels=levels, pos=pos, c2=c2)
 
 
@@ -806,9 +828,9 @@ class FPN(nn.Module):
 
     forward:
         levels: [(B*T, C, H_l, W_l)] at strides 8, 16, 32
-        c2: (B*T, C2, H/4, W/4)
+        c2: (B*T, c2_channels, h, w), h, w = H/4, W/4
     Returns:
-        f_out: (B*T, mask_dim, H/4, W/4)
+        f_out: (B*T, Cm, h, w)
     """
 
     def __init__(self, dim, c2_channels, mask_dim=8):
@@ -831,5 +853,5 @@ class FPN(nn.Module):
         x8, x16, x32 = levels
         y = self.merge16(x16 + F.interpolate(x32, size=x16.shape[-2:], mode="nearest"))  # (B*T, C, H/16, W/16)
         y = self.merge8(x8 + F.interpolate(y, size=x8.shape[-2:], mode="nearest"))  # (B*T, C, H/8, W/8)
-        y = self.merge4(self.lateral4(c2) + F.interpolate(y, size=c2.shape[-2:], mode="nearest"))  # (B*T, C, H/4, W/4)
-        return self.mask_out(y)  # (B*T, Cm, H/4, W/4)
+        y = self.merge4(self.lateral4(c2) + F.interpolate(y, size=c2.shape[-2:], mode="nearest"))  # (B*T, C, h, w)
+        return self.mask_out(y)  # (B*T, Cm, h, w)

@@ -40,8 +40,10 @@ Reading order
 
 Shape alphabet
 --------------
-B clips, T frames, H, W image size, n scored frames (B*T after dropping frames that are not scored),
-R number of F thresholds (255), Kc foreground classes, K1 = Kc + 1 class ids (0 = background).
+The repository's one shape alphabet: docs/shapes.md. Letters used here: B clips, T frames,
+H, W image size (the size of the scored maps), Kc foreground classes (Kc+1 class ids, 0 = background).
+Counts written as words: frames (frames flattened from (B, T): B*T, or the scored ones among them,
+after dropping frames that are not scored), thresholds (the 255 thresholds of the F-measure).
 All reported values are fractions in [0, 1] (the paper prints them x100).
 """
 from __future__ import annotations
@@ -101,26 +103,26 @@ def binary_frame_iou(pred_fg: torch.Tensor, gt_fg: torch.Tensor) -> torch.Tensor
     """J of each frame, as the official `mask_iou`.
 
     Args:
-        pred_fg: (n, H, W) bool, the binarised prediction (prob > 0.5).
-        gt_fg:   (n, H, W) bool, the ground truth.
+        pred_fg: (frames, H, W) bool, the binarised prediction (prob > 0.5).
+        gt_fg:   (frames, H, W) bool, the ground truth.
     Returns:
-        (n,) float64: |P & G| / (|P | G| + 1e-7), or for a frame whose GT is empty the true-negative
+        (frames,) float64: |P & G| / (|P | G| + 1e-7), or for a frame whose GT is empty the true-negative
         fraction |~P & ~G| / (H*W + 1e-7), so an empty prediction of an empty GT scores 1.
     """
     num_pixels = pred_fg.shape[-1] * pred_fg.shape[-2]
-    inter = (pred_fg & gt_fg).flatten(1).sum(1).double()  # (n,)
-    union = (pred_fg | gt_fg).flatten(1).sum(1).double()  # (n,)
-    true_neg = (~pred_fg & ~gt_fg).flatten(1).sum(1).double()  # (n,)
-    empty_gt = gt_fg.flatten(1).sum(1) == 0  # (n,) bool
-    iou = inter / (union + IOU_EPS_BINARY)  # (n,)
-    iou_empty = true_neg / (num_pixels + IOU_EPS_BINARY)  # (n,)
-    return torch.where(empty_gt, iou_empty, iou)  # (n,)
+    inter = (pred_fg & gt_fg).flatten(1).sum(1).double()  # (frames,)
+    union = (pred_fg | gt_fg).flatten(1).sum(1).double()  # (frames,)
+    true_neg = (~pred_fg & ~gt_fg).flatten(1).sum(1).double()  # (frames,)
+    empty_gt = gt_fg.flatten(1).sum(1) == 0  # (frames,) bool
+    iou = inter / (union + IOU_EPS_BINARY)  # (frames,)
+    iou_empty = true_neg / (num_pixels + IOU_EPS_BINARY)  # (frames,)
+    return torch.where(empty_gt, iou_empty, iou)  # (frames,)
 
 
 def official_thresholds(num_thresholds: int = NUM_THRESHOLDS) -> torch.Tensor:
     """The official thresholds t_k = linspace(0, 1 - 1e-10, 255), in float32 as the official code makes them
-    (in float32 the last one rounds to exactly 1.0). Returns (R,) float32."""
-    return torch.linspace(0, 1 - 1e-10, num_thresholds, dtype=torch.float32)  # (R,)
+    (in float32 the last one rounds to exactly 1.0). Returns (thresholds,) float32."""
+    return torch.linspace(0, 1 - 1e-10, num_thresholds, dtype=torch.float32)  # (thresholds,)
 
 
 def binary_frame_fmeasure(prob: torch.Tensor, gt_fg: torch.Tensor,
@@ -131,29 +133,31 @@ def binary_frame_fmeasure(prob: torch.Tensor, gt_fg: torch.Tensor,
     F = (1 + beta2) prec rec / (beta2 prec + rec), NaN -> 0.
 
     Args:
-        prob:  (n, H, W) float in [0, 1], foreground probability.
-        gt_fg: (n, H, W) bool ground truth (callers pass non-empty frames only, as the official code skips
+        prob:  (frames, H, W) float in [0, 1], foreground probability.
+        gt_fg: (frames, H, W) bool ground truth (callers pass non-empty frames only, as the official code skips
                empty ones; an empty frame here gives F = 0 at every threshold).
     Returns:
-        (n, R) float64.
+        (frames, thresholds) float64.
     """
-    thresholds = official_thresholds(num_thresholds).to(device=prob.device, dtype=prob.dtype)  # (R,)
-    p = prob.flatten(1)  # (n, H*W)
-    g = gt_fg.flatten(1).double()  # (n, H*W)
-    # Instead of R comparisons per pixel (an (n, R, H*W) tensor), find for every pixel how many thresholds
-    # it passes: level = #{k : t_k <= p}; the pixel is in Y_k exactly when k < level.
-    level = torch.searchsorted(thresholds, p.contiguous(), right=True)  # (n, H*W) int64 in 0..R
-    hist_all = torch.zeros(p.shape[0], num_thresholds + 1, dtype=torch.float64, device=p.device)  # (n, R+1)
-    hist_all.scatter_add_(1, level, torch.ones_like(g))  # (n, R+1) pixels per level
-    hist_fg = torch.zeros_like(hist_all).scatter_add_(1, level, g)  # (n, R+1) GT pixels per level
+    thresholds = official_thresholds(num_thresholds).to(device=prob.device, dtype=prob.dtype)  # (thresholds,)
+    p = prob.flatten(1)  # (frames, H*W)
+    g = gt_fg.flatten(1).double()  # (frames, H*W)
+    # Instead of one comparison per threshold and pixel (a (frames, thresholds, H*W) tensor), find for
+    # every pixel how many thresholds it passes: level = #{k : t_k <= p}; the pixel is in Y_k exactly
+    # when k < level.
+    level = torch.searchsorted(thresholds, p.contiguous(), right=True)  # (frames, H*W) int64 in 0..thresholds
+    # (frames, thresholds+1): one histogram bin per level
+    hist_all = torch.zeros(p.shape[0], num_thresholds + 1, dtype=torch.float64, device=p.device)
+    hist_all.scatter_add_(1, level, torch.ones_like(g))  # (frames, thresholds+1) pixels per level
+    hist_fg = torch.zeros_like(hist_all).scatter_add_(1, level, g)  # (frames, thresholds+1) GT pixels per level
     # |Y_k| = pixels with level > k = sum of the histogram above k (reverse cumulative sum).
-    num_pos = hist_all.flip(1).cumsum(1).flip(1)[:, 1:]  # (n, R)
-    tp = hist_fg.flip(1).cumsum(1).flip(1)[:, 1:]  # (n, R)
-    num_gt = g.sum(1, keepdim=True)  # (n, 1)
-    prec = tp / (num_pos + PR_EPS_BINARY)  # (n, R)
-    rec = tp / (num_gt + PR_EPS_BINARY)  # (n, R)
-    f = (1 + beta2) * prec * rec / (beta2 * prec + rec)  # (n, R), 0/0 = NaN where tp = 0
-    return torch.nan_to_num(f, nan=0.0)  # (n, R)
+    num_pos = hist_all.flip(1).cumsum(1).flip(1)[:, 1:]  # (frames, thresholds)
+    tp = hist_fg.flip(1).cumsum(1).flip(1)[:, 1:]  # (frames, thresholds)
+    num_gt = g.sum(1, keepdim=True)  # (frames, 1)
+    prec = tp / (num_pos + PR_EPS_BINARY)  # (frames, thresholds)
+    rec = tp / (num_gt + PR_EPS_BINARY)  # (frames, thresholds)
+    f = (1 + beta2) * prec * rec / (beta2 * prec + rec)  # (frames, thresholds), 0/0 = NaN where tp = 0
+    return torch.nan_to_num(f, nan=0.0)  # (frames, thresholds)
 
 
 class _SumAccumulator:
@@ -220,7 +224,7 @@ class ObjectMetrics(_SumAccumulator):
     the official J and F are means of per-batch values and F's best threshold is chosen per batch.
 
     Args (constructor):
-        num_thresholds: R, number of F thresholds (official 255).
+        num_thresholds: the number of F thresholds (official 255).
         beta2: beta^2 of the F-measure (official 0.3).
         threshold: foreground probability above which a pixel is foreground for J (official 0.5, strict >).
 
@@ -246,7 +250,7 @@ class ObjectMetrics(_SumAccumulator):
             "num_batches": (),  # batches with at least one scored frame
             "j_frame_sum": (),  # sum over frames of J
             "num_frames": (),  # scored frames
-            "f_frame_sum": (num_thresholds,),  # (R,) sum over non-empty-GT frames of F at each threshold
+            "f_frame_sum": (num_thresholds,),  # (thresholds,) sum over non-empty-GT frames of F at each threshold
             "num_nonempty_frames": (),  # frames with non-empty GT (the frames F is averaged over)
         })
 
@@ -258,15 +262,15 @@ class ObjectMetrics(_SumAccumulator):
         # PAPER: the official code scores every frame of a val/test clip (all are real and labelled); we
         # score only frames marked valid, so unlabelled or padded frames never enter J or F.
         # Official: float32 sigmoid; low-precision (AMP) probabilities are raised to float32 first.
-        prob = fg_prob[valid]  # (n, H, W)
-        prob = prob if prob.dtype == torch.float64 else prob.float()  # (n, H, W)
-        gt_fg = gt.to(fg_prob.device)[valid] != 0  # (n, H, W) bool
+        prob = fg_prob[valid]  # (frames, H, W)
+        prob = prob if prob.dtype == torch.float64 else prob.float()  # (frames, H, W)
+        gt_fg = gt.to(fg_prob.device)[valid] != 0  # (frames, H, W) bool
         if prob.shape[0] == 0:
             return  # PAPER: a batch without any scored frame is not counted (the official code never has one)
         s = self._state
 
         # J: official mask_iou, then the batch mean.
-        iou = binary_frame_iou(prob > self.threshold, gt_fg).cpu()  # (n,)
+        iou = binary_frame_iou(prob > self.threshold, gt_fg).cpu()  # (frames,)
         s["j_batch_sum"] += iou.mean()
         s["j_frame_sum"] += iou.sum()
         s["num_frames"] += iou.numel()
@@ -275,14 +279,14 @@ class ObjectMetrics(_SumAccumulator):
         # F: official Eval_Fmeasure skips frames with an empty GT, averages F over the rest at each
         # threshold, and takes the best threshold of this batch. A batch with no non-empty frame scores 0
         # and still counts as a batch.
-        nonempty = gt_fg.flatten(1).any(1)  # (n,) bool
+        nonempty = gt_fg.flatten(1).any(1)  # (frames,) bool
         if nonempty.any():
             f = binary_frame_fmeasure(prob[nonempty], gt_fg[nonempty],
-                                      self.num_thresholds, self.beta2).cpu()  # (n', R)
+                                      self.num_thresholds, self.beta2).cpu()  # (non-empty frames, thresholds)
             s["f_batch_sum"] += f.mean(0).max()
-            # PAPER: not in the official code: the per-threshold sums over the whole set, so that one threshold
+            # NOT IN PAPER (nor in the official code): the per-threshold sums over the whole set, so that one threshold
             # is chosen for all frames (f_whole_set) and the number does not depend on the batching.
-            s["f_frame_sum"] += f.sum(0)  # (R,)
+            s["f_frame_sum"] += f.sum(0)  # (thresholds,)
             s["num_nonempty_frames"] += f.shape[0]
 
     def compute(self) -> dict:
@@ -291,7 +295,7 @@ class ObjectMetrics(_SumAccumulator):
         j_off = s["j_batch_sum"].item() / nb if nb else 0.0
         f_off = s["f_batch_sum"].item() / nb if nb else 0.0
         j_frame = s["j_frame_sum"].item() / nf if nf else 0.0
-        f_curve = s["f_frame_sum"] / max(nne, 1)  # (R,) mean F over all non-empty frames per threshold
+        f_curve = s["f_frame_sum"] / max(nne, 1)  # (thresholds,) mean F over all non-empty frames per threshold
         best = int(f_curve.argmax())
         f_whole = f_curve[best].item() if nne else 0.0
         # J&F is the mean of J and F, as in the paper's Table 1 (e.g. 83.9 = (79.5 + 88.2) / 2).
@@ -316,34 +320,34 @@ def semantic_frame_stats(pred: torch.Tensor, gt: torch.Tensor, num_ids: int, bet
     """Per frame and class counts, IoU and F, as the official `_batch_miou_fscore` (one frame at a time there).
 
     Args:
-        pred: (n, H, W) int64 predicted class ids in 0..num_ids-1.
-        gt:   (n, H, W) int64 ground-truth class ids in 0..num_ids-1 (other values are ignored, as
+        pred: (frames, H, W) int64 predicted class ids in 0..num_ids-1.
+        gt:   (frames, H, W) int64 ground-truth class ids in 0..num_ids-1 (other values are ignored, as
               `torch.histc` drops values outside its range in the official code).
-        num_ids: K1 = Kc + 1.
-    Returns dict of (n, K1) float64:
+        num_ids: Kc + 1.
+    Returns dict of (frames, Kc+1) float64:
         inter  I = #(pred = gt = c), union U = #(pred = c) + #(gt = c) - I,
         iou    I / (U + 2.22e-16)  (0 where U = 0),
         f      (1 + beta2) P R / (beta2 P + R), P = I / #(pred = c), R = I / #(gt = c), NaN -> 0,
         seen   1.0 where U > 0 (the class is in the GT or the prediction of that frame).
     """
     n = pred.shape[0]
-    p = pred.reshape(n, -1)  # (n, H*W)
-    g = gt.reshape(n, -1)  # (n, H*W)
-    in_range_p = (p >= 0) & (p < num_ids)  # (n, H*W) bool
-    in_range_g = (g >= 0) & (g < num_ids)  # (n, H*W) bool
+    p = pred.reshape(n, -1)  # (frames, H*W)
+    g = gt.reshape(n, -1)  # (frames, H*W)
+    in_range_p = (p >= 0) & (p < num_ids)  # (frames, H*W) bool
+    in_range_g = (g >= 0) & (g < num_ids)  # (frames, H*W) bool
 
-    def count(ids, keep):  # per-frame histogram of class ids over the kept pixels -> (n, K1)
-        out = torch.zeros(n, num_ids, dtype=torch.float64, device=ids.device)  # (n, K1)
-        return out.scatter_add_(1, ids.clamp(0, num_ids - 1), keep.double())  # (n, K1)
+    def count(ids, keep):  # per-frame histogram of class ids over the kept pixels -> (frames, Kc+1)
+        out = torch.zeros(n, num_ids, dtype=torch.float64, device=ids.device)  # (frames, Kc+1)
+        return out.scatter_add_(1, ids.clamp(0, num_ids - 1), keep.double())  # (frames, Kc+1)
 
-    area_pred = count(p, in_range_p)  # (n, K1)
-    area_gt = count(g, in_range_g)  # (n, K1)
-    inter = count(p, in_range_p & (p == g))  # (n, K1)
-    union = area_pred + area_gt - inter  # (n, K1)
-    iou = inter / (union + IOU_EPS_SEMANTIC)  # (n, K1)
-    prec = inter / area_pred  # (n, K1), NaN where the class is not predicted
-    rec = inter / area_gt  # (n, K1), NaN where the class is not in the GT
-    f = torch.nan_to_num((1 + beta2) * prec * rec / (beta2 * prec + rec), nan=0.0)  # (n, K1)
+    area_pred = count(p, in_range_p)  # (frames, Kc+1)
+    area_gt = count(g, in_range_g)  # (frames, Kc+1)
+    inter = count(p, in_range_p & (p == g))  # (frames, Kc+1)
+    union = area_pred + area_gt - inter  # (frames, Kc+1)
+    iou = inter / (union + IOU_EPS_SEMANTIC)  # (frames, Kc+1)
+    prec = inter / area_pred  # (frames, Kc+1), NaN where the class is not predicted
+    rec = inter / area_gt  # (frames, Kc+1), NaN where the class is not in the GT
+    f = torch.nan_to_num((1 + beta2) * prec * rec / (beta2 * prec + rec), nan=0.0)  # (frames, Kc+1)
     return {"inter": inter, "union": union, "iou": iou, "f": f, "seen": (union > 0).double()}
 
 
@@ -373,7 +377,7 @@ class SemanticMetrics(_SumAccumulator):
 
     `compute() -> dict` of floats: miou_official, f_official, miou_real_frames, f_real_frames,
     miou_accumulated_real_frames, num_official_frames, num_real_frames (meanings in `METRIC_DEFINITIONS`).
-    `per_class() -> dict` of lists (K1 floats each): iou_official, f_official, iou_real_frames, f_real_frames.
+    `per_class() -> dict` of lists (Kc+1 floats each): iou_official, f_official, iou_real_frames, f_real_frames.
     """
 
     definitions = METRIC_DEFINITIONS["SemanticMetrics"]
@@ -386,9 +390,9 @@ class SemanticMetrics(_SumAccumulator):
         self.beta2 = beta2
         k1 = (self.num_ids,)
         self._init_state({
-            "iou_sum_official": k1, "f_sum_official": k1, "count_official": k1,  # (K1,) S_c, Fs_c, N_c
-            "iou_sum_real": k1, "f_sum_real": k1, "count_real": k1,  # (K1,) same on real labelled frames
-            "inter_sum_real": k1, "union_sum_real": k1,  # (K1,) for the accumulated (non-official) mIoU
+            "iou_sum_official": k1, "f_sum_official": k1, "count_official": k1,  # (Kc+1,) S_c, Fs_c, N_c
+            "iou_sum_real": k1, "f_sum_real": k1, "count_real": k1,  # (Kc+1,) same on real labelled frames
+            "inter_sum_real": k1, "union_sum_real": k1,  # (Kc+1,) for the accumulated (non-official) mIoU
             "num_official_frames": (), "num_real_frames": (),
         })
 
@@ -409,26 +413,26 @@ class SemanticMetrics(_SumAccumulator):
         # (all-background) label map. This never happens on the official val/test splits.
         gt_off = gt.masked_fill(pad | ~label_valid[:, :, None, None], 0)  # (B, T, H, W)
         stats = semantic_frame_stats(pred_off.flatten(0, 1), gt_off.flatten(0, 1),
-                                     self.num_ids, self.beta2)  # dict of (B*T, K1)
+                                     self.num_ids, self.beta2)  # dict of (B*T, Kc+1)
         real = (frame_valid & label_valid).flatten().cpu()  # (B*T,) bool
-        stats = {k: v.cpu() for k, v in stats.items()}  # (B*T, K1) each
+        stats = {k: v.cpu() for k, v in stats.items()}  # (B*T, Kc+1) each
         s = self._state
-        s["iou_sum_official"] += stats["iou"].sum(0)  # (K1,)
-        s["f_sum_official"] += stats["f"].sum(0)  # (K1,)
-        s["count_official"] += stats["seen"].sum(0)  # (K1,)
+        s["iou_sum_official"] += stats["iou"].sum(0)  # (Kc+1,)
+        s["f_sum_official"] += stats["f"].sum(0)  # (Kc+1,)
+        s["count_official"] += stats["seen"].sum(0)  # (Kc+1,)
         s["num_official_frames"] += real.numel()
         # Real frames only: the padded slots and unlabelled frames drop out (as COMBO-AVS evaluates).
-        s["iou_sum_real"] += stats["iou"][real].sum(0)  # (K1,)
-        s["f_sum_real"] += stats["f"][real].sum(0)  # (K1,)
-        s["count_real"] += stats["seen"][real].sum(0)  # (K1,)
-        s["inter_sum_real"] += stats["inter"][real].sum(0)  # (K1,)
-        s["union_sum_real"] += stats["union"][real].sum(0)  # (K1,)
+        s["iou_sum_real"] += stats["iou"][real].sum(0)  # (Kc+1,)
+        s["f_sum_real"] += stats["f"][real].sum(0)  # (Kc+1,)
+        s["count_real"] += stats["seen"][real].sum(0)  # (Kc+1,)
+        s["inter_sum_real"] += stats["inter"][real].sum(0)  # (Kc+1,)
+        s["union_sum_real"] += stats["union"][real].sum(0)  # (Kc+1,)
         s["num_real_frames"] += real.sum()
 
     @staticmethod
     def _per_class(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-        """total / count per class with 0/0 -> 0 (the official `nan -> 0`). (K1,) -> (K1,)."""
-        return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))  # (K1,)
+        """total / count per class with 0/0 -> 0 (the official `nan -> 0`). (Kc+1,) -> (Kc+1,)."""
+        return torch.where(count > 0, total / count.clamp(min=1), torch.zeros_like(total))  # (Kc+1,)
 
     def per_class(self) -> dict:
         s = self._state
@@ -442,10 +446,10 @@ class SemanticMetrics(_SumAccumulator):
     def compute(self) -> dict:
         s = self._state
         pc = self.per_class()
-        mean = lambda xs: sum(xs) / len(xs)  # mean over all K1 classes, never-seen ones are 0
+        mean = lambda xs: sum(xs) / len(xs)  # mean over all Kc+1 classes, never-seen ones are 0
         # PAPER: the official log also prints "miou_noBg", which drops the LAST class (id 70, 'woman') rather
         # than background (avsbench.md §3.3); we do not report it.
-        acc = self._per_class(s["inter_sum_real"], s["union_sum_real"])  # (K1,)
+        acc = self._per_class(s["inter_sum_real"], s["union_sum_real"])  # (Kc+1,)
         return {
             "miou_official": mean(pc["iou_official"]),
             "f_official": mean(pc["f_official"]),

@@ -27,8 +27,10 @@ Reading order
     scores), write_clip (the files); the pictures: panel helpers, overlay, synthetic_picture;
     main at the end.
 
-Shape alphabet: T frames, N tokens, Kc classes, H, W the model's input size (img_size), Hn, Wn a
-frame's own size, h, w mask size, E log-mel examples of 96 x 64 (time x mel bands).
+Shape alphabet (the repository's one shape alphabet: docs/shapes.md): T frames of the clip (T'
+those of one chunk in run_model), N semantic tokens, Kc foreground classes, H, W the image size fed
+to the model (img_size), Hn, Wn a frame's own size, h, w mask resolution (H/4, W/4), E 0.96 s
+log-mel examples, each 96 x 64 (time steps x mel bands), Ns audio samples.
 """
 from __future__ import annotations
 
@@ -165,7 +167,7 @@ def read_audio(path: str, T: int, dataset: str, pad: bool = False) -> tuple[torc
     """
     expected = "a PCM wav (any sample rate, mono or stereo) as long as the frames (1 s each)"
     try:
-        waveform, rate = data.read_wav(path, expected)                 # (n,) mono, Hz
+        waveform, rate = data.read_wav(path, expected)                 # (Ns,) mono, Hz
     except struct.error as e:  # a malformed header: scipy raises struct.error, not ValueError
         raise data.DataError(f"{path}: unreadable wav ({e}); expected {expected}") from None
     peak = float(np.abs(waveform).max())
@@ -322,7 +324,7 @@ def scale_up(array: np.ndarray, min_side: int = MIN_PANEL) -> np.ndarray:
     """(H, W, 3) uint8 repeated (nearest neighbour) by the smallest integer factor that makes
     its shorter side at least min_side."""
     factor = max(1, math.ceil(min_side / min(array.shape[:2])))
-    return array.repeat(factor, axis=0).repeat(factor, axis=1)         # (H*f, W*f, 3)
+    return array.repeat(factor, axis=0).repeat(factor, axis=1)         # (H*factor, W*factor, 3)
 
 
 def colour_ids(ids: np.ndarray) -> np.ndarray:

@@ -96,7 +96,7 @@ TABLES = {
 QUICK = ["baseline", "gsd", "gsd_avsr", "gsd_avsr_lsd", "full"]
 # Clips per evaluation split of every ablation run (the default train.py run evaluates 200, to
 # stay within 10 CPU minutes): with 500, the split-to-split noise of one run's mIoU is well below
-# the seed spread (README, "Results on the synthetic benchmark").
+# the seed spread (results/README.md, "Results on the synthetic benchmark").
 EVAL_CLIPS = 500
 # column -> (split in metrics.json, key)
 COLUMNS = {

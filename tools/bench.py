@@ -50,7 +50,8 @@ How to run
     python tools/bench.py --preset paper --amp --matcher per-clip   # the per-clip matcher, to compare
     python tools/bench.py --preset paper --amp --channels-last --eval-steps 10 --profile 3
 
-Shape alphabet: B clips, T frames, H = W image size.
+Shape alphabet (the repository's one shape alphabet: docs/shapes.md): B clips, T frames, H, W
+image size fed to the model (H = W).
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ Usage
     Exit code 2 when anything is wrong, 0 when only tolerated flaws are found.
 
 Reading order: check_dataset(), then _check_clip() and _check_image().
+
+Shape alphabet (the repository's one shape alphabet: docs/shapes.md): Hn, Wn an image's own size
+on disk, Tc frames stored on disk for a clip, Kc foreground classes (the palette has Kc+1 colours).
 """
 import argparse
 import os
@@ -111,7 +114,7 @@ def _check_clip(clip, frame_what, label_what, audio_what, deep, padding, tolerat
         problems += [problem] if problem else []
     audio = clip["audio"] if isinstance(clip["audio"], list) else [clip["audio"]]
     path = next((p for p in audio if os.path.isfile(p)), None)
-    count = len(clip["frames"])  # F frames need F examples
+    count = len(clip["frames"])  # Tc frames need Tc examples
     length = None  # (examples, seconds found, seconds needed) where they are known
     if path is None:
         problems.append(f"{audio[0]}: missing; expected {audio_what}")
@@ -186,7 +189,7 @@ def check_dataset(root, name, deep=False, tolerated=None):
             clips = _avss_clips(root)
             problems, palette = [], None
             try:
-                palette = voc_palette(len(_avss_classes(root)))  # (71, 3)
+                palette = voc_palette(len(_avss_classes(root)))  # (Kc+1, 3) = (71, 3)
             except DataError as error:
                 problems.append(str(error))
             for clip in clips:

@@ -40,7 +40,10 @@ Usage on a finished run (the test split of the checkpoint's own seed, e.g. to ad
 run made before it existed):
     python tools/diagnostics.py runs/synthetic-DATE/last.pt [--out DIR]
 
-Shapes: M clips, N tokens, C channels, K codewords, Kc categories (class ids 1..Kc).
+Shapes (the repository's one shape alphabet: docs/shapes.md): B clips (a batch, or every clip
+collected from a split, as one batch), T frames, N semantic tokens, C model channels, K codewords,
+Kc foreground classes, the categories (class ids 1..Kc). Subsets and other counts are words
+(single-source clips, seen categories, points).
 """
 from __future__ import annotations
 
@@ -64,14 +67,14 @@ from quantize import codebook_stats  # noqa: E402
 def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None = None) -> dict:
     """Run the model over a synthetic split and keep, per clip, its global tokens and codes.
 
-    Returns dict of numpy arrays:
-        tokens   (M, N, C) float32, g_i before quantization
-        codes    (M, N) int64, the chosen codewords VQ(g_i)
-        sounding (M, Kc) bool, the categories that sound somewhere in the clip (off-screen too)
-        multi    (M,) bool, multi-source clip
-        local_codes (M, T, N) int64 or absent, the codewords of the local tokens
-        local_tokens (M, N, C) float32 or absent, the local tokens l_{i,t} averaged over frames
-        sounding_frames (M, T, Kc) bool, the categories that sound in each frame
+    Returns dict of numpy arrays, B = every clip collected:
+        tokens   (B, N, C) float32, g_i before quantization
+        codes    (B, N) int64, the chosen codewords VQ(g_i)
+        sounding (B, Kc) bool, the categories that sound somewhere in the clip (off-screen too)
+        multi    (B,) bool, multi-source clip
+        local_codes (B, T, N) int64 or absent, the codewords of the local tokens
+        local_tokens (B, N, C) float32 or absent, the local tokens l_{i,t} averaged over frames
+        sounding_frames (B, T, Kc) bool, the categories that sound in each frame
     Empty dict when the model has no global tokens (no GSD).
     """
     model.eval()
@@ -98,9 +101,9 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
     model.train()
     per_clip = ("multi", "sounding_frames")                  # stacked, not concatenated
     result = {k: np.concatenate(v) for k, v in out.items() if k not in per_clip and v}
-    result["sounding_frames"] = np.stack(out["sounding_frames"])  # (M, T, Kc)
-    result["sounding"] = result["sounding_frames"].any(1)   # (M, Kc) somewhere in the clip
-    result["multi"] = np.array(out["multi"])                 # (M,)
+    result["sounding_frames"] = np.stack(out["sounding_frames"])  # (B, T, Kc)
+    result["sounding"] = result["sounding_frames"].any(1)   # (B, Kc) somewhere in the clip
+    result["multi"] = np.array(out["multi"])                 # (B,)
     return result
 
 
@@ -109,12 +112,12 @@ def category_code_table(codes: np.ndarray, sounding: np.ndarray, multi: np.ndarr
     """(Kc, K) P(k in clip | c): over single-source clips of category c, the fraction whose N
     global tokens include codeword k (NaN row for a category with no single-source clip)."""
     Kc = sounding.shape[1]
-    present = np.zeros((len(codes), num_codes), dtype=bool)  # (M, K)
-    rows = np.repeat(np.arange(len(codes)), codes.shape[1])  # (M*N,)
+    present = np.zeros((len(codes), num_codes), dtype=bool)  # (B, K)
+    rows = np.repeat(np.arange(len(codes)), codes.shape[1])  # (B*N,)
     present[rows, codes.reshape(-1)] = True
     table = np.full((Kc, num_codes), np.nan)                 # (Kc, K)
     for c in range(Kc):
-        sel = ~multi & sounding[:, c]                        # (M,) single-source clips of c
+        sel = ~multi & sounding[:, c]                        # (B,) single-source clips of c
         if sel.any():
             table[c] = present[sel].mean(0)
     return table
@@ -126,8 +129,8 @@ def signatures(table: np.ndarray, specific_only: bool = False) -> np.ndarray:
     seen = ~np.isnan(table).any(1)                           # (Kc,)
     sig = np.full(table.shape[0], -1, dtype=np.int64)
     if seen.any():
-        specific = table[seen] - table[seen].mean(0, keepdims=True)  # (Kc_seen, K)
-        best = specific.argmax(1)                            # (Kc_seen,)
+        specific = table[seen] - table[seen].mean(0, keepdims=True)  # (seen categories, K)
+        best = specific.argmax(1)                            # (seen categories,)
         if specific_only:
             best[specific[np.arange(len(best)), best] <= 0] = -1
         sig[seen] = best
@@ -180,10 +183,10 @@ def signature_test(fit: tuple, held: tuple, num_codes: int, shuffles: int = 200,
     held_table = category_code_table(h_codes, h_sounding, h_multi, num_codes)  # (Kc, K)
     count = held_signature_count(signatures(table, specific_only=True), held_table)
     rng = np.random.default_rng(seed)
-    single = np.nonzero(~multi)[0]                           # (M_s,)
+    single = np.nonzero(~multi)[0]                           # (single-source clips,)
     null = np.empty(shuffles, dtype=np.int64)
     for j in range(shuffles):
-        perm = sounding.copy()                               # (M, Kc)
+        perm = sounding.copy()                               # (B, Kc)
         perm[single] = sounding[rng.permutation(single)]     # labels of single-source clips permuted
         perm_table = category_code_table(codes, perm, multi, num_codes)   # (Kc, K)
         null[j] = held_signature_count(signatures(perm_table, specific_only=True), held_table)
@@ -221,8 +224,8 @@ def frame_recall(local_codes: np.ndarray, frames: np.ndarray, sounding: np.ndarr
     a frame holds one codeword, so the recall is at most 1 / #sounding (about 0.45 here); a
     decomposition into one token per source can reach 1.
 
-    local_codes (M, T, N) int, frames (M, T, Kc) bool sounding per frame, sounding (M, Kc) and
-    multi (M,) as in collect(). Returns a float, NaN when there is nothing to count.
+    local_codes (B, T, N) int, frames (B, T, Kc) bool sounding per frame, sounding (B, Kc) and
+    multi (B,) as in collect(). Returns a float, NaN when there is nothing to count.
     """
     sig = index_signatures(local_codes, sounding, multi, num_codes)  # (Kc, N)
     hits, total = 0, 0
@@ -239,7 +242,7 @@ def index_signatures(local_codes: np.ndarray, sounding: np.ndarray, multi: np.nd
                      num_codes: int) -> np.ndarray:
     """(Kc, N) sig_i(c): the signature of category c among token index i's codes alone, -1 where
     no codeword is specific to c or where another category has the same one (own_signatures; see
-    frame_recall). local_codes (M, T, N); sounding, multi as in collect()."""
+    frame_recall). local_codes (B, T, N); sounding, multi as in collect()."""
     N = local_codes.shape[2]
     sig = np.empty((sounding.shape[1], N), dtype=np.int64)   # (Kc, N)
     for i in range(N):
@@ -267,7 +270,7 @@ def summarise(collected: dict, num_codes: int) -> dict:
     if "local_codes" in collected:
         # the same measures for the local tokens l_{i,t} (the mask decoder's queries): a codeword
         # is "in the clip" when any token of any frame chooses it
-        local = collected["local_codes"].reshape(len(multi), -1)     # (M, T*N)
+        local = collected["local_codes"].reshape(len(multi), -1)     # (B, T*N)
         local_sig = signatures(category_code_table(local, sounding, multi, num_codes))  # (Kc,)
         res["local_codebook"] = codebook_stats(torch.from_numpy(local), num_codes)
         local_own = own_signatures(local_sig)                        # (Kc,)
@@ -278,7 +281,7 @@ def summarise(collected: dict, num_codes: int) -> dict:
         # none); predict.py names a token's codeword with it
         res["local_signature_codeword_per_index"] = index_signatures(
             collected["local_codes"], sounding, multi, num_codes).T.tolist()  # N lists of Kc
-        frames = collected.get("sounding_frames")                    # (M, T, Kc) or None
+        frames = collected.get("sounding_frames")                    # (B, T, Kc) or None
         if frames is not None and frames.shape[1] == collected["local_codes"].shape[1]:
             res["local_frame_recall"] = frame_recall(collected["local_codes"], frames, sounding,
                                                      multi, num_codes)
@@ -288,13 +291,13 @@ def summarise(collected: dict, num_codes: int) -> dict:
 
 def scatter_png(tokens: np.ndarray, labels: np.ndarray, codebook: np.ndarray, path: str,
                 palette: np.ndarray, size: int = 512, names: list | None = None) -> None:
-    """PCA of tokens (P, C) to 2-D, one dot per token coloured by labels (P,) class ids, codewords
-    (K, C) as grey crosses in the same projection; written as an RGB PNG of size x size. With
-    names (class id -> name), a legend of the categories' colours is added on the right."""
+    """PCA of tokens (points, C) to 2-D, one dot per token coloured by labels (points,) class ids,
+    codewords (K, C) as grey crosses in the same projection; written as an RGB PNG of size x size.
+    With names (class id -> name), a legend of the categories' colours is added on the right."""
     mean = tokens.mean(0, keepdims=True)                     # (1, C)
     _, _, vt = np.linalg.svd(tokens - mean, full_matrices=False)  # vt (C, C)
     basis = vt[:2].T                                         # (C, 2) first two principal axes
-    pts = (tokens - mean) @ basis                            # (P, 2)
+    pts = (tokens - mean) @ basis                            # (points, 2)
     cb = (codebook - mean) @ basis                           # (K, 2)
     lo = np.percentile(pts, 1, axis=0) - 0.1 * np.ptp(pts, axis=0)  # (2,) ignore far outliers
     hi = np.percentile(pts, 99, axis=0) + 0.1 * np.ptp(pts, axis=0)  # (2,)
@@ -357,9 +360,9 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
                               codebook.shape[0])
         res.update(held_signatures=test["count"], held_signatures_null_p95=test["null_p95"],
                    held_signatures_p=test["p_value"], held_signatures_fit_count=test["fit_count"])
-    single = ~collected["multi"]                                        # (M,)
-    tokens = collected["tokens"][single]                                # (M_s, N, C)
-    cats = collected["sounding"][single].argmax(1) + 1                  # (M_s,) class ids
+    single = ~collected["multi"]                                        # (B,)
+    tokens = collected["tokens"][single]                                # (single-source clips, N, C)
+    cats = collected["sounding"][single].argmax(1) + 1                  # (single-source clips,) class ids
     if len(tokens):
         scatter_png(tokens.reshape(-1, tokens.shape[-1]), np.repeat(cats, tokens.shape[1]),
                     codebook, os.path.join(out_dir, "tokens.png"), data.voc_palette(256),
@@ -368,8 +371,8 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
         # the local tokens of single-source clips (frame mean), with each token index's mean
         # removed: the index separates the tokens far more than the sound does, and would
         # otherwise fill the two principal axes; no codewords (they sit near each index's mean)
-        local = collected["local_tokens"][single]                       # (M_s, N, C)
-        local = local - local.mean(0, keepdims=True)                    # (M_s, N, C)
+        local = collected["local_tokens"][single]                       # (single-source clips, N, C)
+        local = local - local.mean(0, keepdims=True)                    # (single-source clips, N, C)
         scatter_png(local.reshape(-1, local.shape[-1]), np.repeat(cats, local.shape[1]),
                     np.zeros((0, local.shape[-1])), os.path.join(out_dir, "tokens_local.png"),
                     data.voc_palette(256), names=dataset.class_names)

@@ -14,6 +14,13 @@ What this file is for
 Reading order
     PerClipHungarianMatcher (forward, clip_cost), PerClipSetCriterion (forward, layer_losses),
     forward_loss (the training step's forward half as train.py had it).
+
+Shapes (the repository's one shape alphabet: docs/shapes.md)
+    B clips, T frames, N semantic tokens (the mask decoder's queries), Kc foreground classes,
+    H, W label size, h, w mask resolution (H/4, W/4), J ground-truth tracks of a clip,
+    J' = min(N, J) matched tracks of a clip, T_l frames of a clip that carry labels, L decoder
+    layers. The per-clip mask terms flatten a clip's labelled volume: T_l*h*w pixels (matcher.py's
+    Px is the whole T*h*w volume).
 """
 import os
 import sys
@@ -126,8 +133,8 @@ class PerClipHungarianMatcher(HungarianMatcher):
         # PAPER: §3.5 says "Dice and BCE", App. D gives lambda_focal = 5 and lambda_dice = 2; we
         # use focal + Dice (as ReferFormer) on the whole labelled volume, not per frame, so a
         # silent frame asks the matched token for an empty mask.
-        pred_masks = masks.to(dtype)[valid].transpose(0, 1).flatten(1)  # (N, P)
-        tgt_masks = target["masks"].to(dtype)[:, valid].flatten(1)  # (J, P)
+        pred_masks = masks.to(dtype)[valid].transpose(0, 1).flatten(1)  # (N, T_l*h*w)
+        tgt_masks = target["masks"].to(dtype)[:, valid].flatten(1)  # (J, T_l*h*w)
         cost_mask = pairwise_focal_cost(pred_masks, tgt_masks)  # (N, J)
         _check_finite("cost_mask", cost_mask, clip)
         cost_dice = pairwise_dice_cost(pred_masks, tgt_masks)  # (N, J)
@@ -236,8 +243,8 @@ class PerClipSetCriterion(SetCriterion):
             pred_idx, tgt_idx = pred_idx.to(logits.device), tgt_idx.to(logits.device)  # (J',) each
             frames = t["label_valid"].bool()  # (T,)
             src = pred_masks[b][frames][:, pred_idx].to(dtype)  # (T_l, J', h, w)
-            src = src.transpose(0, 1).flatten(1)  # (J', P)
-            tgt = t["masks"][tgt_idx][:, frames].to(dtype).flatten(1)  # (J', P)
+            src = src.transpose(0, 1).flatten(1)  # (J', T_l*h*w)
+            tgt = t["masks"][tgt_idx][:, frames].to(dtype).flatten(1)  # (J', T_l*h*w)
             loss_mask = loss_mask + sigmoid_focal_loss(src, tgt).mean(dim=1).sum()  # () focal, mean over volume
             loss_dice = loss_dice + dice_loss(src, tgt).sum()  # ()
 

@@ -25,7 +25,9 @@ of sounding categories (and, on v2, on the val-unseen frames in which a held-out
 Reading order: pretrain (the training and the val report), save_weights, cached_weights (what
 train.py calls), main.
 
-Shape alphabet: F frames, Kc categories, 96 x 64 log-mel.
+Shape alphabet (the repository's one shape alphabet: docs/shapes.md): B clips, T frames of a clip,
+B*T the frames of B clips one after the other (probe.frame_table), Kc foreground classes (the
+categories), 96 x 64 one log-mel example (time steps x mel bands).
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ def pretrain(benchmark: str, seed: int, steps: int = DEFAULT_STEPS, train_clips:
         train = data.SyntheticAVS("train", seed=seed, benchmark=benchmark, num_clips=train_clips)
         log(f"audio pretraining ({benchmark}, seed {seed}, {steps} steps): the log-mel of "
             f"{len(train)} train clips ...")
-        tr = probe.frame_table(train, range(len(train)))  # log_mel (F, 96, 64), sounding (F, Kc)
+        tr = probe.frame_table(train, range(len(train)))  # log_mel (B*T, 96, 64), sounding (B*T, Kc)
         net, head = probe.train_classifier(tr["log_mel"], tr["sounding"], steps=steps, batch=batch,
                                            seed=seed, log=log)
         report = {"benchmark": benchmark, "seed": seed, "steps": steps, "batch": batch,
@@ -89,7 +91,7 @@ def pretrain(benchmark: str, seed: int, steps: int = DEFAULT_STEPS, train_clips:
         for name in names:
             split = data.SyntheticAVS(name, seed=seed, benchmark=benchmark, num_clips=val_clips)
             table = probe.frame_table(split, range(len(split)))
-            pred, = probe.predict_sets(net, head, [table["log_mel"]])  # (F, Kc) bool
+            pred, = probe.predict_sets(net, head, [table["log_mel"]])  # (B*T, Kc) bool
             keep = table["held_out"] if name == "val-unseen" else slice(None)  # frames with a held-out pair
             report[name] = probe.exact_set_accuracy(pred[keep], table["sounding"][keep])
         state = {k: v.detach().clone() for k, v in net.state_dict().items()}

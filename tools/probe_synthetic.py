@@ -34,7 +34,11 @@ Reading order: exact_set_accuracy, frame_table (the data), linear_probe, train_c
 predict_sets (the audio network, shared with tools/pretrain_audio.py), network_probe,
 all_background_miou, look_separation, probe (all of it), write_table, main.
 
-Shape alphabet: F frames, Kc categories, B frames in a batch, 96 x 64 log-mel.
+Shape alphabet (the repository's one shape alphabet: docs/shapes.md): B clips, T frames of a clip,
+B*T the frames of B clips one after the other (frame_table), Kc foreground classes (the
+categories), H, W image size, 96 x 64 one log-mel example (time steps x mel bands). Written as
+words: frames (any set of frames: a selection of a frame table, a test set), batch (the frames of
+one training step), features (the columns of the linear probe's input).
 """
 from __future__ import annotations
 
@@ -67,16 +71,16 @@ def exact_set_accuracy(pred, true):
     """Exact-set accuracy by the number of sounding categories.
 
     Args:
-        pred: (F, Kc) bool, the predicted set of each frame.
-        true: (F, Kc) bool, the true set.
+        pred: (frames, Kc) bool, the predicted set of each frame.
+        true: (frames, Kc) bool, the true set.
     Returns:
         dict: str(n) -> {"accuracy": fraction of the frames with n true categories whose predicted
         set equals the true set, "frames": their number}, for every n present, and ">=2" over the
         frames with at least two.
     """
-    pred, true = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)  # (F, Kc)
-    exact = (pred == true).all(1)  # (F,)
-    count = true.sum(1)  # (F,)
+    pred, true = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)  # (frames, Kc)
+    exact = (pred == true).all(1)  # (frames,)
+    count = true.sum(1)  # (frames,)
     out = {}
     for n in sorted(set(count.tolist())):
         sel = count == n
@@ -93,9 +97,11 @@ def exact_set_accuracy(pred, true):
 def frame_table(ds, indices):
     """Log-mel, sounding set and held-out flag of every frame of clips `indices` of a split.
 
-    Returns dict: log_mel (F, 96, 64) float32, sounding (F, Kc) bool, held_out (F,) bool (a
-    held-out pair sounds together in the frame), multi (F,) bool (the frame's clip is multi-source),
-    snr_db (F,) float (v2; NaN on v1), dropout (F,) bool (v2: the frame has a dropout).
+    B = len(indices) clips of T = ds.frames frames, the frames of a clip one after the other.
+    Returns dict: log_mel (B*T, 96, 64) float32, sounding (B*T, Kc) bool, held_out (B*T,) bool (a
+    held-out pair sounds together in the frame), multi (B*T,) bool (the frame's clip is
+    multi-source), snr_db (B*T,) float (v2; NaN on v1), dropout (B*T,) bool (v2: the frame has a
+    dropout).
     """
     mels, sounding, multi, snr, dropout = [], [], [], [], []
     for i in indices:
@@ -108,8 +114,8 @@ def frame_table(ds, indices):
         dropped = np.zeros(ds.frames, dtype=bool)  # (T,)
         dropped[[t for t, _, _ in plan.get("dropouts", [])]] = True
         dropout.append(dropped)
-    sounding = np.concatenate(sounding)  # (F, Kc)
-    held_out = np.zeros(len(sounding), dtype=bool)  # (F,)
+    sounding = np.concatenate(sounding)  # (B*T, Kc)
+    held_out = np.zeros(len(sounding), dtype=bool)  # (B*T,)
     for a, b in ds.held_out_pairs:
         held_out |= sounding[:, a - 1] & sounding[:, b - 1]
     return {"log_mel": np.concatenate(mels), "sounding": sounding, "held_out": held_out,
@@ -126,8 +132,8 @@ def reliability(pred, table):
     Returns dict: 'snr lo..hi' or 'dropout' / 'no dropout' -> {'1': ..., '>=2': ...}, each
     {'accuracy', 'frames'}."""
     out = {}
-    count = table["sounding"].sum(1)  # (F,)
-    exact = (np.asarray(pred) == table["sounding"]).all(1)  # (F,)
+    count = table["sounding"].sum(1)  # (B*T,)
+    exact = (np.asarray(pred) == table["sounding"]).all(1)  # (B*T,)
     groups = {f"snr {lo:g}..{hi:g} dB": (table["snr_db"] >= lo) & (table["snr_db"] < hi) for lo, hi in SNR_BINS}
     groups.update({"dropout": table["dropout"], "no dropout": ~table["dropout"]})
     for name, sel in groups.items():
@@ -140,8 +146,8 @@ def reliability(pred, table):
 
 
 def mean_std_features(log_mel):
-    """(F, 96, 64) -> (F, 128): the mean and the standard deviation over time of each mel band."""
-    return np.concatenate([log_mel.mean(1), log_mel.std(1)], axis=1)  # (F, 128)
+    """(frames, 96, 64) -> (frames, 128): the mean and the standard deviation over time of each mel band."""
+    return np.concatenate([log_mel.mean(1), log_mel.std(1)], axis=1)  # (frames, 128)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,13 +157,14 @@ def linear_probe(train_x, train_y, test_xs, weight_decay=1e-4, iterations=300):
     """Logistic regression, one output per category, full-batch L-BFGS on the standardised features.
 
     Args:
-        train_x: (F, D) float, train_y: (F, Kc) bool; test_xs: list of (F_i, D) float.
+        train_x: (frames, features) float, train_y: (frames, Kc) bool; test_xs: list of
+            (frames, features) float, each set with its own number of frames.
     Returns:
-        list of (F_i, Kc) bool predictions (probability > 0.5).
+        list of (frames, Kc) bool predictions (probability > 0.5), one per test set.
     """
-    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6  # (D,)
-    x = torch.tensor((train_x - mu) / sd, dtype=torch.float64)  # (F, D)
-    y = torch.tensor(train_y, dtype=torch.float64)  # (F, Kc)
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6  # (features,)
+    x = torch.tensor((train_x - mu) / sd, dtype=torch.float64)  # (frames, features)
+    y = torch.tensor(train_y, dtype=torch.float64)  # (frames, Kc)
     head = nn.Linear(x.shape[1], y.shape[1]).double()
     opt = torch.optim.LBFGS(head.parameters(), max_iter=iterations, history_size=20,
                             line_search_fn="strong_wolfe")
@@ -183,7 +190,7 @@ def train_classifier(train_mel, train_y, steps=1500, batch=32, lr=1e-3, seed=0, 
     pretrained-frozen`) both train with this function.
 
     Args:
-        train_mel: (F, 96, 64) float32, train_y: (F, Kc) bool.
+        train_mel: (frames, 96, 64) float32, train_y: (frames, Kc) bool.
         log: None or a function of one string, called every 250 steps with the loss.
     Returns:
         (net, head): the trained SmallVGG (in eval mode) and nn.Linear(128, Kc).
@@ -193,12 +200,12 @@ def train_classifier(train_mel, train_y, steps=1500, batch=32, lr=1e-3, seed=0, 
     head = nn.Linear(net.embedding_dim, train_y.shape[1])
     params = list(net.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=lr)
-    mel = torch.from_numpy(train_mel)  # (F, 96, 64)
-    y = torch.from_numpy(train_y.astype(np.float32))  # (F, Kc)
+    mel = torch.from_numpy(train_mel)  # (frames, 96, 64)
+    y = torch.from_numpy(train_y.astype(np.float32))  # (frames, Kc)
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
-        pick = torch.randint(len(mel), (batch,), generator=gen)  # (B,)
-        emb, _ = net(mel[pick].unsqueeze(1))  # (B, 128)
+        pick = torch.randint(len(mel), (batch,), generator=gen)  # (batch,)
+        emb, _ = net(mel[pick].unsqueeze(1))  # (batch, 128)
         loss = nn.functional.binary_cross_entropy_with_logits(head(emb), y[pick])
         opt.zero_grad()
         loss.backward()
@@ -214,15 +221,15 @@ def predict_sets(net, head, test_mels):
     """The predicted set of every frame: probability > 0.5, in batches of 256 frames.
 
     Args:
-        test_mels: list of (F_i, 96, 64) float32.
+        test_mels: list of (frames, 96, 64) float32, each set with its own number of frames.
     Returns:
-        list of (F_i, Kc) bool.
+        list of (frames, Kc) bool, one per set.
     """
     preds = []
     for test in test_mels:
-        out = [head(net(torch.from_numpy(test[i:i + 256]).unsqueeze(1))[0]) > 0  # (B, Kc)
+        out = [head(net(torch.from_numpy(test[i:i + 256]).unsqueeze(1))[0]) > 0  # (256, Kc), fewer in the last chunk
                for i in range(0, len(test), 256)]
-        preds.append(torch.cat(out).numpy())  # (F_i, Kc)
+        preds.append(torch.cat(out).numpy())  # (frames, Kc)
     return preds
 
 
@@ -230,9 +237,10 @@ def network_probe(train_mel, train_y, test_mels, steps=1500, batch=32, lr=1e-3, 
     """The audio network probe: train_classifier on the train frames, predict_sets on each test set.
 
     Args:
-        train_mel: (F, 96, 64) float32, train_y: (F, Kc) bool; test_mels: list of (F_i, 96, 64).
+        train_mel: (frames, 96, 64) float32, train_y: (frames, Kc) bool; test_mels: list of
+            (frames, 96, 64), each set with its own number of frames.
     Returns:
-        list of (F_i, Kc) bool predictions (probability > 0.5).
+        list of (frames, Kc) bool predictions (probability > 0.5), one per test set.
     """
     net, head = train_classifier(train_mel, train_y, steps=steps, batch=batch, lr=lr, seed=seed, log=log)
     return predict_sets(net, head, test_mels)
