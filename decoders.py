@@ -27,7 +27,8 @@ Reading order
     7. SemanticMaskDecoder              TrD_segm + controller + class/box heads + eq. (7)
 
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
-    B clips, T frames, N semantic tokens, C model channels, Q queries of a decoder, S memory tokens,
+    B clips, T frames, N semantic tokens, C model channels, Q queries of a decoder, S memory tokens
+    (a frame's visual tokens, or T*S for a clip),
     L decoder layers, Kc foreground classes, H_l, W_l size of one visual level, Cm mask-feature
     channels (8), h, w mask resolution (H/4, W/4), G images of the dynamic convolution,
     Pd dynamic parameters per token, Cin input channels of the dynamic convolution (2 + Cm).

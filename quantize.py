@@ -9,7 +9,7 @@ What this file teaches
     codewords by the second term; the local, per-frame tokens (Sec. 3.4) use the same codebook but
     must not update it, only commit to it (third term).
 
-Paper: Sec. 3.1 (eq. 1, 2), Sec. 3.3 (e_i = VQ(g_i)), Sec. 3.4 (local tokens reuse C), Sec. 3.5 (eq. 9).
+Paper: Sec. 3.1 (eq. 1, 2), Sec. 3.3 (e_i = VQ(g_i)), Sec. 3.4 (local tokens reuse the codebook), Sec. 3.5 (eq. 9).
 
 Reading order
     1. QuantizerOutput        what one quantization returns
@@ -160,7 +160,7 @@ class VectorQuantizer(nn.Module):
             if update_codebook:
                 codebook_loss = _mse(codes, xd.detach(), keep)  # eq. (9), first term ||VQ(g) - sg[g]||^2
             else:
-                codebook_loss = flat.new_zeros(())  # () the local path does not update C
+                codebook_loss = flat.new_zeros(())  # () the local path does not update the codebook
             commitment_loss = _mse(xd, codes.detach(), keep)  # eq. (9), second/third term ||sg[VQ(x)] - x||^2
 
         # PAPER: the paper does not say how gradients cross the argmin of VQ; we use the

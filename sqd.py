@@ -129,12 +129,13 @@ def preset(name: str, **overrides) -> ModelConfig:
 # ----------------------------------------------------------------------------------------------
 
 class SQD(nn.Module):
-    """Semantically Quantized and Decomposed audio representation for AVS (Fig. 3).
+    """SQD, the model of Fig. 3: audio decomposed into N tokens quantized with one shared codebook.
 
     forward(batch) takes the batch of data.py:
         frames (B, T, 3, H, W) float, ImageNet-normalised
         audio  (B, T, 1, 96, 64) VGGish log-mel, or (B, T, 128) precomputed embeddings
         frame_valid (B, T) bool, optional: False marks a padding frame, which no real frame sees
+            (inside, the attention layers take its inverse, pad = ~frame_valid, True = padding)
     and returns a dict:
         pred_logits (B, T, N, Kc)   class logits (sigmoid; no-object is all classes off)
         pred_masks  (B, T, N, h, w) mask logits at stride 4, eq. (7)
@@ -219,43 +220,46 @@ class SQD(nn.Module):
         pad = None if frame_valid is None else ~frame_valid.bool()     # (B, T) True = padding
 
         # (2) global semantic quantization
-        e, tokens = None, {}                                      # e: QuantizerOutput of the g_i
+        vq_g, tokens = None, {}                                   # vq_g: QuantizerOutput of the g_i
         F_v_prime = F_v                                           # F'_v; F_v itself without AVSR
         if cfg.use_gsd:
-            memory, memory_pos, memory_pad = _clip_tokens(F_v, pos, pad)  # (B, T*S, C) x2, (B, T*S)
-            F_a_prime = self.fusion(f_a, memory, memory_pos, time_pos, memory_pad)  # (B, T, C) eq. (3): F'_a
+            clip_memory, clip_pos, clip_pad = _clip_tokens(F_v, pos, pad)  # (B, T*S, C) x2, (B, T*S)
+            F_a_prime = self.fusion(f_a, clip_memory, clip_pos, time_pos, clip_pad)  # (B, T, C) eq. (3): F'_a
             g = tokens["global"] = self.global_asd(F_a_prime, time_pos, pad)  # (B, N, C)  eq. (4): g_i
-            e = self.vq(g)                                        # (B, N, C)  eq. (2): e_i = VQ(g_i)
+            vq_g = self.vq(g)                                     # eq. (1)-(2): e_i = VQ(g_i)
+            e_i = vq_g.quantized                                  # (B, N, C)  e_i, straight-through
             if cfg.use_avsr:
-                e_i = g if cfg.avsr_from_g else e.quantized       # (B, N, C)  e_i, straight-through
-                F_v_prime = [avsr(e_i, F_l, frame_valid) for avsr, F_l in zip(self.avsr, F_v)]  # eq. (5)
-        f_out = self.fpn([F_l.flatten(0, 1) for F_l in F_v_prime], vis["c2"].flatten(0, 1))  # (B*T, Cm, h, w)
+                w_from = g if cfg.avsr_from_g else e_i            # (B, N, C)  what eq. (5)'s w_i read
+                F_v_prime = [avsr(w_from, F_l, frame_valid) for avsr, F_l in zip(self.avsr, F_v)]  # eq. (5)
+        c2 = vis["c2"].flatten(0, 1)                              # (B*T, C2, h, w) backbone stride-4 map
+        f_out = self.fpn([F_l.flatten(0, 1) for F_l in F_v_prime], c2)  # (B*T, Cm, h, w)
         f_out = f_out.unflatten(0, (B, T))                        # (B, T, Cm, h, w)
 
         # (3) local semantic calibration
-        local = None                                              # QuantizerOutput of the l_{i,t}
+        vq_l = None                                               # QuantizerOutput of the l_{i,t}
         if cfg.use_lsd:
-            # eq. (6) reads one frame's audio f_{a,t}: a memory of a single token per frame
+            # eq. (6) reads one frame's audio f_{a,t}: a memory of a single token per frame, so
+            # the cross-attention weight is 1 and every prototype p_i receives the same message
             l = self.local_asd(f_a.reshape(B * T, 1, C))          # (B*T, N, C)  eq. (6): l_{i,t}
             l = tokens["local"] = l.reshape(B, T, N, C)           # (B, T, N, C)
-            local = self.quantize_local(l, e, frame_valid)        # (B, T, N, C)  VQ(l_{i,t})
-            queries = local.quantized                             # (B, T, N, C)
+            vq_l = self.quantize_local(l, vq_g, frame_valid)      # VQ(l_{i,t}), the shared codebook
+            queries = vq_l.quantized                              # (B, T, N, C)
         else:
-            queries = self.ablation_queries(f_a, e)               # (B, T, N, C)
+            queries = self.ablation_queries(f_a, vq_g)            # (B, T, N, C)
         # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as the recombined tokens F'_v of frame t,
         # all three levels.
-        memory, memory_pos = _frame_tokens(F_v_prime, pos)        # (B, T, S, C) each
-        out = self.mask_decoder(queries, memory, memory_pos, f_out)  # eq. (7) inside
+        frame_memory, frame_pos = _frame_tokens(F_v_prime, pos)   # (B, T, S, C) each
+        out = self.mask_decoder(queries, frame_memory, frame_pos, f_out)  # eq. (7) inside
 
-        out["quant"] = self.quantization_terms(e, local)          # eq. (9), weighted in eq. (8)
-        out["indices"] = {k: q.indices for k, q in (("global", e), ("local", local)) if q is not None}
+        out["quant"] = self.quantization_terms(vq_g, vq_l)        # eq. (9), weighted in eq. (8)
+        out["indices"] = {k: q.indices for k, q in (("global", vq_g), ("local", vq_l)) if q is not None}
         out["tokens"] = tokens                                    # g_i (B, N, C), l_{i,t} (B, T, N, C)
         return out
 
     # ------------------------------------------------------------------------------------------
     # The ablations' side of forward: what replaces a removed box of Fig. 3
     # ------------------------------------------------------------------------------------------
-    def quantize_local(self, l, e, frame_valid):
+    def quantize_local(self, l, vq_g, frame_valid):
         """VQ(l_{i,t}): l (B, T, N, C) -> QuantizerOutput with quantized (B, T, N, C).
 
         The paper's model: the shared codebook, which the local tokens commit to but never update
@@ -264,11 +268,11 @@ class SQD(nn.Module):
         """
         B, T, N, C = l.shape
         vq = self.vq if self.local_vq is None else self.local_vq
-        update = self.local_vq is not None or e is None
+        update = self.local_vq is not None or vq_g is None
         valid = None if frame_valid is None else frame_valid.bool()[:, :, None].expand(B, T, N)  # (B, T, N)
         return vq(l, update_codebook=update, valid=valid)
 
-    def ablation_queries(self, f_a, e):
+    def ablation_queries(self, f_a, vq_g):
         """The mask decoder's queries without LSD (Table 2): (B, T, N, C).
 
         With GSD: e_i + f_{a,t}, the clip tokens broadcast to every frame. Baseline (no GSD, no
@@ -277,25 +281,25 @@ class SQD(nn.Module):
         audio embedding lets every row of Table 2 see the frame's audio.
         """
         B, T, C = f_a.shape
-        clip_queries = (e.quantized if e is not None
+        clip_queries = (vq_g.quantized if vq_g is not None
                         else self.baseline_queries.expand(B, self.cfg.num_tokens, C))  # (B, N, C)
         return clip_queries[:, None] + f_a[:, :, None]            # (B, T, N, C)
 
-    def quantization_terms(self, e, local) -> dict:
+    def quantization_terms(self, vq_g, vq_l) -> dict:
         """The unweighted terms of eq. (9) (matcher.SetCriterion weights them, eq. 8).
 
         The paper's model: quant_codebook (term 1) and quant_commit_global (term 2) from the global
         tokens, quant_commit_local (term 3) from the local ones. A local path that trains a codebook
         (no SC, or no GSD) adds its own codebook term quant_codebook_local.
         """
-        if e is None and local is None:
+        if vq_g is None and vq_l is None:
             return {}
-        if e is None:  # LSD without GSD: the local tokens own the only codebook
-            return {"quant_codebook_local": local.codebook_loss, "quant_commit_local": local.commitment_loss}
+        if vq_g is None:  # LSD without GSD: the local tokens own the only codebook
+            return {"quant_codebook_local": vq_l.codebook_loss, "quant_commit_local": vq_l.commitment_loss}
         if self.local_vq is not None:  # no SC: a separate local codebook
-            return {**quantization_loss(e), "quant_codebook_local": local.codebook_loss,
-                    "quant_commit_local": local.commitment_loss}
-        return quantization_loss(e, local)
+            return {**quantization_loss(vq_g), "quant_codebook_local": vq_l.codebook_loss,
+                    "quant_commit_local": vq_l.commitment_loss}
+        return quantization_loss(vq_g, vq_l)
 
     def quantizers(self) -> list:
         """The VectorQuantizers of the model: the shared codebook, and the local one if separate."""

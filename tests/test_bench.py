@@ -47,7 +47,7 @@ def test_flop_counter_matches_hand_counts_for_linear_and_grouped_conv():
     Ho = (H + 2 - k) // 2 + 1                                          # 8
     assert fwd == 2 * N * c_out * (c_in // G) * k * k * Ho * Ho
     # backward: the input gradient and the weight gradient cost one forward each (torch's own
-    # formula counts the weight gradient G times; bench.py corrects it)
+    # formula counts the weight gradient G times; tools/bench.py corrects it)
     _, bwd, _ = bench.count_flops(y.sum().backward)
     assert bwd == 2 * fwd
 

@@ -160,7 +160,7 @@ def test_eq05_recombination_equals_token_loop(batch_norm):
 
 
 def test_eq06_local_asd_equals_hand_decoder_on_one_audio_vector_per_frame():
-    """Eq. (6) with the memory the model really uses (sqd.SQD._mask_queries): each frame's audio
+    """Eq. (6) with the memory the model really uses (sqd.SQD.forward (its local path)): each frame's audio
     is ONE token f_{a,t}, frames flattened into the batch, no memory position. Against the hand
     decoder; and with a single memory token the cross-attention weight is 1, so its output is
     out_proj(W_v f_{a,t} + b_v) for every prototype (checked in closed form on layer 0)."""
