@@ -82,6 +82,10 @@ class ModelConfig:
     # sets by default; shared_prototypes=True ties them (results/README.md, "other readings").
     shared_prototypes: bool = False   # one set of prototypes p_i for global and local ASD
     zero_audio: bool = False       # control: audio input replaced by zeros (vision alone)
+    # NOT IN PAPER: eq. (6)'s memory is the frame's audio f_{a,t} alone (one token, so every p_i
+    # receives the same message); local_memory_global adds the clip's quantized tokens e_i to it,
+    # a reading of "distilling global semantics into local ones" that the equation does not write.
+    local_memory_global: bool = False  # TrD_local(p_i | [f_{a,t}, e_1..e_N]) instead of (p_i | f_{a,t})
 
     def check(self) -> None:
         """Raise ValueError for an impossible combination of switches."""
@@ -91,6 +95,9 @@ class ModelConfig:
         if not self.shared_codebook and not (self.use_gsd and self.use_lsd):
             raise ValueError("--no-shared-codebook only means something with both GSD and LSD on "
                              "(it gives the local tokens a codebook of their own)")
+        if self.local_memory_global and not (self.use_gsd and self.use_lsd):
+            raise ValueError("--local-memory-global needs both GSD and LSD (the local decoder reads "
+                             "the global tokens)")
         if self.num_tokens < 1 or self.codebook_size < 1:
             raise ValueError(f"num_tokens and codebook_size must be >= 1, got "
                              f"{self.num_tokens} and {self.codebook_size}")
@@ -240,7 +247,10 @@ class SQD(nn.Module):
         if cfg.use_lsd:
             # eq. (6) reads one frame's audio f_{a,t}: a memory of a single token per frame, so
             # the cross-attention weight is 1 and every prototype p_i receives the same message
-            l = self.local_asd(f_a.reshape(B * T, 1, C))          # (B*T, N, C)  eq. (6): l_{i,t}
+            f_at = f_a.reshape(B * T, 1, C)                       # (B*T, 1, C)  eq. (6)'s memory
+            if cfg.local_memory_global:                           # NOT IN PAPER (see ModelConfig)
+                f_at = torch.cat([f_at, e_i.repeat_interleave(T, 0)], 1)  # (B*T, 1+N, C)
+            l = self.local_asd(f_at)                              # (B*T, N, C)  eq. (6): l_{i,t}
             l = tokens["local"] = l.reshape(B, T, N, C)           # (B, T, N, C)
             vq_l = self.quantize_local(l, vq_g, frame_valid)      # VQ(l_{i,t}), the shared codebook
             queries = vq_l.quantized                              # (B, T, N, C)

@@ -93,6 +93,7 @@ class TrainConfig:
     shared_prototypes: bool = False  # one set of prototypes p_i for eq. (4) and (6), as the one symbol suggests
     avsr_from_g: bool = False      # AVSR (eq. 5) filters from g_i ("learned from global semantic tokens") instead of e_i
     quant_sum: bool = False        # eq. (9) as sums over tokens and channels instead of means (x N*C)
+    local_memory_global: bool = False  # not in the paper: eq. (6)'s memory also holds the clip's e_i
     quant_warmup_steps: int | None = None  # first steps with VQ(x) = x, then a k-means codebook (not in the paper); None: recipe (synthetic 300, AVSBench 0)
     # optimisation (paper §4, App. D)
     epochs: int | None = None      # None: recipe (s4/ms3 13, avss 16, synthetic see RECIPES)
@@ -249,7 +250,7 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
                      use_gsd=not cfg.no_gsd, use_avsr=not (cfg.no_avsr or cfg.no_gsd),
                      use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook,
                      zero_audio=cfg.zero_audio, shared_prototypes=cfg.shared_prototypes,
-                     avsr_from_g=cfg.avsr_from_g)
+                     avsr_from_g=cfg.avsr_from_g, local_memory_global=cfg.local_memory_global)
     if cfg.no_gsd and not cfg.no_avsr:
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
     if cfg.audio_weights and cfg.vggish_weights:

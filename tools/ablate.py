@@ -77,6 +77,8 @@ ROWS = {
     "shared_prototypes": ["--shared-prototypes"],
     "avsr_from_g": ["--avsr-from-g"],
     "quant_sum": ["--quant-sum"],
+    # not in the paper: eq. (6)'s memory also holds the clip's quantized tokens e_i
+    "local_memory_global": ["--local-memory-global"],
 }
 # table -> [(label, row name)]; the labels are the paper's
 TABLES = {
@@ -92,6 +94,9 @@ TABLES = {
         ("full SQD (two prototype sets, AVSR from e_i, eq. 9 as means)", "full"),
         ("one prototype set p_i for eq. 4 and 6", "shared_prototypes"),
         ("AVSR filters from g_i", "avsr_from_g"), ("eq. 9 as sums", "quant_sum")],
+    "Not in the paper (eq. 6's memory)": [
+        ("full SQD (eq. 6 reads f_{a,t} alone)", "full"),
+        ("eq. 6 reads f_{a,t} and the clip's e_i", "local_memory_global")],
 }
 QUICK = ["baseline", "gsd", "gsd_avsr", "gsd_avsr_lsd", "full"]
 # Clips per evaluation split of every ablation run (the default train.py run evaluates 200, to
