@@ -122,8 +122,11 @@ def test_ctrl_c_saves_last_checkpoint(tmp_path):
     long_run = ["--train-clips", "40000", "--epochs", "1000", "--max-steps", "100000000"]
     err_path = tmp_path / "stderr.txt"  # a file, not a pipe: tqdm's output can never fill it and block
     with open(err_path, "w") as err_file:
+        # A shell that starts jobs in the background (`cmd &`) makes them ignore SIGINT, and Python
+        # keeps an inherited SIG_IGN: Ctrl-C's default is restored for the child, as a terminal has it.
         proc = subprocess.Popen([sys.executable, "train.py", "--out", str(run), *TINY, *long_run],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file)
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # Wait for the evidence that training is under way: step 3 in log.jsonl, which is written
         # after each step, inside the loop that saves last.pt on Ctrl-C. Bounded, never timed.
