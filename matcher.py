@@ -797,9 +797,11 @@ class SetCriterion(nn.Module):
             parts.update({name + suffix: value[layer] for name, value in per_term.items()})
         parts.update(outputs.get("quant", {}))  # the unweighted eq. (9) terms
 
-        # eq. (8): L = L_segm + lambda_quant * L_quant, with L_quant = eq. (9) (lambda_com inside);
-        # an auxiliary layer's term "loss_dice_0" has the weight of "loss_dice"
-        weight = {name: self.weight_dict[name if name in self.weight_dict else name.rsplit("_", 1)[0]]
-                  for name in parts}
-        total = sum(weight[name] * value for name, value in parts.items())  # ()
-        return total, parts
+        return self.total(parts), parts
+
+    def total(self, parts):
+        """Eq. (8): L = L_segm + lambda_quant * L_quant, with L_quant = eq. (9) (lambda_com inside),
+        the weighted sum of the unweighted parts; an auxiliary layer's term "loss_dice_0" has the
+        weight of "loss_dice". Returns a scalar tensor."""
+        return sum(self.weight_dict[name if name in self.weight_dict else name.rsplit("_", 1)[0]] * value
+                   for name, value in parts.items())  # ()

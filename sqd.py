@@ -278,9 +278,13 @@ class SQD(nn.Module):
         """
         B, T, N, C = l.shape
         vq = self.vq if self.local_vq is None else self.local_vq
-        update = self.local_vq is not None or vq_g is None
         valid = None if frame_valid is None else frame_valid.bool()[:, :, None].expand(B, T, N)  # (B, T, N)
-        return vq(l, update_codebook=update, valid=valid)
+        return vq(l, update_codebook=self.local_owns_codebook, valid=valid)
+
+    @property
+    def local_owns_codebook(self) -> bool:
+        """The local tokens train a codebook: their own (no SC), or the only one (no GSD)."""
+        return self.local_vq is not None or not self.cfg.use_gsd
 
     def ablation_queries(self, f_a, vq_g):
         """The mask decoder's queries without LSD (Table 2): (B, T, N, C).
@@ -302,14 +306,11 @@ class SQD(nn.Module):
         tokens, quant_commit_local (term 3) from the local ones. A local path that trains a codebook
         (no SC, or no GSD) adds its own codebook term quant_codebook_local.
         """
-        if vq_g is None and vq_l is None:
-            return {}
-        if vq_g is None:  # LSD without GSD: the local tokens own the only codebook
-            return {"quant_codebook_local": vq_l.codebook_loss, "quant_commit_local": vq_l.commitment_loss}
-        if self.local_vq is not None:  # no SC: a separate local codebook
-            return {**quantization_loss(vq_g), "quant_codebook_local": vq_l.codebook_loss,
-                    "quant_commit_local": vq_l.commitment_loss}
-        return quantization_loss(vq_g, vq_l)
+        owned = vq_l is not None and self.local_owns_codebook
+        terms = {} if vq_g is None else quantization_loss(vq_g, None if owned else vq_l)
+        if owned:
+            terms.update(quant_codebook_local=vq_l.codebook_loss, quant_commit_local=vq_l.commitment_loss)
+        return terms
 
     def quantizers(self) -> list:
         """The VectorQuantizers of the model: the shared codebook, and the local one if separate."""

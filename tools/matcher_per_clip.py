@@ -190,11 +190,7 @@ class PerClipSetCriterion(SetCriterion):
                 parts.update({f"{name}_{layer}": value for name, value in aux_parts.items()})
         parts.update(outputs.get("quant", {}))  # the unweighted eq. (9) terms
 
-        # eq. (8): L = L_segm + lambda_quant * L_quant, with L_quant = eq. (9) (lambda_com inside)
-        weight = {name: self.weight_dict[name if name in self.weight_dict else name.rsplit("_", 1)[0]]
-                  for name in parts}
-        total = sum(weight[name] * value for name, value in parts.items())  # ()
-        return total, parts
+        return self.total(parts), parts  # eq. (8), as SetCriterion
 
     def layer_losses(self, outputs, targets, num_tracks):
         """Unweighted losses of one decoder layer.
