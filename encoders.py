@@ -3,8 +3,8 @@
 What this file teaches
 ----------------------
 SQD (paper §3, Fig. 3) does not invent its encoders; App. D.1 names them:
-  * a visual backbone shared over the T frames (ResNet, with weights in torchvision's format),
-    followed by a deformable transformer encoder (Deformable-DETR, Zhu et al. 2020) that does
+  * a visual backbone: ResNet or Swin-T shared over the T frames, or Video Swin-T over the whole
+    clip (all three with weights in torchvision's format), followed by a deformable transformer encoder (Deformable-DETR, Zhu et al. 2020) that does
     the "temporal aggregation": every layer attends within each frame over its three scales
     (deformable attention), then across the clip's frames at each token position (temporal
     attention), so a clip of any length is encoded in one pass;
@@ -19,11 +19,14 @@ Reading order
  1. vggish_log_mel           the VGGish front end (numpy): waveform (Ns,) -> (E, 96, 64)
  2. VGGish, SmallVGG, AudioEncoder (load_net_weights, freeze_net)  audio path -> F_a (B,T,C)
  3. FrozenBatchNorm2d, BasicBlock, Bottleneck, ResNet, SmallBackbone   frame backbones
- 4. sine_position_embedding, sine_embedding_1d   the positional embeddings of App. D (space, time)
- 5. ms_deform_attn_core      multi-scale deformable attention sampling (grid_sample)
- 6. MSDeformAttn, DeformableEncoderLayer, TemporalAttention   one encoder layer (space, then time)
- 7. VisualEncoder            backbone -> 1x1 projections -> deformable encoder -> F_v
- 8. FPN                      F_v + c2 -> mask features f_out at stride 4
+ 4. window_partition, window_reverse, relative_position_index, shifted_window_regions/_mask,
+    WindowAttention, SwinBlock, PatchMerging, SwinTransformer (frames), PatchEmbed3d,
+    VideoSwinTransformer (clips)   Swin backbones
+ 5. sine_position_embedding, sine_embedding_1d   the positional embeddings of App. D (space, time)
+ 6. ms_deform_attn_core      multi-scale deformable attention sampling (grid_sample)
+ 7. MSDeformAttn, DeformableEncoderLayer, TemporalAttention   one encoder layer (space, then time)
+ 8. VisualEncoder            backbone -> 1x1 projections -> deformable encoder -> F_v
+ 9. FPN                      F_v + c2 -> mask features f_out at stride 4
 
 Shape alphabet
 --------------
@@ -35,7 +38,10 @@ Hd heads, Dh = C/Hd channels of one head, Pt sampling points per head and level,
 E 0.96 s log-mel examples (96 x 64: time steps x mel bands), Ns audio samples.
 The frame backbones and the deformable attention take every frame on its own: their batch is the
 B*T frames of a batch. Inside the ResNet, H', W' is the size of a feature map (H/2 .. H/32;
-a block's output size).
+a block's output size). Inside the Swin backbones: B' the batch of a block (B*T frames, or B
+clips), Cs the channels of a stage (96, 192, 384, 768), M the window side in space (7), Mt in time
+(8, or fewer when the clip is shorter), Mv the tokens of one window (M*M or Mt*M*M), Nw the windows
+of one map, Hp, Wp, Tp the sides H', W', T padded up to multiples of the window.
 STFT frames, levels and other counts are written as words (or as 3, the number of levels).
 """
 import math
@@ -429,6 +435,7 @@ class ResNet(nn.Module):
         [c2 (B*T, channels[0], H/4, W/4), c3 (.., H/8, W/8), c4 (.., H/16, W/16), c5 (.., H/32, W/32)]
     Attribute `channels`: (64, 128, 256, 512) for 18/34, (256, 512, 1024, 2048) for 50.
     """
+    per_frame = True  # VisualEncoder feeds it the B*T frames of a batch, each on its own
 
     def __init__(self, depth=50, frozen_bn=False):
         super().__init__()
@@ -477,6 +484,7 @@ class SmallBackbone(nn.Module):
     forward: x (B*T, 3, H, W) -> [c2 (B*T, 16, H/4, W/4), c3 (B*T, 32, H/8, W/8),
     c4 (B*T, 64, H/16, W/16), c5 (B*T, 64, H/32, W/32)] with the default widths. Attribute `channels`.
     """
+    per_frame = True
 
     def __init__(self, widths=(16, 32, 64, 64)):
         super().__init__()
@@ -500,7 +508,447 @@ class SmallBackbone(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Positional embedding (App. D: the standard sine/cosine embedding of Vaswani et al.).
+# 4. Swin Transformer (Liu et al. 2021) and Video Swin (Liu et al. 2022), with torchvision's keys.
+# ----------------------------------------------------------------------------------------------
+# A Swin stage is a stack of transformer blocks whose self-attention stays inside non-overlapping
+# windows of M x M tokens (Mt x M x M in a clip); every second block shifts the window grid by half
+# a window, so that information crosses the window borders from one block to the next. Between
+# stages a patch merging halves the map and doubles the channels: strides 4, 8, 16, 32 as ResNet's.
+# The helpers below work on any number of axes: (H', W') in an image, (T, H', W') in a clip.
+def window_partition(x, window):
+    """Cut a map into non-overlapping windows.
+
+    Args:
+        x: (B', Hp, Wp, Cs) or (B', Tp, Hp, Wp, Cs); every axis a multiple of its window side.
+        window: (M, M) or (Mt, M, M).
+    Returns:
+        (B'*Nw, Mv, Cs): the windows of the first map, then of the second (row-major over the
+        window grid), the tokens of a window in row-major order.
+    """
+    B, *size, C = x.shape
+    n = len(window)
+    split = [v for s, m in zip(size, window) for v in (s // m, m)]  # per axis: windows, window side
+    x = x.view(B, *split, C)  # (B', Hp/M, M, Wp/M, M, Cs); a clip has (Tp/Mt, Mt) first
+    grid_axes, inside_axes = [1 + 2 * i for i in range(n)], [2 + 2 * i for i in range(n)]
+    x = x.permute(0, *grid_axes, *inside_axes, 1 + 2 * n)  # (B', Hp/M, Wp/M, M, M, Cs)
+    return x.reshape(-1, math.prod(window), C)  # (B'*Nw, Mv, Cs)
+
+
+def window_reverse(windows, window, size):
+    """The inverse of window_partition: windows (B'*Nw, Mv, Cs) -> the map (B', Hp, Wp, Cs) or
+    (B', Tp, Hp, Wp, Cs), for size = (Hp, Wp) or (Tp, Hp, Wp)."""
+    n, C = len(window), windows.shape[-1]
+    grid = [s // m for s, m in zip(size, window)]
+    x = windows.view(-1, *grid, *window, C)  # (B', Hp/M, Wp/M, M, M, Cs)
+    order = [v for i in range(n) for v in (1 + i, 1 + n + i)]  # each grid axis before its window axis
+    x = x.permute(0, *order, 1 + 2 * n)  # (B', Hp/M, M, Wp/M, M, Cs)
+    return x.reshape(-1, *size, C)  # (B', Hp, Wp, Cs)
+
+
+def relative_position_index(window, table_window=None):
+    """The row of the relative position bias table that each (query, key) pair of a window reads.
+
+    The table holds one row per possible offset between two tokens of a window of sides
+    table_window: prod(2 M_k - 1) rows. An offset (d_0, d_1[, d_2]), query minus key, each
+    d_k in [-(M_k - 1), M_k - 1], is shifted to d_k + M_k - 1 >= 0 and read as the digits of a
+    mixed-radix number with bases 2 M_k - 1, the first axis most significant (Swin's layout).
+
+    Args:
+        window: sides of the window whose tokens are paired, (M, M) or (Mt, M, M).
+        table_window: the sides the table was made for (default: window). A window that Video Swin
+            shrinks to a short axis still reads the table of its full window.
+    Returns:
+        (Mv, Mv) long: row i is the query at row-major position i of the window, column j the key.
+    """
+    table_window = window if table_window is None else table_window
+    grids = torch.meshgrid(*[torch.arange(m) for m in window], indexing="ij")  # 2 or 3 x (M, M) / (Mt, M, M)
+    coords = torch.stack([g.flatten() for g in grids])  # (2 or 3, Mv)
+    offsets = coords[:, :, None] - coords[:, None, :]  # (2 or 3, Mv, Mv) query minus key
+    index = torch.zeros(offsets.shape[1:], dtype=torch.long)  # (Mv, Mv)
+    for d, m in zip(offsets, table_window):
+        index = index * (2 * m - 1) + d + (m - 1)  # (Mv, Mv)
+    return index
+
+
+def shifted_window_regions(size, window, shift, device=None):
+    """Region ids of a rolled map, for the mask of a shifted-window block (Swin §3.2).
+
+    The block rolls the map by -shift along each axis, so that the shifted windows become the regular
+    grid. Along an axis of length S the rolled map has three bands: [0, S - M) (windows that did not
+    wrap), [S - M, S - shift) and [S - shift, S) (the last window: tokens from the far end of the
+    map and tokens that wrapped around from its start). A token's region is its band on every axis;
+    a shift of 0 leaves one band.
+
+    Args:
+        size: the padded map, (Hp, Wp) or (Tp, Hp, Wp); window, shift: per axis.
+    Returns:
+        (Hp, Wp) or (Tp, Hp, Wp) float: region = 3 * (band on the first axis) + band on the next
+        (base-3 digits, the first axis most significant).
+    """
+    regions = torch.zeros(size, device=device)  # (Hp, Wp) or (Tp, Hp, Wp)
+    for axis, (s, m, sh) in enumerate(zip(size, window, shift)):
+        band = torch.zeros(s, device=device)  # (s,) the band of each position along this axis
+        if sh:
+            band[s - m:s - sh] = 1
+            band[s - sh:] = 2
+        along = [1] * len(size)
+        along[axis] = s
+        regions = regions * 3 + band.view(along)  # (Hp, Wp) or (Tp, Hp, Wp)
+    return regions
+
+
+def shifted_window_mask(size, window, shift, device=None):
+    """The additive attention mask of a shifted-window block: (Nw, Mv, Mv), 0 where query and key
+    lie in the same region (shifted_window_regions), -100 elsewhere (Swin's value: after the
+    softmax such a key has a weight below 1e-43)."""
+    regions = shifted_window_regions(size, window, shift, device)  # (Hp, Wp) or (Tp, Hp, Wp)
+    ids = window_partition(regions[None, ..., None], window)[..., 0]  # (Nw, Mv)
+    differ = ids[:, :, None] != ids[:, None, :]  # (Nw, Mv, Mv)
+    return torch.zeros(differ.shape, device=device).masked_fill(differ, -100.0)  # (Nw, Mv, Mv)
+
+
+def stochastic_depth(x, p, training):
+    """Drop a residual branch for a whole sample with probability p, scaling the kept ones by 1/(1-p)
+    (Huang et al. 2016; torchvision's StochasticDepth, mode "row"). x: (B', ...) -> (B', ...)."""
+    if not training or p == 0.0:
+        return x
+    keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1.0 - p)  # (B', 1, ..)
+    return x * keep / (1.0 - p)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside (shifted) windows with a learned relative position bias
+    (Swin §3.2), for images (2 axes) or clips (3 axes); keys as torchvision's ShiftedWindowAttention.
+
+    A map whose side is not a multiple of the window is padded with zeros at the end, the padded
+    tokens take part in the attention as any token (as in torchvision and Swin), and the output is
+    cropped back. An axis no longer than one window is not shifted; Video Swin (clip_window=True)
+    also shrinks the window to it, image Swin pads it up to one window.
+
+    Args:
+        dim: Cs. num_heads: Hd. window: (M, M) or (Mt, M, M). shift: per axis, 0 or half a window.
+        clip_window: Video Swin's rule above (torchvision's video model), or image Swin's.
+
+    forward: x (B', H', W', Cs) or (B', T, H', W', Cs) -> the same shape.
+    """
+
+    def __init__(self, dim, num_heads, window, shift, clip_window=False):
+        super().__init__()
+        self.num_heads, self.window, self.shift = num_heads, tuple(window), tuple(shift)
+        self.clip_window = clip_window
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        rows = math.prod(2 * m - 1 for m in self.window)
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(rows, num_heads))  # (rows, Hd)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        index = relative_position_index(self.window)  # (Mv, Mv)
+        # torchvision's files hold the index (a persistent buffer): flat for images, square for clips.
+        self.register_buffer("relative_position_index", index.flatten() if len(self.window) == 2 else index)
+
+    def position_bias(self, window):
+        """The bias added to the attention logits of a window of sides `window`: (Hd, Mv, Mv)."""
+        Mv = math.prod(window)
+        if tuple(window) == self.window:
+            index = self.relative_position_index.view(Mv, Mv)  # (Mv, Mv)
+        else:
+            # NOT IN PAPER: a window that Video Swin shrank to a short axis reads, in the full
+            # window's table, the rows of its own tokens' offsets. torchvision's video model (and
+            # Video Swin's code) take the first Mv rows and columns of the full window's index
+            # instead: the same when time alone is shrunk (time is the outermost axis, e.g. T <= 8
+            # frames at 224 px), other offsets when H' or W' is below M (stage 4 under 224 px).
+            index = relative_position_index(window, self.window).to(self.relative_position_index.device)  # (Mv, Mv)
+        bias = self.relative_position_bias_table[index.flatten()]  # (Mv*Mv, Hd)
+        return bias.view(Mv, Mv, -1).permute(2, 0, 1)  # (Hd, Mv, Mv)
+
+    def forward(self, x):
+        B, *size, C = x.shape  # (B', H', W', Cs) or (B', T, H', W', Cs)
+        window, shift = list(self.window), list(self.shift)
+        for k, s in enumerate(size):
+            if s <= window[k]:  # one window covers this axis: nothing to shift
+                shift[k] = 0
+                if self.clip_window:
+                    window[k] = s
+        pad = [(-s) % m for s, m in zip(size, window)]
+        x = F.pad(x, [0, 0] + [v for p in reversed(pad) for v in (0, p)])  # (B', Hp, Wp, Cs) zeros at the end
+        padded, axes, shifted = tuple(x.shape[1:-1]), list(range(1, len(size) + 1)), any(shift)
+        if shifted:
+            x = torch.roll(x, [-s for s in shift], axes)  # (B', Hp, Wp, Cs) shifted windows -> regular grid
+
+        win = window_partition(x, window)  # (B'*Nw, Mv, Cs)
+        Bw, Mv = win.shape[:2]
+        Dh = C // self.num_heads
+        q, k, v = self.qkv(win).view(Bw, Mv, 3, self.num_heads, Dh).permute(2, 0, 3, 1, 4)  # 3 x (B'*Nw, Hd, Mv, Dh)
+        logits = (q * Dh ** -0.5) @ k.transpose(-2, -1)  # (B'*Nw, Hd, Mv, Mv)
+        logits = logits + self.position_bias(window)  # (B'*Nw, Hd, Mv, Mv)
+        if shifted:
+            mask = shifted_window_mask(padded, window, shift, x.device).to(logits.dtype)  # (Nw, Mv, Mv)
+            logits = logits.view(B, mask.shape[0], self.num_heads, Mv, Mv) + mask[:, None]  # (B', Nw, Hd, Mv, Mv)
+            logits = logits.view(Bw, self.num_heads, Mv, Mv)  # (B'*Nw, Hd, Mv, Mv)
+        out = (logits.softmax(-1) @ v).transpose(1, 2).reshape(Bw, Mv, C)  # (B'*Nw, Mv, Cs) heads concatenated
+        x = window_reverse(self.proj(out), window, padded)  # (B', Hp, Wp, Cs)
+        if shifted:
+            x = torch.roll(x, shift, axes)  # (B', Hp, Wp, Cs) back in place
+        return x[(slice(None), *[slice(0, s) for s in size])]  # (B', H', W', Cs) padding cropped
+
+
+class SwinBlock(nn.Module):
+    """One Swin block (pre-norm): x + attn(norm1(x)), then x + mlp(norm2(x)); each branch dropped
+    per sample with probability drop_path in training (stochastic depth).
+
+    forward: (B', H', W', Cs) or (B', T, H', W', Cs) -> the same shape.
+    """
+
+    def __init__(self, dim, num_heads, window, shift, mlp_ratio=4.0, drop_path=0.0, clip_window=False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window, shift, clip_window)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = int(dim * mlp_ratio)
+        # The two linears at indices 0 and 3, as torchvision's MLP (Linear, GELU, Dropout, Linear, ..).
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Identity(), nn.Linear(hidden, dim))
+        self.drop_path = drop_path
+
+    def forward(self, x):
+        x = x + stochastic_depth(self.attn(self.norm1(x)), self.drop_path, self.training)  # (B', H', W', Cs)
+        return x + stochastic_depth(self.mlp(self.norm2(x)), self.drop_path, self.training)  # (B', H', W', Cs)
+
+
+class PatchMerging(nn.Module):
+    """Swin's downsampling between stages: each 2 x 2 neighbourhood's four Cs-vectors concatenated,
+    in torchvision's order (even row, even column), (odd, even), (even, odd), (odd, odd), then
+    LayerNorm and a linear 4 Cs -> 2 Cs. An odd side gets a zero row or column first. A clip's
+    time axis is kept (Video Swin merges in space only).
+
+    forward: (B', H', W', Cs) or (B', T, H', W', Cs) -> (B', ceil(H'/2), ceil(W'/2), 2 Cs) (T kept).
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(4 * dim)
+
+    def forward(self, x):
+        H, W = x.shape[-3:-1]
+        x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))  # (B', H' + H' % 2, W' + W' % 2, Cs)
+        x = torch.cat([x[..., 0::2, 0::2, :], x[..., 1::2, 0::2, :],
+                       x[..., 0::2, 1::2, :], x[..., 1::2, 1::2, :]], dim=-1)  # (B', H'/2, W'/2, 4 Cs)
+        return self.reduction(self.norm(x))  # (B', H'/2, W'/2, 2 Cs)
+
+
+class _ChannelsLast(nn.Module):
+    """(B*T, Cs, H', W') -> (B*T, H', W', Cs): the parameter-free index 1 of torchvision's patch embedding."""
+
+    def forward(self, x):
+        return x.permute(0, 2, 3, 1)  # (B*T, H', W', Cs)
+
+
+def _swin_stages(embed_dim, depths, num_heads, window, mlp_ratio, drop_path, clip_window):
+    """torchvision's `features` after the patch embedding: stage 1, merge, stage 2, merge, ..., stage 4.
+    Blocks alternate unshifted and shifted windows; the stochastic depth grows linearly from 0 at the
+    first block to drop_path at the last."""
+    total, done, layers = sum(depths), 0, []
+    for i, (depth, heads) in enumerate(zip(depths, num_heads)):
+        dim = embed_dim * 2 ** i
+        blocks = []
+        for j in range(depth):
+            shift = [0 if j % 2 == 0 else m // 2 for m in window]
+            p = drop_path * done / max(total - 1, 1)
+            blocks.append(SwinBlock(dim, heads, window, shift, mlp_ratio, p, clip_window))
+            done += 1
+        layers.append(nn.Sequential(*blocks))
+        if i < len(depths) - 1:
+            layers.append(PatchMerging(dim))
+    return layers
+
+
+def _swin_init(model):
+    """torchvision's initialisation: every linear truncated normal (std 0.02) with zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+class SwinTransformer(nn.Module):
+    """Swin-T (Liu et al. 2021) as a frame backbone, laid out as torchvision's swin_t so that its
+    ImageNet file swin_t-704ceda3.pth loads strictly: features.0 (4 x 4 patch embedding: conv,
+    channels-last permute, LayerNorm), features.1/3/5/7 (the four stages), features.2/4/6 (patch
+    merging), norm, head; 185 tensors, 28,288,354 parameters.
+
+    Args (the defaults are Swin-T; tests build tiny ones):
+        embed_dim: channels of stage 1 (96); depths, num_heads: blocks and heads per stage;
+        window: M (7); mlp_ratio: hidden width of the MLP / Cs; drop_path: stochastic depth of the
+        last block (torchvision's swin_t: 0.2); num_classes: the unused head's classes (1000).
+
+    forward:
+        x: (B*T, 3, H, W) ImageNet-normalised, every frame on its own (as ResNet).
+    Returns:
+        [c2 (B*T, channels[0], H/4, W/4), c3 (.., H/8, W/8), c4 (.., H/16, W/16), c5 (.., H/32, W/32)]:
+        the outputs of the four stages (before the merging that follows each), channels first.
+        The patch embedding floors H/4, W/4; each merging rounds up.
+    Attribute `channels`: (96, 192, 384, 768) for Swin-T.
+    """
+    per_frame = True  # VisualEncoder feeds it the B*T frames of a batch, each on its own
+
+    def __init__(self, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window=7,
+                 mlp_ratio=4.0, drop_path=0.2, num_classes=1000):
+        super().__init__()
+        window = (window, window) if isinstance(window, int) else tuple(window)
+        embed = nn.Sequential(nn.Conv2d(3, embed_dim, 4, 4), _ChannelsLast(), nn.LayerNorm(embed_dim))
+        self.features = nn.Sequential(embed, *_swin_stages(embed_dim, depths, num_heads, window, mlp_ratio,
+                                                           drop_path, clip_window=False))
+        self.channels = tuple(embed_dim * 2 ** i for i in range(len(depths)))
+        # PAPER: the paper does not say how the stage outputs are normalised. Swin's detection backbone
+        # (mmdet; ReferFormer's image Swin) adds a fresh LayerNorm per output stage and drops the
+        # classifier's norm; MTTR's and ReferFormer's Video Swin backbones add none. We add none and
+        # keep torchvision's pretrained `norm` on c5, where the classifier read it: every backbone map
+        # is normalised again by the 1x1 conv + GroupNorm that VisualEncoder (c3..c5) and the FPN (c2)
+        # put after it, and the file then loads with strict=True as it is.
+        self.norm = nn.LayerNorm(self.channels[-1])
+        # PAPER: the classifier is never used; it is kept (frozen, so no optimizer or DDP sees it)
+        # only so that torchvision's file loads with strict=True.
+        self.head = nn.Linear(self.channels[-1], num_classes)
+        _swin_init(self)
+        self.head.requires_grad_(False)
+
+    def load_torchvision_weights(self, path):
+        """Load a torchvision swin_t state_dict file (swin_t-704ceda3.pth) strictly."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(state, strict=True)
+        return self
+
+    def forward(self, x):
+        x = self.features[0](x)  # (B*T, H/4, W/4, channels[0]) patch tokens, channels last
+        outs = []
+        for i, layer in enumerate(self.features[1:]):
+            x = layer(x)  # a stage (B*T, H', W', Cs) or a merging (B*T, H'/2, W'/2, 2 Cs)
+            if i % 2 == 0:
+                outs.append(x)  # the stage's output, before the merging
+        outs[-1] = self.norm(outs[-1])  # (B*T, H/32, W/32, channels[3])
+        return [o.permute(0, 3, 1, 2) for o in outs]  # [(B*T, Cs, H', W')] at strides 4, 8, 16, 32
+
+
+class PatchEmbed3d(nn.Module):
+    """Clip -> patch tokens (torchvision's PatchEmbed3d keys): a Conv3d with kernel = stride = patch
+    (pt, 4, 4), then LayerNorm. T, H and W are padded with zeros up to multiples of the patch.
+
+    forward: (B, 3, T, H, W) -> (B, T/pt, H/4, W/4, Cs) (sides rounded up).
+    """
+
+    def __init__(self, patch, dim):
+        super().__init__()
+        self.patch = tuple(patch)
+        self.proj = nn.Conv3d(3, dim, self.patch, self.patch)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x):
+        pad = [(-s) % p for s, p in zip(x.shape[2:], self.patch)]  # T, H, W
+        x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))  # (B, 3, T, H, W) rounded up to the patch
+        return self.norm(self.proj(x).permute(0, 2, 3, 4, 1))  # (B, T/pt, H/4, W/4, Cs)
+
+
+class VideoSwinTransformer(nn.Module):
+    """Video Swin-T (Liu et al. 2022) as a clip backbone, laid out as torchvision's swin3d_t so that its
+    Kinetics-400 file swin3d_t-7615ae03.pth loads strictly (load_torchvision_weights): patch_embed
+    (proj, norm), features.0/2/4/6 (stages with windows over time and space), features.1/3/5 (patch
+    merging, in space only), norm, head; 185 tensors, 28,158,070 parameters with torchvision's patch.
+
+    Unlike the frame backbones it sees the whole clip: windows span Mt frames, so a frame's
+    features depend on its neighbours. One feature map per frame needs a temporal patch of 1.
+
+    Args (the defaults are Video Swin-T as SQD uses it; tests build tiny ones):
+        embed_dim, depths, num_heads, mlp_ratio: as SwinTransformer. window: (Mt, M, M) = (8, 7, 7).
+        patch: (1, 4, 4); torchvision's (2, 4, 4) builds the pretrained network itself, whose time
+        axis is halved (stage_outputs only). drop_path: torchvision's swin3d_t: 0.1.
+        num_classes: the unused head's classes (400).
+
+    forward:
+        frames: (B, T, 3, H, W) ImageNet-normalised (torchvision's Kinetics recipe uses ImageNet's
+            mean and std); frame_valid: (B, T) bool or None.
+    Returns:
+        [c2 (B*T, channels[0], H/4, W/4), c3 (.., H/8, W/8), c4 (.., H/16, W/16), c5 (.., H/32, W/32)]
+        one map per frame, as a frame backbone (sides rounded up); padding slots hold zeros.
+    Attribute `channels`: (96, 192, 384, 768).
+    """
+    per_frame = False  # VisualEncoder passes (frames, frame_valid): the clip is one input
+
+    def __init__(self, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window=(8, 7, 7),
+                 patch=(1, 4, 4), mlp_ratio=4.0, drop_path=0.1, num_classes=400):
+        super().__init__()
+        # PAPER: one feature map per frame. As MTTR's VideoSwinTransformerBackbone (and ReferFormer's),
+        # the temporal patch is 1 instead of Kinetics' 2, so time is never downsampled while the
+        # windows still span Mt = 8 frames; load_torchvision_weights adapts the pretrained kernel.
+        self.patch_embed = PatchEmbed3d(patch, embed_dim)
+        self.features = nn.Sequential(*_swin_stages(embed_dim, depths, num_heads, tuple(window), mlp_ratio,
+                                                    drop_path, clip_window=True))
+        self.channels = tuple(embed_dim * 2 ** i for i in range(len(depths)))
+        # PAPER: as SwinTransformer: no norm per output stage, torchvision's pretrained `norm` on c5
+        # (MTTR and ReferFormer use no norm at all on their Video Swin outputs).
+        self.norm = nn.LayerNorm(self.channels[-1])
+        self.head = nn.Linear(self.channels[-1], num_classes)  # unused, frozen: strict loading only
+        _swin_init(self)
+        self.head.requires_grad_(False)
+
+    def load_torchvision_weights(self, path):
+        """Load a torchvision swin3d_t state_dict file (swin3d_t-7615ae03.pth) strictly.
+
+        The file's patch kernel (96, 3, 2, 4, 4) becomes (96, 3, 1, 4, 4) for the temporal patch of 1.
+        """
+        state = dict(torch.load(path, map_location="cpu", weights_only=True))
+        key = "patch_embed.proj.weight"
+        kernel, ours = state.get(key), self.patch_embed.proj.weight
+        if kernel is not None and kernel.dim() == 5 and kernel.shape[2] != ours.shape[2] == 1:
+            # PAPER: the kernel summed over its time axis (MTTR's deflation): on a clip that is
+            # constant over time the new patch embedding gives what the pretrained one gave.
+            state[key] = kernel.sum(dim=2, keepdim=True)  # (96, 3, 1, 4, 4)
+        self.load_state_dict(state, strict=True)
+        return self
+
+    def stage_outputs(self, frames):
+        """The four stage outputs of clips whose frames are all real, channels last.
+
+        frames: (B, T, 3, H, W) -> [(B, T, H', W', Cs)] at strides 4, 8, 16, 32 in space (T/pt
+        time steps with a temporal patch pt > 1); c5 after `norm`.
+        """
+        x = self.patch_embed(frames.transpose(1, 2))  # (B, T, H/4, W/4, channels[0])
+        outs = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)  # a stage (B, T, H', W', Cs) or a merging (B, T, H'/2, W'/2, 2 Cs)
+            if i % 2 == 0:
+                outs.append(x)  # the stage's output, before the merging
+        outs[-1] = self.norm(outs[-1])  # (B, T, H/32, W/32, channels[3])
+        return outs
+
+    def forward(self, frames, frame_valid=None):
+        if self.patch_embed.patch[0] != 1:
+            raise ValueError("one feature map per frame needs a temporal patch of 1; a clip backbone "
+                             f"with patch {self.patch_embed.patch} has only stage_outputs")
+        B, T = frames.shape[:2]  # (B, T, 3, H, W)
+        valid = None if frame_valid is None else frame_valid.bool()  # (B, T)
+        if valid is None or bool(valid.all()) or not bool(valid.any()):
+            return [o.permute(0, 1, 4, 2, 3).flatten(0, 1) for o in self.stage_outputs(frames)]  # 4 x (B*T, Cs, H', W')
+        # PAPER: padding frames must not move the real frames' features, but the windows mix the
+        # frames of a clip. Each clip therefore runs on its real frames alone, in their order (a
+        # clip with n real frames is the clip of those n frames), and its padding slots get zeros.
+        # Clips with the same number of real frames run together.
+        counts = valid.sum(1)  # (B,) real frames per clip
+        outs = None
+        for n in counts.unique().tolist():
+            if n == 0:
+                continue  # a clip of padding only: zeros
+            clips = (counts == n).nonzero()[:, 0]  # (G,) the clips with n real frames
+            frame_ids = valid[clips].nonzero()[:, 1].view(-1, n)  # (G, n) their real frames, in order
+            feats = self.stage_outputs(frames[clips[:, None], frame_ids])  # 4 x (G, n, H', W', Cs)
+            if outs is None:
+                outs = [f.new_zeros(B, T, f.shape[-1], *f.shape[2:4]) for f in feats]  # 4 x (B, T, Cs, H', W')
+            for out, f in zip(outs, feats):
+                out[clips[:, None], frame_ids] = f.permute(0, 1, 4, 2, 3)  # (G, n, Cs, H', W')
+        return [o.flatten(0, 1) for o in outs]  # 4 x (B*T, Cs, H', W')
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Positional embedding (App. D: the standard sine/cosine embedding of Vaswani et al.).
 # ----------------------------------------------------------------------------------------------
 def sine_position_embedding(h, w, dim, temperature=10000.0, device=None, dtype=torch.float32):
     """2-D sine/cosine positional embedding, normalised as Deformable-DETR's.
@@ -545,7 +993,7 @@ def sine_embedding_1d(length, dim, device=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5-6. Multi-scale deformable attention (Zhu et al. 2020), pure PyTorch.
+# 6-7. Multi-scale deformable attention (Zhu et al. 2020), pure PyTorch.
 # ----------------------------------------------------------------------------------------------
 def ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_weights):
     """The sampling core of multi-scale deformable attention (Deformable-DETR eq. 3, inner sums):
@@ -719,7 +1167,7 @@ class TemporalAttention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. The visual encoder: backbone -> 1x1 projections -> deformable encoder over space and time.
+# 8. The visual encoder: backbone -> 1x1 projections -> deformable encoder over space and time.
 # ----------------------------------------------------------------------------------------------
 class VisualEncoder(nn.Module):
     """The visual encoder of App. D.1: a shared frame backbone and a deformable transformer
@@ -729,14 +1177,17 @@ class VisualEncoder(nn.Module):
     on T = 5 encodes a clip of any length in one pass (App. A).
 
     Args:
-        backbone: ResNet or SmallBackbone (returns [c2, c3, c4, c5], attribute `channels`).
+        backbone: returns [c2, c3, c4, c5] with attribute `channels`. A frame backbone (ResNet,
+            SmallBackbone, SwinTransformer; per_frame True) takes the B*T frames as one batch; a clip
+            backbone (VideoSwinTransformer; per_frame False) takes (frames, frame_valid).
         dim: C. enc_layers, num_heads, num_points, ffn_dim: encoder sizes. dropout: encoder dropout.
 
     forward:
         frames: (B, T, 3, H, W), any T >= 1
         frame_valid: (B, T) bool or None; padding frames (False) are never attended to, so the
-            real frames' outputs do not depend on them (the backbone is per frame; a backbone with
-            BatchNorm in training mode, frozen_bn=False, would still mix them into its statistics).
+            real frames' outputs do not depend on them (a frame backbone sees each frame on its own,
+            the clip backbone runs each clip on its real frames; a backbone with BatchNorm in
+            training mode, frozen_bn=False, would still mix them into its statistics).
     Returns dict:
         levels: [(B, T, C, H_l, W_l)] for strides 8, 16, 32 (F_v)
         pos: [(B, T, C, H_l, W_l)] the sine positional embedding of each level (no level embedding)
@@ -791,7 +1242,10 @@ class VisualEncoder(nn.Module):
 
     def forward(self, frames, frame_valid=None):
         B, T = frames.shape[:2]  # (B, T, 3, H, W)
-        c2, *cs = self.backbone(frames.flatten(0, 1))  # c2 (B*T, c2_channels, h, w); c3..c5
+        if self.backbone.per_frame:
+            c2, *cs = self.backbone(frames.flatten(0, 1))  # c2 (B*T, c2_channels, h, w); c3..c5
+        else:  # a clip backbone: its windows span frames, so it needs the clip and its padding
+            c2, *cs = self.backbone(frames, frame_valid)  # c2 (B*T, c2_channels, h, w); c3..c5
         feats = [proj(c) for proj, c in zip(self.input_proj, cs)]  # 3 x (B*T, C, H_l, W_l)
         scale_shapes = [tuple(f.shape[-2:]) for f in feats]  # 3 x (H_l, W_l)
         pos = [sine_position_embedding(h, w, self.dim, device=frames.device, dtype=feats[0].dtype)
@@ -816,7 +1270,7 @@ class VisualEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. FPN: the encoded levels (strides 8/16/32) and c2 -> mask features f_out at stride 4 (eq. 7).
+# 9. FPN: the encoded levels (strides 8/16/32) and c2 -> mask features f_out at stride 4 (eq. 7).
 # ----------------------------------------------------------------------------------------------
 class FPN(nn.Module):
     """Top-down feature pyramid to stride 4 (as the mask-feature FPNs of ReferFormer/Mask2Former):
