@@ -40,7 +40,8 @@ import torch.nn.functional as F
 
 from decoders import (AudioSemanticDecoder, AudioVisualFusion, SemanticMaskDecoder,
                       SemanticRecombination)
-from encoders import FPN, AudioEncoder, ResNet, SmallBackbone, VisualEncoder, sine_embedding_1d
+from encoders import (FPN, AudioEncoder, ResNet, SmallBackbone, SwinTransformer, VideoSwinTransformer,
+                      VisualEncoder, sine_embedding_1d)
 from quantize import VectorQuantizer, quantization_loss
 
 
@@ -62,8 +63,8 @@ class ModelConfig:
     num_heads: int = 8             # attention heads (DETR-family default 8)
     ffn_dim: int = 1024            # FFN hidden width (Deformable-DETR default 1024)
     num_points: int = 4            # deformable attention sampling points per head and level
-    backbone: str = "resnet50"     # resnet18 | resnet34 | resnet50 | small (CPU preset)
-    frozen_bn: bool = True         # ResNet BatchNorm frozen (DETR-family practice for batch 4)
+    backbone: str = "resnet50"     # resnet18 | resnet34 | resnet50 | swin-t | video-swin-t | small (CPU preset)
+    frozen_bn: bool = True         # ResNet BatchNorm frozen (DETR-family practice for batch 4); Swin has LayerNorm only
     audio_encoder: str = "vggish"  # vggish (released weights) | small (CPU preset)
     freeze_audio: bool = False     # audio network (AudioEncoder.net) frozen: pretrained, not trained
     mask_dim: int = 8              # Cm, channels of f_out fed to the dynamic convolution (CondInst)
@@ -101,11 +102,25 @@ class ModelConfig:
         if self.num_tokens < 1 or self.codebook_size < 1:
             raise ValueError(f"num_tokens and codebook_size must be >= 1, got "
                              f"{self.num_tokens} and {self.codebook_size}")
-        if self.backbone not in ("resnet18", "resnet34", "resnet50", "small"):
-            raise ValueError(f"unknown backbone {self.backbone!r}; expected resnet18, resnet34, "
-                             f"resnet50 or small")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; expected one of {', '.join(BACKBONES)}")
         if self.audio_encoder not in ("vggish", "small"):
             raise ValueError(f"unknown audio encoder {self.audio_encoder!r}; expected vggish or small")
+
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "swin-t", "video-swin-t", "small")
+
+
+def visual_backbone(cfg: ModelConfig) -> nn.Module:
+    """The visual backbone that cfg.backbone names (encoders.py): ResNet (frozen_bn applies), Swin-T
+    on every frame, Video Swin-T on the whole clip, or the CPU preset's SmallBackbone."""
+    if cfg.backbone == "small":
+        return SmallBackbone()
+    if cfg.backbone == "swin-t":
+        return SwinTransformer()
+    if cfg.backbone == "video-swin-t":
+        return VideoSwinTransformer()
+    return ResNet(int(cfg.backbone[len("resnet"):]), frozen_bn=cfg.frozen_bn)
 
 
 PRESETS = {
@@ -161,8 +176,7 @@ class SQD(nn.Module):
         C, N = cfg.dim, cfg.num_tokens
 
         # (1) encoders (App. D.1)
-        backbone = (SmallBackbone() if cfg.backbone == "small"
-                    else ResNet(int(cfg.backbone[len("resnet"):]), frozen_bn=cfg.frozen_bn))
+        backbone = visual_backbone(cfg)
         self.visual_encoder = VisualEncoder(backbone, C, cfg.enc_layers, cfg.num_heads,
                                             cfg.num_points, cfg.ffn_dim)
         self.audio_encoder = AudioEncoder(cfg.audio_encoder, C)

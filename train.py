@@ -45,7 +45,7 @@ import data
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, to_host, track_batch
 from quantize import codebook_stats
-from sqd import SQD, ModelConfig, foreground_probability, preset, segment
+from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
 from tools.check_dataset import check_dataset
 
 
@@ -72,8 +72,8 @@ class TrainConfig:
     benchmark: str | None = None   # synthetic only: v1 | v2 (adds test-seen-multi, val-unseen); None: the checkpoint's (--eval-only), else DEFAULT_BENCHMARK
     # model
     preset: str | None = None      # cpu | paper; None: cpu for synthetic, paper for AVSBench
-    backbone: str | None = None    # resnet18 | resnet34 | resnet50 | small; None: preset's
-    backbone_weights: str | None = None  # torchvision-format ResNet state_dict (.pth)
+    backbone: str | None = None    # resnet18 | resnet34 | resnet50 | swin-t | video-swin-t | small; None: preset's
+    backbone_weights: str | None = None  # torchvision state_dict (.pth) of the backbone: resnet50-*.pth, swin_t-704ceda3.pth, swin3d_t-7615ae03.pth
     vggish_weights: str | None = None    # released VGGish weights (vggish-10086976.pth): --audio-weights, VGGish only
     audio_weights: str | None = None     # state_dict of the audio network (VGGish, or the cpu preset's SmallVGG)
     finetune_audio: bool = False   # train the loaded audio network instead of freezing it (AVSBench freezes it)
@@ -175,7 +175,7 @@ def parse_args(argv=None) -> TrainConfig:
         choices = {"dataset": ["synthetic", "s4", "ms3", "avss"], "preset": ["cpu", "paper"],
                    "audio_regime": list(AUDIO_REGIMES),
                    "benchmark": list(data.BENCHMARKS),
-                   "backbone": ["resnet18", "resnet34", "resnet50", "small"]}.get(f.name)
+                   "backbone": list(BACKBONES)}.get(f.name)
         p.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
     args = p.parse_args(argv)
     return TrainConfig(**vars(args))
@@ -865,7 +865,8 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
             raise UserError(f"{name} {path!r} does not exist")
     if cfg.backbone_weights:
         if model_cfg.backbone == "small":
-            raise UserError("--backbone-weights needs a ResNet backbone (--backbone resnet50)")
+            raise UserError("--backbone-weights needs a pretrained backbone (--backbone resnet50, "
+                            "swin-t or video-swin-t)")
         model.visual_encoder.backbone.load_torchvision_weights(cfg.backbone_weights)
     if cfg.vggish_weights and model_cfg.audio_encoder != "vggish":
         raise UserError("--vggish-weights needs the VGGish audio encoder (--preset paper)")
