@@ -345,7 +345,7 @@ class SemanticMaskDecoder(nn.Module):
     ReferFormer does, so every layer gives a prediction for the auxiliary losses.
 
     forward(queries, memory, memory_pos, mask_features)
-        queries:       (B, T, N, C) the quantized local tokens VQ(l_{i,t})
+        queries:       (B, T, N, C) the quantized local tokens VQ(l_{i,t}) (the query content)
         memory:        (B, T, S, C) the visual tokens f_t of each frame
         memory_pos:    (B, T, S, C) or None, their positional embedding
         mask_features: (B, T, Cm, h, w) f_out_t from the FPN (stride 4)
@@ -357,9 +357,16 @@ class SemanticMaskDecoder(nn.Module):
     """
 
     def __init__(self, dim, num_classes, num_layers, num_heads, ffn_dim, mask_dim=8, dyn_channels=8,
-                 dyn_layers=3, dropout=0.0):
+                 dyn_layers=3, dropout=0.0, num_slots=None):
         super().__init__()
         self.dyn_channels, self.dyn_layers = dyn_channels, dyn_layers
+        # PAPER: the paper names no query positional embedding for TrD_segm. With num_slots, each
+        # token index i gets a learned position (N, C), added to queries and keys of the
+        # self-attention and to the queries of the cross-attention, never to the content, as in
+        # DETR, ReferFormer and the first author's R2VOS (which quantizes the content queries and
+        # keeps a learned embedding per slot). Without it, two tokens of a frame that quantize to
+        # the same codeword give exactly the same class, box and mask.
+        self.slot_pos = None if num_slots is None else nn.Parameter(torch.randn(num_slots, dim))  # (N, C)
         self.decoder = TransformerDecoder(dim, num_layers, num_heads, ffn_dim, dropout)
         # PAPER: eq. (7) cites CondInst's dynamic convolution without sizes; we take CondInst's:
         # Cm = 8 feature channels + 2 relative coordinates, three 1x1 layers of 8 channels.
@@ -382,10 +389,11 @@ class SemanticMaskDecoder(nn.Module):
     def forward(self, queries, memory, memory_pos, mask_features):
         B, T, N, C = queries.shape
         h, w = mask_features.shape[-2:]
-        # PAPER: the quantized tokens are the decoder's input content with no query positional
-        # embedding (the paper names none; tokens are an unordered set).
+        # the quantized tokens are the decoder's input content; slot_pos (if any) their positions
         pos = None if memory_pos is None else memory_pos.flatten(0, 1)  # (B*T, S, C)
-        hs = self.decoder(queries.flatten(0, 1), memory.flatten(0, 1), memory_pos=pos)  # (L, B*T, N, C)
+        query_pos = None if self.slot_pos is None else self.slot_pos.expand(B * T, N, C)  # (B*T, N, C)
+        hs = self.decoder(queries.flatten(0, 1), memory.flatten(0, 1), query_pos=query_pos,
+                          memory_pos=pos)  # (L, B*T, N, C)
         L = hs.shape[0]
         logits = self.class_head(hs)  # (L, B*T, N, Kc) P_{i,t} as logits
         boxes = self.box_head(hs).sigmoid()  # (L, B*T, N, 4) B_{i,t}, cxcywh in [0, 1]

@@ -87,6 +87,16 @@ class ModelConfig:
     # receives the same message); local_memory_global adds the clip's quantized tokens e_i to it,
     # a reading of "distilling global semantics into local ones" that the equation does not write.
     local_memory_global: bool = False  # TrD_local(p_i | [f_{a,t}, e_1..e_N]) instead of (p_i | f_{a,t})
+    # --- readings of the paper's silences, chosen on val (results/README.md, "Why full SQD loses")
+    # PAPER: TrD_segm's query positions are not given: with slot_positions each token index i has a
+    # learned position, as DETR / ReferFormer / R2VOS (decoders.SemanticMaskDecoder).
+    slot_positions: bool = False   # a learned (N, C) query position per token index in TrD_segm
+    # PAPER: how the codebook is trained beyond eq. (9)'s first term is not said; codebook_ema
+    # replaces that term by an exponential moving average of the global tokens (VQ-VAE-2 practice).
+    codebook_ema: bool = False     # the shared codebook follows an EMA of the global tokens (decay 0.99)
+    # NOT IN PAPER (a control, never a default): eq. (7) reads l_{i,t} itself instead of
+    # VQ(l_{i,t}); eq. (9)'s third term is still computed, so the tokens stay near the codebook.
+    unquantized_local: bool = False  # the mask decoder's queries are l_{i,t}, not VQ(l_{i,t})
 
     def check(self) -> None:
         """Raise ValueError for an impossible combination of switches."""
@@ -99,6 +109,8 @@ class ModelConfig:
         if self.local_memory_global and not (self.use_gsd and self.use_lsd):
             raise ValueError("--local-memory-global needs both GSD and LSD (the local decoder reads "
                              "the global tokens)")
+        if self.unquantized_local and not self.use_lsd:
+            raise ValueError("--unquantized-local needs LSD (it is about the local tokens)")
         if self.num_tokens < 1 or self.codebook_size < 1:
             raise ValueError(f"num_tokens and codebook_size must be >= 1, got "
                              f"{self.num_tokens} and {self.codebook_size}")
@@ -185,7 +197,7 @@ class SQD(nn.Module):
         # (2) global semantic quantization: eq. (3), (4), the shared codebook, eq. (5)
         self.fusion = AudioVisualFusion(C, cfg.num_heads, cfg.ffn_dim)
         self.global_asd = AudioSemanticDecoder(C, N, cfg.dec_layers, cfg.num_heads, cfg.ffn_dim)
-        self.vq = VectorQuantizer(cfg.codebook_size, C)                # the shared codebook {e_k}
+        self.vq = VectorQuantizer(cfg.codebook_size, C, ema=cfg.codebook_ema)  # the shared codebook {e_k}
         self.avsr = nn.ModuleList(SemanticRecombination(C, N, batch_norm=cfg.avsr_batch_norm)
                                   for _ in range(3))
 
@@ -195,10 +207,12 @@ class SQD(nn.Module):
             self.local_asd.prototypes = self.global_asd.prototypes     # the same p_i, one tensor
         # PAPER: Table 2's row without SC does not say what the local tokens use instead; we give
         # them a codebook of their own ("no shared codebook" ablation).
-        self.local_vq = None if cfg.shared_codebook else VectorQuantizer(cfg.codebook_size, C)
+        self.local_vq = (None if cfg.shared_codebook
+                         else VectorQuantizer(cfg.codebook_size, C, ema=cfg.codebook_ema))
         self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
                                                 cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels,
-                                                cfg.dyn_layers)
+                                                cfg.dyn_layers,
+                                                num_slots=N if cfg.slot_positions else None)
         # Table 2 baseline without GSD and LSD: N learnable queries plus the frame's audio embedding
         self.baseline_queries = nn.Parameter(torch.randn(N, C))  # (N, C)
 
@@ -267,7 +281,7 @@ class SQD(nn.Module):
             l = self.local_asd(f_at)                              # (B*T, N, C)  eq. (6): l_{i,t}
             l = tokens["local"] = l.reshape(B, T, N, C)           # (B, T, N, C)
             vq_l = self.quantize_local(l, vq_g, frame_valid)      # VQ(l_{i,t}), the shared codebook
-            queries = vq_l.quantized                              # (B, T, N, C)
+            queries = l if cfg.unquantized_local else vq_l.quantized  # (B, T, N, C); l: a control
         else:
             queries = self.ablation_queries(f_a, vq_g)            # (B, T, N, C)
         # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as the recombined tokens F'_v of frame t,
@@ -340,17 +354,30 @@ class SQD(nn.Module):
         for vq in self.quantizers():
             vq.set_warmup(active)
 
-    def parameter_groups(self, lr: float, backbone_lr_mult: float = 0.5, weight_decay: float = 5e-4):
+    def parameter_groups(self, lr: float, backbone_lr_mult: float = 0.5, weight_decay: float = 5e-4,
+                         codebook_lr_mult: float = 1.0):
         """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4).
-        Frozen parameters (ResNet's unused fc, a frozen audio network) are left out."""
-        backbone, rest = [], []
+        Frozen parameters (ResNet's unused fc, a frozen audio network, an EMA codebook) are left
+        out. With codebook_lr_mult != 1 the codebooks get a group of their own at
+        lr * codebook_lr_mult (PAPER: the paper gives one learning rate; a codeword trained by
+        eq. (9) alone moves at most about lr per step and coordinate)."""
+        backbone, codebook, rest = [], [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (backbone if name.startswith("visual_encoder.backbone.") else rest).append(p)
-        return [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "model"},
-                {"params": backbone, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay,
-                 "name": "backbone"}]
+            if name.startswith("visual_encoder.backbone."):
+                backbone.append(p)
+            elif codebook_lr_mult != 1.0 and name.endswith("vq.codebook"):
+                codebook.append(p)
+            else:
+                rest.append(p)
+        groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "model"},
+                  {"params": backbone, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay,
+                   "name": "backbone"}]
+        if codebook:
+            groups.append({"params": codebook, "lr": lr * codebook_lr_mult,
+                           "weight_decay": weight_decay, "name": "codebook"})
+        return groups
 
 
 def _clip_tokens(F_v, pos, pad):

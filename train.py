@@ -44,7 +44,7 @@ from torch.utils.data import DataLoader, Sampler
 import data
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, to_host, track_batch
-from quantize import codebook_stats
+from quantize import CollapseWatch, codebook_stats
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
 from tools.check_dataset import check_dataset
 
@@ -94,6 +94,11 @@ class TrainConfig:
     avsr_from_g: bool = False      # AVSR (eq. 5) filters from g_i ("learned from global semantic tokens") instead of e_i
     quant_sum: bool = False        # eq. (9) as sums over tokens and channels instead of means (x N*C)
     local_memory_global: bool = False  # not in the paper: eq. (6)'s memory also holds the clip's e_i
+    # readings of the paper's silences and controls (results/README.md, "Why full SQD loses")
+    slot_positions: bool = False   # a learned query position per token index in TrD_segm (DETR, R2VOS)
+    codebook_ema: bool = False     # the codebook follows an EMA of the global tokens instead of eq. (9) term 1
+    codebook_lr_mult: float = 1.0  # the codebook's learning rate is lr x this (an AdamW group of its own)
+    unquantized_local: bool = False  # control: the mask decoder reads l_{i,t}, not VQ(l_{i,t}) (eq. 9 kept)
     quant_warmup_steps: int | None = None  # first steps with VQ(x) = x, then a k-means codebook (not in the paper); None: recipe (synthetic 300, AVSBench 0)
     # optimisation (paper §4, App. D)
     epochs: int | None = None      # None: recipe (s4/ms3 13, avss 16, synthetic see RECIPES)
@@ -158,6 +163,7 @@ DEFAULT_BENCHMARK = "v2"  # the synthetic benchmark of a run without --benchmark
 AUDIO_REGIMES = ("scratch", "pretrained-frozen")
 LOSS_WEIGHT_FIELDS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
 PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
+CODEBOOK_START = "codebook_start.pt"  # in the run directory: the codebook(s) at the first quantized step
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -250,7 +256,9 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
                      use_gsd=not cfg.no_gsd, use_avsr=not (cfg.no_avsr or cfg.no_gsd),
                      use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook,
                      zero_audio=cfg.zero_audio, shared_prototypes=cfg.shared_prototypes,
-                     avsr_from_g=cfg.avsr_from_g, local_memory_global=cfg.local_memory_global)
+                     avsr_from_g=cfg.avsr_from_g, local_memory_global=cfg.local_memory_global,
+                     slot_positions=cfg.slot_positions, codebook_ema=cfg.codebook_ema,
+                     unquantized_local=cfg.unquantized_local)
     if cfg.no_gsd and not cfg.no_avsr:
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
     if cfg.audio_weights and cfg.vggish_weights:
@@ -278,6 +286,11 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
         raise UserError(f"--quant-warmup-steps must be >= 0, got {cfg.quant_warmup_steps}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
+    if cfg.codebook_lr_mult <= 0:
+        raise UserError(f"--codebook-lr-mult must be > 0, got {cfg.codebook_lr_mult}")
+    if cfg.codebook_lr_mult != 1.0 and cfg.codebook_ema:
+        raise UserError("--codebook-lr-mult has no effect with --codebook-ema (the EMA trains the "
+                        "codebook, not the optimizer); give one of them")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.frames < 1:
         raise UserError("--epochs, --batch-size and --frames must be positive")
     if cfg.eval_only and not cfg.checkpoint:
@@ -431,7 +444,8 @@ def run(cfg: TrainConfig) -> int:
             print(json.dumps(results, indent=2))
         return 0
 
-    opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
+    opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay,
+                                                   cfg.codebook_lr_mult))
     sampler = ResumableSampler(len(train_set), True, cfg.seed, rank, world)
     # The loader draws its workers' base seed from `generator` when an epoch starts; a generator of
     # its own keeps that draw out of the global RNG, whose state a resumed run restores exactly.
@@ -475,7 +489,8 @@ def run(cfg: TrainConfig) -> int:
     ctx = dict(cfg=cfg, model=model, train_model=train_model, criterion=criterion, opt=opt,
                sched=sched, loader=loader, sampler=sampler, device=device, rank=rank,
                world=world, main_proc=main_proc, out_dir=out_dir, full_config=full_config,
-               state=state, steps_per_epoch=steps_per_epoch)
+               state=state, steps_per_epoch=steps_per_epoch,
+               collapse_watch=CollapseWatch(model_cfg.num_tokens))
     log_path = os.path.join(out_dir, "log.jsonl")
     try:
         while state["epoch"] < cfg.epochs:
@@ -517,8 +532,11 @@ def run(cfg: TrainConfig) -> int:
         if cfg.dataset == "synthetic" and "test" in eval_sets:
             # a look inside the codebook (tools/diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
             from tools import diagnostics  # the lab tool, loaded only here: predict.py never loads it
+            start = os.path.join(out_dir, CODEBOOK_START)  # written at the first quantized step
+            start = (torch.load(start, weights_only=True)["codebooks"][0].float().numpy()
+                     if os.path.isfile(start) else None)  # (K, C) the shared codebook then
             diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir,
-                                                 fit_dataset=eval_sets.get("val"))
+                                                 fit_dataset=eval_sets.get("val"), codebook_start=start)
             if diag:
                 write_json(os.path.join(out_dir, "diagnostics.json"), diag)
                 # the summary numbers; the tables (category x codeword) stay in diagnostics.json
@@ -552,14 +570,20 @@ def forward_loss(model: SQD, train_model, criterion: SetCriterion, batch: dict, 
     return total, parts, outputs, carried
 
 
-def apply_gradients(model: SQD, opt, total: torch.Tensor, clip_grad: float) -> torch.Tensor:
+def apply_gradients(model: SQD, opt, total: torch.Tensor, clip_grad: float):
     """The backward half: gradients of `total`, clipped to norm clip_grad, one AdamW step.
-    Returns the gradient norm before clipping."""
+    Returns (the gradient norm before clipping, the part of it that reaches the global decoder
+    TrD_global of eq. 4, or None without GSD): how much the loss still shapes the g_i."""
     opt.zero_grad(set_to_none=True)
     total.backward()
+    grad_global = None
+    if model.global_asd is not None:
+        grads = [p.grad for p in model.global_asd.parameters() if p.grad is not None]
+        grad_global = (torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                       if grads else total.new_zeros(()))  # () before clipping
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
     opt.step()
-    return grad_norm
+    return grad_norm, grad_global
 
 
 def train_one_epoch(ctx: dict, log_path: str) -> bool:
@@ -591,6 +615,11 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
             # sets the codebook to the k-means centres of the warm-up tokens (sqd.set_quantizer_warmup)
             warmup = state["step"] < cfg.quant_warmup_steps
             model.set_quantizer_warmup(warmup)
+            if state["step"] == cfg.quant_warmup_steps and ctx["main_proc"]:
+                # the codebook the quantized steps start from (k-means after a warm-up, else the
+                # init): tools/diagnostics.py measures how far each word moves from here
+                atomic_save({"codebooks": [vq.codebook.detach().cpu().clone() for vq in model.quantizers()],
+                             "step": state["step"]}, os.path.join(ctx["out_dir"], CODEBOOK_START))
             try:
                 total, parts, outputs, carried = forward_loss(
                     model, train_model, criterion, batch, cfg.amp,
@@ -605,7 +634,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
                 finish_step(ctx, pending, carried, log_path, bar)
                 pending = None
             with deferred_interrupt():  # Ctrl-C never splits an update from its step count
-                grad_norm = apply_gradients(model, opt, total, cfg.clip_grad)
+                grad_norm, grad_global = apply_gradients(model, opt, total, cfg.clip_grad)
                 sched.step()
                 state["step"] += 1
                 state["step_in_epoch"] += 1
@@ -613,7 +642,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
             pending = {"step": state["step"], "epoch": state["epoch"], "warmup": warmup,
                        "lr": opt.param_groups[0]["lr"], "parts": list(parts),
                        "rate": clips / max(time.time() - t0, 1e-9),
-                       "values": step_values(total, grad_norm, parts, outputs)}
+                       "values": step_values(total, grad_norm, parts, outputs, grad_global)}
             # checked after the step, before the next batch is drawn, so that a run stopped here
             # and resumed draws exactly the batches (and random numbers) the unbroken run draws
             if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
@@ -628,13 +657,19 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
     return True
 
 
-def step_values(total: torch.Tensor, grad_norm: torch.Tensor, parts: dict, outputs: dict) -> dict:
-    """What a step hands to the next one's carry: the loss, the gradient norm, every loss part
-    (names start with loss_ or quant_) and the global codeword indices (B, N), on the device."""
+def step_values(total: torch.Tensor, grad_norm: torch.Tensor, parts: dict, outputs: dict,
+                grad_global: torch.Tensor | None = None) -> dict:
+    """What a step hands to the next one's carry: the loss, the gradient norms (all, and the global
+    decoder's), every loss part (names start with loss_ or quant_) and the codeword indices of the
+    global (B, N) and local (B, T, N) tokens, on the device."""
     values = {"loss": total.detach(), "grad_norm": grad_norm.detach(),
               **{k: v.detach() for k, v in parts.items()}}
+    if grad_global is not None:
+        values["grad_norm_global"] = grad_global.detach()
     if "global" in outputs["indices"]:
         values["codebook_indices"] = outputs["indices"]["global"]  # (B, N) codebook_stats of the log
+    if "local" in outputs["indices"]:
+        values["local_codebook_indices"] = outputs["indices"]["local"]  # (B, T, N)
     return values
 
 
@@ -656,14 +691,27 @@ def finish_step(ctx: dict, pending: dict, carried: dict | None, log_path: str, b
         raise UserError(f"non-finite loss at step {step} (terms: {bad}); "
                         f"last good checkpoint: {_last_checkpoint(ctx)}")
     bar.set_postfix(loss=f"{loss:.3f}", clips_s=f"{pending['rate']:.1f}")
+    K = ctx["model"].cfg.codebook_size
+    stats = {prefix: codebook_stats(carried[key], K)
+             for prefix, key in (("codebook_", "codebook_indices"), ("local_codebook_", "local_codebook_indices"))
+             if key in carried}
+    watch = ctx.get("collapse_watch")
+    if watch is not None and ctx["main_proc"] and not pending["warmup"]:
+        for prefix, st in stats.items():  # the quantized steps only: in warm-up VQ(x) = x
+            message = watch.update(step, "global" if prefix == "codebook_" else "local",
+                                   round(st["usage"] * K))
+            if message:
+                print(f"warning: {message}", file=sys.stderr)
+                append_jsonl(log_path, {"step": step, "warning": message})
     if ctx["main_proc"] and (step % cfg.log_every == 0 or step == 1):
         line = {"step": step, "epoch": pending["epoch"], "loss": loss,
                 **{k: float(carried[k]) for k in pending["parts"]},
                 "lr": pending["lr"], "grad_norm": float(carried["grad_norm"]),
                 "clips_per_s": pending["rate"], "quant_warmup": pending["warmup"]}
-        if "codebook_indices" in carried:
-            stats = codebook_stats(carried["codebook_indices"], ctx["model"].cfg.codebook_size)
-            line.update({f"codebook_{k}": float(v) for k, v in stats.items()})
+        if "grad_norm_global" in carried:
+            line["grad_norm_global"] = float(carried["grad_norm_global"])
+        for prefix, st in stats.items():
+            line.update({f"{prefix}{k}": float(v) for k, v in st.items()})
         append_jsonl(log_path, line)
 
 
@@ -1011,15 +1059,20 @@ class deferred_interrupt:
 
 
 def save_checkpoint(ctx: dict, path: str) -> None:
-    """Atomic: write to a temporary file in the same folder, fsync, then rename over `path`.
-    An interrupted or failed write removes the temporary file and leaves `path` as it was."""
+    """A checkpoint of the run (model, optimizer, scheduler, state, RNG, config), written atomically."""
     ckpt = {"format": CHECKPOINT_FORMAT, "model": ctx["model"].state_dict(),
             "optimizer": ctx["opt"].state_dict(), "scheduler": ctx["sched"].state_dict(),
             "state": dict(ctx["state"]), "rng": get_rng_state(), "config": ctx["full_config"]}
+    atomic_save(ckpt, path)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save, atomically: write to a temporary file in the same folder, fsync, then rename
+    over `path`. An interrupted or failed write removes the temporary file and leaves `path` as it was."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(ckpt, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

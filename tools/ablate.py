@@ -79,6 +79,16 @@ ROWS = {
     "quant_sum": ["--quant-sum"],
     # not in the paper: eq. (6)'s memory also holds the clip's quantized tokens e_i
     "local_memory_global": ["--local-memory-global"],
+    # the paper's silences, one control each (results/README.md, "Why full SQD loses"); val only
+    "slot_positions": ["--slot-positions"],
+    "codebook_ema": ["--codebook-ema"],
+    "codebook_lr25": ["--codebook-lr-mult", "25"],
+    "unquantized_local": ["--unquantized-local"],
+    "slot_codebook_ema": ["--slot-positions", "--codebook-ema"],
+    "slot_codebook_lr25": ["--slot-positions", "--codebook-lr-mult", "25"],
+    # 3x the steps, lr x0.1 for the last third, the same for both
+    "full_long": ["--epochs", "3", "--lr-drop-epoch", "3"],
+    "baseline_long": ["--no-gsd", "--no-avsr", "--no-lsd", "--epochs", "3", "--lr-drop-epoch", "3"],
 }
 # table -> [(label, row name)]; the labels are the paper's
 TABLES = {
@@ -97,6 +107,15 @@ TABLES = {
     "Not in the paper (eq. 6's memory)": [
         ("full SQD (eq. 6 reads f_{a,t} alone)", "full"),
         ("eq. 6 reads f_{a,t} and the clip's e_i", "local_memory_global")],
+    "Silent choices (val; controls)": [
+        ("Table 2 baseline", "baseline"), ("+GSD+AVSR (no LSD)", "gsd_avsr"),
+        ("full SQD as before", "full"), ("slot positions in TrD_segm", "slot_positions"),
+        ("codebook by EMA", "codebook_ema"), ("codebook lr x25", "codebook_lr25"),
+        ("slot positions + EMA", "slot_codebook_ema"), ("slot positions + lr x25", "slot_codebook_lr25"),
+        ("eq. 7 reads l_{i,t} unquantized (control)", "unquantized_local")],
+    "Training length (3x the steps)": [
+        ("Table 2 baseline", "baseline"), ("full SQD", "full"),
+        ("Table 2 baseline, 3x", "baseline_long"), ("full SQD, 3x", "full_long")],
 }
 QUICK = ["baseline", "gsd", "gsd_avsr", "gsd_avsr_lsd", "full"]
 # Clips per evaluation split of every ablation run (the default train.py run evaluates 200, to
@@ -118,13 +137,23 @@ COLUMNS = {
     "signatures (local)": ("codebook", "local_distinct_signatures"),
     "held signatures (global)": ("codebook", "held_signatures"),
     "held signatures, shuffled p95": ("codebook", "held_signatures_null_p95"),
+    "duplicate frames": ("codebook", "duplicate_frame_rate"),
+    "equal-output pairs": ("codebook", "duplicate_pairs_equal_outputs"),
+    "drift (mean)": ("codebook", "drift_mean"),
+    "words (global)": ("codebook", "words_global"),
+    "words (local)": ("codebook", "words_local"),
 }
 # Counts, printed without decimals when the seeds agree. (The recalls count only signatures a
 # category owns, so a collapsed codebook gives no recall; runs stored before that rule show 1 or 0.)
 COUNT_COLUMNS = ("signatures (global)", "signatures (local)", "held signatures (global)",
-                 "held signatures, shuffled p95")
+                 "held signatures, shuffled p95", "equal-output pairs", "words (global)", "words (local)")
 # The columns of the markdown tables (ablations.json keeps them all); the val columns are for
 # choosing settings, the others for reporting.
+# The tables that choose settings show val and the diagnostics, never test.
+VAL_COLUMNS = ("val mIoU", "val-unseen mIoU", "duplicate frames", "equal-output pairs", "drift (mean)",
+               "words (global)", "words (local)", "held signatures (global)")
+COLUMNS_OF = {"Silent choices (val; controls)": VAL_COLUMNS,
+              "Training length (3x the steps)": ("val mIoU", "val-unseen mIoU")}
 TABLE_COLUMNS = ("test mIoU", "test-seen-multi mIoU", "test-unseen mIoU", "multi-source J&F",
                  "single-source J&F", "decomp. recall (global)", "decomp. recall (local)",
                  "signatures (global)", "signatures (local)", "held signatures (global)",
@@ -230,7 +259,7 @@ def tables(rows: dict) -> str:
         present = [(label, name) for label, name in entries if name in rows]
         if len(present) < 2:  # a table is a comparison: the full model alone says nothing new
             continue
-        cols = [c for c in TABLE_COLUMNS if any(c in rows[n] for _, n in present)]
+        cols = [c for c in COLUMNS_OF.get(title, TABLE_COLUMNS) if any(c in rows[n] for _, n in present)]
         lines += [f"**{title}**", "", "| row | " + " | ".join(cols) + " |",
                   "| --- |" + " --- |" * len(cols)]
         for label, name in present:
@@ -344,7 +373,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="Table 2 rows only")
     p.add_argument("--rows", default=None, help="comma-separated row names (default: all, see ROWS)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per row (0, 1, ...)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per row (FIRST_SEED, FIRST_SEED + 1, ...)")
+    p.add_argument("--first-seed", type=int, default=0, help="the first seed of every row")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
     p.add_argument("--device", default=None, help="passed to train.py (cpu, cuda)")
     p.add_argument("--threads", type=int, default=None,
@@ -386,12 +416,13 @@ def main(argv=None) -> int:
         # build each seed's pretrained audio weights once, before the runs that share them start
         from tools import pretrain_audio
         cfg = train.TrainConfig()
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             pretrain_audio.cached_weights(cfg.audio_cache, benchmark, seed, cfg.audio_pretrain_steps,
                                           None, val_clips=EVAL_CLIPS)
     log_dir = os.path.join(args.out, "logs", group_dir)
     os.makedirs(log_dir, exist_ok=True)
-    jobs = [(n, s) for s in range(args.seeds) for n in names]  # every row's seed 0 first
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    jobs = [(n, s) for s in seeds for n in names]  # every row's first seed first
     start, running, runs, failed, interrupted = time.time(), [], [], [], False
     # SIGTERM (e.g. from `timeout`) behaves like Ctrl-C: the finished runs are still written.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

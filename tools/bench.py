@@ -300,9 +300,9 @@ def training_step(model, train_model, criterion, opt, batch: dict, cfg, per_clip
         return total.detach()
     total, parts, outputs, _ = train.forward_loss(model, train_model, criterion, batch, cfg.amp,
                                                   carry=previous or None)  # eq. (8)
-    grad_norm = train.apply_gradients(model, opt, total, cfg.clip_grad)
+    grad_norm, grad_global = train.apply_gradients(model, opt, total, cfg.clip_grad)
     previous.clear()
-    previous.update(train.step_values(total, grad_norm, parts, outputs))
+    previous.update(train.step_values(total, grad_norm, parts, outputs, grad_global))
     return total.detach()
 
 

@@ -74,6 +74,8 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
         multi    (B,) bool, multi-source clip
         local_codes (B, T, N) int64 or absent, the codewords of the local tokens
         local_tokens (B, N, C) float32 or absent, the local tokens l_{i,t} averaged over frames
+        local_norm (B,) float32 or absent, the mean norm ||l_{i,t}|| of each clip's local tokens
+        logits (B, T, N, Kc) float32, masks (B, T, N, h, w) float32: the mask decoder's outputs
         sounding_frames (B, T, Kc) bool, the categories that sound in each frame
     Empty dict when the model has no global tokens (no GSD).
     """
@@ -82,7 +84,7 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
     loader = DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
                         collate_fn=data.collate)
     out = {"tokens": [], "codes": [], "multi": [], "local_codes": [], "local_tokens": [],
-           "sounding_frames": []}
+           "local_norm": [], "logits": [], "masks": [], "sounding_frames": []}
     for batch in loader:
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         res = model(batch)
@@ -95,6 +97,9 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
         if "local" in res["indices"]:
             out["local_codes"].append(res["indices"]["local"].cpu().numpy())  # (B, T, N)
             out["local_tokens"].append(res["tokens"]["local"].float().mean(1).cpu().numpy())  # (B, N, C)
+            out["local_norm"].append(res["tokens"]["local"].float().norm(dim=-1).mean((1, 2)).cpu().numpy())  # (B,)
+        out["logits"].append(res["pred_logits"].float().cpu().numpy())  # (B, T, N, Kc)
+        out["masks"].append(res["pred_masks"].float().cpu().numpy())    # (B, T, N, h, w)
         for meta in batch["meta"]:
             out["sounding_frames"].append(np.asarray(meta["sounding"], dtype=bool))  # (T, Kc)
             out["multi"].append(bool(meta["multi_source"]))
@@ -251,6 +256,61 @@ def index_signatures(local_codes: np.ndarray, sounding: np.ndarray, multi: np.nd
     return sig
 
 
+def duplicate_stats(local_codes: np.ndarray, logits: np.ndarray, masks: np.ndarray,
+                    class_threshold: float = 0.1, atol: float = 1e-5) -> dict:
+    """How often two local tokens of one frame share a codeword, and what that does.
+
+    Args:
+        local_codes (B, T, N) int, the codewords of VQ(l_{i,t}); logits (B, T, N, Kc) and
+        masks (B, T, N, h, w), the mask decoder's outputs for those tokens; class_threshold: a
+        token is *kept* at inference when its best class probability reaches it (App. D, eq. 11).
+    Returns dict:
+        duplicate_frame_rate: share of frames where two of the N tokens share a codeword;
+        kept_duplicate_frame_rate: share of frames where two *kept* tokens share a codeword;
+        duplicate_pairs: pairs (i < j) of tokens of one frame on one codeword;
+        duplicate_pairs_equal_outputs: how many of them have equal class logits and masks (to
+        atol): a decoder whose only query input is the codeword cannot tell them apart, so the
+        Hungarian loss asks one to be an object and the other "no object" in vain.
+    Meaningless for N = 1 (no pairs): the rates are then 0 by construction.
+    """
+    B, T, N = local_codes.shape
+    i, j = np.triu_indices(N, k=1)                                     # (pairs,) each
+    same = local_codes[..., i] == local_codes[..., j]                  # (B, T, pairs)
+    kept = 1.0 / (1.0 + np.exp(-logits.max(-1))) >= class_threshold    # (B, T, N)
+    both_kept = kept[..., i] & kept[..., j]                            # (B, T, pairs)
+    d_logit = np.abs(logits[..., i, :] - logits[..., j, :]).max(-1)    # (B, T, pairs)
+    d_mask = np.abs(masks[:, :, i] - masks[:, :, j]).reshape(B, T, len(i), -1).max(-1)  # (B, T, pairs)
+    equal = (d_logit <= atol) & (d_mask <= atol)                       # (B, T, pairs)
+    frames = max(B * T, 1)
+    return {"duplicate_frame_rate": float(same.any(-1).sum() / frames),
+            "kept_duplicate_frame_rate": float((same & both_kept).any(-1).sum() / frames),
+            "duplicate_pairs": int(same.sum()),
+            "duplicate_pairs_equal_outputs": int((same & equal).sum())}
+
+
+def codebook_drift(start: np.ndarray, end: np.ndarray, token_norm: float,
+                   global_codes: np.ndarray, local_codes: np.ndarray | None) -> dict:
+    """How far the codebook moved while quantized, and who uses which word at the end.
+
+    Args:
+        start, end: (K, C) the codebook at the first quantized step and now; token_norm: the mean
+        norm of the tokens it quantizes (the scale a move is measured against); global_codes (...)
+        and local_codes (...) or None: the words the global and local tokens chose on a split.
+    Returns dict:
+        drift_mean, drift_median, drift_max: ||e_k(end) - e_k(start)|| / token_norm over the K words;
+        words_global, words_local: how many distinct words each path uses; words_both: used by both;
+        words_neither: used by none (K - the union).
+    A drift near 0 says the local tokens commit to the codebook of the first quantized step (the
+    k-means of the warm-up), whatever eq. (9)'s first term did.
+    """
+    moved = np.linalg.norm(end - start, axis=1) / max(token_norm, 1e-12)  # (K,)
+    used_g = set(np.unique(global_codes).tolist())
+    used_l = set() if local_codes is None else set(np.unique(local_codes).tolist())
+    return {"drift_mean": float(moved.mean()), "drift_median": float(np.median(moved)),
+            "drift_max": float(moved.max()), "words_global": len(used_g), "words_local": len(used_l),
+            "words_both": len(used_g & used_l), "words_neither": len(start) - len(used_g | used_l)}
+
+
 def summarise(collected: dict, num_codes: int) -> dict:
     """The numbers 1-4 of the file docstring as a JSON-ready dict."""
     codes, sounding, multi = collected["codes"], collected["sounding"], collected["multi"]
@@ -281,6 +341,8 @@ def summarise(collected: dict, num_codes: int) -> dict:
         # none); predict.py names a token's codeword with it
         res["local_signature_codeword_per_index"] = index_signatures(
             collected["local_codes"], sounding, multi, num_codes).T.tolist()  # N lists of Kc
+        if "logits" in collected:  # the mask decoder's outputs (collect() keeps them)
+            res.update(duplicate_stats(collected["local_codes"], collected["logits"], collected["masks"]))
         frames = collected.get("sounding_frames")                    # (B, T, Kc) or None
         if frames is not None and frames.shape[1] == collected["local_codes"].shape[1]:
             res["local_frame_recall"] = frame_recall(collected["local_codes"], frames, sounding,
@@ -342,17 +404,24 @@ def _with_legend(img, class_ids: list, names: list, palette: np.ndarray):
 
 
 def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | None = None,
-                      fit_dataset=None) -> dict:
+                      fit_dataset=None, codebook_start: np.ndarray | None = None) -> dict:
     """Collect on `dataset`, write out_dir/tokens.png (and tokens_local.png) and return the
     summary dict for diagnostics.json (empty when the model has no global tokens). With
     fit_dataset (val), also signature_test: the global signatures fixed on fit_dataset and
     counted on `dataset` against shuffled labels (held_signatures, held_signatures_null_p95,
-    held_signatures_p)."""
+    held_signatures_p). With codebook_start (K, C), the shared codebook at the first quantized
+    step, also codebook_drift."""
     collected = collect(model, dataset, device, max_clips=max_clips)
     if not collected:
         return {}
     codebook = model.vq.codebook.detach().float().cpu().numpy()   # (K, C)
     res = summarise(collected, codebook.shape[0])
+    if codebook_start is not None:
+        norms = [np.linalg.norm(collected["tokens"], axis=-1).mean()]       # global tokens
+        if "local_norm" in collected:
+            norms.append(collected["local_norm"].mean())                    # local tokens
+        res.update(codebook_drift(codebook_start, codebook, float(np.mean(norms)), collected["codes"],
+                                  collected.get("local_codes")))
     if fit_dataset is not None:
         fit = collect(model, fit_dataset, device, max_clips=max_clips)
         test = signature_test((fit["codes"], fit["sounding"], fit["multi"]),

@@ -1,0 +1,192 @@
+"""The readings of the paper's silences and their measures (results/README.md, "Why full SQD loses").
+
+Each control is one flag; each test here fails when its flag is ignored (checked by removing the
+flag's effect in the code and watching the test fail). The measures are checked against hand-built
+cases whose answer is counted by hand.
+"""
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from quantize import CollapseWatch, VectorQuantizer
+from sqd import SQD
+from test_sqd import random_batch, tiny_cfg
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+from diagnostics import codebook_drift, duplicate_stats  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------
+# A: the measures
+# ----------------------------------------------------------------------------------------------
+
+def test_duplicate_stats_on_a_hand_built_case():
+    """Two clips, two frames, three tokens: frames (0,0) and (1,1) hold a duplicate; only the one
+    of (0,0) is between two kept tokens; one of the two pairs has equal outputs."""
+    codes = np.array([[[4, 4, 1], [0, 1, 2]],
+                      [[3, 5, 6], [7, 2, 7]]])                             # (B=2, T=2, N=3)
+    logits = np.full((2, 2, 3, 2), -5.0)                                    # (B, T, N, Kc): all dropped
+    logits[0, 0, 0] = logits[0, 0, 1] = [1.0, -1.0]                         # kept, equal
+    logits[1, 1, 0] = [2.0, 0.0]                                            # kept; its twin (token 2) not
+    masks = np.zeros((2, 2, 3, 2, 2))                                       # (B, T, N, h, w)
+    masks[1, 1, 2, 0, 0] = 1.0                                              # the (1,1) pair differs
+    res = duplicate_stats(codes, logits, masks)
+    assert res == {"duplicate_frame_rate": 2 / 4, "kept_duplicate_frame_rate": 1 / 4,
+                   "duplicate_pairs": 2, "duplicate_pairs_equal_outputs": 1}
+    # three tokens on one word: three pairs in one frame, all equal outputs
+    res = duplicate_stats(np.zeros((1, 1, 3), int), np.zeros((1, 1, 3, 2)), np.zeros((1, 1, 3, 2, 2)))
+    assert res["duplicate_pairs"] == 3 and res["duplicate_pairs_equal_outputs"] == 3
+    assert res["duplicate_frame_rate"] == 1.0 and res["kept_duplicate_frame_rate"] == 1.0  # p = 0.5 >= 0.1
+
+
+def test_codebook_drift_on_a_hand_built_case():
+    start = np.zeros((4, 2))                                                # (K=4, C=2)
+    end = np.array([[3.0, 4.0], [0.0, 0.0], [0.0, 1.0], [0.0, 0.0]])        # word 0 moves 5, word 2 moves 1
+    res = codebook_drift(start, end, token_norm=10.0, global_codes=np.array([[0, 0], [2, 0]]),
+                         local_codes=np.array([[[2, 1]]]))
+    assert res == {"drift_mean": pytest.approx(0.15), "drift_median": pytest.approx(0.05),
+                   "drift_max": pytest.approx(0.5), "words_global": 2, "words_local": 2,
+                   "words_both": 1, "words_neither": 1}
+
+
+def test_collapse_watch_fires_once_per_path_naming_the_step():
+    watch = CollapseWatch(num_tokens=3, patience=4)
+    fired = [watch.update(step, "global", words) for step, words in
+             enumerate([3, 3, 3, 4, 2, 3, 1, 3, 3, 3, 2], start=1)]         # a run of 4 ends at step 8
+    assert [i for i, m in enumerate(fired, start=1) if m] == [8]
+    assert "step 8" in fired[7] and "global" in fired[7]
+    assert watch.update(12, "local", 1) is None                              # a path counts on its own
+
+
+def test_a_hand_made_collapse_in_training_prints_one_warning_and_logs_it(tmp_path, capsys):
+    """finish_step, the log of a training step, fed 120 quantized steps whose 4 x 5 global tokens
+    all use the same 5 words and whose local tokens use many: one warning, at step 100, global only."""
+    from train import TrainConfig, finish_step
+    bar = SimpleNamespace(set_postfix=lambda **kwargs: None)
+    ctx = {"cfg": TrainConfig(log_every=1000), "main_proc": True, "out_dir": str(tmp_path),
+           "model": SimpleNamespace(cfg=SimpleNamespace(codebook_size=128)),
+           "collapse_watch": CollapseWatch(num_tokens=5)}
+    collapsed = torch.arange(5).repeat(4, 1)                                 # (B=4, N=5): words 0..4
+    spread = torch.arange(100).view(4, 5, 5)                                 # (B, T, N): 100 words
+    log = tmp_path / "log.jsonl"
+    for step in range(1, 121):
+        values = {"loss": torch.tensor(1.0), "grad_norm": torch.tensor(1.0),
+                  "codebook_indices": collapsed, "local_codebook_indices": spread}
+        pending = {"step": step, "epoch": 0, "warmup": False, "lr": 1e-4, "rate": 1.0, "parts": [],
+                   "values": values}
+        finish_step(ctx, pending, None, str(log), bar)
+    err = capsys.readouterr().err
+    assert err.count("warning: codebook collapse") == 1 and "at step 100: the global tokens" in err
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line for line in lines if "warning" in line] == [
+        {"step": 100, "warning": err.strip().removeprefix("warning: ")}]
+
+
+def test_global_decoder_gradient_norm_is_the_norm_of_its_parameters_gradients():
+    from matcher import SetCriterion
+    from train import apply_gradients, forward_loss
+    torch.manual_seed(0)
+    model = SQD(tiny_cfg()).eval()                                           # no dropout: two equal forwards
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)                        # lr 0: weights stay
+    total, _, _, _ = forward_loss(model, model, SetCriterion(3), random_batch(), amp=False)
+    _, g = apply_gradients(model, opt, total, clip_grad=1e-3)               # clipping after the measure
+    total, _, _, _ = forward_loss(model, model, SetCriterion(3), random_batch(), amp=False)
+    model.zero_grad()
+    total.backward()
+    expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.global_asd.parameters()
+                              if p.grad is not None))
+    assert g.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# B: the controls, each a flag
+# ----------------------------------------------------------------------------------------------
+
+def test_slot_positions_tell_two_equal_queries_apart():
+    """Without slot positions, two tokens with the same content give the same class, box and mask;
+    with them they differ, and the positions reach self- and cross-attention as DETR's do."""
+    from decoders import SemanticMaskDecoder
+    torch.manual_seed(0)
+    q = torch.randn(1, 1, 1, 16).expand(1, 1, 3, 16)                          # (B, T, N=3, C) one content
+    memory, feats = torch.randn(1, 1, 6, 16), torch.randn(1, 1, 8, 4, 4)      # (B, T, S, C), (B, T, Cm, h, w)
+    for slots, equal in ((None, True), (3, False)):
+        torch.manual_seed(1)
+        dec = SemanticMaskDecoder(16, 2, 2, 2, 32, num_slots=slots).eval()
+        out = dec(q, memory, None, feats)
+        same = [torch.allclose(out[k][0, 0, 0], out[k][0, 0, 1], atol=1e-6)
+                for k in ("pred_logits", "pred_boxes", "pred_masks")]
+        assert all(same) if equal else not any(same), (slots, same)
+
+
+def test_slot_positions_flag_reaches_the_model():
+    from train import TrainConfig, resolve
+    _, on = resolve(TrainConfig(slot_positions=True, audio_regime="scratch"), 3)
+    _, off = resolve(TrainConfig(audio_regime="scratch"), 3)
+    assert SQD(on).mask_decoder.slot_pos.shape == (on.num_tokens, on.dim)
+    assert SQD(off).mask_decoder.slot_pos is None
+
+
+def test_ema_update_is_the_running_mean_of_the_tokens_that_choose_each_word():
+    vq = VectorQuantizer(4, 2, ema=True, ema_decay=0.5).train()
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [-10.0, 0.0]]))
+        vq.ema_sum.copy_(vq.codebook)
+    assert not vq.codebook.requires_grad                                     # no optimizer moves it
+    x = torch.tensor([[1.0, 1.0], [3.0, 1.0], [9.0, 1.0]])                    # words 0, 0, 1
+    out = vq(x)
+    assert out.indices.tolist() == [0, 0, 1]
+    assert torch.equal(out.quantized, torch.tensor([[0.0, 0.0], [0.0, 0.0], [10.0, 0.0]]))  # old words
+    # by hand: n = 0.5 * 1 + 0.5 * count, s = 0.5 * e + 0.5 * sum, e = s / n
+    expected = torch.tensor([[(0.5 * 0 + 0.5 * 4.0) / 1.5, (0.5 * 0 + 0.5 * 2.0) / 1.5],
+                             [(0.5 * 10 + 0.5 * 9.0) / 1.0, (0.5 * 0 + 0.5 * 1.0) / 1.0],
+                             [0.0, 10.0], [-10.0, 0.0]])                    # unused words stay
+    assert torch.allclose(vq.codebook, expected)
+    before = vq.codebook.clone()
+    vq(x, update_codebook=False)                                             # the local path
+    vq.eval()(x)                                                             # evaluation
+    assert torch.equal(vq.codebook, before)
+
+
+def test_codebook_ema_flag_reaches_the_shared_codebook():
+    from train import TrainConfig, resolve
+    _, cfg = resolve(TrainConfig(codebook_ema=True, audio_regime="scratch"), 3)
+    model = SQD(cfg)
+    assert model.vq.ema and "vq.ema_sum" in model.state_dict()
+    assert all(p is not model.vq.codebook for g in model.parameter_groups(1e-3) for p in g["params"])
+
+
+def test_codebook_lr_mult_gives_the_codebook_a_group_of_its_own():
+    from train import TrainConfig, resolve
+    torch.manual_seed(0)
+    model = SQD(tiny_cfg(shared_codebook=False))
+    groups = {g["name"]: g for g in model.parameter_groups(1e-3, 0.5, 5e-4, codebook_lr_mult=25.0)}
+    assert groups["codebook"]["lr"] == pytest.approx(25e-3)
+    assert {id(p) for p in groups["codebook"]["params"]} == {id(model.vq.codebook), id(model.local_vq.codebook)}
+    assert "codebook" not in {g["name"] for g in model.parameter_groups(1e-3, 0.5, 5e-4)}
+    # the flag is read by train.py's optimizer
+    cfg, _ = resolve(TrainConfig(codebook_lr_mult=25.0, audio_regime="scratch"), 3)
+    assert cfg.codebook_lr_mult == 25.0
+    with pytest.raises(Exception, match="codebook-lr-mult"):
+        resolve(TrainConfig(codebook_lr_mult=25.0, codebook_ema=True, audio_regime="scratch"), 3)
+
+
+def test_unquantized_local_feeds_l_to_the_mask_decoder_and_keeps_eq9_third_term():
+    from test_wiring import Recorder
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = SQD(tiny_cfg(unquantized_local=flag)).eval()
+        rec = Recorder()
+        rec.inputs("mask", model.mask_decoder)
+        rec.output("local", model.local_asd)
+        with torch.no_grad():
+            out = model(random_batch())
+        queries = rec.calls["mask"][0][0][0]                                 # (B, T, N, C)
+        l = rec.outputs["local"][0].view(queries.shape)                      # l_{i,t}
+        codes = model.vq.codebook[out["indices"]["local"]]                   # (B, T, N, C)
+        assert torch.equal(queries, l if flag else codes)
+        assert out["quant"]["quant_commit_local"] > 0                        # eq. (9), third term
