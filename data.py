@@ -434,6 +434,18 @@ class SyntheticAVS(Dataset):
         waveform, _ = (self._audio_v1 if self.benchmark == "v1" else self._audio_v2)(p, rng)
         return {"waveform": waveform, "log_mel": self.log_mel(waveform), "plan": p}
 
+    def generate_pixels(self, index):
+        """The pixels of clip `index` without its log-mel (tools/pretrain_visual.py sees no sound).
+
+        Returns: dict 'frames' (T, H, W, 3), 'object_map' (T, H, W), 'labels' (T, H, W); the same
+            numbers as `generate` (the waveform is still drawn, since the pixels are drawn after it).
+        """
+        rng = self._rng(index)
+        p = self.plan(index, rng)
+        (self._audio_v1 if self.benchmark == "v1" else self._audio_v2)(p, rng)
+        frames, object_map, labels = self._pixels(p, rng)
+        return {"frames": frames, "object_map": object_map, "labels": labels}
+
     def log_mel(self, waveform):
         """(T*16000,) -> (T, 96, 64): one VGGish example per frame."""
         # PAPER: each second goes through the front end on its own, so example t is exactly the

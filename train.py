@@ -81,6 +81,7 @@ class TrainConfig:
     audio_pretrain_steps: int = 1500  # pretrained-frozen: steps of the pretraining (part of the cached file's name)
     audio_pretrain_clips: int | None = None  # pretrained-frozen: train clips of the pretraining; None: the whole train split (not --train-clips)
     audio_cache: str = os.path.join("runs", "audio-weights")  # pretrained-frozen: folder of the cached weights, built on first use
+    visual_regime: str = "scratch"  # synthetic, CPU preset: scratch | pretrained (visual encoder, FPN, mask decoder pretrained as referring segmentation, cached in --audio-cache)
     # ablations (Tables 2-5); defaults are the paper's full model
     no_gsd: bool = False           # drop global semantic decomposition
     no_avsr: bool = False          # drop audiovisual semantic recombination
@@ -179,7 +180,7 @@ def parse_args(argv=None) -> TrainConfig:
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         choices = {"dataset": ["synthetic", "s4", "ms3", "avss"], "preset": ["cpu", "paper"],
-                   "audio_regime": list(AUDIO_REGIMES),
+                   "audio_regime": list(AUDIO_REGIMES), "visual_regime": ["scratch", "pretrained"],
                    "benchmark": list(data.BENCHMARKS),
                    "backbone": list(BACKBONES)}.get(f.name)
         p.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
@@ -282,6 +283,9 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
     if pretrained_frozen and model_cfg.audio_encoder != "small":
         raise UserError(f"--audio-regime pretrained-frozen pretrains the CPU preset's SmallVGG; "
                         f"--preset {cfg.preset} uses the {model_cfg.audio_encoder!r} audio network")
+    if cfg.visual_regime == "pretrained" and (cfg.dataset != "synthetic" or cfg.preset != "cpu"):
+        raise UserError("--visual-regime pretrained pretrains the CPU preset on the synthetic benchmark; "
+                        "for AVSBench start from a whole-model file instead")
     if cfg.quant_warmup_steps < 0:
         raise UserError(f"--quant-warmup-steps must be >= 0, got {cfg.quant_warmup_steps}")
     if cfg.lr <= 0:
@@ -929,6 +933,18 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
             model.audio_encoder.load_net_weights(audio_path)
         except ValueError as e:
             raise UserError(f"{audio_flag}: {e}") from None
+    if cfg.visual_regime == "pretrained" and not cfg.eval_only:  # (--eval-only: the checkpoint's)
+        from tools import pretrain_visual  # the lab tool that pretrains; loaded only in this regime
+        if main_proc:  # built by rank 0 on first use, then every rank loads the file
+            pretrain_visual.cached_weights(cfg.audio_cache, model_cfg, cfg.benchmark, cfg.seed,
+                                           img_size=cfg.img_size)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        path = os.path.join(cfg.audio_cache, pretrain_visual.cache_name(
+            model_cfg, cfg.benchmark, cfg.seed, pretrain_visual.DEFAULT_STEPS))
+        loaded = pretrain_visual.load_into(model, path)
+        if main_proc:
+            print(f"visual side: {loaded} tensors of the visual encoder, FPN and mask decoder from {path}")
     if main_proc and cfg.preset == "paper" and not cfg.eval_only and not (
             cfg.backbone_weights and audio_path):
         missing = [n for n, v in (("--backbone-weights", cfg.backbone_weights),

@@ -86,6 +86,9 @@ ROWS = {
     "unquantized_local": ["--unquantized-local"],
     "slot_codebook_ema": ["--slot-positions", "--codebook-ema"],
     "slot_codebook_lr25": ["--slot-positions", "--codebook-lr-mult", "25"],
+    # the visual side pretrained as referring segmentation (tools/pretrain_visual.py), for both
+    "full_visual": ["--visual-regime", "pretrained"],
+    "baseline_visual": ["--no-gsd", "--no-avsr", "--no-lsd", "--visual-regime", "pretrained"],
     # 3x the steps, lr x0.1 for the last third, the same for both
     "full_long": ["--epochs", "3", "--lr-drop-epoch", "3"],
     "baseline_long": ["--no-gsd", "--no-avsr", "--no-lsd", "--epochs", "3", "--lr-drop-epoch", "3"],
@@ -113,6 +116,9 @@ TABLES = {
         ("codebook by EMA", "codebook_ema"), ("codebook lr x25", "codebook_lr25"),
         ("slot positions + EMA", "slot_codebook_ema"), ("slot positions + lr x25", "slot_codebook_lr25"),
         ("eq. 7 reads l_{i,t} unquantized (control)", "unquantized_local")],
+    "Visual side pretrained as referring segmentation": [
+        ("Table 2 baseline", "baseline"), ("full SQD", "full"),
+        ("Table 2 baseline, visual pretrained", "baseline_visual"), ("full SQD, visual pretrained", "full_visual")],
     "Training length (3x the steps)": [
         ("Table 2 baseline", "baseline"), ("full SQD", "full"),
         ("Table 2 baseline, 3x", "baseline_long"), ("full SQD, 3x", "full_long")],
@@ -153,7 +159,8 @@ COUNT_COLUMNS = ("signatures (global)", "signatures (local)", "held signatures (
 VAL_COLUMNS = ("val mIoU", "val-unseen mIoU", "duplicate frames", "equal-output pairs", "drift (mean)",
                "words (global)", "words (local)", "held signatures (global)")
 COLUMNS_OF = {"Silent choices (val; controls)": VAL_COLUMNS,
-              "Training length (3x the steps)": ("val mIoU", "val-unseen mIoU")}
+              "Training length (3x the steps)": ("val mIoU", "val-unseen mIoU"),
+              "Visual side pretrained as referring segmentation": VAL_COLUMNS}
 TABLE_COLUMNS = ("test mIoU", "test-seen-multi mIoU", "test-unseen mIoU", "multi-source J&F",
                  "single-source J&F", "decomp. recall (global)", "decomp. recall (local)",
                  "signatures (global)", "signatures (local)", "held signatures (global)",

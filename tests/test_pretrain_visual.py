@@ -1,0 +1,87 @@
+"""tools/pretrain_visual.py: the referring-segmentation pretraining of the visual side, and how
+train.py --visual-regime pretrained loads it."""
+import os
+import sys
+
+import pytest
+import torch
+
+from sqd import SQD, preset
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tools import pretrain_visual as pv  # noqa: E402
+
+
+def test_fixed_assignment_sends_query_c_to_category_c_in_every_layer():
+    real = torch.tensor([[True, False, True], [False, False, False]])     # (B=2, Kc=3)
+    got = pv.fixed_assignment(real, layers=2)
+    assert got.tolist() == [[0, -1, 2, 0, -1, 2], [-1, -1, -1, -1, -1, -1]]
+
+
+def test_referring_targets_are_every_visible_object_of_the_category():
+    object_map = torch.zeros(1, 2, 8, 8, dtype=torch.long)                 # (B, T, H, W)
+    object_map[0, 0, :4, :4] = 2                                            # category 2, frame 0 only
+    object_map[0, :, 4:, 4:] = 3                                            # category 3, both frames
+    t = pv.referring_targets(object_map, num_classes=3, size=(8, 8))
+    assert t.real.tolist() == [[False, True, True]]
+    for c in (1, 2, 3):                                                     # slot c-1 is object_map == c
+        assert torch.equal(t.masks[0, c - 1], (object_map[0] == c).float())
+    assert t.sounding[0, 1].tolist() == [True, False]                       # "visible in that frame"
+
+
+def test_referring_segmenter_queries_are_the_category_embeddings():
+    torch.manual_seed(0)
+    cfg = preset("cpu", num_classes=3, dim=32, ffn_dim=64, codebook_size=8, num_tokens=2)
+    model = pv.ReferringSegmenter(cfg).eval()
+    seen = []
+    model.mask_decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    out = model(torch.randn(2, 3, 3, 32, 32))
+    assert out["pred_logits"].shape == (2, 3, 3, 3)                         # (B, T, Kc queries, Kc)
+    assert torch.equal(seen[0][1, 2], model.queries.weight)                 # clip 1, frame 2: E[c]
+
+
+def _tiny_state(cfg, seed=1):
+    torch.manual_seed(seed)
+    model = pv.ReferringSegmenter(cfg)
+    return {k: v for k, v in model.state_dict().items() if k.startswith(pv.KEPT)}
+
+
+def test_load_into_sets_the_kept_modules_and_nothing_else(tmp_path):
+    cfg = preset("cpu", num_classes=3, dim=32, ffn_dim=64, codebook_size=8, num_tokens=2)
+    state = _tiny_state(cfg)
+    path = str(tmp_path / "v.pt")
+    torch.save(state, path)
+    for row in (dict(), dict(use_gsd=False, use_avsr=False, use_lsd=False), dict(slot_positions=True)):
+        torch.manual_seed(0)
+        model = SQD(preset("cpu", num_classes=3, dim=32, ffn_dim=64, codebook_size=8, num_tokens=2, **row))
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert pv.load_into(model, path) == len(state)
+        after = model.state_dict()
+        for k, v in after.items():
+            assert torch.equal(v, state[k] if k in state else before[k]), k
+    wrong = preset("cpu", num_classes=5, dim=32, ffn_dim=64, codebook_size=8, num_tokens=2)  # another Kc
+    with pytest.raises(ValueError, match="do not fit"):
+        pv.load_into(SQD(wrong), path)
+
+
+def test_visual_regime_pretrained_loads_the_cached_file_in_train(tmp_path):
+    """train.load_pretrained with --visual-regime pretrained loads the cached file (placed there by
+    hand, so nothing trains here); with the default scratch regime the weights stay as built."""
+    from train import TrainConfig, UserError, load_pretrained, resolve
+    for regime in ("pretrained", "scratch"):
+        cfg, model_cfg = resolve(TrainConfig(audio_regime="scratch", visual_regime=regime, benchmark="v2",
+                                             audio_cache=str(tmp_path)), 3)
+        state = _tiny_state(model_cfg)
+        torch.save(state, os.path.join(tmp_path, pv.cache_name(model_cfg, "v2", 0, pv.DEFAULT_STEPS)))
+        torch.manual_seed(0)
+        model = SQD(model_cfg)
+        load_pretrained(cfg, model_cfg, model, main_proc=False)
+        fpn = [k for k in state if k.startswith("fpn.")]
+        assert all(torch.equal(model.state_dict()[k], state[k]) for k in fpn) is (regime == "pretrained")
+    with pytest.raises(UserError, match="visual-regime pretrained"):
+        resolve(TrainConfig(audio_regime="scratch", visual_regime="pretrained", preset="paper"), 3)
+
+
+def test_loss_weights_are_the_synthetic_recipes():
+    from train import RECIPES
+    assert pv.LOSS_WEIGHTS == {k: RECIPES["synthetic"][k] for k in pv.LOSS_WEIGHTS}
