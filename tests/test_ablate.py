@@ -114,3 +114,14 @@ def test_hypothesis_h2_per_seed_from_held_signatures():
     assert ablate.hypotheses([full(0, 13, 5.0), full(1, 12, 4.0)])["H2"]["holds"] is True
     assert ablate.hypotheses([full(0, 13, 5.0), full(1, 11, 4.0)])["H2"]["holds"] is False  # < 24 / 2
     assert ablate.hypotheses([full(0, 13, 13.0), full(1, 12, 4.0)])["H2"]["holds"] is False  # not above chance
+
+
+def test_a_series_keeps_new_runs_apart_from_earlier_runs_of_the_same_rows():
+    from tools.ablate import by_group, merge_runs
+    old = [dict(benchmark="v2", audio_regime="pretrained-frozen", name="full", seed=0, v=1)]
+    new = [dict(benchmark="v2", audio_regime="pretrained-frozen", series="s", name="full", seed=0, v=2)]
+    merged = merge_runs(old, new)
+    assert [r["v"] for r in merged] == [1, 2]                      # not replaced: another group
+    assert sorted(by_group(merged)) == ["v2/pretrained-frozen", "v2/pretrained-frozen/s"]
+    again = merge_runs(merged, [dict(new[0], v=3)])
+    assert [r["v"] for r in again] == [1, 3]                       # the same series: replaced

@@ -185,8 +185,11 @@ HYPOTHESES = {
 
 
 def group_of(run: dict) -> str:
-    """'benchmark/audio regime' of a stored run; runs stored before groups existed: v1/scratch."""
-    return f"{run.get('benchmark', 'v1')}/{run.get('audio_regime', 'scratch')}"
+    """'benchmark/audio regime[/series]' of a stored run; runs stored before groups existed:
+    v1/scratch. A series keeps a new set of runs (a new default, another machine) apart from the
+    earlier runs of the same rows, whose tables stay as they were."""
+    group = f"{run.get('benchmark', 'v1')}/{run.get('audio_regime', 'scratch')}"
+    return group + (f"/{run['series']}" if run.get("series") else "")
 
 
 def run_one(name: str, seed: int, out_root: str, extra: list[str], log_dir: str) -> subprocess.Popen:
@@ -200,7 +203,7 @@ def run_one(name: str, seed: int, out_root: str, extra: list[str], log_dir: str)
     return proc
 
 
-def collect_run(info: dict) -> dict:
+def collect_run(info: dict, series: str | None = None) -> dict:
     """One finished run: its metrics (the COLUMNS), config and code version."""
     with open(os.path.join(info["out"], "metrics.json")) as f:
         m = json.load(f)
@@ -209,6 +212,7 @@ def collect_run(info: dict) -> dict:
     values = {col: m.get(split, {}).get(key) for col, (split, key) in COLUMNS.items()}
     return dict(benchmark=config["train"].get("benchmark") or "v1",
                 audio_regime=config["train"].get("audio_regime") or "scratch",
+                **({"series": series} if series else {}),
                 name=info["name"], seed=info["seed"], flags=ROWS[info["name"]],
                 time_s=round(time.time() - info["start"], 1), metrics=values,
                 codebook=m.get("codebook"), config=config, code_version=config.get("code_version"))
@@ -390,6 +394,9 @@ def main(argv=None) -> int:
                    help=f"synthetic benchmark of the runs (default: train.py's, {train.DEFAULT_BENCHMARK})")
     p.add_argument("--audio-regime", choices=list(train.AUDIO_REGIMES), default="pretrained-frozen",
                    help="how the audio network starts (train.py --audio-regime; its synthetic default)")
+    p.add_argument("--series", default=None,
+                   help="a name that keeps these runs apart from earlier runs of the same rows "
+                        "(their group becomes BENCHMARK/REGIME/SERIES; runs/ and logs/ get a subfolder)")
     p.add_argument("--out", default="results", help="folder of runs/ and ablations.json")
     p.add_argument("--report", action="store_true", help="only print the tables of OUT/ablations.json")
     p.add_argument("--fresh", action="store_true",
@@ -402,7 +409,8 @@ def main(argv=None) -> int:
             return 2
         with open(path) as f:
             stored = json.load(f)["runs"]
-        only = f"{args.benchmark}/{args.audio_regime}" if args.benchmark else None
+        only = (f"{args.benchmark}/{args.audio_regime}" + (f"/{args.series}" if args.series else "")
+                if args.benchmark else None)
         print(report(stored, only))
         return 0
 
@@ -415,7 +423,7 @@ def main(argv=None) -> int:
             return 2
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     benchmark = args.benchmark or train.DEFAULT_BENCHMARK
-    group_dir = f"{benchmark}-{args.audio_regime}"
+    group_dir = f"{benchmark}-{args.audio_regime}" + (f"-{args.series}" if args.series else "")
     common = (["--threads", str(threads), "--benchmark", benchmark, "--audio-regime", args.audio_regime,
                "--eval-clips", str(EVAL_CLIPS)]
               + (["--device", args.device] if args.device else []) + extra)
@@ -448,7 +456,7 @@ def main(argv=None) -> int:
                     failed.append(tag)
                     print(f"FAILED {tag} (exit {proc.returncode}); see {log_dir}/{tag}.log", flush=True)
                     continue
-                runs.append(collect_run(proc.info))
+                runs.append(collect_run(proc.info, args.series))
                 r = runs[-1]
                 print(f"done {tag} in {r['time_s']:.0f} s: "
                       + ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items() if v is not None),
@@ -476,7 +484,7 @@ def main(argv=None) -> int:
                   runs=all_runs)
     train.write_json(path, result)  # atomic: a temporary file, then a rename
     print(f"\n{len(runs)} runs in {total / 60:.1f} min ({len(failed)} failed); wrote {path}\n")
-    print(report(all_runs, f"{benchmark}/{args.audio_regime}"))
+    print(report(all_runs, f"{benchmark}/{args.audio_regime}" + (f"/{args.series}" if args.series else "")))
     return 1 if failed or interrupted else 0
 
 
