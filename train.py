@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader, Sampler
 import data
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, to_host, track_batch
+from pretrained import InitWeightsError, format_table, load_init_weights
 from quantize import CollapseWatch, codebook_stats
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
 from tools.check_dataset import check_dataset
@@ -73,6 +74,7 @@ class TrainConfig:
     # model
     preset: str | None = None      # cpu | paper; None: cpu for synthetic, paper for AVSBench
     backbone: str | None = None    # resnet18 | resnet34 | resnet50 | swin-t | video-swin-t | small; None: preset's
+    init_weights: str | None = None  # whole-model checkpoint of ReferFormer (r50_pretrained.pth): what maps and fits loads, a table says what (docs/init-weights.md)
     backbone_weights: str | None = None  # torchvision state_dict (.pth) of the backbone: resnet50-*.pth, swin_t-704ceda3.pth, swin3d_t-7615ae03.pth
     vggish_weights: str | None = None    # released VGGish weights (vggish-10086976.pth): --audio-weights, VGGish only
     audio_weights: str | None = None     # state_dict of the audio network (VGGish, or the cpu preset's SmallVGG)
@@ -911,10 +913,21 @@ def summary(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 
 def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_proc: bool) -> None:
-    for path, name in ((cfg.backbone_weights, "--backbone-weights"),
+    for path, name in ((cfg.init_weights, "--init-weights"), (cfg.backbone_weights, "--backbone-weights"),
                        (cfg.vggish_weights, "--vggish-weights"), (cfg.audio_weights, "--audio-weights")):
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{name} {path!r} does not exist")
+    # The whole-model file first: the backbone and audio files given explicitly come after it and
+    # override what it set (pretrained.py: which modules it sets, and why the others stay fresh).
+    backbone_from_init = False
+    if cfg.init_weights:
+        try:
+            rows = load_init_weights(model, cfg.init_weights)
+        except InitWeightsError as e:
+            raise UserError(f"--init-weights: {e}") from None
+        backbone_from_init = any(r.module == "visual_encoder.backbone" and r.status == "loaded" for r in rows)
+        if main_proc:
+            print(format_table(rows, cfg.init_weights))
     if cfg.backbone_weights:
         if model_cfg.backbone == "small":
             raise UserError("--backbone-weights needs a pretrained backbone (--backbone resnet50, "
@@ -945,13 +958,14 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
         loaded = pretrain_visual.load_into(model, path)
         if main_proc:
             print(f"visual side: {loaded} tensors of the visual encoder, FPN and mask decoder from {path}")
-    if main_proc and cfg.preset == "paper" and not cfg.eval_only and not (
-            cfg.backbone_weights and audio_path):
-        missing = [n for n, v in (("--backbone-weights", cfg.backbone_weights),
+    backbone = cfg.backbone_weights or backbone_from_init
+    if main_proc and cfg.preset == "paper" and not cfg.eval_only and not (backbone and audio_path):
+        missing = [n for n, v in (("--backbone-weights", backbone),
                                   ("--vggish-weights", audio_path)) if not v]
         print("\n" + "!" * 78 + f"\n!! WARNING: the paper preset is training WITHOUT pretrained "
-              f"weights ({', '.join(missing)} not given).\n!! The paper starts from ImageNet "
-              f"ResNet-50 and AudioSet VGGish; expect far lower numbers.\n" + "!" * 78 + "\n",
+              f"weights ({', '.join(missing)} not given).\n!! The paper names no starting point; the "
+              f"code it builds on (AVSBench, ReferFormer) starts from pretrained backbones\n!! "
+              f"(or --init-weights) and AudioSet VGGish; expect far lower numbers.\n" + "!" * 78 + "\n",
               file=sys.stderr)
 
 
