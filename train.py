@@ -5,8 +5,9 @@ What this file teaches
     backbone learning rate, a step learning-rate drop, gradient clipping (ours, not the paper's),
     the eq. (8) loss from matcher.SetCriterion, evaluation with the official AVSBench metrics
     (metrics.py), and the
-    plumbing a research run needs: a run directory, atomic checkpoints, exact resume, Ctrl-C,
-    bf16 autocast, torch.compile and multi-GPU through torchrun.
+    plumbing a research run needs: a run directory, atomic checkpoints, a final evaluation of the
+    checkpoint with the best val score (best.pt; the last model's numbers kept apart), exact
+    resume, Ctrl-C, bf16 autocast, torch.compile and multi-GPU through torchrun.
 
     python train.py                                  # synthetic benchmark, CPU preset
     python train.py --dataset avss --data-root DIR   # the paper's recipe on AVSBench-semantic
@@ -503,7 +504,8 @@ def run(cfg: TrainConfig) -> int:
                                        or state["epoch"] == cfg.epochs):
                 model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
                 val = evaluate(cfg, model, eval_sets["val"], "val", device, rank, world)
-                state["val"] = val  # the last one goes to metrics.json (tools/ablate.py's val columns)
+                # best.pt's state holds the val of its own weights (metrics.json's "val" entry)
+                state["val"], state["val_step"] = val, state["step"]
                 score = headline(val)
                 if main_proc:
                     append_jsonl(log_path, {"eval": "val", "epoch": state["epoch"],
@@ -521,13 +523,10 @@ def run(cfg: TrainConfig) -> int:
         raise
     if main_proc:
         save_checkpoint(ctx, os.path.join(out_dir, "last.pt"))
-        if not os.path.exists(os.path.join(out_dir, "best.pt")):
+        if state["best"] is None:  # no validation in this run chose a model: best.pt is the last one
             save_checkpoint(ctx, os.path.join(out_dir, "best.pt"))
-    model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
-    results = evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
+    results = evaluate_best_and_last(ctx, eval_sets)  # the model is best.pt's from here on
     if main_proc:
-        if state.get("val") is not None and state["epoch"] == cfg.epochs:  # val of the final model
-            results["val"] = state["val"]
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
         if cfg.dataset == "synthetic" and "test" in eval_sets:
             # a look inside the codebook (tools/diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
@@ -548,6 +547,43 @@ def run(cfg: TrainConfig) -> int:
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def evaluate_best_and_last(ctx: dict, eval_sets: dict) -> dict:
+    """The final evaluation of a run: best.pt's weights (the best val score, see headline) on every
+    split, and the last model's too where it is another model. Returns metrics.json's content:
+    {split: metrics} of best.pt (its "val": the val it was chosen by), "model": which weights
+    those are, and "last": the last model's {split: metrics}, or "same as best" when best.pt was
+    saved at the last step (then nothing is evaluated twice). Leaves best.pt's weights in the model.
+    """
+    cfg, model, state, out_dir = ctx["cfg"], ctx["model"], ctx["state"], ctx["out_dir"]
+    args = (ctx["device"], ctx["rank"], ctx["world"])
+    # Under torchrun rank 0 writes best.pt and every rank reads that file after this barrier, so
+    # that all ranks evaluate the same weights. Chosen over a copy of the best state_dict kept in
+    # memory on every rank: the file also holds a best model chosen before a --resume, and the
+    # numbers are those of the file that --eval-only and predict.py load. It needs the run
+    # directory on a file system that every rank sees (one machine, or a shared disk).
+    if ctx["world"] > 1:
+        dist.barrier()
+    best = load_checkpoint(os.path.join(out_dir, "best.pt"))
+    best_state = best["state"]
+    last = "same as best"
+    if best_state["step"] != state["step"]:
+        model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
+        last = {k: v for k, v in evaluate_all(cfg, model, eval_sets, *args, None, False).items()
+                if k not in ("dataset", "metric_definitions")}  # no pictures of it
+        if state.get("val_step") == state["step"]:
+            last["val"] = state["val"]
+        model.load_state_dict(best["model"])
+    # as --eval-only: the quantizer in warm-up (VQ(x) = x) if best.pt was saved during it
+    model.set_quantizer_warmup(best_state["step"] < cfg.quant_warmup_steps)
+    results = evaluate_all(cfg, model, eval_sets, *args, out_dir, ctx["main_proc"])
+    if best_state.get("val") is not None:
+        results["val"] = best_state["val"]
+    results["model"] = {"checkpoint": "best.pt", "step": best_state["step"], "epoch": best_state["epoch"],
+                        "val": None if best_state.get("val") is None else headline(best_state["val"])}
+    results["last"] = last
+    return results
 
 
 def forward_loss(model: SQD, train_model, criterion: SetCriterion, batch: dict, amp: bool,
@@ -813,12 +849,13 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
 
 
 def evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc) -> dict:
+    """Every split but val (val alone if it is the only one); out_dir None: no overlay pictures."""
     results = {"dataset": cfg.dataset, "metric_definitions": metrics.METRIC_DEFINITIONS}
     for name, ds in eval_sets.items():
         if name == "val" and len(eval_sets) > 1:
             continue
         # synthetic runs draw richer pictures of a few clips instead (write_clip_pictures)
-        overlays = main_proc and cfg.dataset != "synthetic"
+        overlays = main_proc and out_dir is not None and cfg.dataset != "synthetic"
         results[name] = evaluate(cfg, model, ds, name, device, rank, world,
                                  overlay_dir=out_dir if overlays else None)
     return results
@@ -883,13 +920,21 @@ HEADLINE = {
 
 
 def summary(results: dict) -> str:
-    """A small table of the headline numbers of every evaluated split (see HEADLINE)."""
+    """A small table of the headline numbers of every evaluated split (see HEADLINE), under a line
+    that names the evaluated weights (results["model"], where a training run wrote it)."""
     cols = HEADLINE[results["dataset"]]
-    splits = [k for k, v in results.items()
-              if isinstance(v, dict) and k not in ("metric_definitions", "train", "codebook")]
+    splits = [k for k, v in results.items() if isinstance(v, dict)
+              and k not in ("metric_definitions", "train", "codebook", "model", "last")]
     width = max(len(s) for s in splits) if splits else 5
-    lines = ["results (every measure: metrics.json):",
-             "  " + "split".ljust(width) + "".join(f"  {name:>17}" for name, _ in cols)]
+    lines = ["results (every measure: metrics.json):"]
+    if "model" in results:
+        m = results["model"]
+        name = "J&F" if results["dataset"] in ("s4", "ms3") else "mIoU"  # headline()'s measure
+        val = "no val score" if m["val"] is None else f"val {name} {m['val']:.3f}"
+        last = ("it is the last model" if results.get("last") == "same as best"
+                else 'the last model\'s numbers: metrics.json "last"')
+        lines.append(f"  model: {m['checkpoint']} (step {m['step']}, epoch {m['epoch']}, {val}); {last}")
+    lines.append("  " + "split".ljust(width) + "".join(f"  {name:>17}" for name, _ in cols))
     for split in splits:
         cells = []
         for _, key in cols:
