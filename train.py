@@ -513,6 +513,7 @@ def run(cfg: TrainConfig) -> int:
                     if state["best"] is None or score > state["best"]:
                         state["best"] = score
                         save_checkpoint(ctx, os.path.join(out_dir, "best.pt"))
+                    redraw_curves(ctx, log_path)
             if main_proc:
                 save_checkpoint(ctx, os.path.join(out_dir, "last.pt"))
     except KeyboardInterrupt:
@@ -543,6 +544,7 @@ def run(cfg: TrainConfig) -> int:
             write_clip_pictures(cfg, model, eval_sets, diag, device, out_dir)
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
+        redraw_curves(ctx, log_path)
         print(summary(results))
     if world > 1:
         dist.destroy_process_group()
@@ -945,6 +947,62 @@ def summary(results: dict) -> str:
             cells.append(f"  {v:>17.3f}" if present else f"  {'-':>17}")
         lines.append("  " + split.ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+def draw_curves(log_path: str, png_path: str, codebook_size: int) -> dict | None:
+    """curves.png from log.jsonl, against the training step: the eq. (8) loss terms (the last
+    decoder layer's; the auxiliary layers' _0, _1 ... left out), the eq. (9) terms, the val score
+    that picks best.pt (mIoU, or J&F on S4/MS3) and the codebook's words in use (usage x K) of the
+    global and the local tokens. Returns what the figure holds, {panel title: {line label: (steps,
+    values)}}, read back from its lines; None where matplotlib (optional) is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg backend: files only
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    steps = [r for r in rows if "loss" in r and "eval" not in r]   # the training lines
+    vals = [r for r in rows if r.get("eval") == "val"]
+
+    def series(lines, key, scale=1.0):
+        points = [(r["step"], r[key] * scale) for r in lines if key in r]
+        return [x for x, _ in points], [y for _, y in points]
+
+    keys = sorted({k for r in steps for k, v in r.items() if not isinstance(v, bool)})
+    measure = "mIoU" if any("miou_official" in r for r in vals) else "J&F"
+    panels = {
+        "eq. (8): segmentation loss terms": [(k, series(steps, k)) for k in keys
+                                             if k.startswith("loss_") and not re.search(r"_\d+$", k)],
+        "eq. (9): quantization terms": [(k, series(steps, k)) for k in keys if k.startswith("quant_")],
+        f"val {measure} (picks best.pt)": [(f"val {measure}", ([r["step"] for r in vals],
+                                                               [headline(r) for r in vals]))],
+        f"codebook words in use (of K = {codebook_size})": [
+            (name, series(steps, key, codebook_size))
+            for name, key in (("global", "codebook_usage"), ("local", "local_codebook_usage"))],
+    }
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    plotted = {}
+    for ax, (title, lines) in zip(fig.subplots(2, 2).flat, panels.items()):
+        for label, (x, y) in lines:
+            ax.plot(x, y, label=label, marker="." if len(x) < 30 else None)
+        ax.set(title=title, xlabel="step")
+        if any(x for _, (x, _) in lines):
+            ax.legend(fontsize=7)
+        plotted[title] = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+    tmp = f"{png_path}.tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, png_path)
+    return plotted
+
+
+def redraw_curves(ctx: dict, log_path: str) -> None:
+    """curves.png in the run directory (draw_curves); without matplotlib one line says so, once a run."""
+    drawn = draw_curves(log_path, os.path.join(ctx["out_dir"], "curves.png"), ctx["model"].cfg.codebook_size)
+    if drawn is None and not ctx.get("curves_skipped"):
+        ctx["curves_skipped"] = True
+        print("curves.png skipped: matplotlib is not installed (optional: pip install matplotlib)")
 
 
 # ----------------------------------------------------------------------------------------------

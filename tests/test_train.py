@@ -613,6 +613,7 @@ def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_pat
     # the printed table says which weights it shows
     assert (f"model: best.pt (step {best['step']}, epoch {best['epoch']}, "
             f"val mIoU {best['miou_official']:.3f})") in proc.stdout
+    assert (run / "curves.png").is_file() and (run / "curves.png").stat().st_size > 10_000
     splits = ["test", "test-seen-multi", "test-unseen", "val-unseen"]
     if best["step"] == 4:
         assert metrics["last"] == "same as best"
