@@ -5,8 +5,9 @@ What this file teaches
     backbone learning rate, a step learning-rate drop, gradient clipping (ours, not the paper's),
     the eq. (8) loss from matcher.SetCriterion, evaluation with the official AVSBench metrics
     (metrics.py), and the
-    plumbing a research run needs: a run directory, atomic checkpoints, exact resume, Ctrl-C,
-    bf16 autocast, torch.compile and multi-GPU through torchrun.
+    plumbing a research run needs: a run directory, atomic checkpoints, a final evaluation of the
+    checkpoint with the best val score (best.pt; the last model's numbers kept apart), exact
+    resume, Ctrl-C, bf16 autocast, torch.compile and multi-GPU through torchrun.
 
     python train.py                                  # synthetic benchmark, CPU preset
     python train.py --dataset avss --data-root DIR   # the paper's recipe on AVSBench-semantic
@@ -509,7 +510,8 @@ def run(cfg: TrainConfig) -> int:
                                        or state["epoch"] == cfg.epochs):
                 model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
                 val = evaluate(cfg, model, eval_sets["val"], "val", device, rank, world)
-                state["val"] = val  # the last one goes to metrics.json (tools/ablate.py's val columns)
+                # best.pt's state holds the val of its own weights (metrics.json's "val" entry)
+                state["val"], state["val_step"] = val, state["step"]
                 score = headline(val)
                 if main_proc:
                     append_jsonl(log_path, {"eval": "val", "epoch": state["epoch"],
@@ -517,6 +519,7 @@ def run(cfg: TrainConfig) -> int:
                     if state["best"] is None or score > state["best"]:
                         state["best"] = score
                         save_checkpoint(ctx, os.path.join(out_dir, "best.pt"))
+                    redraw_curves(ctx, log_path)
             if main_proc:
                 save_checkpoint(ctx, os.path.join(out_dir, "last.pt"))
     except KeyboardInterrupt:
@@ -527,13 +530,10 @@ def run(cfg: TrainConfig) -> int:
         raise
     if main_proc:
         save_checkpoint(ctx, os.path.join(out_dir, "last.pt"))
-        if not os.path.exists(os.path.join(out_dir, "best.pt")):
+        if state["best"] is None:  # no validation in this run chose a model: best.pt is the last one
             save_checkpoint(ctx, os.path.join(out_dir, "best.pt"))
-    model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
-    results = evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
+    results = evaluate_best_and_last(ctx, eval_sets)  # the model is best.pt's from here on
     if main_proc:
-        if state.get("val") is not None and state["epoch"] == cfg.epochs:  # val of the final model
-            results["val"] = state["val"]
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
         if cfg.dataset == "synthetic" and "test" in eval_sets:
             # a look inside the codebook (tools/diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
@@ -550,10 +550,48 @@ def run(cfg: TrainConfig) -> int:
             write_clip_pictures(cfg, model, eval_sets, diag, device, out_dir)
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
+        redraw_curves(ctx, log_path)
         print(summary(results))
     if world > 1:
         dist.destroy_process_group()
     return 0
+
+
+def evaluate_best_and_last(ctx: dict, eval_sets: dict) -> dict:
+    """The final evaluation of a run: best.pt's weights (the best val score, see headline) on every
+    split, and the last model's too where it is another model. Returns metrics.json's content:
+    {split: metrics} of best.pt (its "val": the val it was chosen by), "model": which weights
+    those are, and "last": the last model's {split: metrics}, or "same as best" when best.pt was
+    saved at the last step (then nothing is evaluated twice). Leaves best.pt's weights in the model.
+    """
+    cfg, model, state, out_dir = ctx["cfg"], ctx["model"], ctx["state"], ctx["out_dir"]
+    args = (ctx["device"], ctx["rank"], ctx["world"])
+    # Under torchrun rank 0 writes best.pt and every rank reads that file after this barrier, so
+    # that all ranks evaluate the same weights. Chosen over a copy of the best state_dict kept in
+    # memory on every rank: the file also holds a best model chosen before a --resume, and the
+    # numbers are those of the file that --eval-only and predict.py load. It needs the run
+    # directory on a file system that every rank sees (one machine, or a shared disk).
+    if ctx["world"] > 1:
+        dist.barrier()
+    best = load_checkpoint(os.path.join(out_dir, "best.pt"))
+    best_state = best["state"]
+    last = "same as best"
+    if best_state["step"] != state["step"]:
+        model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
+        last = {k: v for k, v in evaluate_all(cfg, model, eval_sets, *args, None, False).items()
+                if k not in ("dataset", "metric_definitions")}  # no pictures of it
+        if state.get("val_step") == state["step"]:
+            last["val"] = state["val"]
+        model.load_state_dict(best["model"])
+    # as --eval-only: the quantizer in warm-up (VQ(x) = x) if best.pt was saved during it
+    model.set_quantizer_warmup(best_state["step"] < cfg.quant_warmup_steps)
+    results = evaluate_all(cfg, model, eval_sets, *args, out_dir, ctx["main_proc"])
+    if best_state.get("val") is not None:
+        results["val"] = best_state["val"]
+    results["model"] = {"checkpoint": "best.pt", "step": best_state["step"], "epoch": best_state["epoch"],
+                        "val": None if best_state.get("val") is None else headline(best_state["val"])}
+    results["last"] = last
+    return results
 
 
 def forward_loss(model: SQD, train_model, criterion: SetCriterion, batch: dict, amp: bool,
@@ -819,12 +857,13 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
 
 
 def evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc) -> dict:
+    """Every split but val (val alone if it is the only one); out_dir None: no overlay pictures."""
     results = {"dataset": cfg.dataset, "metric_definitions": metrics.METRIC_DEFINITIONS}
     for name, ds in eval_sets.items():
         if name == "val" and len(eval_sets) > 1:
             continue
         # synthetic runs draw richer pictures of a few clips instead (write_clip_pictures)
-        overlays = main_proc and cfg.dataset != "synthetic"
+        overlays = main_proc and out_dir is not None and cfg.dataset != "synthetic"
         results[name] = evaluate(cfg, model, ds, name, device, rank, world,
                                  overlay_dir=out_dir if overlays else None)
     return results
@@ -889,13 +928,21 @@ HEADLINE = {
 
 
 def summary(results: dict) -> str:
-    """A small table of the headline numbers of every evaluated split (see HEADLINE)."""
+    """A small table of the headline numbers of every evaluated split (see HEADLINE), under a line
+    that names the evaluated weights (results["model"], where a training run wrote it)."""
     cols = HEADLINE[results["dataset"]]
-    splits = [k for k, v in results.items()
-              if isinstance(v, dict) and k not in ("metric_definitions", "train", "codebook")]
+    splits = [k for k, v in results.items() if isinstance(v, dict)
+              and k not in ("metric_definitions", "train", "codebook", "model", "last")]
     width = max(len(s) for s in splits) if splits else 5
-    lines = ["results (every measure: metrics.json):",
-             "  " + "split".ljust(width) + "".join(f"  {name:>17}" for name, _ in cols)]
+    lines = ["results (every measure: metrics.json):"]
+    if "model" in results:
+        m = results["model"]
+        name = "J&F" if results["dataset"] in ("s4", "ms3") else "mIoU"  # headline()'s measure
+        val = "no val score" if m["val"] is None else f"val {name} {m['val']:.3f}"
+        last = ("it is the last model" if results.get("last") == "same as best"
+                else 'the last model\'s numbers: metrics.json "last"')
+        lines.append(f"  model: {m['checkpoint']} (step {m['step']}, epoch {m['epoch']}, {val}); {last}")
+    lines.append("  " + "split".ljust(width) + "".join(f"  {name:>17}" for name, _ in cols))
     for split in splits:
         cells = []
         for _, key in cols:
@@ -906,6 +953,62 @@ def summary(results: dict) -> str:
             cells.append(f"  {v:>17.3f}" if present else f"  {'-':>17}")
         lines.append("  " + split.ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+def draw_curves(log_path: str, png_path: str, codebook_size: int) -> dict | None:
+    """curves.png from log.jsonl, against the training step: the eq. (8) loss terms (the last
+    decoder layer's; the auxiliary layers' _0, _1 ... left out), the eq. (9) terms, the val score
+    that picks best.pt (mIoU, or J&F on S4/MS3) and the codebook's words in use (usage x K) of the
+    global and the local tokens. Returns what the figure holds, {panel title: {line label: (steps,
+    values)}}, read back from its lines; None where matplotlib (optional) is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg backend: files only
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    steps = [r for r in rows if "loss" in r and "eval" not in r]   # the training lines
+    vals = [r for r in rows if r.get("eval") == "val"]
+
+    def series(lines, key, scale=1.0):
+        points = [(r["step"], r[key] * scale) for r in lines if key in r]
+        return [x for x, _ in points], [y for _, y in points]
+
+    keys = sorted({k for r in steps for k, v in r.items() if not isinstance(v, bool)})
+    measure = "mIoU" if any("miou_official" in r for r in vals) else "J&F"
+    panels = {
+        "eq. (8): segmentation loss terms": [(k, series(steps, k)) for k in keys
+                                             if k.startswith("loss_") and not re.search(r"_\d+$", k)],
+        "eq. (9): quantization terms": [(k, series(steps, k)) for k in keys if k.startswith("quant_")],
+        f"val {measure} (picks best.pt)": [(f"val {measure}", ([r["step"] for r in vals],
+                                                               [headline(r) for r in vals]))],
+        f"codebook words in use (of K = {codebook_size})": [
+            (name, series(steps, key, codebook_size))
+            for name, key in (("global", "codebook_usage"), ("local", "local_codebook_usage"))],
+    }
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    plotted = {}
+    for ax, (title, lines) in zip(fig.subplots(2, 2).flat, panels.items()):
+        for label, (x, y) in lines:
+            ax.plot(x, y, label=label, marker="." if len(x) < 30 else None)
+        ax.set(title=title, xlabel="step")
+        if any(x for _, (x, _) in lines):
+            ax.legend(fontsize=7)
+        plotted[title] = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+    tmp = f"{png_path}.tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, png_path)
+    return plotted
+
+
+def redraw_curves(ctx: dict, log_path: str) -> None:
+    """curves.png in the run directory (draw_curves); without matplotlib one line says so, once a run."""
+    drawn = draw_curves(log_path, os.path.join(ctx["out_dir"], "curves.png"), ctx["model"].cfg.codebook_size)
+    if drawn is None and not ctx.get("curves_skipped"):
+        ctx["curves_skipped"] = True
+        print("curves.png skipped: matplotlib is not installed (optional: pip install matplotlib)")
 
 
 # ----------------------------------------------------------------------------------------------

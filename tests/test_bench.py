@@ -131,3 +131,18 @@ def test_cli_eval_throughput_profile_and_channels_last(tmp_path):
     res = subprocess.run([sys.executable, "tools/bench.py", "--eval-steps", "-1", "--device", "cpu"],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "--eval-steps" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_backbone_flag_reaches_the_model(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "tools/bench.py", "--backbone", "resnet18", "--img-size", "32",
+                           "--steps", "1", "--warmup", "0", "--threads", "1", "--batch-size", "1",
+                           "--frames", "2", "--device", "cpu", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(out.read_text())
+    # the CPU preset with a ResNet-18 in place of its small CNN, counted here independently
+    params = sum(p.numel() for p in SQD(preset("cpu", num_classes=24, backbone="resnet18")).parameters())
+    assert r["backbone"] == "resnet18" and r["parameters"] == params
+    assert params != sum(p.numel() for p in SQD(preset("cpu", num_classes=24)).parameters())
+    assert "backbone resnet18" in proc.stdout

@@ -220,7 +220,7 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     # --standalone: the rendezvous takes a free port from the system; a fixed --master_port
     # fails whenever another run on the same machine holds it
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", "train.py", "--max-steps", "2", "--out",
+                           "--nproc_per_node", "2", "train.py", "--max-steps", "3", "--out",
                            str(run), *TINY], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -229,7 +229,10 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     # every test clip is evaluated exactly once across the two ranks
     assert metrics["test"]["num_real_frames"] == 4 * 5
-    assert sorted(losses(run)) == [1, 2]
+    assert sorted(losses(run)) == [1, 2, 3]
+    # 16 clips, 8 a rank, 2 steps an epoch: val after step 2 chose best.pt, which both ranks read
+    # back for the final evaluation; the last model (step 3) was evaluated apart
+    assert metrics["model"]["step"] == 2 and metrics["last"]["test"]["num_real_frames"] == 4 * 5
 
 
 def test_recipes_paper_for_avsbench_ours_for_synthetic_and_flags_win():
@@ -592,6 +595,46 @@ def test_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeyp
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_path):
+    run = tmp_path / "run"
+    # 8 clips of 4: 2 steps an epoch, 2 epochs, val evaluated after steps 2 and 4
+    proc = train("--epochs", "2", "--train-clips", "8", "--batch-size", "4", "--eval-clips", "4",
+                 "--audio-regime", "scratch", "--threads", "1", "--num-overlays", "0", "--out", str(run))
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    vals = [r for r in log if r.get("eval") == "val"]
+    assert [(r["epoch"], r["step"]) for r in vals] == [(1, 2), (2, 4)]
+    best = max(vals, key=lambda r: r["miou_official"])  # the first of equal scores, as best.pt keeps
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["model"] == {"checkpoint": "best.pt", "step": best["step"], "epoch": best["epoch"],
+                                "val": best["miou_official"]}
+    assert torch.load(run / "best.pt", weights_only=True)["state"]["step"] == best["step"]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("eval", "epoch", "step")}  # noqa: E731
+    assert metrics["val"] == strip(best)
+    # the printed table says which weights it shows
+    assert (f"model: best.pt (step {best['step']}, epoch {best['epoch']}, "
+            f"val mIoU {best['miou_official']:.3f})") in proc.stdout
+    assert (run / "curves.png").is_file() and (run / "curves.png").stat().st_size > 10_000
+    splits = ["test", "test-seen-multi", "test-unseen", "val-unseen"]
+    if best["step"] == 4:
+        assert metrics["last"] == "same as best"
+    else:  # the last model (step 4), evaluated on every split with its own val
+        assert sorted(metrics["last"]) == sorted(splits + ["val"])
+        assert metrics["last"]["val"] == strip(vals[-1])
+    # tools/ablate.py reads its columns from the splits of metrics.json, val included
+    from tools import ablate
+    row = ablate.collect_run({"out": str(run), "name": "full", "seed": 0, "start": time.time()})
+    assert row["metrics"]["val mIoU"] == best["miou_official"]
+    assert row["metrics"]["test mIoU"] == metrics["test"]["miou_official"]
+    # the table's numbers are best.pt's: --eval-only of that file gives them again (on this machine
+    # the two models differ in test's multi-source F, so evaluating last.pt would not)
+    ev = tmp_path / "eval"
+    train("--eval-only", "--checkpoint", str(run / "best.pt"), "--eval-clips", "4", "--threads", "1",
+          "--out", str(ev))
+    again = json.loads((ev / "metrics.json").read_text())
+    for split in splits:
+        assert again[split] == metrics[split], split
+
+
 def test_final_print_is_a_small_table_of_the_headline_numbers():
     from train import summary
     synthetic = {"dataset": "synthetic", "metric_definitions": {"x": "y"}, "train": {"steps": 3},
@@ -609,6 +652,15 @@ def test_final_print_is_a_small_table_of_the_headline_numbers():
     s4 = {"dataset": "s4", "metric_definitions": {}, "test": {"j_official": 0.5, "f_official": 0.25,
                                                              "jf_official": 0.375, "num_frames": 4}}
     assert summary(s4).splitlines()[2].split() == ["test", "0.500", "0.250", "0.375"]
+    # a training run names the evaluated weights above the table; "model" and "last" are no splits
+    s4.update(model={"checkpoint": "best.pt", "step": 26, "epoch": 2, "val": 0.625},
+              last={"test": {"j_official": 0.0, "f_official": 0.0, "jf_official": 0.0}})
+    lines = summary(s4).splitlines()
+    assert len(lines) == 4 and lines[3].split() == ["test", "0.500", "0.250", "0.375"]
+    assert lines[1] == ('  model: best.pt (step 26, epoch 2, val J&F 0.625); '
+                        'the last model\'s numbers: metrics.json "last"')
+    s4.update(model=dict(s4["model"], val=None), last="same as best")
+    assert summary(s4).splitlines()[1] == "  model: best.pt (step 26, epoch 2, no val score); it is the last model"
 
 
 def test_other_readings_of_the_papers_wording_reach_the_model_and_the_loss():

@@ -172,3 +172,25 @@ def test_local_path_never_changes_the_codebook(local_only):
     (g_first,) = torch.autograd.grad(crit.lambda_quant * out["quant"]["quant_codebook"], book)
     torch.testing.assert_close(g_total, g_first, rtol=1e-6, atol=1e-8)
     assert torch.count_nonzero(g_first) > 0
+
+
+@pytest.mark.parametrize("slots", [False, True])
+def test_slot_positions_are_the_query_positions_of_every_segm_layer(slots):
+    """slot_positions: each layer of TrD_segm receives the learned (N, C) slot_pos, the same rows
+    for every frame, as query positions; without the switch it receives none."""
+    model, batch = _model_and_batch(slot_positions=slots)
+    rec = Recorder()
+    for k, layer in enumerate(model.mask_decoder.decoder.layers):
+        rec.inputs(f"layer{k}", layer)
+    with torch.no_grad():
+        model(batch)
+    B, T, N = 2, 5, model.cfg.num_tokens
+    for k in range(len(model.mask_decoder.decoder.layers)):
+        args, kwargs = rec.calls[f"layer{k}"][0]
+        query_pos = args[2] if len(args) > 2 else kwargs.get("query_pos")    # (B*T, N, C) or None
+        if not slots:
+            assert query_pos is None
+            continue
+        pos = model.mask_decoder.slot_pos.detach()                          # (N, C)
+        assert query_pos.shape == (B * T, N, model.cfg.dim)
+        assert torch.equal(query_pos, pos[None].expand(B * T, N, -1))

@@ -46,6 +46,7 @@ How to run
     python tools/bench.py                                   # CPU preset, on cuda when there is one
     python tools/bench.py --device cpu --threads 2          # the CPU preset on the CPU
     python tools/bench.py --preset paper --amp              # the paper's model at 224, bf16 autocast
+    python tools/bench.py --preset paper --backbone swin-t  # another visual backbone (sqd.BACKBONES)
     python tools/bench.py --preset paper --amp --compile --json bench.json
     python tools/bench.py --preset paper --amp --matcher per-clip   # the per-clip matcher, to compare
     python tools/bench.py --preset paper --amp --channels-last --eval-steps 10 --profile 3
@@ -77,7 +78,7 @@ if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
 import data  # noqa: E402
 import train  # noqa: E402
 from matcher import SetCriterion  # noqa: E402
-from sqd import SQD  # noqa: E402
+from sqd import BACKBONES, SQD  # noqa: E402
 from tools import matcher_per_clip  # noqa: E402
 
 # Dense (no structured sparsity) peak tensor throughput in TFLOP/s, from NVIDIA's H100 and H200
@@ -103,6 +104,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", choices=["cpu", "paper"], default="cpu",
                    help="model preset (sqd.PRESETS): cpu (C = 64, small CNNs) or paper "
                         "(C = 256, ResNet-50, VGGish)")
+    p.add_argument("--backbone", choices=list(BACKBONES), default=None,
+                   help="visual backbone (sqd.BACKBONES); None: the preset's (cpu small, paper resnet50)")
     p.add_argument("--batch-size", type=int, default=4, help="B, clips per step (paper: 4)")
     p.add_argument("--frames", type=int, default=5, help="T, frames per clip (paper: 5)")
     p.add_argument("--img-size", type=int, default=None,
@@ -202,7 +205,8 @@ def run(args: argparse.Namespace, argv=None) -> int:
 
     # The model, loss, optimizer and one batch, as train.run builds them.
     cfg = train.TrainConfig(dataset="synthetic", preset=args.preset, img_size=args.img_size,
-                            frames=args.frames, batch_size=args.batch_size, amp=args.amp,
+                            backbone=args.backbone, frames=args.frames,
+                            batch_size=args.batch_size, amp=args.amp,
                             compile=args.compile, device=str(device), threads=args.threads,
                             seed=args.seed)
     dataset = train.make_dataset(cfg, "train", train=True)
@@ -250,7 +254,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
         "mode": mode,
         "compile": cfg.compile, "compile_mode": args.compile_mode,
         "matcher": args.matcher,
-        "preset": cfg.preset,
+        "preset": cfg.preset, "backbone": model_cfg.backbone,
         "batch_size": cfg.batch_size, "frames": cfg.frames, "img_size": cfg.img_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -512,7 +516,7 @@ def report(r: dict) -> str:
         ("mode", f"{r['mode']}; torch.compile "
                  + (("on" + (f", mode {r['compile_mode']}" if r.get("compile_mode") else ""))
                     if r["compile"] else "off")),
-        ("model", f"preset {r['preset']}, {r['parameters']:,} parameters "
+        ("model", f"preset {r['preset']}, backbone {r['backbone']}, {r['parameters']:,} parameters "
                   f"({r['trainable_parameters']:,} trainable)"),
         ("batch", f"B = {r['batch_size']} clips x T = {r['frames']} frames x "
                   f"{r['img_size']} x {r['img_size']}"),
