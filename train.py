@@ -659,7 +659,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
             # sets the codebook to the k-means centres of the warm-up tokens (sqd.set_quantizer_warmup)
             warmup = state["step"] < cfg.quant_warmup_steps
             model.set_quantizer_warmup(warmup)
-            if state["step"] == cfg.quant_warmup_steps and ctx["main_proc"]:
+            if state["step"] == cfg.quant_warmup_steps and ctx["main_proc"] and model.quantizers():
                 # the codebook the quantized steps start from (k-means after a warm-up, else the
                 # init): tools/diagnostics.py measures how far each word moves from here
                 atomic_save({"codebooks": [vq.codebook.detach().cpu().clone() for vq in model.quantizers()],

@@ -676,3 +676,20 @@ def test_other_readings_of_the_papers_wording_reach_the_model_and_the_loss():
     assert quant_weight(cfg, model_cfg) == 1.0
     model = SQD(model_cfg)
     assert model.local_asd.prototypes is not model.global_asd.prototypes
+
+
+def test_runs_past_the_warmup_write_codebook_start_and_its_drift_or_none_without_a_codebook(tmp_path):
+    """A synthetic run that passes the end of the quantizer warm-up saves the codebook it starts
+    from and reports the drift from it; the Table 2 baseline has no codebook, saves none and still
+    finishes (it once failed reading an empty list at the end)."""
+    for name, flags in (("full", []), ("baseline", ["--no-gsd", "--no-avsr", "--no-lsd"])):
+        out = tmp_path / name
+        train(*TINY, "--quant-warmup-steps", "1", "--max-steps", "2", "--out", str(out), *flags)
+        start = out / "codebook_start.pt"
+        metrics = json.loads((out / "metrics.json").read_text())
+        if name == "full":
+            saved = torch.load(start, weights_only=True)
+            assert saved["step"] == 1 and saved["codebooks"][0].shape == (128, 64)
+            assert metrics["codebook"]["drift_max"] > 0                   # one quantized step moved it
+        else:
+            assert not start.exists() and "codebook" not in metrics
