@@ -33,7 +33,6 @@ L decoder layers.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -50,6 +49,7 @@ if ROOT not in sys.path:
 import data  # noqa: E402
 from matcher import SetCriterion, track_batch  # noqa: E402
 from sqd import SQD, ModelConfig, _frame_tokens  # noqa: E402
+from tools.pretrain_audio import _one_thread, save_weights  # noqa: E402
 
 DEFAULT_STEPS = 1000       # the same number of steps as the default SQD run
 KEPT = ("visual_encoder.", "fpn.", "mask_decoder.")  # the modules a pretraining hands to SQD
@@ -97,16 +97,6 @@ def fixed_assignment(real: torch.Tensor, layers: int) -> torch.Tensor:
     slots = torch.arange(Kc).expand(B, Kc)                               # (B, Kc)
     one = torch.where(real, slots, -1)                                   # (B, Kc)
     return one.repeat(1, layers)                                         # (B, L*Kc)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _batch(dataset, indices):
@@ -175,7 +165,6 @@ def cached_weights(folder: str, cfg: ModelConfig, benchmark: str, seed: int, ste
                    img_size: int = 64, log=print) -> str:
     """The path of the pretrained visual weights in `folder`, built by pretrain() on first use
     (written atomically). A file already there is returned as it is."""
-    from tools.pretrain_audio import save_weights
     path = os.path.join(folder, cache_name(cfg, benchmark, seed, steps))
     if os.path.isfile(path):
         if log:
@@ -212,7 +201,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from sqd import preset
     num_classes = data.SyntheticAVS("val", seed=args.seed, benchmark=args.benchmark, num_clips=1).num_classes
-    from tools.pretrain_audio import save_weights
     state, _ = pretrain(preset("cpu", num_classes=num_classes), args.benchmark, args.seed, args.steps)
     save_weights(state, args.out)
     return 0
