@@ -499,6 +499,8 @@ def run(cfg: TrainConfig) -> int:
                state=state, steps_per_epoch=steps_per_epoch,
                collapse_watch=CollapseWatch(model_cfg.num_tokens))
     log_path = os.path.join(out_dir, "log.jsonl")
+    if ckpt is None and main_proc and os.path.exists(os.path.join(out_dir, CODEBOOK_START)):
+        os.remove(os.path.join(out_dir, CODEBOOK_START))  # an earlier run's, in a reused --out
     try:
         while state["epoch"] < cfg.epochs:
             finished_epoch = train_one_epoch(ctx, log_path)
@@ -539,8 +541,8 @@ def run(cfg: TrainConfig) -> int:
             # a look inside the codebook (tools/diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
             from tools import diagnostics  # the lab tool, loaded only here: predict.py never loads it
             start = os.path.join(out_dir, CODEBOOK_START)  # written at the first quantized step
-            start = (torch.load(start, weights_only=True)["codebooks"][0].float().numpy()
-                     if os.path.isfile(start) else None)  # (K, C) the shared codebook then
+            codebooks = torch.load(start, weights_only=True)["codebooks"] if os.path.isfile(start) else []
+            start = codebooks[0].float().numpy() if codebooks else None  # (K, C) the shared codebook then
             diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir,
                                                  fit_dataset=eval_sets.get("val"), codebook_start=start)
             if diag:

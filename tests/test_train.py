@@ -681,9 +681,12 @@ def test_other_readings_of_the_papers_wording_reach_the_model_and_the_loss():
 def test_runs_past_the_warmup_write_codebook_start_and_its_drift_or_none_without_a_codebook(tmp_path):
     """A synthetic run that passes the end of the quantizer warm-up saves the codebook it starts
     from and reports the drift from it; the Table 2 baseline has no codebook, saves none and still
-    finishes (it once failed reading an empty list at the end)."""
+    finishes (it once failed reading an empty list at the end). A codebook_start.pt left in a
+    reused --out by an earlier run is not taken for this run's."""
     for name, flags in (("full", []), ("baseline", ["--no-gsd", "--no-avsr", "--no-lsd"])):
         out = tmp_path / name
+        out.mkdir()
+        torch.save({"codebooks": [], "step": 7}, out / "codebook_start.pt")  # an earlier run's, in a reused --out
         train(*TINY, "--quant-warmup-steps", "1", "--max-steps", "2", "--out", str(out), *flags)
         start = out / "codebook_start.pt"
         metrics = json.loads((out / "metrics.json").read_text())
