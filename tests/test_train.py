@@ -180,6 +180,43 @@ def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer):
     assert proc.stderr.count(f"{wav}: 1.5 s of audio; expected 9.615 s") == (name == "avss"), proc.stderr[-3000:]
 
 
+@pytest.mark.parametrize("backbone", ["swin-t", "video-swin-t"])
+def test_swin_backbones_train_and_evaluate_on_avss_from_a_torchvision_layout_file(tmp_path, backbone):
+    """train.py --backbone swin-t / video-swin-t --backbone-weights FILE on the miniature AVSS
+    layout. FILE is a state_dict of this repository's networks in torchvision's layout (the video
+    one with the Kinetics (96, 3, 2, 4, 4) patch kernel). The full Swin-T is kept; the CPU preset
+    around it (C = 64, SmallVGG audio) keeps the run small: with the paper preset (118 M
+    parameters, two 1.4 GB checkpoints) the same run took over 20 s of CPU."""
+    from encoders import SwinTransformer, VideoSwinTransformer
+    root = tmp_path / "data"
+    write_avss(str(root))
+    torch.manual_seed(123)  # not the run's seed: the file's weights are not the model's own init
+    net = SwinTransformer() if backbone == "swin-t" else VideoSwinTransformer(patch=(2, 4, 4))
+    weights = tmp_path / "backbone.pth"
+    torch.save(net.state_dict(), weights)
+    run = tmp_path / "run"
+    train("--dataset", "avss", "--data-root", str(root), "--preset", "cpu", "--backbone", backbone,
+          "--backbone-weights", str(weights), "--img-size", "64", "--frames", "2", "--max-steps", "1",
+          "--batch-size", "1", "--threads", "1", "--num-overlays", "0", "--out", str(run))
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["backbone"] == backbone
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0.0 <= metrics["test"]["miou_official"] <= 1.0
+    assert metrics["test"]["num_real_frames"] == 5 + 5 + 10   # v1s, v1m, v2 test clips, every frame
+    # the trained backbone is the file's, one AdamW step away (lr 1e-4 x 0.5 moves a weight ~5e-5);
+    # the per-frame Video Swin sums the file's patch kernel over its 2 time steps
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
+    prefix = "visual_encoder.backbone."
+    got = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    expected = net.state_dict()
+    if backbone == "video-swin-t":
+        expected["patch_embed.proj.weight"] = expected["patch_embed.proj.weight"].sum(2, keepdim=True)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        assert got[key].shape == value.shape, key
+        torch.testing.assert_close(got[key], value, rtol=0, atol=1e-3, msg=key)
+
+
 def test_missing_root_and_broken_file_fail_with_one_message_and_exit_code_2(tmp_path):
     proc = train("--dataset", "avss", "--data-root", str(tmp_path / "nowhere"), "--preset", "cpu",
                  check=False)
