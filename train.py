@@ -567,7 +567,8 @@ def evaluate_best_and_last(ctx: dict, eval_sets: dict) -> dict:
     # directory on a file system that every rank sees (one machine, or a shared disk).
     if ctx["world"] > 1:
         dist.barrier()
-    best = load_checkpoint(os.path.join(out_dir, "best.pt"))
+    # mapped from the file: the weights are read, the optimizer's state is not
+    best = load_checkpoint(os.path.join(out_dir, "best.pt"), mmap=True)
     best_state = best["state"]
     last = "same as best"
     if best_state["step"] != state["step"]:
