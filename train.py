@@ -566,6 +566,8 @@ def evaluate_best_and_last(ctx: dict, eval_sets: dict) -> dict:
     those are, and "last": the last model's {split: metrics}, or "same as best" when best.pt was
     saved at the last step (then nothing is evaluated twice). Leaves best.pt's weights in the model.
     """
+    # PAPER: the paper does not say which checkpoint its tables report; we report the one with the
+    # best val score, the usual model selection, and keep the last model's numbers beside it.
     cfg, model, state, out_dir = ctx["cfg"], ctx["model"], ctx["state"], ctx["out_dir"]
     args = (ctx["device"], ctx["rank"], ctx["world"])
     # Under torchrun rank 0 writes best.pt and every rank reads that file after this barrier, so
@@ -575,7 +577,8 @@ def evaluate_best_and_last(ctx: dict, eval_sets: dict) -> dict:
     # directory on a file system that every rank sees (one machine, or a shared disk).
     if ctx["world"] > 1:
         dist.barrier()
-    best = load_checkpoint(os.path.join(out_dir, "best.pt"))
+    # mapped from the file: the weights are read, the optimizer's state is not
+    best = load_checkpoint(os.path.join(out_dir, "best.pt"), mmap=True)
     best_state = best["state"]
     last = "same as best"
     if best_state["step"] != state["step"]:
