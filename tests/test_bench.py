@@ -69,6 +69,10 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
 
     # two timed steps; throughput numbers follow from them
     assert len(r["step_s"]) == 2 and r["step_s_mean"] == sum(r["step_s"]) / 2 > 0
+    # one thread: a step's CPU time is its work, never more than its wall time (small slack for
+    # the clocks' resolution)
+    assert len(r["step_cpu_s"]) == 2 and r["step_cpu_s_mean"] == sum(r["step_cpu_s"]) / 2 > 0
+    assert all(c <= w + 0.05 for c, w in zip(r["step_cpu_s"], r["step_s"]))
     assert abs(r["clips_per_s"] * r["step_s_mean"] - 2) < 1e-9
     assert 0 <= r["matcher_s_mean"] < r["step_s_mean"]
     assert abs(r["achieved_tflops"] - r["flops_total"] / r["step_s_mean"] / 1e12) < 1e-12

@@ -23,6 +23,8 @@ What this file measures
       step time      mean and median over --steps steps after --warmup untimed ones (the first
                      step, with torch.compile's compilation and cuDNN's algorithm search, is
                      shown apart); the device is synchronized around every step
+      CPU time       the process's CPU seconds per timed step (time.process_time, all threads):
+                     on a CPU shared with other jobs, the step's work without the waits for a core
       clips/s        batch size / mean step time
       peak memory    GPU: torch.cuda.max_memory_allocated over warm-up and timed steps;
                      CPU: the peak resident set size of the whole process (resource.getrusage),
@@ -264,6 +266,11 @@ def run(args: argparse.Namespace, argv=None) -> int:
         "step_s_median": statistics.median(timing["step_s"]),
         "step_s_min": min(timing["step_s"]),
         "step_s": timing["step_s"],
+        # CPU seconds of the process (all its threads): on a CPU shared with other jobs, the work
+        # of a step, which wall time mixes with the waits for a core
+        "step_cpu_s_mean": statistics.fmean(timing["cpu_s"]),
+        "step_cpu_s_median": statistics.median(timing["cpu_s"]),
+        "step_cpu_s": timing["cpu_s"],
         "matcher_s_mean": statistics.fmean(timing["matcher_s"]),
         "clips_per_s": cfg.batch_size / mean,
         "loss_first": timing["loss"][0], "loss_last": timing["loss"][-1],
@@ -357,8 +364,8 @@ def count_step_flops(model, criterion, batch: dict, amp: bool, per_clip: bool = 
 
 
 def time_steps(step, matcher, method: str, device: torch.device, warmup: int, steps: int) -> dict:
-    """Run warmup + steps steps; wall time of each timed step and of matcher.<method> inside it.
-    The losses are read once all steps are done."""
+    """Run warmup + steps steps; wall time of each timed step and of matcher.<method> inside it,
+    and the process's CPU time of each timed step. The losses are read once all steps are done."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -374,24 +381,25 @@ def time_steps(step, matcher, method: str, device: torch.device, warmup: int, st
         return out
 
     setattr(matcher, method, timed_matcher)
-    step_s, matcher_s, losses, first = [], [], [], None
+    step_s, cpu_s, matcher_s, losses, first = [], [], [], [], None
     try:
         for i in range(warmup + steps):
             sync()
             matcher_time[0] = 0.0
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             loss = step()
             sync()
-            dt = time.perf_counter() - t0
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
             if i == 0:
                 first = dt
             if i >= warmup:
                 step_s.append(dt)
+                cpu_s.append(dc)
                 matcher_s.append(matcher_time[0])
                 losses.append(loss)
     finally:
         delattr(matcher, method)                     # back to the class's method
-    return {"step_s": step_s, "matcher_s": matcher_s, "loss": [float(x) for x in losses],
+    return {"step_s": step_s, "cpu_s": cpu_s, "matcher_s": matcher_s, "loss": [float(x) for x in losses],
             "first_step_s": first}
 
 
@@ -523,6 +531,8 @@ def report(r: dict) -> str:
         ("step time", f"mean {r['step_s_mean']:.4f} s, median {r['step_s_median']:.4f} s, "
                       f"min {r['step_s_min']:.4f} s  ({r['steps']} steps after {r['warmup']} "
                       f"warm-up)"),
+        ("CPU time", f"mean {r['step_cpu_s_mean']:.4f} s, median {r['step_cpu_s_median']:.4f} s per "
+                     f"step (the process's CPU seconds, all threads)"),
         ("first step", first),
         ("matcher", f"{1000 * r['matcher_s_mean']:.1f} ms/step "
                     f"({100 * r['matcher_s_mean'] / r['step_s_mean']:.1f} % of the step; "
