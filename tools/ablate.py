@@ -89,6 +89,7 @@ ROWS = {
     # the visual side pretrained as referring segmentation (tools/pretrain_visual.py), for both
     "full_visual": ["--visual-regime", "pretrained"],
     "baseline_visual": ["--no-gsd", "--no-avsr", "--no-lsd", "--visual-regime", "pretrained"],
+    "slot_visual": ["--slot-positions", "--visual-regime", "pretrained"],
     # 3x the steps, lr x0.1 for the last third, the same for both
     "full_long": ["--epochs", "3", "--lr-drop-epoch", "3"],
     "baseline_long": ["--no-gsd", "--no-avsr", "--no-lsd", "--epochs", "3", "--lr-drop-epoch", "3"],
@@ -118,7 +119,8 @@ TABLES = {
         ("eq. 7 reads l_{i,t} unquantized (control)", "unquantized_local")],
     "Visual side pretrained as referring segmentation": [
         ("Table 2 baseline", "baseline"), ("full SQD", "full"),
-        ("Table 2 baseline, visual pretrained", "baseline_visual"), ("full SQD, visual pretrained", "full_visual")],
+        ("Table 2 baseline, visual pretrained", "baseline_visual"), ("full SQD, visual pretrained", "full_visual"),
+        ("full SQD, slot positions, visual pretrained", "slot_visual")],
     "Training length (3x the steps)": [
         ("Table 2 baseline", "baseline"), ("full SQD", "full"),
         ("Table 2 baseline, 3x", "baseline_long"), ("full SQD, 3x", "full_long")],
