@@ -460,7 +460,7 @@ def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_
     from tools import pretrain_audio
     cache = tmp_path / "cache"
     regime = ["--benchmark", "v2", "--audio-regime", "pretrained-frozen", "--audio-pretrain-steps", "3",
-              "--audio-pretrain-clips", "4", "--audio-cache", str(cache)]
+              "--audio-pretrain-clips", "4", "--audio-cache", str(cache), "--visual-regime", "scratch"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     first = train("--max-steps", "3", "--out", str(whole), *TINY, *regime)  # regime after TINY wins
     built = cache / "v2-s0-3-c4.pt"
@@ -503,6 +503,21 @@ def test_defaults_are_v2_and_the_pretrained_frozen_audio():
     # an evaluated checkpoint keeps its own regime
     ckpt = {"config": {"train": {"audio_regime": "scratch"}}}
     assert default_audio_regime(parse_args(["--eval-only"]), ckpt) == "scratch"
+
+
+def test_the_visual_side_is_pretrained_exactly_when_the_audio_network_is():
+    from train import default_audio_regime, default_visual_regime, parse_args
+    for flags, expected in (([], "pretrained"), (["--audio-regime", "scratch"], "scratch"),
+                            (["--preset", "paper"], "scratch"), (["--dataset", "avss"], "scratch")):
+        cfg = parse_args(flags)
+        assert cfg.visual_regime is None  # resolved in run(), after the audio regime
+        cfg.audio_regime = cfg.audio_regime or default_audio_regime(cfg, None)
+        assert default_visual_regime(cfg, None) == expected, flags
+    for saved in ("scratch", "pretrained"):  # an evaluated checkpoint keeps its own regime
+        ckpt = {"config": {"train": {"audio_regime": "pretrained-frozen", "visual_regime": saved}}}
+        cfg = parse_args(["--eval-only"])
+        cfg.audio_regime = default_audio_regime(cfg, ckpt)
+        assert default_visual_regime(cfg, ckpt) == saved
 
 
 @pytest.mark.parametrize("flags, words", [
