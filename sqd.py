@@ -88,9 +88,11 @@ class ModelConfig:
     # a reading of "distilling global semantics into local ones" that the equation does not write.
     local_memory_global: bool = False  # TrD_local(p_i | [f_{a,t}, e_1..e_N]) instead of (p_i | f_{a,t})
     # --- readings of the paper's silences, chosen on val (results/README.md, "Why full SQD loses")
-    # PAPER: TrD_segm's query positions are not given: with slot_positions each token index i has a
-    # learned position, as DETR / ReferFormer / R2VOS (decoders.SemanticMaskDecoder).
-    slot_positions: bool = False   # a learned (N, C) query position per token index in TrD_segm
+    # PAPER: TrD_segm's query positions are not given: each token index i has a learned position,
+    # as in DETR / ReferFormer / the first author's R2VOS (decoders.SemanticMaskDecoder); chosen on
+    # val (results/README.md, "Why full SQD loses"). Every row of Table 2 has it; for the baseline,
+    # whose learnable queries already differ per slot, it is a second learned vector per slot.
+    slot_positions: bool = True    # a learned (N, C) query position per token index in TrD_segm
     # PAPER: how the codebook is trained beyond eq. (9)'s first term is not said; codebook_ema
     # replaces that term by an exponential moving average of the global tokens (VQ-VAE-2 practice).
     codebook_ema: bool = False     # the shared codebook follows an EMA of the global tokens (decay 0.99)

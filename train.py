@@ -99,7 +99,7 @@ class TrainConfig:
     quant_sum: bool = False        # eq. (9) as sums over tokens and channels instead of means (x N*C)
     local_memory_global: bool = False  # not in the paper: eq. (6)'s memory also holds the clip's e_i
     # readings of the paper's silences and controls (results/README.md, "Why full SQD loses")
-    slot_positions: bool = False   # a learned query position per token index in TrD_segm (DETR, R2VOS)
+    no_slot_positions: bool = False  # TrD_segm's queries without a learned position per token index (the reading before the choice on val)
     codebook_ema: bool = False     # the codebook follows an EMA of the global tokens instead of eq. (9) term 1
     codebook_lr_mult: float = 1.0  # the codebook's learning rate is lr x this (an AdamW group of its own)
     unquantized_local: bool = False  # control: the mask decoder reads l_{i,t}, not VQ(l_{i,t}) (eq. 9 kept)
@@ -274,7 +274,7 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
                      use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook,
                      zero_audio=cfg.zero_audio, shared_prototypes=cfg.shared_prototypes,
                      avsr_from_g=cfg.avsr_from_g, local_memory_global=cfg.local_memory_global,
-                     slot_positions=cfg.slot_positions, codebook_ema=cfg.codebook_ema,
+                     slot_positions=not cfg.no_slot_positions, codebook_ema=cfg.codebook_ema,
                      unquantized_local=cfg.unquantized_local)
     if cfg.no_gsd and not cfg.no_avsr:
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")

@@ -125,8 +125,8 @@ def test_slot_positions_tell_two_equal_queries_apart():
 
 def test_slot_positions_flag_reaches_the_model():
     from train import TrainConfig, resolve
-    _, on = resolve(TrainConfig(slot_positions=True, audio_regime="scratch"), 3)
-    _, off = resolve(TrainConfig(audio_regime="scratch"), 3)
+    _, on = resolve(TrainConfig(audio_regime="scratch"), 3)  # the default
+    _, off = resolve(TrainConfig(no_slot_positions=True, audio_regime="scratch"), 3)
     assert SQD(on).mask_decoder.slot_pos.shape == (on.num_tokens, on.dim)
     assert SQD(off).mask_decoder.slot_pos is None
 
