@@ -439,6 +439,15 @@ def main(argv=None) -> int:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             pretrain_audio.cached_weights(cfg.audio_cache, benchmark, seed, cfg.audio_pretrain_steps,
                                           None, val_clips=EVAL_CLIPS)
+        # and the pretrained visual side (the default with this regime), so that two runs of one
+        # seed do not both build it
+        if any("--visual-regime" not in ROWS[n] for n in names):
+            from tools import pretrain_visual
+            num_classes = train.data.SyntheticAVS("val", benchmark=benchmark, num_clips=1).num_classes
+            run_cfg, model_cfg = train.resolve(train.TrainConfig(benchmark=benchmark), num_classes)
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
+                pretrain_visual.cached_weights(run_cfg.audio_cache, model_cfg, benchmark, seed,
+                                               img_size=run_cfg.img_size)
     log_dir = os.path.join(args.out, "logs", group_dir)
     os.makedirs(log_dir, exist_ok=True)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
