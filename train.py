@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -1062,25 +1063,48 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
     # unless --finetune-audio (resolve() sets model_cfg.freeze_audio, SQD applies it)
     audio_flag, audio_path = (("--vggish-weights", cfg.vggish_weights) if cfg.vggish_weights
                               else ("--audio-weights", cfg.audio_weights))
+    visual_path = None
+    if cfg.visual_regime == "pretrained" and not cfg.eval_only:
+        from tools import pretrain_visual  # the lab tool that pretrains; loaded only in this regime
+        visual_path = os.path.join(cfg.audio_cache, pretrain_visual.cache_name(
+            model_cfg, cfg.benchmark, cfg.seed, pretrain_visual.DEFAULT_STEPS))
+    child = None
+    if main_proc and visual_path and not os.path.isfile(visual_path) and cfg.audio_regime == "pretrained-frozen":
+        # both pretrainings are due (a first run): they are independent and each runs on one
+        # thread, so the visual one runs in a process of its own while this one builds the audio
+        child = multiprocessing.get_context("spawn").Process(
+            target=pretrain_visual.cached_weights,
+            args=(cfg.audio_cache, model_cfg, cfg.benchmark, cfg.seed, pretrain_visual.DEFAULT_STEPS),
+            kwargs=dict(img_size=cfg.img_size))
+        child.start()
+        print(f"visual pretraining: in process {child.pid}, while this one pretrains the audio network")
     if cfg.audio_regime == "pretrained-frozen" and not cfg.eval_only:  # (--eval-only: the checkpoint's)
-        audio_flag, audio_path = "--audio-regime pretrained-frozen", pretrained_audio_weights(cfg, main_proc)
+        try:
+            audio_path = pretrained_audio_weights(cfg, main_proc)
+        except BaseException:
+            if child is not None:
+                child.terminate()
+            raise
+        audio_flag = "--audio-regime pretrained-frozen"
     if audio_path:
         try:
             model.audio_encoder.load_net_weights(audio_path)
         except ValueError as e:
             raise UserError(f"{audio_flag}: {e}") from None
-    if cfg.visual_regime == "pretrained" and not cfg.eval_only:  # (--eval-only: the checkpoint's)
-        from tools import pretrain_visual  # the lab tool that pretrains; loaded only in this regime
-        if main_proc:  # built by rank 0 on first use, then every rank loads the file
+    if visual_path:  # (--eval-only: the checkpoint's)
+        if child is not None:
+            child.join()
+            if child.exitcode != 0 or not os.path.isfile(visual_path):
+                raise UserError(f"the visual pretraining stopped (exit code {child.exitcode}) "
+                                f"before writing {visual_path}; its error is printed above")
+        elif main_proc:  # built by rank 0 on first use, then every rank loads the file
             pretrain_visual.cached_weights(cfg.audio_cache, model_cfg, cfg.benchmark, cfg.seed,
-                                           img_size=cfg.img_size)
+                                           pretrain_visual.DEFAULT_STEPS, img_size=cfg.img_size)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-        path = os.path.join(cfg.audio_cache, pretrain_visual.cache_name(
-            model_cfg, cfg.benchmark, cfg.seed, pretrain_visual.DEFAULT_STEPS))
-        loaded = pretrain_visual.load_into(model, path)
+        loaded = pretrain_visual.load_into(model, visual_path)
         if main_proc:
-            print(f"visual side: {loaded} tensors of the visual encoder, FPN and mask decoder from {path}")
+            print(f"visual side: {loaded} tensors of the visual encoder, FPN and mask decoder from {visual_path}")
     backbone = cfg.backbone_weights or backbone_from_init
     if main_proc and cfg.preset == "paper" and not cfg.eval_only and not (backbone and audio_path):
         missing = [n for n, v in (("--backbone-weights", backbone),

@@ -85,3 +85,27 @@ def test_visual_regime_pretrained_loads_the_cached_file_in_train(tmp_path):
 def test_loss_weights_are_the_synthetic_recipes():
     from train import RECIPES
     assert pv.LOSS_WEIGHTS == {k: RECIPES["synthetic"][k] for k in pv.LOSS_WEIGHTS}
+
+
+def test_a_first_run_builds_both_pretrainings_at_once_and_gets_the_sequential_files(tmp_path, monkeypatch, capsys):
+    """With neither cached file there, train.load_pretrained builds the visual side in a spawned
+    process while it builds the audio network: each file is bit-identical to the one its pretraining
+    makes alone here (one thread, own random streams), and both are loaded into the model."""
+    from tools import pretrain_audio as pa
+    from train import TrainConfig, load_pretrained, resolve
+    monkeypatch.setattr(pv, "DEFAULT_STEPS", 2)  # passed to the child as an argument
+    cfg, model_cfg = resolve(TrainConfig(benchmark="v2", audio_regime="pretrained-frozen", visual_regime="pretrained",
+                                         audio_pretrain_steps=3, audio_pretrain_clips=4, eval_clips=4,
+                                         audio_cache=str(tmp_path)), 24)
+    model = SQD(model_cfg)
+    load_pretrained(cfg, model_cfg, model, main_proc=True)
+    assert "visual pretraining: in process" in capsys.readouterr().out  # the two ran at once
+    visual = torch.load(tmp_path / pv.cache_name(model_cfg, "v2", 0, 2), weights_only=True)
+    audio = torch.load(tmp_path / pa.cache_name("v2", 0, 3, 4), weights_only=True)
+    alone_visual, _ = pv.pretrain(model_cfg, "v2", 0, 2, img_size=cfg.img_size, log=None)
+    alone_audio, _ = pa.pretrain("v2", 0, 3, 4, 4, log=None)
+    for built, alone in ((visual, alone_visual), (audio, alone_audio)):
+        assert built.keys() == alone.keys() and all(torch.equal(built[k], alone[k]) for k in built)
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in visual.items())
+    assert all(torch.equal(own["audio_encoder.net." + k], v) for k, v in audio.items())
