@@ -15,7 +15,6 @@ Reading order
     1. QuantizerOutput        what one quantization returns
     2. VectorQuantizer        codebook, nearest_code (VQ of eq. 2), forward: straight-through,
                               the two eq. (9) terms, the `update_codebook=False` local path,
-                              ema_update (the EMA alternative to eq. 9's first term),
                               then, fenced off as not in the paper, the warm-up (VQ(x) = x
                               while the tokens learn to depend on the sound) and the k-means
                               initialisation of the codebook that ends it
@@ -67,9 +66,6 @@ class VectorQuantizer(nn.Module):
         dim:               C, width of tokens and codewords.
         warmup_memory:     how many of the most recent warm-up tokens are kept for the k-means
                            initialisation (see `set_warmup`; not in the paper).
-        ema:               train the codebook by an exponential moving average of the tokens that
-                           choose each word instead of by eq. (9)'s first term (`ema_update`).
-        ema_decay:         the EMA's decay (VQ-VAE-2: 0.99).
 
     Parameters and buffers:
         codebook:      (K, C) nn.Parameter, the codewords {e_k}, trained by the first term of eq. (9).
@@ -82,12 +78,10 @@ class VectorQuantizer(nn.Module):
     quantizer is in warm-up; the trainer sets it from the step count.
     """
 
-    def __init__(self, num_codes: int, dim: int, warmup_memory: int = 4096, ema: bool = False,
-                 ema_decay: float = 0.99):
+    def __init__(self, num_codes: int, dim: int, warmup_memory: int = 4096):
         super().__init__()
         self.num_codes = num_codes
         self.dim = dim
-        self.ema, self.ema_decay = ema, ema_decay
         # PAPER: the paper does not say how the codebook is initialised. The tokens it quantizes
         # leave a post-norm LayerNorm (the last step of every TrD layer), so each token has zero
         # mean and unit variance over its C channels, i.e. it lies on the sphere ||g||^2 = C
@@ -101,10 +95,7 @@ class VectorQuantizer(nn.Module):
         #    code is used, but VQ(g) is then almost 0, so the downstream decoder receives
         #    near-zero queries until the codebook has travelled a distance sqrt(C).
         codebook = F.layer_norm(torch.randn(num_codes, dim), (dim,))  # (K, C)
-        self.codebook = nn.Parameter(codebook, requires_grad=not ema)  # (K, C)
-        if ema:  # the EMA's running counts and sums per word; codebook = ema_sum / ema_count
-            self.register_buffer("ema_count", torch.ones(num_codes))  # (K,)
-            self.register_buffer("ema_sum", codebook.clone())  # (K, C)
+        self.codebook = nn.Parameter(codebook)  # (K, C)
         self.warmup = False
         self._first_call = True  # set_warmup has not looked at the buffers yet
         self.register_buffer("warmup_tokens", torch.zeros(warmup_memory, dim))  # (V, C)
@@ -167,10 +158,8 @@ class VectorQuantizer(nn.Module):
             codebook_loss, commitment_loss = zero, zero
         else:
             xd = flat.to(codes.dtype)  # (V, C)
-            if update_codebook and not self.ema:
+            if update_codebook:
                 codebook_loss = _mse(codes, xd.detach(), keep)  # eq. (9), first term ||VQ(g) - sg[g]||^2
-            elif update_codebook:
-                codebook_loss = _mse(codes.detach(), xd.detach(), keep)  # () term 1, reported; the EMA trains
             else:
                 codebook_loss = flat.new_zeros(())  # () the local path does not update the codebook
             commitment_loss = _mse(xd, codes.detach(), keep)  # eq. (9), second/third term ||sg[VQ(x)] - x||^2
@@ -182,9 +171,6 @@ class VectorQuantizer(nn.Module):
         # sg[e] + (x - sg[x]) rather than the usual x + sg[e - x]: the added term is exactly 0, so
         # the value is bit-for-bit the codeword (x + (e - x) can differ from e in the last bit).
         quantized = codes.detach().to(flat.dtype) + (flat - flat.detach())  # (V, C)
-        if self.ema and update_codebook and self.training:  # after this step's codes, as VQ-VAE-2
-            self.ema_update(flat.detach() if keep is None else flat.detach()[keep],
-                            indices if keep is None else indices[keep])  # (V', C), (V',)
         return QuantizerOutput(
             quantized=quantized.reshape(*lead, self.dim),  # (..., C)
             codes=codes.reshape(*lead, self.dim),  # (..., C)
@@ -192,28 +178,6 @@ class VectorQuantizer(nn.Module):
             codebook_loss=codebook_loss,
             commitment_loss=commitment_loss,
         )
-
-    @torch.no_grad()
-    def ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
-        """One EMA step of the codebook (VQ-VAE-2, Razavi et al. 2019), in place of eq. (9)'s first term.
-
-        Args:
-            flat: (V, C) the tokens of this step that train the codebook; indices: (V,) their words.
-        Each word k keeps n_k <- d n_k + (1 - d) |{x -> k}| and s_k <- d s_k + (1 - d) sum_{x -> k} x,
-        and becomes e_k = s_k / n_k: the running mean of the tokens that chose it. A word nobody
-        chooses keeps its place (both decay by d). Under DDP the counts and sums are summed over
-        ranks first, so the codebook stays identical everywhere.
-        """
-        d = self.ema_decay
-        onehot = F.one_hot(indices, self.num_codes).to(torch.float32)  # (V, K)
-        count = onehot.sum(0)  # (K,) tokens per word this step
-        total = onehot.t() @ flat.to(torch.float32)  # (K, C) their sum
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(count)
-            dist.all_reduce(total)
-        self.ema_count.mul_(d).add_(count, alpha=1 - d)  # (K,)
-        self.ema_sum.mul_(d).add_(total, alpha=1 - d)  # (K, C)
-        self.codebook.copy_(self.ema_sum / self.ema_count.clamp(min=1e-12)[:, None])  # (K, C)
 
     # ------------------------------------------------------------------------------------------
     # NOT IN PAPER: the quantizer warm-up and the k-means initialisation that ends it. Off unless
@@ -318,9 +282,6 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(centres.to(self.codebook.dtype))  # (K, C)
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(self.codebook, src=0)  # (K, C) rank 0's centres everywhere
-        if self.ema:  # the EMA starts from the k-means words, each with a count of one
-            self.ema_count.fill_(1.0)
-            self.ema_sum.copy_(self.codebook)  # (K, C)
         self.kmeans_done.fill_(True)
         return sizes
 

@@ -75,30 +75,13 @@ class ModelConfig:
     use_avsr: bool = True          # audiovisual semantic recombination, eq. (5) (Table 2)
     use_lsd: bool = True           # local semantic decomposition, eq. (6) (Table 2)
     shared_codebook: bool = True   # local tokens use the global codebook, eq. (9) (Table 2, "SC")
-    # PAPER: §3.3 derives the AVSR filters from the quantized e_i and, one sentence later, "from
-    # g_i"; e_i by default, g_i with avsr_from_g (results/README.md, "other readings").
-    avsr_from_g: bool = False      # AVSR (eq. 5) filters from g_i instead of e_i = VQ(g_i)
     avsr_batch_norm: bool = True   # eq. (5)'s BN (True) or a LayerNorm over channels (CPU preset)
-    # PAPER: eq. (4) and (6) both write p_i; whether the two ASDs share them is not said. Two
-    # sets by default; shared_prototypes=True ties them (results/README.md, "other readings").
-    shared_prototypes: bool = False   # one set of prototypes p_i for global and local ASD
     zero_audio: bool = False       # control: audio input replaced by zeros (vision alone)
-    # NOT IN PAPER: eq. (6)'s memory is the frame's audio f_{a,t} alone (one token, so every p_i
-    # receives the same message); local_memory_global adds the clip's quantized tokens e_i to it,
-    # a reading of "distilling global semantics into local ones" that the equation does not write.
-    local_memory_global: bool = False  # TrD_local(p_i | [f_{a,t}, e_1..e_N]) instead of (p_i | f_{a,t})
-    # --- readings of the paper's silences, chosen on val (results/README.md, "Why full SQD loses")
     # PAPER: TrD_segm's query positions are not given: each token index i has a learned position,
     # as in DETR / ReferFormer / the first author's R2VOS (decoders.SemanticMaskDecoder); chosen on
     # val (results/README.md, "Why full SQD loses"). Every row of Table 2 has it; for the baseline,
     # whose learnable queries already differ per slot, it is a second learned vector per slot.
-    slot_positions: bool = True    # a learned (N, C) query position per token index in TrD_segm
-    # PAPER: how the codebook is trained beyond eq. (9)'s first term is not said; codebook_ema
-    # replaces that term by an exponential moving average of the global tokens (VQ-VAE-2 practice).
-    codebook_ema: bool = False     # the shared codebook follows an EMA of the global tokens (decay 0.99)
-    # NOT IN PAPER (a control, never a default): eq. (7) reads l_{i,t} itself instead of
-    # VQ(l_{i,t}); eq. (9)'s third term is still computed, so the tokens stay near the codebook.
-    unquantized_local: bool = False  # the mask decoder's queries are l_{i,t}, not VQ(l_{i,t})
+    slot_positions: bool = True    # False only for tools/pretrain_visual.py (one query per category)
 
     def check(self) -> None:
         """Raise ValueError for an impossible combination of switches."""
@@ -108,11 +91,6 @@ class ModelConfig:
         if not self.shared_codebook and not (self.use_gsd and self.use_lsd):
             raise ValueError("--no-shared-codebook only means something with both GSD and LSD on "
                              "(it gives the local tokens a codebook of their own)")
-        if self.local_memory_global and not (self.use_gsd and self.use_lsd):
-            raise ValueError("--local-memory-global needs both GSD and LSD (the local decoder reads "
-                             "the global tokens)")
-        if self.unquantized_local and not self.use_lsd:
-            raise ValueError("--unquantized-local needs LSD (it is about the local tokens)")
         if self.num_tokens < 1 or self.codebook_size < 1:
             raise ValueError(f"num_tokens and codebook_size must be >= 1, got "
                              f"{self.num_tokens} and {self.codebook_size}")
@@ -199,18 +177,18 @@ class SQD(nn.Module):
         # (2) global semantic quantization: eq. (3), (4), the shared codebook, eq. (5)
         self.fusion = AudioVisualFusion(C, cfg.num_heads, cfg.ffn_dim)
         self.global_asd = AudioSemanticDecoder(C, N, cfg.dec_layers, cfg.num_heads, cfg.ffn_dim)
-        self.vq = VectorQuantizer(cfg.codebook_size, C, ema=cfg.codebook_ema)  # the shared codebook {e_k}
+        self.vq = VectorQuantizer(cfg.codebook_size, C)             # the shared codebook {e_k}
         self.avsr = nn.ModuleList(SemanticRecombination(C, N, batch_norm=cfg.avsr_batch_norm)
                                   for _ in range(3))
 
         # (3) local semantic calibration: eq. (6), the mask decoder with eq. (7)
         self.local_asd = AudioSemanticDecoder(C, N, cfg.dec_layers, cfg.num_heads, cfg.ffn_dim)
-        if cfg.shared_prototypes:
-            self.local_asd.prototypes = self.global_asd.prototypes     # the same p_i, one tensor
+        # PAPER: eq. (4) and (6) both write p_i; whether the two ASDs share them is not said. Two
+        # sets (one set lost on val: results/README.md, "other readings").
         # PAPER: Table 2's row without SC does not say what the local tokens use instead; we give
         # them a codebook of their own ("no shared codebook" ablation).
         self.local_vq = (None if cfg.shared_codebook
-                         else VectorQuantizer(cfg.codebook_size, C, ema=cfg.codebook_ema))
+                         else VectorQuantizer(cfg.codebook_size, C))
         self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
                                                 cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels,
                                                 cfg.dyn_layers,
@@ -266,8 +244,9 @@ class SQD(nn.Module):
             vq_g = self.vq(g)                                     # eq. (1)-(2): e_i = VQ(g_i)
             e_i = vq_g.quantized                                  # (B, N, C)  e_i, straight-through
             if cfg.use_avsr:
-                w_from = g if cfg.avsr_from_g else e_i            # (B, N, C)  what eq. (5)'s w_i read
-                F_v_prime = [avsr(w_from, F_l, frame_valid) for avsr, F_l in zip(self.avsr, F_v)]  # eq. (5)
+                # PAPER: §3.3 derives the filters from the quantized e_i and, one sentence later,
+                # "from g_i"; e_i here (g_i lost on val: results/README.md, "other readings")
+                F_v_prime = [avsr(e_i, F_l, frame_valid) for avsr, F_l in zip(self.avsr, F_v)]  # eq. (5)
         c2 = vis["c2"].flatten(0, 1)                              # (B*T, C2, h, w) backbone stride-4 map
         f_out = self.fpn([F_l.flatten(0, 1) for F_l in F_v_prime], c2)  # (B*T, Cm, h, w)
         f_out = f_out.unflatten(0, (B, T))                        # (B, T, Cm, h, w)
@@ -278,12 +257,10 @@ class SQD(nn.Module):
             # eq. (6) reads one frame's audio f_{a,t}: a memory of a single token per frame, so
             # the cross-attention weight is 1 and every prototype p_i receives the same message
             f_at = f_a.reshape(B * T, 1, C)                       # (B*T, 1, C)  eq. (6)'s memory
-            if cfg.local_memory_global:                           # NOT IN PAPER (see ModelConfig)
-                f_at = torch.cat([f_at, e_i.repeat_interleave(T, 0)], 1)  # (B*T, 1+N, C)
             l = self.local_asd(f_at)                              # (B*T, N, C)  eq. (6): l_{i,t}
             l = tokens["local"] = l.reshape(B, T, N, C)           # (B, T, N, C)
             vq_l = self.quantize_local(l, vq_g, frame_valid)      # VQ(l_{i,t}), the shared codebook
-            queries = l if cfg.unquantized_local else vq_l.quantized  # (B, T, N, C); l: a control
+            queries = vq_l.quantized                              # (B, T, N, C)  VQ(l_{i,t})
         else:
             queries = self.ablation_queries(f_a, vq_g)            # (B, T, N, C)
         # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as the recombined tokens F'_v of frame t,
@@ -356,30 +333,17 @@ class SQD(nn.Module):
         for vq in self.quantizers():
             vq.set_warmup(active)
 
-    def parameter_groups(self, lr: float, backbone_lr_mult: float = 0.5, weight_decay: float = 5e-4,
-                         codebook_lr_mult: float = 1.0):
+    def parameter_groups(self, lr: float, backbone_lr_mult: float = 0.5, weight_decay: float = 5e-4):
         """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4).
-        Frozen parameters (ResNet's unused fc, a frozen audio network, an EMA codebook) are left
-        out. With codebook_lr_mult != 1 the codebooks get a group of their own at
-        lr * codebook_lr_mult (PAPER: the paper gives one learning rate; a codeword trained by
-        eq. (9) alone moves at most about lr per step and coordinate)."""
-        backbone, codebook, rest = [], [], []
+        Frozen parameters (ResNet's unused fc, a frozen audio network) are left out."""
+        backbone, rest = [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            if name.startswith("visual_encoder.backbone."):
-                backbone.append(p)
-            elif codebook_lr_mult != 1.0 and name.endswith("vq.codebook"):
-                codebook.append(p)
-            else:
-                rest.append(p)
-        groups = [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "model"},
-                  {"params": backbone, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay,
-                   "name": "backbone"}]
-        if codebook:
-            groups.append({"params": codebook, "lr": lr * codebook_lr_mult,
-                           "weight_decay": weight_decay, "name": "codebook"})
-        return groups
+            (backbone if name.startswith("visual_encoder.backbone.") else rest).append(p)
+        return [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "model"},
+                {"params": backbone, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay,
+                 "name": "backbone"}]
 
 
 def _clip_tokens(F_v, pos, pad):

@@ -95,15 +95,7 @@ class TrainConfig:
     num_tokens: int | None = None     # N; None: preset's (paper 5)
     zero_audio: bool = False       # control: audio replaced by zeros (vision alone)
     # other readings of the paper's wording (results/README.md: tried if the global tokens ignore the sound)
-    shared_prototypes: bool = False  # one set of prototypes p_i for eq. (4) and (6), as the one symbol suggests
-    avsr_from_g: bool = False      # AVSR (eq. 5) filters from g_i ("learned from global semantic tokens") instead of e_i
-    quant_sum: bool = False        # eq. (9) as sums over tokens and channels instead of means (x N*C)
-    local_memory_global: bool = False  # not in the paper: eq. (6)'s memory also holds the clip's e_i
     # readings of the paper's silences and controls (results/README.md, "Why full SQD loses")
-    no_slot_positions: bool = False  # TrD_segm's queries without a learned position per token index (the reading before the choice on val)
-    codebook_ema: bool = False     # the codebook follows an EMA of the global tokens instead of eq. (9) term 1
-    codebook_lr_mult: float = 1.0  # the codebook's learning rate is lr x this (an AdamW group of its own)
-    unquantized_local: bool = False  # control: the mask decoder reads l_{i,t}, not VQ(l_{i,t}) (eq. 9 kept)
     quant_warmup_steps: int | None = None  # first steps with VQ(x) = x, then a k-means codebook (not in the paper); None: recipe (synthetic 300, AVSBench 0)
     # optimisation (paper §4, App. D)
     epochs: int | None = None      # None: recipe (s4/ms3 13, avss 16, synthetic see RECIPES)
@@ -230,16 +222,6 @@ def default_visual_regime(cfg: TrainConfig, ckpt: dict | None) -> str:
     return "pretrained" if cfg.audio_regime == "pretrained-frozen" else "scratch"
 
 
-def quant_weight(cfg: TrainConfig, model_cfg: ModelConfig) -> float:
-    """lambda_quant of eq. (8). quantize.py's eq. (9) terms are means over tokens and channels;
-    eq. (9) writes a sum over the N tokens of squared norms over C channels, so --quant-sum
-    multiplies them by N * C (a mean over clips and frames stays)."""
-    # NOT IN PAPER: eq. (9) is written with sums and App. D gives lambda_quant = 1. We take means by
-    # default (the VQ-VAE convention), which weighs the terms N * C times less against the
-    # segmentation losses (320 for the CPU preset); --quant-sum takes the sums.
-    return float(model_cfg.num_tokens * model_cfg.dim) if cfg.quant_sum else 1.0
-
-
 def check_audio_regime(cfg: TrainConfig) -> bool:
     """UserError for a flag that contradicts --audio-regime; True for pretrained-frozen."""
     if cfg.audio_regime != "pretrained-frozen":
@@ -273,10 +255,7 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
     overrides = dict(num_classes=num_classes,
                      use_gsd=not cfg.no_gsd, use_avsr=not (cfg.no_avsr or cfg.no_gsd),
                      use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook,
-                     zero_audio=cfg.zero_audio, shared_prototypes=cfg.shared_prototypes,
-                     avsr_from_g=cfg.avsr_from_g, local_memory_global=cfg.local_memory_global,
-                     slot_positions=not cfg.no_slot_positions, codebook_ema=cfg.codebook_ema,
-                     unquantized_local=cfg.unquantized_local)
+                     zero_audio=cfg.zero_audio)
     if cfg.no_gsd and not cfg.no_avsr:
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
     if cfg.audio_weights and cfg.vggish_weights:
@@ -307,11 +286,6 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
         raise UserError(f"--quant-warmup-steps must be >= 0, got {cfg.quant_warmup_steps}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
-    if cfg.codebook_lr_mult <= 0:
-        raise UserError(f"--codebook-lr-mult must be > 0, got {cfg.codebook_lr_mult}")
-    if cfg.codebook_lr_mult != 1.0 and cfg.codebook_ema:
-        raise UserError("--codebook-lr-mult has no effect with --codebook-ema (the EMA trains the "
-                        "codebook, not the optimizer); give one of them")
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.frames < 1:
         raise UserError("--epochs, --batch-size and --frames must be positive")
     if cfg.eval_only and not cfg.checkpoint:
@@ -451,8 +425,7 @@ def run(cfg: TrainConfig) -> int:
     load_pretrained(cfg, model_cfg, model, main_proc)
     # eq. (8) weights and eq. (10) matching costs: the same numbers (App. D gives one set)
     criterion = SetCriterion(model_cfg.num_classes,
-                             weights={name: getattr(cfg, name) for name in LOSS_WEIGHT_FIELDS},
-                             lambda_quant=quant_weight(cfg, model_cfg))
+                             weights={name: getattr(cfg, name) for name in LOSS_WEIGHT_FIELDS})
     out_dir = cfg.out or os.path.join("runs", f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = out_dir
     if main_proc:
@@ -467,8 +440,7 @@ def run(cfg: TrainConfig) -> int:
             print(json.dumps(results, indent=2))
         return 0
 
-    opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay,
-                                                   cfg.codebook_lr_mult))
+    opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
     sampler = ResumableSampler(len(train_set), True, cfg.seed, rank, world)
     # The loader draws its workers' base seed from `generator` when an epoch starts; a generator of
     # its own keeps that draw out of the global RNG, whose state a resumed run restores exactly.
@@ -1143,17 +1115,21 @@ def _last_checkpoint(ctx: dict) -> str:
 
 
 # The layout of a checkpoint; a checkpoint of another format is refused with a message.
+# 5: the mask decoder has slot positions, and the configs hold no option that val rejected (the
+#    EMA codebook, the other readings of eq. 4-6 and 9, the unquantized control).
 # 4: module names follow the paper (SQD.vq and local_vq, the codebook's VectorQuantizer;
-#    SemanticRecombination.norm) and the quantizer keeps no dead-code-revival state. A format 3
-#    checkpoint is read by renaming its keys (upgrade_format_3).
+#    SemanticRecombination.norm) and the quantizer keeps no dead-code-revival state.
 # 3: RNG states and config hold only tensors and plain Python values, so that a checkpoint loads
 #    with torch.load(weights_only=True), which rebuilds no arbitrary object and runs no code from
 #    the file; format 2 pickled numpy's RNG state and only loaded with weights_only=False.
 # 2: the visual encoder is length-independent (attention per scale, then over time) and the
 #    model config has no `frames`; format 1 (no "format" key) encoded windows of T frames.
-CHECKPOINT_FORMAT = 4
+CHECKPOINT_FORMAT = 5
 OLD_FORMATS = {1: "the visual encoder then encoded windows of T frames; retrain with this version",
-               2: "its RNG states need a full unpickle, which can run code; retrain with this version"}
+               2: "its RNG states need a full unpickle, which can run code; retrain with this version",
+               3: "its modules had other names; retrain with this version",
+               4: "its model had no slot positions and held options since removed; retrain with this "
+                  "version, or read it with `git checkout silent-choices`"}
 
 
 def load_checkpoint(path: str, mmap: bool = False) -> dict:
@@ -1182,32 +1158,10 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise UserError(f"{path}: not a train.py checkpoint (expected the keys model, config, state)")
     found = ckpt.get("format", 1)
-    if found == 3:
-        ckpt, found = upgrade_format_3(ckpt), CHECKPOINT_FORMAT
     if found != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: checkpoint format {found}, this code reads format "
                         f"{CHECKPOINT_FORMAT} ({OLD_FORMATS.get(found, 'unknown format')})")
     return ckpt
-
-
-def upgrade_format_3(ckpt: dict) -> dict:
-    """A format 3 checkpoint in format 4: its model keys renamed, revival's state and flag dropped."""
-    renames = [(r"^codebook\.", "vq."), (r"^local_codebook\.", "local_vq."),
-               (r"^(avsr\.\d+)\.bn\.", r"\1.norm.")]
-    model = {}
-    for key, value in ckpt["model"].items():
-        if key.endswith("code_usage"):
-            continue
-        for pattern, new in renames:
-            key = re.sub(pattern, new, key)
-        model[key] = value
-    config = {part: dict(values) for part, values in ckpt["config"].items() if isinstance(values, dict)}
-    for part in ("model", "train"):
-        config.get(part, {}).pop("revive_dead_codes", None)
-    if "avsr_from_quantized" in config.get("model", {}):
-        config["model"]["avsr_from_g"] = not config["model"].pop("avsr_from_quantized")
-    config = {**ckpt["config"], **config}
-    return {**ckpt, "format": CHECKPOINT_FORMAT, "model": model, "config": config}
 
 
 class deferred_interrupt:

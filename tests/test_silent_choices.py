@@ -104,7 +104,7 @@ def test_global_decoder_gradient_norm_is_the_norm_of_its_parameters_gradients():
 
 
 # ----------------------------------------------------------------------------------------------
-# B: the controls, each a flag
+# B: slot positions, the control that val chose (the others: tag silent-choices)
 # ----------------------------------------------------------------------------------------------
 
 def test_slot_positions_tell_two_equal_queries_apart():
@@ -123,70 +123,9 @@ def test_slot_positions_tell_two_equal_queries_apart():
         assert all(same) if equal else not any(same), (slots, same)
 
 
-def test_slot_positions_flag_reaches_the_model():
+def test_every_row_has_slot_positions_by_default():
     from train import TrainConfig, resolve
-    _, on = resolve(TrainConfig(audio_regime="scratch"), 3)  # the default
-    _, off = resolve(TrainConfig(no_slot_positions=True, audio_regime="scratch"), 3)
-    assert SQD(on).mask_decoder.slot_pos.shape == (on.num_tokens, on.dim)
-    assert SQD(off).mask_decoder.slot_pos is None
-
-
-def test_ema_update_is_the_running_mean_of_the_tokens_that_choose_each_word():
-    vq = VectorQuantizer(4, 2, ema=True, ema_decay=0.5).train()
-    with torch.no_grad():
-        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [-10.0, 0.0]]))
-        vq.ema_sum.copy_(vq.codebook)
-    assert not vq.codebook.requires_grad                                     # no optimizer moves it
-    x = torch.tensor([[1.0, 1.0], [3.0, 1.0], [9.0, 1.0]])                    # words 0, 0, 1
-    out = vq(x)
-    assert out.indices.tolist() == [0, 0, 1]
-    assert torch.equal(out.quantized, torch.tensor([[0.0, 0.0], [0.0, 0.0], [10.0, 0.0]]))  # old words
-    # by hand: n = 0.5 * 1 + 0.5 * count, s = 0.5 * e + 0.5 * sum, e = s / n
-    expected = torch.tensor([[(0.5 * 0 + 0.5 * 4.0) / 1.5, (0.5 * 0 + 0.5 * 2.0) / 1.5],
-                             [(0.5 * 10 + 0.5 * 9.0) / 1.0, (0.5 * 0 + 0.5 * 1.0) / 1.0],
-                             [0.0, 10.0], [-10.0, 0.0]])                    # unused words stay
-    assert torch.allclose(vq.codebook, expected)
-    before = vq.codebook.clone()
-    vq(x, update_codebook=False)                                             # the local path
-    vq.eval()(x)                                                             # evaluation
-    assert torch.equal(vq.codebook, before)
-
-
-def test_codebook_ema_flag_reaches_the_shared_codebook():
-    from train import TrainConfig, resolve
-    _, cfg = resolve(TrainConfig(codebook_ema=True, audio_regime="scratch"), 3)
-    model = SQD(cfg)
-    assert model.vq.ema and "vq.ema_sum" in model.state_dict()
-    assert all(p is not model.vq.codebook for g in model.parameter_groups(1e-3) for p in g["params"])
-
-
-def test_codebook_lr_mult_gives_the_codebook_a_group_of_its_own():
-    from train import TrainConfig, resolve
-    torch.manual_seed(0)
-    model = SQD(tiny_cfg(shared_codebook=False))
-    groups = {g["name"]: g for g in model.parameter_groups(1e-3, 0.5, 5e-4, codebook_lr_mult=25.0)}
-    assert groups["codebook"]["lr"] == pytest.approx(25e-3)
-    assert {id(p) for p in groups["codebook"]["params"]} == {id(model.vq.codebook), id(model.local_vq.codebook)}
-    assert "codebook" not in {g["name"] for g in model.parameter_groups(1e-3, 0.5, 5e-4)}
-    # the flag is read by train.py's optimizer
-    cfg, _ = resolve(TrainConfig(codebook_lr_mult=25.0, audio_regime="scratch"), 3)
-    assert cfg.codebook_lr_mult == 25.0
-    with pytest.raises(Exception, match="codebook-lr-mult"):
-        resolve(TrainConfig(codebook_lr_mult=25.0, codebook_ema=True, audio_regime="scratch"), 3)
-
-
-def test_unquantized_local_feeds_l_to_the_mask_decoder_and_keeps_eq9_third_term():
-    from test_wiring import Recorder
-    for flag in (False, True):
-        torch.manual_seed(0)
-        model = SQD(tiny_cfg(unquantized_local=flag)).eval()
-        rec = Recorder()
-        rec.inputs("mask", model.mask_decoder)
-        rec.output("local", model.local_asd)
-        with torch.no_grad():
-            out = model(random_batch())
-        queries = rec.calls["mask"][0][0][0]                                 # (B, T, N, C)
-        l = rec.outputs["local"][0].view(queries.shape)                      # l_{i,t}
-        codes = model.vq.codebook[out["indices"]["local"]]                   # (B, T, N, C)
-        assert torch.equal(queries, l if flag else codes)
-        assert out["quant"]["quant_commit_local"] > 0                        # eq. (9), third term
+    for flags in (dict(), dict(no_gsd=True, no_avsr=True, no_lsd=True)):  # full model, baseline
+        _, cfg = resolve(TrainConfig(audio_regime="scratch", **flags), 3)
+        assert SQD(cfg).mask_decoder.slot_pos.shape == (cfg.num_tokens, cfg.dim)
+    assert SQD(tiny_cfg(slot_positions=False)).mask_decoder.slot_pos is None  # the visual pretraining's

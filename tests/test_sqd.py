@@ -155,8 +155,6 @@ def test_paper_preset_builds_with_resnet50_and_runs_one_forward_pass():
     dict(use_avsr=False, use_lsd=False),                       # +GSD
     dict(use_lsd=False),                                       # +GSD+AVSR
     dict(shared_codebook=False),                               # +GSD+AVSR+LSD (no SC)
-    dict(avsr_from_g=True, shared_prototypes=True),
-    dict(local_memory_global=True),                            # not in the paper
     dict(codebook_size=1, num_tokens=1),                       # Tables 3 and 4 extremes
     dict(zero_audio=True),
 ])

@@ -302,39 +302,6 @@ def test_checkpoint_of_an_older_format_or_not_a_checkpoint_exits_2(tmp_path):
         assert "Traceback" not in proc.stderr
 
 
-def test_a_format_3_checkpoint_loads_with_its_keys_renamed(tmp_path):
-    """Format 3 named the codebook's quantizer `codebook` / `local_codebook` and eq. (5)'s norm `bn`,
-    and kept revival's `code_usage`; written here by hand from a format 4 model, it loads back to
-    exactly the format 4 weights and config, and the model takes them strictly."""
-    import dataclasses
-    from sqd import SQD, preset
-    from train import load_checkpoint
-    model = SQD(preset("cpu", shared_codebook=False, avsr_from_g=True))
-    new = model.state_dict()
-    old = {}
-    for key, value in new.items():
-        old_key = key.replace("local_vq.", "local_codebook.", 1) if key.startswith("local_vq.") else key
-        old_key = "codebook." + old_key[len("vq."):] if old_key.startswith("vq.") else old_key
-        for i in range(3):
-            old_key = old_key.replace(f"avsr.{i}.norm.", f"avsr.{i}.bn.")
-        old[old_key] = value
-    old["codebook.code_usage"] = torch.full((128,), 1 / 128)
-    old["local_codebook.code_usage"] = torch.full((128,), 1 / 128)
-    assert "codebook.codebook" in old and "avsr.0.bn.weight" in old and "local_codebook.codebook" in old
-    model_cfg = dataclasses.asdict(model.cfg)
-    old_cfg = {k: v for k, v in model_cfg.items() if k != "avsr_from_g"}
-    old_cfg.update(avsr_from_quantized=False, revive_dead_codes=False)
-    path = tmp_path / "f3.pt"
-    torch.save({"format": 3, "model": old, "config": {"model": old_cfg, "train": {"revive_dead_codes": False}},
-                "state": {"step": 0}}, path)
-    ckpt = load_checkpoint(str(path))
-    assert ckpt["format"] == 4 and ckpt["config"]["model"] == model_cfg and ckpt["config"]["train"] == {}
-    assert set(ckpt["model"]) == set(new)
-    assert all(torch.equal(ckpt["model"][k], new[k]) for k in new)
-    SQD(type(model.cfg)(**ckpt["config"]["model"])).load_state_dict(ckpt["model"])  # strict
-
-
-# ------------------------------------------------------------------------------ pretrained audio network
 
 def _audio_net(state: dict) -> dict:
     """The audio network's tensors in a model state_dict, under the network's own key names."""
@@ -713,21 +680,6 @@ def test_final_print_is_a_small_table_of_the_headline_numbers():
                         'the last model\'s numbers: metrics.json "last"')
     s4.update(model=dict(s4["model"], val=None), last="same as best")
     assert summary(s4).splitlines()[1] == "  model: best.pt (step 26, epoch 2, no val score); it is the last model"
-
-
-def test_other_readings_of_the_papers_wording_reach_the_model_and_the_loss():
-    from sqd import SQD
-    from train import parse_args, quant_weight, resolve
-    cfg, model_cfg = resolve(parse_args(["--shared-prototypes", "--avsr-from-g", "--quant-sum"]), 12)
-    assert model_cfg.shared_prototypes and model_cfg.avsr_from_g
-    model = SQD(model_cfg)
-    assert model.local_asd.prototypes is model.global_asd.prototypes     # one tensor p_i
-    assert quant_weight(cfg, model_cfg) == 5 * 64                         # N * C of the CPU preset
-    cfg, model_cfg = resolve(parse_args([]), 12)                          # the defaults
-    assert not model_cfg.shared_prototypes and not model_cfg.avsr_from_g
-    assert quant_weight(cfg, model_cfg) == 1.0
-    model = SQD(model_cfg)
-    assert model.local_asd.prototypes is not model.global_asd.prototypes
 
 
 def test_runs_past_the_warmup_write_codebook_start_and_its_drift_or_none_without_a_codebook(tmp_path):

@@ -132,26 +132,6 @@ def test_eq6_memory_is_the_frames_own_audio_vector_only():
     torch.testing.assert_close(a.view(2, 5, -1)[:, 0], b.view(2, 5, -1)[:, 0])
 
 
-def test_eq6_memory_with_the_clips_tokens_not_in_the_paper():
-    """--local-memory-global (not in the paper): TrD_local's memory for (clip b, frame t) is
-    [f_{a,t}, e_1, ..., e_N], the frame's audio vector and the clip's quantized global tokens."""
-    model, batch = _model_and_batch(local_memory_global=True)
-    rec = Recorder()
-    rec.inputs("local", model.local_asd)
-    rec.output("audio", model.audio_encoder)
-    with torch.no_grad():
-        out = model(batch)
-    memory = rec.calls["local"][0][0][0]                                    # (B*T, 1+N, C)
-    f_a = rec.outputs["audio"][0]                                           # (B, T, C)
-    e = model.vq.codebook.detach()[out["indices"]["global"]]                # (B, N, C) e_i
-    B, T, C = f_a.shape
-    assert memory.shape == (B * T, 1 + e.shape[1], C)
-    for b in range(B):
-        for t in range(T):
-            assert torch.equal(memory[b * T + t, 0], f_a[b, t])
-            assert torch.equal(memory[b * T + t, 1:], e[b])
-
-
 @pytest.mark.parametrize("local_only", [False, True])
 def test_local_path_never_changes_the_codebook(local_only):
     """The codebook's gradient comes from eq. (9)'s first term alone: the full loss gives exactly
