@@ -42,6 +42,10 @@ def test_duplicate_stats_on_a_hand_built_case():
     res = duplicate_stats(np.zeros((1, 1, 3), int), np.zeros((1, 1, 3, 2)), np.zeros((1, 1, 3, 2, 2)))
     assert res["duplicate_pairs"] == 3 and res["duplicate_pairs_equal_outputs"] == 3
     assert res["duplicate_frame_rate"] == 1.0 and res["kept_duplicate_frame_rate"] == 1.0  # p = 0.5 >= 0.1
+    # one token a frame (the N = 1 row): no pairs, so the rates say they are meaningless
+    res = duplicate_stats(np.zeros((2, 3, 1), int), np.zeros((2, 3, 1, 2)), np.zeros((2, 3, 1, 4, 4)))
+    assert res["duplicate_pairs"] == 0 and res["duplicate_pairs_equal_outputs"] == 0
+    assert np.isnan(res["duplicate_frame_rate"]) and np.isnan(res["kept_duplicate_frame_rate"])
 
 
 def test_codebook_drift_on_a_hand_built_case():

@@ -271,9 +271,12 @@ def duplicate_stats(local_codes: np.ndarray, logits: np.ndarray, masks: np.ndarr
         duplicate_pairs_equal_outputs: how many of them have equal class logits and masks (to
         atol): a decoder whose only query input is the codeword cannot tell them apart, so the
         Hungarian loss asks one to be an object and the other "no object" in vain.
-    Meaningless for N = 1 (no pairs): the rates are then 0 by construction.
+    Meaningless for N = 1 (no pairs): the rates are then NaN and the pair counts 0.
     """
     B, T, N = local_codes.shape
+    if N < 2:
+        return {"duplicate_frame_rate": float("nan"), "kept_duplicate_frame_rate": float("nan"),
+                "duplicate_pairs": 0, "duplicate_pairs_equal_outputs": 0}
     i, j = np.triu_indices(N, k=1)                                     # (pairs,) each
     same = local_codes[..., i] == local_codes[..., j]                  # (B, T, pairs)
     kept = 1.0 / (1.0 + np.exp(-logits.max(-1))) >= class_threshold    # (B, T, N)
