@@ -77,6 +77,14 @@ ROWS = {
     # The rows of the other readings of the paper's wording and of the silent-choice controls
     # used options that val rejected and that are gone; their stored runs are still reported
     # (aggregate), and `git checkout silent-choices` runs them again.
+    # the AVSBench recipes' quantizer on the synthetic start (results/README.md, "The AVSBench
+    # recipe's quantizer"): quantized from step 1; the AVSBench lr and App. D loss weights,
+    # quantized from step 1 and with the synthetic recipe's 300-step warm-up
+    "warmup0": ["--quant-warmup-steps", "0"],
+    "avsbench_recipe": ["--quant-warmup-steps", "0", "--lr", "1e-4", "--loss-mask", "5", "--loss-dice", "2",
+                        "--loss-bbox", "5", "--loss-giou", "2"],
+    "avsbench_recipe_warmup": ["--quant-warmup-steps", "300", "--lr", "1e-4", "--loss-mask", "5",
+                               "--loss-dice", "2", "--loss-bbox", "5", "--loss-giou", "2"],
     # 3x the steps, lr x0.1 for the last third, the same for both
     "full_long": ["--epochs", "3", "--lr-drop-epoch", "3"],
     "baseline_long": ["--no-gsd", "--no-avsr", "--no-lsd", "--epochs", "3", "--lr-drop-epoch", "3"],
@@ -108,6 +116,10 @@ TABLES = {
         ("Table 2 baseline", "baseline"), ("full SQD", "full"),
         ("Table 2 baseline, visual pretrained", "baseline_visual"), ("full SQD, visual pretrained", "full_visual"),
         ("full SQD, slot positions, visual pretrained", "slot_visual")],
+    "The AVSBench recipe's quantizer (val)": [
+        ("full SQD (synthetic recipe: 300-step warm-up)", "full"), ("quantized from step 1", "warmup0"),
+        ("AVSBench lr and loss weights, quantized from step 1", "avsbench_recipe"),
+        ("AVSBench lr and loss weights, 300-step warm-up", "avsbench_recipe_warmup")],
     "Training length (3x the steps)": [
         ("Table 2 baseline", "baseline"), ("full SQD", "full"),
         ("Table 2 baseline, 3x", "baseline_long"), ("full SQD, 3x", "full_long")],
@@ -149,6 +161,7 @@ VAL_COLUMNS = ("val mIoU", "val-unseen mIoU", "duplicate frames", "equal-output 
                "words (global)", "words (local)", "held signatures (global)")
 COLUMNS_OF = {"Silent choices (val; controls)": VAL_COLUMNS,
               "Training length (3x the steps)": ("val mIoU", "val-unseen mIoU"),
+              "The AVSBench recipe's quantizer (val)": VAL_COLUMNS,
               "Visual side pretrained as referring segmentation": VAL_COLUMNS}
 TABLE_COLUMNS = ("test mIoU", "test-seen-multi mIoU", "test-unseen mIoU", "multi-source J&F",
                  "single-source J&F", "decomp. recall (global)", "decomp. recall (local)",
