@@ -487,6 +487,8 @@ def run(cfg: TrainConfig) -> int:
                state=state, steps_per_epoch=steps_per_epoch,
                collapse_watch=CollapseWatch(model_cfg.num_tokens))
     log_path = os.path.join(out_dir, "log.jsonl")
+    if main_proc:
+        start_log(log_path, None if ckpt is None else state["step"])
     if ckpt is None and main_proc and os.path.exists(os.path.join(out_dir, CODEBOOK_START)):
         os.remove(os.path.join(out_dir, CODEBOOK_START))  # an earlier run's, in a reused --out
     try:
@@ -1285,6 +1287,19 @@ def write_json(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
     os.replace(tmp, path)
+
+
+def start_log(path: str, resumed_step: int | None) -> None:
+    """A new run starts its own log.jsonl (an earlier run's, in a reused --out, goes); a resumed
+    one keeps the lines up to its checkpoint's step and drops those after it, which it trains again."""
+    if resumed_step is None or not os.path.exists(path):
+        open(path, "w").close()
+        return
+    with open(path) as f:
+        kept = [line for line in f if json.loads(line).get("step", 0) <= resumed_step
+                and json.loads(line).get("eval") != "final"]
+    with open(path, "w") as f:
+        f.writelines(kept)
 
 
 def append_jsonl(path: str, obj: dict) -> None:

@@ -74,11 +74,18 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
     assert sorted(losses(run)) == [1, 2, 3, 4, 5]
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["state"]["step"] == 5
+    # the resumed run's log goes on from the checkpoint: each step once, one final evaluation
+    finals = lambda: [json.loads(line).get("eval") for line in open(run / "log.jsonl")].count("final")  # noqa: E731
+    assert logged_steps(run / "log.jsonl") == [1, 2, 3, 4, 5] and finals() == 1
 
     # --eval-only evaluates a checkpoint into a new directory
     ev = tmp_path / "eval"
     train("--eval-only", "--checkpoint", str(run / "last.pt"), "--out", str(ev), *TINY)
     assert "test" in json.loads((ev / "metrics.json").read_text())
+
+    # a new run in the same --out starts its own log
+    train("--max-steps", "2", "--out", str(run), *TINY)
+    assert logged_steps(run / "log.jsonl") == [1, 2] and finals() == 1
 
 
 def test_interrupted_and_resumed_run_reproduces_the_unbroken_losses(tmp_path):
