@@ -14,14 +14,14 @@ that are *heard* in that second. This file makes the batches the model reads:
 
 Two halves:
   * SyntheticAVS, the default `--dataset synthetic`: clips generated on the fly from
-    (seed, split, index), no files, under ~10 ms a clip at 64x64 on one core (v1 and v2).
+    (seed, split, index), no files, under ~10 ms a clip at 64x64 on one core.
     Categories have a look (shape x colour, so looks share single cues) and a sound. Visible
     objects whose category is silent in a frame are background, so only the audio says which
     visible objects to label. Multi-source clips switch sources on and off; the test-unseen split
-    has pairs of categories that never sound together in train. Two versions (`benchmark`): v1, a
-    harmonic tone per category in faint noise; v2, what the paper assumes: 24 categories built
-    from shared partials, a third of all category pairs held out, unreliable frames (low SNR,
-    dropouts, off-screen sounds), and a test-seen-multi split matched to test-unseen.
+    has pairs of categories that never sound together in train. It is built as the paper assumes:
+    24 categories made of shared partials, a third of all category pairs held out, unreliable
+    frames (low SNR, dropouts, off-screen sounds), and a test-seen-multi split matched to
+    test-unseen. This is version 2 (SYNTHETIC_VERSION); version 1 is retired (git tag synthetic-v1).
   * Readers of the real releases exactly as they are laid out on disk:
     AVSObjectDataset (S4 "Single-source", MS3 "Multi-sources") and AVSSDataset (AVSBench-semantic).
     The dataset cannot ship with the code: it is handed out by its authors on request.
@@ -37,7 +37,7 @@ tools/check_dataset.py walks a whole layout before a run and lists every problem
 Reading order
 -------------
  1. DataError, constants (ImageNet statistics, the AVSS classes and VOC palette)
- 2. SyntheticAVS            plan() (the recipe of a clip), generate() (pixels, audio, labels); v2 last
+ 2. SyntheticAVS            plan() (the recipe of a clip), generate() (audio, pixels, labels)
  3. file readers            read_image, decode_palette, read_wav, read_log_mel_pkl; short audio
  4. spatial transform       multi-scale crop for training, square resize for evaluation
  5. AVSObjectDataset        S4 and MS3 (binary: class 1 = sounding object)
@@ -120,27 +120,25 @@ def voc_palette(num_colours):
 # ----------------------------------------------------------------------------------------------
 # 2. The synthetic benchmark
 # ----------------------------------------------------------------------------------------------
-BENCHMARKS = ("v1", "v2")
-SYNTHETIC_SPLITS = {"train": 0, "val": 1, "test": 2, "test-unseen": 3}  # v1: split -> rng stream
-SYNTHETIC_SIZES = {"train": 4000, "val": 500, "test": 1000, "test-unseen": 1000}
-# v2 adds a split matched to test-unseen and a validation twin of test-unseen.
-SYNTHETIC_V2_SPLITS = {**SYNTHETIC_SPLITS, "test-seen-multi": 4, "val-unseen": 5}
-SYNTHETIC_V2_SIZES = {**SYNTHETIC_SIZES, "test-seen-multi": 1000, "val-unseen": 500}
-# The stream of a v2 clip's *schedule* (how many sources, when each sounds, how reliable each
+# Its version: it names the benchmark's cached pretrained weights, its runs' config and their
+# group in results/ablations.json. Version 1 is retired: git tag synthetic-v1 has its code.
+SYNTHETIC_VERSION = "v2"
+SYNTHETIC_SPLITS = {"train": 0, "val": 1, "test": 2, "test-unseen": 3,  # split -> rng stream
+                    "test-seen-multi": 4, "val-unseen": 5}
+SYNTHETIC_SIZES = {"train": 4000, "val": 500, "test": 1000, "test-unseen": 1000,
+                   "test-seen-multi": 1000, "val-unseen": 500}
+# The stream of a clip's *schedule* (how many sources, when each sounds, how reliable each
 # frame's audio is). test-seen-multi reads test-unseen's, so clip i of the two splits has the same
 # schedule and they differ only in which categories sound: their difference is "unseen" alone.
-V2_SCHEDULE_STREAM = {"train": 0, "val": 1, "test": 2, "test-unseen": 3, "test-seen-multi": 3,
-                      "val-unseen": 5}
+SCHEDULE_STREAM = {"train": 0, "val": 1, "test": 2, "test-unseen": 3, "test-seen-multi": 3,
+                   "val-unseen": 5}
 SHAPES = ("disc", "square", "triangle", "diamond", "ring", "cross")
 COLOURS = {"red": (0.85, 0.20, 0.20), "green": (0.20, 0.75, 0.30), "blue": (0.25, 0.35, 0.90),
            "yellow": (0.90, 0.80, 0.20), "magenta": (0.80, 0.25, 0.80), "cyan": (0.20, 0.80, 0.85)}
-TIMBRES = ("bright", "hollow", "soft")  # harmonics 1..8 at 1/h; odd harmonics at 1/h; 1..3 at 1/h^2
-AM_RATES = (0.0, 3.0, 6.0, 11.0)  # Hz: steady, slow tremolo, fast tremolo, flutter
-WAVETABLE = 1024  # samples of one period of each category's waveform
-# v2's parameters. NOT IN PAPER (synthetic data): the paper assumes independent sound
+# The benchmark's parameters. NOT IN PAPER (synthetic data): the paper assumes independent sound
 # events in a combinatorial space (§3.1) and frame audio that is less reliable than the clip's
 # (§3.4); every number here is ours, chosen with tools/probe_synthetic.py (results/probes.md).
-V2 = dict(
+SYNTHETIC = dict(
     num_classes=24,               # default Kc
     held_out_fraction=1 / 3,      # share of the Kc (Kc - 1) / 2 category pairs that never sound together in train
     pool_hz=(250.0, 3000.0),      # the shared partials, log-spaced in this range
@@ -148,7 +146,7 @@ V2 = dict(
     partials=3,                   # partials per category, drawn from the pool
     envelopes=("tremolo", "pulse"),             # a category's modulation shape ...
     rates=(2.0, 3.0, 4.5, 6.5, 9.5, 13.0),      # ... and rate (Hz)
-    design_seed=2,                # the category sounds are fixed (like v1's); only the held-out pairs follow the seed
+    design_seed=2,                # the category sounds are fixed; only the held-out pairs follow the seed
     on_prob=0.65,                 # a multi-source clip's source sounds in a frame with this probability
     offscreen_prob=0.6,           # probability that the third source of a 3-source clip is off-screen
     snr_db=(-2.0, 24.0),          # per-frame signal-to-noise ratio, uniform in dB
@@ -163,141 +161,143 @@ class SyntheticAVS(Dataset):
     """The synthetic audiovisual segmentation benchmark, generated on the fly (docs/data.md,
     "The synthetic benchmark").
 
-    Two versions, chosen by `benchmark`; v1 is kept exactly as it was first published.
+    Looks: category k (class id k + 1) looks like SHAPES[k % 6] in colour k // 6 (for Kc = 24,
+    6 shapes x 4 colours), so each shape and each colour is shared by several categories.
+    Instances jitter in position, size and colour. A clip: 1 to 4 visible objects of distinct
+    categories, drifting a little between frames; the visible objects that are not sources are
+    silent distractors, half of them sharing the shape or the colour of a source. A visible object
+    is labelled in a frame only if its category sounds in that frame, so vision alone cannot tell
+    which object to segment.
 
-    Looks (both): category k (class id k + 1) looks like SHAPES[k % num_shapes] in colour
-    k // num_shapes (v1: num_shapes = ceil(sqrt(Kc)), for Kc = 12 4 shapes x 3 colours; v2: all 6
-    shapes, for Kc = 24 6 shapes x 4 colours), so each shape and each colour is shared by several
-    categories. Instances jitter in position, size and colour. A clip: 1 to 4 visible objects of
-    distinct categories, drifting a little between frames; the visible objects that are not sources
-    are silent distractors, half of them sharing the shape or the colour of a source. A visible
-    object is labelled in a frame only if its category sounds in that frame, so vision alone
-    cannot tell which object to segment.
-
-    Clips (both): single-source (about half): one category sounds in every frame; multi-source:
-    2 or 3 categories, each switching on and off between frames, at least two at once in some frame;
-    sometimes one of them is off-screen (heard, never seen, never labelled).
-
-    v1 sounds: a harmonic tone per category with its own pitch (log-spaced 200..1600 Hz, ~3
-    semitones apart for Kc = 12), timbre (TIMBRES[k % 3]) and amplitude modulation
-    (AM_RATES[(k // 3) % 4]); +-2 % pitch jitter. Audio: the sum of the sounding tones + faint
-    white noise. Held out: a random perfect matching of the categories (Kc / 2 pairs).
-    Splits: train, val, test (same distribution) and test-unseen (multi-source clips whose sources
-    contain one of the held-out pairs, which sound together in at least one frame; a held-out pair
-    never sounds together, never even co-occurs as sources, in the other splits).
-
-    v2 sounds (what the paper assumes: independent sound events in a combinatorial space, frame
-    audio less reliable than the clip's): each category is V2['partials'] partials from one
+    Sounds (what the paper assumes: independent sound events in a combinatorial space, frame
+    audio less reliable than the clip's): each category is SYNTHETIC['partials'] partials from one
     shared pool (so a mixture is not a union of disjoint frequency bands; other categories'
     partials hide in it), with its own amplitude envelope (tremolo or pulses at its own rate), the
-    same for all its partials. Per frame: pink noise at an SNR drawn from V2['snr_db'] (some frames
-    near 0 dB), short dropouts that mute every source, and in half the clips off-screen sounds of
-    no category (chirps, noise bursts); a 3-source clip's third source is often off-screen.
-    Held out: V2['held_out_fraction'] of all category pairs, at random but touching every category,
-    cut in two disjoint halves: test-unseen's and val-unseen's. No held-out pair ever co-occurs as
-    sources in train, val, test or test-seen-multi.
-    v2 splits: train, val, test (single and multi-source, seen pairs only); test-seen-multi
-    (multi-source, seen pairs only, with test-unseen's schedules, see V2_SCHEDULE_STREAM);
+    same for all its partials. Per frame: pink noise at an SNR drawn from SYNTHETIC['snr_db'] (some
+    frames near 0 dB), short dropouts that mute every source, and in half the clips off-screen
+    sounds of no category (chirps, noise bursts). Audio: 1 s of 16 kHz per frame through the
+    VGGish front end (encoders.vggish_log_mel), one example per second.
+
+    Clips: single-source (about half): one category sounds in every frame; multi-source: 2 or 3
+    categories, each switching on and off between frames, at least two at once in some frame; a
+    3-source clip's third source is often off-screen (heard, never seen, never labelled).
+    Held out: SYNTHETIC['held_out_fraction'] of all category pairs, at random but touching every
+    category, cut in two disjoint halves: test-unseen's and val-unseen's. No held-out pair ever
+    co-occurs as sources in train, val, test or test-seen-multi.
+    Splits: train, val, test (single and multi-source, seen pairs only); test-seen-multi
+    (multi-source, seen pairs only, with test-unseen's schedules, see SCHEDULE_STREAM);
     test-unseen (multi-source: a held-out pair of the test half that sounds together in some frame,
     plus sometimes a third category seen with both); val-unseen (the same with the val half).
 
-    Audio (both): 1 s of 16 kHz per frame through the VGGish front end (encoders.vggish_log_mel),
-    one example per second.
-
     Args:
-        split: one of SYNTHETIC_SPLITS (v1) or SYNTHETIC_V2_SPLITS (v2).
+        split: one of SYNTHETIC_SPLITS.
         img_size: int, H = W of the generated frames (64 for the CPU preset, 224 for the paper's).
         frames: int, T frames per clip.
-        seed: int; clip `index` of `split` depends only on (benchmark, seed, split, index).
-        num_classes: int, Kc (v1 3..36, default 12; v2 12..36, default 24).
-        num_clips: int or None (SYNTHETIC_SIZES[split] or SYNTHETIC_V2_SIZES[split]).
+        seed: int; clip `index` of `split` depends only on (seed, split, index).
+        num_classes: int, Kc (12..36, default 24).
+        num_clips: int or None (SYNTHETIC_SIZES[split]).
         multi_source_ratio: float, fraction of multi-source clips in train/val/test.
-        offscreen_prob: float; v1: probability that a multi-source clip has an off-screen source
-            (default 0.15); v2: that a 3-source clip's third source is off-screen (V2).
-        noise_std: (lo, hi) range of the white-noise standard deviation of the audio (v1 only).
-        benchmark: 'v1' | 'v2'.
+        offscreen_prob: float, probability that a 3-source clip's third source is off-screen
+            (default SYNTHETIC['offscreen_prob']).
     Item: the dict of the file docstring with meta keys 'clip', 'split', 'index',
         'multi_source', 'sources', 'offscreen', 'distractors', 'visible' (class ids),
         'sounding' (T, Kc) nested bool lists (column c-1 is class id c; off-screen sources count),
-        'unseen_pair' ([a, b] class ids in test-unseen and val-unseen, else None); v1: 'pitch_hz'
-        (one per source); v2: 'benchmark', 'partials_hz' (per source), 'snr_db' (per frame),
-        'dropout' (per frame, bool), 'distractor_sounds' (number of events).
+        'unseen_pair' ([a, b] class ids in test-unseen and val-unseen, else None), 'benchmark'
+        (SYNTHETIC_VERSION), 'partials_hz' (per source), 'snr_db' (per frame), 'dropout' (per
+        frame, bool), 'distractor_sounds' (number of events).
     """
 
     def __init__(self, split="train", img_size=64, frames=5, seed=0, num_classes=None, num_clips=None,
-                 multi_source_ratio=0.5, offscreen_prob=None, noise_std=(0.002, 0.02), benchmark="v1"):
-        if benchmark not in BENCHMARKS:
-            raise ValueError(f"synthetic benchmark must be one of {list(BENCHMARKS)}, got {benchmark!r}")
-        v1 = benchmark == "v1"
-        splits, sizes = (SYNTHETIC_SPLITS, SYNTHETIC_SIZES) if v1 else (SYNTHETIC_V2_SPLITS, SYNTHETIC_V2_SIZES)
-        if split not in splits:
-            raise ValueError(f"synthetic {benchmark} split must be one of {list(splits)}, got {split!r}")
-        num_classes = (12 if v1 else V2["num_classes"]) if num_classes is None else num_classes
-        lowest = 3 if v1 else 12
-        if not lowest <= num_classes <= len(SHAPES) * len(COLOURS):
-            raise ValueError(f"synthetic {benchmark} num_classes must be in {lowest}..{len(SHAPES) * len(COLOURS)}")
-        self.benchmark = benchmark
+                 multi_source_ratio=0.5, offscreen_prob=None):
+        if split not in SYNTHETIC_SPLITS:
+            raise ValueError(f"synthetic split must be one of {list(SYNTHETIC_SPLITS)}, got {split!r}")
+        num_classes = SYNTHETIC["num_classes"] if num_classes is None else num_classes
+        if not 12 <= num_classes <= len(SHAPES) * len(COLOURS):
+            raise ValueError(f"synthetic num_classes must be in 12..{len(SHAPES) * len(COLOURS)}")
         self.split, self.img_size, self.frames, self.seed = split, int(img_size), int(frames), int(seed)
         self.num_classes = Kc = int(num_classes)
-        self.num_clips = sizes[split] if num_clips is None else int(num_clips)
+        self.num_clips = SYNTHETIC_SIZES[split] if num_clips is None else int(num_clips)
         self.multi_source_ratio = multi_source_ratio
-        self.offscreen_prob = (0.15 if v1 else V2["offscreen_prob"]) if offscreen_prob is None else offscreen_prob
-        self.noise_std = noise_std
+        self.offscreen_prob = SYNTHETIC["offscreen_prob"] if offscreen_prob is None else offscreen_prob
 
         # Looks: a shape x colour grid.
-        num_shapes = math.ceil(math.sqrt(Kc)) if v1 else len(SHAPES)
         colour_names = list(COLOURS)
-        self.shape_of = [SHAPES[k % num_shapes] for k in range(Kc)]
-        self.colour_name_of = [colour_names[k // num_shapes] for k in range(Kc)]
+        self.shape_of = [SHAPES[k % len(SHAPES)] for k in range(Kc)]
+        self.colour_name_of = [colour_names[k // len(SHAPES)] for k in range(Kc)]
         self.colour_of = np.array([COLOURS[c] for c in self.colour_name_of], dtype=np.float32)  # (Kc, 3)
         self.class_names = ["background"] + [f"{c} {s}" for c, s in zip(self.colour_name_of, self.shape_of)]
 
-        if v1:
-            self._v1_sounds_and_pairs()
-        else:
-            self._v2_sounds()
-            self._v2_pairs()
-        self._t = np.arange(self.frames * AUDIO_RATE) / AUDIO_RATE  # (Ns,) seconds
+        self._sounds()
+        self._pairs()
         # NOT IN PAPER (synthetic data, for speed): Gaussian noise is cut at a random
         # offset from one fixed bank; drawing fresh normals would take most of the ~10 ms budget
         # of a clip.
         need = max(self.frames * AUDIO_RATE, self.frames * self.img_size ** 2 * 3)  # samples per clip, audio or pixels
         bank = np.random.default_rng([self.seed, 104729])
         self._noise = bank.standard_normal(2 * need, dtype=np.float32)  # (2*need,)
-        if not v1:  # a second bank of band-limited pink noise for the audio
-            n = 2 * self.frames * AUDIO_RATE
-            white = np.random.default_rng([self.seed, 104729, 2]).standard_normal(n)  # (Ns,)
-            spectrum = np.fft.rfft(white)  # (Ns//2+1,)
-            hz = np.fft.rfftfreq(n, 1.0 / AUDIO_RATE)  # (Ns//2+1,)
-            lo, hi = V2["noise_band_hz"]
-            spectrum *= np.where((hz >= lo) & (hz <= hi), 1.0 / np.sqrt(np.maximum(hz, 1.0)), 0.0)  # 1/f power
-            pink = np.fft.irfft(spectrum, n)  # (Ns,)
-            self._pink = (pink / pink.std()).astype(np.float32)  # (Ns,) unit variance
+        n = 2 * self.frames * AUDIO_RATE  # a second bank of band-limited pink noise for the audio
+        white = np.random.default_rng([self.seed, 104729, 2]).standard_normal(n)  # (Ns,)
+        spectrum = np.fft.rfft(white)  # (Ns//2+1,)
+        hz = np.fft.rfftfreq(n, 1.0 / AUDIO_RATE)  # (Ns//2+1,)
+        lo, hi = SYNTHETIC["noise_band_hz"]
+        spectrum *= np.where((hz >= lo) & (hz <= hi), 1.0 / np.sqrt(np.maximum(hz, 1.0)), 0.0)  # 1/f power
+        pink = np.fft.irfft(spectrum, n)  # (Ns,)
+        self._pink = (pink / pink.std()).astype(np.float32)  # (Ns,) unit variance
 
-    def _v1_sounds_and_pairs(self):
-        """v1: a harmonic tone per category (one period in a wavetable); held out: a perfect matching."""
-        Kc = self.num_classes
-        # Sounds: pitch, timbre, modulation; one period of each waveform in a table.
-        self.pitches = 200.0 * 8.0 ** (np.arange(Kc) / (Kc - 1))  # (Kc,) Hz, log-spaced 200..1600
-        self.timbre_of = [TIMBRES[k % 3] for k in range(Kc)]
-        self.am_rate_of = np.array([AM_RATES[(k // 3) % 4] for k in range(Kc)])  # (Kc,) Hz
-        phase = np.arange(WAVETABLE) / WAVETABLE  # (WAVETABLE,) one period
-        self.wavetables = np.zeros((Kc, WAVETABLE), dtype=np.float32)  # (Kc, WAVETABLE)
+    def _sounds(self):
+        """Each category is SYNTHETIC['partials'] partials of a shared pool with its own envelope.
+
+        Sets partials_hz (Kc, partials), partial_amps (Kc, partials), envelope_of [str],
+        rate_of (Kc,) Hz. Two categories with the same envelope and rate share at most one partial,
+        so every category differs from every other in its partials or in its envelope."""
+        Kc, P, m = self.num_classes, SYNTHETIC["pool_size"], SYNTHETIC["partials"]
+        lo, hi = SYNTHETIC["pool_hz"]
+        self.pool_hz = lo * (hi / lo) ** (np.arange(P) / (P - 1))  # (pool_size,) Hz
+        design = np.random.default_rng([SYNTHETIC["design_seed"], 1009])
+        patterns = [(e, r) for e in SYNTHETIC["envelopes"] for r in SYNTHETIC["rates"]]
+        subsets, pattern_of = [], []
         for k in range(Kc):
-            if self.timbre_of[k] == "bright":
-                harmonics, amps = np.arange(1, 9), 1.0 / np.arange(1, 9)
-            elif self.timbre_of[k] == "hollow":
-                harmonics = np.array([1, 3, 5, 7]); amps = 1.0 / harmonics
-            else:
-                harmonics = np.arange(1, 4); amps = 1.0 / np.arange(1, 4) ** 2
-            keep = harmonics * self.pitches[k] * 1.02 < 7000.0  # stay inside VGGish's 125-7500 Hz
-            wave = (amps[keep, None] * np.sin(2 * np.pi * harmonics[keep, None] * phase)).sum(0)  # (WAVETABLE,)
-            self.wavetables[k] = wave / np.abs(wave).max()
+            pattern = k % len(patterns)
+            while True:
+                subset = tuple(sorted(int(i) for i in design.choice(P, size=m, replace=False)))
+                same = [subsets[j] for j in range(k) if pattern_of[j] == pattern]
+                if subset not in subsets and all(len(set(subset) & set(o)) <= 1 for o in same):
+                    break
+            subsets.append(subset)
+            pattern_of.append(pattern)
+        self.partial_index = np.array(subsets)  # (Kc, partials) indices into the pool
+        self.partials_hz = self.pool_hz[self.partial_index]  # (Kc, partials)
+        self.partial_amps = design.uniform(0.5, 1.0, (Kc, m))  # (Kc, partials)
+        self.envelope_of = [patterns[p][0] for p in pattern_of]
+        self.rate_of = np.array([patterns[p][1] for p in pattern_of])  # (Kc,) Hz
 
-        # Held-out pairs: a random perfect matching of the categories, fixed by the seed alone.
-        order = np.random.default_rng([self.seed, 7919]).permutation(Kc) + 1  # (Kc,) class ids
-        self.held_out_pairs = [tuple(sorted((int(order[2 * i]), int(order[2 * i + 1])))) for i in range(Kc // 2)]
-        self._held_out = set(self.held_out_pairs)
+    def _pairs(self):
+        """The held-out pairs: a random SYNTHETIC['held_out_fraction'] of all pairs, fixed by the seed.
+
+        Redrawn until every category is in some held-out pair and every held-out pair (a, b) has a
+        third category seen with both (test-unseen's 3-source clips need one). The first half of the
+        draw is test-unseen's (held_out_test_pairs), the second val-unseen's (held_out_val_pairs)."""
+        Kc = self.num_classes
+        pairs = [(a, b) for a in range(1, Kc + 1) for b in range(a + 1, Kc + 1)]
+        n_held = 2 * math.ceil(SYNTHETIC["held_out_fraction"] * len(pairs) / 2)  # even: two halves
+        rng = np.random.default_rng([self.seed, 7919, 2])
+        for _ in range(1000):
+            pick = rng.permutation(len(pairs))[:n_held]  # (n_held,)
+            self._held_out = {pairs[i] for i in pick}
+            touched = {c for pair in self._held_out for c in pair}
+            if len(touched) == Kc and all(self._thirds(pair) for pair in self._held_out):
+                break
+        else:  # not reached for Kc >= 12 and fractions up to 1/2
+            raise ValueError(f"no held-out set of {n_held} pairs touches all {Kc} categories")
+        self.held_out_test_pairs = sorted(pairs[i] for i in pick[: n_held // 2])
+        self.held_out_val_pairs = sorted(pairs[i] for i in pick[n_held // 2:])
+        self.held_out_pairs = sorted(self._held_out)
+
+    def _thirds(self, pair):
+        """Categories (class ids) that may join a held-out pair: seen with both of its members."""
+        a, b = pair
+        return [c for c in range(1, self.num_classes + 1)
+                if c not in pair and self.seen(a, c) and self.seen(b, c)]
 
     def __len__(self):
         return self.num_clips
@@ -308,9 +308,7 @@ class SyntheticAVS(Dataset):
         return self._noise[start:start + n]  # n values, a view; callers multiply (a new array)
 
     def _rng(self, index):
-        if self.benchmark == "v1":
-            return np.random.default_rng([self.seed, SYNTHETIC_SPLITS[self.split], int(index)])
-        return np.random.default_rng([self.seed, SYNTHETIC_V2_SPLITS[self.split], int(index), 2])
+        return np.random.default_rng([self.seed, SYNTHETIC_SPLITS[self.split], int(index), 2])
 
     def seen(self, a, b):
         """True when categories a and b (class ids) may sound together in train."""
@@ -319,41 +317,64 @@ class SyntheticAVS(Dataset):
     def plan(self, index, rng=None):
         """The recipe of clip `index`: which categories sound when, which are seen, where they are.
 
-        Returns: dict with 'multi_source' bool, 'sources' [class ids], 'on' (T, num_src) bool,
-            'offscreen' [class ids], 'distractors' [class ids], 'visible' [class ids] (drawing
-            order, back to front), 'sounding' (T, Kc) bool, 'unseen_pair' [a, b] or None;
-            v2 also 'snr_db' (T,), 'dropouts' [(t, start, length) in 10 ms steps] and
+        The schedule comes from the split's schedule stream (SCHEDULE_STREAM), the categories from
+        `rng`. Returns: dict with 'multi_source' bool, 'sources' [class ids], 'on' (T, num_src)
+            bool, 'offscreen' [class ids], 'distractors' [class ids], 'visible' [class ids]
+            (drawing order, back to front), 'sounding' (T, Kc) bool, 'unseen_pair' [a, b] or None,
+            'snr_db' (T,), 'dropouts' [(t, start, length) in 10 ms steps] and
             'distractor_sounds' [dict of one event].
         """
         rng = self._rng(index) if rng is None else rng
-        if self.benchmark == "v2":
-            return self._plan_v2(index, rng)
-        Kc, T = self.num_classes, self.frames
-        unseen = self.split == "test-unseen"
-        multi = unseen or rng.random() < self.multi_source_ratio
+        T = self.frames
+        sched = np.random.default_rng([self.seed, SCHEDULE_STREAM[self.split], int(index), 2, 1])
+        matched = self.split in ("test-unseen", "test-seen-multi", "val-unseen")
+        multi = matched or sched.random() < self.multi_source_ratio
+        if multi:
+            num_src = int(sched.integers(2, 4))
+            on = self._switching(sched, T, num_src, SYNTHETIC["on_prob"])  # (T, num_src)
+            third_offscreen = num_src == 3 and sched.random() < self.offscreen_prob
+        else:
+            num_src, third_offscreen = 1, False
+            on = np.ones((T, 1), dtype=bool)  # (T, 1) one source throughout
+        reliability = self._reliability(sched)
+
         pair = None
         if not multi:
-            sources = [int(rng.integers(1, Kc + 1))]
-            on = np.ones((T, 1), dtype=bool)  # (T, 1) one source throughout
+            sources = [int(rng.integers(1, self.num_classes + 1))]
+        elif self.split in ("test-unseen", "val-unseen"):
+            pool = self.held_out_test_pairs if self.split == "test-unseen" else self.held_out_val_pairs
+            pair = list(pool[rng.integers(len(pool))])
+            sources = pair[::-1] if rng.random() < 0.5 else list(pair)
+            if num_src == 3:  # a third source seen with both: the clip holds exactly one held-out pair
+                sources.append(int(rng.choice(self._thirds(tuple(pair)))))
         else:
-            if unseen:
-                pair = list(self.held_out_pairs[rng.integers(len(self.held_out_pairs))])
-                sources = pair[::-1] if rng.random() < 0.5 else list(pair)
-                if rng.random() < 0.5:  # a third source, any other category
-                    rest = [c for c in range(1, Kc + 1) if c not in sources]
-                    sources.append(int(rng.choice(rest)))
-            else:
-                num_src = int(rng.integers(2, 4))
-                sources = self._seen_sources(rng, num_src)
-            a, b = (sources.index(pair[0]), sources.index(pair[1])) if unseen else (0, 1)
-            on = self._switching(rng, T, len(sources), 0.65, a, b)  # (T, num_src)
-        offscreen = []
-        if multi and rng.random() < self.offscreen_prob:
-            candidates = [c for c in sources if pair is None or c not in pair]
-            if candidates:
-                offscreen = [int(rng.choice(candidates))]
+            sources = self._seen_sources(rng, num_src)
+        offscreen = [sources[2]] if third_offscreen else []  # the held-out pair stays visible
         return {"multi_source": bool(multi), "sources": sources, "on": on, "offscreen": offscreen,
-                **self._scene(rng, sources, offscreen, on), "unseen_pair": sorted(pair) if pair else None}
+                **self._scene(rng, sources, offscreen, on), "unseen_pair": sorted(pair) if pair else None,
+                **reliability}
+
+    def _reliability(self, sched):
+        """How reliable each frame's audio is: per-frame SNR, dropouts, non-category sounds.
+
+        Returns dict 'snr_db' (T,) float, 'dropouts' [(t, start, length)] in 10 ms steps within
+        frame t, 'distractor_sounds' [dict kind, start (s), duration (s), f0, f1 (Hz), amp]."""
+        T = self.frames
+        snr_db = sched.uniform(*SYNTHETIC["snr_db"], T)  # (T,)
+        dropouts = []
+        for t in range(T):
+            if sched.random() < SYNTHETIC["dropout_prob"]:
+                length = int(sched.integers(SYNTHETIC["dropout_ms"][0] // 10, SYNTHETIC["dropout_ms"][1] // 10 + 1))
+                dropouts.append((t, int(sched.integers(0, 100 - length + 1)), length))
+        events = []
+        if sched.random() < SYNTHETIC["distractor_prob"]:
+            for _ in range(int(sched.integers(1, 4))):
+                duration = float(sched.uniform(0.1, 0.4))
+                events.append({"kind": "chirp" if sched.random() < 0.5 else "burst",
+                               "start": float(sched.uniform(0, T - duration)), "duration": duration,
+                               "f0": float(sched.uniform(300, 4000)), "f1": float(sched.uniform(300, 4000)),
+                               "amp": float(sched.uniform(0.05, 0.2))})
+        return {"snr_db": snr_db, "dropouts": dropouts, "distractor_sounds": events}
 
     def _seen_sources(self, rng, num_src):
         """num_src distinct categories, no held-out pair among them (rejection sampling)."""
@@ -364,16 +385,16 @@ class SyntheticAVS(Dataset):
                 return sources
 
     @staticmethod
-    def _switching(rng, T, num_src, on_prob, a, b):
+    def _switching(rng, T, num_src, on_prob):
         """The on/off table (T, num_src) bool of a multi-source clip: each source sounds in a frame
-        with probability on_prob and in at least one frame, sources a and b sound together in at
+        with probability on_prob and in at least one frame, sources 0 and 1 sound together in at
         least one frame, and (T > 1) some source switches."""
         on = rng.random((T, num_src)) < on_prob  # (T, num_src) sources switch on and off
         for s in range(num_src):  # every source sounds in some frame
             if not on[:, s].any():
                 on[rng.integers(T), s] = True
-        if not (on[:, a] & on[:, b]).any():  # two sources (a held-out pair in test-unseen) sound together once
-            on[rng.integers(T), [a, b]] = True
+        if not (on[:, 0] & on[:, 1]).any():  # sources 0 and 1 (the held-out pair in test-unseen) sound together once
+            on[rng.integers(T), [0, 1]] = True
         if T > 1 and on.all():  # at least one switch; the other frames keep the co-occurrence
             on[rng.integers(T), rng.integers(num_src)] = False
         return on
@@ -410,10 +431,7 @@ class SyntheticAVS(Dataset):
         """
         rng = self._rng(index)
         p = self.plan(index, rng)
-        if self.benchmark == "v1":
-            waveform, extra = self._audio_v1(p, rng)
-        else:
-            waveform, extra = self._audio_v2(p, rng)
+        waveform, extra = self._audio(p, rng)
         log_mel = self.log_mel(waveform)  # (T, 96, 64)
         frames, object_map, labels = self._pixels(p, rng)
         meta = {"clip": f"synthetic/{self.split}/{index}", "split": self.split, "index": int(index),
@@ -431,7 +449,7 @@ class SyntheticAVS(Dataset):
         """
         rng = self._rng(index)
         p = self.plan(index, rng)
-        waveform, _ = (self._audio_v1 if self.benchmark == "v1" else self._audio_v2)(p, rng)
+        waveform, _ = self._audio(p, rng)
         return {"waveform": waveform, "log_mel": self.log_mel(waveform), "plan": p}
 
     def generate_pixels(self, index):
@@ -442,7 +460,7 @@ class SyntheticAVS(Dataset):
         """
         rng = self._rng(index)
         p = self.plan(index, rng)
-        (self._audio_v1 if self.benchmark == "v1" else self._audio_v2)(p, rng)
+        self._audio(p, rng)
         frames, object_map, labels = self._pixels(p, rng)
         return {"frames": frames, "object_map": object_map, "labels": labels}
 
@@ -453,176 +471,8 @@ class SyntheticAVS(Dataset):
         return np.concatenate([vggish_log_mel(waveform[t * AUDIO_RATE:(t + 1) * AUDIO_RATE], AUDIO_RATE)
                                for t in range(self.frames)])  # (T, 96, 64)
 
-    def _audio_v1(self, p, rng):
-        """v1 audio: each source's tone gated by its on/off schedule, plus white noise.
-
-        Returns (waveform (T*16000,) float32, meta entries {'pitch_hz': [...]})."""
-        T = self.frames
-        waveform = self._noisy(rng, T * AUDIO_RATE) * np.float32(rng.uniform(*self.noise_std))  # (Ns,)
-        pitch_hz = []
-        one_second = np.arange(AUDIO_RATE)  # (16000,) sample index within a second
-        for s, c in enumerate(p["sources"]):
-            # NOT IN PAPER (synthetic data, for speed): the instance pitch (+-2 % jitter)
-            # is rounded to whole hertz, so one second of the tone repeats exactly and is tiled
-            # over the clip with continuous phase.
-            f0 = int(round(self.pitches[c - 1] * rng.uniform(0.98, 1.02)))  # Hz
-            pitch_hz.append(float(f0))
-            cycles = (f0 * one_second) % AUDIO_RATE  # (16000,) exact phase in 1/16000 of a cycle
-            start = int(rng.integers(AUDIO_RATE))
-            idx = ((cycles + start) % AUDIO_RATE) * WAVETABLE // AUDIO_RATE  # (16000,) table index
-            tone = np.tile(self.wavetables[c - 1][idx], T)  # (Ns,)
-            gate = _gate(p["on"][:, s])  # (T*100,) one value per 10 ms
-            rate = self.am_rate_of[c - 1]
-            am = 1.0 - 0.35 * (1 + np.cos(2 * np.pi * rate * self._t[::160] + rng.uniform(0, 2 * np.pi)))  # (T*100,)
-            envelope = np.repeat((gate * am * rng.uniform(0.05, 0.2)).astype(np.float32), 160)  # (Ns,)
-            waveform += tone * envelope
-        return waveform, {"pitch_hz": pitch_hz}
-
-    def _pixels(self, p, rng):
-        """Frames, object map and labels of a plan.
-
-        Returns: frames (T, H, W, 3) float32 in [0, 1], object_map (T, H, W) int64, labels (T, H, W) int64
-        (H = W = img_size)."""
-        T, S = self.frames, self.img_size
-        # Pixels: a noisy background with a gentle gradient, then the objects back to front.
-        grid = (np.arange(S, dtype=np.float32) + 0.5) / S  # (W,) pixel centres (H = W) in [0, 1]
-        base = rng.uniform(0.3, 0.6, 3).astype(np.float32)  # (3,) grey-ish, away from the palette
-        tilt = rng.uniform(-0.15, 0.15, 2).astype(np.float32)
-        background = base + (tilt[0] * grid[None, :, None] + tilt[1] * grid[:, None, None])  # (H, W, 3)
-        frames = np.repeat(background[None], T, axis=0)  # (T, H, W, 3)
-        object_map = np.zeros((T, S, S), dtype=np.int64)  # (T, H, W) class id of the top object
-        for c in p["visible"]:
-            radius = S * rng.uniform(0.12, 0.18)  # pixels
-            centre = rng.uniform(radius, S - radius, 2)  # (2,) x, y
-            velocity = rng.uniform(-0.025, 0.025, 2) * S  # pixels a frame
-            colour = self.colour_of[c - 1] + rng.uniform(-0.05, 0.05, 3).astype(np.float32)  # (3,)
-            for t in range(T):
-                cx, cy = np.clip(centre + velocity * t, radius, S - radius)
-                x0, x1 = int(cx - radius), min(S, int(math.ceil(cx + radius)) + 1)
-                y0, y1 = int(cy - radius), min(S, int(math.ceil(cy + radius)) + 1)
-                dx = (np.arange(x0, x1) + 0.5 - cx)[None, :] / radius  # (1, w_box)
-                dy = (np.arange(y0, y1) + 0.5 - cy)[:, None] / radius  # (h_box, 1)
-                inside = _shape_mask(self.shape_of[c - 1], dx, dy)  # (h_box, w_box) bool
-                frames[t, y0:y1, x0:x1][inside] = colour
-                object_map[t, y0:y1, x0:x1][inside] = c
-        frames += self._noisy(rng, frames.size).reshape(frames.shape) * np.float32(0.03)  # sensor noise
-        np.clip(frames, 0.0, 1.0, out=frames)
-        sounding_map = np.concatenate([np.zeros((T, 1), bool), p["sounding"]], axis=1)  # (T, Kc+1)
-        labels = np.where(np.take_along_axis(sounding_map, object_map.reshape(T, -1), 1).reshape(T, S, S),
-                          object_map, 0)  # (T, H, W) the class of visible *sounding* objects only
-        return frames, object_map, labels
-
-    # -- v2 ------------------------------------------------------------------------------------
-    def _v2_sounds(self):
-        """v2: each category is V2['partials'] partials of a shared pool with its own envelope.
-
-        Sets partials_hz (Kc, partials), partial_amps (Kc, partials), envelope_of [str],
-        rate_of (Kc,) Hz. Two categories with the same envelope and rate share at most one partial,
-        so every category differs from every other in its partials or in its envelope."""
-        Kc, P, m = self.num_classes, V2["pool_size"], V2["partials"]
-        lo, hi = V2["pool_hz"]
-        self.pool_hz = lo * (hi / lo) ** (np.arange(P) / (P - 1))  # (pool_size,) Hz
-        design = np.random.default_rng([V2["design_seed"], 1009])
-        patterns = [(e, r) for e in V2["envelopes"] for r in V2["rates"]]
-        subsets, pattern_of = [], []
-        for k in range(Kc):
-            pattern = k % len(patterns)
-            while True:
-                subset = tuple(sorted(int(i) for i in design.choice(P, size=m, replace=False)))
-                same = [subsets[j] for j in range(k) if pattern_of[j] == pattern]
-                if subset not in subsets and all(len(set(subset) & set(o)) <= 1 for o in same):
-                    break
-            subsets.append(subset)
-            pattern_of.append(pattern)
-        self.partial_index = np.array(subsets)  # (Kc, partials) indices into the pool
-        self.partials_hz = self.pool_hz[self.partial_index]  # (Kc, partials)
-        self.partial_amps = design.uniform(0.5, 1.0, (Kc, m))  # (Kc, partials)
-        self.envelope_of = [patterns[p][0] for p in pattern_of]
-        self.rate_of = np.array([patterns[p][1] for p in pattern_of])  # (Kc,) Hz
-
-    def _v2_pairs(self):
-        """v2 held-out pairs: a random V2['held_out_fraction'] of all pairs, fixed by the seed.
-
-        Redrawn until every category is in some held-out pair and every held-out pair (a, b) has a
-        third category seen with both (test-unseen's 3-source clips need one). The first half of the
-        draw is test-unseen's (held_out_test_pairs), the second val-unseen's (held_out_val_pairs)."""
-        Kc = self.num_classes
-        pairs = [(a, b) for a in range(1, Kc + 1) for b in range(a + 1, Kc + 1)]
-        n_held = 2 * math.ceil(V2["held_out_fraction"] * len(pairs) / 2)  # even: two halves
-        rng = np.random.default_rng([self.seed, 7919, 2])
-        for _ in range(1000):
-            pick = rng.permutation(len(pairs))[:n_held]  # (n_held,)
-            self._held_out = {pairs[i] for i in pick}
-            touched = {c for pair in self._held_out for c in pair}
-            if len(touched) == Kc and all(self._thirds(pair) for pair in self._held_out):
-                break
-        else:  # not reached for Kc >= 12 and fractions up to 1/2
-            raise ValueError(f"no held-out set of {n_held} pairs touches all {Kc} categories")
-        self.held_out_test_pairs = sorted(pairs[i] for i in pick[: n_held // 2])
-        self.held_out_val_pairs = sorted(pairs[i] for i in pick[n_held // 2:])
-        self.held_out_pairs = sorted(self._held_out)
-
-    def _thirds(self, pair):
-        """Categories (class ids) that may join a held-out pair: seen with both of its members."""
-        a, b = pair
-        return [c for c in range(1, self.num_classes + 1)
-                if c not in pair and self.seen(a, c) and self.seen(b, c)]
-
-    def _plan_v2(self, index, rng):
-        """v2 plan: the schedule from the split's schedule stream, the categories from `rng`."""
-        T = self.frames
-        sched = np.random.default_rng([self.seed, V2_SCHEDULE_STREAM[self.split], int(index), 2, 1])
-        matched = self.split in ("test-unseen", "test-seen-multi", "val-unseen")
-        multi = matched or sched.random() < self.multi_source_ratio
-        if multi:
-            num_src = int(sched.integers(2, 4))
-            on = self._switching(sched, T, num_src, V2["on_prob"], 0, 1)  # (T, num_src)
-            third_offscreen = num_src == 3 and sched.random() < self.offscreen_prob
-        else:
-            num_src, third_offscreen = 1, False
-            on = np.ones((T, 1), dtype=bool)  # (T, 1) one source throughout
-        reliability = self._reliability(sched)
-
-        pair = None
-        if not multi:
-            sources = [int(rng.integers(1, self.num_classes + 1))]
-        elif self.split in ("test-unseen", "val-unseen"):
-            pool = self.held_out_test_pairs if self.split == "test-unseen" else self.held_out_val_pairs
-            pair = list(pool[rng.integers(len(pool))])
-            sources = pair[::-1] if rng.random() < 0.5 else list(pair)
-            if num_src == 3:  # a third source seen with both: the clip holds exactly one held-out pair
-                sources.append(int(rng.choice(self._thirds(tuple(pair)))))
-        else:
-            sources = self._seen_sources(rng, num_src)
-        offscreen = [sources[2]] if third_offscreen else []  # the held-out pair stays visible
-        return {"multi_source": bool(multi), "sources": sources, "on": on, "offscreen": offscreen,
-                **self._scene(rng, sources, offscreen, on), "unseen_pair": sorted(pair) if pair else None,
-                **reliability}
-
-    def _reliability(self, sched):
-        """How reliable each frame's audio is: per-frame SNR, dropouts, non-category sounds.
-
-        Returns dict 'snr_db' (T,) float, 'dropouts' [(t, start, length)] in 10 ms steps within
-        frame t, 'distractor_sounds' [dict kind, start (s), duration (s), f0, f1 (Hz), amp]."""
-        T = self.frames
-        snr_db = sched.uniform(*V2["snr_db"], T)  # (T,)
-        dropouts = []
-        for t in range(T):
-            if sched.random() < V2["dropout_prob"]:
-                length = int(sched.integers(V2["dropout_ms"][0] // 10, V2["dropout_ms"][1] // 10 + 1))
-                dropouts.append((t, int(sched.integers(0, 100 - length + 1)), length))
-        events = []
-        if sched.random() < V2["distractor_prob"]:
-            for _ in range(int(sched.integers(1, 4))):
-                duration = float(sched.uniform(0.1, 0.4))
-                events.append({"kind": "chirp" if sched.random() < 0.5 else "burst",
-                               "start": float(sched.uniform(0, T - duration)), "duration": duration,
-                               "f0": float(sched.uniform(300, 4000)), "f1": float(sched.uniform(300, 4000)),
-                               "amp": float(sched.uniform(0.05, 0.2))})
-        return {"snr_db": snr_db, "dropouts": dropouts, "distractor_sounds": events}
-
-    def _audio_v2(self, p, rng):
-        """v2 audio: each source's partials under its envelope, gated, muted in dropouts; pink noise
+    def _audio(self, p, rng):
+        """The audio: each source's partials under its envelope, gated, muted in dropouts; pink noise
         at the frame's SNR; the non-category sounds on top.
 
         Returns (waveform (T*16000,) float32, meta entries)."""
@@ -672,9 +522,43 @@ class SyntheticAVS(Dataset):
         dropped = np.zeros(T, dtype=bool)  # (T,)
         for t, _, _ in p["dropouts"]:
             dropped[t] = True
-        return waveform, {"benchmark": "v2", "partials_hz": partials_hz,
+        return waveform, {"benchmark": SYNTHETIC_VERSION, "partials_hz": partials_hz,
                           "snr_db": [round(float(x), 2) for x in p["snr_db"]], "dropout": dropped.tolist(),
                           "distractor_sounds": len(p["distractor_sounds"])}
+
+    def _pixels(self, p, rng):
+        """Frames, object map and labels of a plan.
+
+        Returns: frames (T, H, W, 3) float32 in [0, 1], object_map (T, H, W) int64, labels (T, H, W) int64
+        (H = W = img_size)."""
+        T, S = self.frames, self.img_size
+        # Pixels: a noisy background with a gentle gradient, then the objects back to front.
+        grid = (np.arange(S, dtype=np.float32) + 0.5) / S  # (W,) pixel centres (H = W) in [0, 1]
+        base = rng.uniform(0.3, 0.6, 3).astype(np.float32)  # (3,) grey-ish, away from the palette
+        tilt = rng.uniform(-0.15, 0.15, 2).astype(np.float32)
+        background = base + (tilt[0] * grid[None, :, None] + tilt[1] * grid[:, None, None])  # (H, W, 3)
+        frames = np.repeat(background[None], T, axis=0)  # (T, H, W, 3)
+        object_map = np.zeros((T, S, S), dtype=np.int64)  # (T, H, W) class id of the top object
+        for c in p["visible"]:
+            radius = S * rng.uniform(0.12, 0.18)  # pixels
+            centre = rng.uniform(radius, S - radius, 2)  # (2,) x, y
+            velocity = rng.uniform(-0.025, 0.025, 2) * S  # pixels a frame
+            colour = self.colour_of[c - 1] + rng.uniform(-0.05, 0.05, 3).astype(np.float32)  # (3,)
+            for t in range(T):
+                cx, cy = np.clip(centre + velocity * t, radius, S - radius)
+                x0, x1 = int(cx - radius), min(S, int(math.ceil(cx + radius)) + 1)
+                y0, y1 = int(cy - radius), min(S, int(math.ceil(cy + radius)) + 1)
+                dx = (np.arange(x0, x1) + 0.5 - cx)[None, :] / radius  # (1, w_box)
+                dy = (np.arange(y0, y1) + 0.5 - cy)[:, None] / radius  # (h_box, 1)
+                inside = _shape_mask(self.shape_of[c - 1], dx, dy)  # (h_box, w_box) bool
+                frames[t, y0:y1, x0:x1][inside] = colour
+                object_map[t, y0:y1, x0:x1][inside] = c
+        frames += self._noisy(rng, frames.size).reshape(frames.shape) * np.float32(0.03)  # sensor noise
+        np.clip(frames, 0.0, 1.0, out=frames)
+        sounding_map = np.concatenate([np.zeros((T, 1), bool), p["sounding"]], axis=1)  # (T, Kc+1)
+        labels = np.where(np.take_along_axis(sounding_map, object_map.reshape(T, -1), 1).reshape(T, S, S),
+                          object_map, 0)  # (T, H, W) the class of visible *sounding* objects only
+        return frames, object_map, labels
 
     def __getitem__(self, index):
         if not 0 <= index < self.num_clips:
@@ -1292,7 +1176,7 @@ def build_dataset(name, split, root=None, img_size=224, frames=5, train=None, se
 
     Args:
         name: 'synthetic' | 's4' | 'ms3' | 'avss'.
-        split: 'train' | 'val' | 'test' (synthetic also 'test-unseen'; v2 also 'test-seen-multi',
+        split: 'train' | 'val' | 'test' (synthetic also 'test-unseen', 'test-seen-multi',
             'val-unseen').
         root: the dataset folder (ignored for synthetic).
         img_size: int, H = W of the returned frames and labels.
@@ -1300,8 +1184,8 @@ def build_dataset(name, split, root=None, img_size=224, frames=5, train=None, se
         train: bool, training transforms (multi-scale crop, T-frame window); None -> split == 'train'.
             No effect on synthetic clips, which are generated at img_size with T frames.
         seed: int, the synthetic benchmark's seed.
-        synthetic_options: benchmark ('v1' | 'v2'), num_classes, num_clips, multi_source_ratio,
-            offscreen_prob, noise_std (see SyntheticAVS).
+        synthetic_options: num_classes, num_clips, multi_source_ratio, offscreen_prob (see
+            SyntheticAVS).
     Returns:
         a torch Dataset with attributes num_classes (Kc) and class_names (Kc + 1, background first).
     """

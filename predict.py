@@ -72,12 +72,14 @@ def load_model(path: str, device) -> tuple[SQD, train.TrainConfig, list]:
     """The model of a train.py checkpoint in eval mode, its run's TrainConfig and class names.
 
     UserError (exit code 2) for a missing or unreadable file, a file that is no train.py
-    checkpoint, one of an older format, or weights that do not fit the model its config describes.
+    checkpoint, one of an older format, a run on the retired synthetic v1, or weights that do not
+    fit the model its config describes.
     """
     ckpt = train.load_checkpoint(path, mmap=True)                      # weights only, no code runs
     try:
         known = {f.name for f in dataclasses.fields(train.TrainConfig)}
-        cfg = train.TrainConfig(**{k: v for k, v in ckpt["config"]["train"].items() if k in known})
+        saved = train.saved_train_config(ckpt, path)                   # refuses a synthetic v1 run
+        cfg = train.TrainConfig(**{k: v for k, v in saved.items() if k in known})
         model = SQD(ModelConfig(**ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
         step = int(ckpt["state"]["step"])

@@ -72,7 +72,6 @@ class TrainConfig:
     train_clips: int | None = None  # synthetic only: clips in the train split (None: data default)
     eval_clips: int | None = 200    # synthetic only: clips per evaluation split (None: all of it; tools/ablate.py: 500)
     train_multi_ratio: float | None = None  # synthetic only: share of multi-source train clips (None: 0.5; Fig. 7: 1.0)
-    benchmark: str | None = None   # synthetic only: v1 | v2 (adds test-seen-multi, val-unseen); None: the checkpoint's (--eval-only), else DEFAULT_BENCHMARK
     # model
     preset: str | None = None      # cpu | paper; None: cpu for synthetic, paper for AVSBench
     backbone: str | None = None    # resnet18 | resnet34 | resnet50 | swin-t | video-swin-t | small; None: preset's
@@ -152,7 +151,6 @@ RECIPES = {
     "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu", lr=4e-4, quant_warmup_steps=300,
                       loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0, loss_giou=0.5),
 }
-DEFAULT_BENCHMARK = "v2"  # the synthetic benchmark of a run without --benchmark (data.SyntheticAVS; v1: the earlier tables)
 # How the CPU preset's audio network starts on the synthetic benchmark. scratch: random, trained
 # with the rest of SQD. pretrained-frozen: the paper's regime (VGGish trained on AudioSet, frozen
 # as in AVSBench and AVSegFormer) for the CPU preset: SmallVGG pretrained as a multi-label sound
@@ -177,7 +175,6 @@ def parse_args(argv=None) -> TrainConfig:
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         choices = {"dataset": ["synthetic", "s4", "ms3", "avss"], "preset": ["cpu", "paper"],
                    "audio_regime": list(AUDIO_REGIMES), "visual_regime": ["scratch", "pretrained"],
-                   "benchmark": list(data.BENCHMARKS),
                    "backbone": list(BACKBONES)}.get(f.name)
         p.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
     args = p.parse_args(argv)
@@ -292,8 +289,6 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
         raise UserError("--eval-only needs --checkpoint PATH")
     if cfg.dataset != "synthetic" and cfg.train_multi_ratio is not None:
         raise UserError("--train-multi-ratio only applies to --dataset synthetic")
-    if cfg.dataset != "synthetic" and cfg.benchmark not in (None, DEFAULT_BENCHMARK):
-        raise UserError("--benchmark only applies to --dataset synthetic")
     if cfg.dataset != "synthetic" and not cfg.data_root:
         raise UserError(f"--dataset {cfg.dataset} needs --data-root DIR (the AVSBench folder)")
     return cfg, model_cfg
@@ -388,8 +383,8 @@ def run(cfg: TrainConfig) -> int:
     if cfg.resume or cfg.eval_only:
         path = cfg.resume or cfg.checkpoint
         ckpt = load_checkpoint(path)
+        saved = saved_train_config(ckpt, path)
         if cfg.resume:
-            saved = ckpt["config"]["train"]
             keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "out", "device", "workers",
                                                  "threads", "epochs")}
             if keep["out"] is None:
@@ -398,9 +393,6 @@ def run(cfg: TrainConfig) -> int:
                 keep["epochs"] = saved["epochs"]
             cfg = dataclasses.replace(TrainConfig(**saved), **keep)
 
-    if cfg.benchmark is None and cfg.dataset == "synthetic":  # an evaluated checkpoint keeps its benchmark
-        saved = ckpt["config"]["train"].get("benchmark") if ckpt is not None else None
-        cfg.benchmark = saved or DEFAULT_BENCHMARK
     if cfg.audio_regime is None:
         cfg.audio_regime = default_audio_regime(cfg, ckpt)
     if cfg.visual_regime is None:
@@ -471,7 +463,9 @@ def run(cfg: TrainConfig) -> int:
             train_model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=False)
 
-    full_config = {"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg),
+    benchmark = data.SYNTHETIC_VERSION if cfg.dataset == "synthetic" else None  # a record, not a flag
+    full_config = {"train": {**dataclasses.asdict(cfg), "benchmark": benchmark},
+                   "model": dataclasses.asdict(model_cfg),
                    "code_version": code_version(), "world_size": world,
                    "class_names": list(train_set.class_names),  # predict.py names its classes
                    "metric_definitions": metrics.METRIC_DEFINITIONS}
@@ -762,7 +756,6 @@ def make_dataset(cfg: TrainConfig, split: str, train: bool):
     img = cfg.img_size or PRESET_IMG_SIZE[cfg.preset or RECIPES[cfg.dataset]["preset"]]
     extra = {}
     if cfg.dataset == "synthetic":
-        extra["benchmark"] = cfg.benchmark or DEFAULT_BENCHMARK
         n = cfg.train_clips if train else cfg.eval_clips
         if n is not None:
             extra["num_clips"] = n
@@ -776,10 +769,8 @@ def make_dataset(cfg: TrainConfig, split: str, train: bool):
 
 def evaluation_splits(cfg: TrainConfig) -> dict:
     """The splits evaluated at the end of a run (and 'val' during it)."""
-    if cfg.dataset == "synthetic" and cfg.benchmark == "v2":  # test-seen-multi: test-unseen's matched twin
+    if cfg.dataset == "synthetic":  # test-seen-multi: test-unseen's matched twin
         names = ["val", "test", "test-seen-multi", "test-unseen", "val-unseen"]
-    elif cfg.dataset == "synthetic":
-        names = ["val", "test", "test-unseen"]
     else:
         names = ["val", "test"]
     return {name: make_dataset(cfg, name, train=False) for name in names}
@@ -1041,14 +1032,14 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
     if cfg.visual_regime == "pretrained" and not cfg.eval_only:
         from tools import pretrain_visual  # the lab tool that pretrains; loaded only in this regime
         visual_path = os.path.join(cfg.audio_cache, pretrain_visual.cache_name(
-            model_cfg, cfg.benchmark, cfg.seed, pretrain_visual.DEFAULT_STEPS))
+            model_cfg, cfg.seed, pretrain_visual.DEFAULT_STEPS))
     child = None
     if main_proc and visual_path and not os.path.isfile(visual_path) and cfg.audio_regime == "pretrained-frozen":
         # both pretrainings are due (a first run): they are independent and each runs on one
         # thread, so the visual one runs in a process of its own while this one builds the audio
         child = multiprocessing.get_context("spawn").Process(
             target=pretrain_visual.cached_weights,
-            args=(cfg.audio_cache, model_cfg, cfg.benchmark, cfg.seed, pretrain_visual.DEFAULT_STEPS),
+            args=(cfg.audio_cache, model_cfg, cfg.seed, pretrain_visual.DEFAULT_STEPS),
             kwargs=dict(img_size=cfg.img_size))
         child.start()
         print(f"visual pretraining: in process {child.pid}, while this one pretrains the audio network")
@@ -1072,7 +1063,7 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
                 raise UserError(f"the visual pretraining stopped (exit code {child.exitcode}) "
                                 f"before writing {visual_path}; its error is printed above")
         elif main_proc:  # built by rank 0 on first use, then every rank loads the file
-            pretrain_visual.cached_weights(cfg.audio_cache, model_cfg, cfg.benchmark, cfg.seed,
+            pretrain_visual.cached_weights(cfg.audio_cache, model_cfg, cfg.seed,
                                            pretrain_visual.DEFAULT_STEPS, img_size=cfg.img_size)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
@@ -1093,18 +1084,18 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
 def pretrained_audio_weights(cfg: TrainConfig, main_proc: bool) -> str:
     """The cached SmallVGG weights of --audio-regime pretrained-frozen, built on first use.
 
-    tools/pretrain_audio.py trains them on the train split of this benchmark and seed (the whole
-    split, or --audio-pretrain-clips clips) and writes {audio_cache}/{benchmark}-s{seed}-{steps}.pt
+    tools/pretrain_audio.py trains them on the train split of the synthetic benchmark of this seed
+    (the whole split, or --audio-pretrain-clips clips) and writes {audio_cache}/v2-s{seed}-{steps}.pt
     atomically; a later run, or a resumed one, finds the file and loads it without training. The
     pretraining has its own random streams and one thread, so this run's own randomness is the same
     whether the file was built now or found. Under torchrun rank 0 builds while the others wait.
     """
     from tools import pretrain_audio  # the lab tool that pretrains; loaded only in this regime
     path = os.path.join(cfg.audio_cache, pretrain_audio.cache_name(
-        cfg.benchmark, cfg.seed, cfg.audio_pretrain_steps, cfg.audio_pretrain_clips))
+        cfg.seed, cfg.audio_pretrain_steps, cfg.audio_pretrain_clips))
     distributed = dist.is_available() and dist.is_initialized()
     if main_proc:
-        pretrain_audio.cached_weights(cfg.audio_cache, cfg.benchmark, cfg.seed, cfg.audio_pretrain_steps,
+        pretrain_audio.cached_weights(cfg.audio_cache, cfg.seed, cfg.audio_pretrain_steps,
                                       cfg.audio_pretrain_clips, val_clips=cfg.eval_clips)
     if distributed:
         dist.barrier()
@@ -1164,6 +1155,22 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
         raise UserError(f"{path}: checkpoint format {found}, this code reads format "
                         f"{CHECKPOINT_FORMAT} ({OLD_FORMATS.get(found, 'unknown format')})")
     return ckpt
+
+
+def saved_train_config(ckpt: dict, path: str) -> dict:
+    """The TrainConfig fields of a checkpoint's run, or UserError for a run on synthetic v1.
+
+    A run's train config also records 'benchmark': the synthetic benchmark's version
+    (data.SYNTHETIC_VERSION; None for AVSBench). A synthetic run that records another version, or
+    none (runs from before there was a choice), was on v1, whose clips this code no longer makes.
+    """
+    saved = dict(ckpt["config"]["train"])
+    version = saved.pop("benchmark", None)
+    if saved.get("dataset", "synthetic") == "synthetic" and version != data.SYNTHETIC_VERSION:
+        raise UserError(f"{path}: a run on synthetic benchmark {version or 'v1'}, retired; this code "
+                        f"makes {data.SYNTHETIC_VERSION}. v1 is read by the code of its tag: "
+                        f"git checkout synthetic-v1")
+    return saved
 
 
 class deferred_interrupt:

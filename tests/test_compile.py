@@ -29,7 +29,7 @@ def test_compiled_step_equals_eager_and_forward_is_one_graph():
     torch.manual_seed(0)
     model = SQD(preset("cpu", num_classes=12)).train()
     ds = data.build_dataset("synthetic", "train", None, img_size=32, train=True, seed=0,
-                            benchmark="v1", num_clips=2)
+                            num_classes=12, num_clips=2)
     batch = data.collate([ds[0], ds[1]])
     criterion = SetCriterion(12)
 

@@ -83,7 +83,7 @@ def test_a_run_without_matplotlib_says_once_that_it_skipped_the_picture(tmp_path
     run = tmp_path / "run"
     # 4 clips of 4: one step an epoch, two epochs, so val is evaluated twice, then the end
     code = train.main(["--epochs", "2", "--train-clips", "4", "--batch-size", "4", "--eval-clips", "4",
-                       "--img-size", "32", "--benchmark", "v1", "--audio-regime", "scratch",
+                       "--img-size", "32", "--audio-regime", "scratch",
                        "--threads", "1", "--num-overlays", "0", "--out", str(run)])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]

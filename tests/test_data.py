@@ -443,7 +443,7 @@ def test_synthetic_same_seed_same_bytes():
         assert x["frames"].numpy().tobytes() != other_split[index]["frames"].numpy().tobytes()
     item = a[3]
     check_item_types(item, 5, 32)
-    assert len(a.class_names) == a.num_classes + 1 == 13 and a.class_names[0] == "background"
+    assert len(a.class_names) == a.num_classes + 1 == 25 and a.class_names[0] == "background"
 
 
 def test_synthetic_labels_only_visible_sounding_objects():
@@ -485,25 +485,6 @@ def test_synthetic_a_quarter_of_visible_objects_are_silent_in_some_frame():
     assert hard / distractors > 0.4
 
 
-def test_synthetic_unseen_pairs_never_sound_together_in_train_and_always_in_test_unseen():
-    train = build_dataset("synthetic", "train", img_size=64, seed=3)
-    pairs = train.held_out_pairs
-    assert len(pairs) == 6 and len({c for p in pairs for c in p}) == 12  # a perfect matching
-    for split in ("train", "val", "test"):
-        ds = build_dataset("synthetic", split, img_size=64, seed=3)
-        assert ds.held_out_pairs == pairs
-        for index in range(len(ds) if split == "train" else 300):
-            sounding = ds.plan(index)["sounding"]  # (T, Kc)
-            for a, b in pairs:
-                assert not (sounding[:, a - 1] & sounding[:, b - 1]).any()
-    unseen = build_dataset("synthetic", "test-unseen", img_size=64, seed=3)
-    for index in range(len(unseen)):
-        plan = unseen.plan(index)
-        a, b = plan["unseen_pair"]
-        assert (a, b) in pairs and (plan["sounding"][:, a - 1] & plan["sounding"][:, b - 1]).any()
-        assert a in plan["visible"] and b in plan["visible"] and plan["multi_source"]
-
-
 def test_synthetic_single_and_multi_source_about_one_to_one():
     ds = build_dataset("synthetic", "train", img_size=64, seed=0)
     plans = [ds.plan(i) for i in range(1000)]
@@ -516,34 +497,9 @@ def test_synthetic_single_and_multi_source_about_one_to_one():
             assert (on != on[:1]).any()  # sources switch on and off between frames
         else:
             assert len(p["sources"]) == 1 and on.all() and not p["offscreen"]
-    offscreen = sum(bool(p["offscreen"]) for p in multi) / len(multi)
-    assert 0.05 < offscreen < 0.3
-
-
-def test_synthetic_audio_carries_energy_at_the_pitch_of_sounding_categories():
-    ds = build_dataset("synthetic", "train", img_size=32, seed=2)
-    mel_hz = 700 * (np.exp(np.linspace(1127 * np.log(1 + 125 / 700), 1127 * np.log(1 + 7500 / 700), 66) / 1127) - 1)
-    checked_on = checked_off = 0
-    for index in range(20):
-        clip = ds.generate(index)
-        meta = clip["meta"]
-        for s, c in enumerate(meta["sources"]):
-            f0 = int(meta["pitch_hz"][s])
-            for t in range(ds.frames):
-                second = clip["waveform"][t * 16000:(t + 1) * 16000]
-                spectrum = np.abs(np.fft.rfft(second))  # 1 Hz bins
-                floor = np.median(spectrum)
-                if meta["sounding"][t][c - 1]:
-                    assert spectrum[f0] > 50 * floor
-                    band = int(np.searchsorted(mel_hz[1:-1], f0))  # the mel band centred nearest below f0
-                    log_mel = clip["log_mel"][t].mean(0)  # (64,)
-                    assert log_mel[band - 1:band + 2].max() > np.median(log_mel) + 1.0
-                    checked_on += 1
-                elif not any(meta["sounding"][t][o - 1] and abs(meta["pitch_hz"][j] * h - f0) < 30
-                             for j, o in enumerate(meta["sources"]) for h in range(1, 9)):
-                    assert spectrum[f0] < 10 * floor  # a silent category leaves no line at its pitch
-                    checked_off += 1
-    assert checked_on > 40 and checked_off > 5
+    three = [p for p in multi if len(p["sources"]) == 3]  # a third source is sometimes off-screen
+    assert all(not p["offscreen"] for p in multi if len(p["sources"]) == 2)
+    assert 0.45 < sum(bool(p["offscreen"]) for p in three) / len(three) < 0.75
 
 
 def test_synthetic_clips_well_formed_at_cpu_and_paper_size():

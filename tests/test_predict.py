@@ -34,8 +34,7 @@ def run_dir(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     proc = subprocess.run([sys.executable, "train.py", "--max-steps", "2", "--out", str(run),
                            "--img-size", "32", "--train-clips", "8", "--eval-clips", "4",
-                           "--threads", "1", "--num-overlays", "1", "--benchmark", "v1",
-                           "--audio-regime", "scratch"],
+                           "--threads", "1", "--num-overlays", "1", "--audio-regime", "scratch"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run

@@ -1,4 +1,4 @@
-"""Tests of tools/pretrain_audio.py: the pretraining is a function of (benchmark, seed, steps, clips)
+"""Tests of tools/pretrain_audio.py: the pretraining is a function of (seed, steps, clips)
 alone (not of the caller's RNG state or thread count, which it leaves as they were), it trains the
 network away from its initialisation, the written file is exactly SmallVGG's state_dict and loads
 through the --audio-weights mechanism, the val report counts the frames the data says, bad flags
@@ -23,7 +23,7 @@ TINY = dict(steps=3, train_clips=4, val_clips=2, log=None)
 def test_same_seed_and_steps_give_identical_weights_whatever_the_caller_rng_and_threads():
     threads = torch.get_num_threads()
     torch.manual_seed(1)
-    first, report = pretrain_audio.pretrain("v2", 0, **TINY)
+    first, report = pretrain_audio.pretrain(0, **TINY)
     after_first = torch.rand(3)  # the caller's stream right after the call ...
     torch.manual_seed(1)
     expected = torch.rand(3)  # ... is the one it would have drawn without the call
@@ -32,7 +32,7 @@ def test_same_seed_and_steps_give_identical_weights_whatever_the_caller_rng_and_
     torch.manual_seed(12345)  # another caller state, another thread count: the same weights
     torch.set_num_threads(2)
     try:
-        second, _ = pretrain_audio.pretrain("v2", 0, **TINY)
+        second, _ = pretrain_audio.pretrain(0, **TINY)
     finally:
         torch.set_num_threads(threads)
     assert list(first) == list(SmallVGG().state_dict())  # SmallVGG's tensors only, no head
@@ -42,16 +42,16 @@ def test_same_seed_and_steps_give_identical_weights_whatever_the_caller_rng_and_
     init = SmallVGG().state_dict()
     moved = [k for k in init if not torch.equal(init[k], first[k])]
     assert moved == list(init), sorted(set(init) - set(moved))
-    other, _ = pretrain_audio.pretrain("v2", 1, **TINY)
+    other, _ = pretrain_audio.pretrain(1, **TINY)
     assert not torch.equal(other["features.0.weight"], first["features.0.weight"])
     assert report["steps"] == 3 and report["train_frames"] == 4 * 5
 
 
 def test_val_report_counts_the_frames_of_each_number_of_sources():
-    _, report = pretrain_audio.pretrain("v2", 0, steps=1, train_clips=2, val_clips=3, log=None)
+    _, report = pretrain_audio.pretrain(0, steps=1, train_clips=2, val_clips=3, log=None)
     counts = {}
     for i in range(3):  # the sounding table of each val frame, read from the clip's plan
-        for n in np.asarray(SyntheticAVS("val", seed=0, benchmark="v2").plan(i)["sounding"]).sum(1):
+        for n in np.asarray(SyntheticAVS("val", seed=0).plan(i)["sounding"]).sum(1):
             counts[str(int(n))] = counts.get(str(int(n)), 0) + 1
     assert {k: v["frames"] for k, v in report["val"].items() if k != ">=2"} == counts
     assert report["val"].get(">=2", {}).get("frames", 0) == sum(v for k, v in counts.items() if int(k) >= 2)
@@ -63,13 +63,13 @@ def test_val_report_counts_the_frames_of_each_number_of_sources():
 
 def test_command_writes_only_the_state_dict_atomically_and_it_loads_as_audio_weights(tmp_path, capsys):
     out = tmp_path / "sub" / "small_vgg.pt"
-    assert pretrain_audio.main(["--benchmark", "v2", "--seed", "0", "--out", str(out), "--steps", "3",
+    assert pretrain_audio.main(["--seed", "0", "--out", str(out), "--steps", "3",
                                 "--train-clips", "4", "--val-clips", "2"]) == 0
     printed = capsys.readouterr().out
     assert "val exact-set accuracy: single" in printed and ">=2" in printed and str(out) in printed
     assert os.listdir(out.parent) == ["small_vgg.pt"]  # no temporary file left
     saved = torch.load(out, map_location="cpu", weights_only=True)
-    expected, _ = pretrain_audio.pretrain("v2", 0, **TINY)
+    expected, _ = pretrain_audio.pretrain(0, **TINY)
     assert list(saved) == list(expected) and all(torch.equal(saved[k], expected[k]) for k in saved)
     enc = AudioEncoder(kind="small", dim=64).load_net_weights(str(out))  # what --audio-weights does
     assert all(torch.equal(v, saved[k]) for k, v in enc.net.state_dict().items())
@@ -86,7 +86,7 @@ def test_training_runs_on_one_thread_and_the_count_comes_back(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        pretrain_audio.pretrain("v2", 0, steps=1, train_clips=1, val_clips=1, log=None)
+        pretrain_audio.pretrain(0, steps=1, train_clips=1, val_clips=1, log=None)
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

@@ -69,10 +69,10 @@ def test_visual_regime_pretrained_loads_the_cached_file_in_train(tmp_path):
     hand, so nothing trains here); with the default scratch regime the weights stay as built."""
     from train import TrainConfig, UserError, load_pretrained, resolve
     for regime in ("pretrained", "scratch"):
-        cfg, model_cfg = resolve(TrainConfig(audio_regime="scratch", visual_regime=regime, benchmark="v2",
+        cfg, model_cfg = resolve(TrainConfig(audio_regime="scratch", visual_regime=regime,
                                              audio_cache=str(tmp_path)), 3)
         state = _tiny_state(model_cfg)
-        torch.save(state, os.path.join(tmp_path, pv.cache_name(model_cfg, "v2", 0, pv.DEFAULT_STEPS)))
+        torch.save(state, os.path.join(tmp_path, pv.cache_name(model_cfg, 0, pv.DEFAULT_STEPS)))
         torch.manual_seed(0)
         model = SQD(model_cfg)
         load_pretrained(cfg, model_cfg, model, main_proc=False)
@@ -94,16 +94,16 @@ def test_a_first_run_builds_both_pretrainings_at_once_and_gets_the_sequential_fi
     from tools import pretrain_audio as pa
     from train import TrainConfig, load_pretrained, resolve
     monkeypatch.setattr(pv, "DEFAULT_STEPS", 2)  # passed to the child as an argument
-    cfg, model_cfg = resolve(TrainConfig(benchmark="v2", audio_regime="pretrained-frozen", visual_regime="pretrained",
+    cfg, model_cfg = resolve(TrainConfig(audio_regime="pretrained-frozen", visual_regime="pretrained",
                                          audio_pretrain_steps=3, audio_pretrain_clips=4, eval_clips=4,
                                          audio_cache=str(tmp_path)), 24)
     model = SQD(model_cfg)
     load_pretrained(cfg, model_cfg, model, main_proc=True)
     assert "visual pretraining: in process" in capsys.readouterr().out  # the two ran at once
-    visual = torch.load(tmp_path / pv.cache_name(model_cfg, "v2", 0, 2), weights_only=True)
-    audio = torch.load(tmp_path / pa.cache_name("v2", 0, 3, 4), weights_only=True)
-    alone_visual, _ = pv.pretrain(model_cfg, "v2", 0, 2, img_size=cfg.img_size, log=None)
-    alone_audio, _ = pa.pretrain("v2", 0, 3, 4, 4, log=None)
+    visual = torch.load(tmp_path / pv.cache_name(model_cfg, 0, 2), weights_only=True)
+    audio = torch.load(tmp_path / pa.cache_name(0, 3, 4), weights_only=True)
+    alone_visual, _ = pv.pretrain(model_cfg, 0, 2, img_size=cfg.img_size, log=None)
+    alone_audio, _ = pa.pretrain(0, 3, 4, 4, log=None)
     for built, alone in ((visual, alone_visual), (audio, alone_audio)):
         assert built.keys() == alone.keys() and all(torch.equal(built[k], alone[k]) for k in built)
     own = model.state_dict()

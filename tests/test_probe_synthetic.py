@@ -28,11 +28,10 @@ def test_exact_set_accuracy_by_number_of_sources_hand_values():
     assert out == {"1": {"accuracy": 0.0, "frames": 2}}
 
 
-@pytest.mark.parametrize("benchmark", ["v1", "v2"])
-def test_all_background_miou_is_the_background_fraction_over_the_class_count(benchmark):
+def test_all_background_miou_is_the_background_fraction_over_the_class_count():
     # Predicting 0 everywhere: background's IoU in a frame is its pixel fraction and it counts in
     # every frame; a foreground class scores 0 wherever it is; the mean runs over Kc + 1 classes.
-    ds = SyntheticAVS("test-unseen", img_size=24, seed=1, benchmark=benchmark, num_clips=3)
+    ds = SyntheticAVS("test-unseen", img_size=24, seed=1, num_clips=3)
     fractions = [(ds.generate(i)["labels"][t] == 0).mean() for i in range(3) for t in range(ds.frames)]
     expected = np.mean(fractions) / (ds.num_classes + 1)
     assert probe.all_background_miou(ds, 3) == pytest.approx(expected, rel=1e-6)
@@ -54,8 +53,8 @@ def test_linear_probe_recovers_a_linearly_separable_rule():
 
 
 def test_frame_table_flags_held_out_frames_only_where_a_held_out_pair_sounds():
-    unseen = probe.frame_table(SyntheticAVS("test-unseen", seed=0, benchmark="v2"), range(6))
-    seen = probe.frame_table(SyntheticAVS("test-seen-multi", seed=0, benchmark="v2"), range(6))
+    unseen = probe.frame_table(SyntheticAVS("test-unseen", seed=0), range(6))
+    seen = probe.frame_table(SyntheticAVS("test-seen-multi", seed=0), range(6))
     assert unseen["log_mel"].shape == (30, 96, 64) and unseen["sounding"].shape == (30, 24)
     assert unseen["held_out"].reshape(6, 5).any(1).all()  # each test-unseen clip has such a frame
     assert (unseen["sounding"][unseen["held_out"]].sum(1) >= 2).all()

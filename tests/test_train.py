@@ -17,10 +17,10 @@ import torch
 from fixtures import RunsCode, write_avss, write_ms3, write_s4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# v1 and the from-scratch audio network keep these runs small and fast; the defaults (v2, the
-# pretrained frozen audio network) are checked by test_defaults_are_v2_and_the_pretrained_frozen_audio
+# the from-scratch audio network keeps these runs small and fast; the default (the pretrained
+# frozen audio network) is checked by test_defaults_are_v2_and_the_pretrained_frozen_audio
 TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threads", "1", "--epochs", "3",
-        "--log-every", "1", "--num-overlays", "2", "--benchmark", "v1", "--audio-regime", "scratch"]
+        "--log-every", "1", "--num-overlays", "2", "--audio-regime", "scratch"]
 
 
 def train(*args, check=True, timeout=300):
@@ -433,7 +433,7 @@ def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_
     sys.path.insert(0, ROOT)
     from tools import pretrain_audio
     cache = tmp_path / "cache"
-    regime = ["--benchmark", "v2", "--audio-regime", "pretrained-frozen", "--audio-pretrain-steps", "3",
+    regime = ["--audio-regime", "pretrained-frozen", "--audio-pretrain-steps", "3",
               "--audio-pretrain-clips", "4", "--audio-cache", str(cache), "--visual-regime", "scratch"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     first = train("--max-steps", "3", "--out", str(whole), *TINY, *regime)  # regime after TINY wins
@@ -441,8 +441,8 @@ def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_
     assert "audio pretraining (v2, seed 0, 3 steps)" in first.stdout and f"wrote {built}" in first.stdout
     assert os.listdir(cache) == ["v2-s0-3-c4.pt"]
     weights = torch.load(built, map_location="cpu", weights_only=True)
-    # the file is what the command makes (tools/pretrain_audio.py, same benchmark, seed, steps, clips)
-    expected, _ = pretrain_audio.pretrain("v2", 0, steps=3, train_clips=4, val_clips=4, log=None)
+    # the file is what the command makes (tools/pretrain_audio.py, same seed, steps, clips)
+    expected, _ = pretrain_audio.pretrain(0, steps=3, train_clips=4, val_clips=4, log=None)
     assert list(weights) == list(expected) and all(torch.equal(weights[k], expected[k]) for k in weights)
     stamp = (built.stat().st_mtime_ns, built.read_bytes())
 
@@ -466,9 +466,8 @@ def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_
 
 
 def test_defaults_are_v2_and_the_pretrained_frozen_audio():
-    from train import DEFAULT_BENCHMARK, default_audio_regime, make_dataset, parse_args
-    assert DEFAULT_BENCHMARK == "v2"
-    assert make_dataset(parse_args(["--eval-clips", "1"]), "val", train=False).benchmark == "v2"
+    from train import default_audio_regime, make_dataset, parse_args
+    assert make_dataset(parse_args(["--eval-clips", "1"]), "val", train=False)[0]["meta"]["benchmark"] == "v2"
     assert default_audio_regime(parse_args([]), None) == "pretrained-frozen"
     # flags that bring their own audio weights, another network or AVSBench: scratch
     for flags in (["--audio-weights", "w.pt"], ["--vggish-weights", "w.pt"], ["--finetune-audio"],

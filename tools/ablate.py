@@ -22,11 +22,13 @@ Usage
     python tools/ablate.py --fresh              # forget the runs already in ablations.json
     Anything after `--` goes to every train.py run (e.g. `-- --max-steps 200`).
 
-    python tools/ablate.py --benchmark v2 --audio-regime pretrained-frozen --rows baseline,full --seeds 3
-    python tools/ablate.py --report --benchmark v2 --audio-regime pretrained-frozen   # + the hypotheses
+    python tools/ablate.py --audio-regime pretrained-frozen --rows baseline,full --seeds 3
+    python tools/ablate.py --report --group v2/pretrained-frozen   # one group's tables + the hypotheses
 
 Every run belongs to a *group*, its synthetic benchmark and audio regime ("v2/pretrained-frozen";
-runs stored before groups existed are "v1/scratch", which they were).
+runs stored before groups existed are "v1/scratch", which they were). New runs are on v2, the one
+synthetic benchmark data.py makes; the stored v1 groups are read and reported as they are (their
+runs are repeated by the code of git tag synthetic-v1).
 
 Output: results/runs/<benchmark>-<regime>/<row>-s<seed>/ (train.py's run directories),
 results/ablations.json (every run's metrics, config and code version; `rows`: per group, the mean
@@ -392,15 +394,15 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="passed to train.py (cpu, cuda)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: CPU cores // parallel)")
-    p.add_argument("--benchmark", choices=["v1", "v2"], default=None,
-                   help=f"synthetic benchmark of the runs (default: train.py's, {train.DEFAULT_BENCHMARK})")
     p.add_argument("--audio-regime", choices=list(train.AUDIO_REGIMES), default="pretrained-frozen",
                    help="how the audio network starts (train.py --audio-regime; its synthetic default)")
     p.add_argument("--series", default=None,
                    help="a name that keeps these runs apart from earlier runs of the same rows "
-                        "(their group becomes BENCHMARK/REGIME/SERIES; runs/ and logs/ get a subfolder)")
+                        "(their group becomes v2/REGIME/SERIES; runs/ and logs/ get a subfolder)")
     p.add_argument("--out", default="results", help="folder of runs/ and ablations.json")
     p.add_argument("--report", action="store_true", help="only print the tables of OUT/ablations.json")
+    p.add_argument("--group", default=None, help="with --report: only this group's tables, e.g. "
+                                                 "v2/pretrained-frozen or v1/scratch (default: every group)")
     p.add_argument("--fresh", action="store_true",
                    help="start OUT/ablations.json afresh instead of adding to the runs already in it")
     args = p.parse_args(argv)
@@ -411,9 +413,7 @@ def main(argv=None) -> int:
             return 2
         with open(path) as f:
             stored = json.load(f)["runs"]
-        only = (f"{args.benchmark}/{args.audio_regime}" + (f"/{args.series}" if args.series else "")
-                if args.benchmark else None)
-        print(report(stored, only))
+        print(report(stored, args.group))
         return 0
 
     names = QUICK if args.quick else list(ROWS)
@@ -424,9 +424,9 @@ def main(argv=None) -> int:
             print(f"error: unknown rows {unknown}; expected some of {list(ROWS)}", file=sys.stderr)
             return 2
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
-    benchmark = args.benchmark or train.DEFAULT_BENCHMARK
+    benchmark = train.data.SYNTHETIC_VERSION
     group_dir = f"{benchmark}-{args.audio_regime}" + (f"-{args.series}" if args.series else "")
-    common = (["--threads", str(threads), "--benchmark", benchmark, "--audio-regime", args.audio_regime,
+    common = (["--threads", str(threads), "--audio-regime", args.audio_regime,
                "--eval-clips", str(EVAL_CLIPS)]
               + (["--device", args.device] if args.device else []) + extra)
     if args.audio_regime == "pretrained-frozen":
@@ -434,16 +434,16 @@ def main(argv=None) -> int:
         from tools import pretrain_audio
         cfg = train.TrainConfig()
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            pretrain_audio.cached_weights(cfg.audio_cache, benchmark, seed, cfg.audio_pretrain_steps,
+            pretrain_audio.cached_weights(cfg.audio_cache, seed, cfg.audio_pretrain_steps,
                                           None, val_clips=EVAL_CLIPS)
         # and the pretrained visual side (the default with this regime), so that two runs of one
         # seed do not both build it
         if any("--visual-regime" not in ROWS[n] for n in names):
             from tools import pretrain_visual
-            num_classes = train.data.SyntheticAVS("val", benchmark=benchmark, num_clips=1).num_classes
-            run_cfg, model_cfg = train.resolve(train.TrainConfig(benchmark=benchmark), num_classes)
+            num_classes = train.data.SyntheticAVS("val", num_clips=1).num_classes
+            run_cfg, model_cfg = train.resolve(train.TrainConfig(), num_classes)
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                pretrain_visual.cached_weights(run_cfg.audio_cache, model_cfg, benchmark, seed,
+                pretrain_visual.cached_weights(run_cfg.audio_cache, model_cfg, seed,
                                                img_size=run_cfg.img_size)
     log_dir = os.path.join(args.out, "logs", group_dir)
     os.makedirs(log_dir, exist_ok=True)

@@ -466,10 +466,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         ckpt = train.load_checkpoint(args.checkpoint)
+        cfg = train.TrainConfig(**train.saved_train_config(ckpt, args.checkpoint))
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg = train.TrainConfig(**ckpt["config"]["train"])
     if cfg.dataset != "synthetic":
         print(f"error: {args.checkpoint} is a {cfg.dataset} run; the diagnostics need the synthetic "
               f"benchmark's ground truth of which categories sound", file=sys.stderr)

@@ -12,15 +12,15 @@ AudioSet clip carries every label that sounds in it), then keeps only the networ
 the network probe's (tools/probe_synthetic.train_classifier), so the probe's numbers describe these
 weights.
 
-    OMP_NUM_THREADS=1 python tools/pretrain_audio.py --benchmark v2 --seed 0 --out small_vgg_v2_s0.pt
-    python train.py --benchmark v2 --audio-weights small_vgg_v2_s0.pt   # loaded and frozen
-    python train.py --benchmark v2 --audio-regime pretrained-frozen      # the same, built and cached
+    OMP_NUM_THREADS=1 python tools/pretrain_audio.py --seed 0 --out small_vgg_v2_s0.pt
+    python train.py --audio-weights small_vgg_v2_s0.pt   # loaded and frozen
+    python train.py --audio-regime pretrained-frozen      # the same, built and cached
 
 The file holds only SmallVGG's state_dict (what `train.py --audio-weights` loads strictly). It is
-written atomically (a temporary file, then a rename). The same benchmark, seed, steps and clips give
+written atomically (a temporary file, then a rename). The same seed, steps and clips give
 bit-identical weights: the training runs on the CPU with one thread, with its own random streams
 (the caller's RNG state is left as it was). It prints the exact-set accuracy on val, by the number
-of sounding categories (and, on v2, on the val-unseen frames in which a held-out pair sounds).
+of sounding categories, and on the val-unseen frames in which a held-out pair sounds.
 
 Reading order: pretrain (the training and the val report), save_weights, cached_weights (what
 train.py calls), main.
@@ -61,35 +61,34 @@ def _one_thread():
         torch.set_num_threads(before)
 
 
-def pretrain(benchmark: str, seed: int, steps: int = DEFAULT_STEPS, train_clips: int | None = None,
+def pretrain(seed: int, steps: int = DEFAULT_STEPS, train_clips: int | None = None,
              val_clips: int | None = DEFAULT_VAL_CLIPS, batch: int = 32, log=print):
     """Train SmallVGG + a linear head on every frame of the train split; report val accuracy.
 
     Args:
-        benchmark: 'v1' | 'v2'; seed: the synthetic benchmark's seed (also the training's seed).
+        seed: the synthetic benchmark's seed (also the training's seed).
         steps: Adam steps of `batch` frames; train_clips: None for the whole train split.
-        val_clips: clips of val (and val-unseen on v2) for the report; None: the whole splits.
+        val_clips: clips of val and val-unseen for the report; None: the whole splits.
         log: a function of one string (progress lines), or None.
     Returns:
         (state, report): SmallVGG's state_dict (the head is dropped) and a dict with the exact-set
-        accuracy on val (probe.exact_set_accuracy: '1', '>=2', ...), on v2 'val-unseen' (the frames
+        accuracy on val (probe.exact_set_accuracy: '1', '>=2', ...), on 'val-unseen' (the frames
         in which a held-out pair sounds), the number of train frames and the seconds taken.
     """
     log = log or (lambda _: None)
     t0 = time.time()
     with torch.random.fork_rng(devices=[]), _one_thread():
-        train = data.SyntheticAVS("train", seed=seed, benchmark=benchmark, num_clips=train_clips)
-        log(f"audio pretraining ({benchmark}, seed {seed}, {steps} steps): the log-mel of "
+        train = data.SyntheticAVS("train", seed=seed, num_clips=train_clips)
+        log(f"audio pretraining ({data.SYNTHETIC_VERSION}, seed {seed}, {steps} steps): the log-mel of "
             f"{len(train)} train clips ...")
         tr = probe.frame_table(train, range(len(train)))  # log_mel (B*T, 96, 64), sounding (B*T, Kc)
         net, head = probe.train_classifier(tr["log_mel"], tr["sounding"], steps=steps, batch=batch,
                                            seed=seed, log=log)
-        report = {"benchmark": benchmark, "seed": seed, "steps": steps, "batch": batch,
+        report = {"benchmark": data.SYNTHETIC_VERSION, "seed": seed, "steps": steps, "batch": batch,
                   "train_frames": len(tr["sounding"])}
         del tr
-        names = ["val"] + (["val-unseen"] if benchmark == "v2" else [])
-        for name in names:
-            split = data.SyntheticAVS(name, seed=seed, benchmark=benchmark, num_clips=val_clips)
+        for name in ("val", "val-unseen"):
+            split = data.SyntheticAVS(name, seed=seed, num_clips=val_clips)
             table = probe.frame_table(split, range(len(split)))
             pred, = probe.predict_sets(net, head, [table["log_mel"]])  # (B*T, Kc) bool
             keep = table["held_out"] if name == "val-unseen" else slice(None)  # frames with a held-out pair
@@ -126,13 +125,13 @@ def save_weights(state: dict, path: str) -> None:
             os.remove(tmp)
 
 
-def cache_name(benchmark: str, seed: int, steps: int, train_clips: int | None = None) -> str:
-    """The cached file of one pretraining: '{benchmark}-s{seed}-{steps}.pt' (+ '-c{clips}' when the
-    train split is cut to `train_clips` clips)."""
-    return f"{benchmark}-s{seed}-{steps}" + (f"-c{train_clips}" if train_clips is not None else "") + ".pt"
+def cache_name(seed: int, steps: int, train_clips: int | None = None) -> str:
+    """The cached file of one pretraining: 'v2-s{seed}-{steps}.pt' (+ '-c{clips}' when the train
+    split is cut to `train_clips` clips); v2 is the benchmark's version, data.SYNTHETIC_VERSION."""
+    return f"{data.SYNTHETIC_VERSION}-s{seed}-{steps}" + (f"-c{train_clips}" if train_clips is not None else "") + ".pt"
 
 
-def cached_weights(folder: str, benchmark: str, seed: int, steps: int = DEFAULT_STEPS,
+def cached_weights(folder: str, seed: int, steps: int = DEFAULT_STEPS,
                    train_clips: int | None = None, val_clips: int | None = DEFAULT_VAL_CLIPS,
                    log=print) -> str:
     """The path of the pretrained weights in `folder`, built by pretrain() on first use.
@@ -140,12 +139,12 @@ def cached_weights(folder: str, benchmark: str, seed: int, steps: int = DEFAULT_
     A file already there is returned as it is (no training): delete the folder after changing
     data.py or encoders.SmallVGG.
     """
-    path = os.path.join(folder, cache_name(benchmark, seed, steps, train_clips))
+    path = os.path.join(folder, cache_name(seed, steps, train_clips))
     if os.path.isfile(path):
         if log:
             log(f"audio network: pretrained weights {path} (cached)")
         return path
-    state, _ = pretrain(benchmark, seed, steps, train_clips, val_clips, log=log)
+    state, _ = pretrain(seed, steps, train_clips, val_clips, log=log)
     save_weights(state, path)
     if log:
         log(f"audio network: wrote {path}")
@@ -154,7 +153,6 @@ def cached_weights(folder: str, benchmark: str, seed: int, steps: int = DEFAULT_
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--benchmark", choices=data.BENCHMARKS, default="v2")
     p.add_argument("--seed", type=int, default=0, help="the synthetic benchmark's seed (and the training's)")
     p.add_argument("--out", required=True, help="the file to write (SmallVGG's state_dict)")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="Adam steps of --batch frames")
@@ -171,10 +169,10 @@ def main(argv=None) -> int:
     if os.path.isdir(args.out):
         print(f"error: --out {args.out!r} is a folder; expected the path of the file to write", file=sys.stderr)
         return 2
-    state, _ = pretrain(args.benchmark, args.seed, args.steps, args.train_clips, args.val_clips, args.batch)
+    state, _ = pretrain(args.seed, args.steps, args.train_clips, args.val_clips, args.batch)
     save_weights(state, args.out)
-    print(f"wrote {args.out} (encoders.SmallVGG state_dict; python train.py --benchmark {args.benchmark} "
-          f"--seed {args.seed} --audio-weights {args.out})")
+    print(f"wrote {args.out} (encoders.SmallVGG state_dict; python train.py --seed {args.seed} "
+          f"--audio-weights {args.out})")
     return 0
 
 

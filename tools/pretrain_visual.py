@@ -19,7 +19,7 @@ segmentation, not detection. The loss is eq. (8)'s L_segm with the synthetic rec
 Only the visual encoder, the FPN and the mask decoder are kept (the embedding is dropped), and
 `train.py --visual-regime pretrained` loads them into the full model and the baseline alike.
 
-    OMP_NUM_THREADS=1 python tools/pretrain_visual.py --benchmark v2 --seed 0 --out visual_v2_s0.pt
+    OMP_NUM_THREADS=1 python tools/pretrain_visual.py --seed 0 --out visual_v2_s0.pt
     python train.py --visual-regime pretrained        # built on first use and cached, as the audio
 
 Reading order: ReferringSegmenter (the model: SQD's parts + the category queries),
@@ -110,7 +110,7 @@ def _batch(dataset, indices):
     return torch.stack(frames).float(), torch.stack(maps)                # (B, T, 3, H, W), (B, T, H, W)
 
 
-def pretrain(cfg: ModelConfig, benchmark: str, seed: int, steps: int = DEFAULT_STEPS, batch: int = 4,
+def pretrain(cfg: ModelConfig, seed: int, steps: int = DEFAULT_STEPS, batch: int = 4,
              lr: float = 4e-4, img_size: int = 64, train_clips: int | None = None, log=print):
     """Train ReferringSegmenter on the train split; return the state of the KEPT modules and a report.
 
@@ -122,8 +122,7 @@ def pretrain(cfg: ModelConfig, benchmark: str, seed: int, steps: int = DEFAULT_S
     t0 = time.time()
     with torch.random.fork_rng(devices=[]), _one_thread():
         torch.manual_seed(seed)
-        train = data.SyntheticAVS("train", seed=seed, benchmark=benchmark, num_clips=train_clips,
-                                  img_size=img_size)
+        train = data.SyntheticAVS("train", seed=seed, num_clips=train_clips, img_size=img_size)
         model = ReferringSegmenter(cfg).train()
         backbone = [p for n, p in model.named_parameters() if n.startswith("visual_encoder.backbone.")]
         rest = [p for n, p in model.named_parameters() if not n.startswith("visual_encoder.backbone.")]
@@ -131,7 +130,7 @@ def pretrain(cfg: ModelConfig, benchmark: str, seed: int, steps: int = DEFAULT_S
                                 weight_decay=5e-4)
         criterion = SetCriterion(cfg.num_classes, weights=LOSS_WEIGHTS)
         order = np.random.default_rng(seed).permutation(len(train))
-        log(f"visual pretraining ({benchmark}, seed {seed}, {steps} steps): referring segmentation "
+        log(f"visual pretraining ({data.SYNTHETIC_VERSION}, seed {seed}, {steps} steps): referring segmentation "
             f"of {cfg.num_classes} categories on {len(train)} train clips ...")
         running = None
         for step in range(steps):
@@ -150,27 +149,28 @@ def pretrain(cfg: ModelConfig, benchmark: str, seed: int, steps: int = DEFAULT_S
             if (step + 1) % 250 == 0:
                 log(f"  referring step {step + 1}/{steps}: loss {running:.3f}")
         state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(KEPT)}
-    report = {"benchmark": benchmark, "seed": seed, "steps": steps, "final_loss": running,
+    report = {"benchmark": data.SYNTHETIC_VERSION, "seed": seed, "steps": steps, "final_loss": running,
               "seconds": round(time.time() - t0, 1)}
     log(f"visual pretraining done: loss {running:.3f} ({report['seconds']:.0f} s)")
     return state, report
 
 
-def cache_name(cfg: ModelConfig, benchmark: str, seed: int, steps: int) -> str:
-    """'visual-{benchmark}-s{seed}-{steps}-c{C}-k{Kc}.pt': one file per benchmark, seed and size."""
-    return f"visual-{benchmark}-s{seed}-{steps}-c{cfg.dim}-k{cfg.num_classes}.pt"
+def cache_name(cfg: ModelConfig, seed: int, steps: int) -> str:
+    """'visual-v2-s{seed}-{steps}-c{C}-k{Kc}.pt': one file per seed and size (v2: the benchmark's
+    version, data.SYNTHETIC_VERSION)."""
+    return f"visual-{data.SYNTHETIC_VERSION}-s{seed}-{steps}-c{cfg.dim}-k{cfg.num_classes}.pt"
 
 
-def cached_weights(folder: str, cfg: ModelConfig, benchmark: str, seed: int, steps: int = DEFAULT_STEPS,
+def cached_weights(folder: str, cfg: ModelConfig, seed: int, steps: int = DEFAULT_STEPS,
                    img_size: int = 64, log=print) -> str:
     """The path of the pretrained visual weights in `folder`, built by pretrain() on first use
     (written atomically). A file already there is returned as it is."""
-    path = os.path.join(folder, cache_name(cfg, benchmark, seed, steps))
+    path = os.path.join(folder, cache_name(cfg, seed, steps))
     if os.path.isfile(path):
         if log:
             log(f"visual side: pretrained weights {path} (cached)")
         return path
-    state, _ = pretrain(cfg, benchmark, seed, steps, img_size=img_size, log=log)
+    state, _ = pretrain(cfg, seed, steps, img_size=img_size, log=log)
     save_weights(state, path)
     if log:
         log(f"visual side: wrote {path}")
@@ -194,14 +194,13 @@ def load_into(model: SQD, path: str) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--benchmark", choices=data.BENCHMARKS, default="v2")
     p.add_argument("--seed", type=int, default=0, help="the synthetic benchmark's seed (and the training's)")
     p.add_argument("--out", required=True, help="the file to write")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     args = p.parse_args(argv)
     from sqd import preset
-    num_classes = data.SyntheticAVS("val", seed=args.seed, benchmark=args.benchmark, num_clips=1).num_classes
-    state, _ = pretrain(preset("cpu", num_classes=num_classes), args.benchmark, args.seed, args.steps)
+    num_classes = data.SyntheticAVS("val", seed=args.seed, num_clips=1).num_classes
+    state, _ = pretrain(preset("cpu", num_classes=num_classes), args.seed, args.steps)
     save_weights(state, args.out)
     return 0
 

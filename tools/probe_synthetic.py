@@ -15,20 +15,18 @@ the true set) by the number of sounding categories in the frame:
     alone as a per-frame multi-label classifier. Its drop from seen pairs to unseen pairs is the
     compositional gap that decomposition claims to close.
 
-The seen-pair split is test-seen-multi on v2 (matched to test-unseen clip by clip: same source
-counts and schedules) and the multi-source clips of test on v1 (which has no matched split).
-Unseen frames are the test-unseen frames in which a held-out pair sounds together.
+The seen-pair split is test-seen-multi (matched to test-unseen clip by clip: same source counts
+and schedules). Unseen frames are the test-unseen frames in which a held-out pair sounds together.
 
 It also gives two references of the vision side: the all-background mIoU (predict 0 everywhere;
 the vision-alone control must stay near it) and how far apart the looks are at the CPU preset's
 64 px (colour distance, shape overlap).
 
-    OMP_NUM_THREADS=1 python tools/probe_synthetic.py --benchmark v2 --seed 0
-    OMP_NUM_THREADS=1 python tools/probe_synthetic.py --benchmark v1 --seed 0
+    OMP_NUM_THREADS=1 python tools/probe_synthetic.py --seed 0
     python tools/probe_synthetic.py --table       # rewrite the markdown table from the json
 
 Results go to results/probes.json (one entry per benchmark and seed, replaced when rerun) and
-results/probes.md (the table).
+results/probes.md (the table). The stored v1 entries stay in both (git tag synthetic-v1 reruns them).
 
 Reading order: exact_set_accuracy, frame_table (the data), linear_probe, train_classifier and
 predict_sets (the audio network, shared with tools/pretrain_audio.py), network_probe,
@@ -100,8 +98,7 @@ def frame_table(ds, indices):
     B = len(indices) clips of T = ds.frames frames, the frames of a clip one after the other.
     Returns dict: log_mel (B*T, 96, 64) float32, sounding (B*T, Kc) bool, held_out (B*T,) bool (a
     held-out pair sounds together in the frame), multi (B*T,) bool (the frame's clip is
-    multi-source), snr_db (B*T,) float (v2; NaN on v1), dropout (B*T,) bool (v2: the frame has a
-    dropout).
+    multi-source), snr_db (B*T,) float, dropout (B*T,) bool (the frame has a dropout).
     """
     mels, sounding, multi, snr, dropout = [], [], [], [], []
     for i in indices:
@@ -110,9 +107,9 @@ def frame_table(ds, indices):
         mels.append(clip["log_mel"])  # (T, 96, 64)
         sounding.append(plan["sounding"])  # (T, Kc)
         multi += [plan["multi_source"]] * ds.frames
-        snr.append(plan.get("snr_db", np.full(ds.frames, np.nan)))  # (T,)
+        snr.append(plan["snr_db"])  # (T,)
         dropped = np.zeros(ds.frames, dtype=bool)  # (T,)
-        dropped[[t for t, _, _ in plan.get("dropouts", [])]] = True
+        dropped[[t for t, _, _ in plan["dropouts"]]] = True
         dropout.append(dropped)
     sounding = np.concatenate(sounding)  # (B*T, Kc)
     held_out = np.zeros(len(sounding), dtype=bool)  # (B*T,)
@@ -126,8 +123,8 @@ SNR_BINS = ((-100.0, 4.0), (4.0, 12.0), (12.0, 100.0))  # dB
 
 
 def reliability(pred, table):
-    """Exact-set accuracy of single-source and of >= 2-source frames by the frame's SNR and dropout
-    (v2): does a frame's audio get less reliable where the benchmark says it is?
+    """Exact-set accuracy of single-source and of >= 2-source frames by the frame's SNR and dropout:
+    does a frame's audio get less reliable where the benchmark says it is?
 
     Returns dict: 'snr lo..hi' or 'dropout' / 'no dropout' -> {'1': ..., '>=2': ...}, each
     {'accuracy', 'frames'}."""
@@ -286,25 +283,19 @@ def look_separation(ds):
 
 
 # ----------------------------------------------------------------------------------------------
-# Everything for one benchmark and seed
+# Everything for one seed
 # ----------------------------------------------------------------------------------------------
-def probe(benchmark, seed, train_clips=4000, eval_clips=500, steps=1500, batch=32, background_clips=500,
+def probe(seed, train_clips=4000, eval_clips=500, steps=1500, batch=32, background_clips=500,
           log=print):
     """Both probes on (seen-pair split, test-unseen), the all-background mIoU and the looks.
     steps = 0 skips the network probe and the vision references (a quick parameter search)."""
     t0 = time.time()
-    make = lambda split, n: data.SyntheticAVS(split, seed=seed, benchmark=benchmark, num_clips=n)  # noqa: E731
+    make = lambda split, n: data.SyntheticAVS(split, seed=seed, num_clips=n)  # noqa: E731
     train = make("train", train_clips)
-    if benchmark == "v1":  # no matched split: the multi-source clips of test
-        test = make("test", 2 * eval_clips)
-        seen_name = "test (multi-source clips)"
-        seen_idx = [i for i in range(len(test)) if test.plan(i)["multi_source"]][:eval_clips]
-        seen_ds = test
-    else:
-        seen_name, seen_ds = "test-seen-multi", make("test-seen-multi", eval_clips)
-        seen_idx = list(range(eval_clips))
+    seen_name, seen_ds = "test-seen-multi", make("test-seen-multi", eval_clips)
+    seen_idx = list(range(eval_clips))
     unseen_ds = make("test-unseen", eval_clips)
-    log(f"{benchmark} seed {seed}: generating {train_clips} train clips ...")
+    log(f"{data.SYNTHETIC_VERSION} seed {seed}: generating {train_clips} train clips ...")
     tr = frame_table(train, range(train_clips))
     seen = frame_table(seen_ds, seen_idx)
     unseen = frame_table(unseen_ds, range(eval_clips))
@@ -317,17 +308,15 @@ def probe(benchmark, seed, train_clips=4000, eval_clips=500, steps=1500, batch=3
         out = {"seen": exact_set_accuracy(pred_seen, seen["sounding"]),
                "unseen_all_frames": exact_set_accuracy(pred_unseen, unseen["sounding"]),
                "unseen": exact_set_accuracy(pred_unseen[unseen["held_out"]],
-                                            unseen["sounding"][unseen["held_out"]])}
-        if benchmark == "v2":
-            out["seen_reliability"] = reliability(pred_seen, seen)
+                                            unseen["sounding"][unseen["held_out"]]),
+               "seen_reliability": reliability(pred_seen, seen)}
         return out
 
-    res = {"benchmark": benchmark, "seed": seed, "seen_split": seen_name, "unseen_split": "test-unseen",
+    res = {"benchmark": data.SYNTHETIC_VERSION, "seed": seed, "seen_split": seen_name, "unseen_split": "test-unseen",
            "clips": {"train": train_clips, "seen": len(seen_idx), "unseen": eval_clips},
            "num_classes": train.num_classes, "held_out_pairs": len(train.held_out_pairs),
-           "pairs": train.num_classes * (train.num_classes - 1) // 2}
-    if benchmark == "v2":
-        res["v2_parameters"] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.V2.items()}
+           "pairs": train.num_classes * (train.num_classes - 1) // 2,
+           "v2_parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.SYNTHETIC.items()}}
     feats = [mean_std_features(x["log_mel"]) for x in (tr, seen, unseen)]
     p_seen, p_unseen = linear_probe(feats[0], tr["sounding"], feats[1:])
     res["linear"] = score(p_seen, p_unseen)
@@ -342,8 +331,7 @@ def probe(benchmark, seed, train_clips=4000, eval_clips=500, steps=1500, batch=3
     res["network"]["train_seconds"] = round(time.time() - t1, 1)
     log(f"  network probe done ({time.time() - t0:.0f} s)")
     res["all_background_miou"] = {}
-    splits = ["test", "test-unseen"] + (["test-seen-multi", "val-unseen"] if benchmark == "v2" else [])
-    for split in splits:
+    for split in ("test", "test-unseen", "test-seen-multi", "val-unseen"):
         res["all_background_miou"][split] = all_background_miou(make(split, background_clips), background_clips)
     res["all_background_miou"]["clips"] = background_clips
     res["looks"] = look_separation(train)
@@ -467,7 +455,6 @@ def save_results(results, path=RESULTS_JSON):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--benchmark", choices=data.BENCHMARKS, default="v2")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-clips", type=int, default=4000)
     p.add_argument("--eval-clips", type=int, default=500, help="clips of the seen and unseen splits")
@@ -475,12 +462,12 @@ def main(argv=None):
                    help="training steps of the network probe (0: the linear probe only, not saved)")
     p.add_argument("--batch", type=int, default=32, help="frames per step of the network probe")
     p.add_argument("--no-save", action="store_true", help="print only")
-    p.add_argument("--tag", default="", help="store under benchmark-seedS-TAG (the parameter search's "
+    p.add_argument("--tag", default="", help="store under v2-seedS-TAG (the parameter search's "
                                               "iterations; the table lists them all)")
     p.add_argument("--table", action="store_true", help="only rewrite results/probes.md from the json")
     p.add_argument("--vision-alone", metavar="METRICS_JSON",
                    help="store the mIoU of a `train.py --zero-audio` run (its metrics.json) next to the "
-                        "all-background mIoU of the same benchmark and seed, then rewrite the table")
+                        "all-background mIoU of the same seed, then rewrite the table")
     args = p.parse_args(argv)
     for name in ("train_clips", "eval_clips", "steps", "batch"):
         lowest = 0 if name == "steps" else 1
@@ -489,7 +476,7 @@ def main(argv=None):
             return 2
     torch.set_num_threads(1)
     results = load_results()
-    key = f"{args.benchmark}-seed{args.seed}" + (f"-{args.tag}" if args.tag else "")
+    key = f"{data.SYNTHETIC_VERSION}-seed{args.seed}" + (f"-{args.tag}" if args.tag else "")
     if args.vision_alone:
         if key not in results or not os.path.isfile(args.vision_alone):
             print(f"error: need a stored probe entry {key} and the metrics.json {args.vision_alone!r}",
@@ -513,7 +500,7 @@ def main(argv=None):
         print(json.dumps(results[key]["vision_alone"], indent=1))
         return 0
     if not args.table:
-        res = probe(args.benchmark, args.seed, args.train_clips, args.eval_clips, args.steps, args.batch)
+        res = probe(args.seed, args.train_clips, args.eval_clips, args.steps, args.batch)
         if args.steps == 0:
             for part in ("seen", "unseen_all_frames", "unseen", "seen_reliability"):
                 if part in res["linear"]:
