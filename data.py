@@ -465,11 +465,9 @@ class SyntheticAVS(Dataset):
         return {"frames": frames, "object_map": object_map, "labels": labels}
 
     def log_mel(self, waveform):
-        """(T*16000,) -> (T, 96, 64): one VGGish example per frame."""
-        # PAPER: each second goes through the front end on its own, so example t is exactly the
-        # audio of frame t (on a whole clip the 0.96 s examples drift 0.04 s a second).
-        return np.concatenate([vggish_log_mel(waveform[t * AUDIO_RATE:(t + 1) * AUDIO_RATE], AUDIO_RATE)
-                               for t in range(self.frames)])  # (T, 96, 64)
+        """(T*16000,) -> (T, 96, 64): one VGGish example per frame, each second on its own
+        (clip_examples, which predict.py shares)."""
+        return clip_examples(waveform, AUDIO_RATE, "synthetic", self.frames)  # (T, 96, 64)
 
     def _audio(self, p, rng):
         """The audio: each source's partials under its envelope, gated, muted in dropouts; pink noise
@@ -765,6 +763,46 @@ def seconds_for_examples(num_examples):
     return (400 + 160 * (LOG_MEL_SHAPE[0] * num_examples - 1)) / AUDIO_RATE
 
 
+def seconds_needed(num_frames, dataset):
+    """The audio that num_frames frames need, cut as the reader of `dataset` cuts it: one whole
+    second a frame (synthetic), or the shortest wav that gives num_frames 0.96 s examples (s4,
+    ms3, avss: 0.96 T + 0.015 s, seconds_for_examples)."""
+    return float(num_frames) if dataset == "synthetic" else seconds_for_examples(num_frames)
+
+
+def clip_examples(waveform, rate, dataset, num_frames):
+    """Up to num_frames VGGish log-mel examples of a waveform, built as the reader of `dataset` builds them.
+
+    synthetic: each second on its own (SyntheticAVS), so example t is exactly second t; s4, ms3,
+    avss: the whole waveform at once (wav_log_mel), as AVSBench's preprocessing.
+    Args: waveform (Ns,) at `rate` Hz. Returns (E, 96, 64) float32, E <= num_frames.
+    """
+    if dataset != "synthetic":
+        return vggish_log_mel(waveform, rate)[:num_frames]  # (E, 96, 64)
+    # PAPER: each second goes through the front end on its own, so example t is exactly the
+    # audio of frame t (on a whole clip the 0.96 s examples drift 0.04 s a second).
+    seconds = min(num_frames, len(waveform) // rate)
+    examples = [vggish_log_mel(waveform[t * rate:(t + 1) * rate], rate) for t in range(seconds)]  # each (1, 96, 64)
+    return np.concatenate(examples) if examples else np.zeros((0, *LOG_MEL_SHAPE), np.float32)  # (E, 96, 64)
+
+
+def pad_examples(audio, num_frames, dataset):
+    """A clip's examples cut or padded to num_frames, as the reader of `dataset` pads a short clip:
+    copies of the last example for s4 and ms3 (AVSBench's preprocessing), zero examples for avss
+    (the official AVSS loader) and synthetic.
+
+    Args: audio (E, 1, 96, 64) float32 tensor, E >= 1 for s4 and ms3. Returns (num_frames, 1, 96, 64).
+    """
+    missing = num_frames - len(audio)
+    if missing <= 0:
+        return audio[:num_frames]  # (num_frames, 1, 96, 64)
+    if dataset in ("s4", "ms3"):
+        fill = audio[-1:].expand(missing, -1, -1, -1)  # (missing, 1, 96, 64)
+    else:
+        fill = audio.new_zeros(missing, *audio.shape[1:])  # (missing, 1, 96, 64)
+    return torch.cat([audio, fill])  # (num_frames, 1, 96, 64)
+
+
 def short_audio_note(path, num_examples, num_frames, found_seconds, needed_seconds, padding):
     """The line naming an audio file more than one example short of its clip's frames, else None.
 
@@ -999,9 +1037,7 @@ class AVSObjectDataset(Dataset):
         if len(audio) == 0:  # nothing to repeat
             raise DataError(no_example_message(path, found))
         warn_short_audio(path, short_audio_note(path, len(audio), V1_FRAMES, found, needed, V1_AUDIO_PADDING))
-        if len(audio) < V1_FRAMES:  # repeat the last example, as AVSBench's preprocessing
-            audio = torch.cat([audio, audio[-1:].expand(V1_FRAMES - len(audio), -1, -1, -1)])  # (5, 1, 96, 64)
-        return audio[:V1_FRAMES]  # (5, 1, 96, 64)
+        return pad_examples(audio, V1_FRAMES, self.name)  # (5, 1, 96, 64) the last example repeated
 
     def __getitem__(self, index):
         clip = self.clips[index]
@@ -1145,9 +1181,8 @@ class AVSSDataset(Dataset):
         count = len(clip["frames"])  # Tc frames need Tc examples
         warn_short_audio(clip["audio"], short_audio_note(clip["audio"], len(examples), count, found,
                                                          seconds_for_examples(count), AVSS_AUDIO_PADDING))
-        audio = torch.zeros(AVSS_FRAMES, 1, *LOG_MEL_SHAPE)  # (10, 1, 96, 64) zero-padded as AVSS
         # PAPER: a wav longer than 10.56 s (more than 10 examples) crashes the official code; we keep 10.
-        audio[:min(len(examples), AVSS_FRAMES)] = torch.from_numpy(examples[:AVSS_FRAMES]).unsqueeze(1)
+        audio = pad_examples(torch.from_numpy(examples).unsqueeze(1), AVSS_FRAMES, "avss")  # (10, 1, 96, 64) zero-padded
         images = [read_image(clip["frames"][i], f"frame {i} of clip {clip['id']} (JPEG; "
                              f"{clip['subset']} clips have {count} frames 0..{count - 1}.jpg)") for i in window]
         plan = spatial_plan(images[0].size, self.img_size, self.train)

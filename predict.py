@@ -5,8 +5,9 @@ What this file teaches
       1. a checkpoint loaded safely (train.load_checkpoint: weights_only, no code runs) with the
          model, the class names and the preprocessing its run used;
       2. the clip prepared exactly as the checkpoint's evaluation prepared its dataset: frames
-         resized to the square img_size and ImageNet-normalised (data.py), one 0.96 s VGGish
-         log-mel example per frame built the way that dataset's reader builds it;
+         resized to the square img_size and ImageNet-normalised, one 0.96 s VGGish log-mel
+         example per frame built, cut and padded the way that dataset's reader does it (data.py:
+         frame_tensor, clip_examples, seconds_needed, pad_examples);
       3. one forward pass over the whole clip (sqd.SQD takes any number of frames);
       4. eq. (11) (sqd.segment) at each frame's own size: a class-id PNG in the AVSS palette, an
          overlay, a GIF and predictions.json (the sounding classes per frame, with scores);
@@ -22,7 +23,7 @@ What this file teaches
     ffmpeg -t 10 -i video.mp4 -vf fps=1 frames/%03d.png -vn -ac 1 -ar 16000 audio.wav
 
 Reading order
-    load_model, then the clip: list_frames, read_frames, audio_examples, read_audio; the model:
+    load_model, then the clip: list_frames, read_frames, read_audio; the model:
     run_model (one pass, or chunks for a long clip), label_map and frame_classes (eq. 11 and the
     scores), write_clip (the files); the pictures: panel helpers, overlay, synthetic_picture;
     main at the end.
@@ -53,7 +54,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import train
-from encoders import vggish_log_mel
 from sqd import SQD, ModelConfig, foreground_probability, segment
 from train import UserError
 
@@ -137,29 +137,6 @@ def read_frames(paths: list[str], img_size: int) -> tuple[torch.Tensor, list]:
     return torch.stack(tensors), images                                # (T, 3, H, W)
 
 
-def audio_examples(waveform: np.ndarray, rate: int, dataset: str, T: int) -> np.ndarray:
-    """One VGGish log-mel example per frame, as the reader of `dataset` builds them.
-
-    synthetic: each second on its own (data.SyntheticAVS), so example t is exactly second t;
-    s4, ms3, avss: the whole wav through the front end (data.wav_log_mel), 0.96 s examples
-    that drift 0.04 s a second, as AVSBench's preprocessing. Returns (E, 96, 64), E <= T.
-    """
-    if dataset == "synthetic":
-        seconds = min(T, len(waveform) // rate)
-        examples = [vggish_log_mel(waveform[t * rate:(t + 1) * rate], rate) for t in range(seconds)]
-        return (np.concatenate(examples) if examples
-                else np.zeros((0, *data.LOG_MEL_SHAPE), np.float32))   # (E, 96, 64)
-    return vggish_log_mel(waveform, rate)[:T]                          # (E, 96, 64)
-
-
-def seconds_needed(T: int, dataset: str) -> float:
-    """Audio that gives T examples: T whole seconds (synthetic), or the 96 T log-mel frames of
-    25 ms every 10 ms that make T examples of 0.96 s (AVSBench)."""
-    if dataset == "synthetic":
-        return float(T)
-    return (400 + 160 * (96 * T - 1)) / data.AUDIO_RATE
-
-
 def read_audio(path: str, T: int, dataset: str, pad: bool = False) -> tuple[torch.Tensor, list]:
     """The audio of T frames: (T, 1, 96, 64) float32 log-mel, and notes to print.
 
@@ -175,8 +152,8 @@ def read_audio(path: str, T: int, dataset: str, pad: bool = False) -> tuple[torc
     peak = float(np.abs(waveform).max())
     if peak < SILENCE_PEAK:
         raise data.DataError(f"{path}: silent (loudest sample {peak:.1e}); expected {expected}")
-    examples = audio_examples(waveform, rate, dataset, T)              # (E, 96, 64)
-    found, need = len(waveform) / rate, seconds_needed(T, dataset)
+    examples = data.clip_examples(waveform, rate, dataset, T)          # (E, 96, 64), E <= T
+    found, need = len(waveform) / rate, data.seconds_needed(T, dataset)
     notes = [f"audio: {path}, {found:.2f} s at {rate} Hz"]
     if len(examples) < T:
         if not pad or (len(examples) == 0 and dataset in ("s4", "ms3")):
@@ -184,17 +161,12 @@ def read_audio(path: str, T: int, dataset: str, pad: bool = False) -> tuple[torc
                 f"{path}: {found:.2f} s of audio; the {T} frames need {need:.2f} s (one 0.96 s "
                 f"log-mel example per frame, built as the {dataset} reader builds them); pass "
                 f"--pad-audio to pad the missing {T - len(examples)} example(s)")
-        missing = T - len(examples)
-        if dataset in ("s4", "ms3"):   # AVSBench v1 preprocessing repeats the last example
-            fill = np.repeat(examples[-1:], missing, axis=0)           # (missing, 96, 64)
-        else:                          # the AVSS reader pads with zero examples
-            fill = np.zeros((missing, *data.LOG_MEL_SHAPE), np.float32)  # (missing, 96, 64)
         warnings.warn(f"{path}: {found:.2f} s of audio, {need:.2f} s needed; padded "
-                      f"{missing} example(s) as the {dataset} reader pads a short clip")
-        examples = np.concatenate([examples, fill])                    # (T, 96, 64)
+                      f"{T - len(examples)} example(s) as the {dataset} reader pads a short clip")
     elif found > need + 1.0:
         notes.append(f"audio: only the first {need:.2f} s are used ({T} frames)")
-    return torch.from_numpy(examples).unsqueeze(1), notes              # (T, 1, 96, 64)
+    audio = torch.from_numpy(examples).unsqueeze(1)                    # (E, 1, 96, 64)
+    return data.pad_examples(audio, T, dataset), notes                 # (T, 1, 96, 64)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -255,6 +255,17 @@ def test_example_count_from_the_header_matches_the_front_end():
         assert len(vggish_log_mel(np.zeros(n - 1), 16000)) == examples - 1
 
 
+def test_seconds_needed_is_the_shortest_wav_that_gives_the_examples():
+    # what predict.py tells the user a clip of T frames needs
+    for T in (1, 7):
+        need = round(data.seconds_needed(T, "avss") * 16000)          # 0.96 T + 0.015 s
+        assert need == 400 + 160 * (96 * T - 1)
+        wave = np.random.default_rng(0).uniform(-0.5, 0.5, need)
+        assert len(vggish_log_mel(wave, 16000)) == T
+        assert len(vggish_log_mel(wave[:-1], 16000)) == T - 1
+        assert data.seconds_needed(T, "synthetic") == T
+
+
 SHORT_AVSS = [  # (uid, subset, split, a_obj), seconds of audio.wav, VGGish examples it gives
     (("v2OneShort_0_10000", "v2", "val", "dog"), 9.0, 9),       # 10 frames, 1 example short
     (("v1sOneShort_0_5000", "v1s", "val", "cat"), 4.5, 4),      # 5 frames, 1 example short

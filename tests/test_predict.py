@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import predict  # noqa: E402
-from encoders import vggish_log_mel  # noqa: E402
 from fixtures import RunsCode, tone_wav, voc_colour, write_avss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,16 +187,6 @@ def test_audio_examples_are_those_of_the_synthetic_and_avss_readers(tmp_path):
     wav = os.path.join(str(tmp_path / "avss"), "v2", item["meta"]["clip"], "audio.wav")
     audio, _ = predict.read_audio(wav, 10, "avss")
     assert torch.equal(audio, item["audio"])
-
-
-def test_seconds_needed_is_the_shortest_wav_that_gives_the_examples():
-    for T in (1, 7):
-        need = round(predict.seconds_needed(T, "avss") * 16000)          # 0.96 T + 0.015 s
-        assert need == 400 + 160 * (96 * T - 1)
-        wave = np.random.default_rng(0).uniform(-0.5, 0.5, need)
-        assert len(vggish_log_mel(wave, 16000)) == T
-        assert len(vggish_log_mel(wave[:-1], 16000)) == T - 1
-        assert predict.seconds_needed(T, "synthetic") == T
 
 
 # ----------------------------------------------------------------------------------------------
