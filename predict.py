@@ -1,4 +1,4 @@
-"""Segment a clip of your own with a trained checkpoint, and see what the model did.
+"""Segment a clip of your own with a trained checkpoint.
 
 What this file teaches
     Inference from end to end, outside the benchmark loaders:
@@ -10,23 +10,20 @@ What this file teaches
          frame_tensor, clip_examples, seconds_needed, pad_examples);
       3. one forward pass over the whole clip (sqd.SQD takes any number of frames);
       4. eq. (11) (sqd.segment) at each frame's own size: a class-id PNG in the AVSS palette, an
-         overlay, a GIF and predictions.json (the sounding classes per frame, with scores);
-      5. the picture a student reads to see decomposition work or fail, on a clip of the
-         checkpoint's own synthetic benchmark: per frame, the frame, the log-mel of its second,
-         the ground truth, the prediction and the codeword each local token l_{i,t} chose,
-         named by the category it is the signature of (the run's diagnostics.json).
+         overlay, a GIF and predictions.json (the sounding classes per frame, with scores).
 
     python predict.py --checkpoint runs/RUN/best.pt --frames DIR --audio clip.wav --out DIR
-    python predict.py --checkpoint runs/synthetic-DATE/last.pt --synthetic test-unseen:17
 
     Turn a video into what --frames and --audio expect (one frame a second, 16 kHz audio):
     ffmpeg -t 10 -i video.mp4 -vf fps=1 frames/%03d.png -vn -ac 1 -ar 16000 audio.wav
 
+    A clip of the synthetic benchmark, drawn with the codeword each local token chose, is a
+    diagnosis of the codebook: python tools/diagnostics.py CKPT --clip test-unseen:17.
+
 Reading order
-    load_model, then the clip: list_frames, read_frames, read_audio; the model:
-    run_model (one pass, or chunks for a long clip), label_map and frame_classes (eq. 11 and the
-    scores), write_clip (the files); the pictures: panel helpers, overlay, synthetic_picture;
-    main at the end.
+    load_model, then the clip: list_frames, read_frames, read_audio; the model: run_model (one
+    pass, or chunks for a long clip), label_map and frame_classes (eq. 11 and the scores),
+    write_clip (the files, drawn with pictures.py); main at the end.
 
 Shape alphabet (the repository's one shape alphabet: docs/shapes.md): T frames of the clip (T'
 those of one chunk in run_model), N semantic tokens, Kc foreground classes, H, W the image size fed
@@ -50,18 +47,17 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import data
 import train
+from pictures import PALETTE, overlay, save_gif, titled
 from sqd import SQD, ModelConfig, foreground_probability, segment
 from train import UserError
 
 MAX_FRAMES = 60          # frames in one pass; a longer clip runs in chunks of at most this many
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 SILENCE_PEAK = 1e-4      # a wav whose loudest sample is below this (-80 dBFS) is called silent
-MIN_PANEL = 256          # pictures scale every panel up (nearest neighbour) to at least this size
-PALETTE = data.voc_palette(256)  # (256, 3) the AVSS (PASCAL-VOC) colours; row j is class id j
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,235 +279,7 @@ def write_clip(out_dir: str, frame_paths: list[str], images: list, outputs: dict
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Pictures: panels scaled up, a title line, colour swatches that name the classes
-# ----------------------------------------------------------------------------------------------
-
-def font(size: int = 14):
-    """Pillow's own font (no file, no new dependency); scalable from Pillow 10.1."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # older Pillow: the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def scale_up(array: np.ndarray, min_side: int = MIN_PANEL) -> np.ndarray:
-    """(H, W, 3) uint8 repeated (nearest neighbour) by the smallest integer factor that makes
-    its shorter side at least min_side."""
-    factor = max(1, math.ceil(min_side / min(array.shape[:2])))
-    return array.repeat(factor, axis=0).repeat(factor, axis=1)         # (H*factor, W*factor, 3)
-
-
-def colour_ids(ids: np.ndarray) -> np.ndarray:
-    """Class ids (H, W) -> their AVSS palette colours (H, W, 3) uint8."""
-    return PALETTE[ids % 256]                                          # (H, W, 3)
-
-
-def overlay(rgb: np.ndarray, ids: np.ndarray, alpha: float = 0.55) -> np.ndarray:
-    """The frame (Hn, Wn, 3) uint8 with each labelled pixel mixed with its class colour."""
-    mixed = (1 - alpha) * rgb + alpha * colour_ids(ids).astype(np.float64)  # (Hn, Wn, 3)
-    return np.where(ids[..., None] > 0, mixed, rgb).round().astype(np.uint8)  # (Hn, Wn, 3)
-
-
-def titled(array: np.ndarray, lines: list, min_side: int = MIN_PANEL) -> Image.Image:
-    """A picture (scaled up to min_side) under title lines. Each line is a list of (text,
-    colour or None) pieces; a colour draws a swatch of that class colour before the text."""
-    body = Image.fromarray(scale_up(array, min_side))
-    return stack([caption(body.width, lines), body])
-
-
-def caption(width: int, lines: list, size: int = 14) -> Image.Image:
-    """White strip of `width` px with the lines of titled() drawn on it, a line wrapped where a
-    piece would run past the right edge."""
-    f = font(size)
-    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    placed, row = [], 0                                # (x, row, text, colour) of every piece
-    for pieces in lines:
-        x = 6
-        for text, colour in pieces:
-            length = int(measure.textlength(text, font=f)) + (size + 2 if colour is not None else 0)
-            if x > 6 and x + length > width - 6:       # wrap before this piece
-                x, row = 6 + size, row + 1
-            placed.append((x, row, text, colour))
-            x += length
-        row += 1
-    step = size + 6
-    strip = Image.new("RGB", (width, step * row + 6), (255, 255, 255))
-    draw = ImageDraw.Draw(strip)
-    for x, r, text, colour in placed:
-        y = 4 + step * r
-        if colour is not None:
-            draw.rectangle([x, y + 1, x + size - 2, y + size - 1],
-                           fill=tuple(int(v) for v in colour), outline=(0, 0, 0))
-            x += size + 2
-        draw.text((x, y), text, fill=(0, 0, 0), font=f)
-    return strip
-
-
-def stack(images: list, horizontal: bool = False, gap: int = 0) -> Image.Image:
-    """Images one under the other (or side by side), on white, `gap` px apart."""
-    if horizontal:
-        size = (sum(i.width for i in images) + gap * (len(images) - 1), max(i.height for i in images))
-    else:
-        size = (max(i.width for i in images), sum(i.height for i in images) + gap * (len(images) - 1))
-    out = Image.new("RGB", size, (255, 255, 255))
-    offset = 0
-    for image in images:
-        out.paste(image, (offset, 0) if horizontal else (0, offset))
-        offset += (image.width if horizontal else image.height) + gap
-    return out
-
-
-def save_gif(pictures: list, path: str, ms_per_frame: int = 1000) -> None:
-    """An animated GIF (Pillow), one picture a second, looping; pictures are padded to one size."""
-    width, height = max(p.width for p in pictures), max(p.height for p in pictures)
-    frames = []
-    for picture in pictures:
-        canvas = Image.new("RGB", (width, height), (255, 255, 255))
-        canvas.paste(picture, (0, 0))
-        frames.append(canvas)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
-
-
-def spectrogram(log_mel: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """One log-mel example (96 frames, 64 bands) -> (64, 96, 3) uint8: time left to right, low
-    bands at the bottom, values from lo (dark blue) over red to hi (yellow)."""
-    v = np.clip((log_mel.T[::-1] - lo) / max(hi - lo, 1e-6), 0, 1)    # (64, 96) in [0, 1]
-    anchors = np.array([[10, 10, 60], [150, 30, 90], [230, 90, 40], [250, 230, 100]], np.float64)  # (4, 3)
-    x = v * (len(anchors) - 1)                                         # (64, 96)
-    k = np.minimum(x.astype(int), len(anchors) - 2)                    # (64, 96) segment index
-    frac = (x - k)[..., None]                                          # (64, 96, 1)
-    return ((1 - frac) * anchors[k] + frac * anchors[k + 1]).round().astype(np.uint8)  # (64, 96, 3)
-
-
-def token_names(codes: list, signatures: list | None, class_names: list) -> list[str]:
-    """The category each token's codeword is the signature of, per token index i.
-
-    codes: N codeword ids of one frame; signatures: N lists of Kc codewords (diagnostics.json
-    'local_signature_codeword_per_index', -1: none) or None. A codeword that is the signature of
-    exactly one category names it; one shared by several, or nobody's, is "none"; "?" without
-    signatures.
-    """
-    if signatures is None:
-        return ["?"] * len(codes)
-    names = []
-    for i, k in enumerate(codes):
-        owners = [c + 1 for c, sig in enumerate(signatures[i]) if sig == k]
-        names.append(class_names[owners[0]] if len(owners) == 1 else "none")
-    return names
-
-
-def synthetic_picture(model: SQD, dataset, index: int, class_names: list, signatures: list | None,
-                      device, amp: bool = False) -> tuple[Image.Image, list, dict]:
-    """Clip `index` of a synthetic split, run through the model and drawn.
-
-    One row per frame: the frame | the log-mel of its second | the ground truth | the prediction
-    (eq. 11) | the N local tokens' codewords l_{i,t} -> VQ, each with the category it is the
-    signature of (signatures: see token_names) and the class the token predicts.
-    Returns (the picture, one picture per frame for a GIF, layout): layout maps each panel name
-    to its T boxes (x0, y0, x1, y1) in the picture, for tests.
-    """
-    item = dataset[index]                                              # the clip as data.py gives it
-    T = item["frames"].shape[0]
-    out = run_model(model, item["frames"], item["audio"], device, amp)
-    size = tuple(item["labels"].shape[-2:])                            # (H, W)
-    pred = [label_map(out["pred_logits"][t], out["pred_masks"][t], size) for t in range(T)]  # T x (H, W)
-    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]             # (3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD)[:, None, None]               # (3, 1, 1)
-    log_mel = item["audio"][:, 0].numpy()                              # (T, 96, 64)
-    lo, hi = np.percentile(log_mel, 1), np.percentile(log_mel, 99.5)
-    sounding = np.asarray(item["meta"]["sounding"], dtype=bool)        # (T, Kc)
-    side = item["frames"].shape[-1] * max(1, math.ceil(MIN_PANEL / item["frames"].shape[-1]))
-    panel_names = ["frame", "log-mel of its second", "ground truth", "prediction", "tokens"]
-    f = font(13)
-    rows, layout = [], {name: [] for name in panel_names}
-    for t in range(T):
-        frame = ((item["frames"][t] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-                 * 255).round().astype(np.uint8)                       # (H, W, 3)
-        spec = np.asarray(Image.fromarray(spectrogram(log_mel[t], lo, hi)).resize(
-            (side, side), Image.NEAREST))                              # (side, side, 3)
-        panels = [scale_up(frame, side), spec, scale_up(colour_ids(item["labels"][t].numpy()), side),
-                  scale_up(colour_ids(pred[t]), side)]
-        # the tokens panel: codeword, the category it is the signature of, what the token predicts
-        text_panel = Image.new("RGB", (int(side * 1.4), side), (255, 255, 255))
-        draw = ImageDraw.Draw(text_panel)
-        if out["codes"] is None:
-            draw.text((8, 8), "no semantic tokens (no GSD, no LSD)", fill=(0, 0, 0), font=f)
-        else:
-            codes = out["codes"][t].tolist()
-            owners = token_names(codes, signatures, class_names)
-            prob = out["pred_logits"][t].sigmoid()                     # (N, Kc)
-            line = max(15, min(34, (side - 8) // (2 * len(codes))))
-            for i, (k, owner) in enumerate(zip(codes, owners)):
-                y = 6 + 2 * line * i
-                colour = (PALETTE[class_names.index(owner)] if owner in class_names[1:]
-                          else np.array([255, 255, 255]))
-                draw.rectangle([8, y + 2, 20, y + 14], fill=tuple(int(v) for v in colour),
-                               outline=(0, 0, 0))
-                draw.text((26, y), f"token {i}: codeword {k} = {owner}", fill=(0, 0, 0), font=f)
-                p, c = prob[i].max(0)
-                says = (f"predicts {class_names[int(c) + 1]} {float(p):.2f}" if p >= 0.1
-                        else f"predicts nothing (best {float(p):.2f})")
-                draw.text((26, y + line - 2), says, fill=(90, 90, 90), font=f)
-        images = [Image.fromarray(p) for p in panels] + [text_panel]
-        heard = [c + 1 for c in np.nonzero(sounding[t])[0]]
-        seen = [int(c) for c in np.unique(pred[t]) if c > 0]
-        title = caption(side * 4 + text_panel.width + 4 * 6, [
-            [(f"frame {t}   sounding: ", None)] + [(class_names[c] + "  ", PALETTE[c]) for c in heard]
-            + ([("nothing  ", None)] if not heard else []) + [("   predicted: ", None)]
-            + [(class_names[c] + "  ", PALETTE[c]) for c in seen] + ([("nothing", None)] if not seen else [])])
-        rows.append(stack([title, stack(images, horizontal=True, gap=6)]))
-    clip_title = caption(rows[0].width, [
-        [(f"{item['meta']['clip']}, the benchmark of seed {dataset.seed}", None)],
-        [("panels: " + " | ".join(panel_names[:4]) + " | the local tokens' codewords, named by the "
-          "category each is the signature of (none: shared or nobody's)", None)]])
-    picture = stack([clip_title] + rows, gap=4)
-    y = clip_title.height + 4
-    for row in rows:
-        x, top = 0, y + row.height - side
-        for name, width in zip(panel_names, [side] * 4 + [text_panel.width]):
-            layout[name].append((x, top, x + width, top + side))
-            x += width + 6
-        y += row.height + 4
-    return picture, [stack([clip_title, row]) for row in rows], layout
-
-
-def write_synthetic_pictures(out_dir: str, model: SQD, dataset, indices: list, class_names: list,
-                             signatures: list | None, device, amp: bool = False) -> list[str]:
-    """clip_{split}_{index}.png and .gif for each index, drawn first, then each file written
-    atomically (temporary name, then rename); returns the PNG paths."""
-    drawn = [(index, *synthetic_picture(model, dataset, index, class_names, signatures, device,
-                                        amp)[:2]) for index in indices]
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for index, picture, frames in drawn:
-        base = os.path.join(out_dir, f"clip_{dataset.split}_{index}")
-        for suffix, save in ((".png", lambda p: picture.save(p, format="PNG")),
-                             (".gif", lambda p: save_gif(frames, p))):
-            tmp = f"{base}.tmp{os.getpid()}{suffix}"
-            save(tmp)
-            os.replace(tmp, base + suffix)
-        written.append(base + ".png")
-    return written
-
-
-def read_signatures(path: str | None) -> tuple[list | None, str]:
-    """Per token index signature codewords from a run's diagnostics.json, and a note saying where
-    they came from (or why there are none)."""
-    if path is None or not os.path.isfile(path):
-        return None, (f"no {path or 'diagnostics.json'}: tokens are not named (python "
-                      f"tools/diagnostics.py CKPT --out DIR writes one)")
-    try:
-        with open(path) as f:
-            sig = json.load(f).get("local_signature_codeword_per_index")
-    except (OSError, ValueError, AttributeError) as e:
-        return None, f"{path}: unreadable ({e}); tokens are not named"
-    if sig is None:
-        return None, f"{path} has no per-token signatures (an older run); tokens are not named"
-    return sig, f"signatures: {path}"
-
-
-# ----------------------------------------------------------------------------------------------
-# 5. Command line
+# 4. Command line
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -520,12 +288,7 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="a train.py checkpoint (best.pt, last.pt)")
     p.add_argument("--frames", help="folder of the clip's frames (PNG/JPG, one a second, natural order)")
     p.add_argument("--audio", help="the clip's wav (any sample rate, mono or stereo)")
-    p.add_argument("--out", help="folder for the results (must not exist or be empty); with "
-                                 "--synthetic, default: the checkpoint's folder")
-    p.add_argument("--synthetic", metavar="SPLIT:INDEX",
-                   help="draw clip INDEX of a split of the checkpoint's synthetic benchmark, e.g. test-unseen:17")
-    p.add_argument("--diagnostics", help="the run's diagnostics.json (token signatures); default: "
-                                         "beside the checkpoint")
+    p.add_argument("--out", help="folder for the results (must not exist or be empty)")
     p.add_argument("--pad-audio", action="store_true",
                    help="pad audio shorter than the frames (as the checkpoint's reader pads) instead of stopping")
     p.add_argument("--max-frames", type=int, default=MAX_FRAMES,
@@ -543,20 +306,18 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        if args.synthetic is None and not (args.frames and args.audio and args.out):
-            raise UserError("give --frames DIR --audio WAV --out DIR (your clip), or --synthetic SPLIT:INDEX")
+        if not (args.frames and args.audio and args.out):
+            raise UserError("give --frames DIR --audio WAV --out DIR (a clip of the synthetic benchmark "
+                            "is drawn by python tools/diagnostics.py CKPT --clip SPLIT:INDEX)")
         if args.max_frames < 1:
             raise UserError(f"--max-frames must be >= 1, got {args.max_frames}")
-        if args.out and os.path.exists(args.out) and (not os.path.isdir(args.out) or (
-                args.synthetic is None and os.listdir(args.out))):
+        if os.path.exists(args.out) and (not os.path.isdir(args.out) or os.listdir(args.out)):
             raise UserError(f"--out {args.out}: exists and is not an empty folder; expected a new "
                             f"folder for the results")
         if args.threads:
             torch.set_num_threads(args.threads)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, cfg, class_names = load_model(args.checkpoint, device)
-        if args.synthetic is not None:
-            return predict_synthetic(args, model, cfg, class_names, device)
         return predict_clip(args, model, cfg, class_names, device)
     except (UserError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -602,33 +363,6 @@ def predict_clip(args, model: SQD, cfg, class_names: list, device) -> int:
         said = ", ".join(f"{c['name']} {c['score']:.2f}" for c in found) or "-"
         print(f"  frame {t} {os.path.basename(path)}: {said}")
     print(f"wrote {args.out}: labels/ and overlays/ ({T} PNG each), overlays.gif, predictions.json")
-    return 0
-
-
-def predict_synthetic(args, model: SQD, cfg, class_names: list, device) -> int:
-    """--synthetic SPLIT:INDEX: one clip of the checkpoint's own benchmark, drawn."""
-    if cfg.dataset != "synthetic":
-        raise UserError(f"{args.checkpoint} is a {cfg.dataset} run; --synthetic needs a checkpoint "
-                        f"trained on the synthetic benchmark")
-    split, _, index = args.synthetic.rpartition(":")
-    if not split or not index.isdigit():
-        raise UserError(f"--synthetic {args.synthetic!r}: expected SPLIT:INDEX, e.g. test-unseen:17")
-    # every clip of the split (not only the run's --eval-clips), with the run's seed and size
-    full = dataclasses.replace(cfg, train_clips=None, eval_clips=None)
-    try:
-        dataset = train.make_dataset(full, split, train=split == "train")
-    except ValueError as e:
-        raise UserError(f"--synthetic {args.synthetic!r}: {e}") from None
-    if int(index) >= len(dataset):
-        raise UserError(f"--synthetic {args.synthetic!r}: the {split} split has clips 0..{len(dataset) - 1}")
-    diag = args.diagnostics or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                            "diagnostics.json")
-    signatures, note = read_signatures(diag)
-    print(note)
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    for path in write_synthetic_pictures(out, model, dataset, [int(index)], class_names,
-                                         signatures, device, args.amp):
-        print(f"wrote {path} and {os.path.splitext(path)[0]}.gif")
     return 0
 
 

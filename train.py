@@ -46,6 +46,7 @@ from torch.utils.data import DataLoader, Sampler
 import data
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, to_host, track_batch
+from pictures import PALETTE, colour_ids, titled
 from pretrained import InitWeightsError, format_table, load_init_weights
 from quantize import CollapseWatch, codebook_stats
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
@@ -522,7 +523,8 @@ def run(cfg: TrainConfig) -> int:
     if main_proc:
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
         if cfg.dataset == "synthetic" and "test" in eval_sets:
-            # a look inside the codebook (tools/diagnostics.py): diagnostics.json, tokens.png, tokens_local.png
+            # a look inside the codebook (tools/diagnostics.py): diagnostics.json, tokens.png,
+            # tokens_local.png and the clip pictures clip_*.png, .gif
             from tools import diagnostics  # the lab tool, loaded only here: predict.py never loads it
             start = os.path.join(out_dir, CODEBOOK_START)  # written at the first quantized step
             codebooks = torch.load(start, weights_only=True)["codebooks"] if os.path.isfile(start) else []
@@ -533,7 +535,10 @@ def run(cfg: TrainConfig) -> int:
                 write_json(os.path.join(out_dir, "diagnostics.json"), diag)
                 # the summary numbers; the tables (category x codeword) stay in diagnostics.json
                 results["codebook"] = {k: v for k, v in diag.items() if not isinstance(v, list)}
-            write_clip_pictures(cfg, model, eval_sets, diag, device, out_dir)
+            # a single- and a multi-source test clip, then test-unseen ones: each frame with the
+            # codeword each local token chose, named by the category it is the signature of
+            diagnostics.write_clip_pictures(model, eval_sets, diag, device, out_dir, cfg.num_overlays,
+                                            cfg.amp)
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
         redraw_curves(ctx, log_path)
@@ -848,7 +853,7 @@ def evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
     for name, ds in eval_sets.items():
         if name == "val" and len(eval_sets) > 1:
             continue
-        # synthetic runs draw richer pictures of a few clips instead (write_clip_pictures)
+        # synthetic runs draw richer pictures of a few clips instead (diagnostics.write_clip_pictures)
         overlays = main_proc and out_dir is not None and cfg.dataset != "synthetic"
         results[name] = evaluate(cfg, model, ds, name, device, rank, world,
                                  overlay_dir=out_dir if overlays else None)
@@ -859,8 +864,7 @@ def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, li
                    class_names: list) -> int:
     """Frame | ground truth | prediction of the first frame of up to `limit` clips, labels in the
     AVSS (VOC) palette, panels scaled up to at least 256 px under title lines that name the panels
-    and the classes (drawn with predict.py's helpers)."""
-    import predict  # here, not at the top: predict.py imports this file
+    and the classes (drawn with pictures.py)."""
     mean = torch.tensor(data.IMAGENET_MEAN, device=batch["frames"].device)[:, None, None]
     std = torch.tensor(data.IMAGENET_STD, device=batch["frames"].device)[:, None, None]
     n = 0
@@ -869,37 +873,18 @@ def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, li
         img = (batch["frames"][b, t] * std + mean).clamp(0, 1)        # (3, H, W)
         img = (img.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)  # (H, W, 3)
         gt, pr = batch["labels"][b, t].cpu().numpy(), pred[b, t].cpu().numpy()  # (H, W) each
-        panels = np.concatenate([img, predict.colour_ids(gt), predict.colour_ids(pr)], axis=1)  # (H, 3W, 3)
+        panels = np.concatenate([img, colour_ids(gt), colour_ids(pr)], axis=1)  # (H, 3W, 3)
         clip_id = str(batch["meta"][b].get("clip", b))
 
         def named(ids):
-            return ([(f"{class_names[c]}  ", predict.PALETTE[c]) for c in np.unique(ids) if c > 0]
+            return ([(f"{class_names[c]}  ", PALETTE[c]) for c in np.unique(ids) if c > 0]
                     or [("nothing", None)])
-        picture = predict.titled(panels, [
+        picture = titled(panels, [
             [(f"{split} clip {clip_id}, frame {t}:   frame | ground truth | prediction", None)],
             [("ground truth: ", None)] + named(gt), [("prediction: ", None)] + named(pr)])
         picture.save(os.path.join(out_dir, f"overlay_{split}_{clip_id.replace('/', '_')}.png"))
         n += 1
     return n
-
-
-def write_clip_pictures(cfg: TrainConfig, model: SQD, eval_sets: dict, diag: dict, device,
-                        out_dir: str) -> None:
-    """A synthetic run's pictures (predict.synthetic_picture), up to cfg.num_overlays: a single-
-    and a multi-source clip of test, then test-unseen clips. Per frame: the frame, the log-mel of
-    its second, ground truth, prediction, and the codeword of each local token with the category
-    it is the signature of (diag: the run's diagnostics)."""
-    import predict  # here, not at the top: predict.py imports this file
-    test = eval_sets["test"]
-    multi = [bool(test[i]["meta"]["multi_source"]) for i in range(min(8, len(test)))]
-    picks = [("test", multi.index(m)) for m in (False, True) if m in multi]
-    picks += [("test-unseen", i) for i in range(2) if "test-unseen" in eval_sets]
-    signatures = (diag or {}).get("local_signature_codeword_per_index")
-    model.eval()
-    for split, index in picks[:cfg.num_overlays]:
-        predict.write_synthetic_pictures(out_dir, model, eval_sets[split], [index],
-                                         test.class_names, signatures, device, cfg.amp)
-    model.train()
 
 
 # The numbers printed at the end of a run (metrics.json holds every measure): the paper's Table 1

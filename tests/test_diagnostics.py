@@ -1,10 +1,25 @@
 """tools/diagnostics.py: the category x codeword table, signatures and decomposition recall against
-hand-computed values on a hand-built set of clips; the token picture."""
+hand-computed values on a hand-built set of clips; the token picture; the clip picture against the
+labels data.py gives (on a checkpoint trained for 2 steps in the tests themselves)."""
+import os
+import subprocess
+import sys
+
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
-from tools.diagnostics import (category_code_table, decomposition_recall, frame_recall, own_signatures,
-                         scatter_png, signature_test, signatures, summarise)
+sys.path.insert(0, os.path.dirname(__file__))
+
+import data  # noqa: E402
+import predict  # noqa: E402
+from fixtures import voc_colour  # noqa: E402
+from tools.diagnostics import (category_code_table, decomposition_recall, frame_recall,  # noqa: E402
+                               own_signatures, read_signatures, scatter_png, signature_test,
+                               signatures, summarise, synthetic_picture, token_names)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 6 clips, N = 2 tokens, K = 6 codewords, Kc = 3 categories (column c-1 is class id c).
 CODES = np.array([[3, 0], [3, 0],      # single-source, category 1
@@ -175,3 +190,58 @@ def test_command_line_on_a_missing_checkpoint_is_one_clear_error(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2 and "nope.pt" in res.stderr and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The clip picture (6.): python train.py draws it at the end of a synthetic run
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A synthetic run of 2 steps: last.pt and diagnostics.json."""
+    run = tmp_path_factory.mktemp("run")
+    proc = subprocess.run([sys.executable, "train.py", "--max-steps", "2", "--out", str(run),
+                           "--img-size", "32", "--train-clips", "8", "--eval-clips", "4",
+                           "--threads", "1", "--num-overlays", "1", "--audio-regime", "scratch"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run
+
+
+def diagnostics_cli(*args):
+    return subprocess.run([sys.executable, "tools/diagnostics.py", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_token_names_by_hand():
+    # N = 2 token indices, Kc = 3: index 0's signatures are codewords 3, 5, 3 (3 is shared by
+    # categories 1 and 3), index 1's are 7, 8, 9
+    sig = [[3, 5, 3], [7, 8, 9]]
+    names = ["background", "dog", "car", "bell"]
+    assert token_names([3, 9], sig, names) == ["none", "bell"]
+    assert token_names([5, 1], sig, names) == ["car", "none"]
+    assert token_names([5, 1], None, names) == ["?", "?"]
+
+
+def test_synthetic_picture_ground_truth_panel_equals_the_labels_of_data_py(run_dir, tmp_path):
+    model, cfg, names = predict.load_model(str(run_dir / "last.pt"), torch.device("cpu"))
+    dataset = data.SyntheticAVS("test-unseen", img_size=32, seed=0)   # the run's benchmark
+    sig, _ = read_signatures(str(run_dir / "diagnostics.json"))
+    assert sig is not None and len(sig) == model.cfg.num_tokens
+    picture, gif_frames, layout = synthetic_picture(model, dataset, 17, names, sig, torch.device("cpu"))
+    labels = dataset[17]["labels"].numpy()                              # (T, 32, 32)
+    array = np.asarray(picture)
+    palette = np.array([voc_colour(j) for j in range(256)], np.uint8)   # (256, 3)
+    assert len(layout["ground truth"]) == len(gif_frames) == labels.shape[0]
+    for t, (x0, y0, x1, y1) in enumerate(layout["ground truth"]):
+        step = (x1 - x0) // 32                                          # nearest-neighbour scale
+        assert step * 32 >= 256 and (x1 - x0, y1 - y0) == (32 * step, 32 * step)
+        panel = array[y0:y1:step, x0:x1:step]                           # (32, 32, 3)
+        assert np.array_equal(panel, palette[labels[t]]), t
+    # the command line writes this picture (and its GIF) beside the checkpoint by default
+    proc = diagnostics_cli(run_dir / "last.pt", "--clip", "test-unseen:17")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert np.array_equal(np.asarray(Image.open(run_dir / "clip_test-unseen_17.png")), array)
+    assert Image.open(run_dir / "clip_test-unseen_17.gif").n_frames == labels.shape[0]
+    proc = diagnostics_cli(run_dir / "last.pt", "--clip", "test-unseen:99999")
+    assert proc.returncode == 2 and "has clips 0.." in proc.stderr and "Traceback" not in proc.stderr

@@ -1,6 +1,6 @@
 """Tests of predict.py: a clip of one's own end to end, eq. (11) on a hand-built model output,
-the audio built exactly as the readers build it, every bad input (exit code 2, nothing written),
-and the synthetic-clip picture against the labels data.py gives.
+the audio built exactly as the readers build it, every bad input (exit code 2, nothing written).
+(The synthetic clip's picture is tools/diagnostics.py's: tests/test_diagnostics.py.)
 
 The checkpoint is trained for 2 steps in the tests themselves (synthetic, CPU preset, 32 px).
 """
@@ -144,16 +144,6 @@ def test_hand_built_output_gives_the_hand_computed_png(tmp_path):
     assert np.array_equal(binary, (expected.clip(0, 1) * (np.arange(6) < 4)).astype(np.int64))
 
 
-def test_token_names_by_hand():
-    # N = 2 token indices, Kc = 3: index 0's signatures are codewords 3, 5, 3 (3 is shared by
-    # categories 1 and 3), index 1's are 7, 8, 9
-    sig = [[3, 5, 3], [7, 8, 9]]
-    names = ["background", "dog", "car", "bell"]
-    assert predict.token_names([3, 9], sig, names) == ["none", "bell"]
-    assert predict.token_names([5, 1], sig, names) == ["car", "none"]
-    assert predict.token_names([5, 1], None, names) == ["?", "?"]
-
-
 # ----------------------------------------------------------------------------------------------
 # The clip as the checkpoint's reader would see it
 # ----------------------------------------------------------------------------------------------
@@ -275,32 +265,3 @@ def test_predict_does_not_load_the_lab_tools():
                            "('diagnostics', 'ablate', 'bench') if m in sys.modules))"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stderr
-
-
-# ----------------------------------------------------------------------------------------------
-# The synthetic clip's picture
-# ----------------------------------------------------------------------------------------------
-def test_synthetic_picture_ground_truth_panel_equals_the_labels_of_data_py(run_dir, tmp_path):
-    model, cfg, names = predict.load_model(str(run_dir / "last.pt"), torch.device("cpu"))
-    dataset = data.SyntheticAVS("test-unseen", img_size=32, seed=0)   # the run's benchmark
-    sig, _ = predict.read_signatures(str(run_dir / "diagnostics.json"))
-    assert sig is not None and len(sig) == model.cfg.num_tokens
-    picture, gif_frames, layout = predict.synthetic_picture(model, dataset, 17, names, sig,
-                                                            torch.device("cpu"))
-    labels = dataset[17]["labels"].numpy()                              # (T, 32, 32)
-    array = np.asarray(picture)
-    palette = np.array([voc_colour(j) for j in range(256)], np.uint8)   # (256, 3)
-    assert len(layout["ground truth"]) == len(gif_frames) == labels.shape[0]
-    for t, (x0, y0, x1, y1) in enumerate(layout["ground truth"]):
-        step = (x1 - x0) // 32                                          # nearest-neighbour scale
-        assert step * 32 >= 256 and (x1 - x0, y1 - y0) == (32 * step, 32 * step)
-        panel = array[y0:y1:step, x0:x1:step]                           # (32, 32, 3)
-        assert np.array_equal(panel, palette[labels[t]]), t
-    # the command line writes this picture (and its GIF) beside the checkpoint by default
-    proc = predict_cli("--checkpoint", run_dir / "last.pt", "--synthetic", "test-unseen:17",
-                       "--threads", "1")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert np.array_equal(np.asarray(Image.open(run_dir / "clip_test-unseen_17.png")), array)
-    assert Image.open(run_dir / "clip_test-unseen_17.gif").n_frames == labels.shape[0]
-    proc = predict_cli("--checkpoint", run_dir / "last.pt", "--synthetic", "test-unseen:99999")
-    assert proc.returncode == 2 and "has clips 0.." in proc.stderr and "Traceback" not in proc.stderr
