@@ -52,7 +52,7 @@ from quantize import VectorQuantizer, quantization_loss
 @dataclass
 class ModelConfig:
     """Every hyper-parameter of the model. Defaults are the paper's setting (App. D)."""
-    num_classes: int = 70          # Kc, foreground classes (AVSS: 70; S4/MS3: 1; synthetic v2: 24, v1: 12)
+    num_classes: int = 70          # Kc, foreground classes (AVSS: 70; S4/MS3: 1; synthetic: 24)
     dim: int = 256                 # C = C_v = C_e = C_q, width of every transformer (App. D)
     num_tokens: int = 5            # N, decomposed semantic tokens (Table 4 best: 5)
     codebook_size: int = 128       # K, codewords of the shared codebook (Table 3 best: 128)
@@ -120,7 +120,7 @@ PRESETS = {
     "paper": ModelConfig(),
     # Small enough that `python train.py` trains and evaluates on 2 CPU cores in minutes.
     # NOT IN PAPER: the whole preset. K = 128 as the paper's, although the synthetic benchmark has
-    # 24 categories (v1: 12): the tokens of different prototypes p_i stay apart (each token index
+    # 24 categories: the tokens of different prototypes p_i stay apart (each token index
     # occupies its own region of the token space), so the codebook needs room for about N x 24
     # words (Table 3, results/README.md). avsr_batch_norm=False: eq. (5) normalises with a
     # LayerNorm, since BN over the preset's tiny maps mixes the clips of a batch (decoders.py).
