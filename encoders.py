@@ -18,7 +18,7 @@ Reading order
 -------------
  1. vggish_log_mel           the VGGish front end (numpy): waveform (Ns,) -> (E, 96, 64)
  2. VGGish, SmallVGG, AudioEncoder (load_net_weights, freeze_net)  audio path -> F_a (B,T,C)
- 3. FrozenBatchNorm2d, BasicBlock, Bottleneck, ResNet, SmallBackbone   frame backbones
+ 3. IMAGENET_MEAN/STD, FrozenBatchNorm2d, BasicBlock, Bottleneck, ResNet, SmallBackbone   frame backbones
  4. window_partition, window_reverse, relative_position_index, shifted_window_regions/_mask,
     WindowAttention, SwinBlock, PatchMerging, SwinTransformer (frames), PatchEmbed3d,
     VideoSwinTransformer (clips)   Swin backbones
@@ -337,6 +337,12 @@ class AudioEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # 3. Frame backbones: ResNet with torchvision's keys, and a tiny CPU backbone.
 # ----------------------------------------------------------------------------------------------
+# The per-channel RGB statistics of ImageNet: the pretrained backbones saw frames normalised with
+# them, so every dataset normalises its frames with them too (data.py, synthetic.py).
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # (3,)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)  # (3,)
+
+
 class FrozenBatchNorm2d(nn.Module):
     """BatchNorm2d with fixed statistics and affine parameters (as DETR's), all buffers.
 

@@ -50,6 +50,7 @@ from pictures import PALETTE, colour_ids, titled
 from pretrained import InitWeightsError, format_table, load_init_weights
 from quantize import CollapseWatch, codebook_stats
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
+import synthetic
 from tools.check_dataset import check_dataset
 
 
@@ -464,7 +465,7 @@ def run(cfg: TrainConfig) -> int:
             train_model, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=False)
 
-    benchmark = data.SYNTHETIC_VERSION if cfg.dataset == "synthetic" else None  # a record, not a flag
+    benchmark = synthetic.SYNTHETIC_VERSION if cfg.dataset == "synthetic" else None  # a record, not a flag
     full_config = {"train": {**dataclasses.asdict(cfg), "benchmark": benchmark},
                    "model": dataclasses.asdict(model_cfg),
                    "code_version": code_version(), "world_size": world,
@@ -1146,14 +1147,14 @@ def saved_train_config(ckpt: dict, path: str) -> dict:
     """The TrainConfig fields of a checkpoint's run, or UserError for a run on synthetic v1.
 
     A run's train config also records 'benchmark': the synthetic benchmark's version
-    (data.SYNTHETIC_VERSION; None for AVSBench). A synthetic run that records another version, or
+    (synthetic.SYNTHETIC_VERSION; None for AVSBench). A synthetic run that records another version, or
     none (runs from before there was a choice), was on v1, whose clips this code no longer makes.
     """
     saved = dict(ckpt["config"]["train"])
     version = saved.pop("benchmark", None)
-    if saved.get("dataset", "synthetic") == "synthetic" and version != data.SYNTHETIC_VERSION:
+    if saved.get("dataset", "synthetic") == "synthetic" and version != synthetic.SYNTHETIC_VERSION:
         raise UserError(f"{path}: a run on synthetic benchmark {version or 'v1'}, retired; this code "
-                        f"makes {data.SYNTHETIC_VERSION}. v1 is read by the code of its tag: "
+                        f"makes {synthetic.SYNTHETIC_VERSION}. v1 is read by the code of its tag: "
                         f"git checkout synthetic-v1")
     return saved
 

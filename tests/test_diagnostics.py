@@ -12,8 +12,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import data  # noqa: E402
 import predict  # noqa: E402
+import synthetic  # noqa: E402
 from fixtures import voc_colour  # noqa: E402
 from tools.diagnostics import (category_code_table, decomposition_recall, frame_recall,  # noqa: E402
                                own_signatures, read_signatures, scatter_png, signature_test,
@@ -225,7 +225,7 @@ def test_token_names_by_hand():
 
 def test_synthetic_picture_ground_truth_panel_equals_the_labels_of_data_py(run_dir, tmp_path):
     model, cfg, names = predict.load_model(str(run_dir / "last.pt"), torch.device("cpu"))
-    dataset = data.SyntheticAVS("test-unseen", img_size=32, seed=0)   # the run's benchmark
+    dataset = synthetic.SyntheticAVS("test-unseen", img_size=32, seed=0)   # the run's benchmark
     sig, _ = read_signatures(str(run_dir / "diagnostics.json"))
     assert sig is not None and len(sig) == model.cfg.num_tokens
     picture, gif_frames, layout = synthetic_picture(model, dataset, 17, names, sig, torch.device("cpu"))

@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import predict  # noqa: E402
+import synthetic  # noqa: E402
 from fixtures import RunsCode, tone_wav, voc_colour, write_avss  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -165,7 +166,7 @@ def test_frames_in_natural_order_and_resized_as_evaluation(tmp_path):
 
 def test_audio_examples_are_those_of_the_synthetic_and_avss_readers(tmp_path):
     # synthetic: the reader's own log-mel of a clip, from its waveform written to a 16 kHz wav
-    ds = data.SyntheticAVS("test", img_size=32, num_clips=1)
+    ds = synthetic.SyntheticAVS("test", img_size=32, num_clips=1)
     clip = ds.generate(0)
     wavfile.write(tmp_path / "s.wav", 16000, clip["waveform"])
     audio, _ = predict.read_audio(str(tmp_path / "s.wav"), 5, "synthetic")

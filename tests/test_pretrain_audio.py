@@ -13,8 +13,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from data import SyntheticAVS  # noqa: E402
 from encoders import AudioEncoder, SmallVGG  # noqa: E402
+from synthetic import SyntheticAVS  # noqa: E402
 from tools import pretrain_audio  # noqa: E402
 
 TINY = dict(steps=3, train_clips=4, val_clips=2, log=None)

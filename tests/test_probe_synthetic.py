@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import probe_synthetic as probe  # noqa: E402
-from data import SyntheticAVS  # noqa: E402
+from synthetic import SyntheticAVS  # noqa: E402
 
 
 def test_exact_set_accuracy_by_number_of_sources_hand_values():

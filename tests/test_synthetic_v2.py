@@ -1,4 +1,4 @@
-"""Tests of the synthetic benchmark (version 2, the one data.py makes): unchanged, and its promises.
+"""Tests of the synthetic benchmark (version 2, the one synthetic.py makes): unchanged, and its promises.
 
 Each promise is checked by brute force over generated clips (or over all category pairs): the
 held-out pairs, the splits, the matched schedules of test-seen-multi and test-unseen, the shared
@@ -18,7 +18,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import SyntheticAVS, build_dataset  # noqa: E402
+from data import build_dataset  # noqa: E402
+from synthetic import SyntheticAVS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

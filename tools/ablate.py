@@ -27,7 +27,7 @@ Usage
 
 Every run belongs to a *group*, its synthetic benchmark and audio regime ("v2/pretrained-frozen";
 runs stored before groups existed are "v1/scratch", which they were). New runs are on v2, the one
-synthetic benchmark data.py makes; the stored v1 groups are read and reported as they are (their
+synthetic benchmark synthetic.py makes; the stored v1 groups are read and reported as they are (their
 runs are repeated by the code of git tag synthetic-v1).
 
 Output: results/runs/<benchmark>-<regime>/<row>-s<seed>/ (train.py's run directories),
@@ -57,6 +57,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
     sys.path.insert(0, ROOT)
 
+import synthetic  # noqa: E402
 import train  # noqa: E402
 
 # name -> train.py flags. The full model appears once and fills a row of every table.
@@ -424,7 +425,7 @@ def main(argv=None) -> int:
             print(f"error: unknown rows {unknown}; expected some of {list(ROWS)}", file=sys.stderr)
             return 2
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
-    benchmark = train.data.SYNTHETIC_VERSION
+    benchmark = synthetic.SYNTHETIC_VERSION
     group_dir = f"{benchmark}-{args.audio_regime}" + (f"-{args.series}" if args.series else "")
     common = (["--threads", str(threads), "--audio-regime", args.audio_regime,
                "--eval-clips", str(EVAL_CLIPS)]
@@ -440,7 +441,7 @@ def main(argv=None) -> int:
         # seed do not both build it
         if any("--visual-regime" not in ROWS[n] for n in names):
             from tools import pretrain_visual
-            num_classes = train.data.SyntheticAVS("val", num_clips=1).num_classes
+            num_classes = synthetic.SyntheticAVS("val", num_clips=1).num_classes
             run_cfg, model_cfg = train.resolve(train.TrainConfig(), num_classes)
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 pretrain_visual.cached_weights(run_cfg.audio_cache, model_cfg, seed,

@@ -43,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
+import synthetic  # noqa: E402
 from tools import probe_synthetic as probe  # noqa: E402
 
 DEFAULT_STEPS = 1500  # the network probe's steps: its accuracy is reported in results/probes.md
@@ -78,17 +78,17 @@ def pretrain(seed: int, steps: int = DEFAULT_STEPS, train_clips: int | None = No
     log = log or (lambda _: None)
     t0 = time.time()
     with torch.random.fork_rng(devices=[]), _one_thread():
-        train = data.SyntheticAVS("train", seed=seed, num_clips=train_clips)
-        log(f"audio pretraining ({data.SYNTHETIC_VERSION}, seed {seed}, {steps} steps): the log-mel of "
+        train = synthetic.SyntheticAVS("train", seed=seed, num_clips=train_clips)
+        log(f"audio pretraining ({synthetic.SYNTHETIC_VERSION}, seed {seed}, {steps} steps): the log-mel of "
             f"{len(train)} train clips ...")
         tr = probe.frame_table(train, range(len(train)))  # log_mel (B*T, 96, 64), sounding (B*T, Kc)
         net, head = probe.train_classifier(tr["log_mel"], tr["sounding"], steps=steps, batch=batch,
                                            seed=seed, log=log)
-        report = {"benchmark": data.SYNTHETIC_VERSION, "seed": seed, "steps": steps, "batch": batch,
+        report = {"benchmark": synthetic.SYNTHETIC_VERSION, "seed": seed, "steps": steps, "batch": batch,
                   "train_frames": len(tr["sounding"])}
         del tr
         for name in ("val", "val-unseen"):
-            split = data.SyntheticAVS(name, seed=seed, num_clips=val_clips)
+            split = synthetic.SyntheticAVS(name, seed=seed, num_clips=val_clips)
             table = probe.frame_table(split, range(len(split)))
             pred, = probe.predict_sets(net, head, [table["log_mel"]])  # (B*T, Kc) bool
             keep = table["held_out"] if name == "val-unseen" else slice(None)  # frames with a held-out pair
@@ -127,8 +127,8 @@ def save_weights(state: dict, path: str) -> None:
 
 def cache_name(seed: int, steps: int, train_clips: int | None = None) -> str:
     """The cached file of one pretraining: 'v2-s{seed}-{steps}.pt' (+ '-c{clips}' when the train
-    split is cut to `train_clips` clips); v2 is the benchmark's version, data.SYNTHETIC_VERSION."""
-    return f"{data.SYNTHETIC_VERSION}-s{seed}-{steps}" + (f"-c{train_clips}" if train_clips is not None else "") + ".pt"
+    split is cut to `train_clips` clips); v2 is the benchmark's version, synthetic.SYNTHETIC_VERSION."""
+    return f"{synthetic.SYNTHETIC_VERSION}-s{seed}-{steps}" + (f"-c{train_clips}" if train_clips is not None else "") + ".pt"
 
 
 def cached_weights(folder: str, seed: int, steps: int = DEFAULT_STEPS,
@@ -137,7 +137,7 @@ def cached_weights(folder: str, seed: int, steps: int = DEFAULT_STEPS,
     """The path of the pretrained weights in `folder`, built by pretrain() on first use.
 
     A file already there is returned as it is (no training): delete the folder after changing
-    data.py or encoders.SmallVGG.
+    synthetic.py or encoders.SmallVGG.
     """
     path = os.path.join(folder, cache_name(seed, steps, train_clips))
     if os.path.isfile(path):

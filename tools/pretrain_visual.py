@@ -47,6 +47,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import synthetic  # noqa: E402
 from matcher import SetCriterion, track_batch  # noqa: E402
 from sqd import SQD, ModelConfig, _frame_tokens  # noqa: E402
 from tools.pretrain_audio import _one_thread, save_weights  # noqa: E402
@@ -122,7 +123,7 @@ def pretrain(cfg: ModelConfig, seed: int, steps: int = DEFAULT_STEPS, batch: int
     t0 = time.time()
     with torch.random.fork_rng(devices=[]), _one_thread():
         torch.manual_seed(seed)
-        train = data.SyntheticAVS("train", seed=seed, num_clips=train_clips, img_size=img_size)
+        train = synthetic.SyntheticAVS("train", seed=seed, num_clips=train_clips, img_size=img_size)
         model = ReferringSegmenter(cfg).train()
         backbone = [p for n, p in model.named_parameters() if n.startswith("visual_encoder.backbone.")]
         rest = [p for n, p in model.named_parameters() if not n.startswith("visual_encoder.backbone.")]
@@ -130,7 +131,7 @@ def pretrain(cfg: ModelConfig, seed: int, steps: int = DEFAULT_STEPS, batch: int
                                 weight_decay=5e-4)
         criterion = SetCriterion(cfg.num_classes, weights=LOSS_WEIGHTS)
         order = np.random.default_rng(seed).permutation(len(train))
-        log(f"visual pretraining ({data.SYNTHETIC_VERSION}, seed {seed}, {steps} steps): referring segmentation "
+        log(f"visual pretraining ({synthetic.SYNTHETIC_VERSION}, seed {seed}, {steps} steps): referring segmentation "
             f"of {cfg.num_classes} categories on {len(train)} train clips ...")
         running = None
         for step in range(steps):
@@ -149,7 +150,7 @@ def pretrain(cfg: ModelConfig, seed: int, steps: int = DEFAULT_STEPS, batch: int
             if (step + 1) % 250 == 0:
                 log(f"  referring step {step + 1}/{steps}: loss {running:.3f}")
         state = {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(KEPT)}
-    report = {"benchmark": data.SYNTHETIC_VERSION, "seed": seed, "steps": steps, "final_loss": running,
+    report = {"benchmark": synthetic.SYNTHETIC_VERSION, "seed": seed, "steps": steps, "final_loss": running,
               "seconds": round(time.time() - t0, 1)}
     log(f"visual pretraining done: loss {running:.3f} ({report['seconds']:.0f} s)")
     return state, report
@@ -157,8 +158,8 @@ def pretrain(cfg: ModelConfig, seed: int, steps: int = DEFAULT_STEPS, batch: int
 
 def cache_name(cfg: ModelConfig, seed: int, steps: int) -> str:
     """'visual-v2-s{seed}-{steps}-c{C}-k{Kc}.pt': one file per seed and size (v2: the benchmark's
-    version, data.SYNTHETIC_VERSION)."""
-    return f"visual-{data.SYNTHETIC_VERSION}-s{seed}-{steps}-c{cfg.dim}-k{cfg.num_classes}.pt"
+    version, synthetic.SYNTHETIC_VERSION)."""
+    return f"visual-{synthetic.SYNTHETIC_VERSION}-s{seed}-{steps}-c{cfg.dim}-k{cfg.num_classes}.pt"
 
 
 def cached_weights(folder: str, cfg: ModelConfig, seed: int, steps: int = DEFAULT_STEPS,
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     args = p.parse_args(argv)
     from sqd import preset
-    num_classes = data.SyntheticAVS("val", seed=args.seed, num_clips=1).num_classes
+    num_classes = synthetic.SyntheticAVS("val", seed=args.seed, num_clips=1).num_classes
     state, _ = pretrain(preset("cpu", num_classes=num_classes), args.seed, args.steps)
     save_weights(state, args.out)
     return 0

@@ -54,8 +54,8 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import data  # noqa: E402
 import metrics  # noqa: E402
+import synthetic  # noqa: E402
 from encoders import SmallVGG  # noqa: E402
 
 RESULTS_JSON = os.path.join(ROOT, "results", "probes.json")
@@ -265,12 +265,12 @@ def look_separation(ds):
     drawn at the same centre and the smallest radius, 0.12 * img_size) and the pair that gives it.
     """
     colours = sorted(set(ds.colour_name_of))
-    rgb = np.array([data.COLOURS[c] for c in colours])  # (n_colours, 3)
+    rgb = np.array([synthetic.COLOURS[c] for c in colours])  # (n_colours, 3)
     dist = np.linalg.norm(rgb[:, None] - rgb[None], axis=2)  # (n_colours, n_colours)
     radius = 0.12 * ds.img_size
     grid = (np.arange(-math.ceil(radius) - 1, math.ceil(radius) + 2) + 0.5) / radius  # pixel centres
     shapes = sorted(set(ds.shape_of))
-    masks = {s: data._shape_mask(s, grid[None, :], grid[:, None]) for s in shapes}
+    masks = {s: synthetic._shape_mask(s, grid[None, :], grid[:, None]) for s in shapes}
     worst, worst_pair = 0.0, None
     for i, a in enumerate(shapes):
         for b in shapes[i + 1:]:
@@ -290,12 +290,12 @@ def probe(seed, train_clips=4000, eval_clips=500, steps=1500, batch=32, backgrou
     """Both probes on (seen-pair split, test-unseen), the all-background mIoU and the looks.
     steps = 0 skips the network probe and the vision references (a quick parameter search)."""
     t0 = time.time()
-    make = lambda split, n: data.SyntheticAVS(split, seed=seed, num_clips=n)  # noqa: E731
+    make = lambda split, n: synthetic.SyntheticAVS(split, seed=seed, num_clips=n)  # noqa: E731
     train = make("train", train_clips)
     seen_name, seen_ds = "test-seen-multi", make("test-seen-multi", eval_clips)
     seen_idx = list(range(eval_clips))
     unseen_ds = make("test-unseen", eval_clips)
-    log(f"{data.SYNTHETIC_VERSION} seed {seed}: generating {train_clips} train clips ...")
+    log(f"{synthetic.SYNTHETIC_VERSION} seed {seed}: generating {train_clips} train clips ...")
     tr = frame_table(train, range(train_clips))
     seen = frame_table(seen_ds, seen_idx)
     unseen = frame_table(unseen_ds, range(eval_clips))
@@ -312,11 +312,11 @@ def probe(seed, train_clips=4000, eval_clips=500, steps=1500, batch=32, backgrou
                "seen_reliability": reliability(pred_seen, seen)}
         return out
 
-    res = {"benchmark": data.SYNTHETIC_VERSION, "seed": seed, "seen_split": seen_name, "unseen_split": "test-unseen",
+    res = {"benchmark": synthetic.SYNTHETIC_VERSION, "seed": seed, "seen_split": seen_name, "unseen_split": "test-unseen",
            "clips": {"train": train_clips, "seen": len(seen_idx), "unseen": eval_clips},
            "num_classes": train.num_classes, "held_out_pairs": len(train.held_out_pairs),
            "pairs": train.num_classes * (train.num_classes - 1) // 2,
-           "v2_parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.SYNTHETIC.items()}}
+           "v2_parameters": {k: (list(v) if isinstance(v, tuple) else v) for k, v in synthetic.SYNTHETIC.items()}}
     feats = [mean_std_features(x["log_mel"]) for x in (tr, seen, unseen)]
     p_seen, p_unseen = linear_probe(feats[0], tr["sounding"], feats[1:])
     res["linear"] = score(p_seen, p_unseen)
@@ -476,7 +476,7 @@ def main(argv=None):
             return 2
     torch.set_num_threads(1)
     results = load_results()
-    key = f"{data.SYNTHETIC_VERSION}-seed{args.seed}" + (f"-{args.tag}" if args.tag else "")
+    key = f"{synthetic.SYNTHETIC_VERSION}-seed{args.seed}" + (f"-{args.tag}" if args.tag else "")
     if args.vision_alone:
         if key not in results or not os.path.isfile(args.vision_alone):
             print(f"error: need a stored probe entry {key} and the metrics.json {args.vision_alone!r}",
