@@ -186,7 +186,7 @@ class VectorQuantizer(nn.Module):
     def set_warmup(self, active: bool) -> None:
         """Switch the warm-up on or off (the trainer does it before every step).
 
-        NOT IN PAPER (the paper quantizes from the first step). While the warm-up is on,
+        NOT IN PAPER (the paper quantizes from the first step; every recipe here warms up for 300 steps). While the warm-up is on,
         VQ(x) = x: the tokens go on unquantized, eq. (9) is zero, and the tokens of each training
         forward (global and local) are written into a ring of the last `warmup_memory`. At the
         first training forward after it is switched off, if tokens were remembered and the
