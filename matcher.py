@@ -21,36 +21,32 @@ boxes (lambda_L1 5, lambda_giou 2), lambda_cls 2, lambda_com 0.5, lambda_quant 1
 
 Reading order
 -------------
- 1. masks_to_boxes, build_tracks      label maps (B,T,H,W) -> one dict of tracks per clip
+ 1. masks_at_resolution, extent_boxes, Tracks, track_batch    label maps (B,T,H,W) -> the tracks
+                                                              of a batch, one slot per class
  2. box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou      box algebra (GIoU)
  3. sigmoid_focal_loss, dice_loss                                    the loss functions
  4. pairwise_focal_cost, pairwise_dice_cost                          the same, for all pairs
- 5. masks_at_resolution, tracks_at_resolution                        GT masks -> stride 4
- 6. Tracks, pack_tracks, track_batch  the tracks of a whole batch as padded tensors
- 7. HungarianMatcher          eq. (10), one assignment per clip and decoder layer
- 8. SetCriterion              eq. (8): matched losses, auxiliary layers, quantization terms
+ 5. stack_layers, HungarianMatcher (forward, cost_matrices)   eq. (10), one assignment per clip
+                                                              and decoder layer
+ 6. SetCriterion (forward, losses, total)                     eq. (8): matched losses, auxiliary
+                                                              layers, quantization terms
 
-How the work is batched (why sections 6 to 8 look the way they do)
-------------------------------------------------------------------
-On a GPU the matcher is the one place where the host must wait for the device: scipy's
-Hungarian algorithm runs on the CPU. The whole batch is therefore matched at once, in the way
-DETR batches its matcher: the clips' tracks are padded to one track axis (Tracks), the tokens
-of every decoder layer are stacked into L*N rows, the cost of eq. (10) is computed for all of
-them in one pass, and ONE tensor (costs, non-finite counts, which track slots are real, and
-whatever the caller asks to carry along) is copied to the host. scipy then solves one small
-problem per clip and layer on the host copy, and the assignment goes back to the device as one
-tensor, without waiting. The losses read it with gathers and masks, never with shapes that
-depend on the data, so the rest of the step does not wait for the device either.
+How the work is batched
+-----------------------
+As in DETR's matcher, the cost of eq. (10) is computed for the whole batch at once: every clip
+has one track slot per class (Tracks), the tokens of every decoder layer are stacked into L*N
+rows, and the cost matrices go to the host with .cpu(), where scipy solves one small problem
+per clip and layer. The losses read the assignment with gathers and masks, all clips and
+layers at once.
 
 Shape alphabet
 --------------
 (the repository's one alphabet: docs/shapes.md)
 B clips, T frames, N semantic tokens, Kc foreground classes, H, W label size,
-h, w = H/4, W/4 (mask resolution of the predictions), J ground-truth tracks of one clip (or
-track slots of a padded batch), J' matched tracks of one clip (min(N, J)), L decoder layers,
-R = L*N token rows (every layer's tokens), T_l frames of a clip that carry labels,
-Px = T*h*w pixels of a clip's volume (the T_l*h*w labelled ones count), n, m the two sides of a
-pairwise cost (predicted and target boxes or masks).
+h, w = H/4, W/4 (mask resolution of the predictions), J track slots of a batch (one per class,
+J = Kc) or the tracks of one clip, L decoder layers, R = L*N token rows (every layer's tokens),
+T_l frames of a clip that carry labels, Px = T*h*w pixels of a clip's volume (the T_l*h*w
+labelled ones count), n, m the two sides of a pairwise cost (predicted and target boxes or masks).
 Class ids: 0 = background, 1..Kc foreground; class-head logit c-1 is class id c.
 """
 from typing import NamedTuple
@@ -74,20 +70,26 @@ PAPER_LOSS_WEIGHTS = {
 # ----------------------------------------------------------------------------------------------
 # 1. Ground truth as tracks
 # ----------------------------------------------------------------------------------------------
-def masks_to_boxes(masks):
-    """Tight boxes around binary masks, normalised cxcywh.
+def masks_at_resolution(masks, size):
+    """Bring 0/1 masks (or a label map) from the label size (H, W) to the mask-head size (h, w).
 
     Args:
-        masks: (..., H, W) bool or 0/1.
+        masks: (J, T, H, W) float 0/1, or (B, T, H, W) float class ids.
+        size: (h, w).
     Returns:
-        boxes: (..., 4) float32 (cx, cy, w, h) in [0, 1]; all zeros where a mask is empty.
+        masks: (J, T, h, w) (or (B, T, h, w)), values kept (the input itself when already at (h, w)).
     """
-    masks = masks.bool()  # (..., H, W)
-    return extent_boxes(masks.any(dim=-1), masks.any(dim=-2))  # (..., 4)
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks
+    # PAPER: the paper does not say how GT masks meet the stride-4 predictions. We keep the
+    # centre pixel of every 4x4 cell, i.e. CondInst's and ReferFormer's [2::4, 2::4]
+    # subsampling (the centres line up with the mask-head pixel centres and targets stay 0/1,
+    # which the pairwise focal cost needs); 'nearest-exact' is that subsampling for any size.
+    return F.interpolate(masks, size=tuple(size), mode="nearest-exact")  # (J, T, h, w)
 
 
 def extent_boxes(rows, cols):
-    """Boxes from the rows and columns a mask occupies (the core of masks_to_boxes).
+    """Tight boxes around masks, normalised cxcywh, from the rows and columns each mask occupies.
 
     Args:
         rows: (..., H) bool, row y holds a pixel of the mask; cols: (..., W) bool, the same for columns.
@@ -110,46 +112,65 @@ def extent_boxes(rows, cols):
     return torch.where(rows.any(dim=-1)[..., None], boxes, torch.zeros_like(boxes))  # (..., 4)
 
 
-def build_tracks(labels, label_valid, num_classes):
-    """Turn per-frame label maps into the ground-truth tracks y_hat_j of eq. (10).
+class Tracks(NamedTuple):
+    """The ground-truth tracks of a batch as padded tensors: what the matcher and the losses read.
 
-    One track per foreground class present in the clip's labelled frames (AVSS labels carry no
-    instance ids, so "the j-th sounding object" of the paper is the j-th sounding class).
+    Slot j of clip b holds a track when real[b, j]. track_batch gives every foreground class a
+    slot (slot c-1 holds class c); the classes that do not sound in the clip are not real: they
+    have empty masks and zero boxes, never sound and are never matched.
+    """
+    classes: torch.Tensor  # (B, J) int64 class ids in 1..Kc (a valid id in every slot)
+    masks: torch.Tensor  # (B, J, T, h, w) float 0/1 at the predictions' mask resolution
+    boxes: torch.Tensor  # (B, J, T, 4) cxcywh in [0, 1], zeros where the mask is empty
+    sounding: torch.Tensor  # (B, J, T) bool, the track sounds in that labelled frame
+    label_valid: torch.Tensor  # (B, T) bool, the frame carries ground truth
+    real: torch.Tensor  # (B, J) bool, the slot holds a track
+
+
+def track_batch(labels, label_valid, num_classes, size):
+    """Turn per-frame label maps into the ground-truth tracks y_hat_j of eq. (10), for a whole batch.
+
+    One track per foreground class present in a clip's labelled frames (AVSS labels carry no
+    instance ids, so "the j-th sounding object" of the paper is the j-th sounding class). Every
+    clip gets one slot per class (slot c-1 holds class c), and `real` says which classes sound in
+    the clip's labelled frames, i.e. are its tracks; so every shape is known before the labels
+    are read, and the whole batch is built at once.
 
     Args:
         labels: (B, T, H, W) int64 class ids, 0 = background, 1..Kc foreground; ids outside
             1..Kc (e.g. an ignore value 255) make no track.
         label_valid: (B, T) bool, True where the frame carries ground truth.
         num_classes: Kc.
+        size: (h, w), the mask resolution of the predictions.
     Returns:
-        a list of B dicts, each with
-            "classes":     (J,) int64 class ids in 1..Kc, ascending,
-            "masks":       (J, T, H, W) float32 0/1, the class's pixels (zero in unlabelled frames),
-            "boxes":       (J, T, 4) float32 cxcywh in [0, 1], zeros where the mask is empty,
-            "sounding":    (J, T) bool, the class is present in that labelled frame,
-            "label_valid": (T,) bool, copied from the input.
+        Tracks with J = Kc slots; masks are zero in unlabelled frames, boxes are those of the
+        masks at label resolution (H, W).
     """
     # PAPER: "the j-th sounding object" of §3.5; label maps carry no instance ids, so a track is
     # one sounding class over the clip (two objects of one class share a track).
-    # On a GPU, torch.unique and the boolean indexing make the host wait for the device (J is
-    # data); the training step uses track_batch (section 6), the same tracks without that wait.
-    tracks = []
-    for b in range(labels.shape[0]):
-        clip = labels[b]  # (T, H, W)
-        valid = label_valid[b].bool()  # (T,)
-        present = torch.unique(clip[valid])  # (#ids,) ids seen in labelled frames
-        classes = present[(present >= 1) & (present <= num_classes)]  # (J,)
-        masks = clip[None] == classes[:, None, None, None]  # (J, T, H, W)
-        masks = masks & valid[None, :, None, None]  # (J, T, H, W) nothing in unlabelled frames
-        sounding = masks.flatten(2).any(dim=-1)  # (J, T)
-        tracks.append({
-            "classes": classes.long(),  # (J,)
-            "masks": masks.float(),  # (J, T, H, W)
-            "boxes": masks_to_boxes(masks),  # (J, T, 4)
-            "sounding": sounding,  # (J, T)
-            "label_valid": valid,  # (T,)
-        })
-    return tracks
+    B, T, H, W = labels.shape
+    Kc = num_classes
+    valid = label_valid.bool()  # (B, T)
+    ids = torch.where(valid[:, :, None, None] & (labels >= 1) & (labels <= Kc), labels, 0)  # (B, T, H, W) 0: no track
+    # The rows and columns each class occupies in each frame, by a scatter over the class axis
+    # (slot 0 collects background), so that no (B, Kc, T, H, W) mask is ever made.
+    rows = torch.zeros(B, T, H, Kc + 1, dtype=torch.bool, device=labels.device)  # (B, T, H, Kc+1)
+    rows = rows.scatter_(3, ids, True)[..., 1:].permute(0, 3, 1, 2)  # (B, Kc, T, H) row y holds class c
+    cols = torch.zeros(B, T, W, Kc + 1, dtype=torch.bool, device=labels.device)  # (B, T, W, Kc+1)
+    cols = cols.scatter_(3, ids.transpose(2, 3), True)[..., 1:].permute(0, 3, 1, 2)  # (B, Kc, T, W)
+    sounding = rows.any(dim=-1)  # (B, Kc, T) the class has a pixel in that labelled frame
+    # Masks at the prediction resolution: the label map subsampled as masks_at_resolution
+    # subsamples every class mask, then compared with each class.
+    small = masks_at_resolution(ids.float(), size).long()  # (B, T, h, w)
+    classes = torch.arange(1, Kc + 1, device=labels.device)  # (Kc,)
+    return Tracks(
+        classes=classes.expand(B, Kc),  # (B, Kc)
+        masks=(small[:, None] == classes[None, :, None, None, None]).float(),  # (B, Kc, T, h, w)
+        boxes=extent_boxes(rows, cols),  # (B, Kc, T, 4)
+        sounding=sounding,  # (B, Kc, T)
+        label_valid=valid,  # (B, T)
+        real=sounding.any(dim=-1),  # (B, Kc)
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,119 +301,10 @@ def pairwise_dice_cost(logits, targets, valid=None):
     return 1 - numerator / denominator  # (..., n, m)
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Ground-truth masks at the prediction resolution
-# ----------------------------------------------------------------------------------------------
-def masks_at_resolution(masks, size):
-    """Bring 0/1 masks from the label size (H, W) to the mask-head size (h, w).
-
-    Args:
-        masks: (J, T, H, W) float 0/1.
-        size: (h, w).
-    Returns:
-        masks: (J, T, h, w) float 0/1 (the input itself when already at (h, w)).
-    """
-    if tuple(masks.shape[-2:]) == tuple(size):
-        return masks
-    # PAPER: the paper does not say how GT masks meet the stride-4 predictions. We keep the
-    # centre pixel of every 4x4 cell, i.e. CondInst's and ReferFormer's [2::4, 2::4]
-    # subsampling (the centres line up with the mask-head pixel centres and targets stay 0/1,
-    # which the pairwise focal cost needs); 'nearest-exact' is that subsampling for any size.
-    return F.interpolate(masks, size=tuple(size), mode="nearest-exact")  # (J, T, h, w)
-
-
-def tracks_at_resolution(targets, size):
-    """Copy of the track dicts with masks at (h, w) (see masks_at_resolution)."""
-    return [dict(t, masks=masks_at_resolution(t["masks"], size)) for t in targets]
-
 
 # ----------------------------------------------------------------------------------------------
-# 6. The tracks of a whole batch as padded tensors
+# 5. The video-level Hungarian matcher, eq. (10)
 # ----------------------------------------------------------------------------------------------
-class Tracks(NamedTuple):
-    """The ground-truth tracks of a batch as padded tensors: what the batched matcher and loss read.
-
-    Slot j of clip b holds a track when real[b, j]. The other slots (padding, or in track_batch
-    the classes that do not sound in the clip) have empty masks, zero boxes, never sound and are
-    never matched. Real slots keep the order of build_tracks (ascending class), so the k-th real
-    slot of a clip is its track k.
-    """
-    classes: torch.Tensor  # (B, J) int64 class ids in 1..Kc (a valid id in every slot)
-    masks: torch.Tensor  # (B, J, T, h, w) float 0/1 at the predictions' mask resolution
-    boxes: torch.Tensor  # (B, J, T, 4) cxcywh in [0, 1], zeros where the mask is empty
-    sounding: torch.Tensor  # (B, J, T) bool, the track sounds in that labelled frame
-    label_valid: torch.Tensor  # (B, T) bool, the frame carries ground truth
-    real: torch.Tensor  # (B, J) bool, the slot holds a track
-
-
-def pack_tracks(targets, size):
-    """The track dicts of build_tracks (one per clip) as one Tracks, padded to the largest clip.
-
-    Args:
-        targets: list of B track dicts ("classes" (J_b,), "masks" (J_b, T, H, W) at label or mask
-            resolution, "boxes" (J_b, T, 4), "sounding" (J_b, T), "label_valid" (T,)).
-        size: (h, w), the mask resolution of the predictions.
-    Returns:
-        Tracks with J = max(1, max_b J_b) slots (one slot at least, so that gathers stay in range).
-    """
-    targets = tracks_at_resolution(targets, size)
-    J = max([1] + [t["classes"].shape[0] for t in targets])
-
-    def pad(x, value=0):  # (J_b, ...) -> (J, ...), filled with value
-        return torch.cat([x, x.new_full((J - x.shape[0], *x.shape[1:]), value)])
-
-    valid = torch.stack([t["label_valid"].bool() for t in targets])  # (B, T)
-    return Tracks(
-        classes=torch.stack([pad(t["classes"].long(), 1) for t in targets]),  # (B, J)
-        masks=torch.stack([pad(t["masks"]) for t in targets]),  # (B, J, T, h, w)
-        boxes=torch.stack([pad(t["boxes"]) for t in targets]),  # (B, J, T, 4)
-        sounding=torch.stack([pad(t["sounding"].bool(), False) for t in targets]) & valid[:, None],  # (B, J, T)
-        label_valid=valid,  # (B, T)
-        real=torch.stack([pad(torch.ones_like(t["classes"], dtype=torch.bool), False) for t in targets]),  # (B, J)
-    )
-
-
-def track_batch(labels, label_valid, num_classes, size):
-    """The tracks of build_tracks for a whole batch, packed, without the host waiting for the device.
-
-    One slot per foreground class (slot c-1 holds class c); `real` says which classes sound in
-    the clip's labelled frames, i.e. are its tracks. Every shape is known before the labels are
-    read, so, unlike build_tracks, nothing here makes the host wait for a GPU.
-    On the real slots it equals pack_tracks(build_tracks(labels, label_valid, Kc), size).
-
-    Args:
-        labels: (B, T, H, W) int64 class ids (0 background; ids outside 1..Kc make no track).
-        label_valid: (B, T) bool, True where the frame carries ground truth.
-        num_classes: Kc.
-        size: (h, w), the mask resolution of the predictions.
-    Returns:
-        Tracks with J = Kc slots.
-    """
-    B, T, H, W = labels.shape
-    Kc = num_classes
-    valid = label_valid.bool()  # (B, T)
-    ids = torch.where(valid[:, :, None, None] & (labels >= 1) & (labels <= Kc), labels, 0)  # (B, T, H, W) 0: no track
-    # The rows and columns each class occupies in each frame, by a scatter over the class axis
-    # (slot 0 collects background), so that no (B, Kc, T, H, W) mask is ever made.
-    rows = torch.zeros(B, T, H, Kc + 1, dtype=torch.bool, device=labels.device)  # (B, T, H, Kc+1)
-    rows = rows.scatter_(3, ids, True)[..., 1:].permute(0, 3, 1, 2)  # (B, Kc, T, H) row y holds class c
-    cols = torch.zeros(B, T, W, Kc + 1, dtype=torch.bool, device=labels.device)  # (B, T, W, Kc+1)
-    cols = cols.scatter_(3, ids.transpose(2, 3), True)[..., 1:].permute(0, 3, 1, 2)  # (B, Kc, T, W)
-    sounding = rows.any(dim=-1)  # (B, Kc, T) the class has a pixel in that labelled frame
-    # Masks at the prediction resolution: the label map subsampled as masks_at_resolution
-    # subsamples every class mask, then compared with each class.
-    small = masks_at_resolution(ids.float(), size).long()  # (B, T, h, w)
-    classes = torch.arange(1, Kc + 1, device=labels.device)  # (Kc,)
-    return Tracks(
-        classes=classes.expand(B, Kc),  # (B, Kc)
-        masks=(small[:, None] == classes[None, :, None, None, None]).float(),  # (B, Kc, T, h, w)
-        boxes=extent_boxes(rows, cols),  # (B, Kc, T, 4)
-        sounding=sounding,  # (B, Kc, T)
-        label_valid=valid,  # (B, T)
-        real=sounding.any(dim=-1),  # (B, Kc)
-    )
-
-
 def stack_layers(layers):
     """The outputs of L decoder layers as L*N token rows, layer-major (row l*N + i: token i of layer l).
 
@@ -407,30 +319,6 @@ def stack_layers(layers):
     return rows("pred_logits"), rows("pred_masks"), rows("pred_boxes")
 
 
-def to_host(tensors):
-    """Copy a dict of tensors to the host as ONE tensor: on a GPU, one wait for the device.
-
-    Every tensor is flattened into one float64 (if any input is float64) or float32 vector: the
-    values come back exact for floats of at most that precision, booleans, and integers below
-    2**24 (counts, indices).
-
-    Args:
-        tensors: dict name -> tensor (any shape, any device).
-    Returns:
-        dict name -> numpy array of the same shape, dtype float32 or float64.
-    """
-    if not tensors:
-        return {}
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors.values()) else torch.float32
-    flat = torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors.values()])  # (total,)
-    host = flat.cpu().numpy()  # the one copy to the host
-    sizes = np.cumsum([0] + [t.numel() for t in tensors.values()])
-    return {name: host[sizes[k]:sizes[k + 1]].reshape(t.shape) for k, (name, t) in enumerate(tensors.items())}
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. The video-level Hungarian matcher, eq. (10)
-# ----------------------------------------------------------------------------------------------
 # The five terms of eq. (10), in the order in which a non-finite one is reported.
 COST_TERMS = ("cost_class", "cost_bbox", "cost_giou", "cost_mask", "cost_dice")
 
@@ -455,8 +343,8 @@ class HungarianMatcher(nn.Module):
     Each term is thus the increase of the corresponding loss of SetCriterion if token i takes
     track j (up to constants), so matching and loss agree.
 
-    `match` does every clip and decoder layer at once: the costs of all L*N token rows against
-    all track slots on the device, one copy to the host, then scipy per clip and layer.
+    `forward` does every clip and decoder layer at once: the costs of all L*N token rows against
+    all track slots on the device, copied to the host with .cpu(), then scipy per clip and layer.
     """
 
     def __init__(self, cost_class=2.0, cost_mask=5.0, cost_dice=2.0, cost_bbox=5.0, cost_giou=2.0):
@@ -467,44 +355,24 @@ class HungarianMatcher(nn.Module):
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
 
-    def forward(self, outputs, targets):
+    @torch.no_grad()
+    def forward(self, layers, targets):
         """
         Args:
-            outputs: dict with
+            layers: list of L output dicts, the final decoder layer first, then the others, each with
                 "pred_logits": (B, T, N, Kc) class logits,
                 "pred_masks":  (B, T, N, h, w) mask logits,
                 "pred_boxes":  (B, T, N, 4) boxes cxcywh in [0, 1].
-            targets: list of B track dicts from build_tracks ("classes" (J,), "masks" (J, T, H, W)
-                at label or mask resolution, "boxes" (J, T, 4), "sounding" (J, T), "label_valid" (T,)),
-                on the predictions' device; or a Tracks.
+            targets: Tracks at the predictions' mask size (track_batch).
         Returns:
-            a list of B pairs (pred_idx (J',), tgt_idx (J',)) int64, J' = min(N, J): token
-            pred_idx[k] is matched to track tgt_idx[k]; pred_idx is ascending.
-        """
-        indices, _, _ = self.match([outputs], targets)
-        return indices[0]
-
-    @torch.no_grad()
-    def match(self, layers, targets, carry=None):
-        """Every clip and decoder layer at once, with one copy to the host.
-
-        Args:
-            layers: list of L output dicts as in forward (the final layer first, then the others).
-            targets: a Tracks at the predictions' mask size, or a list of B track dicts.
-            carry: optional dict name -> tensor that rides to the host in the same copy (e.g. the
-                previous step's loss, see train.py); integers in it must be below 2**24.
-        Returns:
-            indices: L lists of B pairs (pred_idx (J',), tgt_idx (J',)) int64, as forward.
-            assignment: (B, L*N) int64 numpy; row l*N + i holds the slot of `targets` (Tracks)
-                that token i of layer l is matched to, -1 if none.
-            carried: dict name -> CPU tensor, the carry (same shapes and dtypes).
+            assignment: (B, L*N) int64 on the predictions' device; row l*N + i holds the slot of
+                `targets` that token i of layer l is matched to, -1 if none. In every clip and
+                layer min(N, J) tokens are matched, J the clip's tracks.
         Raises:
             ValueError naming the term and the clip when a cost term has a non-finite entry
             (scipy would fail obscurely), layers in the order given, clips in order.
         """
         logits, masks, boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
-        if not isinstance(targets, Tracks):
-            targets = pack_tracks(targets, masks.shape[-2:])
         B, R, L = logits.shape[0], logits.shape[2], len(layers)
         N, J = R // L, targets.classes.shape[1]
         # Costs in full precision even inside an AMP region (matmuls would otherwise run in half).
@@ -512,29 +380,28 @@ class HungarianMatcher(nn.Module):
             cost, terms = self.cost_matrices(logits, masks, boxes, targets)  # (B, R, J), 5 x (B, R, J)
         real = targets.real[:, None, :]  # (B, 1, J)
         bad = torch.stack([(~torch.isfinite(term) & real).reshape(B, L, N * J).sum(dim=-1)
-                           for term in terms], dim=-1)  # (B, L, 5) non-finite entries per term
-
-        host = to_host({"cost": cost, "bad": bad, "real": targets.real, **(carry or {})})  # the one wait
+                           for term in terms], dim=-1).cpu().numpy()  # (B, L, 5) non-finite entries per term
         for layer in range(L):
             for b in range(B):
                 for k, name in enumerate(COST_TERMS):
-                    if host["bad"][b, layer, k] > 0:
+                    if bad[b, layer, k] > 0:
                         raise ValueError(
-                            f"HungarianMatcher: cost term '{name}' has {int(host['bad'][b, layer, k])} "
+                            f"HungarianMatcher: cost term '{name}' has {int(bad[b, layer, k])} "
                             f"non-finite entries in clip {b}; the predictions feeding it contain NaN "
                             f"or inf (check the loss scale, lr, AMP).")
-        indices = [[] for _ in range(L)]
+
+        # As DETR: scipy runs on the host, so the batch's cost matrices go there in one copy and
+        # are split per clip and layer.
+        cost = cost.cpu().numpy()  # (B, R, J)
+        is_track = targets.real.cpu().numpy()  # (B, J)
         assignment = np.full((B, R), -1, dtype=np.int64)  # (B, R)
         for b in range(B):
-            slots = np.flatnonzero(host["real"][b])  # (J_b,) the clip's tracks, in order
+            slots = np.flatnonzero(is_track[b])  # (J,) the clip's tracks, in class order
             for layer in range(L):
-                block = host["cost"][b, layer * N:(layer + 1) * N][:, slots]  # (N, J_b)
+                block = cost[b, layer * N:(layer + 1) * N][:, slots]  # (N, J) the clip's tracks only
                 pred_idx, tgt_idx = linear_sum_assignment(block)  # Hungarian (Kuhn 1955)
-                indices[layer].append((torch.as_tensor(pred_idx, dtype=torch.int64),
-                                       torch.as_tensor(tgt_idx, dtype=torch.int64)))
                 assignment[b, layer * N + pred_idx] = slots[tgt_idx]
-        carried = {name: torch.from_numpy(host[name]).to(t.dtype) for name, t in (carry or {}).items()}  # dtypes restored
-        return indices, assignment, carried
+        return torch.as_tensor(assignment, device=logits.device)  # (B, R)
 
     def cost_matrices(self, logits, masks, boxes, targets):
         """The eq. (10) cost of every token row against every track slot of its clip.
@@ -544,7 +411,7 @@ class HungarianMatcher(nn.Module):
             targets: Tracks with masks at (h, w).
         Returns:
             cost: (B, R, J) float, and the five unweighted terms, each (B, R, J), in COST_TERMS
-            order. Slots that hold no track get a cost as well; match ignores them.
+            order. Slots that hold no track get a cost as well; forward ignores them.
         """
         B, T, R = logits.shape[:3]
         J = targets.classes.shape[1]
@@ -592,22 +459,9 @@ class HungarianMatcher(nn.Module):
                 + self.cost_mask * cost_mask + self.cost_dice * cost_dice)  # (B, R, J)
         return cost, (cost_class, cost_bbox, cost_giou, cost_mask, cost_dice)
 
-    def clip_cost(self, logits, masks, boxes, target):
-        """The eq. (10) cost matrix of one clip (cost_matrices on a batch of one).
-
-        Args:
-            logits: (T, N, Kc); masks: (T, N, h, w); boxes: (T, N, 4) cxcywh.
-            target: one track dict (masks at label or mask resolution).
-        Returns:
-            cost: (N, J) float; (N, 0) when the clip has no track.
-        """
-        tracks = pack_tracks([target], masks.shape[-2:])
-        cost, _ = self.cost_matrices(logits[None], masks[None], boxes[None], tracks)  # (1, N, max(J, 1))
-        return cost[0, :, :target["classes"].shape[0]]  # (N, J)
-
 
 # ----------------------------------------------------------------------------------------------
-# 8. The set criterion, eq. (8)
+# 6. The set criterion, eq. (8)
 # ----------------------------------------------------------------------------------------------
 class SetCriterion(nn.Module):
     """The training loss of eq. (8): L = lambda_quant * L_quant + L_segm.
@@ -628,9 +482,8 @@ class SetCriterion(nn.Module):
     `weight_dict` maps every term to its weight; an auxiliary layer's term (suffix _0 .. _{L-2})
     has the weight of its base term, and total == sum(weight(k) * parts[k]).
 
-    forward = match (every layer's assignment, the only copy to the host) + losses (all layers
-    and clips at once, on the device). The training step calls the two itself (train.py), so
-    that the previous step's loss can ride along with the costs.
+    forward = the matcher (every layer's assignment) + losses (all layers and clips at once);
+    losses also takes an assignment fixed in advance (tools/pretrain_visual.py).
     """
 
     def __init__(self, num_classes, matcher=None, weights=None, lambda_quant=1.0, lambda_com=0.5, aux_loss=True):
@@ -675,16 +528,13 @@ class SetCriterion(nn.Module):
                 optional "aux_outputs": list of L-1 dicts with the same three keys (earlier layers);
                 optional "quant": dict name -> scalar tensor, the unweighted eq. (9) terms
                 (quant_codebook, quant_commit_global, quant_commit_local, quant_codebook_local).
-            targets: list of B track dicts from build_tracks (masks at label resolution H, W), or
-                a Tracks at the mask resolution (h, w) (track_batch).
+            targets: Tracks at the predictions' mask size (h, w) (track_batch).
         Returns:
             total: scalar, eq. (8).
             parts: dict name -> unweighted scalar: loss_class, loss_mask, loss_dice, loss_bbox,
                 loss_giou, the same with suffix _l for aux layer l, and every quant_* term.
         """
-        if not isinstance(targets, Tracks):
-            targets = pack_tracks(targets, outputs["pred_masks"].shape[-2:])
-        assignment, _ = self.match(outputs, targets)
+        assignment = self.matcher(self.layers(outputs), targets)  # (B, L*N) eq. (10)
         return self.losses(outputs, targets, assignment)
 
     def layers(self, outputs):
@@ -693,34 +543,12 @@ class SetCriterion(nn.Module):
         # default, as DETR and ReferFormer (aux_loss=False switches them off).
         return [outputs] + (list(outputs.get("aux_outputs", [])) if self.aux_loss else [])
 
-    def match(self, outputs, targets, carry=None):
-        """The Hungarian matching of every decoder layer (eq. 10): the step's one copy to the host.
-
-        Args:
-            outputs: as forward.
-            targets: Tracks at the predictions' mask size (pack_tracks or track_batch).
-            carry: optional dict name -> tensor copied to the host along with the costs
-                (HungarianMatcher.match).
-        Returns:
-            assignment: (B, L*N) int64 on the predictions' device; row l*N + i holds the slot of
-                `targets` that token i of layer l (0 = final, l = aux layer l-1) is matched to,
-                -1 if none.
-            carried: dict name -> CPU tensor, the carry.
-        """
-        _, assignment, carried = self.matcher.match(self.layers(outputs), targets, carry)
-        assignment = torch.from_numpy(assignment)  # (B, L*N)
-        device = outputs["pred_logits"].device
-        if device.type == "cuda":
-            assignment = assignment.pin_memory()  # pinned memory: the copy need not make the host wait
-        if assignment.device != device:
-            assignment = assignment.to(device, non_blocking=True)  # (B, L*N)
-        return assignment, carried
-
     def losses(self, outputs, targets, assignment):
         """Eq. (8) for the matched tokens of every decoder layer, all layers and clips at once.
 
         Args:
-            outputs: as forward; targets: the Tracks given to match; assignment: what match returned.
+            outputs: as forward; targets: Tracks as forward; assignment: (B, L*N) int64 as
+                HungarianMatcher returns it (row l*N + i: the slot of token i of layer l, -1 if none).
         Returns:
             total, parts: as forward.
         """
@@ -734,7 +562,7 @@ class SetCriterion(nn.Module):
 
         # PAPER: the paper does not give the normaliser; as DETR divides by the number of boxes,
         # we divide every term by the number of ground-truth tracks in the batch (at least 1).
-        num_tracks = targets.real.sum().to(dtype)  # () kept on the device: no wait for it
+        num_tracks = targets.real.sum().to(dtype)  # ()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # As DETR: normalise by the mean number of tracks per GPU, so every rank agrees.
             torch.distributed.all_reduce(num_tracks)

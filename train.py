@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader, Sampler
 
 import data
 import metrics
-from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, to_host, track_batch
+from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, track_batch
 from pictures import PALETTE, colour_ids, titled
 from pretrained import InitWeightsError, format_table, load_init_weights
 from quantize import CollapseWatch, codebook_stats
@@ -594,24 +594,18 @@ def evaluate_best_and_last(ctx: dict, eval_sets: dict) -> dict:
     return results
 
 
-def forward_loss(model: SQD, train_model, criterion: SetCriterion, batch: dict, amp: bool,
-                 carry: dict | None = None):
+def forward_loss(model: SQD, train_model, criterion: SetCriterion, batch: dict, amp: bool):
     """The forward half of a training step (train_one_epoch and tools/bench.py): the model under
     optional bf16 autocast, the ground-truth tracks of the batch (matcher.track_batch), the
     Hungarian matching of every decoder layer and the eq. (8) loss.
-
-    The matching copies one tensor to the host, the step's only wait for the device; `carry`
-    (a dict of device tensors, e.g. the previous step's loss) rides along in that copy.
-    Returns (total loss tensor, dict of unweighted parts, outputs, carried: the carry as CPU
-    tensors). ValueError: non-finite cost."""
+    Returns (total loss tensor, dict of unweighted parts, outputs). ValueError: non-finite cost."""
     with torch.autocast(batch["frames"].device.type, dtype=torch.bfloat16, enabled=amp):
         outputs = train_model(batch)
     outputs = to_float(outputs)
     targets = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
                           outputs["pred_masks"].shape[-2:])
-    assignment, carried = criterion.match(outputs, targets, carry)  # eq. (10), the one host copy
-    total, parts = criterion.losses(outputs, targets, assignment)  # eq. (8)
-    return total, parts, outputs, carried
+    total, parts = criterion(outputs, targets)  # eq. (10) matching, eq. (8) loss
+    return total, parts, outputs
 
 
 def apply_gradients(model: SQD, opt, total: torch.Tensor, clip_grad: float):
@@ -646,64 +640,50 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
     t0, clips = time.time(), 0
     if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
         return False
-    # A step's loss reaches the host one step late: its values (loss, parts, gradient norm) ride
-    # along with the next step's matcher copy (forward_loss's carry), so that a step waits for
-    # the device once. The check for a non-finite loss and the log line of step s therefore
-    # happen during step s + 1, after step s's update; the run still stops before anything is
-    # saved or evaluated, because the last step is checked on its own first (finish_step).
-    pending = None  # the last finished step whose values are still on the device
-    try:
-        for batch in bar:
-            batch = to_device(batch, device)
-            # quantizer warm-up for the first quant_warmup_steps steps; the step that ends it first
-            # sets the codebook to the k-means centres of the warm-up tokens (sqd.set_quantizer_warmup)
-            warmup = state["step"] < cfg.quant_warmup_steps
-            model.set_quantizer_warmup(warmup)
-            if state["step"] == cfg.quant_warmup_steps and ctx["main_proc"] and model.quantizers():
-                # the codebook the quantized steps start from (k-means after a warm-up, else the
-                # init): tools/diagnostics.py measures how far each word moves from here
-                atomic_save({"codebooks": [vq.codebook.detach().cpu().clone() for vq in model.quantizers()],
-                             "step": state["step"]}, os.path.join(ctx["out_dir"], CODEBOOK_START))
-            try:
-                total, parts, outputs, carried = forward_loss(
-                    model, train_model, criterion, batch, cfg.amp,
-                    carry=None if pending is None else pending["values"])
-            except ValueError as e:  # the matcher refuses a non-finite cost and names the term
-                if pending is not None:  # the previous step's loss may be the cause: report it first
-                    finish_step(ctx, pending, None, log_path, bar)
-                    pending = None
-                raise UserError(f"non-finite loss at step {state['step'] + 1}: {e}\n"
-                                f"last good checkpoint: {_last_checkpoint(ctx)}") from None
-            if pending is not None:
-                finish_step(ctx, pending, carried, log_path, bar)
-                pending = None
-            with deferred_interrupt():  # Ctrl-C never splits an update from its step count
-                grad_norm, grad_global = apply_gradients(model, opt, total, cfg.clip_grad)
-                sched.step()
-                state["step"] += 1
-                state["step_in_epoch"] += 1
-            clips += cfg.batch_size * ctx["world"]
-            pending = {"step": state["step"], "epoch": state["epoch"], "warmup": warmup,
-                       "lr": opt.param_groups[0]["lr"], "parts": list(parts),
-                       "rate": clips / max(time.time() - t0, 1e-9),
-                       "values": step_values(total, grad_norm, parts, outputs, grad_global)}
-            # checked after the step, before the next batch is drawn, so that a run stopped here
-            # and resumed draws exactly the batches (and random numbers) the unbroken run draws
-            if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
-                finish_step(ctx, pending, None, log_path, bar)
-                return False
-    except KeyboardInterrupt:
-        if pending is not None:
-            finish_step(ctx, pending, None, log_path, bar)
-        raise
-    if pending is not None:
-        finish_step(ctx, pending, None, log_path, bar)
-    return True
+    done, stop = None, False  # the last finished step of this epoch; --max-steps reached
+    for batch in bar:
+        batch = to_device(batch, device)
+        # quantizer warm-up for the first quant_warmup_steps steps; the step that ends it first
+        # sets the codebook to the k-means centres of the warm-up tokens (sqd.set_quantizer_warmup)
+        warmup = state["step"] < cfg.quant_warmup_steps
+        model.set_quantizer_warmup(warmup)
+        if state["step"] == cfg.quant_warmup_steps and ctx["main_proc"] and model.quantizers():
+            # the codebook the quantized steps start from (k-means after a warm-up, else the
+            # init): tools/diagnostics.py measures how far each word moves from here
+            atomic_save({"codebooks": [vq.codebook.detach().cpu().clone() for vq in model.quantizers()],
+                         "step": state["step"]}, os.path.join(ctx["out_dir"], CODEBOOK_START))
+        try:
+            total, parts, outputs = forward_loss(model, train_model, criterion, batch, cfg.amp)
+        except ValueError as e:  # the matcher refuses a non-finite cost and names the term
+            raise UserError(f"non-finite loss at step {state['step'] + 1}: {e}\n"
+                            f"last good checkpoint: {_last_checkpoint(ctx)}") from None
+        with deferred_interrupt():  # Ctrl-C never splits an update from its step count
+            grad_norm, grad_global = apply_gradients(model, opt, total, cfg.clip_grad)
+            sched.step()
+            state["step"] += 1
+            state["step_in_epoch"] += 1
+        clips += cfg.batch_size * ctx["world"]
+        done = {"step": state["step"], "epoch": state["epoch"], "warmup": warmup,
+                "lr": opt.param_groups[0]["lr"], "parts": list(parts),
+                "rate": clips / max(time.time() - t0, 1e-9),
+                "values": step_values(total, grad_norm, parts, outputs, grad_global)}
+        finish_step(ctx, done, log_path, bar)
+        # checked after the step, before the next batch is drawn, so that a run stopped here
+        # and resumed draws exactly the batches (and random numbers) the unbroken run draws
+        if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
+            stop = True
+            break
+    if done is not None:
+        # a loss is read only every log_every steps; a non-finite one leaves non-finite weights
+        # behind, whose predictions the next step's matcher refuses (forward_loss). The last
+        # step has no next one: it is checked here, before anything is saved or evaluated.
+        check_loss(ctx, done)
+    return not stop
 
 
 def step_values(total: torch.Tensor, grad_norm: torch.Tensor, parts: dict, outputs: dict,
                 grad_global: torch.Tensor | None = None) -> dict:
-    """What a step hands to the next one's carry: the loss, the gradient norms (all, and the global
+    """What finish_step reads of a step: the loss, the gradient norms (all, and the global
     decoder's), every loss part (names start with loss_ or quant_) and the codeword indices of the
     global (B, N) and local (B, T, N) tokens, on the device."""
     values = {"loss": total.detach(), "grad_norm": grad_norm.detach(),
@@ -717,43 +697,53 @@ def step_values(total: torch.Tensor, grad_norm: torch.Tensor, parts: dict, outpu
     return values
 
 
-def finish_step(ctx: dict, pending: dict, carried: dict | None, log_path: str, bar) -> None:
-    """Check a finished step's loss and write its log line (train_one_epoch).
-
-    pending: the step's number, epoch, lr, rate and its values on the device; carried: those
-    values on the host (copied with the next step's costs), or None to copy them now (the end of
-    an epoch, a stop or an error; one extra wait for the device then).
-    Raises UserError if the loss is not finite.
-    """
-    cfg, step = ctx["cfg"], pending["step"]
-    if carried is None:
-        carried = {k: torch.from_numpy(v).to(pending["values"][k].dtype)
-                   for k, v in to_host(pending["values"]).items()}
-    loss = float(carried["loss"])
+def check_loss(ctx: dict, done: dict) -> float:
+    """A finished step's loss, read on the host (.item(), a wait for the device).
+    Raises UserError naming the step and the non-finite terms if the loss is not finite."""
+    values = done["values"]
+    loss = values["loss"].item()
     if not math.isfinite(loss):
-        bad = [k for k in pending["parts"] if not math.isfinite(float(carried[k]))]
-        raise UserError(f"non-finite loss at step {step} (terms: {bad}); "
+        bad = [k for k in done["parts"] if not math.isfinite(values[k].item())]
+        raise UserError(f"non-finite loss at step {done['step']} (terms: {bad}); "
                         f"last good checkpoint: {_last_checkpoint(ctx)}")
-    bar.set_postfix(loss=f"{loss:.3f}", clips_s=f"{pending['rate']:.1f}")
+    return loss
+
+
+def finish_step(ctx: dict, done: dict, log_path: str, bar) -> None:
+    """After a training step (train_one_epoch): the codebook collapse watch at every quantized
+    step and, every log_every steps, the loss checked (check_loss) and the log line written.
+
+    done: the step's number, epoch, lr, clips/s ("rate"), quantizer warm-up, the names of its
+    loss parts and its values on the device (step_values). As in nanoGPT, the values are read
+    with .item() only on the steps that are logged.
+    Raises UserError if a logged step's loss is not finite.
+    """
+    cfg, step, values = ctx["cfg"], done["step"], done["values"]
+    log_now = step % cfg.log_every == 0 or step == 1
+    watch = ctx.get("collapse_watch") if ctx["main_proc"] and not done["warmup"] else None
+    if log_now:
+        loss = check_loss(ctx, done)
+        bar.set_postfix(loss=f"{loss:.3f}", clips_s=f"{done['rate']:.1f}")
+    if not ((log_now and ctx["main_proc"]) or watch is not None):
+        return
     K = ctx["model"].cfg.codebook_size
-    stats = {prefix: codebook_stats(carried[key], K)
+    stats = {prefix: codebook_stats(values[key], K)
              for prefix, key in (("codebook_", "codebook_indices"), ("local_codebook_", "local_codebook_indices"))
-             if key in carried}
-    watch = ctx.get("collapse_watch")
-    if watch is not None and ctx["main_proc"] and not pending["warmup"]:
+             if key in values}
+    if watch is not None:
         for prefix, st in stats.items():  # the quantized steps only: in warm-up VQ(x) = x
             message = watch.update(step, "global" if prefix == "codebook_" else "local",
                                    round(st["usage"] * K))
             if message:
                 print(f"warning: {message}", file=sys.stderr)
                 append_jsonl(log_path, {"step": step, "warning": message})
-    if ctx["main_proc"] and (step % cfg.log_every == 0 or step == 1):
-        line = {"step": step, "epoch": pending["epoch"], "loss": loss,
-                **{k: float(carried[k]) for k in pending["parts"]},
-                "lr": pending["lr"], "grad_norm": float(carried["grad_norm"]),
-                "clips_per_s": pending["rate"], "quant_warmup": pending["warmup"]}
-        if "grad_norm_global" in carried:
-            line["grad_norm_global"] = float(carried["grad_norm_global"])
+    if ctx["main_proc"] and log_now:
+        line = {"step": step, "epoch": done["epoch"], "loss": loss,
+                **{k: values[k].item() for k in done["parts"]},
+                "lr": done["lr"], "grad_norm": values["grad_norm"].item(),
+                "clips_per_s": done["rate"], "quant_warmup": done["warmup"]}
+        if "grad_norm_global" in values:
+            line["grad_norm_global"] = values["grad_norm_global"].item()
         for prefix, st in stats.items():
             line.update({f"{prefix}{k}": float(v) for k, v in st.items()})
         append_jsonl(log_path, line)

@@ -3,7 +3,7 @@
 The counter is checked on layers whose FLOPs are written out by hand (a Linear layer, a grouped
 convolution); the command-line run is checked against numbers computed here independently (the
 parameter count of the CPU preset, the memory AdamW needs at least, the bounds that backward
-FLOPs of matrix products obey), and the batched matcher's run against the per-clip one's losses.
+FLOPs of matrix products obey).
 """
 import json
 import os
@@ -60,7 +60,6 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     r = json.loads(out.read_text())
     assert "python tools/bench.py --steps 2 --warmup 0" in proc.stdout and "n/a" in proc.stdout
-    assert r["matcher"] == "batched"
 
     # the model is the CPU preset on the default synthetic benchmark (v2, 24 classes), T = 5
     params = sum(p.numel() for p in SQD(preset("cpu", num_classes=24)).parameters())
@@ -87,20 +86,8 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
     # AdamW in fp32 holds weights, gradients and two moments: at least 16 bytes per parameter
     assert r["peak_memory_bytes"] >= 16 * params
 
-    # the per-clip matcher and losses (tools/matcher_per_clip.py) give the same two losses,
-    # before and after an update, to float rounding
-    proc = subprocess.run(cmd + ["--matcher", "per-clip"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    per_clip = json.loads(out.read_text())
-    assert per_clip["matcher"] == "per-clip" and "per-clip: cost matrices" in proc.stdout
-    # the other code ran: the same backward pass, but the batched matcher prices every class slot
-    # of the batch (matcher.track_batch) where the per-clip one prices each clip's tracks
-    assert per_clip["flops_backward"] == r["flops_backward"]
-    assert per_clip["flops_forward"] != r["flops_forward"]
+    # the update changed the loss
     assert r["loss_first"] != r["loss_last"]
-    for key in ("loss_first", "loss_last"):
-        assert abs(per_clip[key] - r[key]) <= 1e-5 * abs(r[key]), (key, per_clip[key], r[key])
 
     # asking for CUDA where there is none: one line, exit code 2, no traceback
     if not torch.cuda.is_available():

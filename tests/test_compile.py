@@ -36,7 +36,7 @@ def test_compiled_step_equals_eager_and_forward_is_one_graph():
     def step(run_model):
         model.zero_grad(set_to_none=True)
         torch.manual_seed(1)                                  # the same dropout masks
-        total, parts, _, _ = train.forward_loss(model, run_model, criterion, batch, amp=False)
+        total, parts, _ = train.forward_loss(model, run_model, criterion, batch, amp=False)
         total.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return total.detach(), parts, grads

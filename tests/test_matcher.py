@@ -2,9 +2,9 @@
 
 Every test compares with something computed independently: brute force over all permutations,
 scalar formulas written out with `math`, hand-computed boxes, masks and GIoU values, explicit
-Python loops over frames, tokens, classes and pixels, and the per-clip matcher and criterion the
-batched ones replaced (tools/matcher_per_clip.py). The copies to the host are counted by wrapping
-the torch.Tensor methods that make the host wait for a GPU.
+Python loops over frames, tokens, classes and pixels, and the tracks, matcher and criterion
+written clip by clip (tests/oracles.py). The copies to the host are counted by wrapping the
+torch.Tensor methods that make the host wait for a GPU.
 """
 import itertools
 import math
@@ -24,17 +24,15 @@ from matcher import (  # noqa: E402
     Tracks,
     box_cxcywh_to_xyxy,
     box_xyxy_to_cxcywh,
-    build_tracks,
     dice_loss,
     generalized_box_iou,
     masks_at_resolution,
-    pack_tracks,
     pairwise_dice_cost,
     pairwise_focal_cost,
     sigmoid_focal_loss,
     track_batch,
 )
-from tools.matcher_per_clip import PerClipHungarianMatcher, PerClipSetCriterion  # noqa: E402
+from oracles import PerClipHungarianMatcher, PerClipSetCriterion, build_tracks, pack_tracks  # noqa: E402
 
 ALPHA, GAMMA = 0.25, 2.0
 PAPER_WEIGHTS = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_dice": 2.0, "loss_mask": 5.0}
@@ -124,6 +122,21 @@ def random_clip_targets(gen, J, T, h, w, Kc, some_unlabelled=True):
     return {"classes": classes, "masks": masks, "boxes": boxes, "sounding": sounding, "label_valid": valid}
 
 
+def run_matcher(layers, targets, matcher=None):
+    """matcher.HungarianMatcher on track dicts (packed by the oracle's pack_tracks, so that slot k
+    of a clip is its track k). Returns, per layer, a list of B pairs (pred_idx (J',), tgt_idx (J',))
+    int64, token pred_idx[k] matched to track tgt_idx[k], pred_idx ascending; and the assignment
+    (B, L*N) itself."""
+    size = layers[0]["pred_masks"].shape[-2:]
+    assignment = (matcher or HungarianMatcher())(layers, pack_tracks(targets, size))  # (B, L*N)
+    N = layers[0]["pred_logits"].shape[2]
+    indices = []
+    for layer in range(len(layers)):
+        rows = assignment[:, layer * N:(layer + 1) * N]  # (B, N) the track of each token, -1 if none
+        indices.append([(torch.nonzero(row >= 0)[:, 0], row[row >= 0]) for row in rows])
+    return indices, assignment
+
+
 def random_outputs(gen, B, T, N, Kc, h, w, requires_grad=False):
     out = {
         "pred_logits": torch.randn(B, T, N, Kc, generator=gen, dtype=torch.float64),
@@ -151,7 +164,7 @@ def test_eq10_matcher_equals_brute_force_over_permutations():
         Js = [int(torch.randint(1, N + 1, (1,), generator=gen)), N + 1 if seed >= 6 else N]
         targets = [random_clip_targets(gen, J, T, h, w, Kc) for J in Js]
         outputs = random_outputs(gen, len(Js), T, N, Kc, h, w)
-        indices = matcher(outputs, targets)
+        indices = run_matcher([outputs], targets, matcher)[0][0]
         for b, (pred_idx, tgt_idx) in enumerate(indices):
             J = Js[b]
             cost = [[sum(PAPER_WEIGHTS[k] * v for k, v in reference_pair_losses(
@@ -180,7 +193,9 @@ def test_eq10_cost_matrix_equals_loops():
     out = random_outputs(gen, 1, T, N, Kc, h, w)
     weights = dict(cost_class=1.5, cost_mask=3.0, cost_dice=0.5, cost_bbox=4.0, cost_giou=1.0)
     matcher = HungarianMatcher(**weights)
-    cost = matcher.clip_cost(out["pred_logits"][0], out["pred_masks"][0], out["pred_boxes"][0], target)
+    cost, _ = matcher.cost_matrices(out["pred_logits"], out["pred_masks"], out["pred_boxes"],
+                                    pack_tracks([target], (h, w)))
+    cost = cost[0]  # (N, J) the one clip
     key = {"loss_class": "cost_class", "loss_mask": "cost_mask", "loss_dice": "cost_dice",
            "loss_bbox": "cost_bbox", "loss_giou": "cost_giou"}
     for i in range(N):
@@ -196,13 +211,13 @@ def test_eq10_clip_without_targets_and_full_resolution_targets():
     labels[1, :, 4:12, 0:8] = 2  # clip 1: one track; clip 0: background only
     tracks = build_tracks(labels, torch.ones(2, T, dtype=torch.bool), Kc)
     out = random_outputs(gen, 2, T, N, Kc, h, w)
-    indices = HungarianMatcher()(out, tracks)
+    indices = run_matcher([out], tracks)[0][0]
     assert indices[0][0].numel() == 0 and indices[0][1].numel() == 0
     assert indices[0][0].dtype == torch.int64
     assert len(indices[1][0]) == 1
     # Targets at label resolution give the same matching as targets subsampled by hand.
     small = [dict(t, masks=t["masks"][..., 2::4, 2::4]) for t in tracks]
-    assert [(p.tolist(), q.tolist()) for p, q in HungarianMatcher()(out, small)] == \
+    assert [(p.tolist(), q.tolist()) for p, q in run_matcher([out], small)[0][0]] == \
            [(p.tolist(), q.tolist()) for p, q in indices]
 
 
@@ -218,7 +233,7 @@ def test_eq10_nan_prediction_names_the_cost_term(key, term):
     out = random_outputs(gen, 1, T, N, Kc, h, w)
     out[key][0, 0, 0] = float("nan")  # token 0, frame 0 (a labelled frame where both tracks sound)
     with pytest.raises(ValueError, match=term):
-        HungarianMatcher()(out, [target])
+        run_matcher([out], [target])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,7 +258,7 @@ def test_eq08_total_is_weighted_sum_of_logged_parts():
     gen = torch.Generator().manual_seed(0)
     labels, valid = _labels_batch()
     Kc, N, T, h, w = 4, 3, 3, 4, 4
-    tracks = build_tracks(labels, valid, Kc)
+    tracks = pack_tracks(build_tracks(labels, valid, Kc), (h, w))
     out = random_outputs(gen, 3, T, N, Kc, h, w)
     out["aux_outputs"] = [random_outputs(gen, 3, T, N, Kc, h, w) for _ in range(2)]
     out["quant"] = {"quant_codebook": torch.tensor(0.7, dtype=torch.float64),
@@ -277,9 +292,9 @@ def test_criterion_losses_equal_explicit_loops():
     tracks = build_tracks(labels, valid, Kc)
     out = random_outputs(gen, 3, T, N, Kc, h, w)
     criterion = SetCriterion(Kc, aux_loss=False)
-    _, parts = criterion(out, tracks)
+    _, parts = criterion(out, pack_tracks(tracks, (h, w)))
     small = [dict(t, masks=t["masks"][..., 2::4, 2::4]) for t in tracks]  # CondInst subsampling by hand
-    indices = criterion.matcher(out, small)
+    indices = run_matcher([out], small, criterion.matcher)[0][0]
     num_tracks = sum(len(t["classes"]) for t in tracks)
     assert num_tracks == 5
     ref = {k: 0.0 for k in PAPER_WEIGHTS}
@@ -309,7 +324,7 @@ def test_criterion_gradients_and_zero_targets():
     labels, valid = _labels_batch()
     Kc, N, T, h, w = 4, 3, 3, 4, 4
     out = random_outputs(gen, 3, T, N, Kc, h, w, requires_grad=True)
-    total, parts = SetCriterion(Kc)(out, build_tracks(labels, valid, Kc))
+    total, parts = SetCriterion(Kc)(out, pack_tracks(build_tracks(labels, valid, Kc), (h, w)))
     total.backward()
     for key in ["pred_logits", "pred_masks", "pred_boxes"]:
         grad = out[key].grad
@@ -320,7 +335,7 @@ def test_criterion_gradients_and_zero_targets():
     # A batch without any track: every token is no-object, mask and box losses are exactly 0.
     out = random_outputs(gen, 2, T, N, Kc, h, w, requires_grad=True)
     empty = build_tracks(torch.zeros(2, T, 16, 16, dtype=torch.int64), torch.ones(2, T, dtype=torch.bool), Kc)
-    total, parts = SetCriterion(Kc)(out, empty)
+    total, parts = SetCriterion(Kc)(out, pack_tracks(empty, (h, w)))
     assert torch.isfinite(total)
     for k in ["loss_mask", "loss_dice", "loss_bbox", "loss_giou"]:
         assert parts[k].item() == 0.0
@@ -433,7 +448,7 @@ def test_masks_at_resolution_is_condinst_subsampling():
 
 
 # ----------------------------------------------------------------------------------------------
-# The batched matcher and criterion: the per-clip reference, brute force, one copy to the host
+# The batched matcher and criterion: the per-clip reference, brute force, the copies to the host
 # ----------------------------------------------------------------------------------------------
 def random_layers(gen, B, T, N, Kc, h, w, num_layers, dtype=torch.float64, requires_grad=False):
     """Outputs of num_layers decoder layers: the final one with the others in "aux_outputs"."""
@@ -466,17 +481,17 @@ def test_batched_matcher_and_losses_equal_the_per_clip_reference(dtype):
         out = random_layers(gen, len(Js), T, N, Kc, h, w, L, dtype, requires_grad=True)
         layers = [out] + out["aux_outputs"]
 
-        indices, assignment, _ = HungarianMatcher().match(layers, targets)
+        indices, assignment = run_matcher(layers, targets)
         reference = PerClipHungarianMatcher()
         for layer, outputs in enumerate(layers):
             expected = reference(outputs, targets)
             assert pairs(indices[layer]) == pairs(expected), (seed, layer)
             for b, (pred_idx, tgt_idx) in enumerate(expected):  # the assignment rows agree
                 row = assignment[b, layer * N:(layer + 1) * N]  # (N,) slot = track index here
-                assert row[pred_idx.numpy()].tolist() == tgt_idx.tolist()
+                assert row[pred_idx].tolist() == tgt_idx.tolist()
                 assert int((row >= 0).sum()) == len(pred_idx) == min(N, Js[b])
 
-        total, parts = SetCriterion(Kc)(out, targets)
+        total, parts = SetCriterion(Kc)(out, pack_tracks(targets, (h, w)))
         total_ref, parts_ref = PerClipSetCriterion(Kc)(out, targets)
         assert list(parts) == list(parts_ref)  # same terms, same order (_0, _1 for the aux layers)
         assert len(parts) == 5 * L
@@ -498,7 +513,7 @@ def test_batched_matcher_equals_brute_force_over_layers_and_clips():
     targets = [random_clip_targets(gen, J, T, h, w, Kc) for J in Js]
     out = random_layers(gen, len(Js), T, N, Kc, h, w, L)
     layers = [out] + out["aux_outputs"]
-    indices, _, _ = HungarianMatcher().match(layers, targets)
+    indices, _ = run_matcher(layers, targets)
     for layer, outputs in enumerate(layers):
         for b, J in enumerate(Js):
             cost = [[sum(PAPER_WEIGHTS[k] * v for k, v in reference_pair_losses(
@@ -543,7 +558,7 @@ def test_track_batch_equals_packed_build_tracks():
     # and the loss does not notice the difference
     gen = torch.Generator().manual_seed(3)
     out = random_layers(gen, 3, T, 3, Kc, *out_size, 2)
-    _, parts = SetCriterion(Kc)(out, build_tracks(labels, valid, Kc))
+    _, parts = SetCriterion(Kc)(out, pack_tracks(build_tracks(labels, valid, Kc), out_size))
     _, parts_dense = SetCriterion(Kc)(out, track_batch(labels, valid, Kc, out_size))
     for k in parts:
         assert float(parts_dense[k]) == pytest.approx(float(parts[k]), rel=1e-12, abs=1e-15), k
@@ -570,7 +585,7 @@ def test_non_finite_costs_raise_as_the_per_clip_matcher(value, key, layer, clip,
             return str(e)
 
     expected = outcome(lambda: [pairs(PerClipHungarianMatcher()(o, targets)) for o in layers])
-    got = outcome(lambda: [pairs(i) for i in HungarianMatcher().match(layers, targets)[0]])
+    got = outcome(lambda: [pairs(i) for i in run_matcher(layers, targets)[0]])
     assert got == expected
     assert isinstance(got, str) == (clip != 1 and (clip, frame) != (2, 1))  # raised where a cost is hit
 
@@ -625,7 +640,7 @@ def host_waits(monkeypatch):
     return log
 
 
-def test_one_copy_to_the_host_per_step_with_the_carry(host_waits):
+def test_the_step_copies_to_the_host_three_tensors_whatever_the_batch(host_waits):
     Kc, T, N, h, w, L, B = 5, 3, 3, 4, 4, 3, 4
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, Kc + 1, (B, T, 4 * h, 4 * w), generator=gen)  # (B, T, H, W)
@@ -636,22 +651,21 @@ def test_one_copy_to_the_host_per_step_with_the_carry(host_waits):
     out = random_layers(gen, B, T, N, Kc, h, w, L, torch.float32, requires_grad=True)
     out["quant"], out["indices"] = {"quant_codebook": torch.tensor(0.5)}, {}
     model = SimpleNamespace(cfg=SimpleNamespace(num_classes=Kc))  # forward_loss reads Kc from it
-    carry = {"loss": torch.tensor(1.2345678), "grad_norm": torch.tensor(3e-5),
-             "codebook_indices": torch.randint(0, 128, (B, N), generator=gen), "flag": torch.tensor(True)}
 
     criterion = SetCriterion(Kc)
     host_waits.active = True  # the forward half of train.py's step, the model's forward left out
-    total, parts, _, carried = train.forward_loss(model, lambda b: out, criterion, batch, False, carry)
+    total, parts, _ = train.forward_loss(model, lambda b: out, criterion, batch, False)
     host_waits.active = False
-    assert host_waits.copies == 1 and host_waits.other == []
-    assert {k: (v.dtype, v.tolist()) for k, v in carried.items()} == \
-           {k: (v.dtype, v.tolist()) for k, v in carry.items()}  # the carry came back exact
+    # the matcher's copies, one each for every clip and layer at once: the non-finite counts of the
+    # cost terms, the cost matrices, which slots hold tracks; nothing else reads the device
+    assert host_waits.copies == 3 and host_waits.other == []
 
     tracks = build_tracks(labels, valid, Kc)  # (its torch.unique would count)
-    host_waits.active = True  # the matcher alone, track dicts in, no carry: one copy as well
-    HungarianMatcher()(out, tracks)
+    packed = pack_tracks(tracks, (h, w))
+    host_waits.active = True  # the matcher alone, the oracle's tracks in: the same three copies
+    HungarianMatcher()([out], packed)
     host_waits.active = False
-    assert host_waits.copies == 2 and host_waits.other == []
+    assert host_waits.copies == 6 and host_waits.other == []
 
     # The counter sees the waits of the per-clip reference: a copy per clip and layer, and more.
     host_waits.copies = 0

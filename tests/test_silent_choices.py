@@ -81,9 +81,9 @@ def test_a_hand_made_collapse_in_training_prints_one_warning_and_logs_it(tmp_pat
     for step in range(1, 121):
         values = {"loss": torch.tensor(1.0), "grad_norm": torch.tensor(1.0),
                   "codebook_indices": collapsed, "local_codebook_indices": spread}
-        pending = {"step": step, "epoch": 0, "warmup": False, "lr": 1e-4, "rate": 1.0, "parts": [],
-                   "values": values}
-        finish_step(ctx, pending, None, str(log), bar)
+        done = {"step": step, "epoch": 0, "warmup": False, "lr": 1e-4, "rate": 1.0, "parts": [],
+                "values": values}
+        finish_step(ctx, done, str(log), bar)
     err = capsys.readouterr().err
     assert err.count("warning: codebook collapse") == 1 and "at step 100: the global tokens" in err
     lines = [json.loads(line) for line in log.read_text().splitlines()]
@@ -97,9 +97,9 @@ def test_global_decoder_gradient_norm_is_the_norm_of_its_parameters_gradients():
     torch.manual_seed(0)
     model = SQD(tiny_cfg()).eval()                                           # no dropout: two equal forwards
     opt = torch.optim.SGD(model.parameters(), lr=0.0)                        # lr 0: weights stay
-    total, _, _, _ = forward_loss(model, model, SetCriterion(3), random_batch(), amp=False)
+    total, _, _ = forward_loss(model, model, SetCriterion(3), random_batch(), amp=False)
     _, g = apply_gradients(model, opt, total, clip_grad=1e-3)               # clipping after the measure
-    total, _, _, _ = forward_loss(model, model, SetCriterion(3), random_batch(), amp=False)
+    total, _, _ = forward_loss(model, model, SetCriterion(3), random_batch(), amp=False)
     model.zero_grad()
     total.backward()
     expected = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.global_asd.parameters()

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from matcher import SetCriterion, build_tracks
+from matcher import SetCriterion, track_batch
 from sqd import SQD, ModelConfig, foreground_probability, preset, segment
 
 
@@ -87,7 +87,8 @@ def loss_and_grads(model, batch):
     level embedding) is exactly zero by construction; from step 1 on it is not.
     """
     crit = SetCriterion(model.cfg.num_classes)
-    tracks = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
+    tracks = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
+                         [s // 4 for s in batch["labels"].shape[-2:]])  # at the mask resolution (h, w)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     total, _ = crit(model(batch), tracks)
     total.backward()
@@ -294,7 +295,8 @@ def test_overfitting_one_tiny_batch():
     model = SQD(tiny_cfg())
     batch = random_batch()
     crit = SetCriterion(model.cfg.num_classes)
-    tracks = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
+    tracks = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
+                         [s // 4 for s in batch["labels"].shape[-2:]])  # at the mask resolution (h, w)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(150):

@@ -2,7 +2,7 @@
 
 Every test runs the real command line in a subprocess on tiny settings (32x32 images, a handful
 of clips), so it checks what a user sees: files written, exit codes, one-line error messages;
-one calls finish_step, the check and log line of a step from its carried values, directly.
+one calls finish_step and check_loss, the check and log line of a step, directly.
 """
 import json
 import os
@@ -346,7 +346,7 @@ def test_frozen_audio_net_is_out_of_the_optimizer_and_unchanged_by_training_step
         model.train()
         assert model.audio_encoder.net.training is not freeze
         for _ in range(3):
-            total, _, _, _ = forward_loss(model, model, SetCriterion(3), batch, amp=False)
+            total, _, _ = forward_loss(model, model, SetCriterion(3), batch, amp=False)
             apply_gradients(model, opt, total, clip_grad=0.1)
         after = model.state_dict()
         unchanged = [torch.equal(v, after[f"audio_encoder.net.{k}"])
@@ -513,10 +513,10 @@ def test_audio_regime_contradicted_by_a_flag_exits_2_with_one_line(tmp_path, cap
     assert not out.exists() and not cache.exists()
 
 
-def test_finish_step_checks_and_logs_a_step_from_its_carried_values(tmp_path):
+def test_finish_step_checks_and_logs_every_log_every_steps(tmp_path):
     from types import SimpleNamespace
 
-    from train import TrainConfig, UserError, finish_step
+    from train import TrainConfig, UserError, check_loss, finish_step
     bar = SimpleNamespace(set_postfix=lambda **kwargs: None)
     ctx = {"cfg": TrainConfig(log_every=10), "main_proc": True, "out_dir": str(tmp_path),
            "model": SimpleNamespace(cfg=SimpleNamespace(codebook_size=4))}
@@ -524,24 +524,30 @@ def test_finish_step_checks_and_logs_a_step_from_its_carried_values(tmp_path):
     values = {"loss": torch.tensor(2.5), "grad_norm": torch.tensor(0.25),
               "loss_class": torch.tensor(0.75), "quant_codebook": torch.tensor(0.125),
               "codebook_indices": torch.tensor([[0, 0], [1, 3]])}
-    pending = {"step": 10, "epoch": 1, "warmup": False, "lr": 1e-4, "rate": 3.0,
-               "parts": ["loss_class", "quant_codebook"], "values": values}
-    finish_step(ctx, pending, None, str(log), bar)  # values copied from the device here
-    finish_step(ctx, pending, {k: v.clone() for k, v in values.items()}, str(log), bar)  # carried
-    finish_step(ctx, dict(pending, step=11), None, str(log), bar)  # not a log step: no line
+    done = {"step": 10, "epoch": 1, "warmup": False, "lr": 1e-4, "rate": 3.0,
+            "parts": ["loss_class", "quant_codebook"], "values": values}
+    finish_step(ctx, done, str(log), bar)  # a log step: the values are read here
+    finish_step(ctx, dict(done, step=11), str(log), bar)  # not a log step: no line
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     # codes 0, 0, 1, 3 of K = 4: 3 used, p = (1/2, 1/4, 0, 1/4), perplexity 2^1.5
     expected = {"step": 10, "epoch": 1, "loss": 2.5, "loss_class": 0.75, "quant_codebook": 0.125,
                 "lr": 1e-4, "grad_norm": 0.25, "clips_per_s": 3.0, "quant_warmup": False,
                 "codebook_usage": 0.75, "codebook_perplexity": pytest.approx(2 ** 1.5),
                 "codebook_dead": 1.0}
-    assert lines == [expected, expected]
+    assert lines == [expected]
     assert list(lines[0]) == list(expected)  # the keys in the order of the log
-    # a non-finite loss stops the run with the step, the bad terms and the last checkpoint
+    # a non-finite loss stops the run with the step, the bad terms and the last checkpoint: on a
+    # log step, and in check_loss (the last step of an epoch or of the run); between log steps the
+    # loss is not read
     bad = dict(values, loss=torch.tensor(float("inf")), quant_codebook=torch.tensor(float("nan")))
+    finish_step(ctx, dict(done, step=11, values=bad), str(log), bar)
     with pytest.raises(UserError, match=r"non-finite loss at step 12 \(terms: \['quant_codebook'\]\); "
                                         r"last good checkpoint: none written yet"):
-        finish_step(ctx, dict(pending, step=12, values=bad), None, str(log), bar)
+        check_loss(ctx, dict(done, step=12, values=bad))
+    with pytest.raises(UserError, match=r"non-finite loss at step 20 \(terms: \['quant_codebook'\]\); "
+                                        r"last good checkpoint: none written yet"):
+        finish_step(ctx, dict(done, step=20, values=bad), str(log), bar)
+    assert len(log.read_text().splitlines()) == 1  # nothing written for the bad steps
 
 
 def test_checkpoint_whose_unpickling_would_run_code_is_refused_and_the_code_never_runs(tmp_path):

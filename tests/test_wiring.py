@@ -9,7 +9,7 @@ l_{i,t} to the mask decoder instead of VQ(l_{i,t})) and watching it fail.
 import pytest
 import torch
 
-from matcher import SetCriterion, build_tracks
+from matcher import SetCriterion, track_batch
 from sqd import SQD
 from test_sqd import random_batch, tiny_cfg
 
@@ -140,7 +140,8 @@ def test_local_path_never_changes_the_codebook(local_only):
     model, batch = _model_and_batch()
     model.train()
     crit = SetCriterion(model.cfg.num_classes)
-    tracks = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
+    tracks = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
+                         [s // 4 for s in batch["labels"].shape[-2:]])  # at the mask resolution (h, w)
     out = model(batch)
     total, _ = crit(out, tracks)
     book = model.vq.codebook

@@ -11,13 +11,10 @@ What this file measures
     speed, memory and FLOPs do not depend on them.
 
     The Hungarian matcher runs scipy's linear_sum_assignment on the CPU: every step copies the
-    cost matrices of all clips and decoder layers to the host in one tensor (with the previous
-    step's loss riding along, as train.py does) and waits for it. That is part of the step, as it
-    is in training, and its share is reported separately ("matcher"). To measure it, the step
-    syncs the device once when the matcher is entered (the matcher's copy to the host would wait
-    there anyway). --matcher per-clip runs the earlier form instead (tools/matcher_per_clip.py:
-    one cost matrix, NaN checks and copy per clip and layer, per-clip losses, the loss read with
-    .item() every step), to measure the difference.
+    cost matrices of all clips and decoder layers to the host and waits for them. That is part of
+    the step, as it is in training, and its share is reported separately ("matcher"). To measure
+    it, the step syncs the device once when the matcher is entered (the matcher's copy to the
+    host would wait there anyway).
 
     It reports
       step time      mean and median over --steps steps after --warmup untimed ones (the first
@@ -50,7 +47,6 @@ How to run
     python tools/bench.py --preset paper --amp              # the paper's model at 224, bf16 autocast
     python tools/bench.py --preset paper --backbone swin-t  # another visual backbone (sqd.BACKBONES)
     python tools/bench.py --preset paper --amp --compile --json bench.json
-    python tools/bench.py --preset paper --amp --matcher per-clip   # the per-clip matcher, to compare
     python tools/bench.py --preset paper --amp --channels-last --eval-steps 10 --profile 3
 
 Shape alphabet (the repository's one shape alphabet: docs/shapes.md): B clips, T frames, H, W
@@ -81,7 +77,6 @@ import data  # noqa: E402
 import train  # noqa: E402
 from matcher import SetCriterion  # noqa: E402
 from sqd import BACKBONES, SQD  # noqa: E402
-from tools import matcher_per_clip  # noqa: E402
 
 # Dense (no structured sparsity) peak tensor throughput in TFLOP/s, from NVIDIA's H100 and H200
 # datasheets (SXM form factor). H200 is the H100 chip with more and faster memory: same peaks.
@@ -128,9 +123,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "from the table of known GPUs (H100 SXM, H200)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the batch")
-    p.add_argument("--matcher", choices=["batched", "per-clip"], default="batched",
-                   help="batched: matcher.py, one copy to the host per step (as train.py); "
-                        "per-clip: tools/matcher_per_clip.py, the earlier per-clip matcher and losses")
     p.add_argument("--freeze-audio", action="store_true",
                    help="the audio network frozen, as train.py runs it with pretrained weights "
                         "(--vggish-weights); weights stay random, speed does not depend on them")
@@ -220,25 +212,21 @@ def run(args: argparse.Namespace, argv=None) -> int:
     model = SQD(model_cfg).to(device)
     if args.channels_last:
         model.visual_encoder.backbone.to(memory_format=torch.channels_last)
-    per_clip = args.matcher == "per-clip"
-    criterion = (matcher_per_clip.PerClipSetCriterion if per_clip else SetCriterion)(
-        model_cfg.num_classes, weights={k: getattr(cfg, k) for k in train.LOSS_WEIGHT_FIELDS})
+    criterion = SetCriterion(model_cfg.num_classes,
+                             weights={k: getattr(cfg, k) for k in train.LOSS_WEIGHT_FIELDS})
     opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.backbone_lr_mult,
                                                    cfg.weight_decay))
     model.train()
 
     # FLOPs: once, uncompiled, outside the timed loop; then forget its gradients.
-    flops = count_step_flops(model, criterion, batch, cfg.amp, per_clip)
+    flops = count_step_flops(model, criterion, batch, cfg.amp)
     opt.zero_grad(set_to_none=True)
 
     train_model = torch.compile(model, mode=args.compile_mode) if cfg.compile else model
-    step = functools.partial(training_step, model, train_model, criterion, opt, batch, cfg,
-                             per_clip, {})
+    step = functools.partial(training_step, model, train_model, criterion, opt, batch, cfg)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    # the batched criterion calls matcher.match once per step, the per-clip one forward per layer
-    timing = time_steps(step, criterion.matcher, "forward" if per_clip else "match", device,
-                        args.warmup, args.steps)
+    timing = time_steps(step, criterion.matcher, device, args.warmup, args.steps)
     memory = peak_memory(device)
     profile = profile_steps(step, device, args.profile) if args.profile else None
     evaluation = time_eval(model, train_model, batch, cfg.amp, device, args.eval_steps) if args.eval_steps else None
@@ -255,7 +243,6 @@ def run(args: argparse.Namespace, argv=None) -> int:
         "threads": torch.get_num_threads(),
         "mode": mode,
         "compile": cfg.compile, "compile_mode": args.compile_mode,
-        "matcher": args.matcher,
         "preset": cfg.preset, "backbone": model_cfg.backbone,
         "batch_size": cfg.batch_size, "frames": cfg.frames, "img_size": cfg.img_size,
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -296,24 +283,11 @@ def run(args: argparse.Namespace, argv=None) -> int:
 # The step
 # ----------------------------------------------------------------------------------------------
 
-def training_step(model, train_model, criterion, opt, batch: dict, cfg, per_clip: bool,
-                  previous: dict) -> torch.Tensor:
+def training_step(model, train_model, criterion, opt, batch: dict, cfg) -> torch.Tensor:
     """One step of train.train_one_epoch (without its logging and the lr scheduler's counter).
-
-    previous: the step before's values (train.step_values), which ride to the host with this
-    step's matcher copy as in train.py; replaced by this step's. Returns the step's loss tensor.
-    With per_clip, the step as it was with tools/matcher_per_clip.py: the loss read at once.
-    """
-    if per_clip:
-        total, _, _ = matcher_per_clip.forward_loss(model, train_model, criterion, batch, cfg.amp)
-        total.item()                                       # that step's read of the loss
-        train.apply_gradients(model, opt, total, cfg.clip_grad)
-        return total.detach()
-    total, parts, outputs, _ = train.forward_loss(model, train_model, criterion, batch, cfg.amp,
-                                                  carry=previous or None)  # eq. (8)
-    grad_norm, grad_global = train.apply_gradients(model, opt, total, cfg.clip_grad)
-    previous.clear()
-    previous.update(train.step_values(total, grad_norm, parts, outputs, grad_global))
+    Returns the step's loss tensor (read once all steps are done)."""
+    total, _, _ = train.forward_loss(model, train_model, criterion, batch, cfg.amp)  # eq. (8)
+    train.apply_gradients(model, opt, total, cfg.clip_grad)
     return total.detach()
 
 
@@ -351,11 +325,10 @@ def count_flops(fn):
     return out, int(counter.get_total_flops()), by_op
 
 
-def count_step_flops(model, criterion, batch: dict, amp: bool, per_clip: bool = False) -> dict:
+def count_step_flops(model, criterion, batch: dict, amp: bool) -> dict:
     """FLOPs of the forward pass with the loss (matcher included) and of the backward pass."""
     def forward():
-        fwd = matcher_per_clip.forward_loss if per_clip else train.forward_loss
-        return fwd(model, model, criterion, batch, amp)[0]
+        return train.forward_loss(model, model, criterion, batch, amp)[0]
 
     total, fwd, fwd_ops = count_flops(forward)
     _, bwd, bwd_ops = count_flops(total.backward)
@@ -363,15 +336,15 @@ def count_step_flops(model, criterion, batch: dict, amp: bool, per_clip: bool = 
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd, "by_op": by_op}
 
 
-def time_steps(step, matcher, method: str, device: torch.device, warmup: int, steps: int) -> dict:
-    """Run warmup + steps steps; wall time of each timed step and of matcher.<method> inside it,
+def time_steps(step, matcher, device: torch.device, warmup: int, steps: int) -> dict:
+    """Run warmup + steps steps; wall time of each timed step and of matcher.forward inside it,
     and the process's CPU time of each timed step. The losses are read once all steps are done."""
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
     matcher_time = [0.0]
-    original = getattr(matcher, method)
+    original = matcher.forward
 
     def timed_matcher(*a, **k):  # the step's outputs are ready when the matcher starts
         sync()
@@ -380,7 +353,7 @@ def time_steps(step, matcher, method: str, device: torch.device, warmup: int, st
         matcher_time[0] += time.perf_counter() - t
         return out
 
-    setattr(matcher, method, timed_matcher)
+    matcher.forward = timed_matcher                  # nn.Module.__call__ finds it first
     step_s, cpu_s, matcher_s, losses, first = [], [], [], [], None
     try:
         for i in range(warmup + steps):
@@ -398,7 +371,7 @@ def time_steps(step, matcher, method: str, device: torch.device, warmup: int, st
                 matcher_s.append(matcher_time[0])
                 losses.append(loss)
     finally:
-        delattr(matcher, method)                     # back to the class's method
+        del matcher.forward                          # back to the class's method
     return {"step_s": step_s, "cpu_s": cpu_s, "matcher_s": matcher_s, "loss": [float(x) for x in losses],
             "first_step_s": first}
 
@@ -536,7 +509,7 @@ def report(r: dict) -> str:
         ("first step", first),
         ("matcher", f"{1000 * r['matcher_s_mean']:.1f} ms/step "
                     f"({100 * r['matcher_s_mean'] / r['step_s_mean']:.1f} % of the step; "
-                    f"{r['matcher']}: cost matrices + scipy on CPU)"),
+                    f"cost matrices + scipy on CPU)"),
         ("clips/s", f"{r['clips_per_s']:.2f}"),
         ("peak memory", mem),
         ("FLOPs/step", f"{r['flops_total'] / 1e9:.2f} GFLOP (forward + loss "

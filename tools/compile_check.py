@@ -40,7 +40,7 @@ TOLERANCE = {"fp32": 1e-5, "bf16": 1e-2}   # relative, on the total eq. (8) loss
 def loss_of(model, run_model, criterion, batch, amp: bool, seed: int) -> float:
     torch.manual_seed(seed)                                   # the same dropout masks
     with torch.no_grad():
-        total, _, _, _ = train.forward_loss(model, run_model, criterion, batch, amp)
+        total, _, _ = train.forward_loss(model, run_model, criterion, batch, amp)
     return float(total)
 
 

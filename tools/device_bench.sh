@@ -6,14 +6,13 @@
 #   OUT=/tmp/bench bash tools/device_bench.sh
 #
 # Rows, each the one before plus one change (tools/bench.py's switches):
-#   1 per-clip    the earlier matcher: a host copy and NaN check per clip and layer, loss .item()
-#   2 batched     one host copy per step, the loss carried to the next step (train.py today)
-#   3 frozen      + the audio network frozen, as train.py runs it with --vggish-weights
-#   4 amp         + bf16 autocast
-#   5 cl          + the ResNet in channels_last
-#   6 compile     + torch.compile (default mode)
-#   7 cudagraphs  + torch.compile mode reduce-overhead (CUDA graphs)
-#   8             row 5 with the evaluation throughput and the profiler's top-10 table
+#   1 batched     the step as train.py runs it: the batch's cost matrices copied to the host at once
+#   2 frozen      + the audio network frozen, as train.py runs it with --vggish-weights
+#   3 amp         + bf16 autocast
+#   4 cl          + the ResNet in channels_last
+#   5 compile     + torch.compile (default mode)
+#   6 cudagraphs  + torch.compile mode reduce-overhead (CUDA graphs)
+#   7             row 4 with the evaluation throughput and the profiler's top-10 table
 # then the compiled-vs-eager check of the loss (tools/compile_check.py).
 set -u
 OUT=${OUT:?set OUT to a folder}
@@ -28,14 +27,13 @@ run() {  # name, flags...
   echo "   exit $? $(grep -E 'clips/s|peak memory' "$OUT/$name.txt" | tr -s ' ' | tr '\n' ';')"
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1 || true
-run 1-per-clip --matcher per-clip
-run 2-batched
-run 3-frozen --freeze-audio
-run 4-amp --freeze-audio --amp
-run 5-cl --freeze-audio --amp --channels-last
-run 6-compile --freeze-audio --amp --channels-last --compile
-run 7-cudagraphs --freeze-audio --amp --channels-last --compile --compile-mode reduce-overhead
-run 8-eval-profile --freeze-audio --amp --channels-last --eval-steps 20 --profile 3
+run 1-batched
+run 2-frozen --freeze-audio
+run 3-amp --freeze-audio --amp
+run 4-cl --freeze-audio --amp --channels-last
+run 5-compile --freeze-audio --amp --channels-last --compile
+run 6-cudagraphs --freeze-audio --amp --channels-last --compile --compile-mode reduce-overhead
+run 7-eval-profile --freeze-audio --amp --channels-last --eval-steps 20 --profile 3
 echo "== compile check (inductor): eager vs compiled loss, fp32 and bf16"
 timeout 300 python tools/compile_check.py --preset $PRESET --device $DEVICE --json "$OUT/compile-check.json" \
   > "$OUT/compile-check.txt" 2>&1; echo "   exit $?"; cat "$OUT/compile-check.txt" | tail -3

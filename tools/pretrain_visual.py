@@ -93,7 +93,7 @@ def referring_targets(object_map: torch.Tensor, num_classes: int, size):
 
 def fixed_assignment(real: torch.Tensor, layers: int) -> torch.Tensor:
     """Query c of every decoder layer is assigned to slot c when its category is visible, else to
-    nothing ("no object"): real (B, Kc) bool -> (B, L*Kc) int64 as SetCriterion.match returns."""
+    nothing ("no object"): real (B, Kc) bool -> (B, L*Kc) int64 as HungarianMatcher returns."""
     B, Kc = real.shape
     slots = torch.arange(Kc).expand(B, Kc)                               # (B, Kc)
     one = torch.where(real, slots, -1)                                   # (B, Kc)

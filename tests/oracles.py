@@ -1,50 +1,139 @@
-"""The matcher and the set criterion as they were before batching: one cost matrix per clip and layer.
+"""Test oracles for matcher.py: the ground truth built clip by clip, and the per-clip matcher and criterion.
 
 What this file is for
-    matcher.py matches every clip and decoder layer of a batch at once and copies one tensor to
-    the host per training step. This is the earlier, per-clip form of the same eq. (10) and
-    eq. (8): for every decoder layer and every clip the cost matrix is built, each of its five
-    terms is checked for NaN (a wait for the device on a GPU), it is copied to the host on its
-    own, and the losses are then gathered clip by clip with boolean indexing (more waits). It is
-    kept
-      * as the reference the batched code is tested against (tests/test_matcher.py), and
-      * to measure the difference on a GPU: python tools/bench.py --matcher per-clip.
-    Train with matcher.py; the numbers agree to float rounding.
+    matcher.py builds the ground-truth tracks of a whole batch at once (track_batch: one slot per
+    class), prices every clip and decoder layer in one pass and computes the losses of all of
+    them with gathers. This file holds the same eq. (10) and eq. (8) written the direct way, one
+    clip at a time, as the reference tests/test_matcher.py checks matcher.py against:
+      * build_tracks: one dict per clip holding only the classes present in it (torch.unique,
+        boolean indexing), and pack_tracks, those dicts padded into matcher.Tracks;
+      * PerClipHungarianMatcher: one cost matrix per clip and layer, each term checked for
+        NaN, each matrix copied to the host on its own;
+      * PerClipSetCriterion: the losses gathered clip by clip with boolean indexing.
+    Nothing outside tests/ imports it; the numbers agree with matcher.py to float rounding.
 
 Reading order
-    PerClipHungarianMatcher (forward, clip_cost), PerClipSetCriterion (forward, layer_losses),
-    forward_loss (the training step's forward half as train.py had it).
+    masks_to_boxes, build_tracks, tracks_at_resolution, pack_tracks, PerClipHungarianMatcher
+    (forward, clip_cost), PerClipSetCriterion (forward, layer_losses).
 
 Shapes (the repository's one shape alphabet: docs/shapes.md)
     B clips, T frames, N semantic tokens (the mask decoder's queries), Kc foreground classes,
-    H, W label size, h, w mask resolution (H/4, W/4), J ground-truth tracks of a clip,
-    J' = min(N, J) matched tracks of a clip, T_l frames of a clip that carry labels, L decoder
-    layers. The per-clip mask terms flatten a clip's labelled volume: T_l*h*w pixels (matcher.py's
-    Px is the whole T*h*w volume).
+    H, W label size, h, w mask resolution (H/4, W/4), J ground-truth tracks of a clip (or track
+    slots of a padded batch), J' = min(N, J) matched tracks of a clip, T_l frames of a clip that
+    carry labels, L decoder layers. The per-clip mask terms flatten a clip's labelled volume:
+    T_l*h*w pixels (matcher.py's Px is the whole T*h*w volume).
 """
-import os
-import sys
-
 import torch
 from scipy.optimize import linear_sum_assignment
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from matcher import (  # noqa: E402
+from matcher import (
     PAPER_LOSS_WEIGHTS,
     HungarianMatcher,
     SetCriterion,
+    Tracks,
     box_cxcywh_to_xyxy,
-    build_tracks,
     dice_loss,
+    extent_boxes,
     generalized_box_iou,
+    masks_at_resolution,
     pairwise_dice_cost,
     pairwise_focal_cost,
     sigmoid_focal_loss,
-    tracks_at_resolution,
 )
 
 
+# ----------------------------------------------------------------------------------------------
+# Ground truth, one clip at a time
+# ----------------------------------------------------------------------------------------------
+def masks_to_boxes(masks):
+    """Tight boxes around binary masks, normalised cxcywh.
+
+    Args:
+        masks: (..., H, W) bool or 0/1.
+    Returns:
+        boxes: (..., 4) float32 (cx, cy, w, h) in [0, 1]; all zeros where a mask is empty.
+    """
+    masks = masks.bool()  # (..., H, W)
+    return extent_boxes(masks.any(dim=-1), masks.any(dim=-2))  # (..., 4)
+
+
+def build_tracks(labels, label_valid, num_classes):
+    """Turn per-frame label maps into the ground-truth tracks y_hat_j of eq. (10).
+
+    One track per foreground class present in the clip's labelled frames (AVSS labels carry no
+    instance ids, so "the j-th sounding object" of the paper is the j-th sounding class).
+
+    Args:
+        labels: (B, T, H, W) int64 class ids, 0 = background, 1..Kc foreground; ids outside
+            1..Kc (e.g. an ignore value 255) make no track.
+        label_valid: (B, T) bool, True where the frame carries ground truth.
+        num_classes: Kc.
+    Returns:
+        a list of B dicts, each with
+            "classes":     (J,) int64 class ids in 1..Kc, ascending,
+            "masks":       (J, T, H, W) float32 0/1, the class's pixels (zero in unlabelled frames),
+            "boxes":       (J, T, 4) float32 cxcywh in [0, 1], zeros where the mask is empty,
+            "sounding":    (J, T) bool, the class is present in that labelled frame,
+            "label_valid": (T,) bool, copied from the input.
+    """
+    # PAPER: "the j-th sounding object" of §3.5; label maps carry no instance ids, so a track is
+    # one sounding class over the clip (two objects of one class share a track).
+    tracks = []
+    for b in range(labels.shape[0]):
+        clip = labels[b]  # (T, H, W)
+        valid = label_valid[b].bool()  # (T,)
+        present = torch.unique(clip[valid])  # (#ids,) ids seen in labelled frames
+        classes = present[(present >= 1) & (present <= num_classes)]  # (J,)
+        masks = clip[None] == classes[:, None, None, None]  # (J, T, H, W)
+        masks = masks & valid[None, :, None, None]  # (J, T, H, W) nothing in unlabelled frames
+        sounding = masks.flatten(2).any(dim=-1)  # (J, T)
+        tracks.append({
+            "classes": classes.long(),  # (J,)
+            "masks": masks.float(),  # (J, T, H, W)
+            "boxes": masks_to_boxes(masks),  # (J, T, 4)
+            "sounding": sounding,  # (J, T)
+            "label_valid": valid,  # (T,)
+        })
+    return tracks
+
+
+def tracks_at_resolution(targets, size):
+    """Copy of the track dicts with masks at (h, w) (see matcher.masks_at_resolution)."""
+    return [dict(t, masks=masks_at_resolution(t["masks"], size)) for t in targets]
+
+
+def pack_tracks(targets, size):
+    """The track dicts of build_tracks (one per clip) as one matcher.Tracks, padded to the largest clip.
+
+    Real slots come first, in the order of the dicts, so slot k of a clip is its track k.
+
+    Args:
+        targets: list of B track dicts ("classes" (J_b,), "masks" (J_b, T, H, W) at label or mask
+            resolution, "boxes" (J_b, T, 4), "sounding" (J_b, T), "label_valid" (T,)).
+        size: (h, w), the mask resolution of the predictions.
+    Returns:
+        Tracks with J = max(1, max_b J_b) slots (one slot at least, so that gathers stay in range).
+    """
+    targets = tracks_at_resolution(targets, size)
+    J = max([1] + [t["classes"].shape[0] for t in targets])
+
+    def pad(x, value=0):  # (J_b, ...) -> (J, ...), filled with value
+        return torch.cat([x, x.new_full((J - x.shape[0], *x.shape[1:]), value)])
+
+    valid = torch.stack([t["label_valid"].bool() for t in targets])  # (B, T)
+    return Tracks(
+        classes=torch.stack([pad(t["classes"].long(), 1) for t in targets]),  # (B, J)
+        masks=torch.stack([pad(t["masks"]) for t in targets]),  # (B, J, T, h, w)
+        boxes=torch.stack([pad(t["boxes"]) for t in targets]),  # (B, J, T, 4)
+        sounding=torch.stack([pad(t["sounding"].bool(), False) for t in targets]) & valid[:, None],  # (B, J, T)
+        label_valid=valid,  # (B, T)
+        real=torch.stack([pad(torch.ones_like(t["classes"], dtype=torch.bool), False) for t in targets]),  # (B, J)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The matcher and the criterion, one clip and one decoder layer at a time
+# ----------------------------------------------------------------------------------------------
 def _check_finite(name, cost, clip):
     """Stop with a clear message if a cost term holds NaN or inf (scipy would fail obscurely)."""
     if not torch.isfinite(cost).all():
@@ -265,14 +354,3 @@ class PerClipSetCriterion(SetCriterion):
             "loss_giou": loss_giou / num_tracks,
         }
 
-
-def forward_loss(model, train_model, criterion, batch, amp):
-    """train.forward_loss as it was with this criterion: tracks per clip (build_tracks), the model,
-    the eq. (8) loss. Returns (total loss tensor, dict of unweighted parts, outputs)."""
-    from train import to_float
-    targets = build_tracks(batch["labels"], batch["label_valid"], model.cfg.num_classes)
-    with torch.autocast(batch["frames"].device.type, dtype=torch.bfloat16, enabled=amp):
-        outputs = train_model(batch)
-    outputs = to_float(outputs)
-    total, parts = criterion(outputs, targets)  # eq. (8)
-    return total, parts, outputs
