@@ -2,51 +2,41 @@
 
 What this file teaches
 ----------------------
-SQD predicts, for every one of its N semantic tokens and every frame t, a class probability
-P_{i,t}, a mask M_{i,t} and a box B_{i,t} (paper §3.4). Training needs to know which token should
-explain which sounding object. The paper (§3.5) follows the set-prediction recipe of DETR and
-Mask2Former, made video-level as in ReferFormer:
-  * the ground truth of a clip is a set of *tracks*: one per class that sounds somewhere in the
-    clip, each with a per-frame mask, box, class, and a flag saying whether it sounds in that
-    frame (a track is "no object" in the frames where it is silent);
-  * one assignment tokens <-> tracks per clip, found by the Hungarian algorithm
+SQD predicts, for each of its N semantic tokens and every frame t, a class probability P_{i,t},
+a mask M_{i,t} and a box B_{i,t} (paper §3.4). Training must decide which token explains which
+sounding object; §3.5 follows the set prediction of DETR and Mask2Former, made video-level as
+in ReferFormer:
+  * the ground truth of a clip is a set of tracks, one per class that sounds somewhere in the
+    clip, each with a per-frame mask and box and a flag saying whether it sounds in that frame
+    (a track is "no object" in the frames where it is silent);
+  * one assignment tokens <-> tracks per clip and decoder layer, by the Hungarian algorithm
     (scipy's linear_sum_assignment) on the matching cost L_match of eq. (10), computed over the
-    frames that carry labels, and again for every earlier decoder layer (auxiliary losses);
-  * the segmentation loss L_segm is L_match of the matched pairs, plus the "no object" class
-    loss of every other token; eq. (8) adds lambda_quant * L_quant (eq. 9, computed in
-    quantize.py and passed in here).
-The loss pieces are the paper's: sigmoid focal loss (Lin et al. 2017) for classes, focal + Dice
-for masks (App. D: lambda_focal 5, lambda_dice 2), L1 + GIoU (Rezatofighi et al. 2019) for
-boxes (lambda_L1 5, lambda_giou 2), lambda_cls 2, lambda_com 0.5, lambda_quant 1.
+    frames that carry labels;
+  * L_segm is L_match of the matched pairs plus the "no object" class loss of every other
+    token; eq. (8) adds lambda_quant * L_quant (eq. 9, computed in quantize.py).
+Sigmoid focal loss (Lin et al. 2017) for classes, focal + Dice for masks, L1 + GIoU
+(Rezatofighi et al. 2019) for boxes; App. D: lambda_cls 2, lambda_focal 5, lambda_dice 2,
+lambda_L1 5, lambda_giou 2, lambda_com 0.5, lambda_quant 1.
+
+As DETR's matcher, everything is done for the whole batch at once: every clip has one track
+slot per class (Tracks), the tokens of all decoder layers are stacked into R = L*N rows, the
+costs of all rows against all slots go to the host with .cpu(), scipy solves one small problem
+per clip and layer, and the losses read the assignment with gathers.
 
 Reading order
 -------------
- 1. masks_at_resolution, extent_boxes, Tracks, track_batch    label maps (B,T,H,W) -> the tracks
-                                                              of a batch, one slot per class
- 2. box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou      box algebra (GIoU)
- 3. sigmoid_focal_loss, dice_loss                                    the loss functions
- 4. pairwise_focal_cost, pairwise_dice_cost                          the same, for all pairs
- 5. stack_layers, HungarianMatcher (forward, cost_matrices)   eq. (10), one assignment per clip
-                                                              and decoder layer
- 6. SetCriterion (forward, losses, total)                     eq. (8): matched losses, auxiliary
-                                                              layers, quantization terms
+ 1. track_batch (masks_at_resolution, extent_boxes, Tracks)      label maps -> the batch's tracks
+ 2. box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou  box algebra
+ 3. sigmoid_focal_loss, dice_loss, then pairwise_focal_cost, pairwise_dice_cost (every pair)
+ 4. HungarianMatcher (forward, cost_matrices)                    eq. (10)
+ 5. SetCriterion (forward, losses, total)                        eq. (8)
 
-How the work is batched
------------------------
-As in DETR's matcher, the cost of eq. (10) is computed for the whole batch at once: every clip
-has one track slot per class (Tracks), the tokens of every decoder layer are stacked into L*N
-rows, and the cost matrices go to the host with .cpu(), where scipy solves one small problem
-per clip and layer. The losses read the assignment with gathers and masks, all clips and
-layers at once.
-
-Shape alphabet
---------------
-(the repository's one alphabet: docs/shapes.md)
-B clips, T frames, N semantic tokens, Kc foreground classes, H, W label size,
-h, w = H/4, W/4 (mask resolution of the predictions), J track slots of a batch (one per class,
-J = Kc) or the tracks of one clip, L decoder layers, R = L*N token rows (every layer's tokens),
-T_l frames of a clip that carry labels, Px = T*h*w pixels of a clip's volume (the T_l*h*w
-labelled ones count), n, m the two sides of a pairwise cost (predicted and target boxes or masks).
+Shapes (the repository's one alphabet: docs/shapes.md)
+------
+B clips, T frames, N tokens, Kc foreground classes, H, W label size, h, w = H/4, W/4 the mask
+size of the predictions, J track slots of a batch (Kc from track_batch), L decoder layers,
+R = L*N token rows, T_l frames of a clip that carry labels, Px = T*h*w pixels of a clip's volume
+(its T_l*h*w labelled ones count), n, m the two sides of a pairwise cost.
 Class ids: 0 = background, 1..Kc foreground; class-head logit c-1 is class id c.
 """
 from typing import NamedTuple
@@ -70,32 +60,76 @@ PAPER_LOSS_WEIGHTS = {
 # ----------------------------------------------------------------------------------------------
 # 1. Ground truth as tracks
 # ----------------------------------------------------------------------------------------------
-def masks_at_resolution(masks, size):
-    """Bring 0/1 masks (or a label map) from the label size (H, W) to the mask-head size (h, w).
+class Tracks(NamedTuple):
+    """The ground-truth tracks of a batch as padded tensors: what the matcher and the losses read.
+
+    Slot j of clip b holds a track when real[b, j]; the other slots have empty masks and zero
+    boxes, never sound and are never matched.
+    """
+    classes: torch.Tensor  # (B, J) int64 class ids in 1..Kc (a valid id in every slot)
+    masks: torch.Tensor  # (B, J, T, h, w) float 0/1 at the predictions' mask resolution
+    boxes: torch.Tensor  # (B, J, T, 4) cxcywh in [0, 1], zeros where the mask is empty
+    sounding: torch.Tensor  # (B, J, T) bool, the track sounds in that labelled frame
+    label_valid: torch.Tensor  # (B, T) bool, the frame carries ground truth
+    real: torch.Tensor  # (B, J) bool, the slot holds a track
+
+
+def track_batch(labels, label_valid, num_classes, size):
+    """Turn per-frame label maps into the ground-truth tracks y_hat_j of eq. (10).
+
+    A track is a foreground class present in a clip's labelled frames. Every clip gets one slot
+    per class (slot c-1 holds class c) and `real` marks the classes that are its tracks, so every
+    shape is known before the labels are read.
 
     Args:
-        masks: (J, T, H, W) float 0/1, or (B, T, H, W) float class ids.
-        size: (h, w).
+        labels: (B, T, H, W) int64 class ids, 0 = background, 1..Kc foreground; other ids (e.g.
+            an ignore value 255) make no track.
+        label_valid: (B, T) bool, True where the frame carries ground truth.
+        num_classes: Kc.
+        size: (h, w), the mask resolution of the predictions.
     Returns:
-        masks: (J, T, h, w) (or (B, T, h, w)), values kept (the input itself when already at (h, w)).
+        Tracks with J = Kc slots; masks zero in unlabelled frames, boxes those of the masks at (H, W).
     """
+    # PAPER: "the j-th sounding object" of §3.5; AVSS label maps carry no instance ids, so a track
+    # is one sounding class over the clip (two objects of one class share a track).
+    B, T, H, W = labels.shape
+    Kc = num_classes
+    valid = label_valid.bool()  # (B, T)
+    ids = torch.where(valid[:, :, None, None] & (labels >= 1) & (labels <= Kc), labels, 0)  # (B, T, H, W) 0: no track
+    # The rows and columns each class occupies in each frame, by a scatter over the class axis
+    # (slot 0 collects background), so that no (B, Kc, T, H, W) mask is ever made.
+    rows = torch.zeros(B, T, H, Kc + 1, dtype=torch.bool, device=labels.device)  # (B, T, H, Kc+1)
+    rows = rows.scatter_(3, ids, True)[..., 1:].permute(0, 3, 1, 2)  # (B, Kc, T, H) row y holds class c
+    cols = torch.zeros(B, T, W, Kc + 1, dtype=torch.bool, device=labels.device)  # (B, T, W, Kc+1)
+    cols = cols.scatter_(3, ids.transpose(2, 3), True)[..., 1:].permute(0, 3, 1, 2)  # (B, Kc, T, W)
+    sounding = rows.any(dim=-1)  # (B, Kc, T) the class has a pixel in that labelled frame
+    small = masks_at_resolution(ids.float(), size).long()  # (B, T, h, w) the label map at mask size
+    classes = torch.arange(1, Kc + 1, device=labels.device)  # (Kc,)
+    return Tracks(
+        classes=classes.expand(B, Kc),  # (B, Kc)
+        masks=(small[:, None] == classes[None, :, None, None, None]).float(),  # (B, Kc, T, h, w)
+        boxes=extent_boxes(rows, cols),  # (B, Kc, T, 4)
+        sounding=sounding,  # (B, Kc, T)
+        label_valid=valid,  # (B, T)
+        real=sounding.any(dim=-1),  # (B, Kc)
+    )
+
+
+def masks_at_resolution(masks, size):
+    """0/1 masks or label maps (..., H, W) at the mask-head size (h, w): (..., h, w), values kept
+    (the input itself when already at (h, w))."""
     if tuple(masks.shape[-2:]) == tuple(size):
         return masks
     # PAPER: the paper does not say how GT masks meet the stride-4 predictions. We keep the
     # centre pixel of every 4x4 cell, i.e. CondInst's and ReferFormer's [2::4, 2::4]
     # subsampling (the centres line up with the mask-head pixel centres and targets stay 0/1,
     # which the pairwise focal cost needs); 'nearest-exact' is that subsampling for any size.
-    return F.interpolate(masks, size=tuple(size), mode="nearest-exact")  # (J, T, h, w)
+    return F.interpolate(masks, size=tuple(size), mode="nearest-exact")  # (..., h, w)
 
 
 def extent_boxes(rows, cols):
-    """Tight boxes around masks, normalised cxcywh, from the rows and columns each mask occupies.
-
-    Args:
-        rows: (..., H) bool, row y holds a pixel of the mask; cols: (..., W) bool, the same for columns.
-    Returns:
-        boxes: (..., 4) float32 (cx, cy, w, h) in [0, 1]; all zeros where no row is occupied.
-    """
+    """Tight boxes around masks from the rows (..., H) and columns (..., W) each one occupies (bool).
+    Returns (..., 4) float32 cxcywh in [0, 1]; all zeros where no row is occupied."""
     H, W = rows.shape[-1], cols.shape[-1]
     ys = torch.arange(H, device=rows.device)  # (H,)
     xs = torch.arange(W, device=cols.device)  # (W,)
@@ -110,67 +144,6 @@ def extent_boxes(rows, cols):
     xyxy = torch.stack([x0 / W, y0 / H, x1 / W, y1 / H], dim=-1).float()  # (..., 4)
     boxes = box_xyxy_to_cxcywh(xyxy)  # (..., 4)
     return torch.where(rows.any(dim=-1)[..., None], boxes, torch.zeros_like(boxes))  # (..., 4)
-
-
-class Tracks(NamedTuple):
-    """The ground-truth tracks of a batch as padded tensors: what the matcher and the losses read.
-
-    Slot j of clip b holds a track when real[b, j]. track_batch gives every foreground class a
-    slot (slot c-1 holds class c); the classes that do not sound in the clip are not real: they
-    have empty masks and zero boxes, never sound and are never matched.
-    """
-    classes: torch.Tensor  # (B, J) int64 class ids in 1..Kc (a valid id in every slot)
-    masks: torch.Tensor  # (B, J, T, h, w) float 0/1 at the predictions' mask resolution
-    boxes: torch.Tensor  # (B, J, T, 4) cxcywh in [0, 1], zeros where the mask is empty
-    sounding: torch.Tensor  # (B, J, T) bool, the track sounds in that labelled frame
-    label_valid: torch.Tensor  # (B, T) bool, the frame carries ground truth
-    real: torch.Tensor  # (B, J) bool, the slot holds a track
-
-
-def track_batch(labels, label_valid, num_classes, size):
-    """Turn per-frame label maps into the ground-truth tracks y_hat_j of eq. (10), for a whole batch.
-
-    One track per foreground class present in a clip's labelled frames (AVSS labels carry no
-    instance ids, so "the j-th sounding object" of the paper is the j-th sounding class). Every
-    clip gets one slot per class (slot c-1 holds class c), and `real` says which classes sound in
-    the clip's labelled frames, i.e. are its tracks; so every shape is known before the labels
-    are read, and the whole batch is built at once.
-
-    Args:
-        labels: (B, T, H, W) int64 class ids, 0 = background, 1..Kc foreground; ids outside
-            1..Kc (e.g. an ignore value 255) make no track.
-        label_valid: (B, T) bool, True where the frame carries ground truth.
-        num_classes: Kc.
-        size: (h, w), the mask resolution of the predictions.
-    Returns:
-        Tracks with J = Kc slots; masks are zero in unlabelled frames, boxes are those of the
-        masks at label resolution (H, W).
-    """
-    # PAPER: "the j-th sounding object" of §3.5; label maps carry no instance ids, so a track is
-    # one sounding class over the clip (two objects of one class share a track).
-    B, T, H, W = labels.shape
-    Kc = num_classes
-    valid = label_valid.bool()  # (B, T)
-    ids = torch.where(valid[:, :, None, None] & (labels >= 1) & (labels <= Kc), labels, 0)  # (B, T, H, W) 0: no track
-    # The rows and columns each class occupies in each frame, by a scatter over the class axis
-    # (slot 0 collects background), so that no (B, Kc, T, H, W) mask is ever made.
-    rows = torch.zeros(B, T, H, Kc + 1, dtype=torch.bool, device=labels.device)  # (B, T, H, Kc+1)
-    rows = rows.scatter_(3, ids, True)[..., 1:].permute(0, 3, 1, 2)  # (B, Kc, T, H) row y holds class c
-    cols = torch.zeros(B, T, W, Kc + 1, dtype=torch.bool, device=labels.device)  # (B, T, W, Kc+1)
-    cols = cols.scatter_(3, ids.transpose(2, 3), True)[..., 1:].permute(0, 3, 1, 2)  # (B, Kc, T, W)
-    sounding = rows.any(dim=-1)  # (B, Kc, T) the class has a pixel in that labelled frame
-    # Masks at the prediction resolution: the label map subsampled as masks_at_resolution
-    # subsamples every class mask, then compared with each class.
-    small = masks_at_resolution(ids.float(), size).long()  # (B, T, h, w)
-    classes = torch.arange(1, Kc + 1, device=labels.device)  # (Kc,)
-    return Tracks(
-        classes=classes.expand(B, Kc),  # (B, Kc)
-        masks=(small[:, None] == classes[None, :, None, None, None]).float(),  # (B, Kc, T, h, w)
-        boxes=extent_boxes(rows, cols),  # (B, Kc, T, 4)
-        sounding=sounding,  # (B, Kc, T)
-        label_valid=valid,  # (B, T)
-        real=sounding.any(dim=-1),  # (B, Kc)
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,16 +162,11 @@ def box_xyxy_to_cxcywh(boxes):
 
 
 def generalized_box_iou(a, b, eps=1e-9):
-    """Generalized IoU (Rezatofighi et al. 2019) of every box of a with every box of b.
+    """Generalized IoU (Rezatofighi et al. 2019) of every box of a (..., n, 4) with every box of
+    b (..., m, 4), both x0, y0, x1, y1 with leading dims that broadcast: (..., n, m) in [-1, 1].
 
-    GIoU = IoU - |C minus (a union b)| / |C|, with C the smallest box enclosing a and b.
-
-    Args:
-        a: (..., n, 4) boxes x0, y0, x1, y1 (x1 >= x0, y1 >= y0).
-        b: (..., m, 4) same format; leading dims broadcast with a's.
-        eps: floor on the union and enclosing areas (two empty boxes give 0, not NaN).
-    Returns:
-        giou: (..., n, m) in [-1, 1].
+    GIoU = IoU - |C minus (a union b)| / |C|, C the smallest box enclosing a and b; eps floors
+    the union and enclosing areas (two empty boxes give 0, not NaN).
     """
     area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])  # (..., n)
     area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # (..., m)
@@ -214,19 +182,14 @@ def generalized_box_iou(a, b, eps=1e-9):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Loss functions (per element / per mask) and 4. their pairwise forms for the matcher
+# 3. Loss functions, and their pairwise forms for the matcher
 # ----------------------------------------------------------------------------------------------
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
-    """Sigmoid focal loss (Lin et al. 2017), element-wise, no reduction.
+    """Sigmoid focal loss (Lin et al. 2017), element-wise: logits and targets in [0, 1] of one
+    shape (...), loss (...).
 
     FL = -alpha_t * (1 - p_t)^gamma * log(p_t), with p = sigmoid(x), p_t = p if t = 1 else 1 - p,
     alpha_t = alpha if t = 1 else 1 - alpha (soft targets interpolate linearly).
-
-    Args:
-        logits: (...) any shape.
-        targets: (...) same shape, in [0, 1].
-    Returns:
-        loss: (...) same shape.
     """
     # PAPER: alpha and gamma are not given; 0.25 and 2 are the defaults of Lin et al. 2017.
     prob = logits.sigmoid()  # (...)
@@ -237,16 +200,10 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
 
 
 def dice_loss(logits, targets, valid=None):
-    """Dice loss (Milletari et al. 2016; Li et al. 2019) with +1 smoothing, as in DETR.
+    """Dice loss (Milletari et al. 2016) of mask logits (..., Px) against 0/1 masks (..., Px),
+    counting the pixels where valid (bool, broadcast; default all): (...).
 
     dice = 1 - (2 * sum(p * t) + 1) / (sum(p) + sum(t) + 1), p = sigmoid(x), sums over the pixels.
-
-    Args:
-        logits: (..., Px) mask logits, one mask per row.
-        targets: (..., Px) 0/1 masks.
-        valid: optional (..., Px) bool (broadcast), the pixels that count; default all.
-    Returns:
-        loss: (...)
     """
     # PAPER: the smoothing constant is not given; +1 as DETR.
     prob = logits.sigmoid()  # (..., Px)
@@ -259,17 +216,11 @@ def dice_loss(logits, targets, valid=None):
 
 
 def pairwise_focal_cost(logits, targets, valid=None, alpha=0.25, gamma=2.0):
-    """Mean sigmoid focal loss of every predicted mask against every 0/1 target mask.
+    """Mean focal loss of every predicted mask (..., n, Px) against every 0/1 target (..., m, Px),
+    over the pixels where valid (..., 1, Px) (default all): (..., n, m).
 
     Because the target is 0 or 1, FL(x, t) = t * FL(x, 1) + (1 - t) * FL(x, 0), so all pairs
     come from two matrix products instead of an (n, m, Px) tensor (as ReferFormer/Mask2Former).
-
-    Args:
-        logits: (..., n, Px) predicted mask logits.
-        targets: (..., m, Px) 0/1 target masks; leading dims broadcast with logits'.
-        valid: optional (..., 1, Px) bool, the pixels that count (the mean is over them); default all.
-    Returns:
-        cost: (..., n, m), cost[i, j] = mean over counted p of FL(logits[i, p], targets[j, p]).
     """
     loss_pos = sigmoid_focal_loss(logits, torch.ones_like(logits), alpha, gamma)  # (..., n, Px)
     loss_neg = sigmoid_focal_loss(logits, torch.zeros_like(logits), alpha, gamma)  # (..., n, Px)
@@ -283,15 +234,7 @@ def pairwise_focal_cost(logits, targets, valid=None, alpha=0.25, gamma=2.0):
 
 
 def pairwise_dice_cost(logits, targets, valid=None):
-    """Dice loss of every predicted mask against every target mask.
-
-    Args:
-        logits: (..., n, Px) predicted mask logits.
-        targets: (..., m, Px) 0/1 target masks; leading dims broadcast with logits'.
-        valid: optional (..., 1, Px) bool, the pixels that count; default all.
-    Returns:
-        cost: (..., n, m), cost[i, j] = dice_loss(logits[i], targets[j], valid).
-    """
+    """dice_loss of every predicted mask (..., n, Px) against every target (..., m, Px): (..., n, m)."""
     prob = logits.sigmoid()  # (..., n, Px)
     if valid is not None:
         prob = torch.where(valid, prob, 0.0)  # (..., n, Px)
@@ -301,19 +244,12 @@ def pairwise_dice_cost(logits, targets, valid=None):
     return 1 - numerator / denominator  # (..., n, m)
 
 
-
 # ----------------------------------------------------------------------------------------------
-# 5. The video-level Hungarian matcher, eq. (10)
+# 4. The video-level Hungarian matcher, eq. (10)
 # ----------------------------------------------------------------------------------------------
 def stack_layers(layers):
-    """The outputs of L decoder layers as L*N token rows, layer-major (row l*N + i: token i of layer l).
-
-    Args:
-        layers: list of L dicts with "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
-            "pred_boxes" (B, T, N, 4).
-    Returns:
-        logits (B, T, R, Kc), masks (B, T, R, h, w), boxes (B, T, R, 4), R = L*N.
-    """
+    """L decoder layers' outputs (dicts of "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
+    "pred_boxes" (B, T, N, 4)) as R = L*N token rows, row l*N + i token i of layer l."""
     def rows(key):
         return torch.cat([layer[key] for layer in layers], dim=2)  # (B, T, R, ...)
     return rows("pred_logits"), rows("pred_masks"), rows("pred_boxes")
@@ -324,27 +260,15 @@ COST_TERMS = ("cost_class", "cost_bbox", "cost_giou", "cost_mask", "cost_dice")
 
 
 class HungarianMatcher(nn.Module):
-    """One assignment tokens <-> ground-truth tracks per clip (paper eq. 10, Hungarian algorithm).
+    """One assignment tokens <-> ground-truth tracks per clip and decoder layer (eq. 10).
 
-    A token i is matched to a track j for the whole clip, as in ReferFormer: token i in every
-    frame explains track j. The cost of the pair is eq. (10) with the App. D weights,
+    Token i is matched to track j for the whole clip, as in ReferFormer. The cost of the pair is
 
         C[i, j] = w_class * cost_class + w_bbox * cost_bbox + w_giou * cost_giou
                 + w_mask * cost_mask + w_dice * cost_dice,
 
-    each term computed only over the frames that carry labels:
-      * cost_class: focal cost of Deformable-DETR, FL(x, 1) - FL(x, 0) on the track's class logit,
-        summed over the frames where the track sounds and divided by T_l (a silent frame adds 0:
-        its target is "no object" whichever token takes the track);
-      * cost_bbox, cost_giou: L1 and 1 - GIoU of the boxes, averaged over the sounding frames
-        (the only frames with a box);
-      * cost_mask, cost_dice: focal and Dice on the clip's labelled volume (T_l, h, w), as
-        ReferFormer, so a token is also asked to be empty where its track is silent.
-    Each term is thus the increase of the corresponding loss of SetCriterion if token i takes
-    track j (up to constants), so matching and loss agree.
-
-    `forward` does every clip and decoder layer at once: the costs of all L*N token rows against
-    all track slots on the device, copied to the host with .cpu(), then scipy per clip and layer.
+    each term over the frames that carry labels, and each the increase of the corresponding loss
+    of SetCriterion if token i takes track j (up to constants), so matching and loss agree.
     """
 
     def __init__(self, cost_class=2.0, cost_mask=5.0, cost_dice=2.0, cost_bbox=5.0, cost_giou=2.0):
@@ -359,18 +283,15 @@ class HungarianMatcher(nn.Module):
     def forward(self, layers, targets):
         """
         Args:
-            layers: list of L output dicts, the final decoder layer first, then the others, each with
-                "pred_logits": (B, T, N, Kc) class logits,
-                "pred_masks":  (B, T, N, h, w) mask logits,
-                "pred_boxes":  (B, T, N, 4) boxes cxcywh in [0, 1].
+            layers: L output dicts (the final decoder layer first) with "pred_logits" (B, T, N, Kc),
+                "pred_masks" (B, T, N, h, w) mask logits, "pred_boxes" (B, T, N, 4) cxcywh.
             targets: Tracks at the predictions' mask size (track_batch).
         Returns:
-            assignment: (B, L*N) int64 on the predictions' device; row l*N + i holds the slot of
-                `targets` that token i of layer l is matched to, -1 if none. In every clip and
-                layer min(N, J) tokens are matched, J the clip's tracks.
+            assignment: (B, L*N) int64 on the predictions' device; row l*N + i holds the slot
+                that token i of layer l is matched to, -1 if none (min(N, tracks) per clip and layer).
         Raises:
-            ValueError naming the term and the clip when a cost term has a non-finite entry
-            (scipy would fail obscurely), layers in the order given, clips in order.
+            ValueError naming the first non-finite cost term (layers, then clips, in order) and
+            its clip, where scipy would fail obscurely.
         """
         logits, masks, boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
         B, R, L = logits.shape[0], logits.shape[2], len(layers)
@@ -381,24 +302,21 @@ class HungarianMatcher(nn.Module):
         real = targets.real[:, None, :]  # (B, 1, J)
         bad = torch.stack([(~torch.isfinite(term) & real).reshape(B, L, N * J).sum(dim=-1)
                            for term in terms], dim=-1).cpu().numpy()  # (B, L, 5) non-finite entries per term
-        for layer in range(L):
-            for b in range(B):
-                for k, name in enumerate(COST_TERMS):
-                    if bad[b, layer, k] > 0:
-                        raise ValueError(
-                            f"HungarianMatcher: cost term '{name}' has {int(bad[b, layer, k])} "
-                            f"non-finite entries in clip {b}; the predictions feeding it contain NaN "
-                            f"or inf (check the loss scale, lr, AMP).")
+        if bad.any():
+            layer, b, k = np.argwhere(bad.transpose(1, 0, 2))[0]  # the first: layers, clips, terms in order
+            raise ValueError(
+                f"HungarianMatcher: cost term '{COST_TERMS[k]}' has {int(bad[b, layer, k])} "
+                f"non-finite entries in clip {b}; the predictions feeding it contain NaN "
+                f"or inf (check the loss scale, lr, AMP).")
 
-        # As DETR: scipy runs on the host, so the batch's cost matrices go there in one copy and
-        # are split per clip and layer.
+        # As DETR: scipy runs on the host, one small problem per clip and layer.
         cost = cost.cpu().numpy()  # (B, R, J)
         is_track = targets.real.cpu().numpy()  # (B, J)
         assignment = np.full((B, R), -1, dtype=np.int64)  # (B, R)
         for b in range(B):
-            slots = np.flatnonzero(is_track[b])  # (J,) the clip's tracks, in class order
+            slots = np.flatnonzero(is_track[b])  # the clip's tracks, in slot order
             for layer in range(L):
-                block = cost[b, layer * N:(layer + 1) * N][:, slots]  # (N, J) the clip's tracks only
+                block = cost[b, layer * N:(layer + 1) * N][:, slots]  # (N, tracks of the clip)
                 pred_idx, tgt_idx = linear_sum_assignment(block)  # Hungarian (Kuhn 1955)
                 assignment[b, layer * N + pred_idx] = slots[tgt_idx]
         return torch.as_tensor(assignment, device=logits.device)  # (B, R)
@@ -410,8 +328,8 @@ class HungarianMatcher(nn.Module):
             logits: (B, T, R, Kc); masks: (B, T, R, h, w); boxes: (B, T, R, 4) cxcywh.
             targets: Tracks with masks at (h, w).
         Returns:
-            cost: (B, R, J) float, and the five unweighted terms, each (B, R, J), in COST_TERMS
-            order. Slots that hold no track get a cost as well; forward ignores them.
+            cost: (B, R, J), and the five unweighted terms, each (B, R, J), in COST_TERMS order.
+            Slots that hold no track get a cost as well; forward ignores them.
         """
         B, T, R = logits.shape[:3]
         J = targets.classes.shape[1]
@@ -422,18 +340,19 @@ class HungarianMatcher(nn.Module):
         num_labelled = valid.sum(dim=1).clamp(min=1)[:, None, None]  # (B, 1, 1) T_l
         num_sounding = sounding.sum(dim=2).clamp(min=1)[:, None, :]  # (B, 1, J)
 
-        # Class term: focal cost on the track's class logit, frames where it sounds.
+        # Class term: the focal cost of Deformable-DETR, FL(x, 1) - FL(x, 0) on the track's class
+        # logit, over the frames where the track sounds.
         # PAPER: eq. (10) names the terms, not their video form. As ReferFormer we average over
         # frames; a frame where the track is silent has target "no object" whoever takes the
         # track, so it adds 0, and we divide by all labelled frames T_l so the cost is the exact
-        # change of loss_class (Deformable-DETR's FL(x,1) - FL(x,0), here without its 1e-8 eps).
+        # change of loss_class (Deformable-DETR's form without its 1e-8 eps).
         class_idx = (targets.classes - 1)[:, None, None, :].expand(B, T, R, J)  # (B, T, R, J)
         x = logits.to(dtype).gather(3, class_idx)  # (B, T, R, J) logit of each track's class
         focal_gain = sigmoid_focal_loss(x, torch.ones_like(x)) - sigmoid_focal_loss(x, torch.zeros_like(x))  # (B, T, R, J)
         focal_gain = torch.where(sounds, focal_gain, torch.zeros_like(focal_gain))  # (B, T, R, J)
         cost_class = focal_gain.sum(dim=1) / num_labelled  # (B, R, J)
 
-        # Box terms: L1 and 1 - GIoU, averaged over the frames where the track sounds.
+        # Box terms: L1 and 1 - GIoU, averaged over the frames where the track sounds (has a box).
         pred_boxes = boxes.to(dtype)  # (B, T, R, 4)
         tgt_boxes = targets.boxes.to(dtype).transpose(1, 2)  # (B, T, J, 4)
         l1 = (pred_boxes[:, :, :, None, :] - tgt_boxes[:, :, None, :, :]).abs().sum(dim=-1)  # (B, T, R, J)
@@ -461,13 +380,13 @@ class HungarianMatcher(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The set criterion, eq. (8)
+# 5. The set criterion, eq. (8)
 # ----------------------------------------------------------------------------------------------
 class SetCriterion(nn.Module):
     """The training loss of eq. (8): L = lambda_quant * L_quant + L_segm.
 
     For every decoder layer (the last one and, with aux_loss, each earlier one as in DETR and
-    ReferFormer, with an assignment of its own per layer), the tokens are matched to the tracks and
+    ReferFormer, with an assignment of its own), the tokens are matched to the tracks and
       * loss_class: sigmoid focal loss on every token's Kc logits in every labelled frame; the
         target is the track's class where the matched track sounds and all zeros elsewhere
         (unmatched tokens, silent frames: "no object");
@@ -475,28 +394,19 @@ class SetCriterion(nn.Module):
         track on the clip's labelled volume;
       * loss_bbox, loss_giou: L1 and 1 - GIoU of each matched token's box, on the frames where
         its track sounds.
-    Frames with label_valid False contribute nothing. Every term is normalised by the number
-    of ground-truth tracks in the batch (at least 1), as DETR normalises by the number of boxes.
-    The unweighted eq. (9) terms come in outputs["quant"] and are weighted here.
+    Unlabelled frames contribute nothing. Every term is divided by the number of tracks in the
+    batch (at least 1), as DETR divides by the number of boxes. The unweighted eq. (9) terms come
+    in outputs["quant"]. weight_dict gives every term its weight (an auxiliary layer's term,
+    suffix _0 .. _{L-2}, has its base term's), and total == sum(weight(k) * parts[k]).
 
-    `weight_dict` maps every term to its weight; an auxiliary layer's term (suffix _0 .. _{L-2})
-    has the weight of its base term, and total == sum(weight(k) * parts[k]).
-
-    forward = the matcher (every layer's assignment) + losses (all layers and clips at once);
-    losses also takes an assignment fixed in advance (tools/pretrain_visual.py).
+    forward = the matcher + losses; losses also takes an assignment fixed in advance
+    (tools/pretrain_visual.py).
     """
 
     def __init__(self, num_classes, matcher=None, weights=None, lambda_quant=1.0, lambda_com=0.5, aux_loss=True):
-        """
-        Args:
-            num_classes: Kc.
-            matcher: a HungarianMatcher; by default one whose cost weights are the loss weights
-                (eq. 10 uses the same lambdas to match and to train).
-            weights: dict overriding PAPER_LOSS_WEIGHTS (keys loss_class, loss_bbox, loss_giou,
-                loss_mask, loss_dice).
-            lambda_quant, lambda_com: the weights of eq. (8) and eq. (9).
-            aux_loss: add the losses of every earlier decoder layer (outputs["aux_outputs"]).
-        """
+        """num_classes: Kc; matcher: a HungarianMatcher, by default one whose cost weights are the
+        loss weights; weights: dict overriding PAPER_LOSS_WEIGHTS; lambda_quant, lambda_com: the
+        weights of eq. (8) and eq. (9); aux_loss: add the losses of outputs["aux_outputs"]."""
         super().__init__()
         self.num_classes = num_classes
         self.weights = dict(PAPER_LOSS_WEIGHTS, **(weights or {}))
@@ -523,15 +433,13 @@ class SetCriterion(nn.Module):
     def forward(self, outputs, targets):
         """
         Args:
-            outputs: dict with
-                "pred_logits": (B, T, N, Kc), "pred_masks": (B, T, N, h, w), "pred_boxes": (B, T, N, 4);
-                optional "aux_outputs": list of L-1 dicts with the same three keys (earlier layers);
-                optional "quant": dict name -> scalar tensor, the unweighted eq. (9) terms
-                (quant_codebook, quant_commit_global, quant_commit_local, quant_codebook_local).
-            targets: Tracks at the predictions' mask size (h, w) (track_batch).
+            outputs: dict with "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
+                "pred_boxes" (B, T, N, 4); optional "aux_outputs", L-1 such dicts (earlier
+                layers); optional "quant", name -> scalar tensor, the unweighted eq. (9) terms.
+            targets: Tracks at the predictions' mask size (track_batch).
         Returns:
             total: scalar, eq. (8).
-            parts: dict name -> unweighted scalar: loss_class, loss_mask, loss_dice, loss_bbox,
+            parts: name -> unweighted scalar: loss_class, loss_mask, loss_dice, loss_bbox,
                 loss_giou, the same with suffix _l for aux layer l, and every quant_* term.
         """
         assignment = self.matcher(self.layers(outputs), targets)  # (B, L*N) eq. (10)
@@ -545,13 +453,7 @@ class SetCriterion(nn.Module):
 
     def losses(self, outputs, targets, assignment):
         """Eq. (8) for the matched tokens of every decoder layer, all layers and clips at once.
-
-        Args:
-            outputs: as forward; targets: Tracks as forward; assignment: (B, L*N) int64 as
-                HungarianMatcher returns it (row l*N + i: the slot of token i of layer l, -1 if none).
-        Returns:
-            total, parts: as forward.
-        """
+        assignment: (B, L*N) int64 as HungarianMatcher returns it. Returns total, parts as forward."""
         layers = self.layers(outputs)
         logits, pred_masks, pred_boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
         B, T, R, Kc = logits.shape
@@ -624,12 +526,10 @@ class SetCriterion(nn.Module):
             suffix = "" if layer == 0 else f"_{layer - 1}"
             parts.update({name + suffix: value[layer] for name, value in per_term.items()})
         parts.update(outputs.get("quant", {}))  # the unweighted eq. (9) terms
-
         return self.total(parts), parts
 
     def total(self, parts):
-        """Eq. (8): L = L_segm + lambda_quant * L_quant, with L_quant = eq. (9) (lambda_com inside),
-        the weighted sum of the unweighted parts; an auxiliary layer's term "loss_dice_0" has the
-        weight of "loss_dice". Returns a scalar tensor."""
+        """Eq. (8): L = L_segm + lambda_quant * L_quant (lambda_com inside L_quant), the weighted
+        sum of the unweighted parts; "loss_dice_0" has the weight of "loss_dice". A scalar tensor."""
         return sum(self.weight_dict[name if name in self.weight_dict else name.rsplit("_", 1)[0]] * value
                    for name, value in parts.items())  # ()
