@@ -87,10 +87,11 @@ def loss_and_grads(model, batch):
     level embedding) is exactly zero by construction; from step 1 on it is not.
     """
     crit = SetCriterion(model.cfg.num_classes)
-    tracks = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
-                         [s // 4 for s in batch["labels"].shape[-2:]])  # at the mask resolution (h, w)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    total, _ = crit(model(batch), tracks)
+    out = model(batch)
+    tracks = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
+                         out["pred_masks"].shape[-2:])  # as train.forward_loss: at the mask resolution
+    total, _ = crit(out, tracks)
     total.backward()
     opt.step()
     out = model(batch)
@@ -295,12 +296,13 @@ def test_overfitting_one_tiny_batch():
     model = SQD(tiny_cfg())
     batch = random_batch()
     crit = SetCriterion(model.cfg.num_classes)
-    tracks = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
-                         [s // 4 for s in batch["labels"].shape[-2:]])  # at the mask resolution (h, w)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(150):
-        total, _ = crit(model(batch), tracks)
+        out = model(batch)
+        tracks = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
+                             out["pred_masks"].shape[-2:])  # as train.forward_loss
+        total, _ = crit(out, tracks)
         opt.zero_grad()
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -140,9 +140,9 @@ def test_local_path_never_changes_the_codebook(local_only):
     model, batch = _model_and_batch()
     model.train()
     crit = SetCriterion(model.cfg.num_classes)
-    tracks = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
-                         [s // 4 for s in batch["labels"].shape[-2:]])  # at the mask resolution (h, w)
     out = model(batch)
+    tracks = track_batch(batch["labels"], batch["label_valid"], model.cfg.num_classes,
+                         out["pred_masks"].shape[-2:])  # as train.forward_loss: at the mask resolution
     total, _ = crit(out, tracks)
     book = model.vq.codebook
     if local_only:
