@@ -640,7 +640,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
     t0, clips = time.time(), 0
     if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
         return False
-    done, stop = None, False  # the last finished step of this epoch; --max-steps reached
+    done = None  # the last finished step of this epoch
     for batch in bar:
         batch = to_device(batch, device)
         # quantizer warm-up for the first quant_warmup_steps steps; the step that ends it first
@@ -671,14 +671,13 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
         # checked after the step, before the next batch is drawn, so that a run stopped here
         # and resumed draws exactly the batches (and random numbers) the unbroken run draws
         if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
-            stop = True
             break
     if done is not None:
         # a loss is read only every log_every steps; a non-finite one leaves non-finite weights
         # behind, whose predictions the next step's matcher refuses (forward_loss). The last
         # step has no next one: it is checked here, before anything is saved or evaluated.
         check_loss(ctx, done)
-    return not stop
+    return cfg.max_steps is None or state["step"] < cfg.max_steps
 
 
 def step_values(total: torch.Tensor, grad_norm: torch.Tensor, parts: dict, outputs: dict,
@@ -714,8 +713,8 @@ def finish_step(ctx: dict, done: dict, log_path: str, bar) -> None:
     step and, every log_every steps, the loss checked (check_loss) and the log line written.
 
     done: the step's number, epoch, lr, clips/s ("rate"), quantizer warm-up, the names of its
-    loss parts and its values on the device (step_values). As in nanoGPT, the values are read
-    with .item() only on the steps that are logged.
+    loss parts and its values on the device (step_values). As in nanoGPT, the loss is read with
+    .item() only on the steps that are logged; the collapse watch reads the codeword indices.
     Raises UserError if a logged step's loss is not finite.
     """
     cfg, step, values = ctx["cfg"], done["step"], done["values"]
