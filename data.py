@@ -345,8 +345,10 @@ def warn_short_audio(path, note):
 # ----------------------------------------------------------------------------------------------
 # PAPER: "multi-scale training" with no scales given. We resize the short side to img_size * s,
 # s drawn from TRAIN_SCALES, and take a random img_size x img_size crop (the official AVSS loader
-# is the case s = 1 with a centre crop). Evaluation resizes to a square img_size x img_size as the
-# official AVSS test code does (the paper says "longest side 224"; v1 frames are already 224^2).
+# is the case s = 1 with a centre crop).
+# NOT IN PAPER: evaluation resizes to a square img_size x img_size, as the official AVSS test code
+# does; the paper says "longest side 224", which keeps the aspect ratio (v1 frames are 224^2
+# already, so S4 and MS3 see no difference).
 TRAIN_SCALES = (1.0, 1.125, 1.25)
 
 

@@ -252,7 +252,7 @@ class AudioEncoder(nn.Module):
         # PAPER: App. D.1 gives F_a as VGGish features of dimension C_a (128) but eq. (3) adds it to
         # C-channel tokens; the paper names no projection, we use one linear layer 128 -> C.
         self.emb_proj = nn.Linear(self.net.embedding_dim, dim)  # 128 -> C
-        # PAPER: a LayerNorm after the projection (not in the paper). The visual tokens leave the
+        # NOT IN PAPER: a LayerNorm after the projection. The visual tokens leave the
         # post-norm deformable encoder at unit scale and the prototypes p_i are unit normals; an
         # unnormalised audio projection starts ~15x smaller, and the audio then hardly moves the
         # queries of eq. (3) and the tokens of eq. (4) and (6).

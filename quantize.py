@@ -201,8 +201,8 @@ class VectorQuantizer(nn.Module):
         may_end = not active and (self.warmup or self._first_call)
         self._first_call = False
         if may_end and int(self.warmup_seen) > 0 and not bool(self.kmeans_done):
-            R = self.warmup_tokens.shape[0]
-            self.init_from_tokens(self.warmup_tokens[: min(int(self.warmup_seen), R)])  # (V', C)
+            ring = self.warmup_tokens.shape[0]
+            self.init_from_tokens(self.warmup_tokens[: min(int(self.warmup_seen), ring)])  # (V', C)
         self.warmup = bool(active)
 
     def _warmup_forward(self, flat: torch.Tensor, lead, update_codebook: bool,
@@ -234,9 +234,9 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def _remember(self, flat: torch.Tensor) -> None:
         """Write tokens (V, C) into the ring `warmup_tokens`, overwriting the oldest."""
-        R = self.warmup_tokens.shape[0]
-        flat = flat[-R:].to(self.warmup_tokens.dtype)  # (V', C), V' <= ring size
-        slots = (int(self.warmup_seen) + torch.arange(flat.shape[0], device=flat.device)) % R  # (V',)
+        ring = self.warmup_tokens.shape[0]
+        flat = flat[-ring:].to(self.warmup_tokens.dtype)  # (V', C), V' <= ring size
+        slots = (int(self.warmup_seen) + torch.arange(flat.shape[0], device=flat.device)) % ring  # (V',)
         self.warmup_tokens[slots] = flat
         self.warmup_seen += flat.shape[0]
 

@@ -281,7 +281,7 @@ class SQD(nn.Module):
 
         The paper's model: the shared codebook, which the local tokens commit to but never update
         (eq. 9, third term). Without SC (Table 2), the local tokens train a codebook of their own;
-        without GSD they train the only one (PAPER: LSD without GSD is not in the paper).
+        without GSD they train the only one (NOT IN PAPER: the paper has no row with LSD and no GSD).
         """
         B, T, N, C = l.shape
         vq = self.vq if self.local_vq is None else self.local_vq
