@@ -81,7 +81,7 @@ class ModelConfig:
     # as in DETR / ReferFormer / the first author's R2VOS (decoders.SemanticMaskDecoder); chosen on
     # val (results/README.md, "Why full SQD loses"). Every row of Table 2 has it; for the baseline,
     # whose learnable queries already differ per slot, it is a second learned vector per slot.
-    slot_positions: bool = True    # False only for tools/pretrain_visual.py (one query per category)
+    slot_positions: bool = True    # False only for pretrain.ReferringSegmenter (one query per category)
 
     def check(self) -> None:
         """Raise ValueError for an impossible combination of switches."""

@@ -386,7 +386,7 @@ class SyntheticAVS(Dataset):
         return {"waveform": waveform, "log_mel": self.log_mel(waveform), "plan": p}
 
     def generate_pixels(self, index):
-        """The pixels of clip `index` without its log-mel (tools/pretrain_visual.py sees no sound).
+        """The pixels of clip `index` without its log-mel (pretrain.pretrain_visual sees no sound).
 
         Returns: dict 'frames' (T, H, W, 3), 'object_map' (T, H, W), 'labels' (T, H, W); the same
             numbers as `generate` (the waveform is still drawn, since the pixels are drawn after it).

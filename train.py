@@ -47,6 +47,7 @@ import data
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, track_batch
 from pictures import PALETTE, colour_ids, titled
+import pretrain
 from pretrained import InitWeightsError, format_table, load_init_weights
 from quantize import CollapseWatch, codebook_stats
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
@@ -161,7 +162,7 @@ RECIPES = {
 # How the CPU preset's audio network starts on the synthetic benchmark. scratch: random, trained
 # with the rest of SQD. pretrained-frozen: the paper's regime (VGGish trained on AudioSet, frozen
 # as in AVSBench and AVSegFormer) for the CPU preset: SmallVGG pretrained as a multi-label sound
-# classifier on the train split (tools/pretrain_audio.py), then loaded as --audio-weights would.
+# classifier on the train split (pretrain.py), then loaded as --audio-weights would.
 AUDIO_REGIMES = ("scratch", "pretrained-frozen")
 LOSS_WEIGHT_FIELDS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
 PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
@@ -219,7 +220,7 @@ def default_visual_regime(cfg: TrainConfig, ckpt: dict | None) -> str:
     as in the paper, whose code starts from a whole model pretrained for referring segmentation
     (docs/init-weights.md); otherwise scratch."""
     # PAPER: the paper names no starting point. Its unreleased code trains AVSS from ReferFormer's
-    # r50_pretrained.pth; tools/pretrain_visual.py is its analog on the synthetic benchmark, chosen
+    # r50_pretrained.pth; pretrain.pretrain_visual is its analog on the synthetic benchmark, chosen
     # on val (results/README.md, "Why full SQD loses": +0.046 val, +0.056 val-unseen mIoU).
     if cfg.eval_only and ckpt is not None:
         return ckpt["config"]["train"].get("visual_regime") or "scratch"
@@ -1010,16 +1011,15 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
                               else ("--audio-weights", cfg.audio_weights))
     visual_path = None
     if cfg.visual_regime == "pretrained" and not cfg.eval_only:
-        from tools import pretrain_visual  # the lab tool that pretrains; loaded only in this regime
-        visual_path = os.path.join(cfg.audio_cache, pretrain_visual.cache_name(
-            model_cfg, cfg.seed, pretrain_visual.DEFAULT_STEPS))
+        visual_path = os.path.join(cfg.audio_cache, pretrain.visual_cache_name(
+            model_cfg, cfg.seed, pretrain.DEFAULT_VISUAL_STEPS))
     child = None
     if main_proc and visual_path and not os.path.isfile(visual_path) and cfg.audio_regime == "pretrained-frozen":
         # both pretrainings are due (a first run): they are independent and each runs on one
         # thread, so the visual one runs in a process of its own while this one builds the audio
         child = multiprocessing.get_context("spawn").Process(
-            target=pretrain_visual.cached_weights,
-            args=(cfg.audio_cache, model_cfg, cfg.seed, pretrain_visual.DEFAULT_STEPS),
+            target=pretrain.cached_visual_weights,
+            args=(cfg.audio_cache, model_cfg, cfg.seed, pretrain.DEFAULT_VISUAL_STEPS),
             kwargs=dict(img_size=cfg.img_size))
         child.start()
         print(f"visual pretraining: in process {child.pid}, while this one pretrains the audio network")
@@ -1043,11 +1043,11 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
                 raise UserError(f"the visual pretraining stopped (exit code {child.exitcode}) "
                                 f"before writing {visual_path}; its error is printed above")
         elif main_proc:  # built by rank 0 on first use, then every rank loads the file
-            pretrain_visual.cached_weights(cfg.audio_cache, model_cfg, cfg.seed,
-                                           pretrain_visual.DEFAULT_STEPS, img_size=cfg.img_size)
+            pretrain.cached_visual_weights(cfg.audio_cache, model_cfg, cfg.seed,
+                                           pretrain.DEFAULT_VISUAL_STEPS, img_size=cfg.img_size)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
-        loaded = pretrain_visual.load_into(model, visual_path)
+        loaded = pretrain.load_visual_into(model, visual_path)
         if main_proc:
             print(f"visual side: {loaded} tensors of the visual encoder, FPN and mask decoder from {visual_path}")
     backbone = cfg.backbone_weights or backbone_from_init
@@ -1064,18 +1064,17 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
 def pretrained_audio_weights(cfg: TrainConfig, main_proc: bool) -> str:
     """The cached SmallVGG weights of --audio-regime pretrained-frozen, built on first use.
 
-    tools/pretrain_audio.py trains them on the train split of the synthetic benchmark of this seed
+    pretrain.pretrain_audio trains them on the train split of the synthetic benchmark of this seed
     (the whole split, or --audio-pretrain-clips clips) and writes {audio_cache}/v2-s{seed}-{steps}.pt
     atomically; a later run, or a resumed one, finds the file and loads it without training. The
     pretraining has its own random streams and one thread, so this run's own randomness is the same
     whether the file was built now or found. Under torchrun rank 0 builds while the others wait.
     """
-    from tools import pretrain_audio  # the lab tool that pretrains; loaded only in this regime
-    path = os.path.join(cfg.audio_cache, pretrain_audio.cache_name(
+    path = os.path.join(cfg.audio_cache, pretrain.audio_cache_name(
         cfg.seed, cfg.audio_pretrain_steps, cfg.audio_pretrain_clips))
     distributed = dist.is_available() and dist.is_initialized()
     if main_proc:
-        pretrain_audio.cached_weights(cfg.audio_cache, cfg.seed, cfg.audio_pretrain_steps,
+        pretrain.cached_audio_weights(cfg.audio_cache, cfg.seed, cfg.audio_pretrain_steps,
                                       cfg.audio_pretrain_clips, val_clips=cfg.eval_clips)
     if distributed:
         dist.barrier()

@@ -1,5 +1,5 @@
-"""tools/pretrain_visual.py: the referring-segmentation pretraining of the visual side, and how
-train.py --visual-regime pretrained loads it."""
+"""pretrain.py's visual side (pretrain_visual): the referring-segmentation pretraining of the
+visual side, and how train.py --visual-regime pretrained loads it."""
 import os
 import sys
 
@@ -9,12 +9,12 @@ import torch
 from sqd import SQD, preset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tools import pretrain_visual as pv  # noqa: E402
+import pretrain  # noqa: E402
 
 
 def test_fixed_assignment_sends_query_c_to_category_c_in_every_layer():
     real = torch.tensor([[True, False, True], [False, False, False]])     # (B=2, Kc=3)
-    got = pv.fixed_assignment(real, layers=2)
+    got = pretrain.fixed_assignment(real, layers=2)
     assert got.tolist() == [[0, -1, 2, 0, -1, 2], [-1, -1, -1, -1, -1, -1]]
 
 
@@ -22,7 +22,7 @@ def test_referring_targets_are_every_visible_object_of_the_category():
     object_map = torch.zeros(1, 2, 8, 8, dtype=torch.long)                 # (B, T, H, W)
     object_map[0, 0, :4, :4] = 2                                            # category 2, frame 0 only
     object_map[0, :, 4:, 4:] = 3                                            # category 3, both frames
-    t = pv.referring_targets(object_map, num_classes=3, size=(8, 8))
+    t = pretrain.referring_targets(object_map, num_classes=3, size=(8, 8))
     assert t.real.tolist() == [[False, True, True]]
     for c in (1, 2, 3):                                                     # slot c-1 is object_map == c
         assert torch.equal(t.masks[0, c - 1], (object_map[0] == c).float())
@@ -32,7 +32,7 @@ def test_referring_targets_are_every_visible_object_of_the_category():
 def test_referring_segmenter_queries_are_the_category_embeddings():
     torch.manual_seed(0)
     cfg = preset("cpu", num_classes=3, dim=32, ffn_dim=64, codebook_size=8, num_tokens=2)
-    model = pv.ReferringSegmenter(cfg).eval()
+    model = pretrain.ReferringSegmenter(cfg).eval()
     seen = []
     model.mask_decoder.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
     out = model(torch.randn(2, 3, 3, 32, 32))
@@ -42,8 +42,8 @@ def test_referring_segmenter_queries_are_the_category_embeddings():
 
 def _tiny_state(cfg, seed=1):
     torch.manual_seed(seed)
-    model = pv.ReferringSegmenter(cfg)
-    return {k: v for k, v in model.state_dict().items() if k.startswith(pv.KEPT)}
+    model = pretrain.ReferringSegmenter(cfg)
+    return {k: v for k, v in model.state_dict().items() if k.startswith(pretrain.KEPT)}
 
 
 def test_load_into_sets_the_kept_modules_and_nothing_else(tmp_path):
@@ -55,13 +55,13 @@ def test_load_into_sets_the_kept_modules_and_nothing_else(tmp_path):
         torch.manual_seed(0)
         model = SQD(preset("cpu", num_classes=3, dim=32, ffn_dim=64, codebook_size=8, num_tokens=2, **row))
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        assert pv.load_into(model, path) == len(state)
+        assert pretrain.load_visual_into(model, path) == len(state)
         after = model.state_dict()
         for k, v in after.items():
             assert torch.equal(v, state[k] if k in state else before[k]), k
     wrong = preset("cpu", num_classes=5, dim=32, ffn_dim=64, codebook_size=8, num_tokens=2)  # another Kc
     with pytest.raises(ValueError, match="do not fit"):
-        pv.load_into(SQD(wrong), path)
+        pretrain.load_visual_into(SQD(wrong), path)
 
 
 def test_visual_regime_pretrained_loads_the_cached_file_in_train(tmp_path):
@@ -72,7 +72,7 @@ def test_visual_regime_pretrained_loads_the_cached_file_in_train(tmp_path):
         cfg, model_cfg = resolve(TrainConfig(audio_regime="scratch", visual_regime=regime,
                                              audio_cache=str(tmp_path)), 3)
         state = _tiny_state(model_cfg)
-        torch.save(state, os.path.join(tmp_path, pv.cache_name(model_cfg, 0, pv.DEFAULT_STEPS)))
+        torch.save(state, os.path.join(tmp_path, pretrain.visual_cache_name(model_cfg, 0, pretrain.DEFAULT_VISUAL_STEPS)))
         torch.manual_seed(0)
         model = SQD(model_cfg)
         load_pretrained(cfg, model_cfg, model, main_proc=False)
@@ -84,26 +84,25 @@ def test_visual_regime_pretrained_loads_the_cached_file_in_train(tmp_path):
 
 def test_loss_weights_are_the_synthetic_recipes():
     from train import RECIPES
-    assert pv.LOSS_WEIGHTS == {k: RECIPES["synthetic"][k] for k in pv.LOSS_WEIGHTS}
+    assert pretrain.LOSS_WEIGHTS == {k: RECIPES["synthetic"][k] for k in pretrain.LOSS_WEIGHTS}
 
 
 def test_a_first_run_builds_both_pretrainings_at_once_and_gets_the_sequential_files(tmp_path, monkeypatch, capsys):
     """With neither cached file there, train.load_pretrained builds the visual side in a spawned
     process while it builds the audio network: each file is bit-identical to the one its pretraining
     makes alone here (one thread, own random streams), and both are loaded into the model."""
-    from tools import pretrain_audio as pa
     from train import TrainConfig, load_pretrained, resolve
-    monkeypatch.setattr(pv, "DEFAULT_STEPS", 2)  # passed to the child as an argument
+    monkeypatch.setattr(pretrain, "DEFAULT_VISUAL_STEPS", 2)  # passed to the child as an argument
     cfg, model_cfg = resolve(TrainConfig(audio_regime="pretrained-frozen", visual_regime="pretrained",
                                          audio_pretrain_steps=3, audio_pretrain_clips=4, eval_clips=4,
                                          audio_cache=str(tmp_path)), 24)
     model = SQD(model_cfg)
     load_pretrained(cfg, model_cfg, model, main_proc=True)
     assert "visual pretraining: in process" in capsys.readouterr().out  # the two ran at once
-    visual = torch.load(tmp_path / pv.cache_name(model_cfg, 0, 2), weights_only=True)
-    audio = torch.load(tmp_path / pa.cache_name(0, 3, 4), weights_only=True)
-    alone_visual, _ = pv.pretrain(model_cfg, 0, 2, img_size=cfg.img_size, log=None)
-    alone_audio, _ = pa.pretrain(0, 3, 4, 4, log=None)
+    visual = torch.load(tmp_path / pretrain.visual_cache_name(model_cfg, 0, 2), weights_only=True)
+    audio = torch.load(tmp_path / pretrain.audio_cache_name(0, 3, 4), weights_only=True)
+    alone_visual, _ = pretrain.pretrain_visual(model_cfg, 0, 2, img_size=cfg.img_size, log=None)
+    alone_audio, _ = pretrain.pretrain_audio(0, 3, 4, 4, log=None)
     for built, alone in ((visual, alone_visual), (audio, alone_audio)):
         assert built.keys() == alone.keys() and all(torch.equal(built[k], alone[k]) for k in built)
     own = model.state_dict()

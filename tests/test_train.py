@@ -431,7 +431,7 @@ def test_finetune_audio_and_weights_set_freeze_audio():
 
 def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_resumes_exactly(tmp_path):
     sys.path.insert(0, ROOT)
-    from tools import pretrain_audio
+    import pretrain
     cache = tmp_path / "cache"
     regime = ["--audio-regime", "pretrained-frozen", "--audio-pretrain-steps", "3",
               "--audio-pretrain-clips", "4", "--audio-cache", str(cache), "--visual-regime", "scratch"]
@@ -441,8 +441,8 @@ def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_
     assert "audio pretraining (v2, seed 0, 3 steps)" in first.stdout and f"wrote {built}" in first.stdout
     assert os.listdir(cache) == ["v2-s0-3-c4.pt"]
     weights = torch.load(built, map_location="cpu", weights_only=True)
-    # the file is what the command makes (tools/pretrain_audio.py, same seed, steps, clips)
-    expected, _ = pretrain_audio.pretrain(0, steps=3, train_clips=4, val_clips=4, log=None)
+    # the file is what the command makes (python pretrain.py audio, same seed, steps, clips)
+    expected, _ = pretrain.pretrain_audio(0, steps=3, train_clips=4, val_clips=4, log=None)
     assert list(weights) == list(expected) and all(torch.equal(weights[k], expected[k]) for k in weights)
     stamp = (built.stat().st_mtime_ns, built.read_bytes())
 

@@ -57,6 +57,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
     sys.path.insert(0, ROOT)
 
+import pretrain  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
 
@@ -432,19 +433,17 @@ def main(argv=None) -> int:
               + (["--device", args.device] if args.device else []) + extra)
     if args.audio_regime == "pretrained-frozen":
         # build each seed's pretrained audio weights once, before the runs that share them start
-        from tools import pretrain_audio
         cfg = train.TrainConfig()
         for seed in range(args.first_seed, args.first_seed + args.seeds):
-            pretrain_audio.cached_weights(cfg.audio_cache, seed, cfg.audio_pretrain_steps,
+            pretrain.cached_audio_weights(cfg.audio_cache, seed, cfg.audio_pretrain_steps,
                                           None, val_clips=EVAL_CLIPS)
         # and the pretrained visual side (the default with this regime), so that two runs of one
         # seed do not both build it
         if any("--visual-regime" not in ROWS[n] for n in names):
-            from tools import pretrain_visual
             num_classes = synthetic.SyntheticAVS("val", num_clips=1).num_classes
             run_cfg, model_cfg = train.resolve(train.TrainConfig(), num_classes)
             for seed in range(args.first_seed, args.first_seed + args.seeds):
-                pretrain_visual.cached_weights(run_cfg.audio_cache, model_cfg, seed,
+                pretrain.cached_visual_weights(run_cfg.audio_cache, model_cfg, seed,
                                                img_size=run_cfg.img_size)
     log_dir = os.path.join(args.out, "logs", group_dir)
     os.makedirs(log_dir, exist_ok=True)

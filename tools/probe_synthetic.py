@@ -28,9 +28,10 @@ the vision-alone control must stay near it) and how far apart the looks are at t
 Results go to results/probes.json (one entry per benchmark and seed, replaced when rerun) and
 results/probes.md (the table). The stored v1 entries stay in both (git tag synthetic-v1 reruns them).
 
-Reading order: exact_set_accuracy, frame_table (the data), linear_probe, train_classifier and
-predict_sets (the audio network, shared with tools/pretrain_audio.py), network_probe,
-all_background_miou, look_separation, probe (all of it), write_table, main.
+Reading order: pretrain.exact_set_accuracy and pretrain.frame_table (the data), linear_probe,
+pretrain.train_classifier and pretrain.predict_sets (the audio network, shared with the audio
+pretraining), network_probe, all_background_miou, look_separation, probe (all of it), write_table,
+main.
 
 Shape alphabet (the repository's one shape alphabet: docs/shapes.md): B clips, T frames of a clip,
 B*T the frames of B clips one after the other (frame_table), Kc foreground classes (the
@@ -56,69 +57,16 @@ sys.path.insert(0, ROOT)
 
 import metrics  # noqa: E402
 import synthetic  # noqa: E402
-from encoders import SmallVGG  # noqa: E402
+# the frames, their score and the audio network's classifier, shared with the audio pretraining
+from pretrain import exact_set_accuracy, frame_table, predict_sets, train_classifier  # noqa: E402,F401
 
 RESULTS_JSON = os.path.join(ROOT, "results", "probes.json")
 RESULTS_MD = os.path.join(ROOT, "results", "probes.md")
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact-set accuracy
+# The frames (frame_table and exact_set_accuracy are pretrain.py's)
 # ----------------------------------------------------------------------------------------------
-def exact_set_accuracy(pred, true):
-    """Exact-set accuracy by the number of sounding categories.
-
-    Args:
-        pred: (frames, Kc) bool, the predicted set of each frame.
-        true: (frames, Kc) bool, the true set.
-    Returns:
-        dict: str(n) -> {"accuracy": fraction of the frames with n true categories whose predicted
-        set equals the true set, "frames": their number}, for every n present, and ">=2" over the
-        frames with at least two.
-    """
-    pred, true = np.asarray(pred, dtype=bool), np.asarray(true, dtype=bool)  # (frames, Kc)
-    exact = (pred == true).all(1)  # (frames,)
-    count = true.sum(1)  # (frames,)
-    out = {}
-    for n in sorted(set(count.tolist())):
-        sel = count == n
-        out[str(n)] = {"accuracy": float(exact[sel].mean()), "frames": int(sel.sum())}
-    sel = count >= 2
-    if sel.any():
-        out[">=2"] = {"accuracy": float(exact[sel].mean()), "frames": int(sel.sum())}
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# The frames
-# ----------------------------------------------------------------------------------------------
-def frame_table(ds, indices):
-    """Log-mel, sounding set and held-out flag of every frame of clips `indices` of a split.
-
-    B = len(indices) clips of T = ds.frames frames, the frames of a clip one after the other.
-    Returns dict: log_mel (B*T, 96, 64) float32, sounding (B*T, Kc) bool, held_out (B*T,) bool (a
-    held-out pair sounds together in the frame), multi (B*T,) bool (the frame's clip is
-    multi-source), snr_db (B*T,) float, dropout (B*T,) bool (the frame has a dropout).
-    """
-    mels, sounding, multi, snr, dropout = [], [], [], [], []
-    for i in indices:
-        clip = ds.generate_audio(i)
-        plan = clip["plan"]
-        mels.append(clip["log_mel"])  # (T, 96, 64)
-        sounding.append(plan["sounding"])  # (T, Kc)
-        multi += [plan["multi_source"]] * ds.frames
-        snr.append(plan["snr_db"])  # (T,)
-        dropped = np.zeros(ds.frames, dtype=bool)  # (T,)
-        dropped[[t for t, _, _ in plan["dropouts"]]] = True
-        dropout.append(dropped)
-    sounding = np.concatenate(sounding)  # (B*T, Kc)
-    held_out = np.zeros(len(sounding), dtype=bool)  # (B*T,)
-    for a, b in ds.held_out_pairs:
-        held_out |= sounding[:, a - 1] & sounding[:, b - 1]
-    return {"log_mel": np.concatenate(mels), "sounding": sounding, "held_out": held_out,
-            "multi": np.array(multi), "snr_db": np.concatenate(snr), "dropout": np.concatenate(dropout)}
-
-
 SNR_BINS = ((-100.0, 4.0), (4.0, 12.0), (12.0, 100.0))  # dB
 
 
@@ -176,58 +124,6 @@ def linear_probe(train_x, train_y, test_xs, weight_decay=1e-4, iterations=300):
     opt.step(closure)
     with torch.no_grad():
         return [(head(torch.tensor((t - mu) / sd, dtype=torch.float64)) > 0).numpy() for t in test_xs]
-
-
-def train_classifier(train_mel, train_y, steps=1500, batch=32, lr=1e-3, seed=0, log=None):
-    """encoders.SmallVGG + a linear head trained alone as a per-frame multi-label classifier.
-
-    The network reads the raw log-mel, as in the CPU preset's model. Adam, binary cross-entropy,
-    frames drawn at random (with replacement) from the train frames. The network probe below and
-    tools/pretrain_audio.py (the pretrained audio network of `train.py --audio-regime
-    pretrained-frozen`) both train with this function.
-
-    Args:
-        train_mel: (frames, 96, 64) float32, train_y: (frames, Kc) bool.
-        log: None or a function of one string, called every 250 steps with the loss.
-    Returns:
-        (net, head): the trained SmallVGG (in eval mode) and nn.Linear(128, Kc).
-    """
-    torch.manual_seed(seed)
-    net = SmallVGG()
-    head = nn.Linear(net.embedding_dim, train_y.shape[1])
-    params = list(net.parameters()) + list(head.parameters())
-    opt = torch.optim.Adam(params, lr=lr)
-    mel = torch.from_numpy(train_mel)  # (frames, 96, 64)
-    y = torch.from_numpy(train_y.astype(np.float32))  # (frames, Kc)
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        pick = torch.randint(len(mel), (batch,), generator=gen)  # (batch,)
-        emb, _ = net(mel[pick].unsqueeze(1))  # (batch, 128)
-        loss = nn.functional.binary_cross_entropy_with_logits(head(emb), y[pick])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if log and (step + 1) % 250 == 0:
-            log(f"  network step {step + 1}/{steps}: loss {loss.item():.4f}")
-    net.eval()
-    return net, head
-
-
-@torch.no_grad()
-def predict_sets(net, head, test_mels):
-    """The predicted set of every frame: probability > 0.5, in batches of 256 frames.
-
-    Args:
-        test_mels: list of (frames, 96, 64) float32, each set with its own number of frames.
-    Returns:
-        list of (frames, Kc) bool, one per set.
-    """
-    preds = []
-    for test in test_mels:
-        out = [head(net(torch.from_numpy(test[i:i + 256]).unsqueeze(1))[0]) > 0  # (256, Kc), fewer in the last chunk
-               for i in range(0, len(test), 256)]
-        preds.append(torch.cat(out).numpy())  # (frames, Kc)
-    return preds
 
 
 def network_probe(train_mel, train_y, test_mels, steps=1500, batch=32, lr=1e-3, seed=0, log=None):
