@@ -52,7 +52,6 @@ from pretrained import InitWeightsError, format_table, load_init_weights
 from quantize import CollapseWatch, codebook_stats
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
 import synthetic
-from tools.check_dataset import check_dataset
 
 
 class UserError(Exception):
@@ -379,7 +378,7 @@ def run(cfg: TrainConfig) -> int:
         if not cfg.data_root or not os.path.isdir(cfg.data_root):
             raise UserError(f"--data-root {cfg.data_root!r} is not a directory; expected the "
                             f"AVSBench {cfg.dataset} release (see docs/data.md)")
-        problems = check_dataset(cfg.data_root, cfg.dataset)  # every missing file, named now
+        problems = data.check_dataset(cfg.data_root, cfg.dataset)  # every missing file, named now
         if problems:
             shown = "\n  ".join(problems[:20])
             more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

@@ -25,8 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
-from data import DataError, build_dataset, collate  # noqa: E402
-from tools.check_dataset import check_dataset  # noqa: E402
+from data import DataError, build_dataset, check_dataset, collate  # noqa: E402
 from encoders import vggish_log_mel  # noqa: E402
 from fixtures import AVSS_NAMES, voc_colour, write_avss, write_ms3, write_s4  # noqa: E402
 

@@ -1,2 +1,2 @@
-"""Lab scripts and reference implementations. The training code imports one of them, and only
-in one regime: pretrain_audio (train.py --audio-regime pretrained-frozen)."""
+"""Lab scripts and reference implementations. They import the core (the top-level files); the
+core imports one of them, and only at the end of a synthetic run: diagnostics (train.py)."""
