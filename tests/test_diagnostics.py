@@ -195,18 +195,6 @@ def test_command_line_on_a_missing_checkpoint_is_one_clear_error(tmp_path):
 # ----------------------------------------------------------------------------------------------
 # The clip picture (6.): python train.py draws it at the end of a synthetic run
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A synthetic run of 2 steps: last.pt and diagnostics.json."""
-    run = tmp_path_factory.mktemp("run")
-    proc = subprocess.run([sys.executable, "train.py", "--max-steps", "2", "--out", str(run),
-                           "--img-size", "32", "--train-clips", "8", "--eval-clips", "4",
-                           "--threads", "1", "--num-overlays", "1", "--audio-regime", "scratch"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
-
-
 def diagnostics_cli(*args):
     return subprocess.run([sys.executable, "tools/diagnostics.py", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,

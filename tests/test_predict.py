@@ -28,18 +28,6 @@ FRAME_NAMES = [f"f{i}.png" for i in range(8, 15)]   # natural order f8..f14; as 
 SIZE = (48, 36)                                     # (W, H): not square
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """A synthetic run of 2 steps: last.pt and diagnostics.json."""
-    run = tmp_path_factory.mktemp("run")
-    proc = subprocess.run([sys.executable, "train.py", "--max-steps", "2", "--out", str(run),
-                           "--img-size", "32", "--train-clips", "8", "--eval-clips", "4",
-                           "--threads", "1", "--num-overlays", "1", "--audio-regime", "scratch"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run
-
-
 @pytest.fixture()
 def clip(tmp_path):
     """7 frames of 48 x 36 (PNG) and a 7.2 s 44.1 kHz stereo wav."""
