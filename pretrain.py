@@ -74,6 +74,7 @@ import data
 import synthetic
 from encoders import SmallVGG
 from matcher import SetCriterion, track_batch
+from pretrained import atomic_save
 from sqd import SQD, ModelConfig, _frame_tokens, preset
 
 DEFAULT_AUDIO_STEPS = 1500  # the network probe's steps: its accuracy is reported in results/probes.md
@@ -93,22 +94,6 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(before)
-
-
-def save_weights(state: dict, path: str) -> None:
-    """torch.save(state, path) atomically: a temporary file in the same folder, fsync, rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,7 +276,7 @@ def cached_audio_weights(folder: str, seed: int, steps: int = DEFAULT_AUDIO_STEP
             log(f"audio network: pretrained weights {path} (cached)")
         return path
     state, _ = pretrain_audio(seed, steps, train_clips, val_clips, log=log)
-    save_weights(state, path)
+    atomic_save(state, path)
     if log:
         log(f"audio network: wrote {path}")
     return path
@@ -417,7 +402,7 @@ def cached_visual_weights(folder: str, cfg: ModelConfig, seed: int, steps: int =
             log(f"visual side: pretrained weights {path} (cached)")
         return path
     state, _ = pretrain_visual(cfg, seed, steps, img_size=img_size, log=log)
-    save_weights(state, path)
+    atomic_save(state, path)
     if log:
         log(f"visual side: wrote {path}")
     return path
@@ -464,7 +449,7 @@ def main(argv=None) -> int:
     if args.side == "visual":
         num_classes = synthetic.SyntheticAVS("val", seed=args.seed, num_clips=1).num_classes
         state, _ = pretrain_visual(preset("cpu", num_classes=num_classes), args.seed, args.steps)
-        save_weights(state, args.out)
+        atomic_save(state, args.out)
         return 0
     for name in ("steps", "batch", "train_clips", "val_clips"):
         value = getattr(args, name)
@@ -475,7 +460,7 @@ def main(argv=None) -> int:
         print(f"error: --out {args.out!r} is a folder; expected the path of the file to write", file=sys.stderr)
         return 2
     state, _ = pretrain_audio(args.seed, args.steps, args.train_clips, args.val_clips, args.batch)
-    save_weights(state, args.out)
+    atomic_save(state, args.out)
     print(f"wrote {args.out} (encoders.SmallVGG state_dict; python train.py --seed {args.seed} "
           f"--audio-weights {args.out})")
     return 0

@@ -26,6 +26,7 @@ Reading order
     3. read_state_dict                 the file, read without running code
     4. load_init_weights               copy what maps and fits; one row per module and outcome
     5. format_table                    the table train.py prints
+    6. atomic_save                     how every weights file here is written (checkpoints, pretrainings)
 
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
     C model channels, Hd heads, Pt sampling points per head and level, Lf levels of the file's
@@ -418,3 +419,21 @@ def format_table(rows: list, path: str = "") -> str:
              f"  {'module'.ljust(width)}  {'status':<7} {'tensors':>7}  detail"]
     lines += [f"  {r.module.ljust(width)}  {r.status:<7} {r.tensors:>7}  {r.detail}" for r in rows]
     return "\n".join(lines)
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save, atomically: write to a temporary file in the same folder (made if missing),
+    fsync, then rename over `path`. An interrupted or failed write removes the temporary file and
+    leaves `path` as it was. Checkpoints (train.py) and the pretrained weights (pretrain.py) use it."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

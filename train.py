@@ -48,7 +48,7 @@ import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, track_batch
 from pictures import PALETTE, colour_ids, titled
 import pretrain
-from pretrained import InitWeightsError, format_table, load_init_weights
+from pretrained import InitWeightsError, atomic_save, format_table, load_init_weights
 from quantize import CollapseWatch, codebook_stats
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
 import synthetic
@@ -1182,22 +1182,6 @@ def save_checkpoint(ctx: dict, path: str) -> None:
             "optimizer": ctx["opt"].state_dict(), "scheduler": ctx["sched"].state_dict(),
             "state": dict(ctx["state"]), "rng": get_rng_state(), "config": ctx["full_config"]}
     atomic_save(ckpt, path)
-
-
-def atomic_save(obj, path: str) -> None:
-    """torch.save, atomically: write to a temporary file in the same folder, fsync, then rename
-    over `path`. An interrupted or failed write removes the temporary file and leaves `path` as it was."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def get_rng_state() -> dict:
