@@ -1264,9 +1264,15 @@ def start_log(path: str, resumed_step: int | None) -> None:
     if resumed_step is None or not os.path.exists(path):
         open(path, "w").close()
         return
+    kept = []
     with open(path) as f:
-        kept = [line for line in f if json.loads(line).get("step", 0) <= resumed_step
-                and json.loads(line).get("eval") != "final"]
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut off when the run was stopped
+                continue
+            if rec.get("step", 0) <= resumed_step and rec.get("eval") != "final":
+                kept.append(line)
     with open(path, "w") as f:
         f.writelines(kept)
 
