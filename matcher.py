@@ -299,19 +299,21 @@ class HungarianMatcher(nn.Module):
         # Costs in full precision even inside an AMP region (matmuls would otherwise run in half).
         with torch.autocast(device_type=logits.device.type, enabled=False):
             cost, terms = self.cost_matrices(logits, masks, boxes, targets)  # (B, R, J), 5 x (B, R, J)
-        real = targets.real[:, None, :]  # (B, 1, J)
-        bad = torch.stack([(~torch.isfinite(term) & real).reshape(B, L, N * J).sum(dim=-1)
-                           for term in terms], dim=-1).cpu().numpy()  # (B, L, 5) non-finite entries per term
-        if bad.any():
+        # As DETR: scipy runs on the host, one small problem per clip and layer.
+        cost = cost.cpu().numpy()  # (B, R, J)
+        is_track = targets.real.cpu().numpy()  # (B, J)
+        if not np.isfinite(cost[np.broadcast_to(is_track[:, None, :], cost.shape)]).all():
+            # the rare error path: which term, layer and clip (a non-finite term makes the sum non-finite)
+            real = targets.real[:, None, :]  # (B, 1, J)
+            bad = torch.stack([(~torch.isfinite(term) & real).reshape(B, L, N * J).sum(dim=-1)
+                               for term in terms], dim=-1).cpu().numpy()  # (B, L, 5) non-finite entries per term
+            if not bad.any():  # every term finite, their weighted sum not (an overflow)
+                raise ValueError("HungarianMatcher: the weighted cost overflows; check the cost weights.")
             layer, b, k = np.argwhere(bad.transpose(1, 0, 2))[0]  # the first: layers, clips, terms in order
             raise ValueError(
                 f"HungarianMatcher: cost term '{COST_TERMS[k]}' has {int(bad[b, layer, k])} "
                 f"non-finite entries in clip {b}; the predictions feeding it contain NaN "
                 f"or inf (check the loss scale, lr, AMP).")
-
-        # As DETR: scipy runs on the host, one small problem per clip and layer.
-        cost = cost.cpu().numpy()  # (B, R, J)
-        is_track = targets.real.cpu().numpy()  # (B, J)
         assignment = np.full((B, R), -1, dtype=np.int64)  # (B, R)
         for b in range(B):
             slots = np.flatnonzero(is_track[b])  # the clip's tracks, in slot order

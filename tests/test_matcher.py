@@ -640,7 +640,7 @@ def host_waits(monkeypatch):
     return log
 
 
-def test_the_step_copies_to_the_host_three_tensors_whatever_the_batch(host_waits):
+def test_the_step_copies_to_the_host_two_tensors_whatever_the_batch(host_waits):
     Kc, T, N, h, w, L, B = 5, 3, 3, 4, 4, 3, 4
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, Kc + 1, (B, T, 4 * h, 4 * w), generator=gen)  # (B, T, H, W)
@@ -656,16 +656,17 @@ def test_the_step_copies_to_the_host_three_tensors_whatever_the_batch(host_waits
     host_waits.active = True  # the forward half of train.py's step, the model's forward left out
     total, parts, _ = train.forward_loss(model, lambda b: out, criterion, batch, False)
     host_waits.active = False
-    # the matcher's copies, one each for every clip and layer at once: the non-finite counts of the
-    # cost terms, the cost matrices, which slots hold tracks; nothing else reads the device
-    assert host_waits.copies == 3 and host_waits.other == []
+    # the matcher's copies, one each for every clip and layer at once: the cost matrices and which
+    # slots hold tracks (the non-finite counts per term only when a cost is not finite); nothing
+    # else reads the device
+    assert host_waits.copies == 2 and host_waits.other == []
 
     tracks = build_tracks(labels, valid, Kc)  # (its torch.unique would count)
     packed = pack_tracks(tracks, (h, w))
-    host_waits.active = True  # the matcher alone, the oracle's tracks in: the same three copies
+    host_waits.active = True  # the matcher alone, the oracle's tracks in: the same two copies
     HungarianMatcher()([out], packed)
     host_waits.active = False
-    assert host_waits.copies == 6 and host_waits.other == []
+    assert host_waits.copies == 4 and host_waits.other == []
 
     # The counter sees the waits of the per-clip reference: a copy per clip and layer, and more.
     host_waits.copies = 0
