@@ -7,7 +7,6 @@ FLOPs of matrix products obey).
 """
 import json
 import os
-import subprocess
 import sys
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import commands  # noqa: E402
 from tools import bench  # noqa: E402
 from sqd import SQD, preset  # noqa: E402
 
@@ -54,10 +54,8 @@ def test_flop_counter_matches_hand_counts_for_linear_and_grouped_conv():
 
 def test_cli_cpu_run_writes_consistent_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "tools/bench.py", "--steps", "2", "--warmup", "0", "--threads", "1",
-           "--batch-size", "2", "--device", "cpu", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = commands.run(bench.main, "--steps", "2", "--warmup", "0", "--threads", "1",
+                        "--batch-size", "2", "--device", "cpu", "--json", out)
     r = json.loads(out.read_text())
     assert "python tools/bench.py --steps 2 --warmup 0" in proc.stdout and "n/a" in proc.stdout
 
@@ -91,8 +89,7 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
 
     # asking for CUDA where there is none: one line, exit code 2, no traceback
     if not torch.cuda.is_available():
-        proc = subprocess.run([sys.executable, "tools/bench.py", "--device", "cuda"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60)
+        proc = commands.run(bench.main, "--device", "cuda", check=False)
         assert proc.returncode == 2
         assert proc.stderr.startswith("error: --device cuda: CUDA is not available")
         assert "Traceback" not in proc.stderr
@@ -100,11 +97,9 @@ def test_cli_cpu_run_writes_consistent_json(tmp_path):
 
 def test_cli_eval_throughput_profile_and_channels_last(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "tools/bench.py", "--steps", "1", "--warmup", "0", "--threads", "1",
-           "--batch-size", "2", "--device", "cpu", "--eval-steps", "2", "--profile", "1",
-           "--channels-last", "--freeze-audio", "--json", str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = commands.run(bench.main, "--steps", "1", "--warmup", "0", "--threads", "1",
+                        "--batch-size", "2", "--device", "cpu", "--eval-steps", "2", "--profile", "1",
+                        "--channels-last", "--freeze-audio", "--json", out)
     r = json.loads(out.read_text())
     assert r["channels_last"] and "channels_last" in proc.stdout
     # frozen audio network: its parameters are not trained (the CPU preset's SmallVGG)
@@ -119,18 +114,15 @@ def test_cli_eval_throughput_profile_and_channels_last(tmp_path):
     rows = [line for line in table.splitlines()[3:] if line.strip() and not line.startswith("-")
             and "time total" not in line]
     assert len(rows) == 10, table
-    res = subprocess.run([sys.executable, "tools/bench.py", "--eval-steps", "-1", "--device", "cpu"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    res = commands.run(bench.main, "--eval-steps", "-1", "--device", "cpu", check=False)
     assert res.returncode == 2 and "--eval-steps" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_backbone_flag_reaches_the_model(tmp_path):
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "tools/bench.py", "--backbone", "resnet18", "--img-size", "32",
-                           "--steps", "1", "--warmup", "0", "--threads", "1", "--batch-size", "1",
-                           "--frames", "2", "--device", "cpu", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = commands.run(bench.main, "--backbone", "resnet18", "--img-size", "32", "--steps", "1",
+                        "--warmup", "0", "--threads", "1", "--batch-size", "1", "--frames", "2",
+                        "--device", "cpu", "--json", out)
     r = json.loads(out.read_text())
     # the CPU preset with a ResNet-18 in place of its small CNN, counted here independently
     params = sum(p.numel() for p in SQD(preset("cpu", num_classes=24, backbone="resnet18")).parameters())

@@ -11,7 +11,6 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
 import sys
 import warnings
 
@@ -24,14 +23,21 @@ from scipy.io import wavfile
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import commands  # noqa: E402
 import data  # noqa: E402
 from data import DataError, build_dataset, check_dataset, collate  # noqa: E402
 from encoders import vggish_log_mel  # noqa: E402
 from fixtures import AVSS_NAMES, voc_colour, write_avss, write_ms3, write_s4  # noqa: E402
+from tools import check_dataset as check_dataset_tool  # noqa: E402
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 SQUARE = {"v1s": (32, 32), "v1m": (32, 32), "v2": (32, 32)}  # native = img_size: resizing is the identity
+
+
+def check_cli(*args):
+    """`python tools/check_dataset.py ARGS`, run in this process (tests/commands.py)."""
+    return commands.run(check_dataset_tool.main, *args, check=False)
 
 
 def denormalise(frame):
@@ -393,9 +399,7 @@ def test_check_dataset_counts_short_audio(avss_short, tmp_path):
                  if manifest[c[0]]["num_frames"] - examples > 1]
         assert len(short) == 3 and list(tolerated) == ["short_audio"]
         assert [line.split(": ")[0] for line in tolerated["short_audio"]] == short
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "check_dataset.py")
-    cli = subprocess.run([sys.executable, script, "--dataset", "avss", "--data-root", root],
-                         capture_output=True, text=True)
+    cli = check_cli("--dataset", "avss", "--data-root", root)
     assert cli.returncode == 0 and "ok:" in cli.stdout, cli.stderr
     assert all(path in cli.stdout for path in short)
     assert "3 audio file(s) more than one 0.96 s example short" in cli.stderr
@@ -660,13 +664,10 @@ def test_check_dataset_lists_every_problem(avss_broken):
 
 def test_cli_check_exits_2_without_traceback(avss_broken, tmp_path):
     root, folder = avss_broken
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "check_dataset.py")
-    ok = subprocess.run([sys.executable, script, "--dataset", "avss", "--data-root", root],
-                        capture_output=True, text=True)
+    ok = check_cli("--dataset", "avss", "--data-root", root)
     assert ok.returncode == 0 and "ok:" in ok.stdout, ok.stderr
     paths = break_everything(root, folder)
-    bad = subprocess.run([sys.executable, script, "--dataset", "avss", "--data-root", root],
-                         capture_output=True, text=True)
+    bad = check_cli("--dataset", "avss", "--data-root", root)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr + bad.stdout
     assert all(path in bad.stdout for path in paths) and "4 problem(s)" in bad.stderr
 
@@ -686,8 +687,6 @@ def test_pickled_log_mel_that_would_run_code_is_refused_and_the_code_never_runs(
             data.read_log_mel_pkl(pkl, "a tensor")
         assert str(error.value).startswith(f"{pkl}: unreadable pickle") and "refused" in str(error.value)
         assert not marker.exists()
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "check_dataset.py")
-    bad = subprocess.run([sys.executable, script, "--deep", "--dataset", "s4", "--data-root",
-                          str(tmp_path / "s4")], capture_output=True, text=True)
+    bad = check_cli("--deep", "--dataset", "s4", "--data-root", str(tmp_path / "s4"))
     assert bad.returncode == 2 and pkl in bad.stdout and "Traceback" not in bad.stderr + bad.stdout
     assert not marker.exists()

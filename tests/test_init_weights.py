@@ -15,18 +15,16 @@ import argparse
 import os
 import re
 import shlex
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
+import commands
 from encoders import SmallBackbone, SwinTransformer, VideoSwinTransformer, VisualEncoder
 from pretrained import InitWeightsError, format_table, load_init_weights
 from sqd import SQD, preset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,8 +450,9 @@ def test_a_pickle_that_would_run_code_is_refused_and_the_code_never_runs(tmp_pat
 # ----------------------------------------------------------------------------------------------
 
 def train(*args):
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+    """`python train.py ARGS`, run in this process (tests/commands.py)."""
+    import train as train_py
+    return commands.run(train_py.main, *args, check=False)
 
 
 def test_train_py_init_weights_prints_the_table_and_a_bad_file_is_one_line(tmp_path, capsys):

@@ -18,6 +18,7 @@ from scipy.io import wavfile
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import commands  # noqa: E402
 import data  # noqa: E402
 import predict  # noqa: E402
 import synthetic  # noqa: E402
@@ -44,8 +45,8 @@ def clip(tmp_path):
 
 
 def predict_cli(*args):
-    return subprocess.run([sys.executable, "predict.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    """`python predict.py ARGS`, run in this process (tests/commands.py)."""
+    return commands.run(predict.main, *args, check=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ is retired: git tag synthetic-v1 holds its code and its tests.
 import hashlib
 import json
 import os
-import subprocess
 import sys
 from collections import Counter
 
@@ -18,10 +17,11 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import commands  # noqa: E402
+import train  # noqa: E402
 from data import build_dataset  # noqa: E402
 from synthetic import SyntheticAVS  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # sha256[:16] of clip 0 of every split (seed 0, 64 px, 5 frames), recorded from the code whose
 # runs results/ hold (the commit before v1 was removed): the benchmark stays byte for byte the same.
@@ -280,11 +280,9 @@ def test_v2_frame_audio_is_often_unreliable():
 # ----------------------------------------------------------------------------------------------
 def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "train.py", "--epochs", "1", "--out", str(run),  # 2 steps
-           "--img-size", "32", "--train-clips", "8", "--eval-clips", "4", "--threads", "1",
-           "--num-overlays", "0", "--audio-regime", "scratch"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands.run(train.main, "--epochs", "1", "--out", run,  # 2 steps
+                 "--img-size", "32", "--train-clips", "8", "--eval-clips", "4", "--threads", "1",
+                 "--num-overlays", "0", "--audio-regime", "scratch")
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["benchmark"] == "v2" and config["model"]["num_classes"] == 24
     metrics = json.loads((run / "metrics.json").read_text())
@@ -297,10 +295,8 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path):
     assert len(val) == 1 and val[0]["miou_official"] == metrics["val"]["miou_official"]
     # --eval-only evaluates the same splits
     ev = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, "train.py", "--eval-only", "--checkpoint", str(run / "last.pt"),
-                           "--out", str(ev), "--img-size", "32", "--eval-clips", "2", "--threads", "1",
-                           "--num-overlays", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands.run(train.main, "--eval-only", "--checkpoint", run / "last.pt", "--out", ev,
+                 "--img-size", "32", "--eval-clips", "2", "--threads", "1", "--num-overlays", "0")
     assert "val-unseen" in json.loads((ev / "metrics.json").read_text())
 
 

@@ -1,8 +1,9 @@
 """End-to-end tests of train.py: run directory, resume, AVSBench fixtures, bad input, torchrun.
 
-Every test runs the real command line in a subprocess on tiny settings (32x32 images, a handful
-of clips), so it checks what a user sees: files written, exit codes, one-line error messages;
-one calls finish_step and check_loss, the check and log line of a step, directly.
+Every test runs the real command line on tiny settings (32x32 images, a handful of clips), so it
+checks what a user sees: files written, exit codes, one-line error messages. The commands run in
+the test process (tests/commands.py); Ctrl-C and torchrun get processes of their own. One test
+calls finish_step and check_loss, the check and log line of a step, directly.
 """
 import json
 import os
@@ -14,6 +15,8 @@ import time
 import pytest
 import torch
 
+import commands
+import train as train_py
 from fixtures import RunsCode, write_avss, write_ms3, write_s4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,14 +26,9 @@ TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threa
         "--log-every", "1", "--num-overlays", "2", "--audio-regime", "scratch"]
 
 
-def train(*args, check=True, timeout=300):
-    """Run `python train.py ARGS` from the repository root; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"train.py {' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+def train(*args, check=True):
+    """`python train.py ARGS`, run in this process (tests/commands.py); a CompletedProcess."""
+    return commands.run(train_py.main, *args, check=check)
 
 
 def losses(run_dir):
