@@ -35,8 +35,8 @@ weights. Only the visual encoder, the FPN and the mask decoder are kept (the emb
     OMP_NUM_THREADS=1 python pretrain.py visual --seed 0 --out visual_v2_s0.pt
     python train.py                                       # both built on first use and cached
 
-train.py's default synthetic run (--audio-regime pretrained-frozen, --visual-regime pretrained)
-calls cached_audio_weights and cached_visual_weights: the files are built on first use under
+train.py's synthetic runs of the CPU preset start from these two (train.uses_stand_ins) and
+call cached_audio_weights and cached_visual_weights: the files are built on first use under
 --audio-cache and found by later runs. An audio file holds only SmallVGG's state_dict (what
 `train.py --audio-weights` loads strictly); a visual file the visual encoder, FPN and mask decoder
 (load_visual_into loads them into the full model and the baseline alike). Files are written
@@ -78,6 +78,7 @@ from pretrained import atomic_save
 from sqd import SQD, ModelConfig, _frame_tokens, preset
 
 DEFAULT_AUDIO_STEPS = 1500  # the network probe's steps: its accuracy is reported in results/probes.md
+DEFAULT_AUDIO_CLIPS = None  # train clips of the audio pretraining; None: the whole train split
 DEFAULT_VAL_CLIPS = 500     # clips of val and val-unseen for the audio pretraining's report
 DEFAULT_VISUAL_STEPS = 1000  # the same number of steps as the default SQD run
 KEPT = ("visual_encoder.", "fpn.", "mask_decoder.")  # the modules a visual pretraining hands to SQD
@@ -158,7 +159,7 @@ def train_classifier(train_mel, train_y, steps=1500, batch=32, lr=1e-3, seed=0, 
 
     The network reads the raw log-mel, as in the CPU preset's model. Adam, binary cross-entropy,
     frames drawn at random (with replacement) from the train frames. pretrain_audio (the pretrained
-    audio network of `train.py --audio-regime pretrained-frozen`) and the network probe of
+    audio network a synthetic `train.py` run starts from) and the network probe of
     tools/probe_synthetic.py both train with this function.
 
     Args:

@@ -69,7 +69,6 @@ class TrainConfig:
     dataset: str = "synthetic"     # synthetic | s4 | ms3 | avss
     data_root: str | None = None   # AVSBench root (the folder that holds the release's files)
     img_size: int | None = None    # training/eval image size; None: preset (cpu 64, paper 224)
-    frames: int = 5                # T, consecutive frames per training clip (paper: 5)
     workers: int = 0               # DataLoader worker processes
     train_clips: int | None = None  # synthetic only: clips in the train split (None: data default)
     eval_clips: int | None = 200    # synthetic only: clips per evaluation split (None: all of it; tools/ablate.py: 500)
@@ -82,11 +81,7 @@ class TrainConfig:
     vggish_weights: str | None = None    # released VGGish weights (vggish-10086976.pth): --audio-weights, VGGish only
     audio_weights: str | None = None     # state_dict of the audio network (VGGish, or the cpu preset's SmallVGG)
     finetune_audio: bool = False   # train the loaded audio network instead of freezing it (AVSBench freezes it)
-    audio_regime: str | None = None  # synthetic only: scratch | pretrained-frozen (AUDIO_REGIMES); None: default_audio_regime()
-    audio_pretrain_steps: int = 1500  # pretrained-frozen: steps of the pretraining (part of the cached file's name)
-    audio_pretrain_clips: int | None = None  # pretrained-frozen: train clips of the pretraining; None: the whole train split (not --train-clips)
-    audio_cache: str = os.path.join("runs", "audio-weights")  # pretrained-frozen: folder of the cached weights, built on first use
-    visual_regime: str | None = None  # synthetic, CPU preset: scratch | pretrained (visual encoder, FPN, mask decoder pretrained as referring segmentation, cached in --audio-cache); None: default_visual_regime()
+    audio_cache: str = os.path.join("runs", "audio-weights")  # synthetic, CPU preset: folder of the pretrained stand-ins (pretrain.py), built on first use
     # ablations (Tables 2-5); defaults are the paper's full model
     no_gsd: bool = False           # drop global semantic decomposition
     no_avsr: bool = False          # drop audiovisual semantic recombination
@@ -158,11 +153,6 @@ RECIPES = {
     "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu", lr=4e-4, quant_warmup_steps=300,
                       loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0, loss_giou=0.5),
 }
-# How the CPU preset's audio network starts on the synthetic benchmark. scratch: random, trained
-# with the rest of SQD. pretrained-frozen: the paper's regime (VGGish trained on AudioSet, frozen
-# as in AVSBench and AVSegFormer) for the CPU preset: SmallVGG pretrained as a multi-label sound
-# classifier on the train split (pretrain.py), then loaded as --audio-weights would.
-AUDIO_REGIMES = ("scratch", "pretrained-frozen")
 LOSS_WEIGHT_FIELDS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
 PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
 CODEBOOK_START = "codebook_start.pt"  # in the run directory: the codebook(s) at the first quantized step
@@ -181,7 +171,6 @@ def parse_args(argv=None) -> TrainConfig:
             continue
         kind = {"int": int, "float": float}.get(str(f.type).split(" ")[0], str)
         choices = {"dataset": ["synthetic", "s4", "ms3", "avss"], "preset": ["cpu", "paper"],
-                   "audio_regime": list(AUDIO_REGIMES), "visual_regime": ["scratch", "pretrained"],
                    "backbone": list(BACKBONES)}.get(f.name)
         p.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
     args = p.parse_args(argv)
@@ -199,50 +188,17 @@ def _field_comments() -> dict:
     return comments
 
 
-def default_audio_regime(cfg: TrainConfig, ckpt: dict | None) -> str:
-    """The audio regime of a run without --audio-regime: an evaluated checkpoint's own; on the
-    synthetic benchmark with the CPU preset, pretrained-frozen (the paper's regime) unless the
-    flags bring audio weights or ask to fine-tune them; otherwise scratch (for AVSBench the
-    pretrained network comes from --vggish-weights)."""
-    if cfg.eval_only and ckpt is not None:
-        return ckpt["config"]["train"].get("audio_regime") or "scratch"
-    preset = cfg.preset or RECIPES[cfg.dataset]["preset"]
-    if (cfg.dataset == "synthetic" and preset == "cpu" and not cfg.finetune_audio
-            and not (cfg.audio_weights or cfg.vggish_weights)):
-        return "pretrained-frozen"
-    return "scratch"
-
-
-def default_visual_regime(cfg: TrainConfig, ckpt: dict | None) -> str:
-    """The visual regime of a run without --visual-regime: an evaluated checkpoint's own; with the
-    pretrained frozen audio network (the synthetic default), pretrained, so that both sides start
-    as in the paper, whose code starts from a whole model pretrained for referring segmentation
-    (docs/init-weights.md); otherwise scratch."""
-    # PAPER: the paper names no starting point. Its unreleased code trains AVSS from ReferFormer's
-    # r50_pretrained.pth; pretrain.pretrain_visual is its analog on the synthetic benchmark, chosen
-    # on val (results/README.md, "Why full SQD loses": +0.046 val, +0.056 val-unseen mIoU).
-    if cfg.eval_only and ckpt is not None:
-        return ckpt["config"]["train"].get("visual_regime") or "scratch"
-    return "pretrained" if cfg.audio_regime == "pretrained-frozen" else "scratch"
-
-
-def check_audio_regime(cfg: TrainConfig) -> bool:
-    """UserError for a flag that contradicts --audio-regime; True for pretrained-frozen."""
-    if cfg.audio_regime != "pretrained-frozen":
-        return False
-    if cfg.dataset != "synthetic":
-        raise UserError("--audio-regime pretrained-frozen only applies to --dataset synthetic "
-                        "(AVSBench: --vggish-weights)")
-    if cfg.audio_weights or cfg.vggish_weights:
-        raise UserError("--audio-regime pretrained-frozen builds its own audio weights; give it "
-                        "or --audio-weights/--vggish-weights, not both")
-    if cfg.finetune_audio:
-        raise UserError("--audio-regime pretrained-frozen keeps the audio network frozen; "
-                        "--finetune-audio contradicts it (use --audio-weights with --finetune-audio)")
-    if cfg.audio_pretrain_steps < 1 or (cfg.audio_pretrain_clips is not None and cfg.audio_pretrain_clips < 1):
-        raise UserError("--audio-regime pretrained-frozen: --audio-pretrain-steps and "
-                        "--audio-pretrain-clips must be >= 1")
-    return True
+def uses_stand_ins(cfg: TrainConfig) -> bool:
+    """Whether the run starts from the pretrained stand-ins of pretrain.py: on the synthetic
+    benchmark with the CPU preset, the small audio network pretrained as a sound classifier (unless
+    --audio-weights names a file) and the visual side pretrained as referring segmentation (unless
+    --init-weights or --backbone-weights starts it). Both are built on first use and cached in
+    --audio-cache. For AVSBench the same places are filled by --vggish-weights and --init-weights."""
+    # PAPER: the paper names no starting point; its code starts from VGGish trained on AudioSet,
+    # frozen (AVSBench, AVSegFormer), and from ReferFormer's whole model pretrained for referring
+    # segmentation (the authors' commands). pretrain.py makes both for the synthetic benchmark;
+    # the visual one was chosen on val (results/README.md, "Why full SQD loses": +0.046 val mIoU).
+    return cfg.dataset == "synthetic" and cfg.preset == "cpu"
 
 
 def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfig]:
@@ -264,13 +220,12 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
     if cfg.audio_weights and cfg.vggish_weights:
         raise UserError("give one of --audio-weights and --vggish-weights, not both")
-    pretrained_frozen = check_audio_regime(cfg)
     # PAPER: the paper does not say whether VGGish trains. AVSBench (FREEZE_AUDIO_EXTRACTOR) and
     # AVSegFormer (freeze_audio_extractor=True) keep the pretrained audio network frozen; so do we,
     # unless --finetune-audio. A network without pretrained weights always trains.
-    overrides["freeze_audio"] = ((bool(cfg.audio_weights or cfg.vggish_weights) and not cfg.finetune_audio)
-                                 or pretrained_frozen)
-    if cfg.finetune_audio and not (cfg.audio_weights or cfg.vggish_weights):
+    audio_loaded = bool(cfg.audio_weights or cfg.vggish_weights) or uses_stand_ins(cfg)
+    overrides["freeze_audio"] = audio_loaded and not cfg.finetune_audio
+    if cfg.finetune_audio and not audio_loaded:
         warnings.warn("--finetune-audio without --audio-weights: the audio network trains anyway")
     for name in ("backbone", "codebook_size", "num_tokens"):
         if getattr(cfg, name) is not None:
@@ -280,18 +235,12 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
         model_cfg.check()
     except ValueError as e:
         raise UserError(str(e)) from None
-    if pretrained_frozen and model_cfg.audio_encoder != "small":
-        raise UserError(f"--audio-regime pretrained-frozen pretrains the CPU preset's SmallVGG; "
-                        f"--preset {cfg.preset} uses the {model_cfg.audio_encoder!r} audio network")
-    if cfg.visual_regime == "pretrained" and (cfg.dataset != "synthetic" or cfg.preset != "cpu"):
-        raise UserError("--visual-regime pretrained pretrains the CPU preset on the synthetic benchmark; "
-                        "for AVSBench start from a whole-model file instead")
     if cfg.quant_warmup_steps < 0:
         raise UserError(f"--quant-warmup-steps must be >= 0, got {cfg.quant_warmup_steps}")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
-    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.frames < 1:
-        raise UserError("--epochs, --batch-size and --frames must be positive")
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise UserError("--epochs and --batch-size must be positive")
     if cfg.eval_only and not cfg.checkpoint:
         raise UserError("--eval-only needs --checkpoint PATH")
     if cfg.dataset != "synthetic" and cfg.train_multi_ratio is not None:
@@ -369,7 +318,6 @@ def main(argv=None) -> int:
 
 
 def run(cfg: TrainConfig) -> int:
-    check_audio_regime(cfg)  # before the data checks: a flag mistake is named first
     rank, world, device = setup_distributed(cfg)
     main_proc = rank == 0
     if cfg.threads:
@@ -400,11 +348,6 @@ def run(cfg: TrainConfig) -> int:
                 keep["epochs"] = saved["epochs"]
             cfg = dataclasses.replace(TrainConfig(**saved), **keep)
 
-    if cfg.audio_regime is None:
-        cfg.audio_regime = default_audio_regime(cfg, ckpt)
-    if cfg.visual_regime is None:
-        cfg.visual_regime = default_visual_regime(cfg, ckpt)
-
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -421,7 +364,8 @@ def run(cfg: TrainConfig) -> int:
 
     # model, weights, loss
     model = SQD(model_cfg).to(device)
-    load_pretrained(cfg, model_cfg, model, main_proc)
+    if ckpt is None:  # a resumed or evaluated run takes every weight from its checkpoint
+        load_pretrained(cfg, model_cfg, model, main_proc)
     # eq. (8) weights and eq. (10) matching costs: the same numbers (App. D gives one set)
     criterion = SetCriterion(model_cfg.num_classes,
                              weights={name: getattr(cfg, name) for name in LOSS_WEIGHT_FIELDS})
@@ -1008,12 +952,14 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
     # unless --finetune-audio (resolve() sets model_cfg.freeze_audio, SQD applies it)
     audio_flag, audio_path = (("--vggish-weights", cfg.vggish_weights) if cfg.vggish_weights
                               else ("--audio-weights", cfg.audio_weights))
+    # the stand-ins of pretrain.py (uses_stand_ins) where no file gives the weights
+    audio_stand_in = uses_stand_ins(cfg) and not audio_path
     visual_path = None
-    if cfg.visual_regime == "pretrained" and not cfg.eval_only:
+    if uses_stand_ins(cfg) and model_cfg.backbone == "small" and not (cfg.init_weights or cfg.backbone_weights):
         visual_path = os.path.join(cfg.audio_cache, pretrain.visual_cache_name(
             model_cfg, cfg.seed, pretrain.DEFAULT_VISUAL_STEPS))
     child = None
-    if main_proc and visual_path and not os.path.isfile(visual_path) and cfg.audio_regime == "pretrained-frozen":
+    if main_proc and visual_path and not os.path.isfile(visual_path) and audio_stand_in:
         # both pretrainings are due (a first run): they are independent and each runs on one
         # thread, so the visual one runs in a process of its own while this one builds the audio
         child = multiprocessing.get_context("spawn").Process(
@@ -1022,20 +968,20 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
             kwargs=dict(img_size=cfg.img_size))
         child.start()
         print(f"visual pretraining: in process {child.pid}, while this one pretrains the audio network")
-    if cfg.audio_regime == "pretrained-frozen" and not cfg.eval_only:  # (--eval-only: the checkpoint's)
+    if audio_stand_in:
         try:
             audio_path = pretrained_audio_weights(cfg, main_proc)
         except BaseException:
             if child is not None:
                 child.terminate()
             raise
-        audio_flag = "--audio-regime pretrained-frozen"
+        audio_flag = "the audio stand-in"
     if audio_path:
         try:
             model.audio_encoder.load_net_weights(audio_path)
         except ValueError as e:
             raise UserError(f"{audio_flag}: {e}") from None
-    if visual_path:  # (--eval-only: the checkpoint's)
+    if visual_path:
         if child is not None:
             child.join()
             if child.exitcode != 0 or not os.path.isfile(visual_path):
@@ -1050,7 +996,7 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
         if main_proc:
             print(f"visual side: {loaded} tensors of the visual encoder, FPN and mask decoder from {visual_path}")
     backbone = cfg.backbone_weights or backbone_from_init
-    if main_proc and cfg.preset == "paper" and not cfg.eval_only and not (backbone and audio_path):
+    if main_proc and cfg.preset == "paper" and not (backbone and audio_path):
         missing = [n for n, v in (("--backbone-weights", backbone),
                                   ("--vggish-weights", audio_path)) if not v]
         print("\n" + "!" * 78 + f"\n!! WARNING: the paper preset is training WITHOUT pretrained "
@@ -1061,20 +1007,19 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
 
 
 def pretrained_audio_weights(cfg: TrainConfig, main_proc: bool) -> str:
-    """The cached SmallVGG weights of --audio-regime pretrained-frozen, built on first use.
+    """The cached SmallVGG weights of the audio stand-in (uses_stand_ins), built on first use.
 
-    pretrain.pretrain_audio trains them on the train split of the synthetic benchmark of this seed
-    (the whole split, or --audio-pretrain-clips clips) and writes {audio_cache}/v2-s{seed}-{steps}.pt
+    pretrain.pretrain_audio trains them on the whole train split of the synthetic benchmark of this
+    seed (pretrain.DEFAULT_AUDIO_STEPS, DEFAULT_AUDIO_CLIPS) and writes {audio_cache}/v2-s{seed}-{steps}.pt
     atomically; a later run, or a resumed one, finds the file and loads it without training. The
     pretraining has its own random streams and one thread, so this run's own randomness is the same
     whether the file was built now or found. Under torchrun rank 0 builds while the others wait.
     """
-    path = os.path.join(cfg.audio_cache, pretrain.audio_cache_name(
-        cfg.seed, cfg.audio_pretrain_steps, cfg.audio_pretrain_clips))
+    steps, clips = pretrain.DEFAULT_AUDIO_STEPS, pretrain.DEFAULT_AUDIO_CLIPS
+    path = os.path.join(cfg.audio_cache, pretrain.audio_cache_name(cfg.seed, steps, clips))
     distributed = dist.is_available() and dist.is_initialized()
     if main_proc:
-        pretrain.cached_audio_weights(cfg.audio_cache, cfg.seed, cfg.audio_pretrain_steps,
-                                      cfg.audio_pretrain_clips, val_clips=cfg.eval_clips)
+        pretrain.cached_audio_weights(cfg.audio_cache, cfg.seed, steps, clips, val_clips=cfg.eval_clips)
     if distributed:
         dist.barrier()
     return path
@@ -1095,12 +1040,14 @@ def _last_checkpoint(ctx: dict) -> str:
 #    the file; format 2 pickled numpy's RNG state and only loaded with weights_only=False.
 # 2: the visual encoder is length-independent (attention per scale, then over time) and the
 #    model config has no `frames`; format 1 (no "format" key) encoded windows of T frames.
-CHECKPOINT_FORMAT = 5
+CHECKPOINT_FORMAT = 6
 OLD_FORMATS = {1: "the visual encoder then encoded windows of T frames; retrain with this version",
                2: "its RNG states need a full unpickle, which can run code; retrain with this version",
                3: "its modules had other names; retrain with this version",
                4: "its model had no slot positions and held options since removed; retrain with this "
-                  "version, or read it with `git checkout silent-choices`"}
+                  "version, or read it with `git checkout silent-choices`",
+               5: "its run chose how each side started (--audio-regime, --visual-regime), options "
+                  "since removed; retrain with this version, or read it with `git checkout audio-regimes`"}
 
 
 def load_checkpoint(path: str, mmap: bool = False) -> dict:

@@ -11,11 +11,18 @@ Why not a subprocess: a fresh interpreter imports torch and, on the optimizer's 
 torch._dynamo again for every command, about 4 s on 2 cores; the suite runs some 40 commands.
 An error the command does not handle propagates as an exception, which fails the test as the
 traceback of a subprocess would. Tests that need a process of their own (Ctrl-C, torchrun) start one.
+
+`stand_in_cache()` is the --audio-cache folder of the test runs: the pretrained stand-ins a
+synthetic run starts from, already there.
 """
+import atexit
 import contextlib
+import functools
 import io
 import os
+import shutil
 import subprocess
+import tempfile
 import warnings
 
 import torch
@@ -47,3 +54,30 @@ def run(main, *args, check=True):
     if check and code != 0:
         raise AssertionError(f"{' '.join(args)} exited {code}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+@functools.lru_cache(maxsize=None)
+def stand_in_cache() -> str:
+    """A folder for train.py --audio-cache that already holds the pretrained stand-ins of seeds
+    0-2 (train.uses_stand_ins), so that a synthetic test run of the CPU preset loads them instead
+    of pretraining for minutes. Their weights are random, under the names and keys pretrain.py
+    writes (the audio network's state_dict; the visual encoder, FPN and mask decoder of the
+    24-category benchmark). Made once per test process; the real pretrainings are tested in
+    tests/test_pretrain_audio.py and tests/test_pretrain_visual.py."""
+    import pretrain
+    from encoders import SmallVGG
+    from sqd import preset
+    folder = tempfile.mkdtemp(prefix="sqd-stand-ins-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    model_cfg = preset("cpu", num_classes=24)
+    visual = {k: v for k, v in pretrain.ReferringSegmenter(model_cfg).state_dict().items()
+              if k.startswith(pretrain.KEPT)}
+    audio = SmallVGG().state_dict()
+    torch.random.set_rng_state(state)
+    for seed in range(3):
+        torch.save(audio, os.path.join(folder, pretrain.audio_cache_name(seed, pretrain.DEFAULT_AUDIO_STEPS)))
+        torch.save(visual, os.path.join(folder, pretrain.visual_cache_name(
+            model_cfg, seed, pretrain.DEFAULT_VISUAL_STEPS)))
+    return folder

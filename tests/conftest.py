@@ -1,11 +1,8 @@
 """Fixtures shared by several test files."""
-import os
-import subprocess
-import sys
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import commands
+import train
 
 
 @pytest.fixture(scope="session")
@@ -13,9 +10,7 @@ def run_dir(tmp_path_factory):
     """A synthetic run of 2 steps (last.pt, diagnostics.json), trained once for the session:
     tests/test_predict.py and tests/test_diagnostics.py read it and write only new names into it."""
     run = tmp_path_factory.mktemp("run")
-    proc = subprocess.run([sys.executable, "train.py", "--max-steps", "2", "--out", str(run),
-                           "--img-size", "32", "--train-clips", "8", "--eval-clips", "4",
-                           "--threads", "1", "--num-overlays", "1", "--audio-regime", "scratch"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    commands.run(train.main, "--max-steps", "2", "--out", run, "--img-size", "32", "--train-clips", "8",
+                 "--eval-clips", "4", "--threads", "1", "--num-overlays", "1",
+                 "--audio-cache", commands.stand_in_cache())
     return run

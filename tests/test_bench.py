@@ -127,5 +127,6 @@ def test_backbone_flag_reaches_the_model(tmp_path):
     # the CPU preset with a ResNet-18 in place of its small CNN, counted here independently
     params = sum(p.numel() for p in SQD(preset("cpu", num_classes=24, backbone="resnet18")).parameters())
     assert r["backbone"] == "resnet18" and r["parameters"] == params
+    assert (r["frames"], r["img_size"]) == (2, 32)  # the timed batch's clips: T = --frames
     assert params != sum(p.numel() for p in SQD(preset("cpu", num_classes=24)).parameters())
     assert "backbone resnet18" in proc.stdout

@@ -13,6 +13,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import commands  # noqa: E402
 import train  # noqa: E402
 
 K = 8  # codebook size of the hand-written log
@@ -83,7 +84,7 @@ def test_a_run_without_matplotlib_says_once_that_it_skipped_the_picture(tmp_path
     run = tmp_path / "run"
     # 4 clips of 4: one step an epoch, two epochs, so val is evaluated twice, then the end
     code = train.main(["--epochs", "2", "--train-clips", "4", "--batch-size", "4", "--eval-clips", "4",
-                       "--img-size", "32", "--audio-regime", "scratch",
+                       "--img-size", "32", "--audio-cache", commands.stand_in_cache(),
                        "--threads", "1", "--num-overlays", "0", "--out", str(run)])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-2000:]

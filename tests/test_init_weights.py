@@ -464,8 +464,8 @@ def test_train_py_init_weights_prints_the_table_and_a_bad_file_is_one_line(tmp_p
                               points=cpu.num_points, enc_layers=cpu.enc_layers, ffn=cpu.ffn_dim)
     path = tmp_path / "referformer_cpu.pth"
     save_checkpoint(random_state(names), path)
-    flags = ["--preset", "cpu", "--img-size", "64", "--frames", "2", "--max-steps", "1", "--eval-clips", "2",
-             "--train-clips", "4", "--audio-regime", "scratch", "--num-overlays", "0"]
+    flags = ["--preset", "cpu", "--img-size", "64", "--max-steps", "1", "--eval-clips", "2",
+             "--train-clips", "4", "--audio-cache", commands.stand_in_cache(), "--num-overlays", "0"]
     proc = train(*flags, "--threads", "1", "--out", str(tmp_path / "run"), "--init-weights", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

@@ -130,6 +130,6 @@ def test_slot_positions_tell_two_equal_queries_apart():
 def test_every_row_has_slot_positions_by_default():
     from train import TrainConfig, resolve
     for flags in (dict(), dict(no_gsd=True, no_avsr=True, no_lsd=True)):  # full model, baseline
-        _, cfg = resolve(TrainConfig(audio_regime="scratch", **flags), 3)
+        _, cfg = resolve(TrainConfig(**flags), 3)
         assert SQD(cfg).mask_decoder.slot_pos.shape == (cfg.num_tokens, cfg.dim)
     assert SQD(tiny_cfg(slot_positions=False)).mask_decoder.slot_pos is None  # the visual pretraining's

@@ -282,7 +282,7 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path):
     run = tmp_path / "run"
     commands.run(train.main, "--epochs", "1", "--out", run,  # 2 steps
                  "--img-size", "32", "--train-clips", "8", "--eval-clips", "4", "--threads", "1",
-                 "--num-overlays", "0", "--audio-regime", "scratch")
+                 "--num-overlays", "0", "--audio-cache", commands.stand_in_cache())
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["benchmark"] == "v2" and config["model"]["num_classes"] == 24
     metrics = json.loads((run / "metrics.json").read_text())

@@ -20,10 +20,10 @@ import train as train_py
 from fixtures import RunsCode, write_avss, write_ms3, write_s4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the from-scratch audio network keeps these runs small and fast; the default (the pretrained
-# frozen audio network) is checked by test_defaults_are_v2_and_the_pretrained_frozen_audio
+# the runs start from the pretrained stand-ins, found in a cache made for the tests (random
+# weights: tests/commands.py); building them is tested in tests/test_pretrain_*.py and below
 TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threads", "1", "--epochs", "3",
-        "--log-every", "1", "--num-overlays", "2", "--audio-regime", "scratch"]
+        "--log-every", "1", "--num-overlays", "2", "--audio-cache", commands.stand_in_cache()]
 
 
 def train(*args, check=True):
@@ -56,7 +56,7 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
     assert not list(run.glob("*.tmp*")), "a temporary checkpoint file was left behind"
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["dataset"] == "synthetic" and config["model"]["dim"] == 64
-    assert config["train"]["audio_regime"] == "scratch" and config["model"]["freeze_audio"] is False
+    assert config["model"]["freeze_audio"] is True  # the audio stand-in, loaded and frozen
     assert config["code_version"] and config["metric_definitions"]
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ckpt["state"]["step"] == 3
@@ -201,7 +201,7 @@ def test_swin_backbones_train_and_evaluate_on_avss_from_a_torchvision_layout_fil
     torch.save(net.state_dict(), weights)
     run = tmp_path / "run"
     train("--dataset", "avss", "--data-root", str(root), "--preset", "cpu", "--backbone", backbone,
-          "--backbone-weights", str(weights), "--img-size", "64", "--frames", "2", "--max-steps", "1",
+          "--backbone-weights", str(weights), "--img-size", "64", "--max-steps", "1",
           "--batch-size", "1", "--threads", "1", "--num-overlays", "0", "--out", str(run))
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["backbone"] == backbone
@@ -417,41 +417,51 @@ def test_bad_audio_weights_exit_2_naming_the_file(tmp_path):
 
 def test_finetune_audio_and_weights_set_freeze_audio():
     from train import UserError, parse_args, resolve
-    for flags, frozen in (([], False), (["--audio-weights", "w.pt"], True),
-                          (["--vggish-weights", "w.pt"], True),
+    for flags, frozen in (([], True),                       # the synthetic default: the audio stand-in
+                          (["--finetune-audio"], False),    # ... trained instead of frozen
+                          (["--preset", "paper"], False),   # no weights: the network trains
+                          (["--audio-weights", "w.pt"], True), (["--vggish-weights", "w.pt"], True),
                           (["--audio-weights", "w.pt", "--finetune-audio"], False)):
         assert resolve(parse_args(flags), 12)[1].freeze_audio is frozen, flags
     with pytest.warns(UserWarning, match="--finetune-audio"):
-        assert resolve(parse_args(["--finetune-audio"]), 12)[1].freeze_audio is False
+        assert resolve(parse_args(["--preset", "paper", "--finetune-audio"]), 12)[1].freeze_audio is False
     with pytest.raises(UserError, match="not both"):
         resolve(parse_args(["--audio-weights", "a.pt", "--vggish-weights", "b.pt"]), 12)
 
 
-def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_resumes_exactly(tmp_path):
-    sys.path.insert(0, ROOT)
+def test_a_run_builds_the_audio_stand_in_once_loads_it_frozen_and_resumes_exactly(tmp_path, monkeypatch):
+    """The synthetic default: the audio stand-in is pretrained on first use, cached, found by the
+    next run and by a resumed one, loaded and frozen; the run's own randomness is the same either
+    way. (The visual stand-in is placed in the cache, so only the audio one is built here.)"""
+    import shutil
+
     import pretrain
+    monkeypatch.setattr(pretrain, "DEFAULT_AUDIO_STEPS", 3)
+    monkeypatch.setattr(pretrain, "DEFAULT_AUDIO_CLIPS", 4)
     cache = tmp_path / "cache"
-    regime = ["--audio-regime", "pretrained-frozen", "--audio-pretrain-steps", "3",
-              "--audio-pretrain-clips", "4", "--audio-cache", str(cache), "--visual-regime", "scratch"]
+    cache.mkdir()
+    visual = pretrain.visual_cache_name(__import__("sqd").preset("cpu", num_classes=24), 0,
+                                        pretrain.DEFAULT_VISUAL_STEPS)
+    shutil.copy(os.path.join(commands.stand_in_cache(), visual), cache / visual)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    first = train("--max-steps", "3", "--out", str(whole), *TINY, *regime)  # regime after TINY wins
+    first = train("--max-steps", "3", "--out", str(whole), *TINY, "--audio-cache", str(cache))  # after TINY wins
     built = cache / "v2-s0-3-c4.pt"
     assert "audio pretraining (v2, seed 0, 3 steps)" in first.stdout and f"wrote {built}" in first.stdout
-    assert os.listdir(cache) == ["v2-s0-3-c4.pt"]
+    assert sorted(os.listdir(cache)) == ["v2-s0-3-c4.pt", visual]
     weights = torch.load(built, map_location="cpu", weights_only=True)
     # the file is what the command makes (python pretrain.py audio, same seed, steps, clips)
     expected, _ = pretrain.pretrain_audio(0, steps=3, train_clips=4, val_clips=4, log=None)
     assert list(weights) == list(expected) and all(torch.equal(weights[k], expected[k]) for k in weights)
     stamp = (built.stat().st_mtime_ns, built.read_bytes())
 
-    second = train("--max-steps", "2", "--out", str(broken), *TINY, *regime)  # the cache is found
+    second = train("--max-steps", "2", "--out", str(broken), *TINY, "--audio-cache", str(cache))  # found
     assert "audio pretraining" not in second.stdout and f"{built} (cached)" in second.stdout
     assert (built.stat().st_mtime_ns, built.read_bytes()) == stamp
     config = json.loads((broken / "config.json").read_text())
-    assert config["train"]["audio_regime"] == "pretrained-frozen" and config["model"]["freeze_audio"] is True
-    assert config["train"]["audio_weights"] is None  # the regime, not the flag, named the weights
+    assert config["model"]["freeze_audio"] is True
+    assert config["train"]["audio_weights"] is None  # the stand-in, not the flag, named the weights
     third = train("--resume", str(broken / "last.pt"), "--max-steps", "3", "--threads", "1")
-    assert "audio pretraining" not in third.stdout and f"{built} (cached)" in third.stdout
+    assert "audio pretraining" not in third.stdout  # a resumed run takes its weights from last.pt
     # building the weights in the run or finding them leaves the run's own randomness alone, and
     # the resumed run continues exactly
     a, b = losses(whole), losses(broken)
@@ -463,52 +473,13 @@ def test_pretrained_frozen_regime_builds_the_weights_once_loads_them_frozen_and_
         assert net.keys() == weights.keys() and all(torch.equal(net[k], weights[k]) for k in weights)
 
 
-def test_defaults_are_v2_and_the_pretrained_frozen_audio():
-    from train import default_audio_regime, make_dataset, parse_args
+def test_defaults_are_v2_and_the_stand_ins_only_on_the_synthetic_cpu_preset():
+    from train import make_dataset, parse_args, resolve, uses_stand_ins
     assert make_dataset(parse_args(["--eval-clips", "1"]), "val", train=False)[0]["meta"]["benchmark"] == "v2"
-    assert default_audio_regime(parse_args([]), None) == "pretrained-frozen"
-    # flags that bring their own audio weights, another network or AVSBench: scratch
-    for flags in (["--audio-weights", "w.pt"], ["--vggish-weights", "w.pt"], ["--finetune-audio"],
-                  ["--preset", "paper"], ["--dataset", "avss"]):
-        assert default_audio_regime(parse_args(flags), None) == "scratch", flags
-    # an evaluated checkpoint keeps its own regime
-    ckpt = {"config": {"train": {"audio_regime": "scratch"}}}
-    assert default_audio_regime(parse_args(["--eval-only"]), ckpt) == "scratch"
-
-
-def test_the_visual_side_is_pretrained_exactly_when_the_audio_network_is():
-    from train import default_audio_regime, default_visual_regime, parse_args
-    for flags, expected in (([], "pretrained"), (["--audio-regime", "scratch"], "scratch"),
-                            (["--preset", "paper"], "scratch"), (["--dataset", "avss"], "scratch")):
-        cfg = parse_args(flags)
-        assert cfg.visual_regime is None  # resolved in run(), after the audio regime
-        cfg.audio_regime = cfg.audio_regime or default_audio_regime(cfg, None)
-        assert default_visual_regime(cfg, None) == expected, flags
-    for saved in ("scratch", "pretrained"):  # an evaluated checkpoint keeps its own regime
-        ckpt = {"config": {"train": {"audio_regime": "pretrained-frozen", "visual_regime": saved}}}
-        cfg = parse_args(["--eval-only"])
-        cfg.audio_regime = default_audio_regime(cfg, ckpt)
-        assert default_visual_regime(cfg, ckpt) == saved
-
-
-@pytest.mark.parametrize("flags, words", [
-    (["--dataset", "s4", "--data-root", "nowhere"], "only applies to --dataset synthetic"),
-    (["--audio-weights", "w.pt"], "not both"),
-    (["--vggish-weights", "w.pt"], "not both"),
-    (["--finetune-audio"], "--finetune-audio contradicts it"),
-    (["--preset", "paper"], "pretrains the CPU preset's SmallVGG"),
-    (["--audio-pretrain-steps", "0"], "must be >= 1"),
-])
-def test_audio_regime_contradicted_by_a_flag_exits_2_with_one_line(tmp_path, capsys, flags, words):
-    import train as train_py
-    out, cache = tmp_path / "run", tmp_path / "cache"
-    code = train_py.main(["--audio-regime", "pretrained-frozen", *flags, "--out", str(out),
-                          "--audio-cache", str(cache), "--max-steps", "1", "--img-size", "32",
-                          "--train-clips", "4", "--eval-clips", "2"])
-    err = capsys.readouterr().err
-    assert code == 2 and words in err and "--audio-regime" in err, err
-    assert len(err.strip().splitlines()) == 1, err
-    assert not out.exists() and not cache.exists()
+    for flags, expected in (([], True), (["--audio-weights", "w.pt"], True),  # the visual one still
+                            (["--preset", "paper"], False),
+                            (["--dataset", "avss", "--data-root", "AVSS"], False)):
+        assert uses_stand_ins(resolve(parse_args(flags), 12)[0]) is expected, flags
 
 
 def test_finish_step_checks_and_logs_every_log_every_steps(tmp_path):
@@ -628,7 +599,7 @@ def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_pat
     run = tmp_path / "run"
     # 8 clips of 4: 2 steps an epoch, 2 epochs, val evaluated after steps 2 and 4
     proc = train("--epochs", "2", "--train-clips", "8", "--batch-size", "4", "--eval-clips", "4",
-                 "--audio-regime", "scratch", "--threads", "1", "--num-overlays", "0", "--out", str(run))
+                 "--audio-cache", commands.stand_in_cache(), "--threads", "1", "--num-overlays", "0", "--out", str(run))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     vals = [r for r in log if r.get("eval") == "val"]
     assert [(r["epoch"], r["step"]) for r in vals] == [(1, 2), (2, 4)]

@@ -22,11 +22,12 @@ Usage
     python tools/ablate.py --fresh              # forget the runs already in ablations.json
     Anything after `--` goes to every train.py run (e.g. `-- --max-steps 200`).
 
-    python tools/ablate.py --audio-regime pretrained-frozen --rows baseline,full --seeds 3
+    python tools/ablate.py --rows baseline,full --seeds 3
     python tools/ablate.py --report --group v2/pretrained-frozen   # one group's tables + the hypotheses
 
-Every run belongs to a *group*, its synthetic benchmark and audio regime ("v2/pretrained-frozen";
-runs stored before groups existed are "v1/scratch", which they were). New runs are on v2, the one
+Every run belongs to a *group*, its synthetic benchmark and how the audio network started
+("v2/pretrained-frozen", every new run: the pretrained stand-in, train.uses_stand_ins; "scratch"
+runs were made by earlier versions; runs stored before groups existed are "v1/scratch"). New runs are on v2, the one
 synthetic benchmark synthetic.py makes; the stored v1 groups are read and reported as they are (their
 runs are repeated by the code of git tag synthetic-v1).
 
@@ -128,6 +129,8 @@ TABLES = {
         ("Table 2 baseline", "baseline"), ("full SQD", "full"),
         ("Table 2 baseline, 3x", "baseline_long"), ("full SQD, 3x", "full_long")],
 }
+# the group name of the audio network's start in every new run (train.uses_stand_ins)
+REGIME = "pretrained-frozen"
 QUICK = ["baseline", "gsd", "gsd_avsr", "gsd_avsr_lsd", "full"]
 # Clips per evaluation split of every ablation run (the default train.py run evaluates 200, to
 # stay within 10 CPU minutes): with 500, the split-to-split noise of one run's mIoU is well below
@@ -217,7 +220,7 @@ def collect_run(info: dict, series: str | None = None) -> dict:
         config = json.load(f)
     values = {col: m.get(split, {}).get(key) for col, (split, key) in COLUMNS.items()}
     return dict(benchmark=config["train"].get("benchmark") or "v1",
-                audio_regime=config["train"].get("audio_regime") or "scratch",
+                audio_regime=REGIME,  # the only start this train.py makes
                 **({"series": series} if series else {}),
                 name=info["name"], seed=info["seed"], flags=ROWS[info["name"]],
                 time_s=round(time.time() - info["start"], 1), metrics=values,
@@ -396,8 +399,6 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="passed to train.py (cpu, cuda)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: CPU cores // parallel)")
-    p.add_argument("--audio-regime", choices=list(train.AUDIO_REGIMES), default="pretrained-frozen",
-                   help="how the audio network starts (train.py --audio-regime; its synthetic default)")
     p.add_argument("--series", default=None,
                    help="a name that keeps these runs apart from earlier runs of the same rows "
                         "(their group becomes v2/REGIME/SERIES; runs/ and logs/ get a subfolder)")
@@ -427,24 +428,17 @@ def main(argv=None) -> int:
             return 2
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     benchmark = synthetic.SYNTHETIC_VERSION
-    group_dir = f"{benchmark}-{args.audio_regime}" + (f"-{args.series}" if args.series else "")
-    common = (["--threads", str(threads), "--audio-regime", args.audio_regime,
-               "--eval-clips", str(EVAL_CLIPS)]
+    group_dir = f"{benchmark}-{REGIME}" + (f"-{args.series}" if args.series else "")
+    common = (["--threads", str(threads), "--eval-clips", str(EVAL_CLIPS)]
               + (["--device", args.device] if args.device else []) + extra)
-    if args.audio_regime == "pretrained-frozen":
-        # build each seed's pretrained audio weights once, before the runs that share them start
-        cfg = train.TrainConfig()
-        for seed in range(args.first_seed, args.first_seed + args.seeds):
-            pretrain.cached_audio_weights(cfg.audio_cache, seed, cfg.audio_pretrain_steps,
-                                          None, val_clips=EVAL_CLIPS)
-        # and the pretrained visual side (the default with this regime), so that two runs of one
-        # seed do not both build it
-        if any("--visual-regime" not in ROWS[n] for n in names):
-            num_classes = synthetic.SyntheticAVS("val", num_clips=1).num_classes
-            run_cfg, model_cfg = train.resolve(train.TrainConfig(), num_classes)
-            for seed in range(args.first_seed, args.first_seed + args.seeds):
-                pretrain.cached_visual_weights(run_cfg.audio_cache, model_cfg, seed,
-                                               img_size=run_cfg.img_size)
+    # build each seed's pretrained stand-ins once, before the runs that share them start, so that
+    # two runs of one seed do not both build them
+    num_classes = synthetic.SyntheticAVS("val", num_clips=1).num_classes
+    run_cfg, model_cfg = train.resolve(train.TrainConfig(), num_classes)
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        pretrain.cached_audio_weights(run_cfg.audio_cache, seed, pretrain.DEFAULT_AUDIO_STEPS,
+                                      pretrain.DEFAULT_AUDIO_CLIPS, val_clips=EVAL_CLIPS)
+        pretrain.cached_visual_weights(run_cfg.audio_cache, model_cfg, seed, img_size=run_cfg.img_size)
     log_dir = os.path.join(args.out, "logs", group_dir)
     os.makedirs(log_dir, exist_ok=True)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
@@ -495,7 +489,7 @@ def main(argv=None) -> int:
                   runs=all_runs)
     train.write_json(path, result)  # atomic: a temporary file, then a rename
     print(f"\n{len(runs)} runs in {total / 60:.1f} min ({len(failed)} failed); wrote {path}\n")
-    print(report(all_runs, f"{benchmark}/{args.audio_regime}" + (f"/{args.series}" if args.series else "")))
+    print(report(all_runs, f"{benchmark}/{REGIME}" + (f"/{args.series}" if args.series else "")))
     return 1 if failed or interrupted else 0
 
 

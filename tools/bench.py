@@ -199,11 +199,12 @@ def run(args: argparse.Namespace, argv=None) -> int:
 
     # The model, loss, optimizer and one batch, as train.run builds them.
     cfg = train.TrainConfig(dataset="synthetic", preset=args.preset, img_size=args.img_size,
-                            backbone=args.backbone, frames=args.frames,
-                            batch_size=args.batch_size, amp=args.amp,
+                            backbone=args.backbone, batch_size=args.batch_size, amp=args.amp,
                             compile=args.compile, device=str(device), threads=args.threads,
                             seed=args.seed)
-    dataset = train.make_dataset(cfg, "train", train=True)
+    img = args.img_size or train.PRESET_IMG_SIZE[args.preset or "cpu"]
+    dataset = data.build_dataset("synthetic", "train", img_size=img, frames=args.frames, train=True,
+                                 seed=args.seed)                  # clips of T = --frames frames
     cfg, model_cfg = train.resolve(cfg, dataset.num_classes)
     if args.freeze_audio:
         model_cfg = dataclasses.replace(model_cfg, freeze_audio=True)
@@ -244,7 +245,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
         "mode": mode,
         "compile": cfg.compile, "compile_mode": args.compile_mode,
         "preset": cfg.preset, "backbone": model_cfg.backbone,
-        "batch_size": cfg.batch_size, "frames": cfg.frames, "img_size": cfg.img_size,
+        "batch_size": cfg.batch_size, "frames": int(batch["frames"].shape[1]), "img_size": cfg.img_size,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "warmup": args.warmup, "steps": args.steps,
