@@ -38,7 +38,7 @@ Reading order
  3. spatial transform       multi-scale crop for training, square resize for evaluation
  4. AVSObjectDataset        S4 and MS3 (binary: class 1 = sounding object)
  5. AVSSDataset             AVSBench-semantic (70 classes, clips padded to 10 frames)
- 6. build_dataset, collate  what train.py calls
+ 6. build_dataset, collate  what train.py calls; ZeroAudio, the vision-alone control
  7. check_dataset           every missing or unreadable file of a layout, before a run
 
 Shape alphabet
@@ -748,6 +748,27 @@ def build_dataset(name, split, root=None, img_size=224, frames=5, train=None, se
     if name == "avss":
         return AVSSDataset(root, split, img_size=img_size, frames=frames, train=train)
     raise ValueError(f"unknown dataset {name!r}; expected synthetic, s4, ms3 or avss")
+
+
+class ZeroAudio(Dataset):
+    """A dataset's clips with their audio replaced by zeros: train.py --zero-audio, the control
+    that shows what the visual side alone achieves (NOT IN PAPER). Every other key of an item, and
+    the dataset's attributes (num_classes, class_names, split, ...), are the wrapped dataset's."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        item = self.dataset[index]
+        return {**item, "audio": torch.zeros_like(item["audio"])}  # (T, 1, 96, 64) zeros
+
+    def __getattr__(self, name):  # called only for names the wrapper itself does not have
+        if name == "dataset":     # (while a DataLoader worker unpickles it: not set yet)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
 
 
 def collate(items):

@@ -76,7 +76,6 @@ class ModelConfig:
     use_lsd: bool = True           # local semantic decomposition, eq. (6) (Table 2)
     shared_codebook: bool = True   # local tokens use the global codebook, eq. (9) (Table 2, "SC")
     avsr_batch_norm: bool = True   # eq. (5)'s BN (True) or a LayerNorm over channels (CPU preset)
-    zero_audio: bool = False       # control: audio input replaced by zeros (vision alone)
     # PAPER: TrD_segm's query positions are not given: each token index i has a learned position,
     # as in DETR / ReferFormer / the first author's R2VOS (decoders.SemanticMaskDecoder); chosen on
     # val (results/README.md, "Why full SQD loses"). Every row of Table 2 has it; for the baseline,
@@ -219,8 +218,6 @@ class SQD(nn.Module):
         cfg = self.cfg
         frames, audio = batch["frames"], batch["audio"]           # (B, T, 3, H, W), (B, T, 1, 96, 64)
         frame_valid = batch.get("frame_valid")                    # (B, T) bool or None; False = padding
-        if cfg.zero_audio:                                        # control: vision alone
-            audio = torch.zeros_like(audio)
         B, T = frames.shape[:2]
         N, C = cfg.num_tokens, cfg.dim
 

@@ -214,8 +214,7 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     overrides = dict(num_classes=num_classes,
                      use_gsd=not cfg.no_gsd, use_avsr=not (cfg.no_avsr or cfg.no_gsd),
-                     use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook,
-                     zero_audio=cfg.zero_audio)
+                     use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook)
     if cfg.no_gsd and not cfg.no_avsr:
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
     if cfg.audio_weights and cfg.vggish_weights:
@@ -707,8 +706,9 @@ def make_dataset(cfg: TrainConfig, split: str, train: bool):
             if not 0.0 <= cfg.train_multi_ratio <= 1.0:
                 raise UserError(f"--train-multi-ratio must be in [0, 1], got {cfg.train_multi_ratio}")
             extra["multi_source_ratio"] = cfg.train_multi_ratio
-    return data.build_dataset(cfg.dataset, split, cfg.data_root, img_size=img,
-                              train=train, seed=cfg.seed, **extra)
+    dataset = data.build_dataset(cfg.dataset, split, cfg.data_root, img_size=img,
+                                 train=train, seed=cfg.seed, **extra)
+    return data.ZeroAudio(dataset) if cfg.zero_audio else dataset  # control: vision alone
 
 
 def evaluation_splits(cfg: TrainConfig) -> dict:

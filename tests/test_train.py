@@ -473,6 +473,20 @@ def test_a_run_builds_the_audio_stand_in_once_loads_it_frozen_and_resumes_exactl
         assert net.keys() == weights.keys() and all(torch.equal(net[k], weights[k]) for k in weights)
 
 
+def test_zero_audio_zeroes_every_clips_audio_and_nothing_else_also_in_a_worker():
+    import pickle
+
+    from train import make_dataset, parse_args
+    plain = make_dataset(parse_args(["--eval-clips", "2"]), "val", train=False)
+    zeroed = make_dataset(parse_args(["--eval-clips", "2", "--zero-audio"]), "val", train=False)
+    assert (len(zeroed), zeroed.num_classes, zeroed.class_names) == (len(plain), plain.num_classes, plain.class_names)
+    for dataset in (zeroed, pickle.loads(pickle.dumps(zeroed))):  # as a DataLoader worker gets it
+        a, b = plain[1], dataset[1]
+        assert a["audio"].abs().sum() > 0 and torch.equal(b["audio"], torch.zeros_like(a["audio"]))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a
+                                            if k != "audio" and isinstance(a[k], torch.Tensor))
+
+
 def test_defaults_are_v2_and_the_stand_ins_only_on_the_synthetic_cpu_preset():
     from train import make_dataset, parse_args, resolve, uses_stand_ins
     assert make_dataset(parse_args(["--eval-clips", "1"]), "val", train=False)[0]["meta"]["benchmark"] == "v2"
