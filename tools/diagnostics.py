@@ -40,10 +40,11 @@ Reading order: collect() (runs the model and gathers tokens, codes and categorie
 calls write_diagnostics() at the end of a synthetic run, which draws tokens.png; train.py writes
 the returned dict to diagnostics.json, then calls write_clip_pictures() (clip_*.png and .gif).
 
-Usage on a finished run (the test split of the checkpoint's own seed, e.g. to add a measure to a
-run made before it existed), and the picture 6 of any clip of the run's benchmark:
-    python tools/diagnostics.py runs/synthetic-DATE/last.pt [--out DIR]
-    python tools/diagnostics.py runs/synthetic-DATE/last.pt --clip test-unseen:17
+Usage on a finished run (the test and val splits of the checkpoint's own seed and --eval-clips;
+the drift from codebook_start.pt beside the checkpoint: what train.py computes, diagnose_run()),
+and the picture 6 of any clip of the run's benchmark:
+    python tools/diagnostics.py runs/synthetic-DATE/best.pt --out runs/synthetic-DATE
+    python tools/diagnostics.py runs/synthetic-DATE/best.pt --clip test-unseen:17
 
 Shapes (the repository's one shape alphabet: docs/shapes.md): B clips (a batch, or every clip
 collected from a split, as one batch), T frames, N semantic tokens, C model channels, K codewords,
@@ -412,10 +413,11 @@ def _with_legend(img, class_ids: list, names: list, palette: np.ndarray):
     return out
 
 
-def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | None = None,
+def write_diagnostics(model, dataset, device, out_dir: str | None, max_clips: int | None = None,
                       fit_dataset=None, codebook_start: np.ndarray | None = None) -> dict:
-    """Collect on `dataset`, write out_dir/tokens.png (and tokens_local.png) and return the
-    summary dict for diagnostics.json (empty when the model has no global tokens). With
+    """Collect on `dataset`, write out_dir/tokens.png (and tokens_local.png; out_dir None: no
+    pictures) and return the summary dict for diagnostics.json (empty when the model has no
+    global tokens). With
     fit_dataset (val), also signature_test: the global signatures fixed on fit_dataset and
     counted on `dataset` against shuffled labels (held_signatures, held_signatures_null_p95,
     held_signatures_p). With codebook_start (K, C), the shared codebook at the first quantized
@@ -438,6 +440,8 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
                               codebook.shape[0])
         res.update(held_signatures=test["count"], held_signatures_null_p95=test["null_p95"],
                    held_signatures_p=test["p_value"], held_signatures_fit_count=test["fit_count"])
+    if out_dir is None:
+        return res
     single = ~collected["multi"]                                        # (B,)
     tokens = collected["tokens"][single]                                # (single-source clips, N, C)
     cats = collected["sounding"][single].argmax(1) + 1                  # (single-source clips,) class ids
@@ -455,6 +459,39 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
                     np.zeros((0, local.shape[-1])), os.path.join(out_dir, "tokens_local.png"),
                     data.voc_palette(256), names=dataset.class_names)
     return res
+
+
+def diagnose_run(checkpoint_path: str, out_dir: str | None, device="cpu") -> dict:
+    """The diagnostics of a finished synthetic run, from one of its checkpoints (best.pt).
+
+    The model of the checkpoint (predict.load_model: its weights, the quantizer in warm-up if
+    the checkpoint was saved during it) on the run's own test and val splits (train.make_dataset
+    with the run's config: its seed and --eval-clips), with the codebook of the first quantized
+    step from codebook_start.pt beside the checkpoint where the run wrote one (the drift; none
+    before the end of the warm-up, or for a model without a codebook). write_diagnostics on test,
+    with the signatures' test against chance fitted on val. With out_dir, also writes
+    tokens.png, tokens_local.png and diagnostics.json there (diagnostics.json: the whole dict;
+    none when it is empty). Returns the dict, {} for a model without global tokens (the Table 2
+    baseline). tools/ablate.py calls this on every finished run; the command line too. UserError
+    for a bad checkpoint or a run on another dataset.
+    """
+    import train
+    device = torch.device(device)
+    model, cfg, _ = predict.load_model(checkpoint_path, device)
+    if cfg.dataset != "synthetic":
+        raise train.UserError(f"{checkpoint_path} is a {cfg.dataset} run; the diagnostics need the "
+                              f"synthetic benchmark's ground truth of which categories sound")
+    test = train.make_dataset(cfg, "test", train=False)      # the run's own seed and clip count
+    val = train.make_dataset(cfg, "val", train=False)
+    start = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), train.CODEBOOK_START)
+    codebooks = torch.load(start, weights_only=True)["codebooks"] if os.path.isfile(start) else []
+    start = codebooks[0].float().numpy() if codebooks else None  # (K, C) the shared codebook then
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+    diag = write_diagnostics(model, test, device, out_dir, fit_dataset=val, codebook_start=start)
+    if diag and out_dir is not None:
+        train.write_json(os.path.join(out_dir, "diagnostics.json"), diag)
+    return diag
 
 
 # ----------------------------------------------------------------------------------------------
@@ -622,9 +659,8 @@ def main(argv=None) -> int:
     import argparse
 
     import train
-    from sqd import SQD, ModelConfig
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("checkpoint", help="a train.py checkpoint (last.pt or best.pt) of a synthetic run")
+    p.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt) of a synthetic run")
     p.add_argument("--out", default=None, help="also write diagnostics.json and the PNGs here "
                                               "(with --clip: the folder of the picture)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -635,34 +671,23 @@ def main(argv=None) -> int:
                    help="with --clip: the run's diagnostics.json, whose signatures name the tokens "
                         "(default: beside the checkpoint)")
     args = p.parse_args(argv)
-    if args.clip is not None:
-        try:
-            return draw_clip(args)
-        except train.UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
     try:
-        ckpt = train.load_checkpoint(args.checkpoint)
-        cfg = train.TrainConfig(**train.saved_train_config(ckpt, args.checkpoint))
+        if args.clip is not None:
+            return draw_clip(args)
+        res = diagnose_run(args.checkpoint, args.out, args.device)
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.dataset != "synthetic":
-        print(f"error: {args.checkpoint} is a {cfg.dataset} run; the diagnostics need the synthetic "
-              f"benchmark's ground truth of which categories sound", file=sys.stderr)
-        return 2
-    model = SQD(ModelConfig(**ckpt["config"]["model"])).to(args.device)
-    model.load_state_dict(ckpt["model"])
-    model.set_quantizer_warmup(ckpt["state"]["step"] < (cfg.quant_warmup_steps or 0))
-    test = train.make_dataset(cfg, "test", train=False)      # the run's own seed and clip count
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        res = write_diagnostics(model, test, args.device, args.out)
-        train.write_json(os.path.join(args.out, "diagnostics.json"), res)
-    else:
-        collected = collect(model, test, args.device)
-        res = summarise(collected, model.vq.codebook.shape[0]) if collected else {}
+    if not res:
+        print(f"{args.checkpoint}: the model has no global tokens (no GSD): nothing to diagnose")
+        return 0
+    if "drift_mean" not in res:
+        print(f"no {train.CODEBOOK_START} beside the checkpoint (a run writes it when the quantizer "
+              f"warm-up ends): no codebook drift")
+    # the summary numbers; the tables (category x codeword) are in diagnostics.json
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1))
+    if args.out:
+        print(f"wrote {os.path.join(args.out, 'diagnostics.json')}, tokens.png, tokens_local.png")
     return 0
 
 
