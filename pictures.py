@@ -1,28 +1,46 @@
-"""Pictures: class colours, panels scaled up, title lines with colour swatches, GIFs.
+"""Pictures: class colours, panels scaled up, title lines with colour swatches, GIFs, and the
+picture of a synthetic clip with its tokens.
 
 What this file teaches
     How a segmentation is shown so that a student can read it: class id c is drawn in row c of the
     AVSS (PASCAL-VOC) palette, the colours the AVSBench label PNGs use; small frames are scaled up
     by whole factors (nearest neighbour, so every pixel of the prediction stays visible); a title
     line names each class next to a swatch of its colour. predict.py draws a clip's overlays with
-    these functions, train.py its evaluation overlays, tools/diagnostics.py its clip pictures.
-    Nothing here runs a model or imports another file of the repository but data.py (the palette).
+    these functions, train.py its evaluation overlays.
+
+    And how to look at what the model did with the sound of one synthetic clip: per frame, the
+    frame, the log-mel of its second, the ground truth, the prediction (eq. 11) and the codeword
+    each local token l_{i,t} chose, with the class the token predicts (synthetic_picture).
+    train.py draws a few clips so at the end of a synthetic run (write_clip_pictures). The
+    category a codeword is the *signature* of comes from the lab's codebook diagnostics;
+    tools/diagnostics.py --clip SPLIT:INDEX draws any clip with its tokens so named.
+
+    The drawing functions run no model and use no other file of the repository but data.py (the
+    palette); the clip picture runs the model once on the clip and applies eq. 11 (sqd.run_clip,
+    sqd.label_map). This file never imports predict.py or train.py, which import it.
 
 Reading order
     PALETTE, colour_ids, overlay (class colours on a frame); scale_up, titled, caption, stack
-    (panels and title lines); save_gif; font.
+    (panels and title lines); save_gif; font; then the synthetic clip: synthetic_picture (with
+    spectrogram and token_names), write_synthetic_pictures (its PNG and GIF), write_clip_pictures
+    (the clips a synthetic run draws).
 
 Shape alphabet (the repository's one shape alphabet: docs/shapes.md): H, W a panel's size, Hn, Wn
-a frame's own size.
+a frame's own size; in the clip picture T frames, N semantic tokens, Kc foreground classes (the
+categories, class ids 1..Kc); a log-mel example is 96 x 64 (time steps x mel bands); side: a
+panel's side in the picture.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+from sqd import label_map, run_clip
 
 MIN_PANEL = 256          # pictures scale every panel up (nearest neighbour) to at least this size
 PALETTE = data.voc_palette(256)  # (256, 3) the AVSS (PASCAL-VOC) colours; row j is class id j
@@ -112,3 +130,150 @@ def font(size: int = 14):
         return ImageFont.load_default(size=size)
     except TypeError:  # older Pillow: the fixed bitmap font
         return ImageFont.load_default()
+
+
+# ----------------------------------------------------------------------------------------------
+# A synthetic clip drawn with its tokens: what a student looks at to see decomposition work or fail
+# ----------------------------------------------------------------------------------------------
+def synthetic_picture(model, dataset, index: int, class_names: list, signatures: list | None,
+                      device, amp: bool = False) -> tuple[Image.Image, list, dict]:
+    """Clip `index` of a synthetic split, run through the model and drawn.
+
+    One row per frame: the frame | the log-mel of its second | the ground truth | the prediction
+    (eq. 11) | the N local tokens' codewords l_{i,t} -> VQ, each with the class the token
+    predicts and, given signatures (see token_names), the category its codeword is the signature
+    of. The clip runs through the model in one pass (sqd.run_clip: a synthetic clip is short).
+    Returns (the picture, one picture per frame for a GIF, layout): layout maps each panel name
+    to its T boxes (x0, y0, x1, y1) in the picture, for tests.
+    """
+    item = dataset[index]                                              # the clip as data.py gives it
+    T = item["frames"].shape[0]
+    out = run_clip(model, item["frames"], item["audio"], device, amp)
+    size = tuple(item["labels"].shape[-2:])                            # (H, W)
+    pred = [label_map(out["pred_logits"][t], out["pred_masks"][t], size) for t in range(T)]  # T x (H, W)
+    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]             # (3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD)[:, None, None]               # (3, 1, 1)
+    log_mel = item["audio"][:, 0].numpy()                              # (T, 96, 64)
+    lo, hi = np.percentile(log_mel, 1), np.percentile(log_mel, 99.5)
+    sounding = np.asarray(item["meta"]["sounding"], dtype=bool)        # (T, Kc)
+    side = item["frames"].shape[-1] * max(1, math.ceil(MIN_PANEL / item["frames"].shape[-1]))
+    panel_names = ["frame", "log-mel of its second", "ground truth", "prediction", "tokens"]
+    f = font(13)
+    rows, layout = [], {name: [] for name in panel_names}
+    for t in range(T):
+        frame = ((item["frames"][t] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+                 * 255).round().astype(np.uint8)                       # (H, W, 3)
+        spec = np.asarray(Image.fromarray(spectrogram(log_mel[t], lo, hi)).resize(
+            (side, side), Image.NEAREST))                              # (side, side, 3)
+        panels = [scale_up(frame, side), spec, scale_up(colour_ids(item["labels"][t].numpy()), side),
+                  scale_up(colour_ids(pred[t]), side)]
+        # the tokens panel: codeword, the category it is the signature of, what the token predicts
+        text_panel = Image.new("RGB", (int(side * 1.4), side), (255, 255, 255))
+        draw = ImageDraw.Draw(text_panel)
+        if out["codes"] is None:
+            draw.text((8, 8), "no semantic tokens (no GSD, no LSD)", fill=(0, 0, 0), font=f)
+        else:
+            codes = out["codes"][t].tolist()
+            owners = token_names(codes, signatures, class_names)
+            prob = out["pred_logits"][t].sigmoid()                     # (N, Kc)
+            line = max(15, min(34, (side - 8) // (2 * len(codes))))
+            for i, (k, owner) in enumerate(zip(codes, owners)):
+                y = 6 + 2 * line * i
+                colour = (PALETTE[class_names.index(owner)] if owner in class_names[1:]
+                          else np.array([255, 255, 255]))
+                if owner is not None:                                  # a swatch of the category named
+                    draw.rectangle([8, y + 2, 20, y + 14], fill=tuple(int(v) for v in colour),
+                                   outline=(0, 0, 0))
+                named = "" if owner is None else f" = {owner}"
+                draw.text((26, y), f"token {i}: codeword {k}{named}", fill=(0, 0, 0), font=f)
+                p, c = prob[i].max(0)
+                says = (f"predicts {class_names[int(c) + 1]} {float(p):.2f}" if p >= 0.1
+                        else f"predicts nothing (best {float(p):.2f})")
+                draw.text((26, y + line - 2), says, fill=(90, 90, 90), font=f)
+        images = [Image.fromarray(p) for p in panels] + [text_panel]
+        heard = [c + 1 for c in np.nonzero(sounding[t])[0]]
+        seen = [int(c) for c in np.unique(pred[t]) if c > 0]
+        title = caption(side * 4 + text_panel.width + 4 * 6, [
+            [(f"frame {t}   sounding: ", None)] + [(class_names[c] + "  ", PALETTE[c]) for c in heard]
+            + ([("nothing  ", None)] if not heard else []) + [("   predicted: ", None)]
+            + [(class_names[c] + "  ", PALETTE[c]) for c in seen] + ([("nothing", None)] if not seen else [])])
+        rows.append(stack([title, stack(images, horizontal=True, gap=6)]))
+    tokens = ("the local tokens' codewords, named by the category each is the signature of (none: "
+              "shared or nobody's)" if signatures is not None else
+              "the local tokens' codewords and the class each predicts")
+    clip_title = caption(rows[0].width, [
+        [(f"{item['meta']['clip']}, the benchmark of seed {dataset.seed}", None)],
+        [("panels: " + " | ".join(panel_names[:4]) + " | " + tokens, None)]])
+    picture = stack([clip_title] + rows, gap=4)
+    y = clip_title.height + 4
+    for row in rows:
+        x, top = 0, y + row.height - side
+        for name, width in zip(panel_names, [side] * 4 + [text_panel.width]):
+            layout[name].append((x, top, x + width, top + side))
+            x += width + 6
+        y += row.height + 4
+    return picture, [stack([clip_title, row]) for row in rows], layout
+
+
+def spectrogram(log_mel: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """One log-mel example (96 frames, 64 bands) -> (64, 96, 3) uint8: time left to right, low
+    bands at the bottom, values from lo (dark blue) over red to hi (yellow)."""
+    v = np.clip((log_mel.T[::-1] - lo) / max(hi - lo, 1e-6), 0, 1)    # (64, 96) in [0, 1]
+    anchors = np.array([[10, 10, 60], [150, 30, 90], [230, 90, 40], [250, 230, 100]], np.float64)  # (4, 3)
+    x = v * (len(anchors) - 1)                                         # (64, 96)
+    k = np.minimum(x.astype(int), len(anchors) - 2)                    # (64, 96) segment index
+    frac = (x - k)[..., None]                                          # (64, 96, 1)
+    return ((1 - frac) * anchors[k] + frac * anchors[k + 1]).round().astype(np.uint8)  # (64, 96, 3)
+
+
+def token_names(codes: list, signatures: list | None, class_names: list) -> list[str | None]:
+    """The category each token's codeword is the signature of, per token index i.
+
+    codes: N codeword ids of one frame; signatures: N lists of Kc codewords (the diagnostics.json
+    'local_signature_codeword_per_index' of tools/diagnostics.py, -1: none) or None. A codeword
+    that is the signature of exactly one category names it; one shared by several, or nobody's,
+    is "none"; without signatures every token is None (not named).
+    """
+    if signatures is None:
+        return [None] * len(codes)
+    names = []
+    for i, k in enumerate(codes):
+        owners = [c + 1 for c, sig in enumerate(signatures[i]) if sig == k]
+        names.append(class_names[owners[0]] if len(owners) == 1 else "none")
+    return names
+
+
+def write_synthetic_pictures(out_dir: str, model, dataset, indices: list, class_names: list,
+                             signatures: list | None, device, amp: bool = False) -> list[str]:
+    """clip_{split}_{index}.png and .gif for each index, drawn first, then each file written
+    atomically (temporary name, then rename); returns the PNG paths."""
+    drawn = [(index, *synthetic_picture(model, dataset, index, class_names, signatures, device,
+                                        amp)[:2]) for index in indices]
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    for index, picture, frames in drawn:
+        base = os.path.join(out_dir, f"clip_{dataset.split}_{index}")
+        for suffix, save in ((".png", lambda p: picture.save(p, format="PNG")),
+                             (".gif", lambda p: save_gif(frames, p))):
+            tmp = f"{base}.tmp{os.getpid()}{suffix}"
+            save(tmp)
+            os.replace(tmp, base + suffix)
+        written.append(base + ".png")
+    return written
+
+
+def write_clip_pictures(model, eval_sets: dict, device, out_dir: str, limit: int,
+                        amp: bool = False) -> None:
+    """A synthetic run's clip pictures (synthetic_picture), up to `limit` (train.py --num-overlays):
+    a single- and a multi-source clip of test, then test-unseen clips. train.py calls this at the
+    end of a synthetic run; its tokens are named by codeword and prediction, not by category (the
+    signatures need the lab's diagnostics: tools/diagnostics.py --clip draws them named)."""
+    test = eval_sets["test"]
+    multi = [bool(test[i]["meta"]["multi_source"]) for i in range(min(8, len(test)))]
+    picks = [("test", multi.index(m)) for m in (False, True) if m in multi]
+    picks += [("test-unseen", i) for i in range(2) if "test-unseen" in eval_sets]
+    model.eval()
+    for split, index in picks[:limit]:
+        write_synthetic_pictures(out_dir, model, eval_sets[split], [index], test.class_names,
+                                 None, device, amp)
+    model.train()

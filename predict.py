@@ -8,8 +8,8 @@ What this file teaches
          resized to the square img_size and ImageNet-normalised, one 0.96 s VGGish log-mel
          example per frame built, cut and padded the way that dataset's reader does it (data.py:
          frame_tensor, clip_examples, seconds_needed, pad_examples);
-      3. one forward pass over the whole clip (sqd.SQD takes any number of frames);
-      4. eq. (11) (sqd.segment) at each frame's own size: a class-id PNG in the AVSS palette, an
+      3. one forward pass over the whole clip (sqd.run_clip; sqd.SQD takes any number of frames);
+      4. eq. (11) (sqd.label_map, sqd.segment) at each frame's own size: a class-id PNG in the AVSS palette, an
          overlay, a GIF and predictions.json (the sounding classes per frame, with scores).
 
     python predict.py --checkpoint runs/RUN/best.pt --frames DIR --audio clip.wav --out DIR
@@ -22,7 +22,7 @@ What this file teaches
 
 Reading order
     load_model, then the clip: list_frames, read_frames, read_audio; the model: run_model (one
-    pass, or chunks for a long clip), label_map and frame_classes (eq. 11 and the scores),
+    pass, or chunks for a long clip), sqd.label_map and frame_classes (eq. 11 and the scores),
     write_clip (the files, drawn with pictures.py); main at the end.
 
 Shape alphabet (the repository's one shape alphabet: docs/shapes.md): T frames of the clip (T'
@@ -52,7 +52,7 @@ from PIL import Image
 import data
 import train
 from pictures import PALETTE, overlay, save_gif, titled
-from sqd import SQD, ModelConfig, foreground_probability, segment
+from sqd import SQD, ModelConfig, label_map, run_clip
 from train import UserError
 
 MAX_FRAMES = 60          # frames in one pass; a longer clip runs in chunks of at most this many
@@ -172,7 +172,7 @@ def read_audio(path: str, T: int, dataset: str, pad: bool = False) -> tuple[torc
 @torch.no_grad()
 def run_model(model: SQD, frames: torch.Tensor, audio: torch.Tensor, device, amp: bool = False,
               max_frames: int = MAX_FRAMES) -> dict:
-    """The whole clip in one pass, or in chunks of at most max_frames frames.
+    """The whole clip in one pass, or in chunks of at most max_frames frames (sqd.run_clip each).
 
     frames (T, 3, H, W), audio (T, 1, 96, 64). Returns pred_logits (T, N, Kc), pred_masks
     (T, N, h, w) float32 on the CPU, codes (T, N) int64 (the local tokens' codewords; the
@@ -184,34 +184,13 @@ def run_model(model: SQD, frames: torch.Tensor, audio: torch.Tensor, device, amp
     chunks = list(zip(edges[:-1], edges[1:]))
     logits, masks, codes = [], [], []
     for start, end in chunks:
-        batch = {"frames": frames[None, start:end].to(device),         # (1, T', 3, H, W)
-                 "audio": audio[None, start:end].to(device),           # (1, T', 1, 96, 64)
-                 "frame_valid": torch.ones(1, end - start, dtype=torch.bool, device=device)}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(batch)
-        logits.append(out["pred_logits"][0].float().cpu())             # (T', N, Kc)
-        masks.append(out["pred_masks"][0].float().cpu())               # (T', N, h, w)
-        if "local" in out["indices"]:
-            codes.append(out["indices"]["local"][0].cpu())             # (T', N)
-        elif "global" in out["indices"]:                               # one set for the chunk
-            codes.append(out["indices"]["global"][0].cpu().expand(end - start, -1))  # (T', N)
+        out = run_clip(model, frames[start:end], audio[start:end], device, amp)  # T' frames
+        logits.append(out["pred_logits"])                              # (T', N, Kc)
+        masks.append(out["pred_masks"])                                # (T', N, h, w)
+        if out["codes"] is not None:                                   # one set a chunk without LSD
+            codes.append(out["codes"])                                 # (T', N)
     return {"pred_logits": torch.cat(logits), "pred_masks": torch.cat(masks),   # (T, N, Kc), (T, N, h, w)
             "codes": torch.cat(codes) if codes else None, "chunks": chunks}
-
-
-def label_map(logits: torch.Tensor, masks: torch.Tensor, size: tuple[int, int],
-              class_threshold: float = 0.1, mask_threshold: float = 0.5) -> np.ndarray:
-    """One frame's class ids at `size` (Hn, Wn): eq. (11) (sqd.segment) for semantic models; for
-    a binary one (Kc = 1, S4/MS3) foreground probability > 0.5, as the metrics threshold it.
-
-    logits (N, Kc), masks (N, h, w) mask logits. Returns (Hn, Wn) int64, 0 = background.
-    """
-    if logits.shape[-1] == 1:
-        fg = foreground_probability(logits[None, None], masks[None, None], size)  # (1, 1, Hn, Wn)
-        return (fg[0, 0] > 0.5).long().numpy()                                    # (Hn, Wn)
-    ids = segment(logits[None, None], masks[None, None], size, class_threshold,
-                  mask_threshold)                                                 # (1, 1, Hn, Wn) eq. (11)
-    return ids[0, 0].numpy()                                                      # (Hn, Wn)
 
 
 def frame_classes(logits: torch.Tensor, ids: np.ndarray, class_names: list) -> list[dict]:

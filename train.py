@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Sampler
 import data
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, track_batch
-from pictures import PALETTE, colour_ids, titled
+from pictures import PALETTE, colour_ids, titled, write_clip_pictures
 import pretrain
 from pretrained import InitWeightsError, atomic_save, format_table, load_init_weights
 from quantize import CollapseWatch, codebook_stats
@@ -472,26 +472,17 @@ def run(cfg: TrainConfig) -> int:
     if main_proc:
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
         if cfg.dataset == "synthetic" and "test" in eval_sets:
-            # a look inside the codebook (tools/diagnostics.py): diagnostics.json, tokens.png,
-            # tokens_local.png and the clip pictures clip_*.png, .gif
-            from tools import diagnostics  # the lab tool, loaded only here: predict.py never loads it
-            start = os.path.join(out_dir, CODEBOOK_START)  # written at the first quantized step
-            codebooks = torch.load(start, weights_only=True)["codebooks"] if os.path.isfile(start) else []
-            start = codebooks[0].float().numpy() if codebooks else None  # (K, C) the shared codebook then
-            diag = diagnostics.write_diagnostics(model, eval_sets["test"], device, out_dir,
-                                                 fit_dataset=eval_sets.get("val"), codebook_start=start)
-            if diag:
-                write_json(os.path.join(out_dir, "diagnostics.json"), diag)
-                # the summary numbers; the tables (category x codeword) stay in diagnostics.json
-                results["codebook"] = {k: v for k, v in diag.items() if not isinstance(v, list)}
             # a single- and a multi-source test clip, then test-unseen ones: each frame with the
-            # codeword each local token chose, named by the category it is the signature of
-            diagnostics.write_clip_pictures(model, eval_sets, diag, device, out_dir, cfg.num_overlays,
-                                            cfg.amp)
+            # codeword each local token chose and what the token predicts (clip_*.png, .gif)
+            write_clip_pictures(model, eval_sets, device, out_dir, cfg.num_overlays, cfg.amp)
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
         redraw_curves(ctx, log_path)
         print(summary(results))
+        if cfg.dataset == "synthetic" and model_cfg.use_gsd:  # the diagnostics need global tokens
+            # the codebook diagnostics are a lab tool (tools/diagnostics.py): the run names the command
+            print(f"a look inside the codebook: python tools/diagnostics.py "
+                  f"{os.path.join(out_dir, 'best.pt')} --out {out_dir}")
     if world > 1:
         dist.destroy_process_group()
     return 0
@@ -792,7 +783,7 @@ def evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
     for name, ds in eval_sets.items():
         if name == "val" and len(eval_sets) > 1:
             continue
-        # synthetic runs draw richer pictures of a few clips instead (diagnostics.write_clip_pictures)
+        # synthetic runs draw richer pictures of a few clips instead (pictures.write_clip_pictures)
         overlays = main_proc and out_dir is not None and cfg.dataset != "synthetic"
         results[name] = evaluate(cfg, model, ds, name, device, rank, world,
                                  overlay_dir=out_dir if overlays else None)

@@ -7,7 +7,8 @@ import train
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
-    """A synthetic run of 2 steps (last.pt, diagnostics.json), trained once for the session:
+    """A synthetic run of 2 steps (last.pt, best.pt, one clip picture; no diagnostics.json, which
+    tests/test_diagnostics.py writes with tools/diagnostics.py), trained once for the session:
     tests/test_predict.py and tests/test_diagnostics.py read it and write only new names into it."""
     run = tmp_path_factory.mktemp("run")
     commands.run(train.main, "--max-steps", "2", "--out", run, "--img-size", "32", "--train-clips", "8",

@@ -1,7 +1,10 @@
 """tools/ablate.py: rows aggregate to mean +- std over seeds (hand values); the tables; merging sittings;
-a missing report."""
+a missing report; a finished run collected with its codebook diagnostics."""
+import json
+import shutil
 import subprocess
 import sys
+import time
 
 from tools import ablate
 
@@ -22,6 +25,26 @@ def test_aggregate_mean_and_sample_std_by_hand():
     assert "test-unseen mIoU" not in rows["full"]           # no value, no cell
     text = ablate.tables(rows)
     assert "| +SC (full SQD) | 0.350 ± 0.071 |" in text and "| baseline | 0.200 ± 0.000 |" in text
+
+
+def test_a_finished_run_is_collected_with_the_diagnostics_of_its_best_checkpoint(run_dir, tmp_path):
+    run = tmp_path / "full-s0"
+    shutil.copytree(run_dir, run)                   # the shared run stays without diagnostics.json
+    for name in run.glob("diagnostics.json"):
+        name.unlink()
+    collected = ablate.collect_run(dict(out=str(run), name="full", seed=0, start=time.time()))
+    diag = json.loads((run / "diagnostics.json").read_text())   # written by the diagnostics
+    assert (run / "tokens.png").is_file() and "local_signature_codeword_per_index" in diag
+    # the run's "codebook": the summary numbers of its diagnostics.json, where the columns read them
+    summary = {k: v for k, v in diag.items() if not isinstance(v, list)}
+    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # noqa: E731 (NaN too)
+    assert same(collected["codebook"], summary)
+    assert "held_signatures" in collected["codebook"]            # val and test, as train.py had it
+    for col, (split, key) in ablate.COLUMNS.items():
+        if split == "codebook":
+            assert same(collected["metrics"][col], diag.get(key)), col
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert collected["metrics"]["test mIoU"] == metrics["test"]["miou_official"]
 
 
 def test_codebook_column_falls_back_to_the_runs_stored_diagnostics():

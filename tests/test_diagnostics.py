@@ -1,6 +1,8 @@
 """tools/diagnostics.py: the category x codeword table, signatures and decomposition recall against
-hand-computed values on a hand-built set of clips; the token picture; the clip picture against the
-labels data.py gives (on a checkpoint trained for 2 steps in the tests themselves)."""
+hand-computed values on a hand-built set of clips; the token picture; the clip picture
+(pictures.synthetic_picture) against the labels data.py gives, as python train.py draws it and as
+the command line draws it with the tokens named (on a checkpoint trained for 2 steps in the tests
+themselves)."""
 import os
 import subprocess
 import sys
@@ -15,9 +17,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import predict  # noqa: E402
 import synthetic  # noqa: E402
 from fixtures import voc_colour  # noqa: E402
+from pictures import synthetic_picture, token_names  # noqa: E402
 from tools.diagnostics import (category_code_table, decomposition_recall, frame_recall,  # noqa: E402
                                own_signatures, read_signatures, scatter_png, signature_test,
-                               signatures, summarise, synthetic_picture, token_names)
+                               signatures, summarise)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -193,7 +196,8 @@ def test_command_line_on_a_missing_checkpoint_is_one_clear_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# The clip picture (6.): python train.py draws it at the end of a synthetic run
+# The clip picture (6.): python train.py draws it at the end of a synthetic run (codewords not
+# named by category), the command line draws any clip with the run's signatures
 # ----------------------------------------------------------------------------------------------
 def diagnostics_cli(*args):
     return subprocess.run([sys.executable, "tools/diagnostics.py", *map(str, args)], cwd=ROOT,
@@ -208,12 +212,16 @@ def test_token_names_by_hand():
     names = ["background", "dog", "car", "bell"]
     assert token_names([3, 9], sig, names) == ["none", "bell"]
     assert token_names([5, 1], sig, names) == ["car", "none"]
-    assert token_names([5, 1], None, names) == ["?", "?"]
+    assert token_names([5, 1], None, names) == [None, None]          # not named: no "= ?"
 
 
 def test_synthetic_picture_ground_truth_panel_equals_the_labels_of_data_py(run_dir, tmp_path):
     model, cfg, names = predict.load_model(str(run_dir / "last.pt"), torch.device("cpu"))
     dataset = synthetic.SyntheticAVS("test-unseen", img_size=32, seed=0)   # the run's benchmark
+    # python train.py writes no diagnostics.json; the command line does, beside the checkpoint
+    assert not (run_dir / "diagnostics.json").exists()
+    proc = diagnostics_cli(run_dir / "last.pt", "--out", run_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     sig, _ = read_signatures(str(run_dir / "diagnostics.json"))
     assert sig is not None and len(sig) == model.cfg.num_tokens
     picture, gif_frames, layout = synthetic_picture(model, dataset, 17, names, sig, torch.device("cpu"))
@@ -226,6 +234,14 @@ def test_synthetic_picture_ground_truth_panel_equals_the_labels_of_data_py(run_d
         assert step * 32 >= 256 and (x1 - x0, y1 - y0) == (32 * step, 32 * step)
         panel = array[y0:y1:step, x0:x1:step]                           # (32, 32, 3)
         assert np.array_equal(panel, palette[labels[t]]), t
+    # without signatures (python train.py's pictures) only the tokens panel and the clip's title
+    # line differ: the same frames, log-mel, ground truth and prediction
+    plain, _, plain_layout = synthetic_picture(model, dataset, 17, names, None, torch.device("cpu"))
+    plain = np.asarray(plain)
+    for name in ("frame", "log-mel of its second", "ground truth", "prediction", "tokens"):
+        for (x0, y0, x1, y1), (u0, v0, u1, v1) in zip(layout[name], plain_layout[name]):
+            same = np.array_equal(array[y0:y1, x0:x1], plain[v0:v1, u0:u1])
+            assert same == (name != "tokens"), name
     # the command line writes this picture (and its GIF) beside the checkpoint by default
     proc = diagnostics_cli(run_dir / "last.pt", "--clip", "test-unseen:17")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -233,3 +249,17 @@ def test_synthetic_picture_ground_truth_panel_equals_the_labels_of_data_py(run_d
     assert Image.open(run_dir / "clip_test-unseen_17.gif").n_frames == labels.shape[0]
     proc = diagnostics_cli(run_dir / "last.pt", "--clip", "test-unseen:99999")
     assert proc.returncode == 2 and "has clips 0.." in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_clip_picture_of_python_train_py_is_synthetic_picture_without_signatures(run_dir):
+    # train.py --num-overlays 1: the first single-source clip of its test split (4 clips), drawn
+    # with best.pt's model and no signatures
+    pictures = sorted(run_dir.glob("clip_test_*.png"))
+    assert len(pictures) == 1, pictures
+    index = int(pictures[0].stem.rpartition("_")[2])
+    dataset = synthetic.SyntheticAVS("test", img_size=32, seed=0, num_clips=4)
+    assert not dataset[index]["meta"]["multi_source"]
+    assert all(dataset[i]["meta"]["multi_source"] for i in range(index))
+    model, cfg, names = predict.load_model(str(run_dir / "best.pt"), torch.device("cpu"))
+    picture, _, _ = synthetic_picture(model, dataset, index, names, None, torch.device("cpu"))
+    assert np.array_equal(np.asarray(Image.open(pictures[0]).convert("RGB")), np.asarray(picture))

@@ -1,9 +1,11 @@
 """Tests of predict.py: a clip of one's own end to end, eq. (11) on a hand-built model output,
-the audio built exactly as the readers build it, every bad input (exit code 2, nothing written).
-(The synthetic clip's picture is tools/diagnostics.py's: tests/test_diagnostics.py.)
+the audio built exactly as the readers build it, every bad input (exit code 2, nothing written);
+no top-level file imports the lab tools, and none imports another in a circle.
+(The synthetic clip's picture is pictures.py's: tests/test_diagnostics.py.)
 
 The checkpoint is trained for 2 steps in the tests themselves (synthetic, CPU preset, 32 px).
 """
+import ast
 import json
 import os
 import subprocess
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import commands  # noqa: E402
 import data  # noqa: E402
 import predict  # noqa: E402
+import sqd  # noqa: E402
 import synthetic  # noqa: E402
 from fixtures import RunsCode, tone_wav, voc_colour, write_avss  # noqa: E402
 
@@ -129,8 +132,8 @@ def test_hand_built_output_gives_the_hand_computed_png(tmp_path):
     # binary model (Kc = 1): foreground max_i P_i M_i > 0.5. Token 0 (P = sigmoid(3) = 0.9526)
     # covers columns 0-3 (0.9526 * sigmoid(5) = 0.946 there, 0.9526 * sigmoid(-5) = 0.006 in
     # column 4); token 1 (P = sigmoid(-3) = 0.047) covers everything but never reaches 0.5.
-    binary = predict.label_map(torch.tensor([[3.0], [-3.0]]),
-                               torch.stack([masks[0, 0], torch.full((2, 3), 10.0)]), (4, 6))
+    binary = sqd.label_map(torch.tensor([[3.0], [-3.0]]),
+                           torch.stack([masks[0, 0], torch.full((2, 3), 10.0)]), (4, 6))
     assert np.array_equal(binary, (expected.clip(0, 1) * (np.arange(6) < 4)).astype(np.int64))
 
 
@@ -255,3 +258,47 @@ def test_predict_does_not_load_the_lab_tools():
                            "('diagnostics', 'ablate', 'bench') if m in sys.modules))"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def top_level_imports(root=ROOT) -> dict:
+    """Every top-level .py file -> the modules it imports anywhere in it (a lazy import inside a
+    function too), read with ast."""
+    found = {}
+    for name in sorted(os.listdir(root)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(root, name)) as f:
+            tree = ast.parse(f.read(), name)
+        modules = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module)
+        found[name[:-3]] = modules
+    return found
+
+
+def test_no_top_level_file_imports_the_lab_tools():
+    imports = top_level_imports()
+    assert {"train", "predict", "pictures", "sqd"} <= set(imports)
+    offenders = {name: sorted(m for m in mods if m == "tools" or m.startswith("tools."))
+                 for name, mods in imports.items()}
+    assert not {k: v for k, v in offenders.items() if v}, offenders
+
+
+def test_the_top_level_files_import_each_other_without_a_circle():
+    imports = top_level_imports()
+    graph = {name: {m.split(".")[0] for m in mods} & set(imports) - {name}
+             for name, mods in imports.items()}
+    assert "train" in graph["predict"] and "pictures" in graph["train"]
+
+    def reachable(start):                                  # every file start imports, at any depth
+        seen, todo = set(), [start]
+        while todo:
+            for m in graph[todo.pop()] - seen:
+                seen.add(m)
+                todo.append(m)
+        return seen
+    circles = sorted(name for name in graph if name in reachable(name))
+    assert not circles, circles

@@ -44,11 +44,15 @@ def losses(run_dir):
 
 def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
     run = tmp_path / "run"
-    train("--max-steps", "3", "--out", str(run), *TINY)
-    for name in ("config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json",
-                 "diagnostics.json", "tokens.png", "tokens_local.png"):
+    proc = train("--max-steps", "3", "--out", str(run), *TINY)
+    for name in ("config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json"):
         assert (run / name).is_file(), name
-    # --num-overlays 2: a single- and a multi-source test clip, drawn by predict.py (PNG and GIF)
+    # the codebook diagnostics are the lab's (tools/diagnostics.py): the run names the command
+    for name in ("diagnostics.json", "tokens.png", "tokens_local.png"):
+        assert not (run / name).exists(), name
+    assert (f"a look inside the codebook: python tools/diagnostics.py {run / 'best.pt'} --out {run}"
+            in proc.stdout.splitlines())
+    # --num-overlays 2: a single- and a multi-source test clip, drawn by pictures.py (PNG and GIF)
     pictures = sorted(p.name for p in run.glob("clip_*"))
     assert len(pictures) == 4 and all(p.startswith("clip_test_") for p in pictures), pictures
     assert {p[:-4] for p in pictures if p.endswith(".gif")} == {p[:-4] for p in pictures if p.endswith(".png")}
@@ -677,11 +681,25 @@ def test_final_print_is_a_small_table_of_the_headline_numbers():
     assert summary(s4).splitlines()[1] == "  model: best.pt (step 26, epoch 2, no val score); it is the last model"
 
 
+# the keys of diagnostics.json (tools/diagnostics.py) for the full model past the warm-up
+DIAGNOSTICS_KEYS = {
+    "category_codeword_table", "clips", "decomposition_recall", "distinct_signatures", "drift_max",
+    "drift_mean", "drift_median", "duplicate_frame_rate", "duplicate_pairs",
+    "duplicate_pairs_equal_outputs", "frames_two_or_more_sounding", "global_codebook",
+    "held_signatures", "held_signatures_fit_count", "held_signatures_null_p95", "held_signatures_p",
+    "kept_duplicate_frame_rate", "local_codebook", "local_decomposition_recall",
+    "local_distinct_signatures", "local_frame_recall", "local_own_signatures",
+    "local_signature_codeword_per_index", "own_signatures", "signature_codeword",
+    "specific_signatures", "words_both", "words_global", "words_local", "words_neither"}
+
+
 def test_runs_past_the_warmup_write_codebook_start_and_its_drift_or_none_without_a_codebook(tmp_path):
     """A synthetic run that passes the end of the quantizer warm-up saves the codebook it starts
-    from and reports the drift from it; the Table 2 baseline has no codebook, saves none and still
-    finishes (it once failed reading an empty list at the end). A codebook_start.pt left in a
-    reused --out by an earlier run is not taken for this run's."""
+    from, and `tools/diagnostics.py RUN/best.pt --out RUN` reports the drift from it with every
+    other diagnostic (train.py computes none of them); the Table 2 baseline has no codebook,
+    saves none and still finishes (it once failed reading an empty list at the end), and has
+    nothing to diagnose. A codebook_start.pt left in a reused --out by an earlier run is not
+    taken for this run's."""
     for name, flags in (("full", []), ("baseline", ["--no-gsd", "--no-avsr", "--no-lsd"])):
         out = tmp_path / name
         out.mkdir()
@@ -689,9 +707,19 @@ def test_runs_past_the_warmup_write_codebook_start_and_its_drift_or_none_without
         train(*TINY, "--quant-warmup-steps", "1", "--max-steps", "2", "--out", str(out), *flags)
         start = out / "codebook_start.pt"
         metrics = json.loads((out / "metrics.json").read_text())
+        assert "codebook" not in metrics and not (out / "diagnostics.json").exists()
+        proc = subprocess.run([sys.executable, "tools/diagnostics.py", str(out / "best.pt"), "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
         if name == "full":
             saved = torch.load(start, weights_only=True)
             assert saved["step"] == 1 and saved["codebooks"][0].shape == (128, 64)
-            assert metrics["codebook"]["drift_max"] > 0                   # one quantized step moved it
+            diag = json.loads((out / "diagnostics.json").read_text())
+            assert set(diag) == DIAGNOSTICS_KEYS
+            assert diag["drift_max"] > 0                                  # one quantized step moved it
+            assert sum(diag["clips"].values()) == 4                      # the run's --eval-clips 4
+            assert (out / "tokens.png").is_file() and (out / "tokens_local.png").is_file()
+            assert '"drift_max"' in proc.stdout                           # the summary, printed
         else:
-            assert not start.exists() and "codebook" not in metrics
+            assert not start.exists() and not (out / "diagnostics.json").exists()
+            assert "no global tokens" in proc.stdout

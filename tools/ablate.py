@@ -31,8 +31,10 @@ runs were made by earlier versions; runs stored before groups existed are "v1/sc
 synthetic benchmark synthetic.py makes; the stored v1 groups are read and reported as they are (their
 runs are repeated by the code of git tag synthetic-v1).
 
-Output: results/runs/<benchmark>-<regime>/<row>-s<seed>/ (train.py's run directories),
-results/ablations.json (every run's metrics, config and code version; `rows`: per group, the mean
+Output: results/runs/<benchmark>-<regime>/<row>-s<seed>/ (train.py's run directories, each with
+the diagnostics.json, tokens.png and tokens_local.png of tools/diagnostics.py, which this file
+runs on the run's best.pt when the run has finished), results/ablations.json (every run's
+metrics, codebook diagnostics, config and code version; `rows`: per group, the mean
 +- std of every row; `hypotheses`: per group, the verdicts of HYPOTHESES) and the markdown tables
 on stdout, ready for the README. ablations.json accumulates: a run of (group, row, seed) replaces
 the earlier one of the same key, the others are kept, and `invocations` lists every command with
@@ -53,6 +55,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
@@ -61,6 +64,7 @@ if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
 import pretrain  # noqa: E402
 import synthetic  # noqa: E402
 import train  # noqa: E402
+from tools import diagnostics  # noqa: E402
 
 # name -> train.py flags. The full model appears once and fills a row of every table.
 ROWS = {
@@ -136,7 +140,8 @@ QUICK = ["baseline", "gsd", "gsd_avsr", "gsd_avsr_lsd", "full"]
 # stay within 10 CPU minutes): with 500, the split-to-split noise of one run's mIoU is well below
 # the seed spread (results/README.md, "Results on the synthetic benchmark").
 EVAL_CLIPS = 500
-# column -> (split in metrics.json, key)
+# column -> (split in metrics.json, key); "codebook": the summary numbers of the run's
+# diagnostics.json (collect_run)
 COLUMNS = {
     "test mIoU": ("test", "miou_official"),
     "test-unseen mIoU": ("test-unseen", "miou_official"),
@@ -212,19 +217,27 @@ def run_one(name: str, seed: int, out_root: str, extra: list[str], log_dir: str)
     return proc
 
 
-def collect_run(info: dict, series: str | None = None) -> dict:
-    """One finished run: its metrics (the COLUMNS), config and code version."""
+def collect_run(info: dict, series: str | None = None, device="cpu") -> dict:
+    """One finished run: its metrics (the COLUMNS), codebook diagnostics, config and code version.
+
+    The diagnostics (tools/diagnostics.py diagnose_run on the run's best.pt, on device) are
+    written to the run's diagnostics.json; their summary numbers are the run's "codebook" (None
+    for a model without global tokens), where the "codebook" columns read them."""
     with open(os.path.join(info["out"], "metrics.json")) as f:
         m = json.load(f)
     with open(os.path.join(info["out"], "config.json")) as f:
         config = json.load(f)
+    diag = diagnostics.diagnose_run(os.path.join(info["out"], "best.pt"), info["out"], device)
+    # the summary numbers; the tables (category x codeword) stay in the run's diagnostics.json
+    codebook = {k: v for k, v in diag.items() if not isinstance(v, list)} or None
+    m["codebook"] = codebook or {}
     values = {col: m.get(split, {}).get(key) for col, (split, key) in COLUMNS.items()}
     return dict(benchmark=config["train"].get("benchmark") or "v1",
                 audio_regime=REGIME,  # the only start this train.py makes
                 **({"series": series} if series else {}),
                 name=info["name"], seed=info["seed"], flags=ROWS[info["name"]],
                 time_s=round(time.time() - info["start"], 1), metrics=values,
-                codebook=m.get("codebook"), config=config, code_version=config.get("code_version"))
+                codebook=codebook, config=config, code_version=config.get("code_version"))
 
 
 def merge_runs(old: list[dict], new: list[dict]) -> list[dict]:
@@ -427,6 +440,9 @@ def main(argv=None) -> int:
             print(f"error: unknown rows {unknown}; expected some of {list(ROWS)}", file=sys.stderr)
             return 2
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
+    # the diagnostics of each finished run run here, with the threads and device of one run
+    torch.set_num_threads(threads)
+    diag_device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     benchmark = synthetic.SYNTHETIC_VERSION
     group_dir = f"{benchmark}-{REGIME}" + (f"-{args.series}" if args.series else "")
     common = (["--threads", str(threads), "--eval-clips", str(EVAL_CLIPS)]
@@ -461,7 +477,12 @@ def main(argv=None) -> int:
                     failed.append(tag)
                     print(f"FAILED {tag} (exit {proc.returncode}); see {log_dir}/{tag}.log", flush=True)
                     continue
-                runs.append(collect_run(proc.info, args.series))
+                try:
+                    runs.append(collect_run(proc.info, args.series, diag_device))
+                except Exception as e:  # its diagnostics failed: the run counts as failed, the rest go on
+                    failed.append(tag)
+                    print(f"FAILED {tag}: its diagnostics ({type(e).__name__}: {e})", flush=True)
+                    continue
                 r = runs[-1]
                 print(f"done {tag} in {r['time_s']:.0f} s: "
                       + ", ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items() if v is not None),

@@ -25,7 +25,8 @@ What this file teaches
          with the codewords as crosses, as in Fig. 6;
       6. the picture a student reads to see decomposition work or fail on one clip: per frame,
          the frame, the log-mel of its second, the ground truth, the prediction and the codeword
-         each local token l_{i,t} chose, named by the category it is the signature of.
+         each local token l_{i,t} chose, named by the category it is the signature of
+         (pictures.synthetic_picture, which python train.py draws without the names).
 
     A collapsed codebook fools a recall: when many categories share one signature codeword, a
     clip that chooses it "recovers" all of them. So every recall counts only categories whose
@@ -36,25 +37,26 @@ What this file teaches
     against the same number with the category labels shuffled (signature_test).
 
 Reading order: collect() (runs the model and gathers tokens, codes and categories), summarise()
-(the numbers 1-4), scatter_png() (the picture 5), synthetic_picture() (the picture 6). train.py
-calls write_diagnostics() at the end of a synthetic run, which draws tokens.png; train.py writes
-the returned dict to diagnostics.json, then calls write_clip_pictures() (clip_*.png and .gif).
+(the numbers 1-4), scatter_png() (the picture 5), write_diagnostics() (all of them on a split,
+tokens.png), diagnose_run() (a finished run's checkpoint on its own test and val splits, as the
+command line and tools/ablate.py run it), then draw_clip() (the picture 6, drawn by
+pictures.synthetic_picture with the signatures of read_signatures()). No top-level file imports
+this one: python train.py prints the command below at the end of a synthetic run.
 
-Usage on a finished run (the test split of the checkpoint's own seed, e.g. to add a measure to a
-run made before it existed), and the picture 6 of any clip of the run's benchmark:
-    python tools/diagnostics.py runs/synthetic-DATE/last.pt [--out DIR]
-    python tools/diagnostics.py runs/synthetic-DATE/last.pt --clip test-unseen:17
+Usage on a finished run (the test and val splits of the checkpoint's own seed and --eval-clips;
+the drift from codebook_start.pt beside the checkpoint), then the picture 6 of any clip of the
+run's benchmark, its tokens named with the signatures of the run's diagnostics.json:
+    python tools/diagnostics.py runs/synthetic-DATE/best.pt --out runs/synthetic-DATE
+    python tools/diagnostics.py runs/synthetic-DATE/best.pt --clip test-unseen:17
 
 Shapes (the repository's one shape alphabet: docs/shapes.md): B clips (a batch, or every clip
 collected from a split, as one batch), T frames, N semantic tokens, C model channels, K codewords,
-Kc foreground classes, the categories (class ids 1..Kc), H, W the image size; a log-mel example
-is 96 x 64 (time steps x mel bands). Subsets and other counts are words (single-source clips,
-seen categories, points, side: a panel's side in the picture).
+Kc foreground classes, the categories (class ids 1..Kc), h, w the mask resolution. Subsets and
+other counts are words (single-source clips, seen categories, points).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
@@ -68,8 +70,9 @@ if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
     sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
-import predict  # noqa: E402  (run_model, label_map: the clip pictures run the model as predict.py does)
-from pictures import MIN_PANEL, PALETTE, caption, colour_ids, font, save_gif, scale_up, stack  # noqa: E402
+import pictures  # noqa: E402  (the clip picture: synthetic_picture, write_synthetic_pictures)
+import predict  # noqa: E402  (load_model: the checkpoint's model as predict.py loads it)
+from pictures import font  # noqa: E402
 from quantize import codebook_stats  # noqa: E402
 
 
@@ -412,10 +415,11 @@ def _with_legend(img, class_ids: list, names: list, palette: np.ndarray):
     return out
 
 
-def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | None = None,
+def write_diagnostics(model, dataset, device, out_dir: str | None, max_clips: int | None = None,
                       fit_dataset=None, codebook_start: np.ndarray | None = None) -> dict:
-    """Collect on `dataset`, write out_dir/tokens.png (and tokens_local.png) and return the
-    summary dict for diagnostics.json (empty when the model has no global tokens). With
+    """Collect on `dataset`, write out_dir/tokens.png (and tokens_local.png; out_dir None: no
+    pictures) and return the summary dict for diagnostics.json (empty when the model has no
+    global tokens). With
     fit_dataset (val), also signature_test: the global signatures fixed on fit_dataset and
     counted on `dataset` against shuffled labels (held_signatures, held_signatures_null_p95,
     held_signatures_p). With codebook_start (K, C), the shared codebook at the first quantized
@@ -438,6 +442,8 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
                               codebook.shape[0])
         res.update(held_signatures=test["count"], held_signatures_null_p95=test["null_p95"],
                    held_signatures_p=test["p_value"], held_signatures_fit_count=test["fit_count"])
+    if out_dir is None:
+        return res
     single = ~collected["multi"]                                        # (B,)
     tokens = collected["tokens"][single]                                # (single-source clips, N, C)
     cats = collected["sounding"][single].argmax(1) + 1                  # (single-source clips,) class ids
@@ -457,112 +463,42 @@ def write_diagnostics(model, dataset, device, out_dir: str, max_clips: int | Non
     return res
 
 
-# ----------------------------------------------------------------------------------------------
-# A clip drawn with its tokens named (6.): what a student looks at to see decomposition work or fail
-# ----------------------------------------------------------------------------------------------
-def synthetic_picture(model, dataset, index: int, class_names: list, signatures: list | None,
-                      device, amp: bool = False) -> tuple[Image.Image, list, dict]:
-    """Clip `index` of a synthetic split, run through the model and drawn.
+def diagnose_run(checkpoint_path: str, out_dir: str | None, device="cpu") -> dict:
+    """The diagnostics of a finished synthetic run, from one of its checkpoints (best.pt).
 
-    One row per frame: the frame | the log-mel of its second | the ground truth | the prediction
-    (eq. 11) | the N local tokens' codewords l_{i,t} -> VQ, each with the category it is the
-    signature of (signatures: see token_names) and the class the token predicts.
-    Returns (the picture, one picture per frame for a GIF, layout): layout maps each panel name
-    to its T boxes (x0, y0, x1, y1) in the picture, for tests.
+    The model of the checkpoint (predict.load_model: its weights, the quantizer in warm-up if
+    the checkpoint was saved during it) on the run's own test and val splits (train.make_dataset
+    with the run's config: its seed and --eval-clips), with the codebook of the first quantized
+    step from codebook_start.pt beside the checkpoint where the run wrote one (the drift; none
+    before the end of the warm-up, or for a model without a codebook). write_diagnostics on test,
+    with the signatures' test against chance fitted on val. With out_dir, also writes
+    tokens.png, tokens_local.png and diagnostics.json there (diagnostics.json: the whole dict;
+    none when it is empty). Returns the dict, {} for a model without global tokens (the Table 2
+    baseline). tools/ablate.py calls this on every finished run; the command line too. UserError
+    for a bad checkpoint or a run on another dataset.
     """
-    item = dataset[index]                                              # the clip as data.py gives it
-    T = item["frames"].shape[0]
-    out = predict.run_model(model, item["frames"], item["audio"], device, amp)
-    size = tuple(item["labels"].shape[-2:])                            # (H, W)
-    pred = [predict.label_map(out["pred_logits"][t], out["pred_masks"][t], size) for t in range(T)]  # T x (H, W)
-    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]             # (3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD)[:, None, None]               # (3, 1, 1)
-    log_mel = item["audio"][:, 0].numpy()                              # (T, 96, 64)
-    lo, hi = np.percentile(log_mel, 1), np.percentile(log_mel, 99.5)
-    sounding = np.asarray(item["meta"]["sounding"], dtype=bool)        # (T, Kc)
-    side = item["frames"].shape[-1] * max(1, math.ceil(MIN_PANEL / item["frames"].shape[-1]))
-    panel_names = ["frame", "log-mel of its second", "ground truth", "prediction", "tokens"]
-    f = font(13)
-    rows, layout = [], {name: [] for name in panel_names}
-    for t in range(T):
-        frame = ((item["frames"][t] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-                 * 255).round().astype(np.uint8)                       # (H, W, 3)
-        spec = np.asarray(Image.fromarray(spectrogram(log_mel[t], lo, hi)).resize(
-            (side, side), Image.NEAREST))                              # (side, side, 3)
-        panels = [scale_up(frame, side), spec, scale_up(colour_ids(item["labels"][t].numpy()), side),
-                  scale_up(colour_ids(pred[t]), side)]
-        # the tokens panel: codeword, the category it is the signature of, what the token predicts
-        text_panel = Image.new("RGB", (int(side * 1.4), side), (255, 255, 255))
-        draw = ImageDraw.Draw(text_panel)
-        if out["codes"] is None:
-            draw.text((8, 8), "no semantic tokens (no GSD, no LSD)", fill=(0, 0, 0), font=f)
-        else:
-            codes = out["codes"][t].tolist()
-            owners = token_names(codes, signatures, class_names)
-            prob = out["pred_logits"][t].sigmoid()                     # (N, Kc)
-            line = max(15, min(34, (side - 8) // (2 * len(codes))))
-            for i, (k, owner) in enumerate(zip(codes, owners)):
-                y = 6 + 2 * line * i
-                colour = (PALETTE[class_names.index(owner)] if owner in class_names[1:]
-                          else np.array([255, 255, 255]))
-                draw.rectangle([8, y + 2, 20, y + 14], fill=tuple(int(v) for v in colour),
-                               outline=(0, 0, 0))
-                draw.text((26, y), f"token {i}: codeword {k} = {owner}", fill=(0, 0, 0), font=f)
-                p, c = prob[i].max(0)
-                says = (f"predicts {class_names[int(c) + 1]} {float(p):.2f}" if p >= 0.1
-                        else f"predicts nothing (best {float(p):.2f})")
-                draw.text((26, y + line - 2), says, fill=(90, 90, 90), font=f)
-        images = [Image.fromarray(p) for p in panels] + [text_panel]
-        heard = [c + 1 for c in np.nonzero(sounding[t])[0]]
-        seen = [int(c) for c in np.unique(pred[t]) if c > 0]
-        title = caption(side * 4 + text_panel.width + 4 * 6, [
-            [(f"frame {t}   sounding: ", None)] + [(class_names[c] + "  ", PALETTE[c]) for c in heard]
-            + ([("nothing  ", None)] if not heard else []) + [("   predicted: ", None)]
-            + [(class_names[c] + "  ", PALETTE[c]) for c in seen] + ([("nothing", None)] if not seen else [])])
-        rows.append(stack([title, stack(images, horizontal=True, gap=6)]))
-    clip_title = caption(rows[0].width, [
-        [(f"{item['meta']['clip']}, the benchmark of seed {dataset.seed}", None)],
-        [("panels: " + " | ".join(panel_names[:4]) + " | the local tokens' codewords, named by the "
-          "category each is the signature of (none: shared or nobody's)", None)]])
-    picture = stack([clip_title] + rows, gap=4)
-    y = clip_title.height + 4
-    for row in rows:
-        x, top = 0, y + row.height - side
-        for name, width in zip(panel_names, [side] * 4 + [text_panel.width]):
-            layout[name].append((x, top, x + width, top + side))
-            x += width + 6
-        y += row.height + 4
-    return picture, [stack([clip_title, row]) for row in rows], layout
+    import train
+    device = torch.device(device)
+    model, cfg, _ = predict.load_model(checkpoint_path, device)
+    if cfg.dataset != "synthetic":
+        raise train.UserError(f"{checkpoint_path} is a {cfg.dataset} run; the diagnostics need the "
+                              f"synthetic benchmark's ground truth of which categories sound")
+    test = train.make_dataset(cfg, "test", train=False)      # the run's own seed and clip count
+    val = train.make_dataset(cfg, "val", train=False)
+    start = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), train.CODEBOOK_START)
+    codebooks = torch.load(start, weights_only=True)["codebooks"] if os.path.isfile(start) else []
+    start = codebooks[0].float().numpy() if codebooks else None  # (K, C) the shared codebook then
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+    diag = write_diagnostics(model, test, device, out_dir, fit_dataset=val, codebook_start=start)
+    if diag and out_dir is not None:
+        train.write_json(os.path.join(out_dir, "diagnostics.json"), diag)
+    return diag
 
 
-def spectrogram(log_mel: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """One log-mel example (96 frames, 64 bands) -> (64, 96, 3) uint8: time left to right, low
-    bands at the bottom, values from lo (dark blue) over red to hi (yellow)."""
-    v = np.clip((log_mel.T[::-1] - lo) / max(hi - lo, 1e-6), 0, 1)    # (64, 96) in [0, 1]
-    anchors = np.array([[10, 10, 60], [150, 30, 90], [230, 90, 40], [250, 230, 100]], np.float64)  # (4, 3)
-    x = v * (len(anchors) - 1)                                         # (64, 96)
-    k = np.minimum(x.astype(int), len(anchors) - 2)                    # (64, 96) segment index
-    frac = (x - k)[..., None]                                          # (64, 96, 1)
-    return ((1 - frac) * anchors[k] + frac * anchors[k + 1]).round().astype(np.uint8)  # (64, 96, 3)
-
-
-def token_names(codes: list, signatures: list | None, class_names: list) -> list[str]:
-    """The category each token's codeword is the signature of, per token index i.
-
-    codes: N codeword ids of one frame; signatures: N lists of Kc codewords (diagnostics.json
-    'local_signature_codeword_per_index', -1: none) or None. A codeword that is the signature of
-    exactly one category names it; one shared by several, or nobody's, is "none"; "?" without
-    signatures.
-    """
-    if signatures is None:
-        return ["?"] * len(codes)
-    names = []
-    for i, k in enumerate(codes):
-        owners = [c + 1 for c, sig in enumerate(signatures[i]) if sig == k]
-        names.append(class_names[owners[0]] if len(owners) == 1 else "none")
-    return names
-
-
+# ----------------------------------------------------------------------------------------------
+# A clip drawn with its tokens named (6.): pictures.synthetic_picture with the run's signatures
+# ----------------------------------------------------------------------------------------------
 def read_signatures(path: str | None) -> tuple[list | None, str]:
     """Per token index signature codewords from a run's diagnostics.json, and a note saying where
     they came from (or why there are none)."""
@@ -579,52 +515,13 @@ def read_signatures(path: str | None) -> tuple[list | None, str]:
     return sig, f"signatures: {path}"
 
 
-def write_synthetic_pictures(out_dir: str, model, dataset, indices: list, class_names: list,
-                             signatures: list | None, device, amp: bool = False) -> list[str]:
-    """clip_{split}_{index}.png and .gif for each index, drawn first, then each file written
-    atomically (temporary name, then rename); returns the PNG paths."""
-    drawn = [(index, *synthetic_picture(model, dataset, index, class_names, signatures, device,
-                                        amp)[:2]) for index in indices]
-    os.makedirs(out_dir, exist_ok=True)
-    written = []
-    for index, picture, frames in drawn:
-        base = os.path.join(out_dir, f"clip_{dataset.split}_{index}")
-        for suffix, save in ((".png", lambda p: picture.save(p, format="PNG")),
-                             (".gif", lambda p: save_gif(frames, p))):
-            tmp = f"{base}.tmp{os.getpid()}{suffix}"
-            save(tmp)
-            os.replace(tmp, base + suffix)
-        written.append(base + ".png")
-    return written
-
-
-def write_clip_pictures(model, eval_sets: dict, diag: dict | None, device, out_dir: str, limit: int,
-                        amp: bool = False) -> None:
-    """A synthetic run's clip pictures (synthetic_picture), up to `limit` (train.py --num-overlays):
-    a single- and a multi-source clip of test, then test-unseen clips. diag: the run's diagnostics
-    (write_diagnostics), whose per-index signatures name the tokens. train.py calls this at the
-    end of a synthetic run, after write_diagnostics."""
-    test = eval_sets["test"]
-    multi = [bool(test[i]["meta"]["multi_source"]) for i in range(min(8, len(test)))]
-    picks = [("test", multi.index(m)) for m in (False, True) if m in multi]
-    picks += [("test-unseen", i) for i in range(2) if "test-unseen" in eval_sets]
-    signatures = (diag or {}).get("local_signature_codeword_per_index")
-    model.eval()
-    for split, index in picks[:limit]:
-        write_synthetic_pictures(out_dir, model, eval_sets[split], [index], test.class_names,
-                                 signatures, device, amp)
-    model.train()
-
-
-
 def main(argv=None) -> int:
     """The diagnostics of a synthetic checkpoint on its test split, printed (and written to --out)."""
     import argparse
 
     import train
-    from sqd import SQD, ModelConfig
     p = argparse.ArgumentParser(description=main.__doc__)
-    p.add_argument("checkpoint", help="a train.py checkpoint (last.pt or best.pt) of a synthetic run")
+    p.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt) of a synthetic run")
     p.add_argument("--out", default=None, help="also write diagnostics.json and the PNGs here "
                                               "(with --clip: the folder of the picture)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -635,40 +532,30 @@ def main(argv=None) -> int:
                    help="with --clip: the run's diagnostics.json, whose signatures name the tokens "
                         "(default: beside the checkpoint)")
     args = p.parse_args(argv)
-    if args.clip is not None:
-        try:
-            return draw_clip(args)
-        except train.UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
     try:
-        ckpt = train.load_checkpoint(args.checkpoint)
-        cfg = train.TrainConfig(**train.saved_train_config(ckpt, args.checkpoint))
+        if args.clip is not None:
+            return draw_clip(args)
+        res = diagnose_run(args.checkpoint, args.out, args.device)
     except train.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if cfg.dataset != "synthetic":
-        print(f"error: {args.checkpoint} is a {cfg.dataset} run; the diagnostics need the synthetic "
-              f"benchmark's ground truth of which categories sound", file=sys.stderr)
-        return 2
-    model = SQD(ModelConfig(**ckpt["config"]["model"])).to(args.device)
-    model.load_state_dict(ckpt["model"])
-    model.set_quantizer_warmup(ckpt["state"]["step"] < (cfg.quant_warmup_steps or 0))
-    test = train.make_dataset(cfg, "test", train=False)      # the run's own seed and clip count
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        res = write_diagnostics(model, test, args.device, args.out)
-        train.write_json(os.path.join(args.out, "diagnostics.json"), res)
-    else:
-        collected = collect(model, test, args.device)
-        res = summarise(collected, model.vq.codebook.shape[0]) if collected else {}
+    if not res:
+        print(f"{args.checkpoint}: the model has no global tokens (no GSD): nothing to diagnose")
+        return 0
+    if "drift_mean" not in res:
+        print(f"no {train.CODEBOOK_START} beside the checkpoint (a run writes it when the quantizer "
+              f"warm-up ends): no codebook drift")
+    # the summary numbers; the tables (category x codeword) are in diagnostics.json
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1))
+    if args.out:
+        print(f"wrote {os.path.join(args.out, 'diagnostics.json')}, tokens.png, tokens_local.png")
     return 0
 
 
 def draw_clip(args) -> int:
     """--clip SPLIT:INDEX: one clip of the checkpoint's own benchmark, drawn by synthetic_picture
-    (the pictures python train.py writes at the end of a run, for any clip). UserError for a bad
+    (the pictures python train.py writes at the end of a run, for any clip, with the tokens named
+    by the signatures of the run's diagnostics.json where there is one). UserError for a bad
     checkpoint, a run on another dataset, or a clip that is not there."""
     import dataclasses
 
@@ -693,8 +580,8 @@ def draw_clip(args) -> int:
     signatures, note = read_signatures(diag)
     print(note)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    for path in write_synthetic_pictures(out, model, dataset, [int(index)], class_names,
-                                         signatures, torch.device(args.device)):
+    for path in pictures.write_synthetic_pictures(out, model, dataset, [int(index)], class_names,
+                                                  signatures, torch.device(args.device)):
         print(f"wrote {path} and {os.path.splitext(path)[0]}.gif")
     return 0
 
