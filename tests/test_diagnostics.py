@@ -4,7 +4,6 @@ hand-computed values on a hand-built set of clips; the token picture; the clip p
 the command line draws it with the tokens named (on a checkpoint trained for 2 steps in the tests
 themselves)."""
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,15 +13,16 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import commands  # noqa: E402
 import predict  # noqa: E402
 import synthetic  # noqa: E402
 from fixtures import voc_colour  # noqa: E402
 from pictures import synthetic_picture, token_names  # noqa: E402
+from tools import diagnostics  # noqa: E402
 from tools.diagnostics import (category_code_table, decomposition_recall, frame_recall,  # noqa: E402
                                own_signatures, read_signatures, scatter_png, signature_test,
                                signatures, summarise)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # 6 clips, N = 2 tokens, K = 6 codewords, Kc = 3 categories (column c-1 is class id c).
 CODES = np.array([[3, 0], [3, 0],      # single-source, category 1
@@ -187,10 +187,7 @@ def test_scatter_png_legend_has_a_swatch_and_a_name_per_category(tmp_path):
 
 
 def test_command_line_on_a_missing_checkpoint_is_one_clear_error(tmp_path):
-    import subprocess
-    import sys
-    res = subprocess.run([sys.executable, "tools/diagnostics.py", str(tmp_path / "nope.pt")],
-                         capture_output=True, text=True)
+    res = diagnostics_cli(tmp_path / "nope.pt")
     assert res.returncode == 2 and "nope.pt" in res.stderr and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr
 
@@ -200,9 +197,14 @@ def test_command_line_on_a_missing_checkpoint_is_one_clear_error(tmp_path):
 # named by category), the command line draws any clip with the run's signatures
 # ----------------------------------------------------------------------------------------------
 def diagnostics_cli(*args):
-    return subprocess.run([sys.executable, "tools/diagnostics.py", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """`OMP_NUM_THREADS=1 python tools/diagnostics.py ARGS`, run in this process (tests/commands.py)
+    on one thread, as the pictures it is compared with were drawn."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return commands.run(diagnostics.main, *args, check=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_token_names_by_hand():

@@ -708,9 +708,8 @@ def test_runs_past_the_warmup_write_codebook_start_and_its_drift_or_none_without
         start = out / "codebook_start.pt"
         metrics = json.loads((out / "metrics.json").read_text())
         assert "codebook" not in metrics and not (out / "diagnostics.json").exists()
-        proc = subprocess.run([sys.executable, "tools/diagnostics.py", str(out / "best.pt"), "--out", str(out)],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        from tools import diagnostics
+        proc = commands.run(diagnostics.main, out / "best.pt", "--out", out)
         if name == "full":
             saved = torch.load(start, weights_only=True)
             assert saved["step"] == 1 and saved["codebooks"][0].shape == (128, 64)
