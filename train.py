@@ -78,8 +78,7 @@ class TrainConfig:
     backbone: str | None = None    # resnet18 | resnet34 | resnet50 | swin-t | video-swin-t | small; None: preset's
     init_weights: str | None = None  # whole-model checkpoint of ReferFormer (r50_pretrained.pth): what maps and fits loads, a table says what (docs/init-weights.md)
     backbone_weights: str | None = None  # torchvision state_dict (.pth) of the backbone: resnet50-*.pth, swin_t-704ceda3.pth, swin3d_t-7615ae03.pth
-    vggish_weights: str | None = None    # released VGGish weights (vggish-10086976.pth): --audio-weights, VGGish only
-    audio_weights: str | None = None     # state_dict of the audio network (VGGish, or the cpu preset's SmallVGG)
+    audio_weights: str | None = None     # state_dict of the audio network: the released VGGish (vggish-10086976.pth), or the cpu preset's SmallVGG
     finetune_audio: bool = False   # train the loaded audio network instead of freezing it (AVSBench freezes it)
     audio_cache: str = os.path.join("runs", "audio-weights")  # synthetic, CPU preset: folder of the pretrained stand-ins (pretrain.py), built on first use
     # ablations (Tables 2-5); defaults are the paper's full model
@@ -99,18 +98,7 @@ class TrainConfig:
     max_steps: int | None = None   # stop after this many optimizer steps (smoke tests, budgets)
     batch_size: int = 4            # clips per optimizer step and GPU (paper: 4)
     lr: float | None = None        # AdamW learning rate; None: recipe (paper 1e-4; synthetic 4e-4)
-    backbone_lr_mult: float = 0.5  # backbone learning rate multiplier (paper: 0.5)
-    weight_decay: float = 5e-4     # AdamW weight decay (paper: 5e-4)
-    clip_grad: float = 0.1         # max gradient norm; NOT IN PAPER: the paper names no clipping, 0.1 is DETR's
-    # loss weights of eq. (8) and matching costs of eq. (10) (App. D); None: the recipe's value
-    loss_class: float | None = None  # lambda_cls, focal class loss (paper 2)
-    loss_mask: float | None = None   # lambda_focal, focal mask loss (paper 5)
-    loss_dice: float | None = None   # lambda_dice, dice mask loss (paper 2)
-    loss_bbox: float | None = None   # lambda_L1, L1 box loss (paper 5)
-    loss_giou: float | None = None   # lambda_giou, GIoU box loss (paper 2)
     # evaluation
-    eval_batch_size: int = 4       # clips per evaluation batch (official AVSBench test batch: 4)
-    eval_every: int = 1            # evaluate on the validation split every this many epochs
     num_overlays: int = 4          # prediction pictures written to the run directory
     # run
     out: str | None = None         # run directory; None: runs/{dataset}-{time}
@@ -151,9 +139,15 @@ RECIPES = {
     # NOT IN PAPER: lr 4e-4 instead of 1e-4 for the from-scratch CPU preset: at 1e-4 the full model's
     # class loss had barely moved after 250 steps (0.75 against 0.44 at 4e-4, docs/lab-notes.md).
     "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu", lr=4e-4, quant_warmup_steps=300,
-                      loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0, loss_giou=0.5),
+                      loss_weights=dict(loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0,
+                                        loss_giou=0.5)),
 }
-LOSS_WEIGHT_FIELDS = ("loss_class", "loss_mask", "loss_dice", "loss_bbox", "loss_giou")
+# The paper's optimizer (§4, App. D), the same in every recipe: AdamW with weight decay 5e-4, the
+# backbone at half the learning rate.
+BACKBONE_LR_MULT = 0.5
+WEIGHT_DECAY = 5e-4
+CLIP_GRAD = 0.1       # max gradient norm; NOT IN PAPER: the paper names no clipping, 0.1 is DETR's
+EVAL_BATCH_SIZE = 4   # clips per evaluation batch (the official AVSBench test batch)
 PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
 CODEBOOK_START = "codebook_start.pt"  # in the run directory: the codebook(s) at the first quantized step
 
@@ -193,7 +187,7 @@ def uses_stand_ins(cfg: TrainConfig) -> bool:
     benchmark with the CPU preset, the small audio network pretrained as a sound classifier (unless
     --audio-weights names a file) and the visual side pretrained as referring segmentation (unless
     --init-weights or --backbone-weights starts it). Both are built on first use and cached in
-    --audio-cache. For AVSBench the same places are filled by --vggish-weights and --init-weights."""
+    --audio-cache. For AVSBench the same places are filled by --audio-weights (VGGish) and --init-weights."""
     # PAPER: the paper names no starting point; its code starts from VGGish trained on AudioSet,
     # frozen (AVSBench, AVSegFormer), and from ReferFormer's whole model pretrained for referring
     # segmentation (the authors' commands). pretrain.py makes both for the synthetic benchmark;
@@ -204,25 +198,19 @@ def uses_stand_ins(cfg: TrainConfig) -> bool:
 def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfig]:
     """Fill the None fields from the dataset's recipe and build the ModelConfig."""
     recipe = RECIPES[cfg.dataset]
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in recipe.items() if getattr(cfg, k) is None})
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in recipe.items()
+                                      if k != "loss_weights" and getattr(cfg, k) is None})
     if cfg.img_size is None:
         cfg.img_size = PRESET_IMG_SIZE[cfg.preset]
-    for name in LOSS_WEIGHT_FIELDS:  # the paper's App. D weights where the recipe sets none
-        if getattr(cfg, name) is None:
-            setattr(cfg, name, PAPER_LOSS_WEIGHTS[name])
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     overrides = dict(num_classes=num_classes,
                      use_gsd=not cfg.no_gsd, use_avsr=not (cfg.no_avsr or cfg.no_gsd),
                      use_lsd=not cfg.no_lsd, shared_codebook=not cfg.no_shared_codebook)
     if cfg.no_gsd and not cfg.no_avsr:
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
-    if cfg.audio_weights and cfg.vggish_weights:
-        raise UserError("give one of --audio-weights and --vggish-weights, not both")
     # PAPER: the paper does not say whether VGGish trains. AVSBench (FREEZE_AUDIO_EXTRACTOR) and
     # AVSegFormer (freeze_audio_extractor=True) keep the pretrained audio network frozen; so do we,
     # unless --finetune-audio. A network without pretrained weights always trains.
-    audio_loaded = bool(cfg.audio_weights or cfg.vggish_weights) or uses_stand_ins(cfg)
+    audio_loaded = bool(cfg.audio_weights) or uses_stand_ins(cfg)
     overrides["freeze_audio"] = audio_loaded and not cfg.finetune_audio
     if cfg.finetune_audio and not audio_loaded:
         warnings.warn("--finetune-audio without --audio-weights: the audio network trains anyway")
@@ -252,6 +240,12 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
 # ----------------------------------------------------------------------------------------------
 # Distributed helpers (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
 # ----------------------------------------------------------------------------------------------
+
+def loss_weights(cfg: TrainConfig) -> dict:
+    """The weights of eq. (8), which are also eq. (10)'s matching costs (App. D gives one set): the
+    recipe's, or App. D's (matcher.PAPER_LOSS_WEIGHTS) where the recipe sets none."""
+    return dict(RECIPES[cfg.dataset].get("loss_weights", PAPER_LOSS_WEIGHTS))
+
 
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -365,9 +359,7 @@ def run(cfg: TrainConfig) -> int:
     model = SQD(model_cfg).to(device)
     if ckpt is None:  # a resumed or evaluated run takes every weight from its checkpoint
         load_pretrained(cfg, model_cfg, model, main_proc)
-    # eq. (8) weights and eq. (10) matching costs: the same numbers (App. D gives one set)
-    criterion = SetCriterion(model_cfg.num_classes,
-                             weights={name: getattr(cfg, name) for name in LOSS_WEIGHT_FIELDS})
+    criterion = SetCriterion(model_cfg.num_classes, weights=loss_weights(cfg))  # eq. (8), eq. (10)
     out_dir = cfg.out or os.path.join("runs", f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = out_dir
     if main_proc:
@@ -382,7 +374,7 @@ def run(cfg: TrainConfig) -> int:
             print(json.dumps(results, indent=2))
         return 0
 
-    opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.backbone_lr_mult, cfg.weight_decay))
+    opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, BACKBONE_LR_MULT, WEIGHT_DECAY))
     sampler = ResumableSampler(len(train_set), True, cfg.seed, rank, world)
     # The loader draws its workers' base seed from `generator` when an epoch starts; a generator of
     # its own keeps that draw out of the global RNG, whose state a resumed run restores exactly.
@@ -415,7 +407,7 @@ def run(cfg: TrainConfig) -> int:
 
     benchmark = synthetic.SYNTHETIC_VERSION if cfg.dataset == "synthetic" else None  # a record, not a flag
     full_config = {"train": {**dataclasses.asdict(cfg), "benchmark": benchmark},
-                   "model": dataclasses.asdict(model_cfg),
+                   "model": dataclasses.asdict(model_cfg), "loss_weights": loss_weights(cfg),
                    "code_version": code_version(), "world_size": world,
                    "class_names": list(train_set.class_names),  # predict.py names its classes
                    "metric_definitions": metrics.METRIC_DEFINITIONS}
@@ -442,8 +434,7 @@ def run(cfg: TrainConfig) -> int:
                 break  # --max-steps reached
             state["epoch"] += 1
             state["step_in_epoch"] = 0
-            if "val" in eval_sets and (state["epoch"] % cfg.eval_every == 0
-                                       or state["epoch"] == cfg.epochs):
+            if "val" in eval_sets:
                 model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
                 val = evaluate(cfg, model, eval_sets["val"], "val", device, rank, world)
                 # best.pt's state holds the val of its own weights (metrics.json's "val" entry)
@@ -592,7 +583,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
             raise UserError(f"non-finite loss at step {state['step'] + 1}: {e}\n"
                             f"last good checkpoint: {_last_checkpoint(ctx)}") from None
         with deferred_interrupt():  # Ctrl-C never splits an update from its step count
-            grad_norm, grad_global = apply_gradients(model, opt, total, cfg.clip_grad)
+            grad_norm, grad_global = apply_gradients(model, opt, total, CLIP_GRAD)
             sched.step()
             state["step"] += 1
             state["step_in_epoch"] += 1
@@ -731,7 +722,7 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
     model.eval()
     binary = dataset.num_classes == 1
     sampler = ResumableSampler(len(dataset), False, 0, rank, world)
-    loader = DataLoader(dataset, batch_size=cfg.eval_batch_size, sampler=sampler,
+    loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, sampler=sampler,
                         collate_fn=data.collate, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda")
     sem = None if binary else metrics.SemanticMetrics(num_classes=dataset.num_classes)
@@ -918,7 +909,7 @@ def redraw_curves(ctx: dict, log_path: str) -> None:
 
 def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_proc: bool) -> None:
     for path, name in ((cfg.init_weights, "--init-weights"), (cfg.backbone_weights, "--backbone-weights"),
-                       (cfg.vggish_weights, "--vggish-weights"), (cfg.audio_weights, "--audio-weights")):
+                       (cfg.audio_weights, "--audio-weights")):
         if path is not None and not os.path.isfile(path):
             raise UserError(f"{name} {path!r} does not exist")
     # The whole-model file first: the backbone and audio files given explicitly come after it and
@@ -937,12 +928,9 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
             raise UserError("--backbone-weights needs a pretrained backbone (--backbone resnet50, "
                             "swin-t or video-swin-t)")
         model.visual_encoder.backbone.load_torchvision_weights(cfg.backbone_weights)
-    if cfg.vggish_weights and model_cfg.audio_encoder != "vggish":
-        raise UserError("--vggish-weights needs the VGGish audio encoder (--preset paper)")
-    # --vggish-weights is --audio-weights restricted to VGGish; either one freezes the network
-    # unless --finetune-audio (resolve() sets model_cfg.freeze_audio, SQD applies it)
-    audio_flag, audio_path = (("--vggish-weights", cfg.vggish_weights) if cfg.vggish_weights
-                              else ("--audio-weights", cfg.audio_weights))
+    # --audio-weights freezes the network unless --finetune-audio (resolve() sets
+    # model_cfg.freeze_audio, SQD applies it)
+    audio_flag, audio_path = "--audio-weights", cfg.audio_weights
     # the stand-ins of pretrain.py (uses_stand_ins) where no file gives the weights
     audio_stand_in = uses_stand_ins(cfg) and not audio_path
     visual_path = None
@@ -989,7 +977,7 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
     backbone = cfg.backbone_weights or backbone_from_init
     if main_proc and cfg.preset == "paper" and not (backbone and audio_path):
         missing = [n for n, v in (("--backbone-weights", backbone),
-                                  ("--vggish-weights", audio_path)) if not v]
+                                  ("--audio-weights", audio_path)) if not v]
         print("\n" + "!" * 78 + f"\n!! WARNING: the paper preset is training WITHOUT pretrained "
               f"weights ({', '.join(missing)} not given).\n!! The paper names no starting point; the "
               f"code it builds on (AVSBench, ReferFormer) starts from pretrained backbones\n!! "

@@ -496,7 +496,7 @@ def test_load_pretrained_prints_the_table_and_counts_the_backbone_as_given(r50, 
     load_pretrained(cfg, model_cfg, r50["model"], main_proc=True)
     out, err = capsys.readouterr()
     assert out.splitlines()[0].startswith(f"--init-weights {r50['path']}: 350 of")
-    assert "WITHOUT pretrained weights (--vggish-weights not given)" in err
+    assert "WITHOUT pretrained weights (--audio-weights not given)" in err
     load_pretrained(cfg, model_cfg, r50["model"], main_proc=False)
     assert capsys.readouterr().out == ""  # other processes of a torchrun print nothing
     absent = str(tmp_path / "absent.pth")

@@ -125,7 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the model init and the batch")
     p.add_argument("--freeze-audio", action="store_true",
                    help="the audio network frozen, as train.py runs it with pretrained weights "
-                        "(--vggish-weights); weights stay random, speed does not depend on them")
+                        "(--audio-weights); weights stay random, speed does not depend on them")
     p.add_argument("--channels-last", action="store_true",
                    help="the visual backbone's weights (and so its convolutions) in channels_last layout")
     p.add_argument("--eval-steps", type=int, default=0,
@@ -214,9 +214,8 @@ def run(args: argparse.Namespace, argv=None) -> int:
     if args.channels_last:
         model.visual_encoder.backbone.to(memory_format=torch.channels_last)
     criterion = SetCriterion(model_cfg.num_classes,
-                             weights={k: getattr(cfg, k) for k in train.LOSS_WEIGHT_FIELDS})
-    opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, cfg.backbone_lr_mult,
-                                                   cfg.weight_decay))
+                             weights=train.loss_weights(cfg))
+    opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, train.BACKBONE_LR_MULT, train.WEIGHT_DECAY))
     model.train()
 
     # FLOPs: once, uncompiled, outside the timed loop; then forget its gradients.
@@ -288,7 +287,7 @@ def training_step(model, train_model, criterion, opt, batch: dict, cfg) -> torch
     """One step of train.train_one_epoch (without its logging and the lr scheduler's counter).
     Returns the step's loss tensor (read once all steps are done)."""
     total, _, _ = train.forward_loss(model, train_model, criterion, batch, cfg.amp)  # eq. (8)
-    train.apply_gradients(model, opt, total, cfg.clip_grad)
+    train.apply_gradients(model, opt, total, train.CLIP_GRAD)
     return total.detach()
 
 

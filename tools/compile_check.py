@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     batch = train.to_device(data.collate([dataset[i] for i in range(cfg.batch_size)]), device)
     model = SQD(model_cfg).to(device).train()
     criterion = SetCriterion(model_cfg.num_classes,
-                             weights={k: getattr(cfg, k) for k in train.LOSS_WEIGHT_FIELDS})
+                             weights=train.loss_weights(cfg))
     torch._dynamo.reset()
     counters.clear()
     compiled = torch.compile(model, backend=args.backend, mode=args.mode)

@@ -7,7 +7,7 @@
 #
 # Rows, each the one before plus one change (tools/bench.py's switches):
 #   1 batched     the step as train.py runs it: the batch's cost matrices copied to the host at once
-#   2 frozen      + the audio network frozen, as train.py runs it with --vggish-weights
+#   2 frozen      + the audio network frozen, as train.py runs it with --audio-weights
 #   3 amp         + bf16 autocast
 #   4 cl          + the ResNet in channels_last
 #   5 compile     + torch.compile (default mode)
