@@ -128,9 +128,9 @@ class AudioVisualFusion(nn.Module):
 
     forward(audio, visual, visual_pos=None, audio_pos=None, visual_padding_mask=None)
         audio:  (B, T, C) F_a, one token per frame (the queries of the cross-attention)
-        visual: (B, S, C) F_v flattened to tokens (keys and values)
-        visual_pos (B, S, C) or None, audio_pos (B, T, C) or None: added to keys / queries
-        visual_padding_mask (B, S) bool or None: True = a token of a padding frame, never attended
+        visual: (B, T*S, C) F_v, every frame's tokens of all levels (keys and values)
+        visual_pos (B, T*S, C) or None, audio_pos (B, T, C) or None: added to keys / queries
+        visual_padding_mask (B, T*S) bool or None: True = a token of a padding frame, never attended
     returns (B, T, C) F'_a
     """
 
@@ -160,8 +160,9 @@ class AudioSemanticDecoder(nn.Module):
         memory (B*T, 1, C), the frame's audio vector; output viewed back to (B, T, N, C) by the caller.
 
     forward(memory, memory_pos=None, memory_padding_mask=None)
-        memory: (B', S, C), memory_pos: (B', S, C) or None,
-        memory_padding_mask: (B', S) bool or None, True = a padding frame's token, never attended
+        memory: (B', T or 1, C) (global: B' = B, T frames; local: B' = B*T, 1), memory_pos: the
+        same shape or None, memory_padding_mask: (B', T or 1) bool or None, True = a padding
+        frame's token, never attended
     returns (B', N, C) the semantic tokens (last decoder layer)
     """
 
@@ -225,12 +226,14 @@ class SemanticRecombination(nn.Module):
     channels; phi is a 1x1 conv N*C -> C. One instance per visual level.
 
     forward(tokens, visual, frame_valid=None)
-        tokens: (B, N, C) the (quantized) global semantic tokens e_i
+        tokens: (B, N, C) the (quantized) global semantic tokens e_i (the paper also says g_i:
+                the PAPER note in sqd.SQD.forward)
         visual: (B, T, C, H_l, W_l) F_v at one level
         frame_valid: (B, T) bool or None; padding frames (False) stay out of BN's statistics
     returns (B, T, C, H_l, W_l) F'_v
-    batch_norm:   True (default, the paper) normalises with BatchNorm2d; False with a LayerNorm
-                  over the C channels at every position (attribute `norm` either way).
+
+    Args (constructor): batch_norm: True (default, the paper) normalises with BatchNorm2d; False
+        with a LayerNorm over the C channels at every position (attribute `norm` either way).
     """
 
     def __init__(self, dim, num_tokens, batch_norm=True):
@@ -242,7 +245,7 @@ class SemanticRecombination(nn.Module):
         # LayerNorm over channels. The CPU preset's maps are 8 x 8 down to 2 x 2, so BN's statistics
         # come from 20 frames of 4 clips: every clip's features then depend on the other clips in
         # the batch. With BN the full model reached val mIoU 0.149 at step 500; with this LayerNorm
-        # 0.211 at step 450, as without AVSR at all (docs/lab-notes.md).
+        # 0.211 at step 450, as without AVSR at all (benchmark v1, docs/lab-notes.md).
         # PAPER: BN's statistics are taken over the real frames only (padding frames, as in AVSS
         # evaluation or Table 6's T = 7 on 5-frame clips, would otherwise shift every real frame).
         self.norm = MaskedBatchNorm2d(dim) if batch_norm else ChannelLayerNorm(dim)

@@ -185,15 +185,10 @@ class VGGish(nn.Module):
         embedding = self.embeddings(flat)  # (B*T, 128)
         return embedding, conv_map
 
-    def load_vggish_weights(self, path):
-        """Load the released `vggish-10086976.pth` (model file, not the PCA file) strictly."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.load_state_dict(state, strict=True)
-        return self
-
 
 class SmallVGG(nn.Module):
-    """A small VGG with VGGish's interface, for the CPU preset (trained from scratch).
+    """A small VGG with VGGish's interface, for the CPU preset (pretrained as a sound classifier by
+    pretrain.py, then frozen, as VGGish).
 
     forward:
         x: (B*T, 1, 96, 64), as VGGish
@@ -205,7 +200,7 @@ class SmallVGG(nn.Module):
     def __init__(self, widths=(16, 32, 64, 64)):
         super().__init__()
         # NOT IN PAPER (it uses VGGish): a stand-in for the CPU preset only.
-        # PAPER: GroupNorm after every convolution (VGGish has none). Trained from scratch, the
+        # NOT IN PAPER: GroupNorm after every convolution (VGGish has none). Trained from scratch, the
         # plain stack maps every clip to nearly the same output (the log-mel floor dominates the
         # first layer): at initialisation the clip-to-clip spread of its embedding was ~4 % of its
         # size, and the audio was too faint a signal for the decoders to pick up in a CPU run.
@@ -293,12 +288,6 @@ class AudioEncoder(nn.Module):
             raise ValueError(f"{path} does not fit: expected {what}; " + "; ".join(problems))
         self.net.load_state_dict(state, strict=True)
         return self
-
-    def load_vggish_weights(self, path):
-        """Load the released VGGish weights strictly into the wrapped network."""
-        if self.kind != "vggish":
-            raise ValueError("load_vggish_weights needs AudioEncoder(kind='vggish')")
-        return self.load_net_weights(path)
 
     def freeze_net(self):
         """Freeze the wrapped (pretrained) network; emb_proj and emb_norm, ours, still train.
@@ -460,7 +449,7 @@ class ResNet(nn.Module):
                 in_ch = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        # PAPER: the classifier is never used; it is kept (frozen, so no optimizer or DDP sees it)
+        # The classifier is never used; it is kept (frozen, so no optimizer or DDP sees it)
         # only so that torchvision's files load with strict=True.
         self.fc = nn.Linear(512 * block.expansion, 1000)
         self.fc.requires_grad_(False)
@@ -497,7 +486,7 @@ class SmallBackbone(nn.Module):
         # NOT IN PAPER (it uses ResNet-50 / Swin): a stand-in for the CPU preset only.
 
         def conv(cin, cout, stride):
-            # PAPER: GroupNorm instead of BatchNorm: CPU batches are a handful of frames.
+            # NOT IN PAPER: GroupNorm instead of BatchNorm: CPU batches are a handful of frames.
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
                                  nn.GroupNorm(min(8, cout), cout), nn.ReLU(inplace=True))
 
@@ -812,7 +801,7 @@ class SwinTransformer(nn.Module):
         # is normalised again by the 1x1 conv + GroupNorm that VisualEncoder (c3..c5) and the FPN (c2)
         # put after it, and the file then loads with strict=True as it is.
         self.norm = nn.LayerNorm(self.channels[-1])
-        # PAPER: the classifier is never used; it is kept (frozen, so no optimizer or DDP sees it)
+        # The classifier is never used; it is kept (frozen, so no optimizer or DDP sees it)
         # only so that torchvision's file loads with strict=True.
         self.head = nn.Linear(self.channels[-1], num_classes)
         _swin_init(self)

@@ -48,6 +48,9 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 # App. D: "lambda_cls = 2, lambda_L1 = 5, lambda_giou = 2, lambda_dice = 2, lambda_focal = 5".
+# PAPER: §3.5 names focal loss for the classes and Dice + BCE for the masks, and App. D lists
+# lambda_cls and lambda_focal apart; we read lambda_focal as the weight of a focal mask loss (not
+# BCE), as ReferFormer, whose mask loss is sigmoid focal + Dice (SetCriterion.loss_masks).
 PAPER_LOSS_WEIGHTS = {
     "loss_class": 2.0,  # lambda_cls, sigmoid focal class loss
     "loss_bbox": 5.0,  # lambda_L1
@@ -402,7 +405,7 @@ class SetCriterion(nn.Module):
     suffix _0 .. _{L-2}, has its base term's), and total == sum(weight(k) * parts[k]).
 
     forward = the matcher + losses; losses also takes an assignment fixed in advance
-    (tools/pretrain_visual.py).
+    (pretrain.pretrain_visual, with pretrain.fixed_assignment).
     """
 
     def __init__(self, num_classes, matcher=None, weights=None, lambda_quant=1.0, lambda_com=0.5, aux_loss=True):

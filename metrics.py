@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import torch
 
-# Official constants (avsbench.md §3.1-3.4).
+# Official constants (the official files named in the docstring above).
 BETA2 = 0.3  # beta^2 of every F-measure
 NUM_THRESHOLDS = 255  # thresholds of the AVS-Object F-measure
 IOU_EPS_BINARY = 1e-7  # eps in the denominator of the binary J (official mask_iou)
@@ -448,7 +448,7 @@ class SemanticMetrics(_SumAccumulator):
         pc = self.per_class()
         mean = lambda xs: sum(xs) / len(xs)  # mean over all Kc+1 classes, never-seen ones are 0
         # PAPER: the official log also prints "miou_noBg", which drops the LAST class (id 70, 'woman') rather
-        # than background (avsbench.md §3.3); we do not report it.
+        # than background (compute_color_metrics.py); we do not report it.
         acc = self._per_class(s["inter_sum_real"], s["union_sum_real"])  # (Kc+1,)
         return {
             "miou_official": mean(pc["iou_official"]),

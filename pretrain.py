@@ -24,16 +24,20 @@ already segment what a query names. Trained from scratch, the mask decoder here 
 while its queries are drawn from a codebook fixed by k-means at step 300. pretrain_visual trains on
 the train split with no audio: every one of the Kc categories gets a learned query embedding E[c];
 in every frame the Kc queries run through the visual encoder's features, the FPN and the mask
-decoder of SQD, and query c must segment every *visible* object of category c (sounding or silent;
-the synthetic generator's object map) and say "no object" where none is visible. The assignment of
-queries to targets is fixed (query c to category c), so there is no Hungarian matching: this is
+decoder of SQD, and query c (0-based) must segment every *visible* object of category c + 1
+(class ids start at 1; sounding or silent; the synthetic generator's object map) and say "no
+object" where none is visible. The assignment of queries to targets is fixed (query c to category
+c + 1), so there is no Hungarian matching: this is
 referring segmentation, not detection. The loss is eq. (8)'s L_segm with the synthetic recipe's
 weights. Only the visual encoder, the FPN and the mask decoder are kept (the embedding is dropped).
 
     OMP_NUM_THREADS=1 python pretrain.py audio --seed 0 --out small_vgg_v2_s0.pt
     python train.py --audio-weights small_vgg_v2_s0.pt   # loaded and frozen
-    OMP_NUM_THREADS=1 python pretrain.py visual --seed 0 --out visual_v2_s0.pt
+    OMP_NUM_THREADS=1 python pretrain.py visual --seed 0 --out visual_v2_s0.pt  # (*)
     python train.py                                       # both built on first use and cached
+
+(*) train.py reads a visual file only from --audio-cache, under pretrain.visual_cache_name(...);
+the command writes the same bytes elsewhere, for a look at them.
 
 train.py's synthetic runs of the CPU preset start from these two (train.uses_stand_ins) and
 call cached_audio_weights and cached_visual_weights: the files are built on first use under

@@ -22,8 +22,8 @@ Reading order
     then segment() and foreground_probability() (App. E); run_clip() (the model on one clip)
     and label_map() (eq. 11 at one frame's own size) serve predict.py and pictures.py.
 
-Ablations (Table 2) are three named booleans of ModelConfig, use_gsd, use_avsr and use_lsd, each
-one `if` in SQD.forward; their defaults are the paper's full model. What the mask decoder queries
+Ablations (Table 2) are four named booleans of ModelConfig: use_gsd, use_avsr and use_lsd, each
+one `if` in SQD.forward, and shared_codebook; their defaults are the paper's full model. What the mask decoder queries
 without LSD, and which codebook the local tokens use without SC, live in two small methods below
 forward (ablation_queries, quantize_local), so that forward reads as Fig. 3.
 
@@ -74,7 +74,7 @@ class ModelConfig:
     mask_dim: int = 8              # Cm, channels of f_out fed to the dynamic convolution (CondInst)
     dyn_channels: int = 8          # channels of the dynamic 1x1 convolutions (CondInst: 8)
     dyn_layers: int = 3            # layers of the dynamic convolution (CondInst: 3)
-    # --- ablation switches (Tables 2-5); the defaults are the full SQD model ------------------
+    # --- ablation switches (Table 2; K and N above for Tables 3-4); defaults: the full model ---
     use_gsd: bool = True           # global semantic decomposition, eq. (3)-(4) + global VQ (Table 2)
     use_avsr: bool = True          # audiovisual semantic recombination, eq. (5) (Table 2)
     use_lsd: bool = True           # local semantic decomposition, eq. (6) (Table 2)
@@ -127,7 +127,7 @@ PRESETS = {
     # occupies its own region of the token space), so the codebook needs room for about N x 24
     # words (Table 3, results/README.md). avsr_batch_norm=False: eq. (5) normalises with a
     # LayerNorm, since BN over the preset's tiny maps mixes the clips of a batch (decoders.py).
-    # num_classes is set from the dataset by train.py.
+    # num_classes: a placeholder, which train.py replaces by the dataset's (synthetic: 24).
     "cpu": ModelConfig(num_classes=12, dim=64, num_tokens=5, codebook_size=128, dec_layers=2,
                        enc_layers=1, num_heads=4, ffn_dim=128, num_points=2, backbone="small",
                        frozen_bn=False, audio_encoder="small", avsr_batch_norm=False),

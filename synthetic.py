@@ -462,23 +462,23 @@ class SyntheticAVS(Dataset):
 
         Returns: frames (T, H, W, 3) float32 in [0, 1], object_map (T, H, W) int64, labels (T, H, W) int64
         (H = W = img_size)."""
-        T, S = self.frames, self.img_size
+        T, side = self.frames, self.img_size
         # Pixels: a noisy background with a gentle gradient, then the objects back to front.
-        grid = (np.arange(S, dtype=np.float32) + 0.5) / S  # (W,) pixel centres (H = W) in [0, 1]
+        grid = (np.arange(side, dtype=np.float32) + 0.5) / side  # (W,) pixel centres (H = W) in [0, 1]
         base = rng.uniform(0.3, 0.6, 3).astype(np.float32)  # (3,) grey-ish, away from the palette
         tilt = rng.uniform(-0.15, 0.15, 2).astype(np.float32)
         background = base + (tilt[0] * grid[None, :, None] + tilt[1] * grid[:, None, None])  # (H, W, 3)
         frames = np.repeat(background[None], T, axis=0)  # (T, H, W, 3)
-        object_map = np.zeros((T, S, S), dtype=np.int64)  # (T, H, W) class id of the top object
+        object_map = np.zeros((T, side, side), dtype=np.int64)  # (T, H, W) class id of the top object
         for c in p["visible"]:
-            radius = S * rng.uniform(0.12, 0.18)  # pixels
-            centre = rng.uniform(radius, S - radius, 2)  # (2,) x, y
-            velocity = rng.uniform(-0.025, 0.025, 2) * S  # pixels a frame
+            radius = side * rng.uniform(0.12, 0.18)  # pixels
+            centre = rng.uniform(radius, side - radius, 2)  # (2,) x, y
+            velocity = rng.uniform(-0.025, 0.025, 2) * side  # pixels a frame
             colour = self.colour_of[c - 1] + rng.uniform(-0.05, 0.05, 3).astype(np.float32)  # (3,)
             for t in range(T):
-                cx, cy = np.clip(centre + velocity * t, radius, S - radius)
-                x0, x1 = int(cx - radius), min(S, int(math.ceil(cx + radius)) + 1)
-                y0, y1 = int(cy - radius), min(S, int(math.ceil(cy + radius)) + 1)
+                cx, cy = np.clip(centre + velocity * t, radius, side - radius)
+                x0, x1 = int(cx - radius), min(side, int(math.ceil(cx + radius)) + 1)
+                y0, y1 = int(cy - radius), min(side, int(math.ceil(cy + radius)) + 1)
                 dx = (np.arange(x0, x1) + 0.5 - cx)[None, :] / radius  # (1, w_box)
                 dy = (np.arange(y0, y1) + 0.5 - cy)[:, None] / radius  # (h_box, 1)
                 inside = _shape_mask(self.shape_of[c - 1], dx, dy)  # (h_box, w_box) bool
@@ -487,7 +487,7 @@ class SyntheticAVS(Dataset):
         frames += self._noisy(rng, frames.size).reshape(frames.shape) * np.float32(0.03)  # sensor noise
         np.clip(frames, 0.0, 1.0, out=frames)
         sounding_map = np.concatenate([np.zeros((T, 1), bool), p["sounding"]], axis=1)  # (T, Kc+1)
-        labels = np.where(np.take_along_axis(sounding_map, object_map.reshape(T, -1), 1).reshape(T, S, S),
+        labels = np.where(np.take_along_axis(sounding_map, object_map.reshape(T, -1), 1).reshape(T, side, side),
                           object_map, 0)  # (T, H, W) the class of visible *sounding* objects only
         return frames, object_map, labels
 
@@ -514,7 +514,7 @@ def per_second_log_mel(waveform, rate, num_frames):
 
     Args: waveform (Ns,) at `rate` Hz. Returns (E, 96, 64) float32, E = min(num_frames, whole seconds).
     """
-    # PAPER: each second goes through the front end on its own, so example t is exactly the
+    # NOT IN PAPER: each second goes through the front end on its own, so example t is exactly the
     # audio of frame t (on a whole clip the 0.96 s examples drift 0.04 s a second).
     seconds = min(num_frames, len(waveform) // rate)
     examples = [vggish_log_mel(waveform[t * rate:(t + 1) * rate], rate) for t in range(seconds)]  # each (1, 96, 64)

@@ -89,8 +89,7 @@ class TrainConfig:
     codebook_size: int | None = None  # K; None: preset's (paper 128)
     num_tokens: int | None = None     # N; None: preset's (paper 5)
     zero_audio: bool = False       # control: audio replaced by zeros (vision alone)
-    # other readings of the paper's wording (results/README.md: tried if the global tokens ignore the sound)
-    # readings of the paper's silences and controls (results/README.md, "Why full SQD loses")
+    # NOT IN PAPER: the quantizer warm-up (RECIPES)
     quant_warmup_steps: int | None = None  # first steps with VQ(x) = x, then a k-means codebook (not in the paper); None: recipe (300; 0 quantizes from step 1, as the paper)
     # optimisation (paper §4, App. D)
     epochs: int | None = None      # None: recipe (s4/ms3 13, avss 16, synthetic see RECIPES)
@@ -1010,6 +1009,9 @@ def _last_checkpoint(ctx: dict) -> str:
 
 
 # The layout of a checkpoint; a checkpoint of another format is refused with a message.
+# 6: a synthetic run's start is no longer a choice (no --audio-regime, --visual-regime), the
+#    options fixed by the recipe are gone from the config (loss weights, optimizer constants), and
+#    the model config has no zero_audio (the control zeroes the data: data.ZeroAudio).
 # 5: the mask decoder has slot positions, and the configs hold no option that val rejected (the
 #    EMA codebook, the other readings of eq. 4-6 and 9, the unquantized control).
 # 4: module names follow the paper (SQD.vq and local_vq, the codebook's VectorQuantizer;
