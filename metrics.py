@@ -459,3 +459,12 @@ class SemanticMetrics(_SumAccumulator):
             "num_official_frames": int(s["num_official_frames"].item()),
             "num_real_frames": int(s["num_real_frames"].item()),
         }
+
+
+def headline(results: dict) -> float:
+    """The number of a split's metrics that picks train.py's best.pt: mIoU for semantic tasks
+    (AVSS, synthetic), J&F for AVS-Object (S4, MS3)."""
+    for key in ("miou_official", "jf_official"):
+        if key in results:
+            return float(results[key])
+    raise KeyError(f"no headline metric in {sorted(results)}")

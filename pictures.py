@@ -6,7 +6,7 @@ What this file teaches
     AVSS (PASCAL-VOC) palette, the colours the AVSBench label PNGs use; small frames are scaled up
     by whole factors (nearest neighbour, so every pixel of the prediction stays visible); a title
     line names each class next to a swatch of its colour. predict.py draws a clip's overlays with
-    these functions, train.py its evaluation overlays.
+    these functions, train.py its evaluation overlays and the curves of a run (curves.png).
 
     And how to look at what the model did with the sound of one synthetic clip: per frame, the
     frame, the log-mel of its second, the ground truth, the prediction (eq. 11) and the codeword
@@ -16,14 +16,15 @@ What this file teaches
     tools/diagnostics.py --clip SPLIT:INDEX draws any clip with its tokens so named.
 
     The drawing functions run no model and use no other file of the repository but data.py (the
-    palette); the clip picture runs the model once on the clip and applies eq. 11 (sqd.run_clip,
+    palette) and metrics.py (the val score curves.png plots); the clip picture runs the model once on the clip and applies eq. 11 (sqd.run_clip,
     sqd.label_map). This file never imports predict.py or train.py, which import it.
 
 Reading order
     PALETTE, colour_ids, overlay (class colours on a frame); scale_up, titled, caption, stack
     (panels and title lines); save_gif; font; then the synthetic clip: synthetic_picture (with
     spectrogram and token_names), write_synthetic_pictures (its PNG and GIF), write_clip_pictures
-    (the clips a synthetic run draws).
+    (the clips a synthetic run draws); then a run's other pictures: write_overlays (frame | ground
+    truth | prediction of AVSBench clips) and draw_curves (curves.png from log.jsonl).
 
 Shape alphabet (the repository's one shape alphabet: docs/shapes.md): H, W a panel's size, Hn, Wn
 a frame's own size; in the clip picture T frames, N semantic tokens, Kc foreground classes (the
@@ -32,14 +33,17 @@ panel's side in the picture.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
+import metrics
 from sqd import label_map, run_clip
 
 MIN_PANEL = 256          # pictures scale every panel up (nearest neighbour) to at least this size
@@ -277,3 +281,82 @@ def write_clip_pictures(model, eval_sets: dict, device, out_dir: str, limit: int
         write_synthetic_pictures(out_dir, model, eval_sets[split], [index], test.class_names,
                                  None, device, amp)
     model.train()
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's pictures: the evaluation overlays of AVSBench runs and curves.png
+# ----------------------------------------------------------------------------------------------
+def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, limit: int,
+                   class_names: list) -> int:
+    """Frame | ground truth | prediction of the first frame of up to `limit` clips, labels in the
+    AVSS (VOC) palette, panels scaled up to at least 256 px under title lines that name the panels
+    and the classes ."""
+    mean = torch.tensor(data.IMAGENET_MEAN, device=batch["frames"].device)[:, None, None]
+    std = torch.tensor(data.IMAGENET_STD, device=batch["frames"].device)[:, None, None]
+    n = 0
+    for b in range(min(limit, batch["frames"].shape[0])):
+        t = 0
+        img = (batch["frames"][b, t] * std + mean).clamp(0, 1)        # (3, H, W)
+        img = (img.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)  # (H, W, 3)
+        gt, pr = batch["labels"][b, t].cpu().numpy(), pred[b, t].cpu().numpy()  # (H, W) each
+        panels = np.concatenate([img, colour_ids(gt), colour_ids(pr)], axis=1)  # (H, 3W, 3)
+        clip_id = str(batch["meta"][b].get("clip", b))
+
+        def named(ids):
+            return ([(f"{class_names[c]}  ", PALETTE[c]) for c in np.unique(ids) if c > 0]
+                    or [("nothing", None)])
+        picture = titled(panels, [
+            [(f"{split} clip {clip_id}, frame {t}:   frame | ground truth | prediction", None)],
+            [("ground truth: ", None)] + named(gt), [("prediction: ", None)] + named(pr)])
+        picture.save(os.path.join(out_dir, f"overlay_{split}_{clip_id.replace('/', '_')}.png"))
+        n += 1
+    return n
+
+
+def draw_curves(log_path: str, png_path: str, codebook_size: int) -> dict | None:
+    """curves.png from log.jsonl, against the training step: the eq. (8) loss terms (the last
+    decoder layer's; the auxiliary layers' _0, _1 ... left out), the eq. (9) terms, the val score
+    that picks best.pt (mIoU, or J&F on S4/MS3) and the codebook's words in use (usage x K) of the
+    global and the local tokens. Returns what the figure holds, {panel title: {line label: (steps,
+    values)}}, read back from its lines; None where matplotlib (optional) is not installed."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg backend: files only
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    with open(log_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    steps = [r for r in rows if "loss" in r and "eval" not in r]   # the training lines
+    vals = [r for r in rows if r.get("eval") == "val"]
+
+    def series(lines, key, scale=1.0):
+        points = [(r["step"], r[key] * scale) for r in lines if key in r]
+        return [x for x, _ in points], [y for _, y in points]
+
+    keys = sorted({k for r in steps for k, v in r.items() if not isinstance(v, bool)})
+    measure = "mIoU" if any("miou_official" in r for r in vals) else "J&F"
+    panels = {
+        "eq. (8): segmentation loss terms": [(k, series(steps, k)) for k in keys
+                                             if k.startswith("loss_") and not re.search(r"_\d+$", k)],
+        "eq. (9): quantization terms": [(k, series(steps, k)) for k in keys if k.startswith("quant_")],
+        f"val {measure} (picks best.pt)": [(f"val {measure}", ([r["step"] for r in vals],
+                                                               [metrics.headline(r) for r in vals]))],
+        f"codebook words in use (of K = {codebook_size})": [
+            (name, series(steps, key, codebook_size))
+            for name, key in (("global", "codebook_usage"), ("local", "local_codebook_usage"))],
+    }
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    FigureCanvasAgg(fig)
+    plotted = {}
+    for ax, (title, lines) in zip(fig.subplots(2, 2).flat, panels.items()):
+        for label, (x, y) in lines:
+            ax.plot(x, y, label=label, marker="." if len(x) < 30 else None)
+        ax.set(title=title, xlabel="step")
+        if any(x for _, (x, _) in lines):
+            ax.legend(fontsize=7)
+        plotted[title] = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
+    tmp = f"{png_path}.tmp{os.getpid()}"
+    fig.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, png_path)
+    return plotted
+

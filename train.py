@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Sampler
 import data
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, track_batch
-from pictures import PALETTE, colour_ids, titled, write_clip_pictures
+import pictures
 import pretrain
 from pretrained import InitWeightsError, atomic_save, format_table, load_init_weights
 from quantize import CollapseWatch, codebook_stats
@@ -438,7 +438,7 @@ def run(cfg: TrainConfig) -> int:
                 val = evaluate(cfg, model, eval_sets["val"], "val", device, rank, world)
                 # best.pt's state holds the val of its own weights (metrics.json's "val" entry)
                 state["val"], state["val_step"] = val, state["step"]
-                score = headline(val)
+                score = metrics.headline(val)
                 if main_proc:
                     append_jsonl(log_path, {"eval": "val", "epoch": state["epoch"],
                                             "step": state["step"], **val})
@@ -464,7 +464,7 @@ def run(cfg: TrainConfig) -> int:
         if cfg.dataset == "synthetic" and "test" in eval_sets:
             # a single- and a multi-source test clip, then test-unseen ones: each frame with the
             # codeword each local token chose and what the token predicts (clip_*.png, .gif)
-            write_clip_pictures(model, eval_sets, device, out_dir, cfg.num_overlays, cfg.amp)
+            pictures.write_clip_pictures(model, eval_sets, device, out_dir, cfg.num_overlays, cfg.amp)
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
         redraw_curves(ctx, log_path)
@@ -513,7 +513,7 @@ def evaluate_best_and_last(ctx: dict, eval_sets: dict) -> dict:
     if best_state.get("val") is not None:
         results["val"] = best_state["val"]
     results["model"] = {"checkpoint": "best.pt", "step": best_state["step"], "epoch": best_state["epoch"],
-                        "val": None if best_state.get("val") is None else headline(best_state["val"])}
+                        "val": None if best_state.get("val") is None else metrics.headline(best_state["val"])}
     results["last"] = last
     return results
 
@@ -701,14 +701,6 @@ def evaluation_splits(cfg: TrainConfig) -> dict:
     return {name: make_dataset(cfg, name, train=False) for name in names}
 
 
-def headline(results: dict) -> float:
-    """The number that picks best.pt: mIoU for semantic tasks, J&F for AVS-Object."""
-    for key in ("miou_official", "jf_official"):
-        if key in results:
-            return float(results[key])
-    raise KeyError(f"no headline metric in {sorted(results)}")
-
-
 @torch.no_grad()
 def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: int, world: int,
              overlay_dir: str | None = None) -> dict:
@@ -751,7 +743,7 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
                     obj[name].update(fg[sel], (gt[sel] > 0).long(), valid[sel])
         if overlay_dir is not None and written < cfg.num_overlays:
             pred_map = pred if sem is not None else (fg > 0.5).long()   # (B, T, H, W)
-            written += write_overlays(overlay_dir, split, batch, pred_map, cfg.num_overlays - written,
+            written += pictures.write_overlays(overlay_dir, split, batch, pred_map, cfg.num_overlays - written,
                                       dataset.class_names)
     results = {}
     if sem is not None:
@@ -780,33 +772,6 @@ def evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
     return results
 
 
-def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, limit: int,
-                   class_names: list) -> int:
-    """Frame | ground truth | prediction of the first frame of up to `limit` clips, labels in the
-    AVSS (VOC) palette, panels scaled up to at least 256 px under title lines that name the panels
-    and the classes (drawn with pictures.py)."""
-    mean = torch.tensor(data.IMAGENET_MEAN, device=batch["frames"].device)[:, None, None]
-    std = torch.tensor(data.IMAGENET_STD, device=batch["frames"].device)[:, None, None]
-    n = 0
-    for b in range(min(limit, batch["frames"].shape[0])):
-        t = 0
-        img = (batch["frames"][b, t] * std + mean).clamp(0, 1)        # (3, H, W)
-        img = (img.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)  # (H, W, 3)
-        gt, pr = batch["labels"][b, t].cpu().numpy(), pred[b, t].cpu().numpy()  # (H, W) each
-        panels = np.concatenate([img, colour_ids(gt), colour_ids(pr)], axis=1)  # (H, 3W, 3)
-        clip_id = str(batch["meta"][b].get("clip", b))
-
-        def named(ids):
-            return ([(f"{class_names[c]}  ", PALETTE[c]) for c in np.unique(ids) if c > 0]
-                    or [("nothing", None)])
-        picture = titled(panels, [
-            [(f"{split} clip {clip_id}, frame {t}:   frame | ground truth | prediction", None)],
-            [("ground truth: ", None)] + named(gt), [("prediction: ", None)] + named(pr)])
-        picture.save(os.path.join(out_dir, f"overlay_{split}_{clip_id.replace('/', '_')}.png"))
-        n += 1
-    return n
-
-
 # The numbers printed at the end of a run (metrics.json holds every measure): the paper's Table 1
 # columns for the dataset, per evaluated split; the synthetic benchmark fills all three of them.
 HEADLINE = {
@@ -828,7 +793,7 @@ def summary(results: dict) -> str:
     lines = ["results (every measure: metrics.json):"]
     if "model" in results:
         m = results["model"]
-        name = "J&F" if results["dataset"] in ("s4", "ms3") else "mIoU"  # headline()'s measure
+        name = "J&F" if results["dataset"] in ("s4", "ms3") else "mIoU"  # metrics.headline()'s measure
         val = "no val score" if m["val"] is None else f"val {name} {m['val']:.3f}"
         last = ("it is the last model" if results.get("last") == "same as best"
                 else 'the last model\'s numbers: metrics.json "last"')
@@ -846,57 +811,9 @@ def summary(results: dict) -> str:
     return "\n".join(lines)
 
 
-def draw_curves(log_path: str, png_path: str, codebook_size: int) -> dict | None:
-    """curves.png from log.jsonl, against the training step: the eq. (8) loss terms (the last
-    decoder layer's; the auxiliary layers' _0, _1 ... left out), the eq. (9) terms, the val score
-    that picks best.pt (mIoU, or J&F on S4/MS3) and the codebook's words in use (usage x K) of the
-    global and the local tokens. Returns what the figure holds, {panel title: {line label: (steps,
-    values)}}, read back from its lines; None where matplotlib (optional) is not installed."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg  # the Agg backend: files only
-        from matplotlib.figure import Figure
-    except ImportError:
-        return None
-    with open(log_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    steps = [r for r in rows if "loss" in r and "eval" not in r]   # the training lines
-    vals = [r for r in rows if r.get("eval") == "val"]
-
-    def series(lines, key, scale=1.0):
-        points = [(r["step"], r[key] * scale) for r in lines if key in r]
-        return [x for x, _ in points], [y for _, y in points]
-
-    keys = sorted({k for r in steps for k, v in r.items() if not isinstance(v, bool)})
-    measure = "mIoU" if any("miou_official" in r for r in vals) else "J&F"
-    panels = {
-        "eq. (8): segmentation loss terms": [(k, series(steps, k)) for k in keys
-                                             if k.startswith("loss_") and not re.search(r"_\d+$", k)],
-        "eq. (9): quantization terms": [(k, series(steps, k)) for k in keys if k.startswith("quant_")],
-        f"val {measure} (picks best.pt)": [(f"val {measure}", ([r["step"] for r in vals],
-                                                               [headline(r) for r in vals]))],
-        f"codebook words in use (of K = {codebook_size})": [
-            (name, series(steps, key, codebook_size))
-            for name, key in (("global", "codebook_usage"), ("local", "local_codebook_usage"))],
-    }
-    fig = Figure(figsize=(11, 7), layout="constrained")
-    FigureCanvasAgg(fig)
-    plotted = {}
-    for ax, (title, lines) in zip(fig.subplots(2, 2).flat, panels.items()):
-        for label, (x, y) in lines:
-            ax.plot(x, y, label=label, marker="." if len(x) < 30 else None)
-        ax.set(title=title, xlabel="step")
-        if any(x for _, (x, _) in lines):
-            ax.legend(fontsize=7)
-        plotted[title] = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
-    tmp = f"{png_path}.tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, png_path)
-    return plotted
-
-
 def redraw_curves(ctx: dict, log_path: str) -> None:
     """curves.png in the run directory (draw_curves); without matplotlib one line says so, once a run."""
-    drawn = draw_curves(log_path, os.path.join(ctx["out_dir"], "curves.png"), ctx["model"].cfg.codebook_size)
+    drawn = pictures.draw_curves(log_path, os.path.join(ctx["out_dir"], "curves.png"), ctx["model"].cfg.codebook_size)
     if drawn is None and not ctx.get("curves_skipped"):
         ctx["curves_skipped"] = True
         print("curves.png skipped: matplotlib is not installed (optional: pip install matplotlib)")

@@ -10,7 +10,6 @@ that cannot be fused or captured as one CUDA graph).
 import os
 import sys
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

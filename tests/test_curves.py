@@ -1,4 +1,4 @@
-"""Tests of curves.png (train.draw_curves): what it plots from a hand-written log.jsonl, and a run
+"""Tests of curves.png (pictures.draw_curves): what it plots from a hand-written log.jsonl, and a run
 without matplotlib, which says once that it skipped the picture and writes none.
 
 The plotted series are read back from the figure's lines and compared to the values written by
@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import commands  # noqa: E402
+import pictures  # noqa: E402
 import train  # noqa: E402
 
 K = 8  # codebook size of the hand-written log
@@ -48,7 +49,7 @@ def test_draw_curves_plots_the_logged_terms_val_score_and_words_in_use(tmp_path)
         {"eval": "val", "epoch": 2, "step": 3, "miou_official": 0.25, "f_official": 0.75},
         {"eval": "final", "step": 3, "test/miou_official": 0.5},
     ])
-    plotted = train.draw_curves(str(log), str(png), K)
+    plotted = pictures.draw_curves(str(log), str(png), K)
     assert set(plotted) == {"eq. (8): segmentation loss terms", "eq. (9): quantization terms",
                             "val mIoU (picks best.pt)", f"codebook words in use (of K = {K})"}
     steps = [1, 2, 3]
@@ -72,7 +73,7 @@ def test_draw_curves_plots_the_logged_terms_val_score_and_words_in_use(tmp_path)
     # an S4/MS3 log: the val panel shows J&F, the score that picks best.pt there
     write_log(log, [training_line(1, 2.0, 0.125, 0.25, False),
                     {"eval": "val", "epoch": 1, "step": 1, "j_official": 0.25, "jf_official": 0.375}])
-    plotted = train.draw_curves(str(log), str(png), K)
+    plotted = pictures.draw_curves(str(log), str(png), K)
     assert plotted["val J&F (picks best.pt)"] == {"val J&F": ([1], [0.375])}
 
 

@@ -1,5 +1,4 @@
 """Tests of sqd.py: eq. (11) inference, the assembled model of Fig. 3, ablations, overfitting."""
-import math
 
 import pytest
 import torch
