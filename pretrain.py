@@ -40,7 +40,8 @@ weights. Only the visual encoder, the FPN and the mask decoder are kept (the emb
 the command writes the same bytes elsewhere, for a look at them.
 
 train.py's synthetic runs of the CPU preset start from these two (train.uses_stand_ins) and
-call cached_audio_weights and cached_visual_weights: the files are built on first use under
+call stand_in_files (cached_audio_weights and cached_visual_weights, the two at once in a first
+run): the files are built on first use under
 --audio-cache and found by later runs. An audio file holds only SmallVGG's state_dict (what
 `train.py --audio-weights` loads strictly); a visual file the visual encoder, FPN and mask decoder
 (load_visual_into loads them into the full model and the baseline alike). Files are written
@@ -51,8 +52,9 @@ left as it was).
 Reading order: the audio network (exact_set_accuracy and frame_table, the data and its score;
 train_classifier and predict_sets, the classifier; pretrain_audio, cached_audio_weights), then the
 visual side (ReferringSegmenter, the model: SQD's parts + the category queries; referring_targets
-and fixed_assignment, the targets; pretrain_visual, the loop; cached_visual_weights, what train.py
-calls; load_visual_into, what it loads), then main.
+and fixed_assignment, the targets; pretrain_visual, the loop; cached_visual_weights), then
+stand_in_files (what train.py calls: both files, built on first use) and load_visual_into (what it
+loads), then main.
 
 Shape alphabet (the repository's one shape alphabet: docs/shapes.md): B clips, T frames of a clip,
 B*T the frames of B clips one after the other (frame_table), Kc foreground classes (the categories;
@@ -65,6 +67,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
 import sys
 import time
@@ -72,6 +75,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 import data
@@ -426,6 +430,49 @@ def load_visual_into(model: SQD, path: str) -> int:
                          f"expected a `python pretrain.py visual` file of the same preset and classes")
     model.load_state_dict(state, strict=False)
     return len(state)
+
+
+def stand_in_files(folder: str, cfg: ModelConfig, seed: int, img_size: int, val_clips: int | None,
+                   audio: bool, visual: bool, main_proc: bool = True) -> tuple:
+    """The cached files of the stand-ins a synthetic train.py run starts from (train.uses_stand_ins):
+    (audio path or None, visual path or None), for the ones asked for, built on first use.
+
+    A first run builds both: they are independent and each trains on one thread with its own
+    random streams, so the visual one runs in a spawned process of its own while this one builds
+    the audio network; the files are those each pretraining writes alone, bit for bit, and the
+    caller's randomness is the same whether they were built now or found. Under torchrun rank 0
+    builds while the others wait at a barrier. RuntimeError if the visual process fails.
+    """
+    audio_path = visual_path = None
+    if audio:
+        audio_path = os.path.join(folder, audio_cache_name(seed, DEFAULT_AUDIO_STEPS, DEFAULT_AUDIO_CLIPS))
+    if visual:
+        visual_path = os.path.join(folder, visual_cache_name(cfg, seed, DEFAULT_VISUAL_STEPS))
+    if main_proc:
+        child = None
+        if audio and visual and not os.path.isfile(visual_path):
+            child = multiprocessing.get_context("spawn").Process(
+                target=cached_visual_weights, args=(folder, cfg, seed, DEFAULT_VISUAL_STEPS),
+                kwargs=dict(img_size=img_size))
+            child.start()
+            print(f"visual pretraining: in process {child.pid}, while this one pretrains the audio network")
+        try:
+            if audio:
+                cached_audio_weights(folder, seed, DEFAULT_AUDIO_STEPS, DEFAULT_AUDIO_CLIPS, val_clips=val_clips)
+        except BaseException:
+            if child is not None:
+                child.terminate()
+            raise
+        if child is not None:
+            child.join()
+            if child.exitcode != 0 or not os.path.isfile(visual_path):
+                raise RuntimeError(f"the visual pretraining stopped (exit code {child.exitcode}) "
+                                   f"before writing {visual_path}; its error is printed above")
+        elif visual:
+            cached_visual_weights(folder, cfg, seed, DEFAULT_VISUAL_STEPS, img_size=img_size)
+    if (audio or visual) and dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank loads the files rank 0 found or built
+    return audio_path, visual_path
 
 
 # ----------------------------------------------------------------------------------------------

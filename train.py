@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
@@ -849,44 +848,22 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
     audio_flag, audio_path = "--audio-weights", cfg.audio_weights
     # the stand-ins of pretrain.py (uses_stand_ins) where no file gives the weights
     audio_stand_in = uses_stand_ins(cfg) and not audio_path
-    visual_path = None
-    if uses_stand_ins(cfg) and model_cfg.backbone == "small" and not (cfg.init_weights or cfg.backbone_weights):
-        visual_path = os.path.join(cfg.audio_cache, pretrain.visual_cache_name(
-            model_cfg, cfg.seed, pretrain.DEFAULT_VISUAL_STEPS))
-    child = None
-    if main_proc and visual_path and not os.path.isfile(visual_path) and audio_stand_in:
-        # both pretrainings are due (a first run): they are independent and each runs on one
-        # thread, so the visual one runs in a process of its own while this one builds the audio
-        child = multiprocessing.get_context("spawn").Process(
-            target=pretrain.cached_visual_weights,
-            args=(cfg.audio_cache, model_cfg, cfg.seed, pretrain.DEFAULT_VISUAL_STEPS),
-            kwargs=dict(img_size=cfg.img_size))
-        child.start()
-        print(f"visual pretraining: in process {child.pid}, while this one pretrains the audio network")
-    if audio_stand_in:
-        try:
-            audio_path = pretrained_audio_weights(cfg, main_proc)
-        except BaseException:
-            if child is not None:
-                child.terminate()
-            raise
-        audio_flag = "the audio stand-in"
+    visual_stand_in = (uses_stand_ins(cfg) and model_cfg.backbone == "small"
+                       and not (cfg.init_weights or cfg.backbone_weights))
+    try:
+        stand_in_audio, visual_path = pretrain.stand_in_files(
+            cfg.audio_cache, model_cfg, cfg.seed, cfg.img_size, cfg.eval_clips, audio_stand_in,
+            visual_stand_in, main_proc)
+    except RuntimeError as e:
+        raise UserError(str(e)) from None
+    if stand_in_audio:
+        audio_flag, audio_path = "the audio stand-in", stand_in_audio
     if audio_path:
         try:
             model.audio_encoder.load_net_weights(audio_path)
         except ValueError as e:
             raise UserError(f"{audio_flag}: {e}") from None
     if visual_path:
-        if child is not None:
-            child.join()
-            if child.exitcode != 0 or not os.path.isfile(visual_path):
-                raise UserError(f"the visual pretraining stopped (exit code {child.exitcode}) "
-                                f"before writing {visual_path}; its error is printed above")
-        elif main_proc:  # built by rank 0 on first use, then every rank loads the file
-            pretrain.cached_visual_weights(cfg.audio_cache, model_cfg, cfg.seed,
-                                           pretrain.DEFAULT_VISUAL_STEPS, img_size=cfg.img_size)
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
         loaded = pretrain.load_visual_into(model, visual_path)
         if main_proc:
             print(f"visual side: {loaded} tensors of the visual encoder, FPN and mask decoder from {visual_path}")
@@ -899,25 +876,6 @@ def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_p
               f"code it builds on (AVSBench, ReferFormer) starts from pretrained backbones\n!! "
               f"(or --init-weights) and AudioSet VGGish; expect far lower numbers.\n" + "!" * 78 + "\n",
               file=sys.stderr)
-
-
-def pretrained_audio_weights(cfg: TrainConfig, main_proc: bool) -> str:
-    """The cached SmallVGG weights of the audio stand-in (uses_stand_ins), built on first use.
-
-    pretrain.pretrain_audio trains them on the whole train split of the synthetic benchmark of this
-    seed (pretrain.DEFAULT_AUDIO_STEPS, DEFAULT_AUDIO_CLIPS) and writes {audio_cache}/v2-s{seed}-{steps}.pt
-    atomically; a later run, or a resumed one, finds the file and loads it without training. The
-    pretraining has its own random streams and one thread, so this run's own randomness is the same
-    whether the file was built now or found. Under torchrun rank 0 builds while the others wait.
-    """
-    steps, clips = pretrain.DEFAULT_AUDIO_STEPS, pretrain.DEFAULT_AUDIO_CLIPS
-    path = os.path.join(cfg.audio_cache, pretrain.audio_cache_name(cfg.seed, steps, clips))
-    distributed = dist.is_available() and dist.is_initialized()
-    if main_proc:
-        pretrain.cached_audio_weights(cfg.audio_cache, cfg.seed, steps, clips, val_clips=cfg.eval_clips)
-    if distributed:
-        dist.barrier()
-    return path
 
 
 def _last_checkpoint(ctx: dict) -> str:

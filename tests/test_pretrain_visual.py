@@ -88,7 +88,7 @@ def test_the_visual_stand_in_is_loaded_from_the_cache_unless_a_file_starts_the_v
 
 def test_loss_weights_are_the_synthetic_recipes():
     from train import RECIPES
-    assert pretrain.LOSS_WEIGHTS == {k: RECIPES["synthetic"][k] for k in pretrain.LOSS_WEIGHTS}
+    assert pretrain.LOSS_WEIGHTS == RECIPES["synthetic"]["loss_weights"]
 
 
 def test_a_first_run_builds_both_pretrainings_at_once_and_gets_the_sequential_files(tmp_path, monkeypatch, capsys):
