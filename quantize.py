@@ -88,7 +88,7 @@ class VectorQuantizer(nn.Module):
         # (up to the learnable LN affine). We draw the codewords on the same set: standard normal
         # vectors passed through a LayerNorm without affine, so every entry has unit scale and
         # every codeword has ||e||^2 = C exactly. Two common alternatives fail for such tokens:
-        #  - plain N(0, 1) codes: ||e||^2 varies by about sqrt(2D), which outweighs the x.e term,
+        #  - plain N(0, 1) codes: ||e||^2 varies by about sqrt(2C), which outweighs the x.e term,
         #    so the shortest codes win most tokens (measured for K=128, C=256 on LN'd tokens:
         #    perplexity 32-39 at init, versus 121-126 for this init);
         #  - tiny codes near the origin (uniform(-1/K, 1/K), as in many VQ-VAE codes): every
