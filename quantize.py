@@ -65,15 +65,13 @@ class VectorQuantizer(nn.Module):
         num_codes:         K, number of codewords (128 in the paper).
         dim:               C, width of tokens and codewords.
         warmup_memory:     how many of the most recent warm-up tokens are kept for the k-means
-                           initialisation (see `set_warmup`; not in the paper).
+                           initialisation (see `set_warmup` and `end_warmup`; not in the paper).
 
     Parameters and buffers:
         codebook:      (K, C) nn.Parameter, the codewords {e_k}, trained by the first term of eq. (9).
         warmup_tokens: (V, C) buffer, a ring of the most recent tokens seen in warm-up training.
         warmup_seen:   () int64 buffer, how many tokens were written into the ring so far.
-        kmeans_done:   () bool buffer, True once the codebook was initialised from the ring.
-    The three buffers are saved in checkpoints, so a run resumed in or after warm-up continues
-    exactly.
+    Both buffers are saved in checkpoints, so a run resumed during the warm-up continues exactly.
     The attribute `warmup` (a Python bool, False unless `set_warmup(True)`) says whether the
     quantizer is in warm-up; the trainer sets it from the step count.
     """
@@ -88,7 +86,7 @@ class VectorQuantizer(nn.Module):
         # (up to the learnable LN affine). We draw the codewords on the same set: standard normal
         # vectors passed through a LayerNorm without affine, so every entry has unit scale and
         # every codeword has ||e||^2 = C exactly. Two common alternatives fail for such tokens:
-        #  - plain N(0, 1) codes: ||e||^2 varies by about sqrt(2D), which outweighs the x.e term,
+        #  - plain N(0, 1) codes: ||e||^2 varies by about sqrt(2C), which outweighs the x.e term,
         #    so the shortest codes win most tokens (measured for K=128, C=256 on LN'd tokens:
         #    perplexity 32-39 at init, versus 121-126 for this init);
         #  - tiny codes near the origin (uniform(-1/K, 1/K), as in many VQ-VAE codes): every
@@ -97,10 +95,8 @@ class VectorQuantizer(nn.Module):
         codebook = F.layer_norm(torch.randn(num_codes, dim), (dim,))  # (K, C)
         self.codebook = nn.Parameter(codebook)  # (K, C)
         self.warmup = False
-        self._first_call = True  # set_warmup has not looked at the buffers yet
         self.register_buffer("warmup_tokens", torch.zeros(warmup_memory, dim))  # (V, C)
         self.register_buffer("warmup_seen", torch.tensor(0))  # () int64
-        self.register_buffer("kmeans_done", torch.tensor(False))  # ()
 
     @torch.no_grad()
     def nearest_code(self, flat: torch.Tensor) -> torch.Tensor:
@@ -144,7 +140,7 @@ class VectorQuantizer(nn.Module):
         flat = x.reshape(-1, self.dim)  # (V, C)
         keep = None if valid is None else valid.reshape(-1)  # (V,) bool
         if self.warmup:
-            return self._warmup_forward(flat, lead, update_codebook, keep)  # VQ(x) = x (not in the paper; off by default)
+            return self._warmup_forward(flat, lead, update_codebook, keep)  # VQ(x) = x in the warm-up (not in the paper)
         indices = self.nearest_code(flat)  # (V,) int64, VQ of eq. (2)
         codebook = self.codebook if update_codebook else self.codebook.detach()  # (K, C)
         codes = codebook[indices]  # (V, C) e = VQ(x), gradient to the codebook only if update_codebook
@@ -180,30 +176,31 @@ class VectorQuantizer(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------
-    # NOT IN PAPER: the quantizer warm-up and the k-means initialisation that ends it. Off unless
-    # train.py's --quant-warmup-steps is > 0 (the CPU preset's recipe uses 300 steps).
+    # NOT IN PAPER: the quantizer warm-up, a pass-through switch, and the k-means initialisation
+    # of the codebook that ends it. Every train.py recipe warms up for its first 300 steps;
+    # --quant-warmup-steps 0 quantizes from step 1, as the paper does.
     # ------------------------------------------------------------------------------------------
     def set_warmup(self, active: bool) -> None:
-        """Switch the warm-up on or off (the trainer does it before every step).
+        """Switch the warm-up pass-through on or off (train.py does it before every step).
 
-        NOT IN PAPER (the paper quantizes from the first step; every recipe here warms up for 300 steps). While the warm-up is on,
-        VQ(x) = x: the tokens go on unquantized, eq. (9) is zero, and the tokens of each training
-        forward (global and local) are written into a ring of the last `warmup_memory`. At the
-        first training forward after it is switched off, if tokens were remembered and the
-        codebook was not initialised yet, the codebook is set to the k-means centres of that ring
-        (`init_from_tokens`), once. Why: quantized from step 1, the CPU preset's codebook
-        collapses to a few words and the model predicts background only (docs/lab-notes.md);
-        the warm-up lets the tokens become sound-dependent first, and the k-means codebook then
-        starts where they are.
+        While on, VQ(x) = x: the tokens go on unquantized, eq. (9) is zero, and the tokens of each
+        training forward (global and local) are written into a ring of the last `warmup_memory`.
+        The codebook is not touched: `end_warmup` initialises it from the ring. Why: quantized
+        from step 1, the CPU preset's codebook collapses to a few words and the model predicts
+        background only (docs/lab-notes.md); the warm-up lets the tokens become sound-dependent
+        first, and the k-means codebook then starts where they are.
         """
-        # Read the buffers (a host sync on a GPU) only when a warm-up may just have ended: after
-        # a step in warm-up, or on the first call after construction or a checkpoint load.
-        may_end = not active and (self.warmup or self._first_call)
-        self._first_call = False
-        if may_end and int(self.warmup_seen) > 0 and not bool(self.kmeans_done):
-            ring = self.warmup_tokens.shape[0]
-            self.init_from_tokens(self.warmup_tokens[: min(int(self.warmup_seen), ring)])  # (V', C)
         self.warmup = bool(active)
+
+    def end_warmup(self) -> None:
+        """Set the codebook to the k-means centres of the remembered warm-up tokens
+        (`init_from_tokens`); nothing changes if no token was remembered (no warm-up).
+
+        train.py calls it once, in the training step that ends the warm-up, right after its update.
+        """
+        seen = int(self.warmup_seen)
+        if seen > 0:
+            self.init_from_tokens(self.warmup_tokens[: min(seen, self.warmup_tokens.shape[0])])  # (V', C)
 
     def _warmup_forward(self, flat: torch.Tensor, lead, update_codebook: bool,
                         keep: Optional[torch.Tensor]) -> QuantizerOutput:
@@ -282,7 +279,6 @@ class VectorQuantizer(nn.Module):
         self.codebook.copy_(centres.to(self.codebook.dtype))  # (K, C)
         if dist.is_available() and dist.is_initialized():
             dist.broadcast(self.codebook, src=0)  # (K, C) rank 0's centres everywhere
-        self.kmeans_done.fill_(True)
         return sizes
 
 

@@ -327,12 +327,18 @@ class SQD(nn.Module):
     def set_quantizer_warmup(self, active: bool) -> None:
         """Quantizer warm-up on or off (quantize.VectorQuantizer.set_warmup; not in the paper).
 
-        While on, VQ(x) = x for every token and eq. (9) is zero; switching it off after a warm-up
-        sets each codebook to the k-means centres of the last warm-up tokens. train.py calls this
-        before every step with `step < quant_warmup_steps`.
+        While on, VQ(x) = x for every token and eq. (9) is zero. train.py calls this before every
+        step with `step < quant_warmup_steps`, and before every evaluation.
         """
         for vq in self.quantizers():
             vq.set_warmup(active)
+
+    def end_quantizer_warmup(self) -> None:
+        """Set each codebook to the k-means centres of its last warm-up tokens
+        (quantize.VectorQuantizer.end_warmup; not in the paper). train.py calls this once, in the
+        step that ends the warm-up."""
+        for vq in self.quantizers():
+            vq.end_warmup()
 
     def parameter_groups(self, lr: float, backbone_lr_mult: float = 0.5, weight_decay: float = 5e-4):
         """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4).

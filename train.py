@@ -115,7 +115,7 @@ class TrainConfig:
 # NOT IN PAPER: the synthetic recipe is ours, sized so that the default run fits in 10 CPU minutes.
 # NOT IN PAPER: every recipe runs its first 300 steps with the quantizer in warm-up (VQ(x) = x,
 # eq. 9 off), then sets the codebook to the k-means centres of the last warm-up tokens
-# (quantize.VectorQuantizer.set_warmup); the paper quantizes from step 1. Chosen for the AVSBench
+# (quantize.VectorQuantizer.end_warmup); the paper quantizes from step 1. Chosen for the AVSBench
 # recipes by a rule written before its runs (results/README.md, "The AVSBench recipe's
 # quantizer"): on the synthetic benchmark with both sides pretrained, the AVSBench lr and App. D's
 # weights, quantized from step 1 the codebook collapsed (the warning at step 115-119, val mIoU
@@ -566,8 +566,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
     done = None  # the last finished step of this epoch
     for batch in bar:
         batch = to_device(batch, device)
-        # quantizer warm-up for the first quant_warmup_steps steps; the step that ends it first
-        # sets the codebook to the k-means centres of the warm-up tokens (sqd.set_quantizer_warmup)
+        # quantizer warm-up (VQ(x) = x) for the first quant_warmup_steps steps
         warmup = state["step"] < cfg.quant_warmup_steps
         model.set_quantizer_warmup(warmup)
         if state["step"] == cfg.quant_warmup_steps and ctx["main_proc"] and model.quantizers():
@@ -585,6 +584,11 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
             sched.step()
             state["step"] += 1
             state["step_in_epoch"] += 1
+            if state["step"] == cfg.quant_warmup_steps:
+                # the warm-up ends with this step: the codebook becomes the k-means centres of its
+                # tokens now, inside this block, so that every checkpoint (a resumed run starts
+                # from it) and every evaluation from this step on holds them
+                model.end_quantizer_warmup()
         clips += cfg.batch_size * ctx["world"]
         done = {"step": state["step"], "epoch": state["epoch"], "warmup": warmup,
                 "lr": opt.param_groups[0]["lr"], "parts": list(parts),

@@ -469,7 +469,7 @@ def test_train_py_init_weights_prints_the_table_and_a_bad_file_is_one_line(tmp_p
     proc = train(*flags, "--threads", "1", "--out", str(tmp_path / "run"), "--init-weights", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert f"--init-weights {path}: 41 of the model's 247 tensors loaded from ReferFormer's names" in lines
+    assert f"--init-weights {path}: 41 of the model's 246 tensors loaded from ReferFormer's names" in lines
     row = next(line.split() for line in lines if line.strip().startswith("visual_encoder.layers.0.ffn"))
     assert row[:3] == ["visual_encoder.layers.0.ffn", "loaded", "6"]  # the CPU preset's widths agree
     assert any("SmallBackbone (the CPU preset's small CNN)" in line for line in lines)

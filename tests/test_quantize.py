@@ -229,12 +229,13 @@ def test_codebook_stats_hand_values():
 
 
 # ---------------------------------------------------------------------------------------------
-# Warm-up and the k-means codebook (not in the paper; the synthetic recipe uses them)
+# Warm-up and the k-means codebook (not in the paper; every train.py recipe uses them)
 # ---------------------------------------------------------------------------------------------
 
 def test_warmup_passes_tokens_through_and_remembers_the_last_R():
     K, D, R = 4, 3, 5
     vq = make_vq(K, D, warmup_memory=R)
+    start = vq.codebook.detach().clone()
     vq.set_warmup(True)
     vq.train()
     seen = []
@@ -253,7 +254,13 @@ def test_warmup_passes_tokens_through_and_remembers_the_last_R():
     # ring of R = 5 by hand: token number j sits in slot j % R, the newest overwrite the oldest
     for j in range(1, 6):
         assert torch.equal(vq.warmup_tokens[j % R], seen[j])
-    assert not vq.kmeans_done
+    vq.set_warmup(False)  # the switch alone: the codebook is still the initial one
+    assert torch.equal(vq.codebook.detach(), start)
+    # end_warmup: k-means of the whole ring once it has wrapped around
+    copy = make_vq(K, D, warmup_memory=R)
+    copy.init_from_tokens(torch.stack([seen[5]] + seen[1:5]))  # (R, D) in slot order
+    vq.end_warmup()
+    assert torch.equal(vq.codebook.detach(), copy.codebook.detach())
 
 
 def test_kmeans_init_recovers_separated_clusters():
@@ -271,7 +278,6 @@ def test_kmeans_init_recovers_separated_clusters():
     assert sorted(order) == [0, 1, 2]
     torch.testing.assert_close(vq.codebook.detach()[order], means)
     assert got[order].tolist() == sizes
-    assert vq.kmeans_done
 
     # fewer distinct tokens than codes: the codes that nothing seeds keep their value
     vq = make_vq(4, D)
@@ -282,7 +288,7 @@ def test_kmeans_init_recovers_separated_clusters():
     assert torch.equal(vq.codebook.detach()[2:], before[2:])
 
 
-def test_warmup_end_sets_the_kmeans_codebook_once_and_survives_a_checkpoint():
+def test_end_warmup_sets_the_kmeans_codebook_and_survives_a_checkpoint():
     K, D = 3, 2
     vq = make_vq(K, D, warmup_memory=64)
     vq.train()
@@ -293,24 +299,28 @@ def test_warmup_end_sets_the_kmeans_codebook_once_and_survives_a_checkpoint():
     copy = make_vq(K, D, warmup_memory=64)
     copy.load_state_dict(vq.state_dict())  # the ring travels in the state_dict
     expected_sizes = copy.init_from_tokens(vq.warmup_tokens[:18])
-    vq.set_warmup(False)  # ends the warm-up: k-means on the ring
+    initial = vq.codebook.detach().clone()
+    vq.set_warmup(False)  # only the switch
+    assert torch.equal(vq.codebook.detach(), initial)
+    vq.end_warmup()  # k-means on the ring
     assert torch.equal(vq.codebook.detach(), copy.codebook.detach())
     assert sorted(expected_sizes.tolist()) == [6, 6, 6]
     out = vq(torch.tensor([[8.1, 0.0]], dtype=torch.float64))
     torch.testing.assert_close(out.quantized, vq.codebook.detach()[out.indices], rtol=0, atol=0)
     assert out.codebook_loss.item() > 0  # eq. (9) is back
-    # a second switch does not initialise again
+    # switching the warm-up on and off again does not initialise again
     with torch.no_grad():
         vq.codebook.add_(1.0)
     moved = vq.codebook.detach().clone()
     vq.set_warmup(True)
     vq.set_warmup(False)
     assert torch.equal(vq.codebook.detach(), moved)
-    # without a warm-up (the paper's recipes) switching it off changes nothing
+    # without a warm-up (--quant-warmup-steps 0, the paper's reading) end_warmup changes nothing
     plain = make_vq(K, D)
     before = plain.codebook.detach().clone()
     plain.set_warmup(False)
-    assert torch.equal(plain.codebook.detach(), before) and not plain.kmeans_done
+    plain.end_warmup()
+    assert torch.equal(plain.codebook.detach(), before)
 
 
 def test_valid_mask_averages_the_losses_over_valid_tokens_only():

@@ -91,17 +91,32 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
 
 
 def test_interrupted_and_resumed_run_reproduces_the_unbroken_losses(tmp_path):
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    # the quantizer warm-up ends at step 3, where the broken run stops: the resumed run must set
-    # the same k-means codebook from the warm-up tokens saved in last.pt
+    """A run stopped at the end of the quantizer warm-up (step 3, which sets the k-means codebook)
+    or one step after it (k-means must not run again) and resumed reproduces the unbroken run: the
+    same losses and the same codebook. The quantized steps start from the k-means centres of the
+    warm-up tokens saved in the checkpoint, and the codebook moves from there."""
     warm = ["--quant-warmup-steps", "3"]
+    whole = tmp_path / "whole"
     train("--max-steps", "6", "--out", str(whole), *warm, *TINY)
-    train("--max-steps", "3", "--out", str(broken), *warm, *TINY)
-    train("--resume", str(broken / "last.pt"), "--max-steps", "6", "--threads", "1")
-    a, b = losses(whole), losses(broken)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
-    for step in a:
-        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), (step, a[step], b[step])
+    codebook = lambda run: torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]["vq.codebook"]  # noqa: E731
+    start = lambda run: torch.load(run / "codebook_start.pt", weights_only=True)["codebooks"][0]  # noqa: E731
+    for stop in (3, 4):
+        broken = tmp_path / f"stop{stop}"
+        train("--max-steps", str(stop), "--out", str(broken), *warm, *TINY)
+        if stop == 3:  # the k-means codebook of the ring, computed here from the checkpoint
+            from quantize import VectorQuantizer
+            model = torch.load(broken / "last.pt", map_location="cpu", weights_only=True)["model"]
+            vq = VectorQuantizer(*model["vq.codebook"].shape, warmup_memory=model["vq.warmup_tokens"].shape[0])
+            vq.load_state_dict({k[3:]: v for k, v in model.items() if k.startswith("vq.")})
+            vq.init_from_tokens(vq.warmup_tokens[: int(vq.warmup_seen)])
+            assert torch.equal(start(whole), vq.codebook.detach())
+        train("--resume", str(broken / "last.pt"), "--max-steps", "6", "--threads", "1")
+        a, b = losses(whole), losses(broken)
+        assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+        assert a == b, stop
+        assert torch.equal(codebook(broken), codebook(whole)), stop
+        assert torch.equal(start(broken), start(whole)), stop
+    assert not torch.equal(codebook(whole), start(whole))  # three quantized steps moved it
     log = [json.loads(line) for line in open(whole / "log.jsonl")]
     warmup = {r["step"]: r["quant_warmup"] for r in log if "loss" in r and "eval" not in r}
     assert warmup == {1: True, 2: True, 3: True, 4: False, 5: False, 6: False}
