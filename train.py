@@ -125,17 +125,17 @@ RECIPES = {
     "s4": dict(epochs=13, lr_drop_epoch=11, preset="paper", lr=1e-4, quant_warmup_steps=300),
     "ms3": dict(epochs=13, lr_drop_epoch=11, preset="paper", lr=1e-4, quant_warmup_steps=300),
     "avss": dict(epochs=16, lr_drop_epoch=14, preset="paper", lr=1e-4, quant_warmup_steps=300),
-    # NOT IN PAPER: the synthetic recipe weights masks and boxes 5x less than App. D (class 2 kept). Trained
-    # from scratch for 1000 steps with App. D's weights, the mask and box gradients drown the class
-    # loss: the class head stayed at chance (top-1 class in the ground truth 12 % after 400 steps,
-    # 12 categories) while the masks improved; with these weights it was 67 % (docs/lab-notes.md, "Training
-    # the CPU preset"). The paper's recipes keep App. D's weights.
-    # The synthetic recipe's warm-up (above): quantized from step 1, the from-scratch tokens depend
-    # on their prototype far more than on the sound and the codebook collapses to one word
-    # (docs/lab-notes.md); with the pretrained frozen audio network, on val (seed 0,
-    # results/README.md), 4 codewords in use and val mIoU 0.040, against 0.228 with the warm-up.
-    # NOT IN PAPER: lr 4e-4 instead of 1e-4 for the from-scratch CPU preset: at 1e-4 the full model's
-    # class loss had barely moved after 250 steps (0.75 against 0.44 at 4e-4, docs/lab-notes.md).
+    # The synthetic recipe: 1 epoch = 4000 train clips / batch 4 = 1000 steps. Three of its choices
+    # were measured on benchmark v1 (12 categories) with the audio network trained from scratch
+    # (docs/lab-notes.md, "Training the CPU preset") and not re-measured since:
+    # NOT IN PAPER: masks and boxes weigh 5x less than in App. D (class 2 kept): with App. D's
+    # weights the mask and box gradients drowned the class loss (the class head stayed at chance,
+    # top-1 class in the ground truth 12 % after 400 steps, while the masks improved; 67 % with these).
+    # NOT IN PAPER: lr 4e-4 instead of 1e-4: at 1e-4 the full model's class loss had barely moved
+    # after 250 steps (0.75 against 0.44 at 4e-4).
+    # The warm-up (above): quantized from step 1 the codebook collapsed to one word. On v2, with the
+    # pretrained frozen audio network (val, seed 0, results/README.md): 4 codewords in use and val
+    # mIoU 0.040 from step 1, against 0.228 with the warm-up.
     "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu", lr=4e-4, quant_warmup_steps=300,
                       loss_weights=dict(loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0,
                                         loss_giou=0.5)),
