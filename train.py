@@ -101,8 +101,7 @@ class TrainConfig:
     # run
     out: str | None = None         # run directory; None: runs/{dataset}-{time}
     resume: str | None = None      # checkpoint to continue from (last.pt)
-    eval_only: bool = False        # evaluate --checkpoint and exit
-    checkpoint: str | None = None  # checkpoint to evaluate with --eval-only
+    eval_only: str | None = None   # a checkpoint (best.pt) to evaluate, then exit
     device: str | None = None      # cpu | cuda | cuda:1 ...; None: cuda if available
     amp: bool = False              # bf16 autocast (GPU)
     compile: bool = False          # torch.compile the model (GPU)
@@ -226,8 +225,6 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
         raise UserError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise UserError("--epochs and --batch-size must be positive")
-    if cfg.eval_only and not cfg.checkpoint:
-        raise UserError("--eval-only needs --checkpoint PATH")
     if cfg.dataset != "synthetic" and cfg.train_multi_ratio is not None:
         raise UserError("--train-multi-ratio only applies to --dataset synthetic")
     if cfg.dataset != "synthetic" and not cfg.data_root:
@@ -327,7 +324,7 @@ def run(cfg: TrainConfig) -> int:
     # that change the run length, which a resume may extend)
     ckpt = None
     if cfg.resume or cfg.eval_only:
-        path = cfg.resume or cfg.checkpoint
+        path = cfg.resume or cfg.eval_only
         ckpt = load_checkpoint(path)
         saved = saved_train_config(ckpt, path)
         if cfg.resume:

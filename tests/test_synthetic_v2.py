@@ -295,7 +295,7 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path):
     assert len(val) == 1 and val[0]["miou_official"] == metrics["val"]["miou_official"]
     # --eval-only evaluates the same splits
     ev = tmp_path / "eval"
-    commands.run(train.main, "--eval-only", "--checkpoint", run / "last.pt", "--out", ev,
+    commands.run(train.main, "--eval-only", run / "last.pt", "--out", ev,
                  "--img-size", "32", "--eval-clips", "2", "--threads", "1", "--num-overlays", "0")
     assert "val-unseen" in json.loads((ev / "metrics.json").read_text())
 
@@ -309,7 +309,7 @@ def test_a_checkpoint_of_a_synthetic_v1_run_is_refused_with_the_tag_that_reads_i
     path = tmp_path / "v1.pt"
     torch.save({"format": train.CHECKPOINT_FORMAT, "model": {}, "state": {"step": 1},
                 "config": {"train": {"dataset": "synthetic", **recorded}, "model": {}}}, path)
-    assert train.main(["--eval-only", "--checkpoint", str(path), "--out", str(tmp_path / "eval")]) == 2
+    assert train.main(["--eval-only", str(path), "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err
     assert "synthetic benchmark v1" in err and "git checkout synthetic-v1" in err, err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "eval").exists()

@@ -82,7 +82,7 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
 
     # --eval-only evaluates a checkpoint into a new directory
     ev = tmp_path / "eval"
-    train("--eval-only", "--checkpoint", str(run / "last.pt"), "--out", str(ev), *TINY)
+    train("--eval-only", str(run / "last.pt"), "--out", str(ev), *TINY)
     assert "test" in json.loads((ev / "metrics.json").read_text())
 
     # a new run in the same --out starts its own log
@@ -319,7 +319,7 @@ def test_checkpoint_of_an_older_format_or_not_a_checkpoint_exits_2(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     for path, words in ((old, "format 1"), (junk, "not a readable checkpoint")):
-        proc = train("--eval-only", "--checkpoint", str(path), *TINY, check=False)
+        proc = train("--eval-only", str(path), *TINY, check=False)
         assert proc.returncode == 2 and str(path) in proc.stderr and words in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
 
@@ -557,7 +557,7 @@ def test_checkpoint_whose_unpickling_would_run_code_is_refused_and_the_code_neve
     bad = tmp_path / "bad.pt"
     torch.save({"format": 3, "model": {}, "config": {"train": {}, "model": {}},
                 "state": {"step": 0}, "payload": RunsCode(marker)}, bad)
-    proc = train("--eval-only", "--checkpoint", str(bad), *TINY, check=False)
+    proc = train("--eval-only", str(bad), *TINY, check=False)
     assert proc.returncode == 2 and str(bad) in proc.stderr and "refused" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not marker.exists()
@@ -659,7 +659,7 @@ def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_pat
     # the table's numbers are best.pt's: --eval-only of that file gives them again (on this machine
     # the two models differ in test's multi-source F, so evaluating last.pt would not)
     ev = tmp_path / "eval"
-    train("--eval-only", "--checkpoint", str(run / "best.pt"), "--eval-clips", "4", "--threads", "1",
+    train("--eval-only", str(run / "best.pt"), "--eval-clips", "4", "--threads", "1",
           "--out", str(ev))
     again = json.loads((ev / "metrics.json").read_text())
     for split in splits:
