@@ -1010,20 +1010,20 @@ def ms_deform_attn_core(value, spatial_shapes, sampling_locations, attention_wei
     Returns:
         out: (B*T, Q, Hd*Dh)
     """
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
+    BT, S, Hd, Dh = value.shape
+    Q = sampling_locations.shape[1]
     shapes = [(int(h), int(w)) for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes)
                                              else spatial_shapes)]
     values = value.split([h * w for h, w in shapes], dim=1)  # 3 x (B*T, H_l*W_l, Hd, Dh)
     grids = 2 * sampling_locations - 1  # (B*T, Q, Hd, 3, Pt, 2) grid_sample's [-1, 1] coordinates
-    out = value.new_zeros(N * M, D, Lq)  # (B*T*Hd, Dh, Q)
+    out = value.new_zeros(BT * Hd, Dh, Q)  # (B*T*Hd, Dh, Q)
     for lvl, (h, w) in enumerate(shapes):
-        v = values[lvl].permute(0, 2, 3, 1).reshape(N * M, D, h, w)  # (B*T*Hd, Dh, H_l, W_l)
+        v = values[lvl].permute(0, 2, 3, 1).reshape(BT * Hd, Dh, h, w)  # (B*T*Hd, Dh, H_l, W_l)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*T*Hd, Q, Pt, 2)
         sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*T*Hd, Dh, Q, Pt)
         a = attention_weights[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*T*Hd, Q, Pt)
         out = out + (sampled * a[:, None]).sum(-1)  # (B*T*Hd, Dh, Q) sum over points
-    return out.view(N, M * D, Lq).transpose(1, 2)  # (B*T, Q, Hd*Dh)
+    return out.view(BT, Hd * Dh, Q).transpose(1, 2)  # (B*T, Q, Hd*Dh)
 
 
 class MSDeformAttn(nn.Module):
@@ -1073,16 +1073,16 @@ class MSDeformAttn(nn.Module):
         nn.init.zeros_(self.output_proj.bias)
 
     def forward(self, query, reference_points, input_flatten, spatial_shapes):
-        N, Lq, C = query.shape
-        M, L, P = self.num_heads, self.num_levels, self.num_points
+        BT, Q, C = query.shape
+        Hd, levels, Pt = self.num_heads, self.num_levels, self.num_points
         value = self.value_proj(input_flatten)  # (B*T, S, C)
-        value = value.view(N, value.shape[1], M, C // M)  # (B*T, S, Hd, Dh)
-        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)  # (B*T, Q, Hd, 3, Pt, 2) in level pixels
-        weights = self.attention_weights(query).view(N, Lq, M, L * P)  # (B*T, Q, Hd, 3*Pt)
-        weights = weights.softmax(-1).view(N, Lq, M, L, P)  # (B*T, Q, Hd, 3, Pt) softmax over levels and points
+        value = value.view(BT, value.shape[1], Hd, C // Hd)  # (B*T, S, Hd, Dh)
+        offsets = self.sampling_offsets(query).view(BT, Q, Hd, levels, Pt, 2)  # (B*T, Q, Hd, 3, Pt, 2) in level pixels
+        weights = self.attention_weights(query).view(BT, Q, Hd, levels * Pt)  # (B*T, Q, Hd, 3*Pt)
+        weights = weights.softmax(-1).view(BT, Q, Hd, levels, Pt)  # (B*T, Q, Hd, 3, Pt) softmax over levels and points
         # (3, 2) as (W_l, H_l) since locations are (x, y); filled on the device, so that no
         # host-to-device copy makes the host wait (torch.tensor(list, device=cuda) would)
-        normaliser = query.new_empty(L, 2)  # (3, 2)
+        normaliser = query.new_empty(levels, 2)  # (3, 2)
         for lvl, (h, w) in enumerate(spatial_shapes):
             normaliser[lvl, 0], normaliser[lvl, 1] = w, h
         locations = (reference_points[:, :, None, :, None, :]
