@@ -228,8 +228,7 @@ class AudioEncoder(nn.Module):
         dim: C, the model width.
 
     forward:
-        audio: (B, T, 1, 96, 64) log-mel, one 0.96 s example per frame, or precomputed
-            VGGish embeddings (B, T, 128).
+        audio: (B, T, 1, 96, 64) log-mel, one 0.96 s example per frame.
     Returns:
         frame_emb: (B, T, C) F_a = {f_{a,t}}, one vector per frame: the queries of eq. (3) and,
             one frame at a time, the memory of the local ASD, eq. (6).
@@ -316,8 +315,6 @@ class AudioEncoder(nn.Module):
         return self
 
     def forward(self, audio):
-        if audio.dim() == 3:  # precomputed embeddings (B, T, 128)
-            return self.emb_norm(self.emb_proj(audio))  # (B, T, C)
         B, T = audio.shape[:2]  # (B, T, 1, 96, 64)
         embedding, _ = self.net(audio.flatten(0, 1))  # (B*T, 128); the conv map is not used
         return self.emb_norm(self.emb_proj(embedding)).view(B, T, -1)  # (B, T, C)

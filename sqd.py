@@ -150,7 +150,7 @@ class SQD(nn.Module):
 
     forward(batch) takes the batch of data.py:
         frames (B, T, 3, H, W) float, ImageNet-normalised
-        audio  (B, T, 1, 96, 64) VGGish log-mel, or (B, T, 128) precomputed embeddings
+        audio  (B, T, 1, 96, 64) VGGish log-mel, one example per frame
         frame_valid (B, T) bool, optional: False marks a padding frame, which no real frame sees
             (inside, the attention layers take its inverse, pad = ~frame_valid, True = padding)
     and returns a dict:
