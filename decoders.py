@@ -7,24 +7,21 @@ What this file teaches
     quantized local token into a mask, a class and a box (the semantic-guided mask decoder, whose
     masks come from a dynamic convolution whose filters the token itself writes).
 
-Paper
-    §3.3  eq. (3) audio-visual fusion          -> AudioVisualFusion
-          eq. (4) global ASD                    -> AudioSemanticDecoder (on F'_a)
-          eq. (5) audiovisual recombination     -> SemanticRecombination
-    §3.4  eq. (6) local ASD                     -> AudioSemanticDecoder (frames flattened into batch)
-          eq. (7) semantic-guided mask decoder  -> SemanticMaskDecoder, dynamic_mask_conv
-    Fig. 4 shows the structure of the ASD (a) and of the mask decoder (b); App. D: 3 layers per TrD.
-    Public code this follows: DETR's post-norm decoder layer, CondInst's dynamic mask head (parameter
-    layout, grouped 1x1 convolutions, relative coordinates), ReferFormer's per-layer heads.
+Paper: §3.3 eq. (3)-(5) and §3.4 eq. (6)-(7), in the reading order below; Fig. 4: the ASD (a) and
+the mask decoder (b); App. D: 3 layers per TrD. Public code this follows: DETR's post-norm decoder
+layer, CondInst's dynamic mask head (parameter layout, grouped 1x1 convolutions, relative
+coordinates), ReferFormer's per-layer heads.
 
 Reading order
     1. mlp, with_pos                   two small helpers (two-layer MLP, optional positional add)
     2. DecoderLayer, TransformerDecoder TrD: self-attn, cross-attn, FFN, each residual + LayerNorm
-    3. AudioVisualFusion                eq. (3)
-    4. AudioSemanticDecoder             eq. (4) and (6)
-    5. MaskedBatchNorm2d, SemanticRecombination   eq. (5)
-    6. num_dynamic_params, dynamic_mask_conv, relative_coordinates   eq. (7)
-    7. SemanticMaskDecoder              TrD_segm + controller + class/box heads + eq. (7)
+    3. AudioVisualFusion                §3.3 eq. (3) audio-visual fusion
+    4. AudioSemanticDecoder             §3.3 eq. (4) global ASD on F'_a; §3.4 eq. (6) local ASD,
+                                        frames flattened into the batch
+    5. MaskedBatchNorm2d, SemanticRecombination   §3.3 eq. (5) audiovisual recombination
+    6. num_dynamic_params, dynamic_mask_conv, relative_coordinates   §3.4 eq. (7), dynamic conv
+    7. SemanticMaskDecoder              §3.4 eq. (7) semantic-guided mask decoder: TrD_segm +
+                                        controller + class/box heads
 
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
     B clips, T frames, N semantic tokens, C model channels, Q queries of a decoder, S memory tokens
@@ -38,31 +35,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ------------------------------------------------------------------------------------------------
-# 1. helpers
-# ------------------------------------------------------------------------------------------------
+# 1. helpers ---------------------------------------------------------------------------------------
 
 def mlp(in_dim, hidden_dim, out_dim, dropout=0.0):
-    """Two-layer MLP: Linear -> ReLU -> Dropout -> Linear (the FFN, the heads, the controller).
-
-    Returns an nn.Sequential mapping (..., in_dim) -> (..., out_dim).
-    The Dropout slot is always there (identity at p=0) so state_dict keys never depend on it.
-    """
+    """Two-layer MLP, an nn.Sequential (..., in_dim) -> (..., out_dim): Linear -> ReLU -> Dropout ->
+    Linear (the FFN, the heads, the controller). The Dropout is there even at p=0, so state_dict
+    keys never depend on it."""
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
                          nn.Linear(hidden_dim, out_dim))
 
 
 def with_pos(x, pos):
     """x + pos, or x when there is no positional embedding (DETR adds it to queries/keys only).
-
-    x: (B, S, C); pos: (B, S, C) or None. Returns (B, S, C).
-    """
+    x: (B, S, C); pos: (B, S, C) or None. Returns (B, S, C)."""
     return x if pos is None else x + pos
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. the transformer decoder TrD
-# ------------------------------------------------------------------------------------------------
+# 2. the transformer decoder TrD -------------------------------------------------------------------
 
 class DecoderLayer(nn.Module):
     """One DETR post-norm decoder layer: self-attn, cross-attn, FFN, each with residual + LayerNorm.
@@ -119,9 +108,7 @@ class TransformerDecoder(nn.Module):
         return torch.stack(outputs)  # (L, B, Q, C)
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. eq. (3): audio tokens read the visual tokens
-# ------------------------------------------------------------------------------------------------
+# 3. eq. (3): audio tokens read the visual tokens --------------------------------------------------
 
 class AudioVisualFusion(nn.Module):
     """Eq. (3): h_a = LN(MCA(F_a, F_v) + F_a), F'_a = LN(FFN(h_a) + h_a).
@@ -148,9 +135,7 @@ class AudioVisualFusion(nn.Module):
         return self.norm2(self.ffn(h_a) + h_a)  # eq. (3), first line: (B, T, C)
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. eq. (4) and (6): learnable prototypes query the audio
-# ------------------------------------------------------------------------------------------------
+# 4. eq. (4) and (6): learnable prototypes query the audio -----------------------------------------
 
 class AudioSemanticDecoder(nn.Module):
     """ASD (Fig. 4a): N learnable prototypes p_i query audio tokens with a TrD.
@@ -179,15 +164,11 @@ class AudioSemanticDecoder(nn.Module):
                             memory_padding_mask=memory_padding_mask)[-1]  # eq. (4) / (6): (B', N, C)
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. eq. (5): the tokens modulate the visual channels, phi recombines them
-# ------------------------------------------------------------------------------------------------
+# 5. eq. (5): the tokens modulate the visual channels, phi recombines them -------------------------
 
 class ChannelLayerNorm(nn.LayerNorm):
-    """LayerNorm over the channels of a feature map: (B', C, H, W) -> (B', C, H, W), each
-    position normalised on its own (the statistics of the transformer tokens' LayerNorm).
-    `valid` is accepted for the interface of MaskedBatchNorm2d and not needed: nothing is shared
-    between positions."""
+    """LayerNorm over the channels of each position of a map: (B', C, H, W) -> (B', C, H, W).
+    `valid` only matches MaskedBatchNorm2d's interface: nothing is shared between positions."""
 
     def forward(self, x, valid=None):
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B', C, H, W)
@@ -242,10 +223,7 @@ class SemanticRecombination(nn.Module):
         self.filters = mlp(dim, dim, dim)
         self.phi = nn.Conv2d(num_tokens * dim, dim, kernel_size=1)
         # NOT IN PAPER: batch_norm=False (the CPU preset) replaces eq. (5)'s BN by a per-position
-        # LayerNorm over channels. The CPU preset's maps are 8 x 8 down to 2 x 2, so BN's statistics
-        # come from 20 frames of 4 clips: every clip's features then depend on the other clips in
-        # the batch. With BN the full model reached val mIoU 0.149 at step 500; with this LayerNorm
-        # 0.211 at step 450, as without AVSR at all (benchmark v1, docs/lab-notes.md).
+        # LayerNorm over channels; docs/paper-silent.md#layernorm-for-bn-in-the-cpu-preset.
         # PAPER: BN's statistics are taken over the real frames only (padding frames, as in AVSS
         # evaluation or Table 6's T = 7 on 5-frame clips, would otherwise shift every real frame).
         self.norm = MaskedBatchNorm2d(dim) if batch_norm else ChannelLayerNorm(dim)
@@ -253,9 +231,8 @@ class SemanticRecombination(nn.Module):
     def forward(self, tokens, visual, frame_valid=None):
         B, T, C, H, W = visual.shape  # (B, T, C, H_l, W_l)
         w = self.filters(tokens)  # (B, N, C) dynamic filters w_i
-        # PAPER: "channel-wise attention" read as an SE-style gate, sigmoid(w_i) in (0, 1), so a
-        # token can only re-weight channels of F_v, not flip their sign or blow them up. The
-        # reading not taken: multiplying by w_i raw, as eq. (5) literally writes.
+        # PAPER: "channel-wise attention" read as an SE-style gate sigmoid(w_i) in (0, 1), not as
+        # eq. (5)'s literal product by w_i; docs/paper-silent.md#the-sigmoid-gate-of-eq-5.
         w = w.sigmoid()  # (B, N, C)
         modulated = w[:, None, :, :, None, None] * visual[:, :, None]  # (B, T, N, C, H_l, W_l) w_i F_v
         concat = modulated.reshape(B * T, -1, H, W)  # (B*T, N*C, H_l, W_l) w_1 F_v (+) ... (+) w_N F_v
@@ -264,9 +241,7 @@ class SemanticRecombination(nn.Module):
         return out.view(B, T, C, H, W)  # (B, T, C, H_l, W_l)
 
 
-# ------------------------------------------------------------------------------------------------
-# 6. eq. (7): the dynamic convolution (CondInst layout)
-# ------------------------------------------------------------------------------------------------
+# 6. eq. (7): the dynamic convolution (CondInst layout) --------------------------------------------
 
 def _dynamic_layer_shapes(in_channels, channels, num_layers):
     """(c_out, c_in) of each 1x1 layer: in -> channels -> ... -> channels -> 1 (one mask logit)."""
@@ -276,11 +251,10 @@ def _dynamic_layer_shapes(in_channels, channels, num_layers):
 
 
 def num_dynamic_params(in_channels, channels=8, num_layers=3):
-    """Parameters per token of the dynamic mask head: weights plus biases of every 1x1 layer.
+    """Pd, the parameters per token of the dynamic mask head: weights plus biases of every 1x1 layer.
 
-    in_channels counts everything the first layer sees (Cm feature channels + 2 coordinates):
-    (8 + 2) * 8 + 8 + 8 * 8 + 8 + 8 * 1 + 1 = 169, as CondInst.
-    Inputs: in_channels Cin, channels, num_layers (ints). Returns Pd (int).
+    in_channels Cin counts all the first layer sees (Cm feature channels + 2 coordinates); channels
+    and num_layers are ints. CondInst's sizes: (8 + 2) * 8 + 8 + 8 * 8 + 8 + 8 * 1 + 1 = 169.
     """
     return sum(c_out * c_in + c_out for c_out, c_in in _dynamic_layer_shapes(in_channels, channels,
                                                                              num_layers))
@@ -334,9 +308,7 @@ def relative_coordinates(centres, h, w):
     return grid - centres[:, :, :, None, None]  # (G, Q, 2, h, w)
 
 
-# ------------------------------------------------------------------------------------------------
-# 7. the semantic-guided mask decoder (Fig. 4b)
-# ------------------------------------------------------------------------------------------------
+# 7. the semantic-guided mask decoder (Fig. 4b) ----------------------------------------------------
 
 class SemanticMaskDecoder(nn.Module):
     """TrD_segm(VQ(l_{i,t}) | f_t), then per token: class logits, a box, and a mask by eq. (7).
@@ -344,8 +316,7 @@ class SemanticMaskDecoder(nn.Module):
     theta_{i,t} = phi_segm(TrD_segm(VQ(l_{i,t}) | f_t)), phi_segm the two-layer controller MLP;
     M_{i,t} = f_out_t * theta_{i,t} (dynamic_mask_conv with relative coordinates);
     P_{i,t} and B_{i,t} come from two two-layer MLPs on the same embeddings (§3.4).
-    Heads and controller are shared by all decoder layers and applied to each layer's output, as
-    ReferFormer does, so every layer gives a prediction for the auxiliary losses.
+    Heads and controller, shared by all decoder layers, apply to each one's output (aux losses).
 
     forward(queries, memory, memory_pos, mask_features)
         queries:       (B, T, N, C) the quantized local tokens VQ(l_{i,t}) (the query content)
@@ -363,12 +334,9 @@ class SemanticMaskDecoder(nn.Module):
                  dyn_layers=3, dropout=0.0, num_slots=None):
         super().__init__()
         self.dyn_channels, self.dyn_layers = dyn_channels, dyn_layers
-        # PAPER: the paper names no query positional embedding for TrD_segm. With num_slots, each
-        # token index i gets a learned position (N, C), added to queries and keys of the
-        # self-attention and to the queries of the cross-attention, never to the content, as in
-        # DETR, ReferFormer and the first author's R2VOS (which quantizes the content queries and
-        # keeps a learned embedding per slot). Without it, two tokens of a frame that quantize to
-        # the same codeword give exactly the same class, box and mask.
+        # PAPER: TrD_segm's query positions are not given. With num_slots each token index i has a
+        # learned position (N, C) on queries and keys, never the content, so two tokens with one
+        # codeword still differ (DETR, R2VOS); docs/paper-silent.md#slot-positions-of-the-mask-decoder.
         self.slot_pos = None if num_slots is None else nn.Parameter(torch.randn(num_slots, dim))  # (N, C)
         self.decoder = TransformerDecoder(dim, num_layers, num_heads, ffn_dim, dropout)
         # PAPER: eq. (7) cites CondInst's dynamic convolution without sizes; we take CondInst's:

@@ -2,22 +2,17 @@
 
 What this file teaches
     SQD (Sec. 3.1) represents a multi-source audio clip by N semantic tokens, each snapped to its
-    nearest word of ONE shared codebook of K words. N tokens over K words can express K**N distinct
-    products (eq. 1), while the codebook itself stays small (K << K**N): the network is forced to
-    decompose a mixture into single-source parts that reuse the same words (eq. 2). The codebook
-    is trained by the first term of eq. (9); the global tokens (Sec. 3.3) are pulled to their
-    codewords by the second term; the local, per-frame tokens (Sec. 3.4) use the same codebook but
-    must not update it, only commit to it (third term).
-
-Paper: Sec. 3.1 (eq. 1, 2), Sec. 3.3 (e_i = VQ(g_i)), Sec. 3.4 (local tokens reuse the codebook), Sec. 3.5 (eq. 9).
+    nearest word of ONE shared codebook of K words: N tokens can express K**N products (eq. 1)
+    while the codebook stays small (K << K**N), so a mixture must decompose into single-source
+    parts that reuse the same words (eq. 2). Eq. (9) of Sec. 3.5 trains the codebook (first term),
+    pulls the global tokens e_i = VQ(g_i) of Sec. 3.3 to their codewords (second term), and makes
+    the local, per-frame tokens of Sec. 3.4 commit to the same codebook without updating it (third).
 
 Reading order
     1. QuantizerOutput        what one quantization returns
-    2. VectorQuantizer        codebook, nearest_code (VQ of eq. 2), forward: straight-through,
-                              the two eq. (9) terms, the `update_codebook=False` local path,
-                              then, fenced off as not in the paper, the warm-up (VQ(x) = x
-                              while the tokens learn to depend on the sound) and the k-means
-                              initialisation of the codebook that ends it
+    2. VectorQuantizer        codebook, nearest_code (VQ of eq. 2), forward (straight-through, the
+                              eq. (9) terms, the update_codebook=False local path); then, not in
+                              the paper, the warm-up (VQ(x) = x) and the k-means codebook ending it
     3. product_quantize       eq. (2): N tokens through one shared quantizer, concatenated
     4. quantization_loss      eq. (9): the three named, unweighted terms
     5. codebook_stats         usage, perplexity and dead codes from the chosen indices
@@ -62,36 +57,23 @@ class VectorQuantizer(nn.Module):
     """VQ(x) = argmin_{e_k in C} ||x - e_k||_2 with a learnable codebook C = {e_k}, k = 1..K.
 
     Args:
-        num_codes:         K, number of codewords (128 in the paper).
-        dim:               C, width of tokens and codewords.
-        warmup_memory:     how many of the most recent warm-up tokens are kept for the k-means
-                           initialisation (see `set_warmup` and `end_warmup`; not in the paper).
+        num_codes:     K, number of codewords (128 in the paper).
+        dim:           C, width of tokens and codewords.
+        warmup_memory: how many recent warm-up tokens the k-means initialisation keeps (not in the paper).
 
-    Parameters and buffers:
+    Parameters and buffers (in checkpoints, so a run resumed in the warm-up continues exactly):
         codebook:      (K, C) nn.Parameter, the codewords {e_k}, trained by the first term of eq. (9).
-        warmup_tokens: (V, C) buffer, a ring of the most recent tokens seen in warm-up training.
+        warmup_tokens: (V, C) buffer, a ring of the latest tokens seen in warm-up training.
         warmup_seen:   () int64 buffer, how many tokens were written into the ring so far.
-    Both buffers are saved in checkpoints, so a run resumed during the warm-up continues exactly.
-    The attribute `warmup` (a Python bool, False unless `set_warmup(True)`) says whether the
-    quantizer is in warm-up; the trainer sets it from the step count.
+    Attribute `warmup`: Python bool, True while in warm-up (`set_warmup`, from train.py's step count).
     """
 
     def __init__(self, num_codes: int, dim: int, warmup_memory: int = 4096):
         super().__init__()
         self.num_codes = num_codes
         self.dim = dim
-        # PAPER: the paper does not say how the codebook is initialised. The tokens it quantizes
-        # leave a post-norm LayerNorm (the last step of every TrD layer), so each token has zero
-        # mean and unit variance over its C channels, i.e. it lies on the sphere ||g||^2 = C
-        # (up to the learnable LN affine). We draw the codewords on the same set: standard normal
-        # vectors passed through a LayerNorm without affine, so every entry has unit scale and
-        # every codeword has ||e||^2 = C exactly. Two common alternatives fail for such tokens:
-        #  - plain N(0, 1) codes: ||e||^2 varies by about sqrt(2C), which outweighs the x.e term,
-        #    so the shortest codes win most tokens (measured for K=128, C=256 on LN'd tokens:
-        #    perplexity 32-39 at init, versus 121-126 for this init);
-        #  - tiny codes near the origin (uniform(-1/K, 1/K), as in many VQ-VAE codes): every
-        #    code is used, but VQ(g) is then almost 0, so the downstream decoder receives
-        #    near-zero queries until the codebook has travelled a distance sqrt(C).
+        # PAPER: codewords start on the sphere ||e||^2 = C of the LayerNorm'd tokens (normal vectors
+        # through a LayerNorm without affine); docs/paper-silent.md#codebook-initialisation.
         codebook = F.layer_norm(torch.randn(num_codes, dim), (dim,))  # (K, C)
         self.codebook = nn.Parameter(codebook)  # (K, C)
         self.warmup = False
@@ -107,9 +89,8 @@ class VectorQuantizer(nn.Module):
         Returns:
             indices: (V,) int64. Ties go to the lowest index (torch.argmin).
 
-        Squared distances are expanded as ||x||^2 - 2 x.e + ||e||^2 (one matrix product) and
-        computed in at least float32 with autocast off, so that a bf16/fp16 autocast region cannot
-        change which codeword is nearest.
+        ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2 (one matrix product), in at least float32 with
+        autocast off, so that a bf16/fp16 autocast region cannot change which codeword is nearest.
         """
         dtype = torch.promote_types(torch.promote_types(flat.dtype, self.codebook.dtype), torch.float32)
         with torch.autocast(device_type=flat.device.type, enabled=False):
@@ -126,12 +107,10 @@ class VectorQuantizer(nn.Module):
 
         Args:
             x:               (..., C) tokens (global g_i or local l_{i,t}).
-            update_codebook: True for the global path (eq. 9 terms 1 and 2: the codebook is
-                             trained). False for the local path (eq. 9 term 3 only): the codebook
-                             gets no gradient from this call.
-            valid:           (...) bool or None: the tokens that count. The losses are means over
-                             the valid tokens only, and only they are remembered in the warm-up
-                             (the local tokens of padding frames are quantized but count nowhere).
+            update_codebook: True for the global path (eq. 9 terms 1 and 2, the codebook is
+                             trained); False for the local path (eq. 9 term 3, no codebook gradient).
+            valid:           (...) bool or None: the tokens that count, in the losses (means over
+                             valid tokens) and in the warm-up memory (padding frames count nowhere).
         Returns:
             QuantizerOutput with quantized (..., C), codes (..., C), indices (...) int64,
             codebook_loss scalar, commitment_loss scalar.
@@ -145,10 +124,8 @@ class VectorQuantizer(nn.Module):
         codebook = self.codebook if update_codebook else self.codebook.detach()  # (K, C)
         codes = codebook[indices]  # (V, C) e = VQ(x), gradient to the codebook only if update_codebook
 
-        # NOT IN PAPER: eq. (9) writes a sum over tokens of squared L2 norms; we take the mean over all
-        # V * C elements (MSE, as in VQ-VAE code), so the value does not grow with the batch
-        # size, N or C and lambda_quant keeps one meaning across presets. The sum is
-        # mean * V * C (the tests check this).
+        # NOT IN PAPER: eq. (9)'s sums over tokens are means over all V * C elements (MSE), so
+        # lambda_quant keeps one meaning across presets; docs/paper-silent.md#eq-9-as-means.
         if flat.shape[0] == 0:
             zero = flat.new_zeros(())  # () nothing to quantize
             codebook_loss, commitment_loss = zero, zero
@@ -160,12 +137,9 @@ class VectorQuantizer(nn.Module):
                 codebook_loss = flat.new_zeros(())  # () the local path does not update the codebook
             commitment_loss = _mse(xd, codes.detach(), keep)  # eq. (9), second/third term ||sg[VQ(x)] - x||^2
 
-        # PAPER: the paper does not say how gradients cross the argmin of VQ; we use the
-        # straight-through estimator of VQ-VAE (van den Oord et al. 2017).
-        # Straight-through estimator: the value is the codeword, the gradient goes to x unchanged
-        # (d quantized / d x = I) and nothing reaches the codebook through this path. Written as
-        # sg[e] + (x - sg[x]) rather than the usual x + sg[e - x]: the added term is exactly 0, so
-        # the value is bit-for-bit the codeword (x + (e - x) can differ from e in the last bit).
+        # PAPER: gradients cross the argmin by VQ-VAE's straight-through estimator, written
+        # sg[e] + (x - sg[x]): value = the codeword bit for bit, d quantized / d x = I, nothing to the
+        # codebook; docs/paper-silent.md#the-straight-through-estimator.
         quantized = codes.detach().to(flat.dtype) + (flat - flat.detach())  # (V, C)
         return QuantizerOutput(
             quantized=quantized.reshape(*lead, self.dim),  # (..., C)
@@ -176,28 +150,23 @@ class VectorQuantizer(nn.Module):
         )
 
     # ------------------------------------------------------------------------------------------
-    # NOT IN PAPER: the quantizer warm-up, a pass-through switch, and the k-means initialisation
-    # of the codebook that ends it. Every train.py recipe warms up for its first 300 steps;
-    # --quant-warmup-steps 0 quantizes from step 1, as the paper does.
+    # NOT IN PAPER: the quantizer warm-up (a pass-through for every recipe's first 300 steps;
+    # --quant-warmup-steps 0 is the paper) and the k-means codebook that ends it;
+    # docs/paper-silent.md#the-quantizer-warm-up.
     # ------------------------------------------------------------------------------------------
     def set_warmup(self, active: bool) -> None:
         """Switch the warm-up pass-through on or off (train.py does it before every step).
 
-        While on, VQ(x) = x: the tokens go on unquantized, eq. (9) is zero, and the tokens of each
-        training forward (global and local) are written into a ring of the last `warmup_memory`.
-        The codebook is not touched: `end_warmup` initialises it from the ring. Why: quantized
-        from step 1, the CPU preset's codebook collapses to a few words and the model predicts
-        background only (docs/lab-notes.md); the warm-up lets the tokens become sound-dependent
-        first, and the k-means codebook then starts where they are.
+        While on, VQ(x) = x: the tokens go on unquantized, eq. (9) is zero, the codebook is not
+        touched, and the tokens of each training forward (global and local) are written into a
+        ring of the last `warmup_memory`, from which `end_warmup` initialises the codebook.
         """
         self.warmup = bool(active)
 
     def end_warmup(self) -> None:
         """Set the codebook to the k-means centres of the remembered warm-up tokens
-        (`init_from_tokens`); nothing changes if no token was remembered (no warm-up).
-
-        train.py calls it once, in the training step that ends the warm-up, right after its update.
-        """
+        (`init_from_tokens`); nothing changes if no token was remembered (no warm-up). train.py
+        calls it once, in the training step that ends the warm-up, right after its update."""
         seen = int(self.warmup_seen)
         if seen > 0:
             self.init_from_tokens(self.warmup_tokens[: min(seen, self.warmup_tokens.shape[0])])  # (V', C)
@@ -216,9 +185,8 @@ class VectorQuantizer(nn.Module):
         if self.training:
             self._remember(flat.detach() if keep is None else flat.detach()[keep])  # (V', C)
         indices = self.nearest_code(flat)  # (V,)
-        # () eq. (9) is off during the warm-up. On the path that owns the codebook the zero is
-        # taken from it, so that the codebook stays in the graph with a zero gradient (DDP expects
-        # every parameter to be used); the local path never touches the codebook.
+        # () eq. (9) is off. The global path's zero comes from the codebook, keeping it in the graph
+        # with a zero gradient (DDP expects every parameter used); the local path never touches it.
         zero = (self.codebook.sum() * 0.0).to(flat.dtype) if update_codebook else flat.new_zeros(())
         return QuantizerOutput(
             quantized=flat.reshape(*lead, self.dim),  # (..., C) the token itself
@@ -250,10 +218,8 @@ class VectorQuantizer(nn.Module):
         Returns:
             sizes: (K,) int64, how many tokens each code holds after the last assignment.
 
-        scipy.cluster.vq.kmeans2(tokens, K, minit='++') computes the same k-means; these lines stay
-        in torch so that the codebook never leaves its device and a recorded run reproduces bit
-        for bit. Under DDP every rank computes its own centres, then rank 0's are broadcast, so the
-        codebook stays identical everywhere. Adam's moments of the codebook are left as they were.
+        Under DDP rank 0's centres are broadcast; Adam's moments of the codebook are left as they
+        were. Why torch and not scipy's kmeans2: docs/paper-silent.md#k-means-in-torch.
         """
         x = tokens.detach().to(torch.float32)  # (V, C)
         K = self.num_codes
@@ -343,12 +309,10 @@ def codebook_stats(indices: torch.Tensor, num_codes: int) -> dict:
         indices:   (...) int64 chosen code indices (any shape).
         num_codes: K.
     Returns:
-        dict with
-        usage:      float, fraction of the K codes chosen at least once;
-        perplexity: float, exp(entropy) of the code histogram p (p_k = count_k / V),
-                    exp(-sum_k p_k log p_k): 1 when one code takes everything, K under uniform use
-                    (1.0 for an empty batch);
-        dead:       int, number of codes never chosen.
+        dict with usage:      float, fraction of the K codes chosen at least once;
+                  perplexity: float, exp(-sum_k p_k log p_k) of the code histogram p_k = count_k / V:
+                              1 when one code takes everything, K under uniform use (1.0 if empty);
+                  dead:       int, number of codes never chosen.
     """
     counts = torch.bincount(indices.reshape(-1).long(), minlength=num_codes).double()  # (K,)
     total = counts.sum().clamp(min=1.0)  # ()
