@@ -1,7 +1,6 @@
 """Matching and losses: ground-truth tracks, the video-level Hungarian matcher and the set criterion.
 
 What this file teaches
-----------------------
 SQD predicts, for each of its N semantic tokens and every frame t, a class probability P_{i,t},
 a mask M_{i,t} and a box B_{i,t} (paper §3.4). Training must decide which token explains which
 sounding object; §3.5 follows the set prediction of DETR and Mask2Former, made video-level as
@@ -24,7 +23,6 @@ costs of all rows against all slots go to the host with .cpu(), scipy solves one
 per clip and layer, and the losses read the assignment with gathers.
 
 Reading order
--------------
  1. track_batch (masks_at_resolution, extent_boxes, Tracks)      label maps -> the batch's tracks
  2. box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou  box algebra
  3. sigmoid_focal_loss, dice_loss, then pairwise_focal_cost, pairwise_dice_cost (every pair)
@@ -32,7 +30,6 @@ Reading order
  5. SetCriterion (forward, losses, total)                        eq. (8)
 
 Shapes (the repository's one alphabet: docs/shapes.md)
-------
 B clips, T frames, N tokens, Kc foreground classes, H, W label size, h, w = H/4, W/4 the mask
 size of the predictions, J track slots of a batch (Kc from track_batch), L decoder layers,
 R = L*N token rows, T_l frames of a clip that carry labels, Px = T*h*w pixels of a clip's volume
@@ -48,9 +45,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 # App. D: "lambda_cls = 2, lambda_L1 = 5, lambda_giou = 2, lambda_dice = 2, lambda_focal = 5".
-# PAPER: §3.5 names focal loss for the classes and Dice + BCE for the masks, and App. D lists
-# lambda_cls and lambda_focal apart; we read lambda_focal as the weight of a focal mask loss (not
-# BCE), as ReferFormer, whose mask loss is sigmoid focal + Dice (SetCriterion.loss_masks).
+# PAPER: §3.5 says Dice + BCE for the masks; lambda_focal read as the weight of a focal mask
+# loss, as ReferFormer (docs/paper-silent.md#focal-not-bce-mask-loss).
 PAPER_LOSS_WEIGHTS = {
     "loss_class": 2.0,  # lambda_cls, sigmoid focal class loss
     "loss_bbox": 5.0,  # lambda_L1
@@ -123,10 +119,9 @@ def masks_at_resolution(masks, size):
     (the input itself when already at (h, w))."""
     if tuple(masks.shape[-2:]) == tuple(size):
         return masks
-    # PAPER: the paper does not say how GT masks meet the stride-4 predictions. We keep the
-    # centre pixel of every 4x4 cell, i.e. CondInst's and ReferFormer's [2::4, 2::4]
-    # subsampling (the centres line up with the mask-head pixel centres and targets stay 0/1,
-    # which the pairwise focal cost needs); 'nearest-exact' is that subsampling for any size.
+    # PAPER: not said how GT masks meet the stride-4 predictions: the centre pixel of every 4x4
+    # cell (CondInst, ReferFormer), which 'nearest-exact' picks at any size
+    # (docs/paper-silent.md#ground-truth-at-stride-4).
     return F.interpolate(masks, size=tuple(size), mode="nearest-exact")  # (..., h, w)
 
 
@@ -140,10 +135,8 @@ def extent_boxes(rows, cols):
     y1 = torch.where(rows, ys, -1).amax(dim=-1) + 1  # (...,) one past the last occupied row
     x0 = torch.where(cols, xs, W).amin(dim=-1)  # (...,)
     x1 = torch.where(cols, xs, -1).amax(dim=-1) + 1  # (...,)
-    # PAPER: boxes run along pixel edges (a mask covering pixel columns x0..x1-1 gives the box
-    # [x0, x1] / W), so a one-pixel object has a box of width 1/W instead of 0 (GIoU stays
-    # defined) and [0, 1] spans the whole image, the convention of the relative coordinates
-    # of the dynamic mask head (pixel centre (j + 0.5) / w).
+    # PAPER: boxes run along pixel edges (columns x0..x1-1 give [x0, x1] / W), so a one-pixel
+    # object has width 1/W (docs/paper-silent.md#boxes-along-pixel-edges).
     xyxy = torch.stack([x0 / W, y0 / H, x1 / W, y1 / H], dim=-1).float()  # (..., 4)
     boxes = box_xyxy_to_cxcywh(xyxy)  # (..., 4)
     return torch.where(rows.any(dim=-1)[..., None], boxes, torch.zeros_like(boxes))  # (..., 4)
@@ -347,10 +340,8 @@ class HungarianMatcher(nn.Module):
 
         # Class term: the focal cost of Deformable-DETR, FL(x, 1) - FL(x, 0) on the track's class
         # logit, over the frames where the track sounds.
-        # PAPER: eq. (10) names the terms, not their video form. As ReferFormer we average over
-        # frames; a frame where the track is silent has target "no object" whoever takes the
-        # track, so it adds 0, and we divide by all labelled frames T_l so the cost is the exact
-        # change of loss_class (Deformable-DETR's form without its 1e-8 eps).
+        # PAPER: eq. (10) gives no video form; divided by all labelled frames T_l, the cost is the
+        # exact change of loss_class (docs/paper-silent.md#class-terms-over-frames).
         class_idx = (targets.classes - 1)[:, None, None, :].expand(B, T, R, J)  # (B, T, R, J)
         x = logits.to(dtype).gather(3, class_idx)  # (B, T, R, J) logit of each track's class
         focal_gain = sigmoid_focal_loss(x, torch.ones_like(x)) - sigmoid_focal_loss(x, torch.zeros_like(x))  # (B, T, R, J)
@@ -367,10 +358,8 @@ class HungarianMatcher(nn.Module):
         giou_loss = torch.where(sounds, 1 - giou, torch.zeros_like(giou))  # (B, T, R, J)
         cost_giou = giou_loss.sum(dim=1) / num_sounding  # (B, R, J)
 
-        # Mask terms on the labelled volume (T_l, h, w).
-        # PAPER: §3.5 says "Dice and BCE", App. D gives lambda_focal = 5 and lambda_dice = 2; we
-        # use focal + Dice (as ReferFormer) on the whole labelled volume, not per frame, so a
-        # silent frame asks the matched token for an empty mask.
+        # Mask terms on the whole labelled volume (T_l, h, w): silent frames ask for empty masks.
+        # PAPER: focal + Dice (§3.5: Dice + BCE; docs/paper-silent.md#focal-not-bce-mask-loss).
         h, w = masks.shape[-2:]
         pred_masks = masks.to(dtype).transpose(1, 2).flatten(2)  # (B, R, Px)
         tgt_masks = targets.masks.to(dtype).flatten(2)  # (B, J, Px)
@@ -431,8 +420,7 @@ class SetCriterion(nn.Module):
         self.weight_dict["quant_codebook"] = lambda_quant  # eq. (8) x eq. (9) first term
         self.weight_dict["quant_commit_global"] = lambda_quant * lambda_com  # eq. (9) second term
         self.weight_dict["quant_commit_local"] = lambda_quant * lambda_com  # eq. (9) third term
-        # NOT IN PAPER: the codebook term of a local path that trains its own codebook (Table 2's
-        # row without SC), weighted as eq. (9)'s codebook term.
+        # NOT IN PAPER: the local codebook term (no SC, Table 2), weighted as eq. (9)'s first term.
         self.weight_dict["quant_codebook_local"] = lambda_quant
 
     def forward(self, outputs, targets):
@@ -452,8 +440,7 @@ class SetCriterion(nn.Module):
 
     def layers(self, outputs):
         """The decoder layers that get a loss: the final one, then the earlier ones in order."""
-        # NOT IN PAPER: auxiliary losses on every earlier decoder layer are not in the paper; on by
-        # default, as DETR and ReferFormer (aux_loss=False switches them off).
+        # NOT IN PAPER: losses on every earlier decoder layer, as DETR and ReferFormer (aux_loss).
         return [outputs] + (list(outputs.get("aux_outputs", [])) if self.aux_loss else [])
 
     def losses(self, outputs, targets, assignment):
@@ -467,8 +454,7 @@ class SetCriterion(nn.Module):
         h, w = pred_masks.shape[-2:]
         dtype = torch.promote_types(logits.dtype, torch.float32)
 
-        # PAPER: the paper does not give the normaliser; as DETR divides by the number of boxes,
-        # we divide every term by the number of ground-truth tracks in the batch (at least 1).
+        # PAPER: no normaliser given; as DETR divides by its boxes, we divide by the batch's tracks.
         num_tracks = targets.real.sum().to(dtype)  # ()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # As DETR: normalise by the mean number of tracks per GPU, so every rank agrees.
@@ -496,9 +482,8 @@ class SetCriterion(nn.Module):
         focal = sigmoid_focal_loss(logits.to(dtype), target_classes)  # (B, T, R, Kc)
         focal = focal.reshape(B, T, L, N * Kc).sum(dim=-1)  # (B, T, L)
         focal = torch.where(valid[..., None], focal, torch.zeros_like(focal))  # (B, T, L) unlabelled frames: nothing
-        # PAPER: the paper does not say how the class loss is normalised; per clip we average over
-        # the labelled frames (the video form of Deformable-DETR's sum / number of boxes) so that
-        # it is the sum over tracks of cost_class in HungarianMatcher, plus the no-object terms.
+        # PAPER: the class loss's normaliser is not given: per clip, the mean over labelled frames,
+        # cost_class's form plus no-object terms (docs/paper-silent.md#class-terms-over-frames).
         loss_class = (focal.sum(dim=1) / valid.sum(dim=1).clamp(min=1)[:, None]).sum(dim=0) / num_tracks  # (L,)
 
         # Mask losses of the matched pairs on the clip's labelled volume.

@@ -22,16 +22,14 @@ Reading order
     then segment() and foreground_probability() (App. E); run_clip() (the model on one clip)
     and label_map() (eq. 11 at one frame's own size) serve predict.py and pictures.py.
 
-Ablations (Table 2) are four named booleans of ModelConfig: use_gsd, use_avsr and use_lsd, each
-one `if` in SQD.forward, and shared_codebook; their defaults are the paper's full model. What the mask decoder queries
-without LSD, and which codebook the local tokens use without SC, live in two small methods below
-forward (ablation_queries, quantize_local), so that forward reads as Fig. 3.
+Ablations (Table 2) are four booleans of ModelConfig, by default the full model: use_gsd, use_avsr
+and use_lsd (one `if` each in SQD.forward) and shared_codebook. What replaces a removed box lives in
+two methods below forward (ablation_queries, quantize_local), so that forward reads as Fig. 3.
 
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
     B clips, T frames, N semantic tokens, C channels, K codewords, Kc foreground classes,
-    H, W image size, h, w = H/4, W/4 (mask resolution), H_l, W_l one visual level,
-    S visual tokens of one frame (all levels), Cm mask-feature channels; Hn, Wn a frame's own
-    size (label_map).
+    H, W image size, h, w = H/4, W/4 (mask resolution), H_l, W_l one visual level, S visual
+    tokens of one frame (all levels), Cm mask-feature channels; Hn, Wn a frame's size (label_map).
 """
 from __future__ import annotations
 
@@ -80,10 +78,8 @@ class ModelConfig:
     use_lsd: bool = True           # local semantic decomposition, eq. (6) (Table 2)
     shared_codebook: bool = True   # local tokens use the global codebook, eq. (9) (Table 2, "SC")
     avsr_batch_norm: bool = True   # eq. (5)'s BN (True) or a LayerNorm over channels (CPU preset)
-    # PAPER: TrD_segm's query positions are not given: each token index i has a learned position,
-    # as in DETR / ReferFormer / the first author's R2VOS (decoders.SemanticMaskDecoder); chosen on
-    # val (results/README.md, "Why full SQD loses"). Every row of Table 2 has it; for the baseline,
-    # whose learnable queries already differ per slot, it is a second learned vector per slot.
+    # PAPER: TrD_segm's query positions are not given: a learned position per token index i
+    # (DETR, R2VOS), chosen on val (docs/paper-silent.md#slot-positions-in-the-mask-decoder).
     slot_positions: bool = True    # False only for pretrain.ReferringSegmenter (one query per category)
 
     def check(self) -> None:
@@ -121,13 +117,11 @@ def visual_backbone(cfg: ModelConfig) -> nn.Module:
 PRESETS = {
     # App. D: C = 256, 3 layers in every decoder, N = 5, K = 128, ResNet-50, VGGish.
     "paper": ModelConfig(),
-    # Small enough that `python train.py` trains and evaluates on 2 CPU cores in minutes.
-    # NOT IN PAPER: the whole preset. K = 128 as the paper's, although the synthetic benchmark has
-    # 24 categories: the tokens of different prototypes p_i stay apart (each token index
-    # occupies its own region of the token space), so the codebook needs room for about N x 24
-    # words (Table 3, results/README.md). avsr_batch_norm=False: eq. (5) normalises with a
-    # LayerNorm, since BN over the preset's tiny maps mixes the clips of a batch (decoders.py).
-    # num_classes: a placeholder, which train.py replaces by the dataset's (synthetic: 24).
+    # NOT IN PAPER: the whole preset, small enough that `python train.py` trains and evaluates on
+    # 2 CPU cores in minutes (docs/paper-silent.md#the-cpu-presets-values).
+    # codebook_size=128, the paper's K: each token index needs its own words for 24 categories.
+    # avsr_batch_norm=False: eq. (5) with a LayerNorm; BN over the tiny maps mixes a batch's clips.
+    # num_classes=12: a placeholder, which train.py replaces by the dataset's (synthetic: 24).
     "cpu": ModelConfig(num_classes=12, dim=64, num_tokens=5, codebook_size=128, dec_layers=2,
                        enc_layers=1, num_heads=4, ffn_dim=128, num_points=2, backbone="small",
                        frozen_bn=False, audio_encoder="small", avsr_batch_norm=False),
@@ -186,10 +180,9 @@ class SQD(nn.Module):
 
         # (3) local semantic calibration: eq. (6), the mask decoder with eq. (7)
         self.local_asd = AudioSemanticDecoder(C, N, cfg.dec_layers, cfg.num_heads, cfg.ffn_dim)
-        # PAPER: eq. (4) and (6) both write p_i; whether the two ASDs share them is not said. Two
-        # sets (one set lost on val: results/README.md, "other readings").
-        # PAPER: Table 2's row without SC does not say what the local tokens use instead; we give
-        # them a codebook of their own ("no shared codebook" ablation).
+        # PAPER: eq. (4) and (6) both write p_i; whether the ASDs share them is not said. Two sets
+        # (docs/paper-silent.md#one-prototype-set-per-asd).
+        # PAPER: Table 2 without SC does not say what the local tokens use: a codebook of their own.
         self.local_vq = (None if cfg.shared_codebook
                          else VectorQuantizer(cfg.codebook_size, C))
         self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
@@ -229,9 +222,8 @@ class SQD(nn.Module):
         vis = self.visual_encoder(frames, frame_valid)
         F_v, pos = vis["levels"], vis["pos"]                      # 3 x (B, T, C, H_l, W_l) each
         f_a = self.audio_encoder(audio)                           # (B, T, C)  F_a = {f_a,t}
-        # PAPER: App. D says only that the standard sine embedding is added in the transformers;
-        # the per-frame audio tokens get a 1-D sine embedding over time (queries of eq. 3,
-        # memory of eq. 4).
+        # PAPER: App. D says only that sine embeddings are added in the transformers; the audio
+        # tokens get a 1-D sine embedding over time (queries of eq. 3, memory of eq. 4).
         time_pos = sine_embedding_1d(T, C, f_a.device).expand(B, T, C)  # (B, T, C)
         pad = None if frame_valid is None else ~frame_valid.bool()     # (B, T) True = padding
 
@@ -245,8 +237,8 @@ class SQD(nn.Module):
             vq_g = self.vq(g)                                     # eq. (1)-(2): e_i = VQ(g_i)
             e_i = vq_g.quantized                                  # (B, N, C)  e_i, straight-through
             if cfg.use_avsr:
-                # PAPER: §3.3 derives the filters from the quantized e_i and, one sentence later,
-                # "from g_i"; e_i here (g_i lost on val: results/README.md, "other readings")
+                # PAPER: §3.3 derives the filters from e_i, one sentence later "from g_i"; e_i here
+                # (docs/paper-silent.md#avsr-filters-from-the-quantized-tokens).
                 F_v_prime = [avsr(e_i, F_l, frame_valid) for avsr, F_l in zip(self.avsr, F_v)]  # eq. (5)
         c2 = vis["c2"].flatten(0, 1)                              # (B*T, C2, h, w) backbone stride-4 map
         f_out = self.fpn([F_l.flatten(0, 1) for F_l in F_v_prime], c2)  # (B*T, Cm, h, w)
@@ -264,8 +256,7 @@ class SQD(nn.Module):
             queries = vq_l.quantized                              # (B, T, N, C)  VQ(l_{i,t})
         else:
             queries = self.ablation_queries(f_a, vq_g)            # (B, T, N, C)
-        # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as the recombined tokens F'_v of frame t,
-        # all three levels.
+        # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as F'_v of frame t, all three levels.
         frame_memory, frame_pos = _frame_tokens(F_v_prime, pos)   # (B, T, S, C) each
         out = self.mask_decoder(queries, frame_memory, frame_pos, f_out)  # eq. (7) inside
 
@@ -388,10 +379,8 @@ def segment(pred_logits: torch.Tensor, pred_masks: torch.Tensor, size: tuple[int
     a covered pixel takes argmax_{C in 1..Kc} sum_i P_{i,t}[C] M_{i,t}[h, w]; other pixels are
     background. The argmax never includes the "empty" category (App. E).
     """
-    # PAPER: App. D gives the two thresholds and App. E eq. (11), not how they combine. We drop
-    # tokens below the class threshold, call a pixel covered when a kept token's mask exceeds the
-    # mask threshold, apply eq. (11) on covered pixels and give every other pixel background (id 0);
-    # masks are upsampled bilinearly (as logits) to the label size before the sigmoid.
+    # PAPER: App. D gives the two thresholds and App. E eq. (11), not how they combine: as the
+    # docstring says; masks are upsampled bilinearly (as logits) to the label size, then sigmoid.
     B, T, N, Kc = pred_logits.shape
     prob = pred_logits.sigmoid()                                         # (B, T, N, Kc)  P_{i,t}
     keep = prob.max(-1).values >= class_threshold                        # (B, T, N)
@@ -423,7 +412,6 @@ def foreground_probability(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
                       align_corners=False).sigmoid()                     # (B*T, N, H, W)
     m = m.unflatten(0, (B, T))                                           # (B, T, N, H, W)
     return (p[..., None, None] * m).max(2).values                        # (B, T, H, W)
-
 
 
 @torch.no_grad()
