@@ -79,7 +79,7 @@ class ModelConfig:
     shared_codebook: bool = True   # local tokens use the global codebook, eq. (9) (Table 2, "SC")
     avsr_batch_norm: bool = True   # eq. (5)'s BN (True) or a LayerNorm over channels (CPU preset)
     # PAPER: TrD_segm's query positions are not given: a learned position per token index i
-    # (DETR, R2VOS), chosen on val (docs/paper-silent.md#slot-positions-in-the-mask-decoder).
+    # (DETR, R2VOS), chosen on val (docs/paper-silent.md#slot-positions-of-the-mask-decoder).
     slot_positions: bool = True    # False only for pretrain.ReferringSegmenter (one query per category)
 
     def check(self) -> None:
