@@ -255,7 +255,7 @@ def test_padding_frames_never_move_real_frames(preset_name, train_mode):
     else:  # BatchNorm in eq. (5), frozen-BN ResNet-18 (ResNet-50's layout at a third of the cost)
         model = SQD(preset("paper", num_classes=3, backbone="resnet18", dim=64, ffn_dim=64,
                            enc_layers=1, dec_layers=2, num_heads=4))
-        H, audio_shape = 64, (128,)                     # precomputed VGGish embeddings
+        H, audio_shape = 64, (1, 96, 64)                # log-mel through VGGish
     model.train(train_mode)
     B, T, Tp = 2, 5, 7
     g = torch.Generator().manual_seed(1)
