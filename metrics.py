@@ -37,6 +37,7 @@ Reading order
 5. `semantic_frame_stats`     per frame and class: intersection, union, IoU, F (official `_batch_miou_fscore`).
 6. `class SemanticMetrics`    AVSS accumulator: official padded-frame protocol and real frames only.
 7. `class _SumAccumulator`    the state / merge / all_reduce machinery both accumulators share.
+8. `headline`, `summary`      the score that picks train.py's best.pt, and the table a run prints.
 
 Shape alphabet
 --------------
@@ -468,3 +469,42 @@ def headline(results: dict) -> float:
         if key in results:
             return float(results[key])
     raise KeyError(f"no headline metric in {sorted(results)}")
+
+
+# The numbers printed at the end of a run (metrics.json holds every measure): the paper's Table 1
+# columns for the dataset, per evaluated split; the synthetic benchmark fills all three of them.
+HEADLINE = {
+    "avss": [("mIoU", "miou_official"), ("F", "f_official")],
+    "s4": [("J", "j_official"), ("F", "f_official"), ("J&F", "jf_official")],
+    "ms3": [("J", "j_official"), ("F", "f_official"), ("J&F", "jf_official")],
+    "synthetic": [("mIoU", "miou_official"), ("F", "f_official"),
+                  ("single-source J&F", "single_jf_official"), ("multi-source J&F", "multi_jf_official")],
+}
+
+
+def summary(results: dict) -> str:
+    """A small table of the headline numbers of every evaluated split (see HEADLINE), under a line
+    that names the evaluated weights (results["model"], where a training run wrote it)."""
+    cols = HEADLINE[results["dataset"]]
+    splits = [k for k, v in results.items() if isinstance(v, dict)
+              and k not in ("metric_definitions", "train", "codebook", "model", "last")]
+    width = max(len(s) for s in splits) if splits else 5
+    lines = ["results (every measure: metrics.json):"]
+    if "model" in results:
+        m = results["model"]
+        name = "J&F" if results["dataset"] in ("s4", "ms3") else "mIoU"  # headline()'s measure
+        val = "no val score" if m["val"] is None else f"val {name} {m['val']:.3f}"
+        last = ("it is the last model" if results.get("last") == "same as best"
+                else 'the last model\'s numbers: metrics.json "last"')
+        lines.append(f"  model: {m['checkpoint']} (step {m['step']}, epoch {m['epoch']}, {val}); {last}")
+    lines.append("  " + "split".ljust(width) + "".join(f"  {name:>17}" for name, _ in cols))
+    for split in splits:
+        cells = []
+        for _, key in cols:
+            v = results[split].get(key)
+            # a split without single- (or multi-) source frames has no such J&F
+            present = v is not None and not (key.startswith(("single", "multi"))
+                                             and not results[split].get(key.split("_")[0] + "_num_frames"))
+            cells.append(f"  {v:>17.3f}" if present else f"  {'-':>17}")
+        lines.append("  " + split.ljust(width) + "".join(cells))
+    return "\n".join(lines)

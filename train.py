@@ -464,7 +464,7 @@ def run(cfg: TrainConfig) -> int:
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
         redraw_curves(ctx, log_path)
-        print(summary(results))
+        print(metrics.summary(results))
         if cfg.dataset == "synthetic" and model_cfg.use_gsd:  # the diagnostics need global tokens
             # the codebook diagnostics are a lab tool (tools/diagnostics.py): the run names the command
             print(f"a look inside the codebook: python tools/diagnostics.py "
@@ -770,45 +770,6 @@ def evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
         results[name] = evaluate(cfg, model, ds, name, device, rank, world,
                                  overlay_dir=out_dir if overlays else None)
     return results
-
-
-# The numbers printed at the end of a run (metrics.json holds every measure): the paper's Table 1
-# columns for the dataset, per evaluated split; the synthetic benchmark fills all three of them.
-HEADLINE = {
-    "avss": [("mIoU", "miou_official"), ("F", "f_official")],
-    "s4": [("J", "j_official"), ("F", "f_official"), ("J&F", "jf_official")],
-    "ms3": [("J", "j_official"), ("F", "f_official"), ("J&F", "jf_official")],
-    "synthetic": [("mIoU", "miou_official"), ("F", "f_official"),
-                  ("single-source J&F", "single_jf_official"), ("multi-source J&F", "multi_jf_official")],
-}
-
-
-def summary(results: dict) -> str:
-    """A small table of the headline numbers of every evaluated split (see HEADLINE), under a line
-    that names the evaluated weights (results["model"], where a training run wrote it)."""
-    cols = HEADLINE[results["dataset"]]
-    splits = [k for k, v in results.items() if isinstance(v, dict)
-              and k not in ("metric_definitions", "train", "codebook", "model", "last")]
-    width = max(len(s) for s in splits) if splits else 5
-    lines = ["results (every measure: metrics.json):"]
-    if "model" in results:
-        m = results["model"]
-        name = "J&F" if results["dataset"] in ("s4", "ms3") else "mIoU"  # metrics.headline()'s measure
-        val = "no val score" if m["val"] is None else f"val {name} {m['val']:.3f}"
-        last = ("it is the last model" if results.get("last") == "same as best"
-                else 'the last model\'s numbers: metrics.json "last"')
-        lines.append(f"  model: {m['checkpoint']} (step {m['step']}, epoch {m['epoch']}, {val}); {last}")
-    lines.append("  " + "split".ljust(width) + "".join(f"  {name:>17}" for name, _ in cols))
-    for split in splits:
-        cells = []
-        for _, key in cols:
-            v = results[split].get(key)
-            # a split without single- (or multi-) source frames has no such J&F
-            present = v is not None and not (key.startswith(("single", "multi"))
-                                             and not results[split].get(key.split("_")[0] + "_num_frames"))
-            cells.append(f"  {v:>17.3f}" if present else f"  {'-':>17}")
-        lines.append("  " + split.ljust(width) + "".join(cells))
-    return "\n".join(lines)
 
 
 def redraw_curves(ctx: dict, log_path: str) -> None:

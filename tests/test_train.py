@@ -667,7 +667,7 @@ def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_pat
 
 
 def test_final_print_is_a_small_table_of_the_headline_numbers():
-    from train import summary
+    from metrics import summary
     synthetic = {"dataset": "synthetic", "metric_definitions": {"x": "y"}, "train": {"steps": 3},
                  "test": {"miou_official": 0.25, "f_official": 0.5, "single_jf_official": 0.125,
                           "multi_jf_official": 0.375, "single_num_frames": 10, "multi_num_frames": 10,
