@@ -201,7 +201,7 @@ class VectorQuantizer(nn.Module):
         """Write tokens (V, C) into the ring `warmup_tokens`, overwriting the oldest."""
         ring = self.warmup_tokens.shape[0]
         flat = flat[-ring:].to(self.warmup_tokens.dtype)  # (V', C), V' <= ring size
-        slots = (int(self.warmup_seen) + torch.arange(flat.shape[0], device=flat.device)) % ring  # (V',)
+        slots = (self.warmup_seen + torch.arange(flat.shape[0], device=flat.device)) % ring  # (V',) no host read
         self.warmup_tokens[slots] = flat
         self.warmup_seen += flat.shape[0]
 
