@@ -331,8 +331,9 @@ class SQD(nn.Module):
         for vq in self.quantizers():
             vq.end_warmup()
 
-    def parameter_groups(self, lr: float, backbone_lr_mult: float = 0.5, weight_decay: float = 5e-4):
-        """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4).
+    def parameter_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float):
+        """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4; the
+        values are train.py's BACKBONE_LR_MULT and WEIGHT_DECAY).
         Frozen parameters (ResNet's unused fc, a frozen audio network) are left out."""
         backbone, rest = [], []
         for name, p in self.named_parameters():
