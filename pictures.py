@@ -20,8 +20,8 @@ What this file teaches
     sqd.label_map). This file never imports predict.py or train.py, which import it.
 
 Reading order
-    PALETTE, colour_ids, overlay (class colours on a frame); scale_up, titled, caption, stack
-    (panels and title lines); save_gif; font; then the synthetic clip: synthetic_picture (with
+    PALETTE, colour_ids, frame_rgb, overlay (class colours on a frame); scale_up, titled, caption,
+    stack (panels and title lines); save_gif; font; then the synthetic clip: synthetic_picture (with
     spectrogram and token_names), write_synthetic_pictures (its PNG and GIF), write_clip_pictures
     (the clips a synthetic run draws); then a run's other pictures: write_overlays (frame | ground
     truth | prediction of AVSBench clips) and draw_curves (curves.png from log.jsonl).
@@ -53,6 +53,14 @@ PALETTE = data.voc_palette(256)  # (256, 3) the AVSS (PASCAL-VOC) colours; row j
 def colour_ids(ids: np.ndarray) -> np.ndarray:
     """Class ids (H, W) -> their AVSS palette colours (H, W, 3) uint8."""
     return PALETTE[ids % 256]                                          # (H, W, 3)
+
+
+def frame_rgb(frame: torch.Tensor) -> np.ndarray:
+    """An ImageNet-normalised frame (3, H, W), as data.py gives it, back to (H, W, 3) uint8 RGB."""
+    mean = torch.tensor(data.IMAGENET_MEAN, device=frame.device)[:, None, None]  # (3, 1, 1)
+    std = torch.tensor(data.IMAGENET_STD, device=frame.device)[:, None, None]    # (3, 1, 1)
+    rgb = (frame.float() * std + mean).clamp(0, 1).permute(1, 2, 0)             # (H, W, 3)
+    return (rgb.cpu().numpy() * 255).round().astype(np.uint8)                   # (H, W, 3)
 
 
 def overlay(rgb: np.ndarray, ids: np.ndarray, alpha: float = 0.55) -> np.ndarray:
@@ -155,8 +163,6 @@ def synthetic_picture(model, dataset, index: int, class_names: list, signatures:
     out = run_clip(model, item["frames"], item["audio"], device, amp)
     size = tuple(item["labels"].shape[-2:])                            # (H, W)
     pred = [label_map(out["pred_logits"][t], out["pred_masks"][t], size) for t in range(T)]  # T x (H, W)
-    mean = torch.tensor(data.IMAGENET_MEAN)[:, None, None]             # (3, 1, 1)
-    std = torch.tensor(data.IMAGENET_STD)[:, None, None]               # (3, 1, 1)
     log_mel = item["audio"][:, 0].numpy()                              # (T, 96, 64)
     lo, hi = np.percentile(log_mel, 1), np.percentile(log_mel, 99.5)
     sounding = np.asarray(item["meta"]["sounding"], dtype=bool)        # (T, Kc)
@@ -165,8 +171,7 @@ def synthetic_picture(model, dataset, index: int, class_names: list, signatures:
     f = font(13)
     rows, layout = [], {name: [] for name in panel_names}
     for t in range(T):
-        frame = ((item["frames"][t] * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
-                 * 255).round().astype(np.uint8)                       # (H, W, 3)
+        frame = frame_rgb(item["frames"][t])                           # (H, W, 3)
         spec = np.asarray(Image.fromarray(spectrogram(log_mel[t], lo, hi)).resize(
             (side, side), Image.NEAREST))                              # (side, side, 3)
         panels = [scale_up(frame, side), spec, scale_up(colour_ids(item["labels"][t].numpy()), side),
@@ -290,14 +295,11 @@ def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, li
                    class_names: list) -> int:
     """Frame | ground truth | prediction of the first frame of up to `limit` clips, labels in the
     AVSS (VOC) palette, panels scaled up to at least 256 px under title lines that name the panels
-    and the classes ."""
-    mean = torch.tensor(data.IMAGENET_MEAN, device=batch["frames"].device)[:, None, None]
-    std = torch.tensor(data.IMAGENET_STD, device=batch["frames"].device)[:, None, None]
+    and the classes."""
     n = 0
     for b in range(min(limit, batch["frames"].shape[0])):
         t = 0
-        img = (batch["frames"][b, t] * std + mean).clamp(0, 1)        # (3, H, W)
-        img = (img.permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)  # (H, W, 3)
+        img = frame_rgb(batch["frames"][b, t])                         # (H, W, 3)
         gt, pr = batch["labels"][b, t].cpu().numpy(), pred[b, t].cpu().numpy()  # (H, W) each
         panels = np.concatenate([img, colour_ids(gt), colour_ids(pr)], axis=1)  # (H, 3W, 3)
         clip_id = str(batch["meta"][b].get("clip", b))
