@@ -78,7 +78,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import data
 import synthetic
 from encoders import SmallVGG
 from matcher import SetCriterion, track_batch
@@ -341,8 +340,7 @@ def _batch(dataset, indices):
     frames, maps = [], []
     for i in indices:
         clip = dataset.generate_pixels(int(i))
-        x = (clip["frames"] - data.IMAGENET_MEAN) / data.IMAGENET_STD    # (T, H, W, 3)
-        frames.append(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()))  # (T, 3, H, W)
+        frames.append(synthetic.normalised_frames(clip["frames"]))       # (T, 3, H, W)
         maps.append(torch.from_numpy(clip["object_map"]))                 # (T, H, W)
     return torch.stack(frames).float(), torch.stack(maps)                # (B, T, 3, H, W), (B, T, H, W)
 

@@ -25,7 +25,7 @@ Reading order
  2. SyntheticAVS              __init__ (looks, sounds, held-out pairs), plan() (the recipe of a
                               clip: schedule, sources, scene), generate() (audio, then pixels and
                               labels), __getitem__ (the batch item)
- 3. per_second_log_mel, _gate, _shape_mask
+ 3. normalised_frames, per_second_log_mel, _gate, _shape_mask
 
 Shape alphabet
 --------------
@@ -496,9 +496,7 @@ class SyntheticAVS(Dataset):
             raise IndexError(index)
         clip = self.generate(index)
         T = self.frames
-        frames = (clip["frames"] - IMAGENET_MEAN) / IMAGENET_STD  # (T, H, W, 3)
-        frames = torch.from_numpy(frames.transpose(0, 3, 1, 2).copy())  # (T, 3, H, W)
-        return {"frames": frames,
+        return {"frames": normalised_frames(clip["frames"]),  # (T, 3, H, W)
                 "audio": torch.from_numpy(clip["log_mel"]).unsqueeze(1),  # (T, 1, 96, 64)
                 "labels": torch.from_numpy(clip["labels"]),  # (T, H, W) int64
                 "label_valid": torch.ones(T, dtype=torch.bool),  # (T,)
@@ -507,8 +505,15 @@ class SyntheticAVS(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. The front end a second at a time, the on/off gate, the shapes
+# 3. Frames as data.py gives them, the front end a second at a time, the on/off gate, the shapes
 # ----------------------------------------------------------------------------------------------
+def normalised_frames(frames: np.ndarray) -> torch.Tensor:
+    """Generated frames (T, H, W, 3) float32 in [0, 1] -> ImageNet-normalised (T, 3, H, W), as
+    data.py's readers give real frames."""
+    x = (frames - IMAGENET_MEAN) / IMAGENET_STD                          # (T, H, W, 3)
+    return torch.from_numpy(x.transpose(0, 3, 1, 2).copy())              # (T, 3, H, W)
+
+
 def per_second_log_mel(waveform, rate, num_frames):
     """One VGGish log-mel example per whole second of a waveform, up to num_frames of them.
 
