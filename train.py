@@ -192,6 +192,12 @@ def uses_stand_ins(cfg: TrainConfig) -> bool:
     return cfg.dataset == "synthetic" and cfg.preset == "cpu"
 
 
+def loss_weights(cfg: TrainConfig) -> dict:
+    """The weights of eq. (8), which are also eq. (10)'s matching costs (App. D gives one set): the
+    recipe's, or App. D's (matcher.PAPER_LOSS_WEIGHTS) where the recipe sets none."""
+    return dict(RECIPES[cfg.dataset].get("loss_weights", PAPER_LOSS_WEIGHTS))
+
+
 def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfig]:
     """Fill the None fields from the dataset's recipe and build the ModelConfig."""
     recipe = RECIPES[cfg.dataset]
@@ -235,12 +241,6 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
 # ----------------------------------------------------------------------------------------------
 # Distributed helpers (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
 # ----------------------------------------------------------------------------------------------
-
-def loss_weights(cfg: TrainConfig) -> dict:
-    """The weights of eq. (8), which are also eq. (10)'s matching costs (App. D gives one set): the
-    recipe's, or App. D's (matcher.PAPER_LOSS_WEIGHTS) where the recipe sets none."""
-    return dict(RECIPES[cfg.dataset].get("loss_weights", PAPER_LOSS_WEIGHTS))
-
 
 def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -743,8 +743,8 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
                     obj[name].update(fg[sel], (gt[sel] > 0).long(), valid[sel])
         if overlay_dir is not None and written < cfg.num_overlays:
             pred_map = pred if sem is not None else (fg > 0.5).long()   # (B, T, H, W)
-            written += pictures.write_overlays(overlay_dir, split, batch, pred_map, cfg.num_overlays - written,
-                                      dataset.class_names)
+            written += pictures.write_overlays(overlay_dir, split, batch, pred_map,
+                                               cfg.num_overlays - written, dataset.class_names)
     results = {}
     if sem is not None:
         sem.all_reduce()

@@ -72,7 +72,6 @@ if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
 import data  # noqa: E402
 import pictures  # noqa: E402  (the clip picture: synthetic_picture, write_synthetic_pictures)
 import predict  # noqa: E402  (load_model: the checkpoint's model as predict.py loads it)
-from pictures import font  # noqa: E402
 from quantize import codebook_stats  # noqa: E402
 
 
@@ -400,7 +399,7 @@ def scatter_png(tokens: np.ndarray, labels: np.ndarray, codebook: np.ndarray, pa
 
 def _with_legend(img, class_ids: list, names: list, palette: np.ndarray):
     """img with a white column on its right: a colour swatch and the name of each class id."""
-    f = font(14)
+    f = pictures.font(14)
     width = 40 + max(int(f.getlength(names[c])) for c in class_ids) if class_ids else 0
     out = Image.new("RGB", (img.width + width, max(img.height, 20 * len(class_ids) + 30)),
                     (255, 255, 255))
