@@ -907,6 +907,17 @@ TOLERATED_KINDS = {
 }
 
 
+def require_dataset(root, name):
+    """check_dataset before a run: DataError naming the root, or the first 20 problems, if any."""
+    if not root or not os.path.isdir(root):
+        raise DataError(f"--data-root {root!r} is not a directory; expected the AVSBench {name} "
+                        f"release (see docs/data.md)")
+    problems = check_dataset(root, name)
+    if problems:
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"{len(problems)} problem(s) in {root}:\n  " + "\n  ".join(problems[:20]) + more)
+
+
 def check_dataset(root, name, deep=False, tolerated=None):
     """Walk a dataset layout and list every missing or unreadable item.
 

@@ -273,7 +273,7 @@ def write_synthetic_pictures(out_dir: str, model, dataset, indices: list, class_
 
 def write_clip_pictures(model, eval_sets: dict, device, out_dir: str, limit: int,
                         amp: bool = False) -> None:
-    """A synthetic run's clip pictures (synthetic_picture), up to `limit` (train.py --num-overlays):
+    """A synthetic run's clip pictures (synthetic_picture), up to `limit` (train.NUM_OVERLAYS):
     a single- and a multi-source clip of test, then test-unseen clips. train.py calls this at the
     end of a synthetic run; its tokens are named by codeword and prediction, not by category (the
     signatures need the lab's diagnostics: tools/diagnostics.py --clip draws them named)."""

@@ -2,7 +2,7 @@
 
 What this file teaches
     Inference from end to end, outside the benchmark loaders:
-      1. a checkpoint loaded safely (train.load_checkpoint: weights_only, no code runs) with the
+      1. a checkpoint loaded safely (checkpoint.load_checkpoint: weights_only, no code runs) with the
          model, the class names and the preprocessing its run used;
       2. the clip prepared exactly as the checkpoint's evaluation prepared its dataset: frames
          resized to the square img_size and ImageNet-normalised, one 0.96 s VGGish log-mel
@@ -33,7 +33,6 @@ log-mel examples, each 96 x 64 (time steps x mel bands), Ns audio samples.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from PIL import Image
 
 import data
 import train
+from checkpoint import CheckpointError, load_checkpoint
 from pictures import PALETTE, overlay, save_gif, titled
 from sqd import SQD, ModelConfig, label_map, run_clip
 from train import UserError
@@ -71,11 +71,9 @@ def load_model(path: str, device) -> tuple[SQD, train.TrainConfig, list]:
     checkpoint, one of an older format, a run on the retired synthetic v1, or weights that do not
     fit the model its config describes.
     """
-    ckpt = train.load_checkpoint(path, mmap=True)                      # weights only, no code runs
+    ckpt = load_checkpoint(path, mmap=True)                            # weights only, no code runs
     try:
-        known = {f.name for f in dataclasses.fields(train.TrainConfig)}
-        saved = train.saved_train_config(ckpt, path)                   # refuses a synthetic v1 run
-        cfg = train.TrainConfig(**{k: v for k, v in saved.items() if k in known})
+        cfg = train.TrainConfig(**train.saved_train_config(ckpt, path))  # refuses a synthetic v1 run
         model = SQD(ModelConfig(**ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
         step = int(ckpt["state"]["step"])
@@ -298,7 +296,7 @@ def main(argv=None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model, cfg, class_names = load_model(args.checkpoint, device)
         return predict_clip(args, model, cfg, class_names, device)
-    except (UserError, data.DataError) as e:
+    except (UserError, data.DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -39,7 +39,7 @@ weights. Only the visual encoder, the FPN and the mask decoder are kept (the emb
 (*) train.py reads a visual file only from --audio-cache, under pretrain.visual_cache_name(...);
 the command writes the same bytes elsewhere, for a look at them.
 
-train.py's synthetic runs of the CPU preset start from these two (train.uses_stand_ins) and
+train.py's synthetic runs of the CPU preset start from these two (pretrained.uses_stand_ins) and
 call stand_in_files (cached_audio_weights and cached_visual_weights, the two at once in a first
 run): the files are built on first use under
 --audio-cache and found by later runs. An audio file holds only SmallVGG's state_dict (what
@@ -81,7 +81,7 @@ import torch.nn as nn
 import synthetic
 from encoders import SmallVGG
 from matcher import SetCriterion, track_batch
-from pretrained import atomic_save
+from checkpoint import atomic_save
 from sqd import SQD, ModelConfig, _frame_tokens, preset
 
 DEFAULT_AUDIO_STEPS = 1500  # the network probe's steps: its accuracy is reported in results/probes.md
@@ -432,7 +432,7 @@ def load_visual_into(model: SQD, path: str) -> int:
 
 def stand_in_files(folder: str, cfg: ModelConfig, seed: int, img_size: int, val_clips: int | None,
                    audio: bool, visual: bool, main_proc: bool = True) -> tuple:
-    """The cached files of the stand-ins a synthetic train.py run starts from (train.uses_stand_ins):
+    """The cached files of the stand-ins a synthetic train.py run starts from (pretrained.uses_stand_ins):
     (audio path or None, visual path or None), for the ones asked for, built on first use.
 
     A first run builds both: they are independent and each trains on one thread with its own

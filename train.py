@@ -28,11 +28,7 @@ import json
 import math
 import os
 import random
-import re
-import signal
-import subprocess
 import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -40,14 +36,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 
 import data
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, track_batch
 import pictures
-import pretrain
-from pretrained import InitWeightsError, atomic_save, format_table, load_init_weights
+from checkpoint import (CheckpointError, ResumableSampler, append_jsonl, atomic_save, code_version,
+                        deferred_interrupt, load_checkpoint, save_checkpoint, set_rng_state, start_log,
+                        write_json)
+from pretrained import WeightsError, load_start_weights, uses_stand_ins
 from quantize import CollapseWatch, codebook_stats
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
 import synthetic
@@ -78,7 +76,6 @@ class TrainConfig:
     init_weights: str | None = None  # whole-model checkpoint of ReferFormer (r50_pretrained.pth): what maps and fits loads, a table says what (docs/init-weights.md)
     backbone_weights: str | None = None  # torchvision state_dict (.pth) of the backbone: resnet50-*.pth, swin_t-704ceda3.pth, swin3d_t-7615ae03.pth
     audio_weights: str | None = None     # state_dict of the audio network: the released VGGish (vggish-10086976.pth), or the cpu preset's SmallVGG
-    finetune_audio: bool = False   # train the loaded audio network instead of freezing it (AVSBench freezes it)
     audio_cache: str = os.path.join("runs", "audio-weights")  # synthetic, CPU preset: folder of the pretrained stand-ins (pretrain.py), built on first use
     # ablations (Tables 2-5); defaults are the paper's full model
     no_gsd: bool = False           # drop global semantic decomposition
@@ -96,8 +93,6 @@ class TrainConfig:
     max_steps: int | None = None   # stop after this many optimizer steps (smoke tests, budgets)
     batch_size: int = 4            # clips per optimizer step and GPU (paper: 4)
     lr: float | None = None        # AdamW learning rate; None: recipe (paper 1e-4; synthetic 4e-4)
-    # evaluation
-    num_overlays: int = 4          # prediction pictures written to the run directory
     # run
     out: str | None = None         # run directory; None: runs/{dataset}-{time}
     resume: str | None = None      # checkpoint to continue from (last.pt)
@@ -106,7 +101,6 @@ class TrainConfig:
     amp: bool = False              # bf16 autocast (GPU)
     compile: bool = False          # torch.compile the model (GPU)
     seed: int = 0                  # seed of model init, data order and augmentation
-    log_every: int = 10            # steps between log.jsonl lines
     threads: int | None = None     # torch CPU threads; None: torch's default
 
 
@@ -114,27 +108,15 @@ class TrainConfig:
 # NOT IN PAPER: the synthetic recipe is ours, sized so that the default run fits in 10 CPU minutes.
 # NOT IN PAPER: every recipe runs its first 300 steps with the quantizer in warm-up (VQ(x) = x,
 # eq. 9 off), then sets the codebook to the k-means centres of the last warm-up tokens
-# (quantize.VectorQuantizer.end_warmup); the paper quantizes from step 1. Chosen for the AVSBench
-# recipes by a rule written before its runs (results/README.md, "The AVSBench recipe's
-# quantizer"): on the synthetic benchmark with both sides pretrained, the AVSBench lr and App. D's
-# weights, quantized from step 1 the codebook collapsed (the warning at step 115-119, val mIoU
-# 0.061) and with the warm-up it did not (0.119; seeds 0 and 1). 300 steps are a third of MS3's
-# run (about 960 steps at batch 4), as of the synthetic one, and under an epoch of S4 and AVSS.
+# (SQD.end_quantizer_warmup); the paper quantizes from step 1. Why, measured:
+# docs/paper-silent.md#the-recipes-quantizer-warm-up.
 RECIPES = {
     "s4": dict(epochs=13, lr_drop_epoch=11, preset="paper", lr=1e-4, quant_warmup_steps=300),
     "ms3": dict(epochs=13, lr_drop_epoch=11, preset="paper", lr=1e-4, quant_warmup_steps=300),
     "avss": dict(epochs=16, lr_drop_epoch=14, preset="paper", lr=1e-4, quant_warmup_steps=300),
-    # The synthetic recipe: 1 epoch = 4000 train clips / batch 4 = 1000 steps. Three of its choices
-    # were measured on benchmark v1 (12 categories) with the audio network trained from scratch
-    # (docs/lab-notes.md, "Training the CPU preset") and not re-measured since:
-    # NOT IN PAPER: masks and boxes weigh 5x less than in App. D (class 2 kept): with App. D's
-    # weights the mask and box gradients drowned the class loss (the class head stayed at chance,
-    # top-1 class in the ground truth 12 % after 400 steps, while the masks improved; 67 % with these).
-    # NOT IN PAPER: lr 4e-4 instead of 1e-4: at 1e-4 the full model's class loss had barely moved
-    # after 250 steps (0.75 against 0.44 at 4e-4).
-    # The warm-up (above): quantized from step 1 the codebook collapsed to one word. On v2, with the
-    # pretrained frozen audio network (val, seed 0, results/README.md): 4 codewords in use and val
-    # mIoU 0.040 from step 1, against 0.228 with the warm-up.
+    # The synthetic recipe: 1 epoch = 4000 train clips / batch 4 = 1000 steps.
+    # NOT IN PAPER: masks and boxes weigh 5x less than in App. D (class 2 kept), and lr 4e-4 instead
+    # of 1e-4: docs/paper-silent.md#the-synthetic-recipe.
     "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu", lr=4e-4, quant_warmup_steps=300,
                       loss_weights=dict(loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0,
                                         loss_giou=0.5)),
@@ -145,6 +127,8 @@ BACKBONE_LR_MULT = 0.5
 WEIGHT_DECAY = 5e-4
 CLIP_GRAD = 0.1       # max gradient norm; NOT IN PAPER: the paper names no clipping, 0.1 is DETR's
 EVAL_BATCH_SIZE = 4   # clips per evaluation batch (the official AVSBench test batch)
+LOG_EVERY = 10        # steps between log.jsonl lines
+NUM_OVERLAYS = 4      # prediction pictures (AVSBench) or synthetic clips drawn into the run directory
 PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
 CODEBOOK_START = "codebook_start.pt"  # in the run directory: the codebook(s) at the first quantized step
 
@@ -179,19 +163,6 @@ def _field_comments() -> dict:
     return comments
 
 
-def uses_stand_ins(cfg: TrainConfig) -> bool:
-    """Whether the run starts from the pretrained stand-ins of pretrain.py: on the synthetic
-    benchmark with the CPU preset, the small audio network pretrained as a sound classifier (unless
-    --audio-weights names a file) and the visual side pretrained as referring segmentation (unless
-    --init-weights or --backbone-weights starts it). Both are built on first use and cached in
-    --audio-cache. For AVSBench the same places are filled by --audio-weights (VGGish) and --init-weights."""
-    # PAPER: the paper names no starting point; its code starts from VGGish trained on AudioSet,
-    # frozen (AVSBench, AVSegFormer), and from ReferFormer's whole model pretrained for referring
-    # segmentation (the authors' commands). pretrain.py makes both for the synthetic benchmark;
-    # the visual one was chosen on val (results/README.md, "Why full SQD loses": +0.046 val mIoU).
-    return cfg.dataset == "synthetic" and cfg.preset == "cpu"
-
-
 def loss_weights(cfg: TrainConfig) -> dict:
     """The weights of eq. (8), which are also eq. (10)'s matching costs (App. D gives one set): the
     recipe's, or App. D's (matcher.PAPER_LOSS_WEIGHTS) where the recipe sets none."""
@@ -211,12 +182,9 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
     if cfg.no_gsd and not cfg.no_avsr:
         warnings.warn("--no-gsd also removes AVSR (eq. 5 is driven by the global tokens)")
     # PAPER: the paper does not say whether VGGish trains. AVSBench (FREEZE_AUDIO_EXTRACTOR) and
-    # AVSegFormer (freeze_audio_extractor=True) keep the pretrained audio network frozen; so do we,
-    # unless --finetune-audio. A network without pretrained weights always trains.
-    audio_loaded = bool(cfg.audio_weights) or uses_stand_ins(cfg)
-    overrides["freeze_audio"] = audio_loaded and not cfg.finetune_audio
-    if cfg.finetune_audio and not audio_loaded:
-        warnings.warn("--finetune-audio without --audio-weights: the audio network trains anyway")
+    # AVSegFormer (freeze_audio_extractor=True) keep the pretrained audio network frozen; so do we.
+    # A network without pretrained weights trains.
+    overrides["freeze_audio"] = bool(cfg.audio_weights) or uses_stand_ins(cfg)
     for name in ("backbone", "codebook_size", "num_tokens"):
         if getattr(cfg, name) is not None:
             overrides[name] = getattr(cfg, name)
@@ -258,37 +226,6 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-class ResumableSampler(Sampler):
-    """Clip order for one epoch: a permutation seeded by (seed, epoch), split across ranks.
-
-    Starting at `start` skips the batches already seen in this epoch, so a run resumed
-    mid-epoch sees exactly the clips the unbroken run would have seen.
-    """
-
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        if self.shuffle and self.world > 1:  # equal length per rank so DDP steps stay in lockstep
-            order = order[: self.n - self.n % self.world]
-        return order[self.rank :: self.world]
-
-    def __iter__(self):
-        return iter(self.indices()[self.start :])
-
-    def __len__(self) -> int:
-        return max(0, len(self.indices()) - self.start)
-
-
 # ----------------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------------
@@ -297,7 +234,7 @@ def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
         return run(cfg)
-    except (UserError, data.DataError) as e:
+    except (UserError, data.DataError, CheckpointError, WeightsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # run() saves last.pt before re-raising
@@ -311,15 +248,7 @@ def run(cfg: TrainConfig) -> int:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.dataset != "synthetic":
-        if not cfg.data_root or not os.path.isdir(cfg.data_root):
-            raise UserError(f"--data-root {cfg.data_root!r} is not a directory; expected the "
-                            f"AVSBench {cfg.dataset} release (see docs/data.md)")
-        problems = data.check_dataset(cfg.data_root, cfg.dataset)  # every missing file, named now
-        if problems:
-            shown = "\n  ".join(problems[:20])
-            more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-            raise data.DataError(f"{len(problems)} problem(s) in {cfg.data_root}:\n  {shown}{more}")
-
+        data.require_dataset(cfg.data_root, cfg.dataset)  # every missing file, named now
     # checkpoint to resume or evaluate: its config wins over the defaults (not over the flags
     # that change the run length, which a resume may extend)
     ckpt = None
@@ -328,13 +257,9 @@ def run(cfg: TrainConfig) -> int:
         ckpt = load_checkpoint(path)
         saved = saved_train_config(ckpt, path)
         if cfg.resume:
-            keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "out", "device", "workers",
-                                                 "threads", "epochs")}
-            if keep["out"] is None:
-                keep["out"] = os.path.dirname(os.path.abspath(path))
-            if keep["epochs"] is None:
-                keep["epochs"] = saved["epochs"]
-            cfg = dataclasses.replace(TrainConfig(**saved), **keep)
+            keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "device", "workers", "threads")}
+            cfg = dataclasses.replace(TrainConfig(**saved), **keep, out=cfg.out or os.path.dirname(
+                os.path.abspath(path)), epochs=cfg.epochs or saved["epochs"])
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -353,7 +278,7 @@ def run(cfg: TrainConfig) -> int:
     # model, weights, loss
     model = SQD(model_cfg).to(device)
     if ckpt is None:  # a resumed or evaluated run takes every weight from its checkpoint
-        load_pretrained(cfg, model_cfg, model, main_proc)
+        load_start_weights(model, cfg, main_proc)
     criterion = SetCriterion(model_cfg.num_classes, weights=loss_weights(cfg))  # eq. (8), eq. (10)
     out_dir = cfg.out or os.path.join("runs", f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     cfg.out = out_dir
@@ -440,27 +365,27 @@ def run(cfg: TrainConfig) -> int:
                                             "step": state["step"], **val})
                     if state["best"] is None or score > state["best"]:
                         state["best"] = score
-                        save_checkpoint(ctx, os.path.join(out_dir, "best.pt"))
+                        save(ctx, "best.pt")
                     redraw_curves(ctx, log_path)
             if main_proc:
-                save_checkpoint(ctx, os.path.join(out_dir, "last.pt"))
+                save(ctx, "last.pt")
     except KeyboardInterrupt:
         if main_proc:
-            save_checkpoint(ctx, os.path.join(out_dir, "last.pt"))
+            save(ctx, "last.pt")
             print(f"\ninterrupted at step {state['step']}; saved {out_dir}/last.pt "
                   f"(continue with --resume {out_dir}/last.pt)", file=sys.stderr)
         raise
     if main_proc:
-        save_checkpoint(ctx, os.path.join(out_dir, "last.pt"))
+        save(ctx, "last.pt")
         if state["best"] is None:  # no validation in this run chose a model: best.pt is the last one
-            save_checkpoint(ctx, os.path.join(out_dir, "best.pt"))
+            save(ctx, "best.pt")
     results = evaluate_best_and_last(ctx, eval_sets)  # the model is best.pt's from here on
     if main_proc:
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
         if cfg.dataset == "synthetic" and "test" in eval_sets:
             # a single- and a multi-source test clip, then test-unseen ones: each frame with the
             # codeword each local token chose and what the token predicts (clip_*.png, .gif)
-            pictures.write_clip_pictures(model, eval_sets, device, out_dir, cfg.num_overlays, cfg.amp)
+            pictures.write_clip_pictures(model, eval_sets, device, out_dir, NUM_OVERLAYS, cfg.amp)
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
         redraw_curves(ctx, log_path)
@@ -597,7 +522,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
         if cfg.max_steps is not None and state["step"] >= cfg.max_steps:
             break
     if done is not None:
-        # a loss is read only every log_every steps; a non-finite one leaves non-finite weights
+        # a loss is read only every LOG_EVERY steps; a non-finite one leaves non-finite weights
         # behind, whose predictions the next step's matcher refuses (forward_loss). The last
         # step has no next one: it is checked here, before anything is saved or evaluated.
         check_loss(ctx, done)
@@ -634,15 +559,15 @@ def check_loss(ctx: dict, done: dict) -> float:
 
 def finish_step(ctx: dict, done: dict, log_path: str, bar) -> None:
     """After a training step (train_one_epoch): the codebook collapse watch at every quantized
-    step and, every log_every steps, the loss checked (check_loss) and the log line written.
+    step and, every LOG_EVERY steps, the loss checked (check_loss) and the log line written.
 
     done: the step's number, epoch, lr, clips/s ("rate"), quantizer warm-up, the names of its
     loss parts and its values on the device (step_values). As in nanoGPT, the loss is read with
     .item() only on the steps that are logged; the collapse watch reads the codeword indices.
     Raises UserError if a logged step's loss is not finite.
     """
-    cfg, step, values = ctx["cfg"], done["step"], done["values"]
-    log_now = step % cfg.log_every == 0 or step == 1
+    step, values = done["step"], done["values"]
+    log_now = step % LOG_EVERY == 0 or step == 1
     watch = ctx.get("collapse_watch") if ctx["main_proc"] and not done["warmup"] else None
     if log_now:
         loss = check_loss(ctx, done)
@@ -741,10 +666,10 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
             for name, sel in (("single", ~multi), ("multi", multi)):
                 if sel.any():
                     obj[name].update(fg[sel], (gt[sel] > 0).long(), valid[sel])
-        if overlay_dir is not None and written < cfg.num_overlays:
+        if overlay_dir is not None and written < NUM_OVERLAYS:
             pred_map = pred if sem is not None else (fg > 0.5).long()   # (B, T, H, W)
             written += pictures.write_overlays(overlay_dir, split, batch, pred_map,
-                                               cfg.num_overlays - written, dataset.class_names)
+                                               NUM_OVERLAYS - written, dataset.class_names)
     results = {}
     if sem is not None:
         sem.all_reduce()
@@ -784,128 +709,13 @@ def redraw_curves(ctx: dict, log_path: str) -> None:
 # Checkpoints, weights, small helpers
 # ----------------------------------------------------------------------------------------------
 
-def load_pretrained(cfg: TrainConfig, model_cfg: ModelConfig, model: SQD, main_proc: bool) -> None:
-    for path, name in ((cfg.init_weights, "--init-weights"), (cfg.backbone_weights, "--backbone-weights"),
-                       (cfg.audio_weights, "--audio-weights")):
-        if path is not None and not os.path.isfile(path):
-            raise UserError(f"{name} {path!r} does not exist")
-    # The whole-model file first: the backbone and audio files given explicitly come after it and
-    # override what it set (pretrained.py: which modules it sets, and why the others stay fresh).
-    backbone_from_init = False
-    if cfg.init_weights:
-        try:
-            rows = load_init_weights(model, cfg.init_weights)
-        except InitWeightsError as e:
-            raise UserError(f"--init-weights: {e}") from None
-        backbone_from_init = any(r.module == "visual_encoder.backbone" and r.status == "loaded" for r in rows)
-        if main_proc:
-            print(format_table(rows, cfg.init_weights))
-    if cfg.backbone_weights:
-        if model_cfg.backbone == "small":
-            raise UserError("--backbone-weights needs a pretrained backbone (--backbone resnet50, "
-                            "swin-t or video-swin-t)")
-        model.visual_encoder.backbone.load_torchvision_weights(cfg.backbone_weights)
-    # --audio-weights freezes the network unless --finetune-audio (resolve() sets
-    # model_cfg.freeze_audio, SQD applies it)
-    audio_flag, audio_path = "--audio-weights", cfg.audio_weights
-    # the stand-ins of pretrain.py (uses_stand_ins) where no file gives the weights
-    audio_stand_in = uses_stand_ins(cfg) and not audio_path
-    visual_stand_in = (uses_stand_ins(cfg) and model_cfg.backbone == "small"
-                       and not (cfg.init_weights or cfg.backbone_weights))
-    try:
-        stand_in_audio, visual_path = pretrain.stand_in_files(
-            cfg.audio_cache, model_cfg, cfg.seed, cfg.img_size, cfg.eval_clips, audio_stand_in,
-            visual_stand_in, main_proc)
-    except RuntimeError as e:
-        raise UserError(str(e)) from None
-    if stand_in_audio:
-        audio_flag, audio_path = "the audio stand-in", stand_in_audio
-    if audio_path:
-        try:
-            model.audio_encoder.load_net_weights(audio_path)
-        except ValueError as e:
-            raise UserError(f"{audio_flag}: {e}") from None
-    if visual_path:
-        loaded = pretrain.load_visual_into(model, visual_path)
-        if main_proc:
-            print(f"visual side: {loaded} tensors of the visual encoder, FPN and mask decoder from {visual_path}")
-    backbone = cfg.backbone_weights or backbone_from_init
-    if main_proc and cfg.preset == "paper" and not (backbone and audio_path):
-        missing = [n for n, v in (("--backbone-weights", backbone),
-                                  ("--audio-weights", audio_path)) if not v]
-        print("\n" + "!" * 78 + f"\n!! WARNING: the paper preset is training WITHOUT pretrained "
-              f"weights ({', '.join(missing)} not given).\n!! The paper names no starting point; the "
-              f"code it builds on (AVSBench, ReferFormer) starts from pretrained backbones\n!! "
-              f"(or --init-weights) and AudioSet VGGish; expect far lower numbers.\n" + "!" * 78 + "\n",
-              file=sys.stderr)
-
-
-def _last_checkpoint(ctx: dict) -> str:
-    path = os.path.join(ctx["out_dir"], "last.pt")
-    return path if os.path.exists(path) else "none written yet"
-
-
-# The layout of a checkpoint; a checkpoint of another format is refused with a message.
-# 6: a synthetic run's start is no longer a choice (no --audio-regime, --visual-regime), the
-#    options fixed by the recipe are gone from the config (loss weights, optimizer constants), and
-#    the model config has no zero_audio (the control zeroes the data: data.ZeroAudio).
-# 5: the mask decoder has slot positions, and the configs hold no option that val rejected (the
-#    EMA codebook, the other readings of eq. 4-6 and 9, the unquantized control).
-# 4: module names follow the paper (SQD.vq and local_vq, the codebook's VectorQuantizer;
-#    SemanticRecombination.norm) and the quantizer keeps no dead-code-revival state.
-# 3: RNG states and config hold only tensors and plain Python values, so that a checkpoint loads
-#    with torch.load(weights_only=True), which rebuilds no arbitrary object and runs no code from
-#    the file; format 2 pickled numpy's RNG state and only loaded with weights_only=False.
-# 2: the visual encoder is length-independent (attention per scale, then over time) and the
-#    model config has no `frames`; format 1 (no "format" key) encoded windows of T frames.
-CHECKPOINT_FORMAT = 6
-OLD_FORMATS = {1: "the visual encoder then encoded windows of T frames; retrain with this version",
-               2: "its RNG states need a full unpickle, which can run code; retrain with this version",
-               3: "its modules had other names; retrain with this version",
-               4: "its model had no slot positions and held options since removed; retrain with this "
-                  "version, or read it with `git checkout silent-choices`",
-               5: "its run chose how each side started (--audio-regime, --visual-regime), options "
-                  "since removed; retrain with this version, or read it with `git checkout audio-regimes`"}
-
-
-def load_checkpoint(path: str, mmap: bool = False) -> dict:
-    """A checkpoint written by save_checkpoint, or UserError naming the file and what is wrong.
-
-    torch.load(weights_only=True) rebuilds only tensors and plain values (dict, list, str, number),
-    so a shared checkpoint cannot run code: one that names any other Python object is refused.
-    mmap: map the tensors from the file instead of reading them all (predict.py needs only the
-    model's weights, not the optimizer's state).
-    """
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # a truncated, foreign or unsafe file: one line, not a traceback
-        text = str(e)
-        unsafe = re.search(r"Unsupported (?:global: GLOBAL |class )([\w.]+)", text)
-        if unsafe:
-            raise UserError(f"{path}: refused; loading it would call {unsafe.group(1)}, and a "
-                            f"checkpoint that needs a Python object rebuilt can run code. Checkpoints "
-                            f"of this code (format {CHECKPOINT_FORMAT}) hold only tensors and plain "
-                            f"values; format 2 and older ones must be retrained") from None
-        reason = re.search(r"WeightsUnpickler error: *(.+)", text.replace("\n", " "))
-        reason = reason.group(1).split(" Check the documentation")[0].strip() if reason else text
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason[:200]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise UserError(f"{path}: not a train.py checkpoint (expected the keys model, config, state)")
-    found = ckpt.get("format", 1)
-    if found != CHECKPOINT_FORMAT:
-        raise UserError(f"{path}: checkpoint format {found}, this code reads format "
-                        f"{CHECKPOINT_FORMAT} ({OLD_FORMATS.get(found, 'unknown format')})")
-    return ckpt
-
-
 def saved_train_config(ckpt: dict, path: str) -> dict:
     """The TrainConfig fields of a checkpoint's run, or UserError for a run on synthetic v1.
 
     A run's train config also records 'benchmark': the synthetic benchmark's version
     (synthetic.SYNTHETIC_VERSION; None for AVSBench). A synthetic run that records another version, or
     none (runs from before there was a choice), was on v1, whose clips this code no longer makes.
+    Settings that are no longer options (the recipe's constants now) are left out.
     """
     saved = dict(ckpt["config"]["train"])
     version = saved.pop("benchmark", None)
@@ -913,78 +723,22 @@ def saved_train_config(ckpt: dict, path: str) -> dict:
         raise UserError(f"{path}: a run on synthetic benchmark {version or 'v1'}, retired; this code "
                         f"makes {synthetic.SYNTHETIC_VERSION}. v1 is read by the code of its tag: "
                         f"git checkout synthetic-v1")
-    return saved
+    if saved.get("finetune_audio"):
+        warnings.warn(f"{path}: its run trained the audio network (--finetune-audio, an option since "
+                      f"removed); this code keeps a loaded audio network frozen")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return {k: v for k, v in saved.items() if k in known}
 
 
-class deferred_interrupt:
-    """Hold back Ctrl-C (SIGINT) inside the block and raise KeyboardInterrupt when it ends.
-
-    The optimizer step, the scheduler step and the step counter change together: an interrupt
-    between them would save updated weights under the old step number, and a resumed run would
-    repeat that step. Outside the main thread (where no handler can be set) it does nothing.
-    """
-
-    def __enter__(self):
-        self.caught, self.previous = False, None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._hold)
-        return self
-
-    def _hold(self, signum, frame):
-        self.caught = True
-
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-        if self.caught and exc[0] is None:
-            raise KeyboardInterrupt
-        return False
+def save(ctx: dict, name: str) -> None:
+    """best.pt or last.pt in the run directory: checkpoint.save_checkpoint of the run's state."""
+    save_checkpoint(os.path.join(ctx["out_dir"], name), ctx["model"], ctx["opt"], ctx["sched"],
+                    ctx["state"], ctx["full_config"])
 
 
-def save_checkpoint(ctx: dict, path: str) -> None:
-    """A checkpoint of the run (model, optimizer, scheduler, state, RNG, config), written atomically."""
-    ckpt = {"format": CHECKPOINT_FORMAT, "model": ctx["model"].state_dict(),
-            "optimizer": ctx["opt"].state_dict(), "scheduler": ctx["sched"].state_dict(),
-            "state": dict(ctx["state"]), "rng": get_rng_state(), "config": ctx["full_config"]}
-    atomic_save(ckpt, path)
-
-
-def get_rng_state() -> dict:
-    """Every RNG state as tensors and plain values (a checkpoint must load with weights_only)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()         # keys (624,) uint32
-    version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)),  # (624,)
-                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-             "python": [version, list(internal), gauss_next]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """The inverse of get_rng_state."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def code_version() -> str:
-    """git commit of the code (with '-dirty' when the tree has changes), or 'unknown'."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
-                             text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ("-dirty" if dirty else "")) if sha else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+def _last_checkpoint(ctx: dict) -> str:
+    path = os.path.join(ctx["out_dir"], "last.pt")
+    return path if os.path.exists(path) else "none written yet"
 
 
 def to_device(batch: dict, device) -> dict:
@@ -1014,37 +768,6 @@ def flatten(results: dict, prefix: str = "") -> dict:
         else:
             flat[prefix + k] = v
     return flat
-
-
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
-
-
-def start_log(path: str, resumed_step: int | None) -> None:
-    """A new run starts its own log.jsonl (an earlier run's, in a reused --out, goes); a resumed
-    one keeps the lines up to its checkpoint's step and drops those after it, which it trains again."""
-    if resumed_step is None or not os.path.exists(path):
-        open(path, "w").close()
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except ValueError:  # a line cut off when the run was stopped
-                continue
-            if rec.get("step", 0) <= resumed_step and rec.get("eval") != "final":
-                kept.append(line)
-    with open(path, "w") as f:
-        f.writelines(kept)
-
-
-def append_jsonl(path: str, obj: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, default=float) + "\n")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def run(main, *args, check=True):
 @functools.lru_cache(maxsize=None)
 def stand_in_cache() -> str:
     """A folder for train.py --audio-cache that already holds the pretrained stand-ins of seeds
-    0-2 (train.uses_stand_ins), so that a synthetic test run of the CPU preset loads them instead
+    0-2 (pretrained.uses_stand_ins), so that a synthetic test run of the CPU preset loads them instead
     of pretraining for minutes. Their weights are random, under the names and keys pretrain.py
     writes (the audio network's state_dict; the visual encoder, FPN and mask decoder of the
     24-category benchmark). Made once per test process; the real pretrainings are tested in

@@ -11,7 +11,10 @@ def run_dir(tmp_path_factory):
     tests/test_diagnostics.py writes with tools/diagnostics.py), trained once for the session:
     tests/test_predict.py and tests/test_diagnostics.py read it and write only new names into it."""
     run = tmp_path_factory.mktemp("run")
-    commands.run(train.main, "--max-steps", "2", "--out", run, "--img-size", "32", "--train-clips", "8",
-                 "--eval-clips", "4", "--threads", "1", "--num-overlays", "1",
-                 "--audio-cache", commands.stand_in_cache())
+    drawn, train.NUM_OVERLAYS = train.NUM_OVERLAYS, 1
+    try:
+        commands.run(train.main, "--max-steps", "2", "--out", run, "--img-size", "32", "--train-clips", "8",
+                     "--eval-clips", "4", "--threads", "1", "--audio-cache", commands.stand_in_cache())
+    finally:
+        train.NUM_OVERLAYS = drawn
     return run

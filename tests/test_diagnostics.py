@@ -253,7 +253,7 @@ def test_synthetic_picture_ground_truth_panel_equals_the_labels_of_data_py(run_d
 
 
 def test_the_clip_picture_of_python_train_py_is_synthetic_picture_without_signatures(run_dir):
-    # train.py --num-overlays 1: the first single-source clip of its test split (4 clips), drawn
+    # train.py with NUM_OVERLAYS 1 (tests/conftest.py): the first single-source clip of its test split (4 clips), drawn
     # with best.pt's model and no signatures
     pictures = sorted(run_dir.glob("clip_test_*.png"))
     assert len(pictures) == 1, pictures

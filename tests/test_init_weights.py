@@ -22,7 +22,7 @@ import torch.nn as nn
 
 import commands
 from encoders import SmallBackbone, SwinTransformer, VideoSwinTransformer, VisualEncoder
-from pretrained import InitWeightsError, format_table, load_init_weights
+from pretrained import WeightsError, format_table, load_init_weights
 from sqd import SQD, preset
 
 
@@ -410,16 +410,16 @@ def test_a_file_with_unrelated_keys_is_refused_naming_it(tmp_path):
     model.visual_encoder = VisualEncoder(SwinTransformer(8, (1, 1, 1, 1), (1, 1, 1, 1), 3), 32, 1, 4, 2, 64)
     path = tmp_path / "resnet50-19c8e357.pth"  # a torchvision classifier file
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(1000, 2048)}, path)
-    with pytest.raises(InitWeightsError, match=r"resnet50-19c8e357\.pth: none of its tensors has a "
+    with pytest.raises(WeightsError, match=r"resnet50-19c8e357\.pth: none of its tensors has a "
                                                r"ReferFormer name .* --backbone-weights.*expected a ReferFormer"):
         load_init_weights(model, str(path))
     path = tmp_path / "random.pth"
     torch.save({"encoder.weight": torch.zeros(3)}, path)
-    with pytest.raises(InitWeightsError, match=r"random\.pth: none of its tensors .* \(it holds encoder, \.\.\.\);"):
+    with pytest.raises(WeightsError, match=r"random\.pth: none of its tensors .* \(it holds encoder, \.\.\.\);"):
         load_init_weights(model, str(path))
     path = tmp_path / "notes.pth"
     torch.save({"epoch": 3, "args": ["a"]}, path)
-    with pytest.raises(InitWeightsError, match=r"notes\.pth: no state_dict in it"):
+    with pytest.raises(WeightsError, match=r"notes\.pth: no state_dict in it"):
         load_init_weights(model, str(path))
 
 
@@ -440,7 +440,7 @@ def test_a_pickle_that_would_run_code_is_refused_and_the_code_never_runs(tmp_pat
                 "payload": RunsSystem(marker)}, path)
     model = nn.Module()
     model.visual_encoder = VisualEncoder(SwinTransformer(8, (1, 1, 1, 1), (1, 1, 1, 1), 3), 32, 1, 4, 2, 64)
-    with pytest.raises(InitWeightsError, match=r"evil\.pth: refused; loading it would call (posix|os)\.system"):
+    with pytest.raises(WeightsError, match=r"evil\.pth: refused; loading it would call (posix|os)\.system"):
         load_init_weights(model, str(path))
     assert not marker.exists()
 
@@ -455,17 +455,18 @@ def train(*args):
     return commands.run(train_py.main, *args, check=False)
 
 
-def test_train_py_init_weights_prints_the_table_and_a_bad_file_is_one_line(tmp_path, capsys):
+def test_train_py_init_weights_prints_the_table_and_a_bad_file_is_one_line(tmp_path, capsys, monkeypatch):
     """The command line, on the CPU preset (the paper preset's run costs 26 s of CPU) with a file
     of ReferFormer's names at the CPU preset's widths: exit 0 and the table. A bad file: main()
     returns exit code 2 with one line (run in this process: the same main() as the command's)."""
+    monkeypatch.setattr("train.NUM_OVERLAYS", 0)  # clip pictures drawn
     cpu = preset("cpu")
     names = referformer_names({}, SmallBackbone().channels, hidden=cpu.dim, heads=cpu.num_heads,
                               points=cpu.num_points, enc_layers=cpu.enc_layers, ffn=cpu.ffn_dim)
     path = tmp_path / "referformer_cpu.pth"
     save_checkpoint(random_state(names), path)
     flags = ["--preset", "cpu", "--img-size", "64", "--max-steps", "1", "--eval-clips", "2",
-             "--train-clips", "4", "--audio-cache", commands.stand_in_cache(), "--num-overlays", "0"]
+             "--train-clips", "4", "--audio-cache", commands.stand_in_cache()]
     proc = train(*flags, "--threads", "1", "--out", str(tmp_path / "run"), "--init-weights", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
@@ -486,24 +487,24 @@ def test_train_py_init_weights_prints_the_table_and_a_bad_file_is_one_line(tmp_p
         f"transformer.encoder.*, pixel_decoder.*)"]
 
 
-def test_load_pretrained_prints_the_table_and_counts_the_backbone_as_given(r50, capsys, tmp_path):
-    """train.load_pretrained on the paper preset: the table on stdout, and the warning about missing
+def test_load_start_weights_prints_the_table_and_counts_the_backbone_as_given(r50, capsys, tmp_path):
+    """pretrained.load_start_weights on the paper preset: the table on stdout, and the warning about missing
     pretrained weights names VGGish only, since the ResNet-50 came from the file. A missing or
-    unsafe file is a UserError (one line, exit code 2 in main())."""
-    from train import TrainConfig, UserError, load_pretrained
-    model_cfg = preset("paper", audio_encoder="small", ffn_dim=2048)
+    unsafe file is a WeightsError (one line, exit code 2 in main())."""
+    from pretrained import load_start_weights
+    from train import TrainConfig
     cfg = TrainConfig(preset="paper", init_weights=str(r50["path"]))
-    load_pretrained(cfg, model_cfg, r50["model"], main_proc=True)
+    load_start_weights(r50["model"], cfg, main_proc=True)
     out, err = capsys.readouterr()
     assert out.splitlines()[0].startswith(f"--init-weights {r50['path']}: 350 of")
     assert "WITHOUT pretrained weights (--audio-weights not given)" in err
-    load_pretrained(cfg, model_cfg, r50["model"], main_proc=False)
+    load_start_weights(r50["model"], cfg, main_proc=False)
     assert capsys.readouterr().out == ""  # other processes of a torchrun print nothing
     absent = str(tmp_path / "absent.pth")
-    with pytest.raises(UserError, match=f"^--init-weights {absent!r} does not exist$"):
-        load_pretrained(TrainConfig(init_weights=absent), model_cfg, r50["model"], main_proc=True)
+    with pytest.raises(WeightsError, match=f"^--init-weights {absent!r} does not exist$"):
+        load_start_weights(r50["model"], TrainConfig(init_weights=absent), main_proc=True)
     evil = tmp_path / "evil.pth"
     torch.save({"model": {}, "payload": RunsSystem(tmp_path / "code_ran")}, evil)
-    with pytest.raises(UserError, match=f"^--init-weights: {evil}: refused; loading it would call"):
-        load_pretrained(TrainConfig(init_weights=str(evil)), model_cfg, r50["model"], main_proc=True)
+    with pytest.raises(WeightsError, match=f"^--init-weights: {evil}: refused; loading it would call"):
+        load_start_weights(r50["model"], TrainConfig(init_weights=str(evil)), main_proc=True)
     assert not (tmp_path / "code_ran").exists()

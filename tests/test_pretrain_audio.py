@@ -16,7 +16,7 @@ sys.path.insert(0, ROOT)
 from encoders import AudioEncoder, SmallVGG  # noqa: E402
 from synthetic import SyntheticAVS  # noqa: E402
 import pretrain  # noqa: E402
-import pretrained  # noqa: E402
+import checkpoint  # noqa: E402
 
 TINY = dict(steps=3, train_clips=4, val_clips=2, log=None)
 
@@ -100,13 +100,13 @@ def test_a_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypat
         f.write(b"half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr(pretrained.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoint.torch, "save", broken_save)
     with pytest.raises(OSError):
-        pretrained.atomic_save({"a": torch.zeros(2)}, str(path))
+        checkpoint.atomic_save({"a": torch.zeros(2)}, str(path))
     assert os.listdir(tmp_path) == []
     path.write_bytes(b"old")
     with pytest.raises(OSError):
-        pretrained.atomic_save({"a": torch.zeros(2)}, str(path))
+        checkpoint.atomic_save({"a": torch.zeros(2)}, str(path))
     assert os.listdir(tmp_path) == ["w.pt"] and path.read_bytes() == b"old"
 
 

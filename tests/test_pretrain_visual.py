@@ -65,9 +65,10 @@ def test_load_into_sets_the_kept_modules_and_nothing_else(tmp_path):
 
 
 def test_the_visual_stand_in_is_loaded_from_the_cache_unless_a_file_starts_the_visual_side(tmp_path):
-    """train.load_pretrained on the synthetic CPU preset loads the cached visual file (placed there
+    """pretrained.load_start_weights on the synthetic CPU preset loads the cached visual file (placed there
     by hand with the audio one, so nothing trains here); with another backbone it loads nothing."""
-    from train import TrainConfig, load_pretrained, resolve
+    from pretrained import load_start_weights
+    from train import TrainConfig, resolve
     cfg, model_cfg = resolve(TrainConfig(audio_cache=str(tmp_path)), 3)
     state = _tiny_state(model_cfg)
     torch.save(state, os.path.join(tmp_path, pretrain.visual_cache_name(model_cfg, 0, pretrain.DEFAULT_VISUAL_STEPS)))
@@ -76,13 +77,13 @@ def test_the_visual_stand_in_is_loaded_from_the_cache_unless_a_file_starts_the_v
     fpn = [k for k in state if k.startswith("fpn.")]
     torch.manual_seed(0)
     model = SQD(model_cfg)
-    load_pretrained(cfg, model_cfg, model, main_proc=False)
+    load_start_weights(model, cfg, main_proc=False)
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in fpn)
     # another backbone than the preset's small CNN: the file was not made for it, nothing loads
     cfg, model_cfg = resolve(TrainConfig(audio_cache=str(tmp_path), backbone="resnet18"), 3)
     model = SQD(model_cfg)
     built = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(pretrain.KEPT)}
-    load_pretrained(cfg, model_cfg, model, main_proc=False)
+    load_start_weights(model, cfg, main_proc=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in built.items())
 
 
@@ -92,16 +93,17 @@ def test_loss_weights_are_the_synthetic_recipes():
 
 
 def test_a_first_run_builds_both_pretrainings_at_once_and_gets_the_sequential_files(tmp_path, monkeypatch, capsys):
-    """With neither cached file there, train.load_pretrained builds the visual side in a spawned
+    """With neither cached file there, pretrained.load_start_weights builds the visual side in a spawned
     process while it builds the audio network: each file is bit-identical to the one its pretraining
     makes alone here (one thread, own random streams), and both are loaded into the model."""
-    from train import TrainConfig, load_pretrained, resolve
+    from pretrained import load_start_weights
+    from train import TrainConfig, resolve
     monkeypatch.setattr(pretrain, "DEFAULT_VISUAL_STEPS", 2)  # passed to the child as an argument
     monkeypatch.setattr(pretrain, "DEFAULT_AUDIO_STEPS", 3)
     monkeypatch.setattr(pretrain, "DEFAULT_AUDIO_CLIPS", 4)
     cfg, model_cfg = resolve(TrainConfig(eval_clips=4, audio_cache=str(tmp_path)), 24)
     model = SQD(model_cfg)
-    load_pretrained(cfg, model_cfg, model, main_proc=True)
+    load_start_weights(model, cfg, main_proc=True)
     assert "visual pretraining: in process" in capsys.readouterr().out  # the two ran at once
     visual = torch.load(tmp_path / pretrain.visual_cache_name(model_cfg, 0, 2), weights_only=True)
     audio = torch.load(tmp_path / pretrain.audio_cache_name(0, 3, 4), weights_only=True)

@@ -67,12 +67,14 @@ def test_collapse_watch_fires_once_per_path_naming_the_step():
     assert watch.update(12, "local", 1) is None                              # a path counts on its own
 
 
-def test_a_hand_made_collapse_in_training_prints_one_warning_and_logs_it(tmp_path, capsys):
+def test_a_hand_made_collapse_in_training_prints_one_warning_and_logs_it(tmp_path, capsys, monkeypatch):
     """finish_step, the log of a training step, fed 120 quantized steps whose 4 x 5 global tokens
     all use the same 5 words and whose local tokens use many: one warning, at step 100, global only."""
+    import train
     from train import TrainConfig, finish_step
+    monkeypatch.setattr(train, "LOG_EVERY", 1000)
     bar = SimpleNamespace(set_postfix=lambda **kwargs: None)
-    ctx = {"cfg": TrainConfig(log_every=1000), "main_proc": True, "out_dir": str(tmp_path),
+    ctx = {"cfg": TrainConfig(), "main_proc": True, "out_dir": str(tmp_path),
            "model": SimpleNamespace(cfg=SimpleNamespace(codebook_size=128)),
            "collapse_watch": CollapseWatch(num_tokens=5)}
     collapsed = torch.arange(5).repeat(4, 1)                                 # (B=4, N=5): words 0..4

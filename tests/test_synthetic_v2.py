@@ -278,11 +278,12 @@ def test_v2_frame_audio_is_often_unreliable():
 # ----------------------------------------------------------------------------------------------
 # train.py on the benchmark
 # ----------------------------------------------------------------------------------------------
-def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path):
+def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "NUM_OVERLAYS", 0)  # no pictures at the end
     run = tmp_path / "run"
     commands.run(train.main, "--epochs", "1", "--out", run,  # 2 steps
                  "--img-size", "32", "--train-clips", "8", "--eval-clips", "4", "--threads", "1",
-                 "--num-overlays", "0", "--audio-cache", commands.stand_in_cache())
+                 "--audio-cache", commands.stand_in_cache())
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["benchmark"] == "v2" and config["model"]["num_classes"] == 24
     metrics = json.loads((run / "metrics.json").read_text())
@@ -296,7 +297,7 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path):
     # --eval-only evaluates the same splits
     ev = tmp_path / "eval"
     commands.run(train.main, "--eval-only", run / "last.pt", "--out", ev,
-                 "--img-size", "32", "--eval-clips", "2", "--threads", "1", "--num-overlays", "0")
+                 "--img-size", "32", "--eval-clips", "2", "--threads", "1")
     assert "val-unseen" in json.loads((ev / "metrics.json").read_text())
 
 
@@ -304,10 +305,11 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path):
 def test_a_checkpoint_of_a_synthetic_v1_run_is_refused_with_the_tag_that_reads_it(tmp_path, capsys, recorded):
     import torch
 
+    import checkpoint
     import predict
     import train
     path = tmp_path / "v1.pt"
-    torch.save({"format": train.CHECKPOINT_FORMAT, "model": {}, "state": {"step": 1},
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "model": {}, "state": {"step": 1},
                 "config": {"train": {"dataset": "synthetic", **recorded}, "model": {}}}, path)
     assert train.main(["--eval-only", str(path), "--out", str(tmp_path / "eval")]) == 2
     err = capsys.readouterr().err

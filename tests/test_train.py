@@ -23,7 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the runs start from the pretrained stand-ins, found in a cache made for the tests (random
 # weights: tests/commands.py); building them is tested in tests/test_pretrain_*.py and below
 TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threads", "1", "--epochs", "3",
-        "--log-every", "1", "--num-overlays", "2", "--audio-cache", commands.stand_in_cache()]
+        "--audio-cache", commands.stand_in_cache()]
+
+
+@pytest.fixture(autouse=True)
+def log_every_step(monkeypatch):
+    """The runs of this file log every step (LOG_EVERY 1) and draw two clip pictures (NUM_OVERLAYS 2)."""
+    monkeypatch.setattr(train_py, "LOG_EVERY", 1)
+    monkeypatch.setattr(train_py, "NUM_OVERLAYS", 2)
 
 
 def train(*args, check=True):
@@ -52,7 +59,7 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
         assert not (run / name).exists(), name
     assert (f"a look inside the codebook: python tools/diagnostics.py {run / 'best.pt'} --out {run}"
             in proc.stdout.splitlines())
-    # --num-overlays 2: a single- and a multi-source test clip, drawn by pictures.py (PNG and GIF)
+    # NUM_OVERLAYS 2: a single- and a multi-source test clip, drawn by pictures.py (PNG and GIF)
     pictures = sorted(p.name for p in run.glob("clip_*"))
     assert len(pictures) == 4 and all(p.startswith("clip_test_") for p in pictures), pictures
     assert {p[:-4] for p in pictures if p.endswith(".gif")} == {p[:-4] for p in pictures if p.endswith(".png")}
@@ -152,15 +159,15 @@ def test_ctrl_c_saves_last_checkpoint(tmp_path):
                                 cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
-        # Wait for the evidence that training is under way: step 3 in log.jsonl, which is written
-        # after each step, inside the loop that saves last.pt on Ctrl-C. Bounded, never timed.
+        # Wait for the evidence that training is under way: step LOG_EVERY in log.jsonl, written
+        # after its step, inside the loop that saves last.pt on Ctrl-C. Bounded, never timed.
         deadline = time.monotonic() + 600
-        while max(logged_steps(run / "log.jsonl"), default=0) < 3:
+        while max(logged_steps(run / "log.jsonl"), default=0) < train_py.LOG_EVERY:
             if proc.poll() is not None:
-                pytest.fail(f"train.py exited {proc.returncode} before logging step 3:\n"
+                pytest.fail(f"train.py exited {proc.returncode} before logging step {train_py.LOG_EVERY}:\n"
                             f"{err_path.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                pytest.fail("train.py logged no step 3 within 600 s; stopped waiting")
+                pytest.fail(f"train.py logged no step {train_py.LOG_EVERY} within 600 s; stopped waiting")
             time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         try:
@@ -176,9 +183,10 @@ def test_ctrl_c_saves_last_checkpoint(tmp_path):
     assert "continue with --resume" in err
     ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     step = ckpt["state"]["step"]
-    assert step >= 3 and ckpt["state"]["epoch"] == 0
-    # the step counter rises before a step's log line is written: the log ends at step or step - 1
-    assert max(logged_steps(run / "log.jsonl")) in (step - 1, step)
+    assert step >= train_py.LOG_EVERY and ckpt["state"]["epoch"] == 0
+    # a line every LOG_EVERY steps, written after its step is counted: the log ends at most
+    # LOG_EVERY steps before the checkpoint's step, never after it
+    assert step - train_py.LOG_EVERY <= max(logged_steps(run / "log.jsonl")) <= step
     assert not list(run.glob("*.tmp*"))
 
 
@@ -205,12 +213,13 @@ def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer):
 
 
 @pytest.mark.parametrize("backbone", ["swin-t", "video-swin-t"])
-def test_swin_backbones_train_and_evaluate_on_avss_from_a_torchvision_layout_file(tmp_path, backbone):
+def test_swin_backbones_train_and_evaluate_on_avss_from_a_torchvision_layout_file(tmp_path, backbone, monkeypatch):
     """train.py --backbone swin-t / video-swin-t --backbone-weights FILE on the miniature AVSS
     layout. FILE is a state_dict of this repository's networks in torchvision's layout (the video
     one with the Kinetics (96, 3, 2, 4, 4) patch kernel). The full Swin-T is kept; the CPU preset
     around it (C = 64, SmallVGG audio) keeps the run small: with the paper preset (118 M
     parameters, two 1.4 GB checkpoints) the same run took over 20 s of CPU."""
+    monkeypatch.setattr(train_py, "NUM_OVERLAYS", 0)  # no pictures at the end
     from encoders import SwinTransformer, VideoSwinTransformer
     root = tmp_path / "data"
     write_avss(str(root))
@@ -221,7 +230,7 @@ def test_swin_backbones_train_and_evaluate_on_avss_from_a_torchvision_layout_fil
     run = tmp_path / "run"
     train("--dataset", "avss", "--data-root", str(root), "--preset", "cpu", "--backbone", backbone,
           "--backbone-weights", str(weights), "--img-size", "64", "--max-steps", "1",
-          "--batch-size", "1", "--threads", "1", "--num-overlays", "0", "--out", str(run))
+          "--batch-size", "1", "--threads", "1", "--out", str(run))
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["backbone"] == backbone
     metrics = json.loads((run / "metrics.json").read_text())
@@ -289,7 +298,9 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     # every test clip is evaluated exactly once across the two ranks
     assert metrics["test"]["num_real_frames"] == 4 * 5
-    assert sorted(losses(run)) == [1, 2, 3]
+    # its own process: LOG_EVERY is train.py's 10, so step 1 is logged, and last.pt holds step 3
+    assert sorted(losses(run)) == [1]
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["state"]["step"] == 3
     # 16 clips, 8 a rank, 2 steps an epoch: val after step 2 chose best.pt, which both ranks read
     # back for the final evaluation; the last model (step 3) was evaluated apart
     assert metrics["model"]["step"] == 2 and metrics["last"]["test"]["num_real_frames"] == 4 * 5
@@ -371,7 +382,7 @@ def test_frozen_audio_net_is_out_of_the_optimizer_and_unchanged_by_training_step
             assert not torch.equal(before[k], after[k]), k
 
 
-def test_audio_weights_flag_freezes_the_net_resumes_exactly_and_finetune_trains_it(tmp_path):
+def test_audio_weights_flag_freezes_the_net_and_resumes_exactly(tmp_path):
     from encoders import SmallVGG
     from sqd import SQD, ModelConfig
     torch.manual_seed(3)
@@ -379,12 +390,12 @@ def test_audio_weights_flag_freezes_the_net_resumes_exactly_and_finetune_trains_
     state = SmallVGG().state_dict()
     torch.save(state, weights)
 
-    whole, broken, tuned = tmp_path / "whole", tmp_path / "broken", tmp_path / "tuned"
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
     train("--audio-weights", str(weights), "--max-steps", "3", "--out", str(whole), *TINY)
     train("--audio-weights", str(weights), "--max-steps", "2", "--out", str(broken), *TINY)
     config = json.loads((broken / "config.json").read_text())
     assert config["model"]["freeze_audio"] is True
-    assert config["train"]["audio_weights"] == str(weights) and not config["train"]["finetune_audio"]
+    assert config["train"]["audio_weights"] == str(weights)
     train("--resume", str(broken / "last.pt"), "--max-steps", "3", "--threads", "1")
     assert json.loads((broken / "config.json").read_text())["model"]["freeze_audio"] is True
     a, b = losses(whole), losses(broken)
@@ -399,15 +410,6 @@ def test_audio_weights_flag_freezes_the_net_resumes_exactly_and_finetune_trains_
         model = SQD(ModelConfig(**ckpt["config"]["model"]))
         n_opt = sum(len(group["params"]) for group in ckpt["optimizer"]["param_groups"])
         assert n_opt == len(list(model.parameters())) - len(state)
-
-    train("--audio-weights", str(weights), "--finetune-audio", "--max-steps", "2", "--out",
-          str(tuned), *TINY)
-    ckpt = torch.load(tuned / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["config"]["model"]["freeze_audio"] is False
-    net = _audio_net(ckpt["model"])
-    assert not any(torch.equal(net[k], state[k]) for k in state)
-    assert sum(len(group["params"]) for group in ckpt["optimizer"]["param_groups"]) == len(
-        list(SQD(ModelConfig(**ckpt["config"]["model"])).parameters()))
 
 
 def test_bad_audio_weights_exit_2_naming_the_file(tmp_path):
@@ -434,16 +436,12 @@ def test_bad_audio_weights_exit_2_naming_the_file(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_finetune_audio_and_weights_set_freeze_audio():
+def test_loaded_audio_weights_set_freeze_audio():
     from train import parse_args, resolve
     for flags, frozen in (([], True),                       # the synthetic default: the audio stand-in
-                          (["--finetune-audio"], False),    # ... trained instead of frozen
                           (["--preset", "paper"], False),   # no weights: the network trains
-                          (["--audio-weights", "w.pt"], True), (["--preset", "paper", "--audio-weights", "w.pt"], True),
-                          (["--audio-weights", "w.pt", "--finetune-audio"], False)):
+                          (["--audio-weights", "w.pt"], True), (["--preset", "paper", "--audio-weights", "w.pt"], True)):
         assert resolve(parse_args(flags), 12)[1].freeze_audio is frozen, flags
-    with pytest.warns(UserWarning, match="--finetune-audio"):
-        assert resolve(parse_args(["--preset", "paper", "--finetune-audio"]), 12)[1].freeze_audio is False
 
 
 def test_a_run_builds_the_audio_stand_in_once_loads_it_frozen_and_resumes_exactly(tmp_path, monkeypatch):
@@ -505,7 +503,8 @@ def test_zero_audio_zeroes_every_clips_audio_and_nothing_else_also_in_a_worker()
 
 
 def test_defaults_are_v2_and_the_stand_ins_only_on_the_synthetic_cpu_preset():
-    from train import make_dataset, parse_args, resolve, uses_stand_ins
+    from pretrained import uses_stand_ins
+    from train import make_dataset, parse_args, resolve
     assert make_dataset(parse_args(["--eval-clips", "1"]), "val", train=False)[0]["meta"]["benchmark"] == "v2"
     for flags, expected in (([], True), (["--audio-weights", "w.pt"], True),  # the visual one still
                             (["--preset", "paper"], False),
@@ -513,12 +512,13 @@ def test_defaults_are_v2_and_the_stand_ins_only_on_the_synthetic_cpu_preset():
         assert uses_stand_ins(resolve(parse_args(flags), 12)[0]) is expected, flags
 
 
-def test_finish_step_checks_and_logs_every_log_every_steps(tmp_path):
+def test_finish_step_checks_and_logs_every_log_every_steps(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from train import TrainConfig, UserError, check_loss, finish_step
+    monkeypatch.setattr(train_py, "LOG_EVERY", 10)
     bar = SimpleNamespace(set_postfix=lambda **kwargs: None)
-    ctx = {"cfg": TrainConfig(log_every=10), "main_proc": True, "out_dir": str(tmp_path),
+    ctx = {"cfg": TrainConfig(), "main_proc": True, "out_dir": str(tmp_path),
            "model": SimpleNamespace(cfg=SimpleNamespace(codebook_size=4))}
     log = tmp_path / "log.jsonl"
     values = {"loss": torch.tensor(2.5), "grad_norm": torch.tensor(0.25),
@@ -563,74 +563,12 @@ def test_checkpoint_whose_unpickling_would_run_code_is_refused_and_the_code_neve
     assert not marker.exists()
 
 
-def test_rng_states_survive_a_weights_only_round_trip(tmp_path):
-    """get_rng_state -> torch.save -> torch.load(weights_only=True) -> set_rng_state gives back the
-    same torch, numpy and Python random streams (numpy's with a cached Gaussian pending)."""
-    import random
-
-    import numpy as np
-
-    from train import get_rng_state, set_rng_state
-    torch.manual_seed(1), np.random.seed(2), random.seed(3)
-    np.random.standard_normal()                      # leaves a cached Gaussian in numpy's state
-    random.gauss(0, 1)                               # and in Python's
-
-    def draw():
-        return (torch.rand(3).tolist(), np.random.standard_normal(3).tolist(),
-                np.random.randint(0, 1 << 30, 3).tolist(), random.random(), random.gauss(0, 1))
-
-    torch.save(get_rng_state(), tmp_path / "rng.pt")
-    expected = draw()
-    draw()                                           # move every stream on
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert draw() == expected
-
-
-def test_ctrl_c_inside_an_update_is_held_until_the_step_is_counted():
-    """deferred_interrupt: a SIGINT that arrives inside the block does not interrupt it; the block
-    runs to its end, then KeyboardInterrupt is raised and the previous handler is back."""
-    import signal as sig
-
-    from train import deferred_interrupt
-    before = sig.getsignal(sig.SIGINT)
-    done = []
-    with pytest.raises(KeyboardInterrupt):
-        with deferred_interrupt():
-            os.kill(os.getpid(), sig.SIGINT)
-            for _ in range(1000):  # give the handler every chance to run inside the block
-                time.sleep(0)
-            done.append("update and step count")
-    assert done == ["update and step count"]
-    assert sig.getsignal(sig.SIGINT) is before
-    with deferred_interrupt():  # no signal: nothing raised
-        pass
-
-
-def test_interrupted_checkpoint_write_leaves_no_temporary_file(tmp_path, monkeypatch):
-    """A checkpoint write stopped halfway removes its temporary file and leaves the old one."""
-    import train as train_module
-    path = tmp_path / "last.pt"
-    path.write_bytes(b"the previous checkpoint")
-    ctx = {"model": torch.nn.Linear(1, 1), "opt": torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1),
-           "sched": torch.optim.lr_scheduler.StepLR(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1), 1),
-           "state": {"step": 1}, "full_config": {}}
-
-    def interrupted(obj, f):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module.torch, "save", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_module.save_checkpoint(ctx, str(path))
-    assert path.read_bytes() == b"the previous checkpoint"
-    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
-
-
-def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_path):
+def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_py, "NUM_OVERLAYS", 0)  # no pictures at the end
     run = tmp_path / "run"
     # 8 clips of 4: 2 steps an epoch, 2 epochs, val evaluated after steps 2 and 4
     proc = train("--epochs", "2", "--train-clips", "8", "--batch-size", "4", "--eval-clips", "4",
-                 "--audio-cache", commands.stand_in_cache(), "--threads", "1", "--num-overlays", "0", "--out", str(run))
+                 "--audio-cache", commands.stand_in_cache(), "--threads", "1", "--out", str(run))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     vals = [r for r in log if r.get("eval") == "val"]
     assert [(r["epoch"], r["step"]) for r in vals] == [(1, 2), (2, 4)]

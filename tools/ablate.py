@@ -26,7 +26,7 @@ Usage
     python tools/ablate.py --report --group v2/pretrained-frozen   # one group's tables + the hypotheses
 
 Every run belongs to a *group*, its synthetic benchmark and how the audio network started
-("v2/pretrained-frozen", every new run: the pretrained stand-in, train.uses_stand_ins; "scratch"
+("v2/pretrained-frozen", every new run: the pretrained stand-in, pretrained.uses_stand_ins; "scratch"
 runs were made by earlier versions; runs stored before groups existed are "v1/scratch"). New runs are on v2, the one
 synthetic benchmark synthetic.py makes; the stored v1 groups are read and reported as they are (their
 runs are repeated by the code of git tag synthetic-v1).
@@ -63,6 +63,7 @@ if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
 
 import pretrain  # noqa: E402
 import synthetic  # noqa: E402
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 from tools import diagnostics  # noqa: E402
 
@@ -130,7 +131,7 @@ TABLES = {
         ("Table 2 baseline", "baseline"), ("full SQD", "full"),
         ("Table 2 baseline, 3x", "baseline_long"), ("full SQD, 3x", "full_long")],
 }
-# the group name of the audio network's start in every new run (train.uses_stand_ins)
+# the group name of the audio network's start in every new run (pretrained.uses_stand_ins)
 REGIME = "pretrained-frozen"
 QUICK = ["baseline", "gsd", "gsd_avsr", "gsd_avsr_lsd", "full"]
 # Clips per evaluation split of every ablation run (the default train.py run evaluates 200, to
@@ -505,7 +506,7 @@ def main(argv=None) -> int:
                   rows=aggregate_groups(all_runs),
                   hypotheses={g: hypotheses(mine) for g, mine in by_group(all_runs).items()},
                   runs=all_runs)
-    train.write_json(path, result)  # atomic: a temporary file, then a rename
+    checkpoint.write_json(path, result)  # atomic: a temporary file, then a rename
     print(f"\n{len(runs)} runs in {total / 60:.1f} min ({len(failed)} failed); wrote {path}\n")
     print(report(all_runs, f"{benchmark}/{REGIME}" + (f"/{args.series}" if args.series else "")))
     return 1 if failed or interrupted else 0

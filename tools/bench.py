@@ -74,6 +74,7 @@ if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
     sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 from matcher import SetCriterion  # noqa: E402
 from sqd import BACKBONES, SQD  # noqa: E402
@@ -274,7 +275,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
     }
     print(report(results))
     if args.json:
-        train.write_json(args.json, results)
+        checkpoint.write_json(args.json, results)
         print(f"wrote {args.json}")
     return 0
 

@@ -30,6 +30,7 @@ from torch._dynamo.utils import counters
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
+import checkpoint  # noqa: E402
 import train  # noqa: E402
 from matcher import SetCriterion  # noqa: E402
 from sqd import SQD  # noqa: E402
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
     results["graph_breaks"] = {k: int(v) for k, v in counters["graph_break"].items()}
     print(f"dynamo: {results['graphs']} graph(s), graph breaks: {results['graph_breaks'] or 'none'}")
     if args.json:
-        train.write_json(args.json, results)
+        checkpoint.write_json(args.json, results)
     return 0 if ok else 1
 
 

@@ -69,6 +69,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python tools/<name>.py` from anywhere
     sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import data  # noqa: E402
 import pictures  # noqa: E402  (the clip picture: synthetic_picture, write_synthetic_pictures)
 import predict  # noqa: E402  (load_model: the checkpoint's model as predict.py loads it)
@@ -491,7 +492,7 @@ def diagnose_run(checkpoint_path: str, out_dir: str | None, device="cpu") -> dic
         os.makedirs(out_dir, exist_ok=True)
     diag = write_diagnostics(model, test, device, out_dir, fit_dataset=val, codebook_start=start)
     if diag and out_dir is not None:
-        train.write_json(os.path.join(out_dir, "diagnostics.json"), diag)
+        checkpoint.write_json(os.path.join(out_dir, "diagnostics.json"), diag)
     return diag
 
 
@@ -535,7 +536,7 @@ def main(argv=None) -> int:
         if args.clip is not None:
             return draw_clip(args)
         res = diagnose_run(args.checkpoint, args.out, args.device)
-    except train.UserError as e:
+    except (train.UserError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if not res:
