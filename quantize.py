@@ -15,8 +15,7 @@ Reading order
                               the paper, the warm-up (VQ(x) = x) and the k-means codebook ending it
     3. product_quantize       eq. (2): N tokens through one shared quantizer, concatenated
     4. quantization_loss      eq. (9): the three named, unweighted terms
-    5. codebook_stats         usage, perplexity and dead codes from the chosen indices
-    6. CollapseWatch          the training-time warning when N tokens use <= N words
+    (how much of the codebook a run uses, and the collapse warning: metrics.py)
 
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
     ...  any leading dimensions (B, or B and T)
@@ -299,52 +298,3 @@ def quantization_loss(global_out: QuantizerOutput, local_out: Optional[Quantizer
                              "they commit to the shared codebook but do not update it (eq. 9)")
         losses["quant_commit_local"] = local_out.commitment_loss  # eq. (9), third term
     return losses
-
-
-@torch.no_grad()
-def codebook_stats(indices: torch.Tensor, num_codes: int) -> dict:
-    """How much of the codebook a batch uses.
-
-    Args:
-        indices:   (...) int64 chosen code indices (any shape).
-        num_codes: K.
-    Returns:
-        dict with usage:      float, fraction of the K codes chosen at least once;
-                  perplexity: float, exp(-sum_k p_k log p_k) of the code histogram p_k = count_k / V:
-                              1 when one code takes everything, K under uniform use (1.0 if empty);
-                  dead:       int, number of codes never chosen.
-    """
-    counts = torch.bincount(indices.reshape(-1).long(), minlength=num_codes).double()  # (K,)
-    total = counts.sum().clamp(min=1.0)  # ()
-    p = counts / total  # (K,) code histogram
-    entropy = -(p * torch.log(p.clamp(min=1e-300))).sum()  # () 0 * log(0) counts as 0
-    used = int((counts > 0).sum())
-    return {
-        "usage": used / num_codes,
-        "perplexity": float(torch.exp(entropy)),
-        "dead": num_codes - used,
-    }
-
-
-class CollapseWatch:
-    """A guard against codebook collapse during training (NOT IN PAPER: a diagnostic).
-
-    N tokens that use N words or fewer in every batch have collapsed: each token index keeps one
-    codeword whatever the sound, and the quantized tokens carry no information about it. `update`
-    is called once per quantized training step with the words in use of a path ('global' or
-    'local'); when a path has used <= N words at every step of the last `patience` steps, it
-    returns a warning naming the step, once per path.
-    """
-
-    def __init__(self, num_tokens: int, patience: int = 100):
-        self.num_tokens, self.patience = num_tokens, patience
-        self.run = {}       # path -> consecutive steps with <= N words, up to now
-        self.fired = set()  # paths already warned about
-
-    def update(self, step: int, path: str, words: int) -> Optional[str]:
-        self.run[path] = self.run.get(path, 0) + 1 if words <= self.num_tokens else 0
-        if self.run[path] >= self.patience and path not in self.fired:
-            self.fired.add(path)
-            return (f"codebook collapse at step {step}: the {path} tokens used <= {self.num_tokens} "
-                    f"words (N = {self.num_tokens}) in each of the last {self.patience} steps")
-        return None

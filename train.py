@@ -48,7 +48,7 @@ from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, track_batch
 import pictures
 import pretrain
 from pretrained import InitWeightsError, atomic_save, format_table, load_init_weights
-from quantize import CollapseWatch, codebook_stats
+from metrics import CollapseWatch, codebook_stats
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
 import synthetic
 
