@@ -14,13 +14,11 @@ What this file teaches
             semantic-guided masks     decoders.py   SemanticMaskDecoder             eq. (7)
       (4) the loss                    matcher.py    SetCriterion                    eq. (8)-(10)
       (5) inference                   this file     segment, foreground_probability eq. (11)
-                                                    run_clip, label_map (one clip, one frame)
 
 Reading order
     ModelConfig and PRESETS (the hyper-parameters, with the paper's values), SQD.__init__
     (which module is which box of Fig. 3), SQD.forward (the paper's data flow, Fig. 3),
-    then segment() and foreground_probability() (App. E); run_clip() (the model on one clip)
-    and label_map() (eq. 11 at one frame's own size) serve predict.py and pictures.py.
+    then segment() and foreground_probability() (App. E).
 
 Ablations (Table 2) are four booleans of ModelConfig, by default the full model: use_gsd, use_avsr
 and use_lsd (one `if` each in SQD.forward) and shared_codebook. What replaces a removed box lives in
@@ -29,13 +27,12 @@ two methods below forward (ablation_queries, quantize_local), so that forward re
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
     B clips, T frames, N semantic tokens, C channels, K codewords, Kc foreground classes,
     H, W image size, h, w = H/4, W/4 (mask resolution), H_l, W_l one visual level, S visual
-    tokens of one frame (all levels), Cm mask-feature channels; Hn, Wn a frame's size (label_map).
+    tokens of one frame (all levels), Cm mask-feature channels.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -413,44 +410,3 @@ def foreground_probability(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
                       align_corners=False).sigmoid()                     # (B*T, N, H, W)
     m = m.unflatten(0, (B, T))                                           # (B, T, N, H, W)
     return (p[..., None, None] * m).max(2).values                        # (B, T, H, W)
-
-
-@torch.no_grad()
-def run_clip(model: SQD, frames: torch.Tensor, audio: torch.Tensor, device, amp: bool = False) -> dict:
-    """The model on one clip in one pass: a batch of one clip, every frame valid.
-
-    frames (T, 3, H, W), audio (T, 1, 96, 64), on any device; amp: bf16 autocast. Returns
-    pred_logits (T, N, Kc), pred_masks (T, N, h, w) float32 on the CPU and codes (T, N) int64
-    on the CPU: the local tokens' codewords, the global tokens' (one set for the clip) for a
-    model without LSD, None for a model without tokens. predict.run_model calls it per chunk
-    of a long clip; pictures.synthetic_picture on a whole synthetic clip.
-    """
-    T = frames.shape[0]
-    batch = {"frames": frames[None].to(device),                        # (1, T, 3, H, W)
-             "audio": audio[None].to(device),                          # (1, T, 1, 96, 64)
-             "frame_valid": torch.ones(1, T, dtype=torch.bool, device=device)}
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-        out = model(batch)
-    codes = None
-    if "local" in out["indices"]:
-        codes = out["indices"]["local"][0].cpu()                       # (T, N)
-    elif "global" in out["indices"]:                                   # one set for the clip
-        codes = out["indices"]["global"][0].cpu().expand(T, -1)        # (T, N)
-    return {"pred_logits": out["pred_logits"][0].float().cpu(),        # (T, N, Kc)
-            "pred_masks": out["pred_masks"][0].float().cpu(),          # (T, N, h, w)
-            "codes": codes}
-
-
-def label_map(logits: torch.Tensor, masks: torch.Tensor, size: tuple[int, int],
-              class_threshold: float = 0.1, mask_threshold: float = 0.5) -> np.ndarray:
-    """One frame's class ids at `size` (Hn, Wn): eq. (11) (segment) for semantic models; for
-    a binary one (Kc = 1, S4/MS3) foreground probability > 0.5, as the metrics threshold it.
-
-    logits (N, Kc), masks (N, h, w) mask logits. Returns (Hn, Wn) int64, 0 = background.
-    """
-    if logits.shape[-1] == 1:
-        fg = foreground_probability(logits[None, None], masks[None, None], size)  # (1, 1, Hn, Wn)
-        return (fg[0, 0] > 0.5).long().numpy()                                    # (Hn, Wn)
-    ids = segment(logits[None, None], masks[None, None], size, class_threshold,
-                  mask_threshold)                                                 # (1, 1, Hn, Wn) eq. (11)
-    return ids[0, 0].numpy()                                                      # (Hn, Wn)
