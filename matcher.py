@@ -22,12 +22,11 @@ slot per class (Tracks), the tokens of all decoder layers are stacked into R = L
 costs of all rows against all slots go to the host with .cpu(), scipy solves one small problem
 per clip and layer, and the losses read the assignment with gathers.
 
-Reading order
- 1. track_batch (masks_at_resolution, extent_boxes, Tracks)      label maps -> the batch's tracks
- 2. box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou  box algebra
- 3. sigmoid_focal_loss, dice_loss, then pairwise_focal_cost, pairwise_dice_cost (every pair)
- 4. HungarianMatcher (forward, cost_matrices)                    eq. (10)
- 5. SetCriterion (forward, losses, total)                        eq. (8)
+Reading order (the box formats, GIoU and a mask's box: boxes.py)
+ 1. track_batch (masks_at_resolution, Tracks)                    label maps -> the batch's tracks
+ 2. sigmoid_focal_loss, dice_loss, then pairwise_focal_cost, pairwise_dice_cost (every pair)
+ 3. HungarianMatcher (forward, cost_matrices)                    eq. (10)
+ 4. SetCriterion (forward, losses, total)                        eq. (8)
 
 Shapes (the repository's one alphabet: docs/shapes.md)
 B clips, T frames, N tokens, Kc foreground classes, H, W label size, h, w = H/4, W/4 the mask
@@ -43,6 +42,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+
+from boxes import box_cxcywh_to_xyxy, extent_boxes, generalized_box_iou
 
 # App. D: "lambda_cls = 2, lambda_L1 = 5, lambda_giou = 2, lambda_dice = 2, lambda_focal = 5".
 # PAPER: §3.5 says Dice + BCE for the masks; lambda_focal read as the weight of a focal mask
@@ -125,60 +126,8 @@ def masks_at_resolution(masks, size):
     return F.interpolate(masks, size=tuple(size), mode="nearest-exact")  # (..., h, w)
 
 
-def extent_boxes(rows, cols):
-    """Tight boxes around masks from the rows (..., H) and columns (..., W) each one occupies (bool).
-    Returns (..., 4) float32 cxcywh in [0, 1]; all zeros where no row is occupied."""
-    H, W = rows.shape[-1], cols.shape[-1]
-    ys = torch.arange(H, device=rows.device)  # (H,)
-    xs = torch.arange(W, device=cols.device)  # (W,)
-    y0 = torch.where(rows, ys, H).amin(dim=-1)  # (...,) first occupied row
-    y1 = torch.where(rows, ys, -1).amax(dim=-1) + 1  # (...,) one past the last occupied row
-    x0 = torch.where(cols, xs, W).amin(dim=-1)  # (...,)
-    x1 = torch.where(cols, xs, -1).amax(dim=-1) + 1  # (...,)
-    # PAPER: boxes run along pixel edges (columns x0..x1-1 give [x0, x1] / W), so a one-pixel
-    # object has width 1/W (docs/paper-silent.md#boxes-along-pixel-edges).
-    xyxy = torch.stack([x0 / W, y0 / H, x1 / W, y1 / H], dim=-1).float()  # (..., 4)
-    boxes = box_xyxy_to_cxcywh(xyxy)  # (..., 4)
-    return torch.where(rows.any(dim=-1)[..., None], boxes, torch.zeros_like(boxes))  # (..., 4)
-
-
 # ----------------------------------------------------------------------------------------------
-# 2. Boxes
-# ----------------------------------------------------------------------------------------------
-def box_cxcywh_to_xyxy(boxes):
-    """(..., 4) (cx, cy, w, h) -> (..., 4) (x0, y0, x1, y1)."""
-    cx, cy, w, h = boxes.unbind(-1)  # 4 x (...,)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)  # (..., 4)
-
-
-def box_xyxy_to_cxcywh(boxes):
-    """(..., 4) (x0, y0, x1, y1) -> (..., 4) (cx, cy, w, h)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)  # 4 x (...,)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)  # (..., 4)
-
-
-def generalized_box_iou(a, b, eps=1e-9):
-    """Generalized IoU (Rezatofighi et al. 2019) of every box of a (..., n, 4) with every box of
-    b (..., m, 4), both x0, y0, x1, y1 with leading dims that broadcast: (..., n, m) in [-1, 1].
-
-    GIoU = IoU - |C minus (a union b)| / |C|, C the smallest box enclosing a and b; eps floors
-    the union and enclosing areas (two empty boxes give 0, not NaN).
-    """
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])  # (..., n)
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # (..., m)
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])  # (..., n, m, 2)
-    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])  # (..., n, m, 2)
-    inter = (rb - lt).clamp(min=0).prod(dim=-1)  # (..., n, m)
-    union = (area_a[..., :, None] + area_b[..., None, :] - inter).clamp(min=eps)  # (..., n, m)
-    iou = inter / union  # (..., n, m)
-    lt_c = torch.minimum(a[..., :, None, :2], b[..., None, :, :2])  # (..., n, m, 2)
-    rb_c = torch.maximum(a[..., :, None, 2:], b[..., None, :, 2:])  # (..., n, m, 2)
-    enclosing = (rb_c - lt_c).clamp(min=0).prod(dim=-1).clamp(min=eps)  # (..., n, m)
-    return iou - (enclosing - union) / enclosing  # (..., n, m)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Loss functions, and their pairwise forms for the matcher
+# 2. Loss functions, and their pairwise forms for the matcher
 # ----------------------------------------------------------------------------------------------
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     """Sigmoid focal loss (Lin et al. 2017), element-wise: logits and targets in [0, 1] of one
@@ -241,7 +190,7 @@ def pairwise_dice_cost(logits, targets, valid=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The video-level Hungarian matcher, eq. (10)
+# 3. The video-level Hungarian matcher, eq. (10)
 # ----------------------------------------------------------------------------------------------
 def stack_layers(layers):
     """L decoder layers' outputs (dicts of "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
@@ -374,7 +323,7 @@ class HungarianMatcher(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The set criterion, eq. (8)
+# 4. The set criterion, eq. (8)
 # ----------------------------------------------------------------------------------------------
 class SetCriterion(nn.Module):
     """The training loss of eq. (8): L = lambda_quant * L_quant + L_segm.
