@@ -180,11 +180,9 @@ class SQD(nn.Module):
         # PAPER: eq. (4) and (6) both write p_i; whether the ASDs share them is not said. Two sets
         # (docs/paper-silent.md#one-prototype-set-per-asd).
         # PAPER: Table 2 without SC does not say what the local tokens use: a codebook of their own.
-        self.local_vq = (None if cfg.shared_codebook
-                         else VectorQuantizer(cfg.codebook_size, C))
+        self.local_vq = None if cfg.shared_codebook else VectorQuantizer(cfg.codebook_size, C)
         self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
-                                                cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels,
-                                                cfg.dyn_layers,
+                                                cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels, cfg.dyn_layers,
                                                 num_slots=N if cfg.slot_positions else None)
         # Table 2 baseline without GSD and LSD: N learnable queries plus the frame's audio embedding
         self.baseline_queries = nn.Parameter(torch.randn(N, C))  # (N, C)
@@ -249,7 +247,7 @@ class SQD(nn.Module):
             f_at = f_a.reshape(B * T, 1, C)                       # (B*T, 1, C)  eq. (6)'s memory
             l = self.local_asd(f_at)                              # (B*T, N, C)  eq. (6): l_{i,t}
             l = tokens["local"] = l.reshape(B, T, N, C)           # (B, T, N, C)
-            vq_l = self.quantize_local(l, vq_g, frame_valid)      # VQ(l_{i,t}), the shared codebook
+            vq_l = self.quantize_local(l, frame_valid)            # VQ(l_{i,t}), the shared codebook
             queries = vq_l.quantized                              # (B, T, N, C)  VQ(l_{i,t})
         else:
             queries = self.ablation_queries(f_a, vq_g)            # (B, T, N, C)
@@ -265,7 +263,7 @@ class SQD(nn.Module):
     # ------------------------------------------------------------------------------------------
     # The ablations' side of forward: what replaces a removed box of Fig. 3
     # ------------------------------------------------------------------------------------------
-    def quantize_local(self, l, vq_g, frame_valid):
+    def quantize_local(self, l, frame_valid):
         """VQ(l_{i,t}): l (B, T, N, C) -> QuantizerOutput with quantized (B, T, N, C).
 
         The paper's model: the shared codebook, which the local tokens commit to but never update
@@ -313,18 +311,14 @@ class SQD(nn.Module):
         return [vq for vq in (self.vq, self.local_vq) if vq is not None]
 
     def set_quantizer_warmup(self, active: bool) -> None:
-        """Quantizer warm-up on or off (quantize.VectorQuantizer.set_warmup; not in the paper).
-
-        While on, VQ(x) = x for every token and eq. (9) is zero. train.py calls this before every
-        step with `step < quant_warmup_steps`, and before every evaluation.
-        """
+        """Quantizer warm-up on or off: while on, VQ(x) = x and eq. (9) is zero (not in the paper;
+        quantize.VectorQuantizer.set_warmup). train.py calls it before every step and evaluation."""
         for vq in self.quantizers():
             vq.set_warmup(active)
 
     def end_quantizer_warmup(self) -> None:
-        """Set each codebook to the k-means centres of its last warm-up tokens
-        (quantize.VectorQuantizer.end_warmup; not in the paper). train.py calls this once, in the
-        step that ends the warm-up."""
+        """Each codebook to the k-means centres of its last warm-up tokens (not in the paper;
+        quantize.VectorQuantizer.end_warmup), once, in the step that ends the warm-up."""
         for vq in self.quantizers():
             vq.end_warmup()
 
