@@ -13,9 +13,8 @@ in ReferFormer:
     frames that carry labels;
   * L_segm is L_match of the matched pairs plus the "no object" class loss of every other
     token; eq. (8) adds lambda_quant * L_quant (eq. 9, computed in quantize.py).
-Sigmoid focal loss (Lin et al. 2017) for classes, focal + Dice for masks, L1 + GIoU
-(Rezatofighi et al. 2019) for boxes; App. D: lambda_cls 2, lambda_focal 5, lambda_dice 2,
-lambda_L1 5, lambda_giou 2, lambda_com 0.5, lambda_quant 1.
+Sigmoid focal loss (Lin et al. 2017) for classes, focal + Dice for masks, L1 + GIoU for boxes,
+weighted by App. D's lambdas (PAPER_LOSS_WEIGHTS; lambda_com 0.5 and lambda_quant 1: SetCriterion).
 
 As DETR's matcher, everything is done for the whole batch at once: every clip has one track
 slot per class (Tracks), the tokens of all decoder layers are stacked into R = L*N rows, the
@@ -62,10 +61,8 @@ PAPER_LOSS_WEIGHTS = {
 # ----------------------------------------------------------------------------------------------
 class Tracks(NamedTuple):
     """The ground-truth tracks of a batch as padded tensors: what the matcher and the losses read.
-
     Slot j of clip b holds a track when real[b, j]; the other slots have empty masks and zero
-    boxes, never sound and are never matched.
-    """
+    boxes, never sound and are never matched."""
     classes: torch.Tensor  # (B, J) int64 class ids in 1..Kc (a valid id in every slot)
     masks: torch.Tensor  # (B, J, T, h, w) float 0/1 at the predictions' mask resolution
     boxes: torch.Tensor  # (B, J, T, 4) cxcywh in [0, 1], zeros where the mask is empty
@@ -75,20 +72,14 @@ class Tracks(NamedTuple):
 
 
 def track_batch(labels, label_valid, num_classes, size):
-    """Turn per-frame label maps into the ground-truth tracks y_hat_j of eq. (10).
+    """Turn per-frame label maps into the ground-truth tracks y_hat_j of eq. (10): Tracks, J = Kc.
 
-    A track is a foreground class present in a clip's labelled frames. Every clip gets one slot
-    per class (slot c-1 holds class c) and `real` marks the classes that are its tracks, so every
-    shape is known before the labels are read.
-
-    Args:
-        labels: (B, T, H, W) int64 class ids, 0 = background, 1..Kc foreground; other ids (e.g.
-            an ignore value 255) make no track.
-        label_valid: (B, T) bool, True where the frame carries ground truth.
-        num_classes: Kc.
-        size: (h, w), the mask resolution of the predictions.
-    Returns:
-        Tracks with J = Kc slots; masks zero in unlabelled frames, boxes those of the masks at (H, W).
+    labels (B, T, H, W) holds class ids (other ids than 1..Kc, e.g. an ignore value 255, make no
+    track), label_valid (B, T) the frames that carry ground truth, num_classes Kc, size the
+    predictions' mask resolution (h, w). A track is a foreground class present in a clip's labelled
+    frames. Every clip gets one slot per class (slot c-1 holds class c) and `real` marks the classes
+    that are its tracks, so every shape is known before the labels are read. Masks are zero in
+    unlabelled frames; boxes are those of the masks at (H, W).
     """
     # PAPER: "the j-th sounding object" of §3.5; AVSS label maps carry no instance ids, so a track
     # is one sounding class over the clip (two objects of one class share a track).
@@ -226,18 +217,10 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, layers, targets):
-        """
-        Args:
-            layers: L output dicts (the final decoder layer first) with "pred_logits" (B, T, N, Kc),
-                "pred_masks" (B, T, N, h, w) mask logits, "pred_boxes" (B, T, N, 4) cxcywh.
-            targets: Tracks at the predictions' mask size (track_batch).
-        Returns:
-            assignment: (B, L*N) int64 on the predictions' device; row l*N + i holds the slot
-                that token i of layer l is matched to, -1 if none (min(N, tracks) per clip and layer).
-        Raises:
-            ValueError naming the first non-finite cost term (layers, then clips, in order) and
-            its clip, where scipy would fail obscurely.
-        """
+        """layers: L output dicts of the model (the final decoder layer first); targets: Tracks at
+        their mask size. Returns the assignment (B, L*N) int64: row l*N + i holds the slot that token
+        i of layer l is matched to, -1 if none (min(N, tracks) per clip and layer). A non-finite
+        cost raises a ValueError naming its term and clip, where scipy would fail obscurely."""
         logits, masks, boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
         B, R, L = logits.shape[0], logits.shape[2], len(layers)
         N, J = R // L, targets.classes.shape[1]
@@ -269,15 +252,9 @@ class HungarianMatcher(nn.Module):
         return torch.as_tensor(assignment, device=logits.device)  # (B, R)
 
     def cost_matrices(self, logits, masks, boxes, targets):
-        """The eq. (10) cost of every token row against every track slot of its clip.
-
-        Args:
-            logits: (B, T, R, Kc); masks: (B, T, R, h, w); boxes: (B, T, R, 4) cxcywh.
-            targets: Tracks with masks at (h, w).
-        Returns:
-            cost: (B, R, J), and the five unweighted terms, each (B, R, J), in COST_TERMS order.
-            Slots that hold no track get a cost as well; forward ignores them.
-        """
+        """The eq. (10) cost (B, R, J) of every token row against every track slot of its clip, and
+        the five unweighted terms, each (B, R, J), in COST_TERMS order. Slots that hold no track get
+        a cost as well; forward ignores them."""
         B, T, R = logits.shape[:3]
         J = targets.classes.shape[1]
         dtype = torch.promote_types(logits.dtype, torch.float32)  # no half-precision costs
@@ -373,17 +350,10 @@ class SetCriterion(nn.Module):
         self.weight_dict["quant_codebook_local"] = lambda_quant
 
     def forward(self, outputs, targets):
-        """
-        Args:
-            outputs: dict with "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
-                "pred_boxes" (B, T, N, 4); optional "aux_outputs", L-1 such dicts (earlier
-                layers); optional "quant", name -> scalar tensor, the unweighted eq. (9) terms.
-            targets: Tracks at the predictions' mask size (track_batch).
-        Returns:
-            total: scalar, eq. (8).
-            parts: name -> unweighted scalar: loss_class, loss_mask, loss_dice, loss_bbox,
-                loss_giou, the same with suffix _l for aux layer l, and every quant_* term.
-        """
+        """outputs: the model's dict (pred_logits, pred_masks, pred_boxes; optional aux_outputs, and
+        quant, the unweighted eq. (9) terms); targets: Tracks at its mask size. Returns total, the
+        scalar of eq. (8), and parts, name -> unweighted scalar: loss_class, loss_mask, loss_dice,
+        loss_bbox, loss_giou, the same with suffix _l for aux layer l, and every quant_* term."""
         assignment = self.matcher(self.layers(outputs), targets)  # (B, L*N) eq. (10)
         return self.losses(outputs, targets, assignment)
 
