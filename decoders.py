@@ -16,19 +16,16 @@ Reading order
     1. mlp, with_pos                   two small helpers (two-layer MLP, optional positional add)
     2. DecoderLayer, TransformerDecoder TrD: self-attn, cross-attn, FFN, each residual + LayerNorm
     3. AudioVisualFusion                §3.3 eq. (3) audio-visual fusion
-    4. AudioSemanticDecoder             §3.3 eq. (4) global ASD on F'_a; §3.4 eq. (6) local ASD,
-                                        frames flattened into the batch
+    4. AudioSemanticDecoder             §3.3 eq. (4) global ASD; §3.4 eq. (6) local ASD
     5. MaskedBatchNorm2d, SemanticRecombination   §3.3 eq. (5) audiovisual recombination
     6. num_dynamic_params, dynamic_mask_conv, relative_coordinates   §3.4 eq. (7), dynamic conv
-    7. SemanticMaskDecoder              §3.4 eq. (7) semantic-guided mask decoder: TrD_segm +
-                                        controller + class/box heads
+    7. SemanticMaskDecoder              §3.4 eq. (7) TrD_segm + controller + class/box heads
 
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
     B clips, T frames, N semantic tokens, C model channels, Q queries of a decoder, S memory tokens
-    (a frame's visual tokens, or T*S for a clip),
-    L decoder layers, Kc foreground classes, H_l, W_l size of one visual level, Cm mask-feature
-    channels (8), h, w mask resolution (H/4, W/4), G images of the dynamic convolution,
-    Pd dynamic parameters per token, Cin input channels of the dynamic convolution (2 + Cm).
+    (a frame's visual tokens, or T*S for a clip), L decoder layers, Kc foreground classes, H_l, W_l
+    size of one visual level, Cm mask-feature channels (8), h, w mask resolution (H/4, W/4), G images
+    of the dynamic convolution, Pd dynamic parameters per token, Cin its input channels (2 + Cm).
 """
 import torch
 import torch.nn as nn
@@ -37,11 +34,11 @@ import torch.nn.functional as F
 
 # 1. helpers ---------------------------------------------------------------------------------------
 
-def mlp(in_dim, hidden_dim, out_dim, dropout=0.0):
-    """Two-layer MLP, an nn.Sequential (..., in_dim) -> (..., out_dim): Linear -> ReLU -> Dropout ->
-    Linear (the FFN, the heads, the controller). The Dropout is there even at p=0, so state_dict
-    keys never depend on it."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(dropout),
+def mlp(in_dim, hidden_dim, out_dim):
+    """Two-layer MLP, an nn.Sequential (..., in_dim) -> (..., out_dim): Linear -> ReLU -> Linear
+    (the FFN, the heads, the controller). A Dropout(0) stands where DETR's FFN has its dropout, so
+    the Linears keep indices 0 and 3 in the state_dict keys of saved runs."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Dropout(0.0),
                          nn.Linear(hidden_dim, out_dim))
 
 
@@ -55,48 +52,40 @@ def with_pos(x, pos):
 
 class DecoderLayer(nn.Module):
     """One DETR post-norm decoder layer: self-attn, cross-attn, FFN, each with residual + LayerNorm.
+    forward takes TransformerDecoder's arguments and returns (B, Q, C)."""
 
-    forward(x, memory, query_pos, memory_pos, memory_padding_mask)
-        x:        (B, Q, C) query content
-        memory:   (B, S, C) the tokens the queries read
-        query_pos (B, Q, C) or None, memory_pos (B, S, C) or None: added to queries / keys, never values
-        memory_padding_mask (B, S) bool or None, True = ignore that memory token
-    returns (B, Q, C)
-    """
-
-    def __init__(self, dim, num_heads, ffn_dim, dropout=0.0):
+    def __init__(self, dim, num_heads, ffn_dim):
         super().__init__()
         # PAPER: TrD is named, not specified; we use DETR's post-norm layer (self-attention among
-        # the queries, cross-attention to the memory, FFN), dropout 0 by default.
-        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
-        self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
-        self.ffn = mlp(dim, ffn_dim, dim, dropout)
+        # the queries, cross-attention to the memory, FFN), without dropout (DETR: 0.1).
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.ffn = mlp(dim, ffn_dim, dim)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, memory, query_pos=None, memory_pos=None, memory_padding_mask=None):
         q = k = with_pos(x, query_pos)  # (B, Q, C)
-        x = self.norm1(x + self.dropout(self.self_attn(q, k, x, need_weights=False)[0]))  # (B, Q, C)
+        x = self.norm1(x + self.self_attn(q, k, x, need_weights=False)[0])  # (B, Q, C)
         attn = self.cross_attn(with_pos(x, query_pos), with_pos(memory, memory_pos), memory,
                                key_padding_mask=memory_padding_mask, need_weights=False)[0]  # (B, Q, C)
-        x = self.norm2(x + self.dropout(attn))  # (B, Q, C)
-        return self.norm3(x + self.dropout(self.ffn(x)))  # (B, Q, C)
+        x = self.norm2(x + attn)  # (B, Q, C)
+        return self.norm3(x + self.ffn(x))  # (B, Q, C)
 
 
 class TransformerDecoder(nn.Module):
     """TrD: a stack of DETR post-norm decoder layers that returns every layer's output.
 
     forward(queries, memory, query_pos=None, memory_pos=None, memory_padding_mask=None)
-        queries (B, Q, C), memory (B, S, C), query_pos (B, Q, C) or None, memory_pos (B, S, C) or None,
-        memory_padding_mask (B, S) bool or None (True = ignore)
+        queries (B, Q, C) the query content, memory (B, S, C) the tokens the queries read;
+        query_pos (B, Q, C) or None, memory_pos (B, S, C) or None: added to queries / keys, never
+        values; memory_padding_mask (B, S) bool or None, True = ignore that memory token
     returns (L, B, Q, C): the output of each of the L layers (the last one is the decoder's output;
         the earlier ones feed the auxiliary losses)
     """
 
-    def __init__(self, dim, num_layers, num_heads, ffn_dim, dropout=0.0):
+    def __init__(self, dim, num_layers, num_heads, ffn_dim):
         super().__init__()
-        self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, ffn_dim, dropout)
-                                    for _ in range(num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, ffn_dim) for _ in range(num_layers))
 
     def forward(self, queries, memory, query_pos=None, memory_pos=None, memory_padding_mask=None):
         x, outputs = queries, []
@@ -121,11 +110,11 @@ class AudioVisualFusion(nn.Module):
     returns (B, T, C) F'_a
     """
 
-    def __init__(self, dim, num_heads, ffn_dim, dropout=0.0):
+    def __init__(self, dim, num_heads, ffn_dim):
         super().__init__()
-        self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.ffn = mlp(dim, ffn_dim, dim, dropout)
+        self.ffn = mlp(dim, ffn_dim, dim)
 
     def forward(self, audio, visual, visual_pos=None, audio_pos=None, visual_padding_mask=None):
         # PAPER: positional embeddings go to queries and keys, not values, as in DETR.
@@ -144,19 +133,17 @@ class AudioSemanticDecoder(nn.Module):
     Local ASD, eq. (6):  l_{i,t} = TrD_local(p_i | f_{a,t}), frames flattened into the batch:
         memory (B*T, 1, C), the frame's audio vector; output viewed back to (B, T, N, C) by the caller.
 
-    forward(memory, memory_pos=None, memory_padding_mask=None)
-        memory: (B', T or 1, C) (global: B' = B, T frames; local: B' = B*T, 1), memory_pos: the
-        same shape or None, memory_padding_mask: (B', T or 1) bool or None, True = a padding
-        frame's token, never attended
-    returns (B', N, C) the semantic tokens (last decoder layer)
+    forward(memory, memory_pos=None, memory_padding_mask=None): memory (B', T or 1, C), memory_pos
+    the same or None, memory_padding_mask (B', T or 1) bool or None (True = a padding frame's
+    token, never attended) -> (B', N, C), the semantic tokens of the last decoder layer.
     """
 
-    def __init__(self, dim, num_tokens, num_layers, num_heads, ffn_dim, dropout=0.0):
+    def __init__(self, dim, num_tokens, num_layers, num_heads, ffn_dim):
         super().__init__()
         # PAPER: the prototypes are the decoder's input content (DETR instead feeds zeros and adds a
         # learned query embedding at every layer); N(0, 1) init, as nn.Embedding.
         self.prototypes = nn.Parameter(torch.randn(num_tokens, dim))  # (N, C)
-        self.decoder = TransformerDecoder(dim, num_layers, num_heads, ffn_dim, dropout)
+        self.decoder = TransformerDecoder(dim, num_layers, num_heads, ffn_dim)
 
     def forward(self, memory, memory_pos=None, memory_padding_mask=None):
         queries = self.prototypes.expand(memory.shape[0], -1, -1)  # (B', N, C)
@@ -212,9 +199,6 @@ class SemanticRecombination(nn.Module):
         visual: (B, T, C, H_l, W_l) F_v at one level
         frame_valid: (B, T) bool or None; padding frames (False) stay out of BN's statistics
     returns (B, T, C, H_l, W_l) F'_v
-
-    Args (constructor): batch_norm: True (default, the paper) normalises with BatchNorm2d; False
-        with a LayerNorm over the C channels at every position (attribute `norm` either way).
     """
 
     def __init__(self, dim, num_tokens, batch_norm=True):
@@ -323,22 +307,19 @@ class SemanticMaskDecoder(nn.Module):
         memory:        (B, T, S, C) the visual tokens f_t of each frame
         memory_pos:    (B, T, S, C) or None, their positional embedding
         mask_features: (B, T, Cm, h, w) f_out_t from the FPN (stride 4)
-    returns dict
-        pred_logits (B, T, N, Kc) class logits (sigmoid; no-object = all classes off)
-        pred_masks  (B, T, N, h, w) mask logits
-        pred_boxes  (B, T, N, 4) (cx, cy, w, h) in [0, 1]
-        aux_outputs list of L-1 dicts with the same three keys from layers 0 .. L-2
+    returns dict: the last layer's pred_logits (B, T, N, Kc), pred_masks (B, T, N, h, w) mask
+        logits and pred_boxes (B, T, N, 4), and aux_outputs, L-1 such dicts of layers 0 .. L-2
     """
 
     def __init__(self, dim, num_classes, num_layers, num_heads, ffn_dim, mask_dim=8, dyn_channels=8,
-                 dyn_layers=3, dropout=0.0, num_slots=None):
+                 dyn_layers=3, num_slots=None):
         super().__init__()
         self.dyn_channels, self.dyn_layers = dyn_channels, dyn_layers
         # PAPER: TrD_segm's query positions are not given. With num_slots each token index i has a
         # learned position (N, C) on queries and keys, never the content, so two tokens with one
         # codeword still differ (DETR, R2VOS); docs/paper-silent.md#slot-positions-of-the-mask-decoder.
         self.slot_pos = None if num_slots is None else nn.Parameter(torch.randn(num_slots, dim))  # (N, C)
-        self.decoder = TransformerDecoder(dim, num_layers, num_heads, ffn_dim, dropout)
+        self.decoder = TransformerDecoder(dim, num_layers, num_heads, ffn_dim)
         # PAPER: eq. (7) cites CondInst's dynamic convolution without sizes; we take CondInst's:
         # Cm = 8 feature channels + 2 relative coordinates, three 1x1 layers of 8 channels.
         num_params = num_dynamic_params(mask_dim + 2, dyn_channels, dyn_layers)  # 169 for 8, 8, 3

@@ -13,21 +13,19 @@ in ReferFormer:
     frames that carry labels;
   * L_segm is L_match of the matched pairs plus the "no object" class loss of every other
     token; eq. (8) adds lambda_quant * L_quant (eq. 9, computed in quantize.py).
-Sigmoid focal loss (Lin et al. 2017) for classes, focal + Dice for masks, L1 + GIoU
-(Rezatofighi et al. 2019) for boxes; App. D: lambda_cls 2, lambda_focal 5, lambda_dice 2,
-lambda_L1 5, lambda_giou 2, lambda_com 0.5, lambda_quant 1.
+Sigmoid focal loss (Lin et al. 2017) for classes, focal + Dice for masks, L1 + GIoU for boxes,
+weighted by App. D's lambdas (PAPER_LOSS_WEIGHTS; lambda_com 0.5 and lambda_quant 1: SetCriterion).
 
 As DETR's matcher, everything is done for the whole batch at once: every clip has one track
 slot per class (Tracks), the tokens of all decoder layers are stacked into R = L*N rows, the
 costs of all rows against all slots go to the host with .cpu(), scipy solves one small problem
 per clip and layer, and the losses read the assignment with gathers.
 
-Reading order
- 1. track_batch (masks_at_resolution, extent_boxes, Tracks)      label maps -> the batch's tracks
- 2. box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou  box algebra
- 3. sigmoid_focal_loss, dice_loss, then pairwise_focal_cost, pairwise_dice_cost (every pair)
- 4. HungarianMatcher (forward, cost_matrices)                    eq. (10)
- 5. SetCriterion (forward, losses, total)                        eq. (8)
+Reading order (the box formats, GIoU and a mask's box: boxes.py)
+ 1. track_batch (masks_at_resolution, Tracks)                    label maps -> the batch's tracks
+ 2. sigmoid_focal_loss, dice_loss, then pairwise_focal_cost, pairwise_dice_cost (every pair)
+ 3. HungarianMatcher (forward, cost_matrices)                    eq. (10)
+ 4. SetCriterion (forward, losses, total)                        eq. (8)
 
 Shapes (the repository's one alphabet: docs/shapes.md)
 B clips, T frames, N tokens, Kc foreground classes, H, W label size, h, w = H/4, W/4 the mask
@@ -43,6 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
+
+from boxes import box_cxcywh_to_xyxy, extent_boxes, generalized_box_iou
 
 # App. D: "lambda_cls = 2, lambda_L1 = 5, lambda_giou = 2, lambda_dice = 2, lambda_focal = 5".
 # PAPER: §3.5 says Dice + BCE for the masks; lambda_focal read as the weight of a focal mask
@@ -61,10 +61,8 @@ PAPER_LOSS_WEIGHTS = {
 # ----------------------------------------------------------------------------------------------
 class Tracks(NamedTuple):
     """The ground-truth tracks of a batch as padded tensors: what the matcher and the losses read.
-
     Slot j of clip b holds a track when real[b, j]; the other slots have empty masks and zero
-    boxes, never sound and are never matched.
-    """
+    boxes, never sound and are never matched."""
     classes: torch.Tensor  # (B, J) int64 class ids in 1..Kc (a valid id in every slot)
     masks: torch.Tensor  # (B, J, T, h, w) float 0/1 at the predictions' mask resolution
     boxes: torch.Tensor  # (B, J, T, 4) cxcywh in [0, 1], zeros where the mask is empty
@@ -74,20 +72,14 @@ class Tracks(NamedTuple):
 
 
 def track_batch(labels, label_valid, num_classes, size):
-    """Turn per-frame label maps into the ground-truth tracks y_hat_j of eq. (10).
+    """Turn per-frame label maps into the ground-truth tracks y_hat_j of eq. (10): Tracks, J = Kc.
 
-    A track is a foreground class present in a clip's labelled frames. Every clip gets one slot
-    per class (slot c-1 holds class c) and `real` marks the classes that are its tracks, so every
-    shape is known before the labels are read.
-
-    Args:
-        labels: (B, T, H, W) int64 class ids, 0 = background, 1..Kc foreground; other ids (e.g.
-            an ignore value 255) make no track.
-        label_valid: (B, T) bool, True where the frame carries ground truth.
-        num_classes: Kc.
-        size: (h, w), the mask resolution of the predictions.
-    Returns:
-        Tracks with J = Kc slots; masks zero in unlabelled frames, boxes those of the masks at (H, W).
+    labels (B, T, H, W) holds class ids (other ids than 1..Kc, e.g. an ignore value 255, make no
+    track), label_valid (B, T) the frames that carry ground truth, num_classes Kc, size the
+    predictions' mask resolution (h, w). A track is a foreground class present in a clip's labelled
+    frames. Every clip gets one slot per class (slot c-1 holds class c) and `real` marks the classes
+    that are its tracks, so every shape is known before the labels are read. Masks are zero in
+    unlabelled frames; boxes are those of the masks at (H, W).
     """
     # PAPER: "the j-th sounding object" of §3.5; AVSS label maps carry no instance ids, so a track
     # is one sounding class over the clip (two objects of one class share a track).
@@ -125,60 +117,8 @@ def masks_at_resolution(masks, size):
     return F.interpolate(masks, size=tuple(size), mode="nearest-exact")  # (..., h, w)
 
 
-def extent_boxes(rows, cols):
-    """Tight boxes around masks from the rows (..., H) and columns (..., W) each one occupies (bool).
-    Returns (..., 4) float32 cxcywh in [0, 1]; all zeros where no row is occupied."""
-    H, W = rows.shape[-1], cols.shape[-1]
-    ys = torch.arange(H, device=rows.device)  # (H,)
-    xs = torch.arange(W, device=cols.device)  # (W,)
-    y0 = torch.where(rows, ys, H).amin(dim=-1)  # (...,) first occupied row
-    y1 = torch.where(rows, ys, -1).amax(dim=-1) + 1  # (...,) one past the last occupied row
-    x0 = torch.where(cols, xs, W).amin(dim=-1)  # (...,)
-    x1 = torch.where(cols, xs, -1).amax(dim=-1) + 1  # (...,)
-    # PAPER: boxes run along pixel edges (columns x0..x1-1 give [x0, x1] / W), so a one-pixel
-    # object has width 1/W (docs/paper-silent.md#boxes-along-pixel-edges).
-    xyxy = torch.stack([x0 / W, y0 / H, x1 / W, y1 / H], dim=-1).float()  # (..., 4)
-    boxes = box_xyxy_to_cxcywh(xyxy)  # (..., 4)
-    return torch.where(rows.any(dim=-1)[..., None], boxes, torch.zeros_like(boxes))  # (..., 4)
-
-
 # ----------------------------------------------------------------------------------------------
-# 2. Boxes
-# ----------------------------------------------------------------------------------------------
-def box_cxcywh_to_xyxy(boxes):
-    """(..., 4) (cx, cy, w, h) -> (..., 4) (x0, y0, x1, y1)."""
-    cx, cy, w, h = boxes.unbind(-1)  # 4 x (...,)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)  # (..., 4)
-
-
-def box_xyxy_to_cxcywh(boxes):
-    """(..., 4) (x0, y0, x1, y1) -> (..., 4) (cx, cy, w, h)."""
-    x0, y0, x1, y1 = boxes.unbind(-1)  # 4 x (...,)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)  # (..., 4)
-
-
-def generalized_box_iou(a, b, eps=1e-9):
-    """Generalized IoU (Rezatofighi et al. 2019) of every box of a (..., n, 4) with every box of
-    b (..., m, 4), both x0, y0, x1, y1 with leading dims that broadcast: (..., n, m) in [-1, 1].
-
-    GIoU = IoU - |C minus (a union b)| / |C|, C the smallest box enclosing a and b; eps floors
-    the union and enclosing areas (two empty boxes give 0, not NaN).
-    """
-    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])  # (..., n)
-    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # (..., m)
-    lt = torch.maximum(a[..., :, None, :2], b[..., None, :, :2])  # (..., n, m, 2)
-    rb = torch.minimum(a[..., :, None, 2:], b[..., None, :, 2:])  # (..., n, m, 2)
-    inter = (rb - lt).clamp(min=0).prod(dim=-1)  # (..., n, m)
-    union = (area_a[..., :, None] + area_b[..., None, :] - inter).clamp(min=eps)  # (..., n, m)
-    iou = inter / union  # (..., n, m)
-    lt_c = torch.minimum(a[..., :, None, :2], b[..., None, :, :2])  # (..., n, m, 2)
-    rb_c = torch.maximum(a[..., :, None, 2:], b[..., None, :, 2:])  # (..., n, m, 2)
-    enclosing = (rb_c - lt_c).clamp(min=0).prod(dim=-1).clamp(min=eps)  # (..., n, m)
-    return iou - (enclosing - union) / enclosing  # (..., n, m)
-
-
-# ----------------------------------------------------------------------------------------------
-# 3. Loss functions, and their pairwise forms for the matcher
+# 2. Loss functions, and their pairwise forms for the matcher
 # ----------------------------------------------------------------------------------------------
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     """Sigmoid focal loss (Lin et al. 2017), element-wise: logits and targets in [0, 1] of one
@@ -241,7 +181,7 @@ def pairwise_dice_cost(logits, targets, valid=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. The video-level Hungarian matcher, eq. (10)
+# 3. The video-level Hungarian matcher, eq. (10)
 # ----------------------------------------------------------------------------------------------
 def stack_layers(layers):
     """L decoder layers' outputs (dicts of "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
@@ -277,18 +217,10 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, layers, targets):
-        """
-        Args:
-            layers: L output dicts (the final decoder layer first) with "pred_logits" (B, T, N, Kc),
-                "pred_masks" (B, T, N, h, w) mask logits, "pred_boxes" (B, T, N, 4) cxcywh.
-            targets: Tracks at the predictions' mask size (track_batch).
-        Returns:
-            assignment: (B, L*N) int64 on the predictions' device; row l*N + i holds the slot
-                that token i of layer l is matched to, -1 if none (min(N, tracks) per clip and layer).
-        Raises:
-            ValueError naming the first non-finite cost term (layers, then clips, in order) and
-            its clip, where scipy would fail obscurely.
-        """
+        """layers: L output dicts of the model (the final decoder layer first); targets: Tracks at
+        their mask size. Returns the assignment (B, L*N) int64: row l*N + i holds the slot that token
+        i of layer l is matched to, -1 if none (min(N, tracks) per clip and layer). A non-finite
+        cost raises a ValueError naming its term and clip, where scipy would fail obscurely."""
         logits, masks, boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
         B, R, L = logits.shape[0], logits.shape[2], len(layers)
         N, J = R // L, targets.classes.shape[1]
@@ -320,15 +252,9 @@ class HungarianMatcher(nn.Module):
         return torch.as_tensor(assignment, device=logits.device)  # (B, R)
 
     def cost_matrices(self, logits, masks, boxes, targets):
-        """The eq. (10) cost of every token row against every track slot of its clip.
-
-        Args:
-            logits: (B, T, R, Kc); masks: (B, T, R, h, w); boxes: (B, T, R, 4) cxcywh.
-            targets: Tracks with masks at (h, w).
-        Returns:
-            cost: (B, R, J), and the five unweighted terms, each (B, R, J), in COST_TERMS order.
-            Slots that hold no track get a cost as well; forward ignores them.
-        """
+        """The eq. (10) cost (B, R, J) of every token row against every track slot of its clip, and
+        the five unweighted terms, each (B, R, J), in COST_TERMS order. Slots that hold no track get
+        a cost as well; forward ignores them."""
         B, T, R = logits.shape[:3]
         J = targets.classes.shape[1]
         dtype = torch.promote_types(logits.dtype, torch.float32)  # no half-precision costs
@@ -374,7 +300,7 @@ class HungarianMatcher(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. The set criterion, eq. (8)
+# 4. The set criterion, eq. (8)
 # ----------------------------------------------------------------------------------------------
 class SetCriterion(nn.Module):
     """The training loss of eq. (8): L = lambda_quant * L_quant + L_segm.
@@ -424,17 +350,10 @@ class SetCriterion(nn.Module):
         self.weight_dict["quant_codebook_local"] = lambda_quant
 
     def forward(self, outputs, targets):
-        """
-        Args:
-            outputs: dict with "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
-                "pred_boxes" (B, T, N, 4); optional "aux_outputs", L-1 such dicts (earlier
-                layers); optional "quant", name -> scalar tensor, the unweighted eq. (9) terms.
-            targets: Tracks at the predictions' mask size (track_batch).
-        Returns:
-            total: scalar, eq. (8).
-            parts: name -> unweighted scalar: loss_class, loss_mask, loss_dice, loss_bbox,
-                loss_giou, the same with suffix _l for aux layer l, and every quant_* term.
-        """
+        """outputs: the model's dict (pred_logits, pred_masks, pred_boxes; optional aux_outputs, and
+        quant, the unweighted eq. (9) terms); targets: Tracks at its mask size. Returns total, the
+        scalar of eq. (8), and parts, name -> unweighted scalar: loss_class, loss_mask, loss_dice,
+        loss_bbox, loss_giou, the same with suffix _l for aux layer l, and every quant_* term."""
         assignment = self.matcher(self.layers(outputs), targets)  # (B, L*N) eq. (10)
         return self.losses(outputs, targets, assignment)
 

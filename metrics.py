@@ -38,6 +38,9 @@ Reading order
 6. `class SemanticMetrics`    AVSS accumulator: official padded-frame protocol and real frames only.
 7. `class _SumAccumulator`    the state / merge / all_reduce machinery both accumulators share.
 8. `headline`, `summary`      the score that picks train.py's best.pt, and the table a run prints.
+9. `codebook_stats`, `CollapseWatch`  not AVSBench's: the share of the K codewords a run's tokens use
+                              (usage, perplexity, dead codes), and train.py's warning when N tokens
+                              use <= N words (the quantizer itself: quantize.py).
 
 Shape alphabet
 --------------
@@ -508,3 +511,56 @@ def summary(results: dict) -> str:
             cells.append(f"  {v:>17.3f}" if present else f"  {'-':>17}")
         lines.append("  " + split.ljust(width) + "".join(cells))
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The codebook of a run (not AVSBench's): how many of the K words the tokens use
+# ----------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def codebook_stats(indices: torch.Tensor, num_codes: int) -> dict:
+    """How much of the codebook a batch uses.
+
+    Args:
+        indices:   (...) int64 chosen code indices (any shape).
+        num_codes: K.
+    Returns:
+        dict with usage:      float, fraction of the K codes chosen at least once;
+                  perplexity: float, exp(-sum_k p_k log p_k) of the code histogram p_k = count_k / V:
+                              1 when one code takes everything, K under uniform use (1.0 if empty);
+                  dead:       int, number of codes never chosen.
+    """
+    counts = torch.bincount(indices.reshape(-1).long(), minlength=num_codes).double()  # (K,)
+    total = counts.sum().clamp(min=1.0)  # ()
+    p = counts / total  # (K,) code histogram
+    entropy = -(p * torch.log(p.clamp(min=1e-300))).sum()  # () 0 * log(0) counts as 0
+    used = int((counts > 0).sum())
+    return {
+        "usage": used / num_codes,
+        "perplexity": float(torch.exp(entropy)),
+        "dead": num_codes - used,
+    }
+
+
+class CollapseWatch:
+    """A guard against codebook collapse during training (NOT IN PAPER: a diagnostic).
+
+    N tokens that use N words or fewer in every batch have collapsed: each token index keeps one
+    codeword whatever the sound, and the quantized tokens carry no information about it. `update`
+    is called once per quantized training step with the words in use of a path ('global' or
+    'local'); when a path has used <= N words at every step of the last `patience` steps, it
+    returns a warning naming the step, once per path.
+    """
+
+    def __init__(self, num_tokens: int, patience: int = 100):
+        self.num_tokens, self.patience = num_tokens, patience
+        self.run = {}       # path -> consecutive steps with <= N words, up to now
+        self.fired = set()  # paths already warned about
+
+    def update(self, step: int, path: str, words: int) -> str | None:
+        self.run[path] = self.run.get(path, 0) + 1 if words <= self.num_tokens else 0
+        if self.run[path] >= self.patience and path not in self.fired:
+            self.fired.add(path)
+            return (f"codebook collapse at step {step}: the {path} tokens used <= {self.num_tokens} "
+                    f"words (N = {self.num_tokens}) in each of the last {self.patience} steps")
+        return None

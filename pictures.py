@@ -1,5 +1,5 @@
-"""Pictures: class colours, panels scaled up, title lines with colour swatches, GIFs, and the
-picture of a synthetic clip with its tokens.
+"""Pictures: class colours, panels scaled up, title lines with colour swatches, GIFs, the model
+on one clip with eq. (11) at a frame's own size, and the picture of a synthetic clip with its tokens.
 
 What this file teaches
     How a segmentation is shown so that a student can read it: class id c is drawn in row c of the
@@ -16,20 +16,22 @@ What this file teaches
     tools/diagnostics.py --clip SPLIT:INDEX draws any clip with its tokens so named.
 
     The drawing functions run no model and use no other file of the repository but data.py (the
-    palette) and metrics.py (the val score curves.png plots); the clip picture runs the model once on the clip and applies eq. 11 (sqd.run_clip,
-    sqd.label_map). This file never imports predict.py or train.py, which import it.
+    palette) and metrics.py (the val score curves.png plots). run_clip runs the model once on a
+    clip and label_map applies eq. (11) (sqd.segment) at a frame's own size, for the clip picture
+    and for predict.py. This file never imports predict.py or train.py, which import it.
 
 Reading order
     PALETTE, colour_ids, frame_rgb, overlay (class colours on a frame); scale_up, titled, caption,
-    stack (panels and title lines); save_gif; font; then the synthetic clip: synthetic_picture (with
+    stack (panels and title lines); save_gif; font; run_clip and label_map (the model on one clip,
+    eq. 11 at a frame's size); then the synthetic clip: synthetic_picture (with
     spectrogram and token_names), write_synthetic_pictures (its PNG and GIF), write_clip_pictures
     (the clips a synthetic run draws); then a run's other pictures: write_overlays (frame | ground
     truth | prediction of AVSBench clips) and draw_curves (curves.png from log.jsonl).
 
 Shape alphabet (the repository's one shape alphabet: docs/shapes.md): H, W a panel's size, Hn, Wn
 a frame's own size; in the clip picture T frames, N semantic tokens, Kc foreground classes (the
-categories, class ids 1..Kc); a log-mel example is 96 x 64 (time steps x mel bands); side: a
-panel's side in the picture.
+categories, class ids 1..Kc), h, w the mask size of the predictions (H/4, W/4); a log-mel example
+is 96 x 64 (time steps x mel bands); side: a panel's side in the picture.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import metrics
-from sqd import label_map, run_clip
+from sqd import SQD, foreground_probability, segment
 
 MIN_PANEL = 256          # pictures scale every panel up (nearest neighbour) to at least this size
 PALETTE = data.voc_palette(256)  # (256, 3) the AVSS (PASCAL-VOC) colours; row j is class id j
@@ -145,6 +147,50 @@ def font(size: int = 14):
 
 
 # ----------------------------------------------------------------------------------------------
+# The model on one clip, and eq. (11) at a frame's own size (the clip picture's and predict.py's)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def run_clip(model: SQD, frames: torch.Tensor, audio: torch.Tensor, device, amp: bool = False) -> dict:
+    """The model on one clip in one pass: a batch of one clip, every frame valid.
+
+    frames (T, 3, H, W), audio (T, 1, 96, 64), on any device; amp: bf16 autocast. Returns
+    pred_logits (T, N, Kc), pred_masks (T, N, h, w) float32 on the CPU and codes (T, N) int64
+    on the CPU: the local tokens' codewords, the global tokens' (one set for the clip) for a
+    model without LSD, None for a model without tokens. predict.run_model calls it per chunk
+    of a long clip; synthetic_picture on a whole synthetic clip.
+    """
+    T = frames.shape[0]
+    batch = {"frames": frames[None].to(device),                        # (1, T, 3, H, W)
+             "audio": audio[None].to(device),                          # (1, T, 1, 96, 64)
+             "frame_valid": torch.ones(1, T, dtype=torch.bool, device=device)}
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
+        out = model(batch)
+    codes = None
+    if "local" in out["indices"]:
+        codes = out["indices"]["local"][0].cpu()                       # (T, N)
+    elif "global" in out["indices"]:                                   # one set for the clip
+        codes = out["indices"]["global"][0].cpu().expand(T, -1)        # (T, N)
+    return {"pred_logits": out["pred_logits"][0].float().cpu(),        # (T, N, Kc)
+            "pred_masks": out["pred_masks"][0].float().cpu(),          # (T, N, h, w)
+            "codes": codes}
+
+
+def label_map(logits: torch.Tensor, masks: torch.Tensor, size: tuple[int, int],
+              class_threshold: float = 0.1, mask_threshold: float = 0.5) -> np.ndarray:
+    """One frame's class ids at `size` (Hn, Wn): eq. (11) (segment) for semantic models; for
+    a binary one (Kc = 1, S4/MS3) foreground probability > 0.5, as the metrics threshold it.
+
+    logits (N, Kc), masks (N, h, w) mask logits. Returns (Hn, Wn) int64, 0 = background.
+    """
+    if logits.shape[-1] == 1:
+        fg = foreground_probability(logits[None, None], masks[None, None], size)  # (1, 1, Hn, Wn)
+        return (fg[0, 0] > 0.5).long().numpy()                                    # (Hn, Wn)
+    ids = segment(logits[None, None], masks[None, None], size, class_threshold,
+                  mask_threshold)                                                 # (1, 1, Hn, Wn) eq. (11)
+    return ids[0, 0].numpy()                                                      # (Hn, Wn)
+
+
+# ----------------------------------------------------------------------------------------------
 # A synthetic clip drawn with its tokens: what a student looks at to see decomposition work or fail
 # ----------------------------------------------------------------------------------------------
 def synthetic_picture(model, dataset, index: int, class_names: list, signatures: list | None,
@@ -154,7 +200,7 @@ def synthetic_picture(model, dataset, index: int, class_names: list, signatures:
     One row per frame: the frame | the log-mel of its second | the ground truth | the prediction
     (eq. 11) | the N local tokens' codewords l_{i,t} -> VQ, each with the class the token
     predicts and, given signatures (see token_names), the category its codeword is the signature
-    of. The clip runs through the model in one pass (sqd.run_clip: a synthetic clip is short).
+    of. The clip runs through the model in one pass (run_clip: a synthetic clip is short).
     Returns (the picture, one picture per frame for a GIF, layout): layout maps each panel name
     to its T boxes (x0, y0, x1, y1) in the picture, for tests.
     """

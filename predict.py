@@ -8,9 +8,10 @@ What this file teaches
          resized to the square img_size and ImageNet-normalised, one 0.96 s VGGish log-mel
          example per frame built, cut and padded the way that dataset's reader does it (data.py:
          frame_tensor, clip_examples, seconds_needed, pad_examples);
-      3. one forward pass over the whole clip (sqd.run_clip; sqd.SQD takes any number of frames);
-      4. eq. (11) (sqd.label_map, sqd.segment) at each frame's own size: a class-id PNG in the AVSS palette, an
-         overlay, a GIF and predictions.json (the sounding classes per frame, with scores).
+      3. one forward pass over the whole clip (pictures.run_clip; sqd.SQD takes any number of frames);
+      4. eq. (11) (pictures.label_map, sqd.segment) at each frame's own size: a class-id PNG in the
+         AVSS palette, an overlay, a GIF and predictions.json (the sounding classes per frame, with
+         scores).
 
     python predict.py --checkpoint runs/RUN/best.pt --frames DIR --audio clip.wav --out DIR
 
@@ -22,7 +23,7 @@ What this file teaches
 
 Reading order
     load_model, then the clip: list_frames, read_frames, read_audio; the model: run_model (one
-    pass, or chunks for a long clip), sqd.label_map and frame_classes (eq. 11 and the scores),
+    pass, or chunks for a long clip), pictures.label_map and frame_classes (eq. 11 and the scores),
     write_clip (the files, drawn with pictures.py); main at the end.
 
 Shape alphabet (the repository's one shape alphabet: docs/shapes.md): T frames of the clip (T'
@@ -51,8 +52,8 @@ from PIL import Image
 import data
 import train
 from checkpoint import CheckpointError, load_checkpoint
-from pictures import PALETTE, overlay, save_gif, titled
-from sqd import SQD, ModelConfig, label_map, run_clip
+from pictures import PALETTE, label_map, overlay, run_clip, save_gif, titled
+from sqd import SQD, ModelConfig
 from train import UserError
 
 MAX_FRAMES = 60          # frames in one pass; a longer clip runs in chunks of at most this many
@@ -170,7 +171,7 @@ def read_audio(path: str, T: int, dataset: str, pad: bool = False) -> tuple[torc
 @torch.no_grad()
 def run_model(model: SQD, frames: torch.Tensor, audio: torch.Tensor, device, amp: bool = False,
               max_frames: int = MAX_FRAMES) -> dict:
-    """The whole clip in one pass, or in chunks of at most max_frames frames (sqd.run_clip each).
+    """The whole clip in one pass, or in chunks of at most max_frames frames (pictures.run_clip each).
 
     frames (T, 3, H, W), audio (T, 1, 96, 64). Returns pred_logits (T, N, Kc), pred_masks
     (T, N, h, w) float32 on the CPU, codes (T, N) int64 (the local tokens' codewords; the

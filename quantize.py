@@ -15,15 +15,12 @@ Reading order
                               the paper, the warm-up (VQ(x) = x) and the k-means codebook ending it
     3. product_quantize       eq. (2): N tokens through one shared quantizer, concatenated
     4. quantization_loss      eq. (9): the three named, unweighted terms
-    5. codebook_stats         usage, perplexity and dead codes from the chosen indices
-    6. CollapseWatch          the training-time warning when N tokens use <= N words
+    (how much of the codebook a run uses, and the collapse warning: metrics.py)
 
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
-    ...  any leading dimensions (B, or B and T)
-    N    semantic tokens per clip (or per frame)
-    C    token and codeword width (the model channels)
-    K    codewords in the codebook
-    V    vectors after flattening the leading dimensions
+    ... any leading dimensions (B, or B and T), N semantic tokens per clip (or per frame), C token
+    and codeword width (the model channels), K codewords, V vectors after flattening the leading
+    dimensions.
 """
 from typing import NamedTuple, Optional
 
@@ -34,38 +31,24 @@ import torch.nn.functional as F
 
 
 class QuantizerOutput(NamedTuple):
-    """The result of quantizing a batch of vectors x (..., C).
-
-    quantized:       (..., C) straight-through output: its value is the chosen codeword, its
-                     gradient w.r.t. x is the identity, and it carries no gradient to the codebook.
-    codes:           (..., C) the chosen codewords themselves; differentiable w.r.t. the codebook
-                     only when the quantizer was called with update_codebook=True.
-    indices:         (...) int64, the index in [0, K) of the chosen codeword.
-    codebook_loss:   scalar, eq. (9) first term ||VQ(x) - sg[x]||^2 (mean over elements,
-                     unweighted); a zero tensor when update_codebook=False.
-    commitment_loss: scalar, eq. (9) second/third term ||sg[VQ(x)] - x||^2 (mean over
-                     elements, unweighted, lambda_com is applied by the criterion).
-    """
-    quantized: torch.Tensor
-    codes: torch.Tensor
-    indices: torch.Tensor
-    codebook_loss: torch.Tensor
-    commitment_loss: torch.Tensor
+    """The result of quantizing vectors x (..., C). quantized is straight-through: the value of the
+    codeword, gradient w.r.t. x the identity, none to the codebook. The losses are means over
+    elements, unweighted (the criterion applies lambda_com). With update_codebook=False,
+    codebook_loss is zero and codes carry no gradient to the codebook."""
+    quantized: torch.Tensor  # (..., C) VQ(x), straight-through
+    codes: torch.Tensor  # (..., C) the chosen codewords
+    indices: torch.Tensor  # (...) int64, the index in [0, K) of the chosen codeword
+    codebook_loss: torch.Tensor  # () eq. (9) first term ||VQ(x) - sg[x]||^2
+    commitment_loss: torch.Tensor  # () eq. (9) second/third term ||sg[VQ(x)] - x||^2
 
 
 class VectorQuantizer(nn.Module):
     """VQ(x) = argmin_{e_k in C} ||x - e_k||_2 with a learnable codebook C = {e_k}, k = 1..K.
 
-    Args:
-        num_codes:     K, number of codewords (128 in the paper).
-        dim:           C, width of tokens and codewords.
-        warmup_memory: how many recent warm-up tokens the k-means initialisation keeps (not in the paper).
-
-    Parameters and buffers (in checkpoints, so a run resumed in the warm-up continues exactly):
-        codebook:      (K, C) nn.Parameter, the codewords {e_k}, trained by the first term of eq. (9).
-        warmup_tokens: (V, C) buffer, a ring of the latest tokens seen in warm-up training.
-        warmup_seen:   () int64 buffer, how many tokens were written into the ring so far.
-    Attribute `warmup`: Python bool, True while in warm-up (`set_warmup`, from train.py's step count).
+    num_codes is K (128 in the paper), dim is C. The codewords are the parameter `codebook`, trained
+    by eq. (9)'s first term. Not in the paper, the warm-up's state: `warmup` (bool, see set_warmup)
+    and two buffers, in checkpoints so that a run resumed in the warm-up continues exactly: the
+    ring `warmup_tokens` of the last `warmup_memory` tokens and the count `warmup_seen`.
     """
 
     def __init__(self, num_codes: int, dim: int, warmup_memory: int = 4096):
@@ -74,24 +57,17 @@ class VectorQuantizer(nn.Module):
         self.dim = dim
         # PAPER: codewords start on the sphere ||e||^2 = C of the LayerNorm'd tokens (normal vectors
         # through a LayerNorm without affine); docs/paper-silent.md#codebook-initialisation.
-        codebook = F.layer_norm(torch.randn(num_codes, dim), (dim,))  # (K, C)
-        self.codebook = nn.Parameter(codebook)  # (K, C)
+        self.codebook = nn.Parameter(F.layer_norm(torch.randn(num_codes, dim), (dim,)))  # (K, C)
         self.warmup = False
-        self.register_buffer("warmup_tokens", torch.zeros(warmup_memory, dim))  # (V, C)
-        self.register_buffer("warmup_seen", torch.tensor(0))  # () int64
+        self.register_buffer("warmup_tokens", torch.zeros(warmup_memory, dim))  # (V, C) the ring
+        self.register_buffer("warmup_seen", torch.tensor(0))  # () int64, tokens written so far
 
     @torch.no_grad()
     def nearest_code(self, flat: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest codeword in L2 for each row (the VQ of eq. 2).
-
-        Args:
-            flat: (V, C) vectors.
-        Returns:
-            indices: (V,) int64. Ties go to the lowest index (torch.argmin).
-
-        ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2 (one matrix product), in at least float32 with
-        autocast off, so that a bf16/fp16 autocast region cannot change which codeword is nearest.
-        """
+        """The index (V,) int64 of the nearest codeword in L2 to each row of flat (V, C), the VQ of
+        eq. (2); ties go to the lowest index. ||x - e||^2 = ||x||^2 - 2 x.e + ||e||^2 (one matrix
+        product), in at least float32 with autocast off, so that a bf16/fp16 autocast region cannot
+        change which codeword is nearest."""
         dtype = torch.promote_types(torch.promote_types(flat.dtype, self.codebook.dtype), torch.float32)
         with torch.autocast(device_type=flat.device.type, enabled=False):
             x = flat.to(dtype)  # (V, C)
@@ -103,17 +79,12 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor, update_codebook: bool = True,
                 valid: Optional[torch.Tensor] = None) -> QuantizerOutput:
-        """Quantize every C-vector of x with the codebook.
+        """Quantize every C-vector of x (..., C), the global g_i or the local l_{i,t}.
 
-        Args:
-            x:               (..., C) tokens (global g_i or local l_{i,t}).
-            update_codebook: True for the global path (eq. 9 terms 1 and 2, the codebook is
-                             trained); False for the local path (eq. 9 term 3, no codebook gradient).
-            valid:           (...) bool or None: the tokens that count, in the losses (means over
-                             valid tokens) and in the warm-up memory (padding frames count nowhere).
-        Returns:
-            QuantizerOutput with quantized (..., C), codes (..., C), indices (...) int64,
-            codebook_loss scalar, commitment_loss scalar.
+        update_codebook: True for the global path (eq. 9 terms 1 and 2, the codebook is trained),
+        False for the local path (eq. 9 term 3, no codebook gradient). valid (...) bool or None: the
+        tokens that count, in the losses (means over valid tokens) and in the warm-up memory
+        (padding frames count nowhere). Returns a QuantizerOutput with x's leading dimensions.
         """
         lead = x.shape[:-1]  # (...) the leading dimensions
         flat = x.reshape(-1, self.dim)  # (V, C)
@@ -155,12 +126,10 @@ class VectorQuantizer(nn.Module):
     # docs/paper-silent.md#the-quantizer-warm-up.
     # ------------------------------------------------------------------------------------------
     def set_warmup(self, active: bool) -> None:
-        """Switch the warm-up pass-through on or off (train.py does it before every step).
-
-        While on, VQ(x) = x: the tokens go on unquantized, eq. (9) is zero, the codebook is not
-        touched, and the tokens of each training forward (global and local) are written into a
-        ring of the last `warmup_memory`, from which `end_warmup` initialises the codebook.
-        """
+        """Switch the warm-up on or off (train.py, before every step, from its step count). While
+        on, VQ(x) = x: the tokens go on unquantized, eq. (9) is zero, the codebook is not touched,
+        and the tokens of each training forward (global and local) go into the ring from which
+        `end_warmup` initialises the codebook."""
         self.warmup = bool(active)
 
     def end_warmup(self) -> None:
@@ -173,15 +142,8 @@ class VectorQuantizer(nn.Module):
 
     def _warmup_forward(self, flat: torch.Tensor, lead, update_codebook: bool,
                         keep: Optional[torch.Tensor]) -> QuantizerOutput:
-        """Warm-up: VQ(x) = x, no loss; the nearest codes are still reported (for logging).
-
-        Args:
-            flat: (V, C) tokens; lead: their leading dimensions; update_codebook: as in forward;
-            keep: (V,) bool or None, the tokens to remember.
-        Returns:
-            QuantizerOutput with quantized = x (..., C), codes = the (untrained) nearest codewords,
-            indices (...), and zero losses.
-        """
+        """forward in the warm-up, on flat (V, C) and keep (V,): VQ(x) = x and zero losses; the
+        nearest codewords are still reported (for logging), and training tokens are remembered."""
         if self.training:
             self._remember(flat.detach() if keep is None else flat.detach()[keep])  # (V', C)
         indices = self.nearest_code(flat)  # (V,)
@@ -207,19 +169,13 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def init_from_tokens(self, tokens: torch.Tensor, iters: int = 20, seed: int = 0) -> torch.Tensor:
-        """Set the codebook to the k-means centres of `tokens` (k-means++ seeding, Lloyd steps).
-
-        Args:
-            tokens: (V, C) vectors. With fewer than K distinct vectors, the codes that no vector
-                    can seed keep their current value.
-            iters:  Lloyd iterations (assign every vector to its nearest centre, move each centre
-                    to the mean of its vectors; a centre with no vector stays where it is).
-            seed:   seed of the k-means++ draws.
-        Returns:
-            sizes: (K,) int64, how many tokens each code holds after the last assignment.
-
-        Under DDP rank 0's centres are broadcast; Adam's moments of the codebook are left as they
-        were. Why torch and not scipy's kmeans2: docs/paper-silent.md#k-means-in-torch.
+        """Set the codebook to the k-means centres of tokens (V, C): k-means++ seeding (draws seeded
+        by `seed`), then `iters` Lloyd steps (each vector to its nearest centre, each centre to the
+        mean of its vectors; a centre with no vector stays). With fewer than K distinct vectors, the
+        codes no vector can seed keep their value. Returns sizes (K,) int64, the tokens each code
+        holds after the last assignment. Under DDP rank 0's centres are broadcast; Adam's moments
+        of the codebook are left as they were. Why torch and not scipy's kmeans2:
+        docs/paper-silent.md#k-means-in-torch.
         """
         x = tokens.detach().to(torch.float32)  # (V, C)
         K = self.num_codes
@@ -258,16 +214,11 @@ def _mse(a: torch.Tensor, b: torch.Tensor, keep: Optional[torch.Tensor]) -> torc
 
 
 def product_quantize(vq: VectorQuantizer, tokens: torch.Tensor, update_codebook: bool = True):
-    """Eq. (2): PQ(x) = VQ_s(x_1) (+) ... (+) VQ_s(x_N) with one shared codebook C_s.
+    """Eq. (2): PQ(x) = VQ_s(x_1) (+) ... (+) VQ_s(x_N) with one shared codebook C_s (vq).
 
-    Args:
-        vq:              the shared VectorQuantizer (codebook (K, C)).
-        tokens:          (..., N, C) the decomposed tokens x_i = f_i(x) (here g_i or l_{i,t}).
-        update_codebook: passed to vq (False for the local path, eq. 9 third term).
-    Returns:
-        pq:  (..., N*C) channel-wise concatenation of the N straight-through quantized tokens;
-             token i occupies channels [i*C, (i+1)*C).
-        out: QuantizerOutput of the N tokens, fields shaped (..., N, C) / (..., N).
+    tokens (..., N, C) are the decomposed tokens x_i = f_i(x) (here g_i or l_{i,t}). Returns pq
+    (..., N*C), the N straight-through quantized tokens concatenated (token i in channels
+    [i*C, (i+1)*C)), and the QuantizerOutput of the N tokens.
     """
     out = vq(tokens, update_codebook=update_codebook)  # quantized (..., N, C): one VQ_s for every token
     pq = out.quantized.flatten(-2)  # (..., N*C) eq. (2), concatenation (+)
@@ -279,15 +230,9 @@ def quantization_loss(global_out: QuantizerOutput, local_out: Optional[Quantizer
 
     L_quant = ||VQ(g) - sg[g]||^2 + lambda_com ||sg[VQ(g)] - g||^2 + lambda_com ||sg[VQ(l)] - l||^2
 
-    Args:
-        global_out:          QuantizerOutput of the global tokens g (update_codebook=True).
-        local_out:           QuantizerOutput of the local tokens l (update_codebook=False), or None.
-    Returns:
-        dict of scalars: 'quant_codebook' (term 1), 'quant_commit_global' (term 2 without
-        lambda_com), and, when local_out is given, 'quant_commit_local' (term 3 without lambda_com).
-    Raises:
-        ValueError if local_out carries a codebook gradient while the codebook is shared: the
-        local tokens must not update the shared codebook (Sec. 3.4).
+    global_out quantized the global tokens g (update_codebook=True), local_out (or None) the local
+    tokens l; the local tokens must not update the shared codebook (Sec. 3.4): a ValueError if
+    local_out carries a codebook gradient.
     """
     losses = {
         "quant_codebook": global_out.codebook_loss,  # eq. (9), first term
@@ -299,52 +244,3 @@ def quantization_loss(global_out: QuantizerOutput, local_out: Optional[Quantizer
                              "they commit to the shared codebook but do not update it (eq. 9)")
         losses["quant_commit_local"] = local_out.commitment_loss  # eq. (9), third term
     return losses
-
-
-@torch.no_grad()
-def codebook_stats(indices: torch.Tensor, num_codes: int) -> dict:
-    """How much of the codebook a batch uses.
-
-    Args:
-        indices:   (...) int64 chosen code indices (any shape).
-        num_codes: K.
-    Returns:
-        dict with usage:      float, fraction of the K codes chosen at least once;
-                  perplexity: float, exp(-sum_k p_k log p_k) of the code histogram p_k = count_k / V:
-                              1 when one code takes everything, K under uniform use (1.0 if empty);
-                  dead:       int, number of codes never chosen.
-    """
-    counts = torch.bincount(indices.reshape(-1).long(), minlength=num_codes).double()  # (K,)
-    total = counts.sum().clamp(min=1.0)  # ()
-    p = counts / total  # (K,) code histogram
-    entropy = -(p * torch.log(p.clamp(min=1e-300))).sum()  # () 0 * log(0) counts as 0
-    used = int((counts > 0).sum())
-    return {
-        "usage": used / num_codes,
-        "perplexity": float(torch.exp(entropy)),
-        "dead": num_codes - used,
-    }
-
-
-class CollapseWatch:
-    """A guard against codebook collapse during training (NOT IN PAPER: a diagnostic).
-
-    N tokens that use N words or fewer in every batch have collapsed: each token index keeps one
-    codeword whatever the sound, and the quantized tokens carry no information about it. `update`
-    is called once per quantized training step with the words in use of a path ('global' or
-    'local'); when a path has used <= N words at every step of the last `patience` steps, it
-    returns a warning naming the step, once per path.
-    """
-
-    def __init__(self, num_tokens: int, patience: int = 100):
-        self.num_tokens, self.patience = num_tokens, patience
-        self.run = {}       # path -> consecutive steps with <= N words, up to now
-        self.fired = set()  # paths already warned about
-
-    def update(self, step: int, path: str, words: int) -> Optional[str]:
-        self.run[path] = self.run.get(path, 0) + 1 if words <= self.num_tokens else 0
-        if self.run[path] >= self.patience and path not in self.fired:
-            self.fired.add(path)
-            return (f"codebook collapse at step {step}: the {path} tokens used <= {self.num_tokens} "
-                    f"words (N = {self.num_tokens}) in each of the last {self.patience} steps")
-        return None

@@ -14,13 +14,11 @@ What this file teaches
             semantic-guided masks     decoders.py   SemanticMaskDecoder             eq. (7)
       (4) the loss                    matcher.py    SetCriterion                    eq. (8)-(10)
       (5) inference                   this file     segment, foreground_probability eq. (11)
-                                                    run_clip, label_map (one clip, one frame)
 
 Reading order
     ModelConfig and PRESETS (the hyper-parameters, with the paper's values), SQD.__init__
     (which module is which box of Fig. 3), SQD.forward (the paper's data flow, Fig. 3),
-    then segment() and foreground_probability() (App. E); run_clip() (the model on one clip)
-    and label_map() (eq. 11 at one frame's own size) serve predict.py and pictures.py.
+    then segment() and foreground_probability() (App. E).
 
 Ablations (Table 2) are four booleans of ModelConfig, by default the full model: use_gsd, use_avsr
 and use_lsd (one `if` each in SQD.forward) and shared_codebook. What replaces a removed box lives in
@@ -29,13 +27,12 @@ two methods below forward (ablation_queries, quantize_local), so that forward re
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
     B clips, T frames, N semantic tokens, C channels, K codewords, Kc foreground classes,
     H, W image size, h, w = H/4, W/4 (mask resolution), H_l, W_l one visual level, S visual
-    tokens of one frame (all levels), Cm mask-feature channels; Hn, Wn a frame's size (label_map).
+    tokens of one frame (all levels), Cm mask-feature channels.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -183,11 +180,9 @@ class SQD(nn.Module):
         # PAPER: eq. (4) and (6) both write p_i; whether the ASDs share them is not said. Two sets
         # (docs/paper-silent.md#one-prototype-set-per-asd).
         # PAPER: Table 2 without SC does not say what the local tokens use: a codebook of their own.
-        self.local_vq = (None if cfg.shared_codebook
-                         else VectorQuantizer(cfg.codebook_size, C))
+        self.local_vq = None if cfg.shared_codebook else VectorQuantizer(cfg.codebook_size, C)
         self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
-                                                cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels,
-                                                cfg.dyn_layers,
+                                                cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels, cfg.dyn_layers,
                                                 num_slots=N if cfg.slot_positions else None)
         # Table 2 baseline without GSD and LSD: N learnable queries plus the frame's audio embedding
         self.baseline_queries = nn.Parameter(torch.randn(N, C))  # (N, C)
@@ -252,7 +247,7 @@ class SQD(nn.Module):
             f_at = f_a.reshape(B * T, 1, C)                       # (B*T, 1, C)  eq. (6)'s memory
             l = self.local_asd(f_at)                              # (B*T, N, C)  eq. (6): l_{i,t}
             l = tokens["local"] = l.reshape(B, T, N, C)           # (B, T, N, C)
-            vq_l = self.quantize_local(l, vq_g, frame_valid)      # VQ(l_{i,t}), the shared codebook
+            vq_l = self.quantize_local(l, frame_valid)            # VQ(l_{i,t}), the shared codebook
             queries = vq_l.quantized                              # (B, T, N, C)  VQ(l_{i,t})
         else:
             queries = self.ablation_queries(f_a, vq_g)            # (B, T, N, C)
@@ -268,7 +263,7 @@ class SQD(nn.Module):
     # ------------------------------------------------------------------------------------------
     # The ablations' side of forward: what replaces a removed box of Fig. 3
     # ------------------------------------------------------------------------------------------
-    def quantize_local(self, l, vq_g, frame_valid):
+    def quantize_local(self, l, frame_valid):
         """VQ(l_{i,t}): l (B, T, N, C) -> QuantizerOutput with quantized (B, T, N, C).
 
         The paper's model: the shared codebook, which the local tokens commit to but never update
@@ -316,18 +311,14 @@ class SQD(nn.Module):
         return [vq for vq in (self.vq, self.local_vq) if vq is not None]
 
     def set_quantizer_warmup(self, active: bool) -> None:
-        """Quantizer warm-up on or off (quantize.VectorQuantizer.set_warmup; not in the paper).
-
-        While on, VQ(x) = x for every token and eq. (9) is zero. train.py calls this before every
-        step with `step < quant_warmup_steps`, and before every evaluation.
-        """
+        """Quantizer warm-up on or off: while on, VQ(x) = x and eq. (9) is zero (not in the paper;
+        quantize.VectorQuantizer.set_warmup). train.py calls it before every step and evaluation."""
         for vq in self.quantizers():
             vq.set_warmup(active)
 
     def end_quantizer_warmup(self) -> None:
-        """Set each codebook to the k-means centres of its last warm-up tokens
-        (quantize.VectorQuantizer.end_warmup; not in the paper). train.py calls this once, in the
-        step that ends the warm-up."""
+        """Each codebook to the k-means centres of its last warm-up tokens (not in the paper;
+        quantize.VectorQuantizer.end_warmup), once, in the step that ends the warm-up."""
         for vq in self.quantizers():
             vq.end_warmup()
 
@@ -413,44 +404,3 @@ def foreground_probability(pred_logits: torch.Tensor, pred_masks: torch.Tensor,
                       align_corners=False).sigmoid()                     # (B*T, N, H, W)
     m = m.unflatten(0, (B, T))                                           # (B, T, N, H, W)
     return (p[..., None, None] * m).max(2).values                        # (B, T, H, W)
-
-
-@torch.no_grad()
-def run_clip(model: SQD, frames: torch.Tensor, audio: torch.Tensor, device, amp: bool = False) -> dict:
-    """The model on one clip in one pass: a batch of one clip, every frame valid.
-
-    frames (T, 3, H, W), audio (T, 1, 96, 64), on any device; amp: bf16 autocast. Returns
-    pred_logits (T, N, Kc), pred_masks (T, N, h, w) float32 on the CPU and codes (T, N) int64
-    on the CPU: the local tokens' codewords, the global tokens' (one set for the clip) for a
-    model without LSD, None for a model without tokens. predict.run_model calls it per chunk
-    of a long clip; pictures.synthetic_picture on a whole synthetic clip.
-    """
-    T = frames.shape[0]
-    batch = {"frames": frames[None].to(device),                        # (1, T, 3, H, W)
-             "audio": audio[None].to(device),                          # (1, T, 1, 96, 64)
-             "frame_valid": torch.ones(1, T, dtype=torch.bool, device=device)}
-    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=amp):
-        out = model(batch)
-    codes = None
-    if "local" in out["indices"]:
-        codes = out["indices"]["local"][0].cpu()                       # (T, N)
-    elif "global" in out["indices"]:                                   # one set for the clip
-        codes = out["indices"]["global"][0].cpu().expand(T, -1)        # (T, N)
-    return {"pred_logits": out["pred_logits"][0].float().cpu(),        # (T, N, Kc)
-            "pred_masks": out["pred_masks"][0].float().cpu(),          # (T, N, h, w)
-            "codes": codes}
-
-
-def label_map(logits: torch.Tensor, masks: torch.Tensor, size: tuple[int, int],
-              class_threshold: float = 0.1, mask_threshold: float = 0.5) -> np.ndarray:
-    """One frame's class ids at `size` (Hn, Wn): eq. (11) (segment) for semantic models; for
-    a binary one (Kc = 1, S4/MS3) foreground probability > 0.5, as the metrics threshold it.
-
-    logits (N, Kc), masks (N, h, w) mask logits. Returns (Hn, Wn) int64, 0 = background.
-    """
-    if logits.shape[-1] == 1:
-        fg = foreground_probability(logits[None, None], masks[None, None], size)  # (1, 1, Hn, Wn)
-        return (fg[0, 0] > 0.5).long().numpy()                                    # (Hn, Wn)
-    ids = segment(logits[None, None], masks[None, None], size, class_threshold,
-                  mask_threshold)                                                 # (1, 1, Hn, Wn) eq. (11)
-    return ids[0, 0].numpy()                                                      # (Hn, Wn)

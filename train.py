@@ -46,7 +46,7 @@ from checkpoint import (CheckpointError, ResumableSampler, append_jsonl, atomic_
                         deferred_interrupt, load_checkpoint, save_checkpoint, set_rng_state, start_log,
                         write_json)
 from pretrained import WeightsError, load_start_weights, uses_stand_ins
-from quantize import CollapseWatch, codebook_stats
+from metrics import CollapseWatch, codebook_stats
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
 import synthetic
 

@@ -26,15 +26,13 @@ Shapes (the repository's one shape alphabet: docs/shapes.md)
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from boxes import box_cxcywh_to_xyxy, extent_boxes, generalized_box_iou
 from matcher import (
     PAPER_LOSS_WEIGHTS,
     HungarianMatcher,
     SetCriterion,
     Tracks,
-    box_cxcywh_to_xyxy,
     dice_loss,
-    extent_boxes,
-    generalized_box_iou,
     masks_at_resolution,
     pairwise_dice_cost,
     pairwise_focal_cost,

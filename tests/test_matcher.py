@@ -18,14 +18,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402
+from boxes import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, generalized_box_iou  # noqa: E402
 from matcher import (  # noqa: E402
     HungarianMatcher,
     SetCriterion,
     Tracks,
-    box_cxcywh_to_xyxy,
-    box_xyxy_to_cxcywh,
     dice_loss,
-    generalized_box_iou,
     masks_at_resolution,
     pairwise_dice_cost,
     pairwise_focal_cost,

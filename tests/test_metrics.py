@@ -4,6 +4,7 @@ below as fractions), plus random inputs against a literal re-implementation of t
 
 Hand calculations use beta^2 = 0.3, so F = 1.3 P R / (0.3 P + R).
 """
+import math
 import os
 import tempfile
 from fractions import Fraction as Fr
@@ -14,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from metrics import (METRIC_DEFINITIONS, ObjectMetrics, SemanticMetrics, binary_frame_fmeasure,
-                     binary_frame_iou, official_thresholds, semantic_frame_stats)
+                     binary_frame_iou, codebook_stats, official_thresholds, semantic_frame_stats)
 
 
 def grid(rows):
@@ -457,3 +458,18 @@ def test_metric_definitions_cover_every_reported_number():
     assert set(obj.compute()) == set(METRIC_DEFINITIONS["ObjectMetrics"]) == set(ObjectMetrics.definitions)
     assert set(sem.compute()) == set(METRIC_DEFINITIONS["SemanticMetrics"])
     assert all(isinstance(v, str) and v for d in METRIC_DEFINITIONS.values() for v in d.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# The codebook of a run: usage, perplexity, dead codes
+# ----------------------------------------------------------------------------------------------------
+
+def test_codebook_stats_hand_values():
+    stats = codebook_stats(torch.tensor([[0, 0], [1, 3]]), num_codes=5)
+    # histogram p = (1/2, 1/4, 0, 1/4, 0): entropy = 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2
+    assert math.isclose(stats["perplexity"], 2.0 ** 1.5, rel_tol=1e-12)
+    assert stats["usage"] == 3 / 5 and stats["dead"] == 2
+    uniform = codebook_stats(torch.arange(8).repeat(3), num_codes=8)
+    assert math.isclose(uniform["perplexity"], 8.0, rel_tol=1e-12) and uniform["dead"] == 0
+    collapsed = codebook_stats(torch.full((10,), 2), num_codes=8)
+    assert collapsed["perplexity"] == 1.0 and collapsed["usage"] == 1 / 8 and collapsed["dead"] == 7

@@ -22,8 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import commands  # noqa: E402
 import data  # noqa: E402
+import pictures  # noqa: E402
 import predict  # noqa: E402
-import sqd  # noqa: E402
 import synthetic  # noqa: E402
 from fixtures import RunsCode, tone_wav, voc_colour, write_avss  # noqa: E402
 
@@ -132,8 +132,8 @@ def test_hand_built_output_gives_the_hand_computed_png(tmp_path):
     # binary model (Kc = 1): foreground max_i P_i M_i > 0.5. Token 0 (P = sigmoid(3) = 0.9526)
     # covers columns 0-3 (0.9526 * sigmoid(5) = 0.946 there, 0.9526 * sigmoid(-5) = 0.006 in
     # column 4); token 1 (P = sigmoid(-3) = 0.047) covers everything but never reaches 0.5.
-    binary = sqd.label_map(torch.tensor([[3.0], [-3.0]]),
-                           torch.stack([masks[0, 0], torch.full((2, 3), 10.0)]), (4, 6))
+    binary = pictures.label_map(torch.tensor([[3.0], [-3.0]]),
+                                torch.stack([masks[0, 0], torch.full((2, 3), 10.0)]), (4, 6))
     assert np.array_equal(binary, (expected.clip(0, 1) * (np.arange(6) < 4)).astype(np.int64))
 
 

@@ -1,7 +1,7 @@
-"""Tests of quantize.py: eq. (1), (2), (9), codebook statistics, the warm-up and its k-means.
+"""Tests of quantize.py: eq. (1), (2), (9), the warm-up and its k-means.
 
 Every test compares with an independent computation: enumeration, an explicit python loop with a
-brute-force argmin, hand-written losses and gradients, autograd Jacobians, hand-computed entropy.
+brute-force argmin, hand-written losses and gradients, autograd Jacobians.
 """
 import itertools
 import math
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from quantize import (QuantizerOutput, VectorQuantizer, codebook_stats,  # noqa: E402
-                      product_quantize, quantization_loss)
+from quantize import (QuantizerOutput, VectorQuantizer, product_quantize,  # noqa: E402
+                      quantization_loss)
 
 
 def make_vq(K, D, seed=0, **kw):
@@ -211,21 +211,6 @@ def test_eq09_shared_codebook_rejects_a_local_path_that_updates_it():
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     with pytest.raises(ValueError, match="update_codebook=False"):
         quantization_loss(vq(x), vq(x, update_codebook=True))
-
-
-# ---------------------------------------------------------------------------------------------
-# codebook statistics
-# ---------------------------------------------------------------------------------------------
-
-def test_codebook_stats_hand_values():
-    stats = codebook_stats(torch.tensor([[0, 0], [1, 3]]), num_codes=5)
-    # histogram p = (1/2, 1/4, 0, 1/4, 0): entropy = 1/2 ln 2 + 2 * 1/4 ln 4 = 1.5 ln 2
-    assert math.isclose(stats["perplexity"], 2.0 ** 1.5, rel_tol=1e-12)
-    assert stats["usage"] == 3 / 5 and stats["dead"] == 2
-    uniform = codebook_stats(torch.arange(8).repeat(3), num_codes=8)
-    assert math.isclose(uniform["perplexity"], 8.0, rel_tol=1e-12) and uniform["dead"] == 0
-    collapsed = codebook_stats(torch.full((10,), 2), num_codes=8)
-    assert collapsed["perplexity"] == 1.0 and collapsed["usage"] == 1 / 8 and collapsed["dead"] == 7
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from quantize import CollapseWatch
+from metrics import CollapseWatch
 from sqd import SQD
 from test_sqd import random_batch, tiny_cfg
 

@@ -6,7 +6,7 @@ What this file teaches
     dog's codeword and the car's codeword. On the synthetic benchmark the ground truth says which
     categories sound, so the claim can be measured:
 
-      1. usage and perplexity of the codebook over a split (quantize.codebook_stats);
+      1. usage and perplexity of the codebook over a split (metrics.codebook_stats);
       2. a category x codeword table: for single-source clips of each category, how often each
          codeword is among the clip's N global tokens;
       3. each category's *signature* codeword: the codeword most specific to it,
@@ -73,7 +73,7 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import pictures  # noqa: E402  (the clip picture: synthetic_picture, write_synthetic_pictures)
 import predict  # noqa: E402  (load_model: the checkpoint's model as predict.py loads it)
-from quantize import codebook_stats  # noqa: E402
+from metrics import codebook_stats  # noqa: E402
 
 
 @torch.no_grad()
