@@ -14,7 +14,7 @@ What this file teaches
     None of this is in the paper; it is what any run of train.py relies on.
 
 Reading order
-    atomic_save, save_checkpoint, load_checkpoint (and CHECKPOINT_FORMAT's history), the RNG
+    atomic_save, save_checkpoint, load_checkpoint (and the refusal of older formats), the RNG
     states, deferred_interrupt, ResumableSampler, then the run directory's log helpers.
 """
 from __future__ import annotations
@@ -36,19 +36,9 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be read; the message names the file and what is wrong."""
 
 
-# The layout of a checkpoint; a checkpoint of another format is refused with a message.
-# 6: a synthetic run's start is no longer a choice (no --audio-regime, --visual-regime), the
-#    options fixed by the recipe are gone from the config (loss weights, optimizer constants), and
-#    the model config has no zero_audio (the control zeroes the data: data.ZeroAudio).
-# 5: the mask decoder has slot positions, and the configs hold no option that val rejected (the
-#    EMA codebook, the other readings of eq. 4-6 and 9, the unquantized control).
-# 4: module names follow the paper (SQD.vq and local_vq, the codebook's VectorQuantizer;
-#    SemanticRecombination.norm) and the quantizer keeps no dead-code-revival state.
-# 3: RNG states and config hold only tensors and plain Python values, so that a checkpoint loads
-#    with torch.load(weights_only=True), which rebuilds no arbitrary object and runs no code from
-#    the file; format 2 pickled numpy's RNG state and only loaded with weights_only=False.
-# 2: the visual encoder is length-independent (attention per scale, then over time) and the
-#    model config has no `frames`; format 1 (no "format" key) encoded windows of T frames.
+# The layout of a checkpoint. It goes up by one when a model's keys or a config's fields change;
+# OLD_FORMATS is the message that refuses each older one (what it lacks, and the git tag whose code
+# reads it). What each format changed: docs/extending.md, "Checkpoint formats".
 CHECKPOINT_FORMAT = 6
 OLD_FORMATS = {1: "the visual encoder then encoded windows of T frames; retrain with this version",
                2: "its RNG states need a full unpickle, which can run code; retrain with this version",

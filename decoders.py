@@ -17,7 +17,7 @@ Reading order
     2. DecoderLayer, TransformerDecoder TrD: self-attn, cross-attn, FFN, each residual + LayerNorm
     3. AudioVisualFusion                §3.3 eq. (3) audio-visual fusion
     4. AudioSemanticDecoder             §3.3 eq. (4) global ASD; §3.4 eq. (6) local ASD
-    5. MaskedBatchNorm2d, SemanticRecombination   §3.3 eq. (5) audiovisual recombination
+    5. ChannelLayerNorm, MaskedBatchNorm2d, SemanticRecombination   §3.3 eq. (5) recombination
     6. num_dynamic_params, dynamic_mask_conv, relative_coordinates   §3.4 eq. (7), dynamic conv
     7. SemanticMaskDecoder              §3.4 eq. (7) TrD_segm + controller + class/box heads
 
@@ -44,7 +44,7 @@ def mlp(in_dim, hidden_dim, out_dim):
 
 def with_pos(x, pos):
     """x + pos, or x when there is no positional embedding (DETR adds it to queries/keys only).
-    x: (B, S, C); pos: (B, S, C) or None. Returns (B, S, C)."""
+    x: (..., C); pos: the same shape or None. Returns the shape of x."""
     return x if pos is None else x + pos
 
 

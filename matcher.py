@@ -45,8 +45,8 @@ from scipy.optimize import linear_sum_assignment
 from boxes import box_cxcywh_to_xyxy, extent_boxes, generalized_box_iou
 
 # App. D: "lambda_cls = 2, lambda_L1 = 5, lambda_giou = 2, lambda_dice = 2, lambda_focal = 5".
-# PAPER: §3.5 says Dice + BCE for the masks; lambda_focal read as the weight of a focal mask
-# loss, as ReferFormer (docs/paper-silent.md#focal-not-bce-mask-loss).
+# NOT IN PAPER: §3.5 says Dice + BCE for the masks, App. D weighs a lambda_focal; read as a focal
+# mask loss, as ReferFormer (docs/paper-silent.md#focal-not-bce-mask-loss).
 PAPER_LOSS_WEIGHTS = {
     "loss_class": 2.0,  # lambda_cls, sigmoid focal class loss
     "loss_bbox": 5.0,  # lambda_L1
@@ -285,7 +285,7 @@ class HungarianMatcher(nn.Module):
         cost_giou = giou_loss.sum(dim=1) / num_sounding  # (B, R, J)
 
         # Mask terms on the whole labelled volume (T_l, h, w): silent frames ask for empty masks.
-        # PAPER: focal + Dice (§3.5: Dice + BCE; docs/paper-silent.md#focal-not-bce-mask-loss).
+        # NOT IN PAPER: focal + Dice (§3.5: Dice + BCE; docs/paper-silent.md#focal-not-bce-mask-loss).
         h, w = masks.shape[-2:]
         pred_masks = masks.to(dtype).transpose(1, 2).flatten(2)  # (B, R, Px)
         tgt_masks = targets.masks.to(dtype).flatten(2)  # (B, J, Px)

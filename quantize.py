@@ -3,7 +3,7 @@
 What this file teaches
     SQD (Sec. 3.1) represents a multi-source audio clip by N semantic tokens, each snapped to its
     nearest word of ONE shared codebook of K words: N tokens can express K**N products (eq. 1)
-    while the codebook stays small (K << K**N), so a mixture must decompose into single-source
+    while the codebook stays small (K << Kc**N, Kc sound categories: §3.3's 128 << 70**N), so a mixture must decompose into single-source
     parts that reuse the same words (eq. 2). Eq. (9) of Sec. 3.5 trains the codebook (first term),
     pulls the global tokens e_i = VQ(g_i) of Sec. 3.3 to their codewords (second term), and makes
     the local, per-frame tokens of Sec. 3.4 commit to the same codebook without updating it (third).

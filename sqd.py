@@ -229,7 +229,7 @@ class SQD(nn.Module):
             clip_memory, clip_pos, clip_pad = _clip_tokens(F_v, pos, pad)  # (B, T*S, C) x2, (B, T*S)
             F_a_prime = self.fusion(f_a, clip_memory, clip_pos, time_pos, clip_pad)  # (B, T, C) eq. (3): F'_a
             g = tokens["global"] = self.global_asd(F_a_prime, time_pos, pad)  # (B, N, C)  eq. (4): g_i
-            vq_g = self.vq(g)                                     # eq. (1)-(2): e_i = VQ(g_i)
+            vq_g = self.vq(g)                                     # §3.3, eq. (2)'s shared codebook: e_i = VQ(g_i)
             e_i = vq_g.quantized                                  # (B, N, C)  e_i, straight-through
             if cfg.use_avsr:
                 # PAPER: §3.3 derives the filters from e_i, one sentence later "from g_i"; e_i here

@@ -16,7 +16,9 @@ What this file teaches
 
 Reading order
     TrainConfig (every setting, one comment each) and RECIPES (the paper's epochs per dataset),
-    parse_args, main/run (set-up), train_one_epoch, evaluate, then the checkpoint helpers.
+    parse_args and resolve, main/run (set-up and the epoch loop), evaluate_best_and_last (the
+    final evaluation), train_one_epoch with forward_loss and apply_gradients (one step), the step's
+    log (finish_step), evaluate. What a resumed run relies on is checkpoint.py's.
 
 Shape alphabet: B clips, T frames, N tokens, Kc classes, H, W image size, h, w mask size.
 """
@@ -77,7 +79,7 @@ class TrainConfig:
     backbone_weights: str | None = None  # torchvision state_dict (.pth) of the backbone: resnet50-*.pth, swin_t-704ceda3.pth, swin3d_t-7615ae03.pth
     audio_weights: str | None = None     # state_dict of the audio network: the released VGGish (vggish-10086976.pth), or the cpu preset's SmallVGG
     audio_cache: str = os.path.join("runs", "audio-weights")  # synthetic, CPU preset: folder of the pretrained stand-ins (pretrain.py), built on first use
-    # ablations (Tables 2-5); defaults are the paper's full model
+    # ablations (Tables 2-4) and a control; defaults are the paper's full model
     no_gsd: bool = False           # drop global semantic decomposition
     no_avsr: bool = False          # drop audiovisual semantic recombination
     no_lsd: bool = False           # drop local semantic decomposition
@@ -87,7 +89,7 @@ class TrainConfig:
     zero_audio: bool = False       # control: audio replaced by zeros (vision alone)
     # NOT IN PAPER: the quantizer warm-up (RECIPES)
     quant_warmup_steps: int | None = None  # first steps with VQ(x) = x, then a k-means codebook (not in the paper); None: recipe (300; 0 quantizes from step 1, as the paper)
-    # optimisation (paper §4, App. D)
+    # optimisation (paper §4)
     epochs: int | None = None      # None: recipe (s4/ms3 13, avss 16, synthetic see RECIPES)
     lr_drop_epoch: int | None = None  # epoch (1-based) from which lr is x0.1; None: recipe
     max_steps: int | None = None   # stop after this many optimizer steps (smoke tests, budgets)
@@ -121,7 +123,7 @@ RECIPES = {
                       loss_weights=dict(loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0,
                                         loss_giou=0.5)),
 }
-# The paper's optimizer (§4, App. D), the same in every recipe: AdamW with weight decay 5e-4, the
+# The paper's optimizer (§4), the same in every recipe: AdamW with weight decay 5e-4, the
 # backbone at half the learning rate.
 BACKBONE_LR_MULT = 0.5
 WEIGHT_DECAY = 5e-4
@@ -410,11 +412,8 @@ def evaluate_best_and_last(ctx: dict, eval_sets: dict) -> dict:
     # best val score, the usual model selection, and keep the last model's numbers beside it.
     cfg, model, state, out_dir = ctx["cfg"], ctx["model"], ctx["state"], ctx["out_dir"]
     args = (ctx["device"], ctx["rank"], ctx["world"])
-    # Under torchrun rank 0 writes best.pt and every rank reads that file after this barrier, so
-    # that all ranks evaluate the same weights. Chosen over a copy of the best state_dict kept in
-    # memory on every rank: the file also holds a best model chosen before a --resume, and the
-    # numbers are those of the file that --eval-only and predict.py load. It needs the run
-    # directory on a file system that every rank sees (one machine, or a shared disk).
+    # Under torchrun rank 0 writes best.pt and every rank reads that file after this barrier (a run
+    # directory every rank sees): all evaluate the weights that --eval-only and predict.py load.
     if ctx["world"] > 1:
         dist.barrier()
     # mapped from the file: the weights are read, the optimizer's state is not

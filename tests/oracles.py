@@ -217,7 +217,7 @@ class PerClipHungarianMatcher(HungarianMatcher):
         _check_finite("cost_giou", cost_giou, clip)
 
         # Mask terms on the labelled volume (T_l, h, w).
-        # PAPER: §3.5 says "Dice and BCE", App. D gives lambda_focal = 5 and lambda_dice = 2; we
+        # NOT IN PAPER: §3.5 says "Dice and BCE", App. D gives lambda_focal = 5 and lambda_dice = 2; we
         # use focal + Dice (as ReferFormer) on the whole labelled volume, not per frame, so a
         # silent frame asks the matched token for an empty mask.
         pred_masks = masks.to(dtype)[valid].transpose(0, 1).flatten(1)  # (N, T_l*h*w)
