@@ -547,20 +547,23 @@ class CollapseWatch:
 
     N tokens that use N words or fewer in every batch have collapsed: each token index keeps one
     codeword whatever the sound, and the quantized tokens carry no information about it. `update`
-    is called once per quantized training step with the words in use of a path ('global' or
-    'local'); when a path has used <= N words at every step of the last `patience` steps, it
-    returns a warning naming the step, once per path.
+    is called on the quantized training steps that are logged (train.LOG_EVERY) with the words in
+    use of a path ('global' or 'local'); when a path has used <= N words at every such step from
+    `patience` steps ago (or more) up to now, it returns a warning naming the step, once per path.
     """
 
     def __init__(self, num_tokens: int, patience: int = 100):
         self.num_tokens, self.patience = num_tokens, patience
-        self.run = {}       # path -> consecutive steps with <= N words, up to now
+        self.since = {}     # path -> the first step of its current run of steps with <= N words
         self.fired = set()  # paths already warned about
 
     def update(self, step: int, path: str, words: int) -> str | None:
-        self.run[path] = self.run.get(path, 0) + 1 if words <= self.num_tokens else 0
-        if self.run[path] >= self.patience and path not in self.fired:
+        if words > self.num_tokens:
+            self.since.pop(path, None)
+            return None
+        since = self.since.setdefault(path, step)
+        if step - since + 1 >= self.patience and path not in self.fired:
             self.fired.add(path)
             return (f"codebook collapse at step {step}: the {path} tokens used <= {self.num_tokens} "
-                    f"words (N = {self.num_tokens}) in each of the last {self.patience} steps")
+                    f"words (N = {self.num_tokens}) in every batch logged since step {since}")
         return None

@@ -557,43 +557,41 @@ def check_loss(ctx: dict, done: dict) -> float:
 
 
 def finish_step(ctx: dict, done: dict, log_path: str, bar) -> None:
-    """After a training step (train_one_epoch): the codebook collapse watch at every quantized
-    step and, every LOG_EVERY steps, the loss checked (check_loss) and the log line written.
+    """After a training step (train_one_epoch), on the first step and every LOG_EVERY steps: the
+    loss checked (check_loss), the codebook collapse watch, and the log line written.
 
     done: the step's number, epoch, lr, clips/s ("rate"), quantizer warm-up, the names of its
-    loss parts and its values on the device (step_values). As in nanoGPT, the loss is read with
-    .item() only on the steps that are logged; the collapse watch reads the codeword indices.
-    Raises UserError if a logged step's loss is not finite.
+    loss parts and its values on the device (step_values). As in nanoGPT, the device is read
+    (.item()) only on the steps that are logged. UserError if such a step's loss is not finite.
     """
     step, values = done["step"], done["values"]
-    log_now = step % LOG_EVERY == 0 or step == 1
-    watch = ctx.get("collapse_watch") if ctx["main_proc"] and not done["warmup"] else None
-    if log_now:
-        loss = check_loss(ctx, done)
-        bar.set_postfix(loss=f"{loss:.3f}", clips_s=f"{done['rate']:.1f}")
-    if not ((log_now and ctx["main_proc"]) or watch is not None):
+    if not (step % LOG_EVERY == 0 or step == 1):
+        return
+    loss = check_loss(ctx, done)
+    bar.set_postfix(loss=f"{loss:.3f}", clips_s=f"{done['rate']:.1f}")
+    if not ctx["main_proc"]:
         return
     K = ctx["model"].cfg.codebook_size
     stats = {prefix: codebook_stats(values[key], K)
              for prefix, key in (("codebook_", "codebook_indices"), ("local_codebook_", "local_codebook_indices"))
              if key in values}
-    if watch is not None:
-        for prefix, st in stats.items():  # the quantized steps only: in warm-up VQ(x) = x
+    watch = ctx.get("collapse_watch")
+    for prefix, st in stats.items():
+        if watch is not None and not done["warmup"]:  # the quantized steps only: in warm-up VQ(x) = x
             message = watch.update(step, "global" if prefix == "codebook_" else "local",
                                    round(st["usage"] * K))
             if message:
                 print(f"warning: {message}", file=sys.stderr)
                 append_jsonl(log_path, {"step": step, "warning": message})
-    if ctx["main_proc"] and log_now:
-        line = {"step": step, "epoch": done["epoch"], "loss": loss,
-                **{k: values[k].item() for k in done["parts"]},
-                "lr": done["lr"], "grad_norm": values["grad_norm"].item(),
-                "clips_per_s": done["rate"], "quant_warmup": done["warmup"]}
-        if "grad_norm_global" in values:
-            line["grad_norm_global"] = values["grad_norm_global"].item()
-        for prefix, st in stats.items():
-            line.update({f"{prefix}{k}": float(v) for k, v in st.items()})
-        append_jsonl(log_path, line)
+    line = {"step": step, "epoch": done["epoch"], "loss": loss,
+            **{k: values[k].item() for k in done["parts"]},
+            "lr": done["lr"], "grad_norm": values["grad_norm"].item(),
+            "clips_per_s": done["rate"], "quant_warmup": done["warmup"]}
+    if "grad_norm_global" in values:
+        line["grad_norm_global"] = values["grad_norm_global"].item()
+    for prefix, st in stats.items():
+        line.update({f"{prefix}{k}": float(v) for k, v in st.items()})
+    append_jsonl(log_path, line)
 
 
 # ----------------------------------------------------------------------------------------------

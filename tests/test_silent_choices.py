@@ -65,6 +65,11 @@ def test_collapse_watch_fires_once_per_path_naming_the_step():
     assert [i for i, m in enumerate(fired, start=1) if m] == [8]
     assert "step 8" in fired[7] and "global" in fired[7]
     assert watch.update(12, "local", 1) is None                              # a path counts on its own
+    # called on logged steps only (1, 10, 20, ...): the run spans steps, not calls
+    watch = CollapseWatch(num_tokens=3, patience=100)
+    words = {s: (9 if s == 50 else 3) for s in [1] + list(range(10, 200, 10))}  # broken at step 50
+    fired = [s for s, w in words.items() if watch.update(s, "global", w)]
+    assert fired == [160]                                                    # since 60: 150 spans 91 steps, 160 spans 101
 
 
 def test_a_hand_made_collapse_in_training_prints_one_warning_and_logs_it(tmp_path, capsys, monkeypatch):
@@ -72,7 +77,7 @@ def test_a_hand_made_collapse_in_training_prints_one_warning_and_logs_it(tmp_pat
     all use the same 5 words and whose local tokens use many: one warning, at step 100, global only."""
     import train
     from train import TrainConfig, finish_step
-    monkeypatch.setattr(train, "LOG_EVERY", 1000)
+    monkeypatch.setattr(train, "LOG_EVERY", 10)  # the watch reads the logged steps: 1, 10, ..., 120
     bar = SimpleNamespace(set_postfix=lambda **kwargs: None)
     ctx = {"cfg": TrainConfig(), "main_proc": True, "out_dir": str(tmp_path),
            "model": SimpleNamespace(cfg=SimpleNamespace(codebook_size=128)),
