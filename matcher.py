@@ -16,6 +16,12 @@ in ReferFormer:
 Sigmoid focal loss (Lin et al. 2017) for classes, focal + Dice for masks, L1 + GIoU for boxes,
 weighted by App. D's lambdas (PAPER_LOSS_WEIGHTS; lambda_com 0.5 and lambda_quant 1: SetCriterion).
 
+The normalisers, in one place: within a clip, a class term is a mean over its labelled frames
+T_l, a mask term a mean over its labelled volume (T_l*h*w pixels), a box term a mean over the
+frames where the track sounds; the loss sums each term over clips and matched tokens (the class
+term over every token: "no object" counts) and divides it by the batch's tracks, as DETR divides
+by its boxes. The matching cost of eq. (10) uses the same per-clip means, without the division.
+
 As DETR's matcher, everything is done for the whole batch at once: every clip has one track
 slot per class (Tracks), the tokens of all decoder layers are stacked into R = L*N rows, the
 costs of all rows against all slots go to the host with .cpu(), scipy solves one small problem
@@ -403,7 +409,7 @@ class SetCriterion(nn.Module):
         focal = torch.where(valid[..., None], focal, torch.zeros_like(focal))  # (B, T, L) unlabelled frames: nothing
         # PAPER: the class loss's normaliser is not given: per clip, the mean over labelled frames,
         # cost_class's form plus no-object terms (docs/paper-silent.md#class-terms-over-frames).
-        loss_class = (focal.sum(dim=1) / valid.sum(dim=1).clamp(min=1)[:, None]).sum(dim=0) / num_tracks  # (L,)
+        loss_class = (focal.sum(dim=1) / valid.sum(dim=1).clamp(min=1)[:, None]).sum(dim=0)  # (L,)
 
         # Mask losses of the matched pairs on the clip's labelled volume.
         src = pred_masks.to(dtype).transpose(1, 2).flatten(2)  # (B, R, Px)
@@ -427,7 +433,7 @@ class SetCriterion(nn.Module):
         giou_loss = torch.where(sounding, 1 - giou, torch.zeros_like(giou))  # (B, R, T)
         loss_giou = zero_per_layer(pred_boxes) + per_layer(giou_loss.sum(dim=2) / num_sounding)  # (L,)
 
-        per_term = {"loss_class": loss_class, "loss_mask": loss_mask / num_tracks,
+        per_term = {"loss_class": loss_class / num_tracks, "loss_mask": loss_mask / num_tracks,
                     "loss_dice": loss_dice / num_tracks, "loss_bbox": loss_bbox / num_tracks,
                     "loss_giou": loss_giou / num_tracks}  # name -> (L,)
         parts = {}
