@@ -30,11 +30,11 @@ per clip and layer, and the losses read the assignment with gathers.
 Reading order (the box formats, GIoU and a mask's box: boxes.py)
  1. track_batch (masks_at_resolution, Tracks)                    label maps -> the batch's tracks
  2. sigmoid_focal_loss, dice_loss, then pairwise_focal_cost, pairwise_dice_cost (every pair)
- 3. HungarianMatcher (forward, cost_matrices)                    eq. (10)
+ 3. stack_layers, HungarianMatcher (forward, cost_matrices)      eq. (10); COST_TERMS names its terms
  4. SetCriterion (forward, losses, total)                        eq. (8)
 
 Shapes (the repository's one alphabet: docs/shapes.md)
-B clips, T frames, N tokens, Kc foreground classes, H, W label size, h, w = H/4, W/4 the mask
+B clips, T frames, N tokens, Kc foreground classes, H, W image (and label) size, h, w = H/4, W/4 the mask
 size of the predictions, J track slots of a batch (Kc from track_batch), L decoder layers,
 R = L*N token rows, T_l frames of a clip that carry labels, Px = T*h*w pixels of a clip's volume
 (its T_l*h*w labelled ones count), n, m the two sides of a pairwise cost.
@@ -213,7 +213,9 @@ class HungarianMatcher(nn.Module):
     of SetCriterion if token i takes track j (up to constants), so matching and loss agree.
     """
 
-    def __init__(self, cost_class=2.0, cost_mask=5.0, cost_dice=2.0, cost_bbox=5.0, cost_giou=2.0):
+    def __init__(self, cost_class=PAPER_LOSS_WEIGHTS["loss_class"], cost_mask=PAPER_LOSS_WEIGHTS["loss_mask"],
+                 cost_dice=PAPER_LOSS_WEIGHTS["loss_dice"], cost_bbox=PAPER_LOSS_WEIGHTS["loss_bbox"],
+                 cost_giou=PAPER_LOSS_WEIGHTS["loss_giou"]):
         super().__init__()
         self.cost_class = cost_class
         self.cost_mask = cost_mask

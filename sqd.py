@@ -323,8 +323,8 @@ class SQD(nn.Module):
             vq.end_warmup()
 
     def parameter_groups(self, lr: float, backbone_lr_mult: float, weight_decay: float):
-        """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4; the
-        values are train.py's BACKBONE_LR_MULT and WEIGHT_DECAY).
+        """AdamW parameter groups: the visual backbone at lr * backbone_lr_mult (paper §4: 0.5, weight
+        decay 5e-4; train.py's BACKBONE_LR_MULT and WEIGHT_DECAY).
         Frozen parameters (ResNet's unused fc, a frozen audio network) are left out."""
         backbone, rest = [], []
         for name, p in self.named_parameters():
