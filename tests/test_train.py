@@ -306,6 +306,22 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     assert metrics["model"]["step"] == 2 and metrics["last"]["test"]["num_real_frames"] == 4 * 5
 
 
+def test_settings_that_are_no_longer_options_are_left_out_of_a_saved_config():
+    """A format-6 run's config holds fields since removed (--log-every, --num-overlays,
+    --finetune-audio): saved_train_config leaves them out, so the run resumes or is evaluated, and
+    warns when the removed setting changed what was trained (a fine-tuned audio network)."""
+    import warnings
+
+    from train import TrainConfig, saved_train_config
+    old = {"dataset": "avss", "benchmark": None, "seed": 3, "log_every": 1, "num_overlays": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        assert saved_train_config({"config": {"train": old}}, "a.pt") == {"dataset": "avss", "seed": 3}
+    with pytest.warns(UserWarning, match=r"b\.pt: its run trained the audio network"):
+        saved = saved_train_config({"config": {"train": dict(old, finetune_audio=True)}}, "b.pt")
+    assert TrainConfig(**saved).seed == 3
+
+
 def test_recipes_paper_for_avsbench_ours_for_synthetic_and_flags_win():
     from matcher import PAPER_LOSS_WEIGHTS
     from train import TrainConfig, loss_weights, parse_args, resolve
