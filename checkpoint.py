@@ -1,11 +1,11 @@
 """How a run stops and continues exactly: checkpoints, RNG states, clip order and the log.
 
 What this file teaches
-    What a research run must keep so that `--resume` gives the run an interruption never happened:
+    What a research run must keep so that `--resume` continues as if no interruption had happened:
     every weight, the optimizer's and scheduler's state, the step counters, every random number
     generator, and the position in the epoch's clip order. And how to keep it safely:
-      * every file is written atomically (a temporary file, fsync, rename), so a run killed while
-        saving leaves the last good checkpoint, never half of one;
+      * every checkpoint is written atomically (a temporary file, fsync, rename), so a run killed
+        while saving leaves the last good checkpoint, never half of one;
       * a checkpoint holds tensors and plain values only, so torch.load(weights_only=True) reads
         it without rebuilding any Python object: a shared checkpoint cannot run code;
       * Ctrl-C waits until an optimizer step and its step count have both happened;
@@ -15,7 +15,8 @@ What this file teaches
 
 Reading order
     atomic_save, save_checkpoint, load_checkpoint (and the refusal of older formats), the RNG
-    states, deferred_interrupt, ResumableSampler, then the run directory's log helpers.
+    states, deferred_interrupt, ResumableSampler, then the run directory's text files (write_json,
+    start_log, append_jsonl) and code_version, the commit a run records.
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be read; the message names the file and what is wrong."""
 
 
-# The layout of a checkpoint. It goes up by one when a model's keys or a config's fields change;
+# The layout of a checkpoint. It goes up by one when a model's keys change or a config's field
+# changes meaning (a removed field needs none: train.saved_train_config leaves it out);
 # OLD_FORMATS is the message that refuses each older one (what it lacks, and the git tag whose code
 # reads it). What each format changed: docs/extending.md, "Checkpoint formats".
 CHECKPOINT_FORMAT = 6
@@ -97,7 +99,7 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
         reason = re.search(r"WeightsUnpickler error: *(.+)", text.replace("\n", " "))
         reason = reason.group(1).split(" Check the documentation")[0].strip() if reason else text
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason[:200]})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+    if not isinstance(ckpt, dict) or not {"model", "config", "state"} <= set(ckpt):
         raise CheckpointError(f"{path}: not a train.py checkpoint (expected the keys model, config, state)")
     found = ckpt.get("format", 1)
     if found != CHECKPOINT_FORMAT:

@@ -27,8 +27,8 @@ truncated image, unreadable wav, label png of the wrong size) raises DataError w
 naming the file and what was expected. Flaws the official code tolerates are read as it reads
 them, with a warning naming the file: audio more than one 0.96 s example short of its clip's
 frames (padded), label colours outside the palette or class ids above 70 (background).
-check_dataset walks a whole layout before a run and lists every problem at once (train.py calls it;
-tools/check_dataset.py is its command line).
+check_dataset walks a whole layout before a run and lists every problem at once (train.py calls it
+through require_dataset; tools/check_dataset.py is its command line).
 
 Reading order
 -------------
@@ -39,7 +39,7 @@ Reading order
  4. AVSObjectDataset        S4 and MS3 (binary: class 1 = sounding object)
  5. AVSSDataset             AVSBench-semantic (70 classes, clips padded to 10 frames)
  6. build_dataset, collate  what train.py calls; ZeroAudio, the vision-alone control
- 7. check_dataset           every missing or unreadable file of a layout, before a run
+ 7. require_dataset, check_dataset   every missing or unreadable file of a layout, before a run
 
 Shape alphabet
 --------------

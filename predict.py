@@ -68,9 +68,9 @@ SILENCE_PEAK = 1e-4      # a wav whose loudest sample is below this (-80 dBFS) i
 def load_model(path: str, device) -> tuple[SQD, train.TrainConfig, list]:
     """The model of a train.py checkpoint in eval mode, its run's TrainConfig and class names.
 
-    UserError (exit code 2) for a missing or unreadable file, a file that is no train.py
-    checkpoint, one of an older format, a run on the retired synthetic v1, or weights that do not
-    fit the model its config describes.
+    Exit code 2 with one line for a missing or unreadable file, a file that is no train.py
+    checkpoint, one of an older format (checkpoint.CheckpointError), a run on the retired synthetic
+    v1, or weights that do not fit the model its config describes (UserError).
     """
     ckpt = load_checkpoint(path, mmap=True)                            # weights only, no code runs
     try:

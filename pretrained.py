@@ -1,4 +1,4 @@
-"""Loading other people's whole-model weights into SQD: ReferFormer's checkpoints (--init-weights).
+"""The weights a run starts from: ReferFormer's whole model (--init-weights), then every other file.
 
 What this file teaches
     How to start a network from another paper's trained model when the two are only partly the
@@ -19,6 +19,12 @@ What this file teaches
     The file is read with torch.load(weights_only=True), which rebuilds tensors and plain values
     only; ReferFormer's checkpoints also hold its argparse.Namespace, the one class admitted.
     A file that needs any other Python object to be rebuilt is refused before anything runs.
+
+    Then the order in which a new train.py run fills the model (load_start_weights): the whole-model
+    file, a torchvision backbone (--backbone-weights), the audio network (--audio-weights: VGGish,
+    or the CPU preset's SmallVGG), and on the synthetic benchmark the pretrained stand-ins of
+    pretrain.py where no file fills their place. A resumed or evaluated run loads none of them: its
+    checkpoint holds every weight.
 
 Reading order
     1. REFERFORMER_MAP, backbone_map   their names -> ours, one line per kind of tensor
@@ -466,7 +472,12 @@ def load_start_weights(model: nn.Module, cfg, main_proc: bool = True) -> None:
         if model.cfg.backbone == "small":
             raise WeightsError("--backbone-weights needs a pretrained backbone (--backbone resnet50, "
                                "swin-t or video-swin-t)")
-        model.visual_encoder.backbone.load_torchvision_weights(cfg.backbone_weights)
+        try:
+            model.visual_encoder.backbone.load_torchvision_weights(cfg.backbone_weights)
+        except Exception as e:  # unreadable, unsafe, or another network's keys and shapes
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise WeightsError(f"--backbone-weights {cfg.backbone_weights}: not a torchvision state_dict "
+                               f"of --backbone {model.cfg.backbone} ({type(e).__name__}: {first})") from None
     audio_flag, audio_path = "--audio-weights", cfg.audio_weights
     audio_stand_in = uses_stand_ins(cfg) and not audio_path
     visual_stand_in = (uses_stand_ins(cfg) and model.cfg.backbone == "small"

@@ -4,10 +4,10 @@ What this file teaches
     The training loop of a DETR-family set-prediction model on video clips: AdamW with a lower
     backbone learning rate, a step learning-rate drop, gradient clipping (ours, not the paper's),
     the eq. (8) loss from matcher.SetCriterion, evaluation with the official AVSBench metrics
-    (metrics.py), and the
-    plumbing a research run needs: a run directory, atomic checkpoints, a final evaluation of the
-    checkpoint with the best val score (best.pt; the last model's numbers kept apart), exact
-    resume, Ctrl-C, bf16 autocast, torch.compile and multi-GPU through torchrun.
+    (metrics.py), and what a research run needs around them: a run directory, best.pt and last.pt
+    (written and read by checkpoint.py, which makes --resume and Ctrl-C exact), a final evaluation
+    of the checkpoint with the best val score (the last model's numbers kept apart), bf16
+    autocast, torch.compile and multi-GPU through torchrun.
 
     python train.py                                  # synthetic benchmark, CPU preset
     python train.py --dataset avss --data-root DIR   # the paper's recipe on AVSBench-semantic
@@ -260,8 +260,9 @@ def run(cfg: TrainConfig) -> int:
         saved = saved_train_config(ckpt, path)
         if cfg.resume:
             keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "device", "workers", "threads")}
-            cfg = dataclasses.replace(TrainConfig(**saved), **keep, out=cfg.out or os.path.dirname(
-                os.path.abspath(path)), epochs=cfg.epochs or saved["epochs"])
+            out = os.path.dirname(os.path.abspath(path)) if cfg.out is None else cfg.out
+            epochs = saved["epochs"] if cfg.epochs is None else cfg.epochs
+            cfg = dataclasses.replace(TrainConfig(**saved), **keep, out=out, epochs=epochs)
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -274,7 +275,7 @@ def run(cfg: TrainConfig) -> int:
     eval_sets = evaluation_splits(cfg)
     num_classes = (train_set or next(iter(eval_sets.values()))).num_classes
     cfg, model_cfg = resolve(cfg, num_classes)
-    if ckpt is not None and cfg.eval_only:
+    if ckpt is not None:  # a resumed or evaluated run goes on with the model it saved
         model_cfg = ModelConfig(**ckpt["config"]["model"])
 
     # model, weights, loss
@@ -703,7 +704,7 @@ def redraw_curves(ctx: dict, log_path: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints, weights, small helpers
+# The run's checkpoints (checkpoint.py writes and reads them), small helpers
 # ----------------------------------------------------------------------------------------------
 
 def saved_train_config(ckpt: dict, path: str) -> dict:
@@ -712,7 +713,8 @@ def saved_train_config(ckpt: dict, path: str) -> dict:
     A run's train config also records 'benchmark': the synthetic benchmark's version
     (synthetic.SYNTHETIC_VERSION; None for AVSBench). A synthetic run that records another version, or
     none (runs from before there was a choice), was on v1, whose clips this code no longer makes.
-    Settings that are no longer options (the recipe's constants now) are left out.
+    Settings that are no longer options (the recipe's constants now) are left out; a resumed or
+    evaluated run takes its model config from the checkpoint, so they change nothing of its model.
     """
     saved = dict(ckpt["config"]["train"])
     version = saved.pop("benchmark", None)
@@ -720,9 +722,6 @@ def saved_train_config(ckpt: dict, path: str) -> dict:
         raise UserError(f"{path}: a run on synthetic benchmark {version or 'v1'}, retired; this code "
                         f"makes {synthetic.SYNTHETIC_VERSION}. v1 is read by the code of its tag: "
                         f"git checkout synthetic-v1")
-    if saved.get("finetune_audio"):
-        warnings.warn(f"{path}: its run trained the audio network (--finetune-audio, an option since "
-                      f"removed); this code keeps a loaded audio network frozen")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in saved.items() if k in known}
 

@@ -308,18 +308,12 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
 
 def test_settings_that_are_no_longer_options_are_left_out_of_a_saved_config():
     """A format-6 run's config holds fields since removed (--log-every, --num-overlays,
-    --finetune-audio): saved_train_config leaves them out, so the run resumes or is evaluated, and
-    warns when the removed setting changed what was trained (a fine-tuned audio network)."""
-    import warnings
-
+    --finetune-audio): saved_train_config leaves them out, so the run resumes or is evaluated."""
     from train import TrainConfig, saved_train_config
-    old = {"dataset": "avss", "benchmark": None, "seed": 3, "log_every": 1, "num_overlays": 0}
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # nothing to warn about
-        assert saved_train_config({"config": {"train": old}}, "a.pt") == {"dataset": "avss", "seed": 3}
-    with pytest.warns(UserWarning, match=r"b\.pt: its run trained the audio network"):
-        saved = saved_train_config({"config": {"train": dict(old, finetune_audio=True)}}, "b.pt")
-    assert TrainConfig(**saved).seed == 3
+    old = {"dataset": "avss", "benchmark": None, "seed": 3, "log_every": 1, "num_overlays": 0,
+           "finetune_audio": True}
+    saved = saved_train_config({"config": {"train": old}}, "a.pt")
+    assert saved == {"dataset": "avss", "seed": 3} and TrainConfig(**saved).seed == 3
 
 
 def test_recipes_paper_for_avsbench_ours_for_synthetic_and_flags_win():
@@ -450,6 +444,18 @@ def test_bad_audio_weights_exit_2_naming_the_file(tmp_path):
     proc = train("--audio-weights", str(vggish), "--max-steps", "1", *TINY, check=False)
     assert proc.returncode == 2 and "--audio-weights" in proc.stderr and str(vggish) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_bad_backbone_weights_file_exits_2_naming_it(tmp_path):
+    garbage = tmp_path / "resnet.pth"
+    garbage.write_bytes(b"not a torch file")
+    wrong = tmp_path / "other.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, wrong)  # a state_dict of another network
+    for path in (garbage, wrong):
+        proc = train("--backbone", "resnet18", "--backbone-weights", str(path), "--max-steps", "1",
+                     "--out", str(tmp_path / "run"), *TINY, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert f"--backbone-weights {path}: not a torchvision state_dict of --backbone resnet18" in proc.stderr
 
 
 def test_loaded_audio_weights_set_freeze_audio():

@@ -474,8 +474,8 @@ def diagnose_run(checkpoint_path: str, out_dir: str | None, device="cpu") -> dic
     with the signatures' test against chance fitted on val. With out_dir, also writes
     tokens.png, tokens_local.png and diagnostics.json there (diagnostics.json: the whole dict;
     none when it is empty). Returns the dict, {} for a model without global tokens (the Table 2
-    baseline). tools/ablate.py calls this on every finished run; the command line too. UserError
-    for a bad checkpoint or a run on another dataset.
+    baseline). tools/ablate.py calls this on every finished run; the command line too.
+    checkpoint.CheckpointError for an unreadable checkpoint, UserError for a run on another dataset.
     """
     import train
     device = torch.device(device)
