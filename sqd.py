@@ -215,6 +215,8 @@ class SQD(nn.Module):
 
         # (1) feature encoding (App. D.1)
         vis = self.visual_encoder(frames, frame_valid)
+        # the visual encoder (encoders.py) gives, per frame: "levels", F_v at strides 8, 16, 32,
+        # its sine positions "pos" (the same shapes), and "c2", the backbone's stride-4 map (the FPN's)
         F_v, pos = vis["levels"], vis["pos"]                      # 3 x (B, T, C, H_l, W_l) each
         f_a = self.audio_encoder(audio)                           # (B, T, C)  F_a = {f_a,t}
         # PAPER: App. D says only that sine embeddings are added in the transformers; the audio
