@@ -28,9 +28,10 @@ TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threa
 
 @pytest.fixture(autouse=True)
 def log_every_step(monkeypatch):
-    """The runs of this file log every step (LOG_EVERY 1) and draw two clip pictures (NUM_OVERLAYS 2)."""
+    """The runs of this file log every step (LOG_EVERY 1) and draw no pictures at the end
+    (NUM_OVERLAYS 0) unless a test asks for them."""
     monkeypatch.setattr(train_py, "LOG_EVERY", 1)
-    monkeypatch.setattr(train_py, "NUM_OVERLAYS", 2)
+    monkeypatch.setattr(train_py, "NUM_OVERLAYS", 0)
 
 
 def train(*args, check=True):
@@ -49,7 +50,8 @@ def losses(run_dir):
     return out
 
 
-def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path):
+def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path, monkeypatch):
+    monkeypatch.setattr(train_py, "NUM_OVERLAYS", 2)
     run = tmp_path / "run"
     proc = train("--max-steps", "3", "--out", str(run), *TINY)
     for name in ("config.json", "log.jsonl", "last.pt", "best.pt", "metrics.json"):
@@ -192,7 +194,8 @@ def test_ctrl_c_saves_last_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("name,writer", [("avss", write_avss), ("s4", write_s4),
                                          ("ms3", write_ms3)])
-def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer):
+def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer, monkeypatch):
+    monkeypatch.setattr(train_py, "NUM_OVERLAYS", 4)  # the overlay pictures of the first test clips
     root = tmp_path / "data"
     # AVSS: the v2 test clip's audio.wav holds 1.5 s for 10 frames; the run reads it (zero-padded)
     # and says so once, naming the file (the test split is read once, at the end)
@@ -213,13 +216,12 @@ def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer):
 
 
 @pytest.mark.parametrize("backbone", ["swin-t", "video-swin-t"])
-def test_swin_backbones_train_and_evaluate_on_avss_from_a_torchvision_layout_file(tmp_path, backbone, monkeypatch):
+def test_swin_backbones_train_and_evaluate_on_avss_from_a_torchvision_layout_file(tmp_path, backbone):
     """train.py --backbone swin-t / video-swin-t --backbone-weights FILE on the miniature AVSS
     layout. FILE is a state_dict of this repository's networks in torchvision's layout (the video
     one with the Kinetics (96, 3, 2, 4, 4) patch kernel). The full Swin-T is kept; the CPU preset
     around it (C = 64, SmallVGG audio) keeps the run small: with the paper preset (118 M
     parameters, two 1.4 GB checkpoints) the same run took over 20 s of CPU."""
-    monkeypatch.setattr(train_py, "NUM_OVERLAYS", 0)  # no pictures at the end
     from encoders import SwinTransformer, VideoSwinTransformer
     root = tmp_path / "data"
     write_avss(str(root))
@@ -585,8 +587,7 @@ def test_checkpoint_whose_unpickling_would_run_code_is_refused_and_the_code_neve
     assert not marker.exists()
 
 
-def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_path, monkeypatch):
-    monkeypatch.setattr(train_py, "NUM_OVERLAYS", 0)  # no pictures at the end
+def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_path):
     run = tmp_path / "run"
     # 8 clips of 4: 2 steps an epoch, 2 epochs, val evaluated after steps 2 and 4
     proc = train("--epochs", "2", "--train-clips", "8", "--batch-size", "4", "--eval-clips", "4",
