@@ -14,7 +14,7 @@ What this file teaches
     None of this is in the paper; it is what any run of train.py relies on.
 
 Reading order
-    atomic_save, save_checkpoint, load_checkpoint (and the refusal of older formats), the RNG
+    atomic_write and atomic_save, save_checkpoint, load_checkpoint (load_error; the refusal of older formats), the RNG
     states, deferred_interrupt, ResumableSampler, then the run directory's text files (write_json,
     start_log, append_jsonl) and code_version, the commit a run records.
 """
@@ -51,15 +51,16 @@ OLD_FORMATS = {1: "the visual encoder then encoded windows of T frames; retrain 
                   "since removed; retrain with this version, or read it with `git checkout audio-regimes`"}
 
 
-def atomic_save(obj, path: str) -> None:
-    """torch.save, atomically: write to a temporary file in the same folder (made if missing),
-    fsync, then rename over `path`. An interrupted or failed write removes the temporary file and
-    leaves `path` as it was. Checkpoints and the pretrained stand-ins (pretrain.py) use it."""
+def atomic_write(path: str, write) -> None:
+    """Make `path` atomically: write(f) fills a temporary binary file in the same folder (made if
+    missing), which is flushed, fsynced and renamed over `path`. An interrupted or failed write
+    removes the temporary file and leaves `path` as it was. Every file a run writes goes this way
+    (checkpoints, the stand-ins, the JSON files, the pictures)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,6 +68,21 @@ def atomic_save(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def atomic_save(obj, path: str) -> None:
+    """torch.save, atomically (atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def load_error(e: Exception) -> tuple[str | None, str]:
+    """What torch.load(weights_only=True) refused, in one line: (the Python object the file would
+    have rebuilt, or None when it is not that kind of refusal; the reason, at most 200 characters)."""
+    text = str(e).replace("\n", " ")
+    unsafe = re.search(r"[Uu]nsupported (?:global: )?(?:GLOBAL |class )([\w.]+)", text)
+    reason = re.search(r"WeightsUnpickler error: *(.+)", text)
+    reason = reason.group(1).split(" Check the documentation")[0].strip() if reason else text
+    return (unsafe.group(1) if unsafe else None), reason[:200]
 
 
 def save_checkpoint(path: str, model, opt, sched, state: dict, config: dict) -> None:
@@ -89,16 +105,13 @@ def load_checkpoint(path: str, mmap: bool = False) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated, foreign or unsafe file: one line, not a traceback
-        text = str(e)
-        unsafe = re.search(r"Unsupported (?:global: GLOBAL |class )([\w.]+)", text)
+        unsafe, reason = load_error(e)
         if unsafe:
-            raise CheckpointError(f"{path}: refused; loading it would call {unsafe.group(1)}, and a "
+            raise CheckpointError(f"{path}: refused; loading it would call {unsafe}, and a "
                                   f"checkpoint that needs a Python object rebuilt can run code. "
                                   f"Checkpoints of this code (format {CHECKPOINT_FORMAT}) hold only "
                                   f"tensors and plain values; format 2 and older ones must be retrained") from None
-        reason = re.search(r"WeightsUnpickler error: *(.+)", text.replace("\n", " "))
-        reason = reason.group(1).split(" Check the documentation")[0].strip() if reason else text
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason[:200]})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "state"} <= set(ckpt):
         raise CheckpointError(f"{path}: not a train.py checkpoint (expected the keys model, config, state)")
     found = ckpt.get("format", 1)
@@ -194,11 +207,8 @@ class ResumableSampler(Sampler):
 # ----------------------------------------------------------------------------------------------
 
 def write_json(path: str, obj) -> None:
-    """json.dump, atomically (a temporary file, then a rename)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    """json.dump, atomically (atomic_write)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2, default=str).encode()))
 
 
 def start_log(path: str, resumed_step: int | None) -> None:

@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import metrics
+from checkpoint import atomic_write
 from sqd import SQD, foreground_probability, segment
 
 MIN_PANEL = 256          # pictures scale every panel up (nearest neighbour) to at least this size
@@ -127,15 +128,16 @@ def stack(images: list, horizontal: bool = False, gap: int = 0) -> Image.Image:
     return out
 
 
-def save_gif(pictures: list, path: str, ms_per_frame: int = 1000) -> None:
-    """An animated GIF (Pillow), one picture a second, looping; pictures are padded to one size."""
+def save_gif(pictures: list, path, ms_per_frame: int = 1000) -> None:
+    """An animated GIF (Pillow) at path (or into a binary file), one picture a second, looping;
+    pictures are padded to one size."""
     width, height = max(p.width for p in pictures), max(p.height for p in pictures)
     frames = []
     for picture in pictures:
         canvas = Image.new("RGB", (width, height), (255, 255, 255))
         canvas.paste(picture, (0, 0))
         frames.append(canvas)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
 
 
 def font(size: int = 14):
@@ -308,11 +310,8 @@ def write_synthetic_pictures(out_dir: str, model, dataset, indices: list, class_
     written = []
     for index, picture, frames in drawn:
         base = os.path.join(out_dir, f"clip_{dataset.split}_{index}")
-        for suffix, save in ((".png", lambda p: picture.save(p, format="PNG")),
-                             (".gif", lambda p: save_gif(frames, p))):
-            tmp = f"{base}.tmp{os.getpid()}{suffix}"
-            save(tmp)
-            os.replace(tmp, base + suffix)
+        atomic_write(base + ".png", lambda f: picture.save(f, format="PNG"))
+        atomic_write(base + ".gif", lambda f: save_gif(frames, f))
         written.append(base + ".png")
     return written
 
@@ -403,8 +402,6 @@ def draw_curves(log_path: str, png_path: str, codebook_size: int) -> dict | None
         if any(x for _, (x, _) in lines):
             ax.legend(fontsize=7)
         plotted[title] = {ln.get_label(): (list(ln.get_xdata()), list(ln.get_ydata())) for ln in ax.get_lines()}
-    tmp = f"{png_path}.tmp{os.getpid()}"
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, png_path)
+    atomic_write(png_path, lambda f: fig.savefig(f, format="png", dpi=100))
     return plotted
 

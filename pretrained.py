@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 
 import pretrain
+from checkpoint import load_error
 from encoders import ResNet, SwinTransformer, VideoSwinTransformer
 
 
@@ -258,15 +259,12 @@ def read_state_dict(path: str) -> dict:
                     raise
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated, foreign or unsafe file: one line, not a traceback
-        text = str(e).replace("\n", " ")
-        unsafe = re.search(r"[Uu]nsupported (?:global: )?(?:GLOBAL |class )([\w.]+)", text)
+        unsafe, reason = load_error(e)
         if unsafe:
-            raise WeightsError(f"{path}: refused; loading it would call {unsafe.group(1)}, and a "
-                                   f"file that needs a Python object rebuilt can run code. A ReferFormer "
-                                   f"checkpoint holds tensors, plain values and an argparse.Namespace") from None
-        reason = re.search(r"WeightsUnpickler error: *(.+)", text)
-        reason = reason.group(1).split(" Check the documentation")[0].strip() if reason else text
-        raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {reason[:200]})") from None
+            raise WeightsError(f"{path}: refused; loading it would call {unsafe}, and a "
+                               f"file that needs a Python object rebuilt can run code. A ReferFormer "
+                               f"checkpoint holds tensors, plain values and an argparse.Namespace") from None
+        raise WeightsError(f"{path}: not a readable weights file ({type(e).__name__}: {reason})") from None
     state = obj.get("model") if isinstance(obj, dict) and isinstance(obj.get("model"), dict) else obj
     if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path}: no state_dict in it; expected a ReferFormer checkpoint (a dict "

@@ -55,6 +55,7 @@ import torch.nn as nn
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import checkpoint  # noqa: E402
 import metrics  # noqa: E402
 import synthetic  # noqa: E402
 # the frames, their score and the audio network's classifier, shared with the audio pretraining
@@ -342,11 +343,7 @@ def load_results(path=RESULTS_JSON):
 
 
 def save_results(results, path=RESULTS_JSON):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    checkpoint.atomic_write(path, lambda f: f.write(json.dumps(results, indent=1, sort_keys=True).encode()))
 
 
 def main(argv=None):
