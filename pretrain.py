@@ -430,6 +430,16 @@ def load_visual_into(model: SQD, path: str) -> int:
     return len(state)
 
 
+class PretrainError(RuntimeError):
+    """The visual pretraining's process stopped before writing its file (its error is printed above)."""
+
+
+def stand_in_paths(folder: str, cfg: ModelConfig, seed: int) -> tuple[str, str]:
+    """Where the stand-ins of a seed are cached in `folder`: (audio file, visual file)."""
+    return (os.path.join(folder, audio_cache_name(seed, DEFAULT_AUDIO_STEPS, DEFAULT_AUDIO_CLIPS)),
+            os.path.join(folder, visual_cache_name(cfg, seed, DEFAULT_VISUAL_STEPS)))
+
+
 def stand_in_files(folder: str, cfg: ModelConfig, seed: int, img_size: int, val_clips: int | None,
                    audio: bool, visual: bool, main_proc: bool = True) -> tuple:
     """The cached files of the stand-ins a synthetic train.py run starts from (pretrained.uses_stand_ins):
@@ -439,16 +449,13 @@ def stand_in_files(folder: str, cfg: ModelConfig, seed: int, img_size: int, val_
     random streams, so the visual one runs in a spawned process of its own while this one builds
     the audio network; the files are those each pretraining writes alone, bit for bit, and the
     caller's randomness is the same whether they were built now or found. Under torchrun rank 0
-    builds while the others wait at a barrier. RuntimeError if the visual process fails.
+    builds while the others wait at a barrier. PretrainError if the visual process fails.
     """
-    audio_path = visual_path = None
-    if audio:
-        audio_path = os.path.join(folder, audio_cache_name(seed, DEFAULT_AUDIO_STEPS, DEFAULT_AUDIO_CLIPS))
-    if visual:
-        visual_path = os.path.join(folder, visual_cache_name(cfg, seed, DEFAULT_VISUAL_STEPS))
+    audio_path, visual_path = stand_in_paths(folder, cfg, seed)
+    audio_path, visual_path = (audio_path if audio else None), (visual_path if visual else None)
     if main_proc:
-        child = None
-        if audio and visual and not os.path.isfile(visual_path):
+        child = None  # a process of its own only when both are to be built
+        if audio and visual and not os.path.isfile(visual_path) and not os.path.isfile(audio_path):
             child = multiprocessing.get_context("spawn").Process(
                 target=cached_visual_weights, args=(folder, cfg, seed, DEFAULT_VISUAL_STEPS),
                 kwargs=dict(img_size=img_size))
@@ -464,7 +471,7 @@ def stand_in_files(folder: str, cfg: ModelConfig, seed: int, img_size: int, val_
         if child is not None:
             child.join()
             if child.exitcode != 0 or not os.path.isfile(visual_path):
-                raise RuntimeError(f"the visual pretraining stopped (exit code {child.exitcode}) "
+                raise PretrainError(f"the visual pretraining stopped (exit code {child.exitcode}) "
                                    f"before writing {visual_path}; its error is printed above")
         elif visual:
             cached_visual_weights(folder, cfg, seed, DEFAULT_VISUAL_STEPS, img_size=img_size)

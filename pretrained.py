@@ -432,12 +432,13 @@ def format_table(rows: list, path: str = "") -> str:
 # ----------------------------------------------------------------------------------------------
 
 def uses_stand_ins(cfg) -> bool:
-    """Whether a run (train.TrainConfig) starts from the pretrained stand-ins of pretrain.py: on the
-    synthetic benchmark with the CPU preset, the small audio network pretrained as a sound
-    classifier (unless --audio-weights names a file) and the visual side pretrained as referring
-    segmentation (unless --init-weights or --backbone-weights starts it). Both are built on first
-    use and cached in --audio-cache. For AVSBench the same places are filled by --audio-weights
-    (VGGish) and --init-weights."""
+    """Whether a run (train.TrainConfig) is one that starts from the pretrained stand-ins of
+    pretrain.py: a synthetic run of the CPU preset. Which of the two it loads is load_start_weights'
+    choice: the audio network pretrained as a sound classifier unless --audio-weights names a file,
+    the visual side pretrained as referring segmentation unless --init-weights or --backbone-weights
+    starts it (or the backbone is not the preset's). Both are built on first use and cached in
+    --audio-cache. For AVSBench the same places are filled by --audio-weights (VGGish) and
+    --init-weights."""
     # PAPER: the paper names no starting point; its code starts from VGGish trained on AudioSet,
     # frozen (AVSBench, AVSegFormer), and from ReferFormer's whole model pretrained for referring
     # segmentation (the authors' commands). pretrain.py makes both for the synthetic benchmark;
@@ -484,7 +485,7 @@ def load_start_weights(model: nn.Module, cfg, main_proc: bool = True) -> None:
         stand_in_audio, visual_path = pretrain.stand_in_files(
             cfg.audio_cache, model.cfg, cfg.seed, cfg.img_size, cfg.eval_clips, audio_stand_in,
             visual_stand_in, main_proc)
-    except RuntimeError as e:
+    except pretrain.PretrainError as e:
         raise WeightsError(str(e)) from None
     if stand_in_audio:
         audio_flag, audio_path = "the audio stand-in", stand_in_audio
@@ -494,7 +495,10 @@ def load_start_weights(model: nn.Module, cfg, main_proc: bool = True) -> None:
         except ValueError as e:
             raise WeightsError(f"{audio_flag}: {e}") from None
     if visual_path:
-        loaded = pretrain.load_visual_into(model, visual_path)
+        try:
+            loaded = pretrain.load_visual_into(model, visual_path)
+        except ValueError as e:
+            raise WeightsError(f"the visual stand-in: {e}") from None
         if main_proc:
             print(f"visual side: {loaded} tensors of the visual encoder, FPN and mask decoder from {visual_path}")
     if main_proc and cfg.preset == "paper" and not (backbone_loaded and audio_path):

@@ -77,7 +77,7 @@ def stand_in_cache() -> str:
     audio = SmallVGG().state_dict()
     torch.random.set_rng_state(state)
     for seed in range(3):
-        torch.save(audio, os.path.join(folder, pretrain.audio_cache_name(seed, pretrain.DEFAULT_AUDIO_STEPS)))
-        torch.save(visual, os.path.join(folder, pretrain.visual_cache_name(
-            model_cfg, seed, pretrain.DEFAULT_VISUAL_STEPS)))
+        audio_path, visual_path = pretrain.stand_in_paths(folder, model_cfg, seed)  # where train.py looks
+        torch.save(audio, audio_path)
+        torch.save(visual, visual_path)
     return folder

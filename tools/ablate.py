@@ -449,13 +449,12 @@ def main(argv=None) -> int:
     # two runs of one seed do not both build them
     num_classes = synthetic.SyntheticAVS("val", num_clips=1).num_classes
     run_cfg, model_cfg = train.resolve(train.TrainConfig(), num_classes)
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
-        pretrain.cached_audio_weights(run_cfg.audio_cache, seed, pretrain.DEFAULT_AUDIO_STEPS,
-                                      pretrain.DEFAULT_AUDIO_CLIPS, val_clips=EVAL_CLIPS)
-        pretrain.cached_visual_weights(run_cfg.audio_cache, model_cfg, seed, img_size=run_cfg.img_size)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:  # as train.py builds them: both at once, in two processes
+        pretrain.stand_in_files(run_cfg.audio_cache, model_cfg, seed, run_cfg.img_size, EVAL_CLIPS,
+                                audio=True, visual=True)
     log_dir = os.path.join(args.out, "logs", group_dir)
     os.makedirs(log_dir, exist_ok=True)
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
     jobs = [(n, s) for s in seeds for n in names]  # every row's first seed first
     start, running, runs, failed, interrupted = time.time(), [], [], [], False
     # SIGTERM (e.g. from `timeout`) behaves like Ctrl-C: the finished runs are still written.
