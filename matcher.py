@@ -396,11 +396,8 @@ class SetCriterion(nn.Module):
         sounding = (targets.sounding & valid[:, None])[clip, slot] & matched[..., None]  # (B, R, T)
 
         def per_layer(loss):  # (B, R) loss of each token row -> (L,) summed over clips and matched tokens
+            # (unmatched rows give 0 and a zero gradient: a batch without any track is defined too)
             return torch.where(matched, loss, 0.0).reshape(B, L, N).sum(dim=(0, 2))
-
-        def zero_per_layer(x):  # (B, T, R, ...) -> (L,) zeros tied to the graph, so that a batch
-            # without any track still gives defined (zero) losses and gradients
-            return x.reshape(B, T, L, -1).sum(dim=(0, 1, 3)) * 0.0
 
         # Class loss: one-hot target where a matched track sounds, all zeros everywhere else.
         class_ids = torch.arange(1, Kc + 1, device=logits.device)  # (Kc,)
@@ -419,8 +416,8 @@ class SetCriterion(nn.Module):
         pixels = valid[:, None, :, None, None].expand(B, 1, T, h, w).flatten(2)  # (B, 1, Px) labelled pixels
         num_pixels = pixels.sum(dim=-1).clamp(min=1)  # (B, 1) T_l*h*w
         focal = torch.where(pixels, sigmoid_focal_loss(src, tgt), 0.0).sum(dim=-1) / num_pixels  # (B, R) focal, mean over volume
-        loss_mask = zero_per_layer(pred_masks) + per_layer(focal)  # (L,)
-        loss_dice = zero_per_layer(pred_masks) + per_layer(dice_loss(src, tgt, pixels))  # (L,)
+        loss_mask = per_layer(focal)  # (L,)
+        loss_dice = per_layer(dice_loss(src, tgt, pixels))  # (L,)
 
         # Box losses of the matched pairs on the frames where the track sounds.
         num_sounding = sounding.sum(dim=2).clamp(min=1)  # (B, R)
@@ -428,16 +425,16 @@ class SetCriterion(nn.Module):
         tgt_boxes = targets.boxes[clip, slot].to(dtype)  # (B, R, T, 4)
         l1 = (src_boxes - tgt_boxes).abs().sum(dim=-1)  # (B, R, T)
         l1 = torch.where(sounding, l1, torch.zeros_like(l1))  # (B, R, T) only where it sounds
-        loss_bbox = zero_per_layer(pred_boxes) + per_layer(l1.sum(dim=2) / num_sounding)  # (L,)
+        loss_bbox = per_layer(l1.sum(dim=2) / num_sounding)  # (L,)
         giou = generalized_box_iou(
             box_cxcywh_to_xyxy(src_boxes)[..., None, :], box_cxcywh_to_xyxy(tgt_boxes)[..., None, :]
         )[..., 0, 0]  # (B, R, T) GIoU of each frame's pair
         giou_loss = torch.where(sounding, 1 - giou, torch.zeros_like(giou))  # (B, R, T)
-        loss_giou = zero_per_layer(pred_boxes) + per_layer(giou_loss.sum(dim=2) / num_sounding)  # (L,)
+        loss_giou = per_layer(giou_loss.sum(dim=2) / num_sounding)  # (L,)
 
-        per_term = {"loss_class": loss_class / num_tracks, "loss_mask": loss_mask / num_tracks,
-                    "loss_dice": loss_dice / num_tracks, "loss_bbox": loss_bbox / num_tracks,
-                    "loss_giou": loss_giou / num_tracks}  # name -> (L,)
+        per_term = {name: value / num_tracks for name, value in (
+            ("loss_class", loss_class), ("loss_mask", loss_mask), ("loss_dice", loss_dice),
+            ("loss_bbox", loss_bbox), ("loss_giou", loss_giou))}  # name -> (L,)
         parts = {}
         for layer in range(L):
             suffix = "" if layer == 0 else f"_{layer - 1}"
