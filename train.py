@@ -289,8 +289,7 @@ def run(cfg: TrainConfig) -> int:
         os.makedirs(out_dir, exist_ok=True)
     if cfg.eval_only:
         model.load_state_dict(ckpt["model"])
-        warmup = ckpt["config"]["train"].get("quant_warmup_steps") or 0
-        model.set_quantizer_warmup(ckpt["state"]["step"] < warmup)
+        model.set_quantizer_warmup(ckpt["state"]["step"] < (saved.get("quant_warmup_steps") or 0))
         results = evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
         if main_proc:
             write_json(os.path.join(out_dir, "metrics.json"), results)

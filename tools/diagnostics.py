@@ -73,6 +73,7 @@ import checkpoint  # noqa: E402
 import data  # noqa: E402
 import pictures  # noqa: E402  (the clip picture: synthetic_picture, write_synthetic_pictures)
 import predict  # noqa: E402  (load_model: the checkpoint's model as predict.py loads it)
+import train  # noqa: E402
 from metrics import codebook_stats  # noqa: E402
 
 
@@ -99,7 +100,7 @@ def collect(model, dataset, device, batch_size: int = 8, max_clips: int | None =
     out = {"tokens": [], "codes": [], "multi": [], "local_codes": [], "local_tokens": [],
            "local_norm": [], "logits": [], "masks": [], "sounding_frames": []}
     for batch in loader:
-        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch = train.to_device(batch, device)
         res = model(batch)
         if "global" not in res["indices"]:
             return {}
@@ -477,7 +478,6 @@ def diagnose_run(checkpoint_path: str, out_dir: str | None, device="cpu") -> dic
     baseline). tools/ablate.py calls this on every finished run; the command line too.
     checkpoint.CheckpointError for an unreadable checkpoint, UserError for a run on another dataset.
     """
-    import train
     device = torch.device(device)
     model, cfg, _ = predict.load_model(checkpoint_path, device)
     if cfg.dataset != "synthetic":
@@ -519,7 +519,6 @@ def main(argv=None) -> int:
     """The diagnostics of a synthetic checkpoint on its test split, printed (and written to --out)."""
     import argparse
 
-    import train
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("checkpoint", help="a train.py checkpoint (best.pt or last.pt) of a synthetic run")
     p.add_argument("--out", default=None, help="also write diagnostics.json and the PNGs here "
@@ -559,7 +558,6 @@ def draw_clip(args) -> int:
     checkpoint, a run on another dataset, or a clip that is not there."""
     import dataclasses
 
-    import train
     model, cfg, class_names = predict.load_model(args.checkpoint, torch.device(args.device))
     if cfg.dataset != "synthetic":
         raise train.UserError(f"{args.checkpoint} is a {cfg.dataset} run; --clip needs a checkpoint "
