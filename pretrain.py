@@ -36,13 +36,13 @@ weights. Only the visual encoder, the FPN and the mask decoder are kept (the emb
     OMP_NUM_THREADS=1 python pretrain.py visual --seed 0 --out visual_v2_s0.pt  # (*)
     python train.py                                       # both built on first use and cached
 
-(*) train.py reads a visual file only from --audio-cache, under pretrain.visual_cache_name(...);
+(*) train.py reads a visual file only from STAND_IN_DIR, under pretrain.visual_cache_name(...);
 the command writes the same bytes elsewhere, for a look at them.
 
 train.py's synthetic runs of the CPU preset start from these two (pretrained.uses_stand_ins) and
 call stand_in_files (cached_audio_weights and cached_visual_weights, the two at once in a first
 run): the files are built on first use under
---audio-cache and found by later runs. An audio file holds only SmallVGG's state_dict (what
+STAND_IN_DIR (runs/audio-weights) and found by later runs. An audio file holds only SmallVGG's state_dict (what
 `train.py --audio-weights` loads strictly); a visual file the visual encoder, FPN and mask decoder
 (load_visual_into loads them into the full model and the baseline alike). Files are written
 atomically (a temporary file, then a rename). The same arguments give bit-identical weights: the
@@ -432,6 +432,9 @@ def load_visual_into(model: SQD, path: str) -> int:
 
 class PretrainError(RuntimeError):
     """The visual pretraining's process stopped before writing its file (its error is printed above)."""
+
+
+STAND_IN_DIR = os.path.join("runs", "audio-weights")  # where train.py caches the stand-ins
 
 
 def stand_in_paths(folder: str, cfg: ModelConfig, seed: int) -> tuple[str, str]:

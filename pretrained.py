@@ -437,7 +437,7 @@ def uses_stand_ins(cfg) -> bool:
     choice: the audio network pretrained as a sound classifier unless --audio-weights names a file,
     the visual side pretrained as referring segmentation unless --init-weights or --backbone-weights
     starts it (or the backbone is not the preset's). Both are built on first use and cached in
-    --audio-cache. For AVSBench the same places are filled by --audio-weights (VGGish) and
+    pretrain.STAND_IN_DIR. For AVSBench the same places are filled by --audio-weights (VGGish) and
     --init-weights."""
     # PAPER: the paper names no starting point; its code starts from VGGish trained on AudioSet,
     # frozen (AVSBench, AVSegFormer), and from ReferFormer's whole model pretrained for referring
@@ -483,7 +483,7 @@ def load_start_weights(model: nn.Module, cfg, main_proc: bool = True) -> None:
                        and not (cfg.init_weights or cfg.backbone_weights))
     try:
         stand_in_audio, visual_path = pretrain.stand_in_files(
-            cfg.audio_cache, model.cfg, cfg.seed, cfg.img_size, cfg.eval_clips, audio_stand_in,
+            pretrain.STAND_IN_DIR, model.cfg, cfg.seed, cfg.img_size, cfg.eval_clips, audio_stand_in,
             visual_stand_in, main_proc)
     except pretrain.PretrainError as e:
         raise WeightsError(str(e)) from None

@@ -68,7 +68,7 @@ class TrainConfig:
     dataset: str = "synthetic"     # synthetic | s4 | ms3 | avss
     data_root: str | None = None   # AVSBench root (the folder that holds the release's files)
     img_size: int | None = None    # training/eval image size; None: preset (cpu 64, paper 224)
-    workers: int = 0               # DataLoader worker processes
+    workers: int = 0               # DataLoader worker processes (0: a resumed run draws the same crops)
     train_clips: int | None = None  # synthetic only: clips in the train split (None: data default)
     eval_clips: int | None = 200    # synthetic only: clips per evaluation split (None: all of it; tools/ablate.py: 500)
     train_multi_ratio: float | None = None  # synthetic only: share of multi-source train clips (None: 0.5; Fig. 7: 1.0)
@@ -78,7 +78,6 @@ class TrainConfig:
     init_weights: str | None = None  # whole-model checkpoint of ReferFormer (r50_pretrained.pth): what maps and fits loads, a table says what (docs/init-weights.md)
     backbone_weights: str | None = None  # torchvision state_dict (.pth) of the backbone: resnet50-*.pth, swin_t-704ceda3.pth, swin3d_t-7615ae03.pth
     audio_weights: str | None = None     # state_dict of the audio network: the released VGGish (vggish-10086976.pth), or the cpu preset's SmallVGG
-    audio_cache: str = os.path.join("runs", "audio-weights")  # synthetic, CPU preset: folder of the pretrained stand-ins (pretrain.py), built on first use
     # ablations (Tables 2-4) and a control; defaults are the paper's full model
     no_gsd: bool = False           # drop global semantic decomposition
     no_avsr: bool = False          # drop audiovisual semantic recombination
@@ -99,11 +98,9 @@ class TrainConfig:
     out: str | None = None         # run directory; None: runs/{dataset}-{time}
     resume: str | None = None      # checkpoint to continue from (last.pt)
     eval_only: str | None = None   # a checkpoint (best.pt) to evaluate, then exit
-    device: str | None = None      # cpu | cuda | cuda:1 ...; None: cuda if available
     amp: bool = False              # bf16 autocast (GPU)
     compile: bool = False          # torch.compile the model (GPU)
     seed: int = 0                  # seed of model init, data order and augmentation
-    threads: int | None = None     # torch CPU threads; None: torch's default
 
 
 # The paper's schedule per dataset (§4): epochs and the epoch from which lr is multiplied by 0.1.
@@ -212,13 +209,12 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
 # Distributed helpers (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK)
 # ----------------------------------------------------------------------------------------------
 
-def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device]:
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """The process's rank, the number of processes and its device: a GPU if there is one (choose
+    which with CUDA_VISIBLE_DEVICES; an empty value runs on the CPU), one GPU per torchrun process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if cfg.device:
-        device = torch.device(cfg.device)
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
         if device.type == "cuda":
             local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -245,10 +241,8 @@ def main(argv=None) -> int:
 
 
 def run(cfg: TrainConfig) -> int:
-    rank, world, device = setup_distributed(cfg)
+    rank, world, device = setup_distributed()
     main_proc = rank == 0
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.dataset != "synthetic":
         data.require_dataset(cfg.data_root, cfg.dataset)  # every missing file, named now
     # checkpoint to resume or evaluate: its config wins over the defaults (not over the flags
@@ -259,7 +253,7 @@ def run(cfg: TrainConfig) -> int:
         ckpt = load_checkpoint(path)
         saved = saved_train_config(ckpt, path)
         if cfg.resume:
-            keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "device", "workers", "threads")}
+            keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "workers")}
             out = os.path.dirname(os.path.abspath(path)) if cfg.out is None else cfg.out
             epochs = saved["epochs"] if cfg.epochs is None else cfg.epochs
             cfg = dataclasses.replace(TrainConfig(**saved), **keep, out=out, epochs=epochs)

@@ -2,7 +2,7 @@
 the test process.
 
 `run(main, *args)` calls the command's `main(argv)` with the repository root as the working
-directory and returns what `subprocess.run(..., capture_output=True, text=True)` would: a
+directory and one torch thread (as OMP_NUM_THREADS=1 gives a process) and returns what `subprocess.run(..., capture_output=True, text=True)` would: a
 CompletedProcess with returncode (main's return value, or the code of a SystemExit such as
 argparse's 2), stdout and stderr. Warnings go to stderr as a fresh interpreter would print them
 (each shown once, DeprecationWarnings hidden), so a test can read them there.
@@ -12,8 +12,9 @@ torch._dynamo again for every command, about 4 s on 2 cores; the suite runs some
 An error the command does not handle propagates as an exception, which fails the test as the
 traceback of a subprocess would. Tests that need a process of their own (Ctrl-C, torchrun) start one.
 
-`stand_in_cache()` is the --audio-cache folder of the test runs: the pretrained stand-ins a
-synthetic run starts from, already there.
+`stand_in_cache()` is the pretrain.STAND_IN_DIR of the test runs (tests/conftest.py sets it): the
+pretrained stand-ins a synthetic run starts from, already there. A train.py process of its own
+finds them when it runs in `stand_in_root()`, the folder that holds runs/audio-weights.
 """
 import atexit
 import contextlib
@@ -41,13 +42,14 @@ def run(main, *args, check=True):
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         try:
             os.chdir(ROOT)
+            torch.set_num_threads(1)                        # as OMP_NUM_THREADS=1 would
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 code = main(args) or 0
         except SystemExit as e:                             # argparse: bad flag, --help
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         finally:
             os.chdir(cwd)
-            torch.set_num_threads(threads)                  # --threads must not outlive the command
+            torch.set_num_threads(threads)                  # nor --threads outlive the command
     stderr = err.getvalue() + "".join(
         warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
     proc = subprocess.CompletedProcess(args, code, out.getvalue(), stderr)
@@ -57,8 +59,16 @@ def run(main, *args, check=True):
 
 
 @functools.lru_cache(maxsize=None)
+def stand_in_root() -> str:
+    """A working directory for train.py processes: its runs/audio-weights is stand_in_cache()."""
+    folder = tempfile.mkdtemp(prefix="sqd-stand-ins-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+@functools.lru_cache(maxsize=None)
 def stand_in_cache() -> str:
-    """A folder for train.py --audio-cache that already holds the pretrained stand-ins of seeds
+    """A folder for pretrain.STAND_IN_DIR that already holds the pretrained stand-ins of seeds
     0-2 (pretrained.uses_stand_ins), so that a synthetic test run of the CPU preset loads them instead
     of pretraining for minutes. Their weights are random, under the names and keys pretrain.py
     writes (the audio network's state_dict; the visual encoder, FPN and mask decoder of the
@@ -67,8 +77,8 @@ def stand_in_cache() -> str:
     import pretrain
     from encoders import SmallVGG
     from sqd import preset
-    folder = tempfile.mkdtemp(prefix="sqd-stand-ins-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    folder = os.path.join(stand_in_root(), pretrain.STAND_IN_DIR)
+    os.makedirs(folder)
     state = torch.random.get_rng_state()
     torch.manual_seed(0)
     model_cfg = preset("cpu", num_classes=24)

@@ -2,7 +2,15 @@
 import pytest
 
 import commands
+import pretrain
 import train
+
+
+@pytest.fixture(autouse=True)
+def stand_ins(monkeypatch):
+    """Every synthetic run of a test starts from the stand-ins of commands.stand_in_cache() (random
+    weights, made in a moment) instead of building the real ones (minutes)."""
+    monkeypatch.setattr(pretrain, "STAND_IN_DIR", commands.stand_in_cache())
 
 
 @pytest.fixture(scope="session")
@@ -14,7 +22,7 @@ def run_dir(tmp_path_factory):
     drawn, train.NUM_OVERLAYS = train.NUM_OVERLAYS, 1
     try:
         commands.run(train.main, "--max-steps", "2", "--out", run, "--img-size", "32", "--train-clips", "8",
-                     "--eval-clips", "4", "--threads", "1", "--audio-cache", commands.stand_in_cache())
+                     "--eval-clips", "4")
     finally:
         train.NUM_OVERLAYS = drawn
     return run

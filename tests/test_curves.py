@@ -77,7 +77,7 @@ def test_draw_curves_plots_the_logged_terms_val_score_and_words_in_use(tmp_path)
     assert plotted["val J&F (picks best.pt)"] == {"val J&F": ([1], [0.375])}
 
 
-def test_a_run_without_matplotlib_says_once_that_it_skipped_the_picture(tmp_path, monkeypatch, capsys):
+def test_a_run_without_matplotlib_says_once_that_it_skipped_the_picture(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "NUM_OVERLAYS", 0)  # no pictures at the end
     # matplotlib unimportable, its submodules too (an earlier test may have imported them)
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
@@ -85,13 +85,10 @@ def test_a_run_without_matplotlib_says_once_that_it_skipped_the_picture(tmp_path
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     run = tmp_path / "run"
     # 4 clips of 4: one step an epoch, two epochs, so val is evaluated twice, then the end
-    code = train.main(["--epochs", "2", "--train-clips", "4", "--batch-size", "4", "--eval-clips", "4",
-                       "--img-size", "32", "--audio-cache", commands.stand_in_cache(),
-                       "--threads", "1", "--out", str(run)])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err[-2000:]
+    proc = commands.run(train.main, "--epochs", "2", "--train-clips", "4", "--batch-size", "4",
+                        "--eval-clips", "4", "--img-size", "32", "--out", run)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("eval") == "val"] == [1, 2]  # three redraws asked for
     message = "curves.png skipped: matplotlib is not installed"
-    assert (captured.out + captured.err).count(message) == 1, captured.out
+    assert (proc.stdout + proc.stderr).count(message) == 1, proc.stdout
     assert not (run / "curves.png").exists() and (run / "metrics.json").is_file()

@@ -64,12 +64,13 @@ def test_load_into_sets_the_kept_modules_and_nothing_else(tmp_path):
         pretrain.load_visual_into(SQD(wrong), path)
 
 
-def test_the_visual_stand_in_is_loaded_from_the_cache_unless_a_file_starts_the_visual_side(tmp_path):
+def test_the_visual_stand_in_is_loaded_from_the_cache_unless_a_file_starts_the_visual_side(tmp_path, monkeypatch):
     """pretrained.load_start_weights on the synthetic CPU preset loads the cached visual file (placed there
     by hand with the audio one, so nothing trains here); with another backbone it loads nothing."""
     from pretrained import load_start_weights
     from train import TrainConfig, resolve
-    cfg, model_cfg = resolve(TrainConfig(audio_cache=str(tmp_path)), 3)
+    monkeypatch.setattr(pretrain, "STAND_IN_DIR", str(tmp_path))
+    cfg, model_cfg = resolve(TrainConfig(), 3)
     state = _tiny_state(model_cfg)
     torch.save(state, os.path.join(tmp_path, pretrain.visual_cache_name(model_cfg, 0, pretrain.DEFAULT_VISUAL_STEPS)))
     from encoders import SmallVGG
@@ -80,7 +81,7 @@ def test_the_visual_stand_in_is_loaded_from_the_cache_unless_a_file_starts_the_v
     load_start_weights(model, cfg, main_proc=False)
     assert all(torch.equal(model.state_dict()[k], state[k]) for k in fpn)
     # another backbone than the preset's small CNN: the file was not made for it, nothing loads
-    cfg, model_cfg = resolve(TrainConfig(audio_cache=str(tmp_path), backbone="resnet18"), 3)
+    cfg, model_cfg = resolve(TrainConfig(backbone="resnet18"), 3)
     model = SQD(model_cfg)
     built = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(pretrain.KEPT)}
     load_start_weights(model, cfg, main_proc=False)
@@ -101,7 +102,8 @@ def test_a_first_run_builds_both_pretrainings_at_once_and_gets_the_sequential_fi
     monkeypatch.setattr(pretrain, "DEFAULT_VISUAL_STEPS", 2)  # passed to the child as an argument
     monkeypatch.setattr(pretrain, "DEFAULT_AUDIO_STEPS", 3)
     monkeypatch.setattr(pretrain, "DEFAULT_AUDIO_CLIPS", 4)
-    cfg, model_cfg = resolve(TrainConfig(eval_clips=4, audio_cache=str(tmp_path)), 24)
+    monkeypatch.setattr(pretrain, "STAND_IN_DIR", str(tmp_path))
+    cfg, model_cfg = resolve(TrainConfig(eval_clips=4), 24)
     model = SQD(model_cfg)
     load_start_weights(model, cfg, main_proc=True)
     assert "visual pretraining: in process" in capsys.readouterr().out  # the two ran at once

@@ -282,8 +282,7 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path, m
     monkeypatch.setattr(train, "NUM_OVERLAYS", 0)  # no pictures at the end
     run = tmp_path / "run"
     commands.run(train.main, "--epochs", "1", "--out", run,  # 2 steps
-                 "--img-size", "32", "--train-clips", "8", "--eval-clips", "4", "--threads", "1",
-                 "--audio-cache", commands.stand_in_cache())
+                 "--img-size", "32", "--train-clips", "8", "--eval-clips", "4")
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["benchmark"] == "v2" and config["model"]["num_classes"] == 24
     metrics = json.loads((run / "metrics.json").read_text())
@@ -297,7 +296,7 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path, m
     # --eval-only evaluates the same splits
     ev = tmp_path / "eval"
     commands.run(train.main, "--eval-only", run / "last.pt", "--out", ev,
-                 "--img-size", "32", "--eval-clips", "2", "--threads", "1")
+                 "--img-size", "32", "--eval-clips", "2")
     assert "val-unseen" in json.loads((ev / "metrics.json").read_text())
 
 

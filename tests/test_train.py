@@ -22,8 +22,7 @@ from fixtures import RunsCode, write_avss, write_ms3, write_s4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the runs start from the pretrained stand-ins, found in a cache made for the tests (random
 # weights: tests/commands.py); building them is tested in tests/test_pretrain_*.py and below
-TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--threads", "1", "--epochs", "3",
-        "--audio-cache", commands.stand_in_cache()]
+TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--epochs", "3"]
 
 
 @pytest.fixture(autouse=True)
@@ -119,7 +118,7 @@ def test_interrupted_and_resumed_run_reproduces_the_unbroken_losses(tmp_path):
             vq.load_state_dict({k[3:]: v for k, v in model.items() if k.startswith("vq.")})
             vq.init_from_tokens(vq.warmup_tokens[: int(vq.warmup_seen)])
             assert torch.equal(start(whole), vq.codebook.detach())
-        train("--resume", str(broken / "last.pt"), "--max-steps", "6", "--threads", "1")
+        train("--resume", str(broken / "last.pt"), "--max-steps", "6")
         a, b = losses(whole), losses(broken)
         assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
         assert a == b, stop
@@ -157,8 +156,10 @@ def test_ctrl_c_saves_last_checkpoint(tmp_path):
     with open(err_path, "w") as err_file:
         # A shell that starts jobs in the background (`cmd &`) makes them ignore SIGINT, and Python
         # keeps an inherited SIG_IGN: Ctrl-C's default is restored for the child, as a terminal has it.
-        proc = subprocess.Popen([sys.executable, "train.py", "--out", str(run), *TINY, *long_run],
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file,
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--out", str(run),
+                                 *TINY, *long_run], cwd=commands.stand_in_root(),  # its stand-ins
+                                env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                stdout=subprocess.DEVNULL, stderr=err_file,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         # Wait for the evidence that training is under way: step LOG_EVERY in log.jsonl, written
@@ -203,7 +204,7 @@ def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer, monkey
     writer(str(root), **short)
     run = tmp_path / "run"
     proc = train("--dataset", name, "--data-root", str(root), "--preset", "cpu", "--max-steps", "2",
-                 "--out", str(run), "--batch-size", "1", "--img-size", "32", "--threads", "1")
+                 "--out", str(run), "--batch-size", "1", "--img-size", "32")
     metrics = json.loads((run / "metrics.json").read_text())
     key = "miou_official" if name == "avss" else "jf_official"
     # the pictures a student can read: three panels of at least 256 px under a title
@@ -232,7 +233,7 @@ def test_swin_backbones_train_and_evaluate_on_avss_from_a_torchvision_layout_fil
     run = tmp_path / "run"
     train("--dataset", "avss", "--data-root", str(root), "--preset", "cpu", "--backbone", backbone,
           "--backbone-weights", str(weights), "--img-size", "64", "--max-steps", "1",
-          "--batch-size", "1", "--threads", "1", "--out", str(run))
+          "--batch-size", "1", "--out", str(run))
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["backbone"] == backbone
     metrics = json.loads((run / "metrics.json").read_text())
@@ -291,8 +292,9 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     # --standalone: the rendezvous takes a free port from the system; a fixed --master_port
     # fails whenever another run on the same machine holds it
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", "train.py", "--max-steps", "3", "--out",
-                           str(run), *TINY], cwd=ROOT, capture_output=True, text=True,
+                           "--nproc_per_node", "2", os.path.join(ROOT, "train.py"), "--max-steps", "3",
+                           "--out", str(run), *TINY], cwd=commands.stand_in_root(),  # its stand-ins
+                          capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     config = json.loads((run / "config.json").read_text())
@@ -408,7 +410,7 @@ def test_audio_weights_flag_freezes_the_net_and_resumes_exactly(tmp_path):
     config = json.loads((broken / "config.json").read_text())
     assert config["model"]["freeze_audio"] is True
     assert config["train"]["audio_weights"] == str(weights)
-    train("--resume", str(broken / "last.pt"), "--max-steps", "3", "--threads", "1")
+    train("--resume", str(broken / "last.pt"), "--max-steps", "3")
     assert json.loads((broken / "config.json").read_text())["model"]["freeze_audio"] is True
     a, b = losses(whole), losses(broken)
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -479,11 +481,12 @@ def test_a_run_builds_the_audio_stand_in_once_loads_it_frozen_and_resumes_exactl
     monkeypatch.setattr(pretrain, "DEFAULT_AUDIO_CLIPS", 4)
     cache = tmp_path / "cache"
     cache.mkdir()
+    monkeypatch.setattr(pretrain, "STAND_IN_DIR", str(cache))
     visual = pretrain.visual_cache_name(__import__("sqd").preset("cpu", num_classes=24), 0,
                                         pretrain.DEFAULT_VISUAL_STEPS)
     shutil.copy(os.path.join(commands.stand_in_cache(), visual), cache / visual)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    first = train("--max-steps", "3", "--out", str(whole), *TINY, "--audio-cache", str(cache))  # after TINY wins
+    first = train("--max-steps", "3", "--out", str(whole), *TINY)
     built = cache / "v2-s0-3-c4.pt"
     assert "audio pretraining (v2, seed 0, 3 steps)" in first.stdout and f"wrote {built}" in first.stdout
     assert sorted(os.listdir(cache)) == ["v2-s0-3-c4.pt", visual]
@@ -493,13 +496,13 @@ def test_a_run_builds_the_audio_stand_in_once_loads_it_frozen_and_resumes_exactl
     assert list(weights) == list(expected) and all(torch.equal(weights[k], expected[k]) for k in weights)
     stamp = (built.stat().st_mtime_ns, built.read_bytes())
 
-    second = train("--max-steps", "2", "--out", str(broken), *TINY, "--audio-cache", str(cache))  # found
+    second = train("--max-steps", "2", "--out", str(broken), *TINY)  # found
     assert "audio pretraining" not in second.stdout and f"{built} (cached)" in second.stdout
     assert (built.stat().st_mtime_ns, built.read_bytes()) == stamp
     config = json.loads((broken / "config.json").read_text())
     assert config["model"]["freeze_audio"] is True
     assert config["train"]["audio_weights"] is None  # the stand-in, not the flag, named the weights
-    third = train("--resume", str(broken / "last.pt"), "--max-steps", "3", "--threads", "1")
+    third = train("--resume", str(broken / "last.pt"), "--max-steps", "3")
     assert "audio pretraining" not in third.stdout  # a resumed run takes its weights from last.pt
     # building the weights in the run or finding them leaves the run's own randomness alone, and
     # the resumed run continues exactly
@@ -591,7 +594,7 @@ def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_pat
     run = tmp_path / "run"
     # 8 clips of 4: 2 steps an epoch, 2 epochs, val evaluated after steps 2 and 4
     proc = train("--epochs", "2", "--train-clips", "8", "--batch-size", "4", "--eval-clips", "4",
-                 "--audio-cache", commands.stand_in_cache(), "--threads", "1", "--out", str(run))
+                 "--out", str(run))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     vals = [r for r in log if r.get("eval") == "val"]
     assert [(r["epoch"], r["step"]) for r in vals] == [(1, 2), (2, 4)]
@@ -620,7 +623,7 @@ def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_pat
     # the table's numbers are best.pt's: --eval-only of that file gives them again (on this machine
     # the two models differ in test's multi-source F, so evaluating last.pt would not)
     ev = tmp_path / "eval"
-    train("--eval-only", str(run / "best.pt"), "--eval-clips", "4", "--threads", "1",
+    train("--eval-only", str(run / "best.pt"), "--eval-clips", "4",
           "--out", str(ev))
     again = json.loads((ev / "metrics.json").read_text())
     for split in splits:

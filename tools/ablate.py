@@ -16,7 +16,7 @@ What this file teaches
 Usage
     python tools/ablate.py                      # every row, 2 seeds, on this machine (CPU: hours)
     python tools/ablate.py --quick              # Table 2 only
-    python tools/ablate.py --parallel 12 --device cuda   # on one GPU, 12 runs at a time
+    python tools/ablate.py --parallel 12        # on a GPU machine: 12 runs share the GPU
     python tools/ablate.py --report             # the tables of results/ablations.json's runs again
     python tools/ablate.py --rows K1,K16        # adds these rows; the runs already in ablations.json stay
     python tools/ablate.py --fresh              # forget the runs already in ablations.json
@@ -204,13 +204,15 @@ def group_of(run: dict) -> str:
     return group + (f"/{run['series']}" if run.get("series") else "")
 
 
-def run_one(name: str, seed: int, out_root: str, extra: list[str], log_dir: str) -> subprocess.Popen:
-    """Start `python train.py` for one (row, seed); its output goes to log_dir/<row>-s<seed>.log."""
+def run_one(name: str, seed: int, out_root: str, extra: list[str], log_dir: str,
+            threads: int) -> subprocess.Popen:
+    """Start `python train.py` for one (row, seed) with `threads` torch threads (OMP_NUM_THREADS);
+    its output goes to log_dir/<row>-s<seed>.log."""
     out = os.path.join(out_root, f"{name}-s{seed}")
     cmd = [sys.executable, "train.py", "--out", os.path.abspath(out), "--seed", str(seed), *ROWS[name], *extra]
     log = open(os.path.join(log_dir, f"{name}-s{seed}.log"), "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     proc.info = dict(name=name, seed=seed, out=out, cmd=cmd, start=time.time(), log=log)
     return proc
 
@@ -407,7 +409,6 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=2, help="seeds per row (FIRST_SEED, FIRST_SEED + 1, ...)")
     p.add_argument("--first-seed", type=int, default=0, help="the first seed of every row")
     p.add_argument("--parallel", type=int, default=1, help="runs at a time")
-    p.add_argument("--device", default=None, help="passed to train.py (cpu, cuda)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per run (default: CPU cores // parallel)")
     p.add_argument("--series", default=None,
@@ -440,18 +441,17 @@ def main(argv=None) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.parallel)
     # the diagnostics of each finished run run here, with the threads and device of one run
     torch.set_num_threads(threads)
-    diag_device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    diag_device = "cuda" if torch.cuda.is_available() else "cpu"
     benchmark = synthetic.SYNTHETIC_VERSION
     group_dir = f"{benchmark}-{REGIME}" + (f"-{args.series}" if args.series else "")
-    common = (["--threads", str(threads), "--eval-clips", str(EVAL_CLIPS)]
-              + (["--device", args.device] if args.device else []) + extra)
+    common = ["--eval-clips", str(EVAL_CLIPS)] + extra
     # build each seed's pretrained stand-ins once, before the runs that share them start, so that
     # two runs of one seed do not both build them
     num_classes = synthetic.SyntheticAVS("val", num_clips=1).num_classes
     run_cfg, model_cfg = train.resolve(train.TrainConfig(), num_classes)
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:  # as train.py builds them: both at once, in two processes
-        pretrain.stand_in_files(run_cfg.audio_cache, model_cfg, seed, run_cfg.img_size, EVAL_CLIPS,
+        pretrain.stand_in_files(pretrain.STAND_IN_DIR, model_cfg, seed, run_cfg.img_size, EVAL_CLIPS,
                                 audio=True, visual=True)
     log_dir = os.path.join(args.out, "logs", group_dir)
     os.makedirs(log_dir, exist_ok=True)
@@ -464,7 +464,7 @@ def main(argv=None) -> int:
             while jobs and len(running) < args.parallel:
                 name, seed = jobs.pop(0)
                 running.append(run_one(name, seed, os.path.join(args.out, "runs", group_dir), common,
-                                       log_dir))
+                                       log_dir, threads))
             time.sleep(2)
             for proc in [q for q in running if q.poll() is not None]:
                 running.remove(proc)
@@ -497,7 +497,7 @@ def main(argv=None) -> int:
             earlier = json.load(f)
     invocation = dict(command="python tools/ablate.py " + " ".join(sys.argv[1:]), train_flags=common,
                       machine=f"{platform.node()} {platform.processor() or platform.machine()}, "
-                              f"{os.cpu_count()} CPU cores", device=args.device or "default",
+                              f"{os.cpu_count()} CPU cores", device=diag_device, threads=threads,
                       parallel=args.parallel, total_time_s=round(total, 1), failed=failed,
                       interrupted=interrupted, runs=[f"{r['name']}-s{r['seed']}" for r in runs])
     all_runs = merge_runs(earlier.get("runs", []), runs)
