@@ -567,3 +567,17 @@ class CollapseWatch:
             return (f"codebook collapse at step {step}: the {path} tokens used <= {self.num_tokens} "
                     f"words (N = {self.num_tokens}) in every batch logged since step {since}")
         return None
+
+    def observe(self, step: int, indices: dict, num_codes: int, quantized: bool) -> tuple[dict, list]:
+        """A logged step's codeword indices ({'global': (B, N), 'local': (B, T, N)}) as the log's
+        fields (codebook_usage, codebook_perplexity, codebook_dead; local_codebook_...), and the
+        warnings of update on a quantized step (in the warm-up VQ(x) = x chooses no word)."""
+        fields, messages = {}, []
+        for path in ("global", "local"):
+            if path in indices:
+                st = codebook_stats(indices[path], num_codes)
+                fields.update({("codebook_" if path == "global" else "local_codebook_") + k: float(v)
+                               for k, v in st.items()})
+                message = self.update(step, path, round(st["usage"] * num_codes)) if quantized else None
+                messages += [message] if message else []
+        return fields, messages

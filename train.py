@@ -48,7 +48,7 @@ from checkpoint import (CheckpointError, ResumableSampler, append_jsonl, atomic_
                         deferred_interrupt, load_checkpoint, save_checkpoint, set_rng_state, start_log,
                         write_json)
 from pretrained import WeightsError, load_start_weights, uses_stand_ins
-from metrics import CollapseWatch, codebook_stats
+from metrics import CollapseWatch
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
 import synthetic
 
@@ -506,9 +506,10 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
                 model.end_quantizer_warmup()
         clips += cfg.batch_size * ctx["world"]
         done = {"step": state["step"], "epoch": state["epoch"], "warmup": warmup,
-                "lr": opt.param_groups[0]["lr"], "parts": list(parts),
-                "rate": clips / max(time.time() - t0, 1e-9),
-                "values": step_values(total, grad_norm, parts, outputs, grad_global)}
+                "lr": opt.param_groups[0]["lr"], "rate": clips / max(time.time() - t0, 1e-9),
+                "loss": total.detach(), "parts": {k: v.detach() for k, v in parts.items()},
+                "grad_norm": grad_norm, "grad_norm_global": grad_global,
+                "indices": outputs["indices"]}  # {'global': (B, N), 'local': (B, T, N)} codewords
         finish_step(ctx, done, log_path, bar)
         # checked after the step, before the next batch is drawn, so that a run stopped here
         # and resumed draws exactly the batches (and random numbers) the unbroken run draws
@@ -522,29 +523,12 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
     return cfg.max_steps is None or state["step"] < cfg.max_steps
 
 
-def step_values(total: torch.Tensor, grad_norm: torch.Tensor, parts: dict, outputs: dict,
-                grad_global: torch.Tensor | None = None) -> dict:
-    """What finish_step reads of a step: the loss, the gradient norms (all, and the global
-    decoder's), every loss part (names start with loss_ or quant_) and the codeword indices of the
-    global (B, N) and local (B, T, N) tokens, on the device."""
-    values = {"loss": total.detach(), "grad_norm": grad_norm.detach(),
-              **{k: v.detach() for k, v in parts.items()}}
-    if grad_global is not None:
-        values["grad_norm_global"] = grad_global.detach()
-    if "global" in outputs["indices"]:
-        values["codebook_indices"] = outputs["indices"]["global"]  # (B, N) codebook_stats of the log
-    if "local" in outputs["indices"]:
-        values["local_codebook_indices"] = outputs["indices"]["local"]  # (B, T, N)
-    return values
-
-
 def check_loss(ctx: dict, done: dict) -> float:
     """A finished step's loss, read on the host (.item(), a wait for the device).
     Raises UserError naming the step and the non-finite terms if the loss is not finite."""
-    values = done["values"]
-    loss = values["loss"].item()
+    loss = done["loss"].item()
     if not math.isfinite(loss):
-        bad = [k for k in done["parts"] if not math.isfinite(values[k].item())]
+        bad = [k for k, v in done["parts"].items() if not math.isfinite(v.item())]
         raise UserError(f"non-finite loss at step {done['step']} (terms: {bad}); "
                         f"last good checkpoint: {_last_checkpoint(ctx)}")
     return loss
@@ -554,38 +538,30 @@ def finish_step(ctx: dict, done: dict, log_path: str, bar) -> None:
     """After a training step (train_one_epoch), on the first step and every LOG_EVERY steps: the
     loss checked (check_loss), the codebook collapse watch, and the log line written.
 
-    done: the step's number, epoch, lr, clips/s ("rate"), quantizer warm-up, the names of its
-    loss parts and its values on the device (step_values). As in nanoGPT, the device is read
-    (.item()) only on the steps that are logged. UserError if such a step's loss is not finite.
+    done: the step's number, epoch, lr, clips/s ("rate") and quantizer warm-up, and on the device
+    its loss, loss parts (names start with loss_ or quant_), gradient norms (all, and the global
+    decoder's: None without GSD) and codeword indices. As in nanoGPT, the device is read (.item())
+    only on the steps that are logged. UserError if such a step's loss is not finite.
     """
-    step, values = done["step"], done["values"]
+    step = done["step"]
     if not (step % LOG_EVERY == 0 or step == 1):
         return
     loss = check_loss(ctx, done)
     bar.set_postfix(loss=f"{loss:.3f}", clips_s=f"{done['rate']:.1f}")
     if not ctx["main_proc"]:
         return
-    K = ctx["model"].cfg.codebook_size
-    stats = {prefix: codebook_stats(values[key], K)
-             for prefix, key in (("codebook_", "codebook_indices"), ("local_codebook_", "local_codebook_indices"))
-             if key in values}
-    watch = ctx.get("collapse_watch")
-    for prefix, st in stats.items():
-        if watch is not None and not done["warmup"]:  # the quantized steps only: in warm-up VQ(x) = x
-            message = watch.update(step, "global" if prefix == "codebook_" else "local",
-                                   round(st["usage"] * K))
-            if message:
-                print(f"warning: {message}", file=sys.stderr)
-                append_jsonl(log_path, {"step": step, "warning": message})
     line = {"step": step, "epoch": done["epoch"], "loss": loss,
-            **{k: values[k].item() for k in done["parts"]},
-            "lr": done["lr"], "grad_norm": values["grad_norm"].item(),
+            **{k: v.item() for k, v in done["parts"].items()},
+            "lr": done["lr"], "grad_norm": done["grad_norm"].item(),
             "clips_per_s": done["rate"], "quant_warmup": done["warmup"]}
-    if "grad_norm_global" in values:
-        line["grad_norm_global"] = values["grad_norm_global"].item()
-    for prefix, st in stats.items():
-        line.update({f"{prefix}{k}": float(v) for k, v in st.items()})
-    append_jsonl(log_path, line)
+    if done["grad_norm_global"] is not None:
+        line["grad_norm_global"] = done["grad_norm_global"].item()
+    stats, messages = ctx["collapse_watch"].observe(step, done["indices"], ctx["model"].cfg.codebook_size,
+                                                    quantized=not done["warmup"])
+    for message in messages:
+        print(f"warning: {message}", file=sys.stderr)
+        append_jsonl(log_path, {"step": step, "warning": message})
+    append_jsonl(log_path, {**line, **stats})
 
 
 # ----------------------------------------------------------------------------------------------

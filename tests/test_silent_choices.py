@@ -86,10 +86,9 @@ def test_a_hand_made_collapse_in_training_prints_one_warning_and_logs_it(tmp_pat
     spread = torch.arange(100).view(4, 5, 5)                                 # (B, T, N): 100 words
     log = tmp_path / "log.jsonl"
     for step in range(1, 121):
-        values = {"loss": torch.tensor(1.0), "grad_norm": torch.tensor(1.0),
-                  "codebook_indices": collapsed, "local_codebook_indices": spread}
-        done = {"step": step, "epoch": 0, "warmup": False, "lr": 1e-4, "rate": 1.0, "parts": [],
-                "values": values}
+        done = {"step": step, "epoch": 0, "warmup": False, "lr": 1e-4, "rate": 1.0, "parts": {},
+                "loss": torch.tensor(1.0), "grad_norm": torch.tensor(1.0), "grad_norm_global": None,
+                "indices": {"global": collapsed, "local": spread}}
         finish_step(ctx, done, str(log), bar)
     err = capsys.readouterr().err
     assert err.count("warning: codebook collapse") == 1 and "at step 100: the global tokens" in err

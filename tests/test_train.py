@@ -542,17 +542,18 @@ def test_defaults_are_v2_and_the_stand_ins_only_on_the_synthetic_cpu_preset():
 def test_finish_step_checks_and_logs_every_log_every_steps(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
+    from metrics import CollapseWatch
     from train import TrainConfig, UserError, check_loss, finish_step
     monkeypatch.setattr(train_py, "LOG_EVERY", 10)
     bar = SimpleNamespace(set_postfix=lambda **kwargs: None)
     ctx = {"cfg": TrainConfig(), "main_proc": True, "out_dir": str(tmp_path),
-           "model": SimpleNamespace(cfg=SimpleNamespace(codebook_size=4))}
+           "model": SimpleNamespace(cfg=SimpleNamespace(codebook_size=4)),
+           "collapse_watch": CollapseWatch(num_tokens=2)}
     log = tmp_path / "log.jsonl"
-    values = {"loss": torch.tensor(2.5), "grad_norm": torch.tensor(0.25),
-              "loss_class": torch.tensor(0.75), "quant_codebook": torch.tensor(0.125),
-              "codebook_indices": torch.tensor([[0, 0], [1, 3]])}
-    done = {"step": 10, "epoch": 1, "warmup": False, "lr": 1e-4, "rate": 3.0,
-            "parts": ["loss_class", "quant_codebook"], "values": values}
+    parts = {"loss_class": torch.tensor(0.75), "quant_codebook": torch.tensor(0.125)}
+    done = {"step": 10, "epoch": 1, "warmup": False, "lr": 1e-4, "rate": 3.0, "parts": parts,
+            "loss": torch.tensor(2.5), "grad_norm": torch.tensor(0.25), "grad_norm_global": None,
+            "indices": {"global": torch.tensor([[0, 0], [1, 3]])}}
     finish_step(ctx, done, str(log), bar)  # a log step: the values are read here
     finish_step(ctx, dict(done, step=11), str(log), bar)  # not a log step: no line
     lines = [json.loads(line) for line in log.read_text().splitlines()]
@@ -566,14 +567,14 @@ def test_finish_step_checks_and_logs_every_log_every_steps(tmp_path, monkeypatch
     # a non-finite loss stops the run with the step, the bad terms and the last checkpoint: on a
     # log step, and in check_loss (the last step of an epoch or of the run); between log steps the
     # loss is not read
-    bad = dict(values, loss=torch.tensor(float("inf")), quant_codebook=torch.tensor(float("nan")))
-    finish_step(ctx, dict(done, step=11, values=bad), str(log), bar)
+    bad = dict(done, loss=torch.tensor(float("inf")), parts=dict(parts, quant_codebook=torch.tensor(float("nan"))))
+    finish_step(ctx, dict(bad, step=11), str(log), bar)
     with pytest.raises(UserError, match=r"non-finite loss at step 12 \(terms: \['quant_codebook'\]\); "
                                         r"last good checkpoint: none written yet"):
-        check_loss(ctx, dict(done, step=12, values=bad))
+        check_loss(ctx, dict(bad, step=12))
     with pytest.raises(UserError, match=r"non-finite loss at step 20 \(terms: \['quant_codebook'\]\); "
                                         r"last good checkpoint: none written yet"):
-        finish_step(ctx, dict(done, step=20, values=bad), str(log), bar)
+        finish_step(ctx, dict(bad, step=20), str(log), bar)
     assert len(log.read_text().splitlines()) == 1  # nothing written for the bad steps
 
 
