@@ -383,7 +383,8 @@ def run(cfg: TrainConfig) -> int:
             # codeword each local token chose and what the token predicts (clip_*.png, .gif)
             pictures.write_clip_pictures(model, eval_sets, device, out_dir, NUM_OVERLAYS, cfg.amp)
         write_json(os.path.join(out_dir, "metrics.json"), results)
-        append_jsonl(log_path, {"eval": "final", "step": state["step"], **flatten(results)})
+        append_jsonl(log_path, {"eval": "final", "step": state["step"],  # metrics.json's content
+                                **{k: v for k, v in results.items() if k != "metric_definitions"}})
         redraw_curves(ctx, log_path)
         print(metrics.summary(results))
         if cfg.dataset == "synthetic" and model_cfg.use_gsd:  # the diagnostics need global tokens
@@ -722,17 +723,6 @@ def to_float(outputs: dict) -> dict:
             return [conv(v) for v in x]
         return x
     return conv(outputs)
-
-
-def flatten(results: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in results.items():
-        if isinstance(v, dict):
-            if k != "metric_definitions":
-                flat.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            flat[prefix + k] = v
-    return flat
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def test_draw_curves_plots_the_logged_terms_val_score_and_words_in_use(tmp_path)
         {"step": 3, "warning": "the global codebook uses 1 word"},
         training_line(3, 1.0, 0.375, 0.75, False),
         {"eval": "val", "epoch": 2, "step": 3, "miou_official": 0.25, "f_official": 0.75},
-        {"eval": "final", "step": 3, "test/miou_official": 0.5},
+        {"eval": "final", "step": 3, "test": {"miou_official": 0.5}},
     ])
     plotted = pictures.draw_curves(str(log), str(png), K)
     assert set(plotted) == {"eq. (8): segmentation loss terms", "eq. (9): quantization terms",
