@@ -595,7 +595,7 @@ def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_pat
     run = tmp_path / "run"
     # 8 clips of 4: 2 steps an epoch, 2 epochs, val evaluated after steps 2 and 4
     proc = train("--epochs", "2", "--train-clips", "8", "--batch-size", "4", "--eval-clips", "4",
-                 "--out", str(run))
+                 "--img-size", "32", "--out", str(run))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     vals = [r for r in log if r.get("eval") == "val"]
     assert [(r["epoch"], r["step"]) for r in vals] == [(1, 2), (2, 4)]
@@ -624,8 +624,7 @@ def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_pat
     # the table's numbers are best.pt's: --eval-only of that file gives them again (on this machine
     # the two models differ in test's multi-source F, so evaluating last.pt would not)
     ev = tmp_path / "eval"
-    train("--eval-only", str(run / "best.pt"), "--eval-clips", "4",
-          "--out", str(ev))
+    train("--eval-only", str(run / "best.pt"), "--eval-clips", "4", "--img-size", "32", "--out", str(ev))
     again = json.loads((ev / "metrics.json").read_text())
     for split in splits:
         assert again[split] == metrics[split], split
