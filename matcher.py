@@ -224,13 +224,12 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
 
     @torch.no_grad()
-    def forward(self, layers, targets):
-        """layers: L output dicts of the model (the final decoder layer first); targets: Tracks at
-        their mask size. Returns the assignment (B, L*N) int64: row l*N + i holds the slot that token
-        i of layer l is matched to, -1 if none (min(N, tracks) per clip and layer). A non-finite
-        cost raises a ValueError naming its term and clip, where scipy would fail obscurely."""
-        logits, masks, boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
-        B, R, L = logits.shape[0], logits.shape[2], len(layers)
+    def forward(self, logits, masks, boxes, targets, num_layers):
+        """logits, masks, boxes: the token rows of num_layers = L decoder layers (stack_layers);
+        targets: Tracks at their mask size. Returns the assignment (B, L*N) int64: row l*N + i holds
+        the slot that token i of layer l is matched to, -1 if none (min(N, tracks) per clip and layer).
+        A non-finite cost raises a ValueError naming its term and clip, where scipy would fail obscurely."""
+        B, R, L = logits.shape[0], logits.shape[2], num_layers
         N, J = R // L, targets.classes.shape[1]
         # Costs in full precision even inside an AMP region (matmuls would otherwise run in half).
         with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -327,8 +326,9 @@ class SetCriterion(nn.Module):
     in outputs["quant"]. weight_dict gives every term its weight (an auxiliary layer's term,
     suffix _0 .. _{L-2}, has its base term's), and total == sum(weight(k) * parts[k]).
 
-    forward = the matcher + losses; losses also takes an assignment fixed in advance
-    (pretrain.pretrain_visual, with pretrain.fixed_assignment).
+    forward = losses with the matcher's assignment; losses also takes one fixed in advance
+    (pretrain.pretrain_visual, with pretrain.fixed_assignment). The decoder layers are stacked
+    once (stack_layers), and the matcher and the losses read the same token rows.
     """
 
     def __init__(self, num_classes, matcher=None, weights=None, lambda_quant=1.0, lambda_com=0.5, aux_loss=True):
@@ -362,22 +362,19 @@ class SetCriterion(nn.Module):
         quant, the unweighted eq. (9) terms); targets: Tracks at its mask size. Returns total, the
         scalar of eq. (8), and parts, name -> unweighted scalar: loss_class, loss_mask, loss_dice,
         loss_bbox, loss_giou, the same with suffix _l for aux layer l, and every quant_* term."""
-        assignment = self.matcher(self.layers(outputs), targets)  # (B, L*N) eq. (10)
-        return self.losses(outputs, targets, assignment)
+        return self.losses(outputs, targets)
 
-    def layers(self, outputs):
-        """The decoder layers that get a loss: the final one, then the earlier ones in order."""
+    def losses(self, outputs, targets, assignment=None):
+        """Eq. (8) for the matched tokens of every decoder layer, all layers and clips at once, as
+        forward. assignment: (B, L*N) int64 fixed in advance, or None for the matcher's (eq. 10)."""
         # NOT IN PAPER: losses on every earlier decoder layer, as DETR and ReferFormer (aux_loss).
-        return [outputs] + (list(outputs.get("aux_outputs", [])) if self.aux_loss else [])
-
-    def losses(self, outputs, targets, assignment):
-        """Eq. (8) for the matched tokens of every decoder layer, all layers and clips at once.
-        assignment: (B, L*N) int64 as HungarianMatcher returns it. Returns total, parts as forward."""
-        layers = self.layers(outputs)
+        layers = [outputs] + (list(outputs.get("aux_outputs", [])) if self.aux_loss else [])
         logits, pred_masks, pred_boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
         B, T, R, Kc = logits.shape
         L = len(layers)
         N = R // L
+        if assignment is None:
+            assignment = self.matcher(logits, pred_masks, pred_boxes, targets, L)  # (B, R) eq. (10)
         h, w = pred_masks.shape[-2:]
         dtype = torch.promote_types(logits.dtype, torch.float32)
 
