@@ -218,6 +218,7 @@ class SQD(nn.Module):
         # the visual encoder (encoders.py) gives, per frame: "levels", F_v at strides 8, 16, 32,
         # its sine positions "pos" (the same shapes), and "c2", the backbone's stride-4 map (the FPN's)
         F_v, pos = vis["levels"], vis["pos"]                      # 3 x (B, T, C, H_l, W_l) each
+        memory, memory_pos = _frame_tokens(F_v, pos)              # (B, T, S, C) each, all levels
         f_a = self.audio_encoder(audio)                           # (B, T, C)  F_a = {f_a,t}
         # PAPER: App. D says only that sine embeddings are added in the transformers; the audio
         # tokens get a 1-D sine embedding over time (queries of eq. 3, memory of eq. 4).
@@ -228,8 +229,12 @@ class SQD(nn.Module):
         vq_g, tokens = None, {}                                   # vq_g: QuantizerOutput of the g_i
         F_v_prime = F_v                                           # F'_v; F_v itself without AVSR
         if cfg.use_gsd:
-            clip_memory, clip_pos, clip_pad = _clip_tokens(F_v, pos, pad)  # (B, T*S, C) x2, (B, T*S)
-            F_a_prime = self.fusion(f_a, clip_memory, clip_pos, time_pos, clip_pad)  # (B, T, C) eq. (3): F'_a
+            # PAPER: F_v of eq. (3) read as every visual token of the clip, all T frames and all
+            # three levels, before recombination; a padding frame's tokens are never attended.
+            S = memory.shape[2]
+            clip_pad = None if pad is None else pad[:, :, None].expand(B, T, S).flatten(1)  # (B, T*S)
+            F_a_prime = self.fusion(f_a, memory.flatten(1, 2), memory_pos.flatten(1, 2),  # (B, T*S, C) x2
+                                    time_pos, clip_pad)           # (B, T, C) eq. (3): F'_a
             g = tokens["global"] = self.global_asd(F_a_prime, time_pos, pad)  # (B, N, C)  eq. (4): g_i
             vq_g = self.vq(g)                                     # §3.3, eq. (2)'s shared codebook: e_i = VQ(g_i)
             e_i = vq_g.quantized                                  # (B, N, C)  e_i, straight-through
@@ -237,6 +242,7 @@ class SQD(nn.Module):
                 # PAPER: §3.3 derives the filters from e_i, one sentence later "from g_i"; e_i here
                 # (docs/paper-silent.md#avsr-filters-from-the-quantized-tokens).
                 F_v_prime = [avsr(e_i, F_l, frame_valid) for avsr, F_l in zip(self.avsr, F_v)]  # eq. (5)
+                memory = _frame_tokens(F_v_prime)[0]              # (B, T, S, C) recombined
         c2 = vis["c2"].flatten(0, 1)                              # (B*T, C2, h, w) backbone stride-4 map
         f_out = self.fpn([F_l.flatten(0, 1) for F_l in F_v_prime], c2)  # (B*T, Cm, h, w)
         f_out = f_out.unflatten(0, (B, T))                        # (B, T, Cm, h, w)
@@ -254,8 +260,7 @@ class SQD(nn.Module):
         else:
             queries = self.ablation_queries(f_a, vq_g)            # (B, T, N, C)
         # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as F'_v of frame t, all three levels.
-        frame_memory, frame_pos = _frame_tokens(F_v_prime, pos)   # (B, T, S, C) each
-        out = self.mask_decoder(queries, frame_memory, frame_pos, f_out)  # eq. (7) inside
+        out = self.mask_decoder(queries, memory, memory_pos, f_out)  # eq. (7) inside
 
         out["quant"] = self.quantization_terms(vq_g, vq_l)        # eq. (9), weighted in eq. (8)
         out["indices"] = {k: q.indices for k, q in (("global", vq_g), ("local", vq_l)) if q is not None}
@@ -338,22 +343,10 @@ class SQD(nn.Module):
                  "name": "backbone"}]
 
 
-def _clip_tokens(F_v, pos, pad):
-    """All visual tokens of a clip, every frame and level: (B, T*S, C) features and positions,
-    and (B, T*S) True where the token belongs to a padding frame (None without padding).
-    PAPER: F_v of eq. (3) read as every visual token of the clip, all T frames and all three
-    encoder levels, before recombination."""
-    feats, poss = _frame_tokens(F_v, pos)                      # (B, T, S, C) each
-    B, T, S = feats.shape[:3]
-    pad_tokens = None if pad is None else pad[:, :, None].expand(B, T, S).flatten(1)  # (B, T*S)
-    return feats.flatten(1, 2), poss.flatten(1, 2), pad_tokens  # (B, T*S, C) x2, (B, T*S)
-
-
-def _frame_tokens(F_v, pos):
-    """The visual tokens of each frame, all levels: (B, T, S, C) features and positions."""
-    feats = torch.cat([F_l.flatten(3).transpose(2, 3) for F_l in F_v], dim=2)  # (B, T, S, C)
-    poss = torch.cat([p.flatten(3).transpose(2, 3) for p in pos], dim=2)        # (B, T, S, C)
-    return feats, poss
+def _frame_tokens(*maps):
+    """Each frame's tokens of all levels: every argument, a list of per-level maps (B, T, C, H_l, W_l)
+    (the features, their positions), becomes one (B, T, S, C) tensor."""
+    return [torch.cat([m.flatten(3).transpose(2, 3) for m in levels], dim=2) for levels in maps]  # (B, T, S, C)
 
 
 # ----------------------------------------------------------------------------------------------
