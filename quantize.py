@@ -98,15 +98,12 @@ class VectorQuantizer(nn.Module):
 
         # NOT IN PAPER: eq. (9)'s sums over tokens are means over all V * C elements (MSE), so
         # lambda_quant keeps one meaning across presets; docs/paper-silent.md#eq-9-as-means.
-        if flat.shape[0] == 0:
-            zero = flat.new_zeros(())  # () nothing to quantize
-            codebook_loss, commitment_loss = zero, zero
-        else:
+        # zero: the local path's codebook term (update_codebook=False), and both terms of an empty x
+        codebook_loss = commitment_loss = flat.new_zeros(())  # ()
+        if flat.shape[0] > 0:
             xd = flat.to(codes.dtype)  # (V, C)
             if update_codebook:
                 codebook_loss = _mse(codes, xd.detach(), keep)  # eq. (9), first term ||VQ(g) - sg[g]||^2
-            else:
-                codebook_loss = flat.new_zeros(())  # () the local path does not update the codebook
             commitment_loss = _mse(xd, codes.detach(), keep)  # eq. (9), second/third term ||sg[VQ(x)] - x||^2
 
         # PAPER: gradients cross the argmin by VQ-VAE's straight-through estimator, written
@@ -144,8 +141,12 @@ class VectorQuantizer(nn.Module):
                         keep: Optional[torch.Tensor]) -> QuantizerOutput:
         """forward in the warm-up, on flat (V, C) and keep (V,): VQ(x) = x and zero losses; the nearest
         codewords' indices are still reported (for logging), and training tokens are remembered."""
-        if self.training:
-            self._remember(flat.detach() if keep is None else flat.detach()[keep])  # (V', C)
+        if self.training:  # into the ring `warmup_tokens`, overwriting the oldest (no host read)
+            ring = self.warmup_tokens.shape[0]
+            seen = (flat if keep is None else flat[keep]).detach()[-ring:]  # (V', C), V' <= ring
+            seen = seen.to(self.warmup_tokens.dtype)  # (V', C)
+            self.warmup_tokens[(self.warmup_seen + torch.arange(len(seen), device=flat.device)) % ring] = seen
+            self.warmup_seen += len(seen)
         indices = self.nearest_code(flat)  # (V,)
         # () eq. (9) is off. The global path's zero comes from the codebook, keeping it in the graph
         # with a zero gradient (DDP expects every parameter used); the local path never touches it.
@@ -156,15 +157,6 @@ class VectorQuantizer(nn.Module):
             codebook_loss=zero,
             commitment_loss=flat.new_zeros(()),
         )
-
-    @torch.no_grad()
-    def _remember(self, flat: torch.Tensor) -> None:
-        """Write tokens (V, C) into the ring `warmup_tokens`, overwriting the oldest."""
-        ring = self.warmup_tokens.shape[0]
-        flat = flat[-ring:].to(self.warmup_tokens.dtype)  # (V', C), V' <= ring size
-        slots = (self.warmup_seen + torch.arange(flat.shape[0], device=flat.device)) % ring  # (V',) no host read
-        self.warmup_tokens[slots] = flat
-        self.warmup_seen += flat.shape[0]
 
     @torch.no_grad()
     def init_from_tokens(self, tokens: torch.Tensor, iters: int = 20, seed: int = 0) -> torch.Tensor:
