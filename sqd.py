@@ -187,13 +187,7 @@ class SQD(nn.Module):
         # Table 2 baseline without GSD and LSD: N learnable queries plus the frame's audio embedding
         self.baseline_queries = nn.Parameter(torch.randn(N, C))  # (N, C)
 
-        self._drop_unused_modules()
-        if cfg.freeze_audio:  # a pretrained audio network kept as it is (train.py sets this)
-            self.audio_encoder.freeze_net()
-
-    def _drop_unused_modules(self) -> None:
-        """Ablated modules are removed so that every remaining parameter gets a gradient."""
-        cfg = self.cfg
+        # Ablated modules are removed, so that every remaining parameter gets a gradient.
         if not cfg.use_gsd:
             self.fusion, self.global_asd = None, None
         if not cfg.use_avsr:
@@ -204,6 +198,8 @@ class SQD(nn.Module):
             self.baseline_queries = None
         if not cfg.use_gsd and not cfg.use_lsd:
             self.vq = None
+        if cfg.freeze_audio:  # a pretrained audio network kept as it is (train.py sets this)
+            self.audio_encoder.freeze_net()
 
     # ------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
