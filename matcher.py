@@ -192,9 +192,8 @@ def pairwise_dice_cost(logits, targets, valid=None):
 def stack_layers(layers):
     """L decoder layers' outputs (dicts of "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
     "pred_boxes" (B, T, N, 4)) as R = L*N token rows, row l*N + i token i of layer l."""
-    def rows(key):
-        return torch.cat([layer[key] for layer in layers], dim=2)  # (B, T, R, ...)
-    return rows("pred_logits"), rows("pred_masks"), rows("pred_boxes")
+    return tuple(torch.cat([layer[key] for layer in layers], dim=2)  # (B, T, R, ...)
+                 for key in ("pred_logits", "pred_masks", "pred_boxes"))
 
 
 # The five terms of eq. (10), in the order in which a non-finite one is reported.
@@ -321,14 +320,12 @@ class SetCriterion(nn.Module):
         track on the clip's labelled volume;
       * loss_bbox, loss_giou: L1 and 1 - GIoU of each matched token's box, on the frames where
         its track sounds.
-    Unlabelled frames contribute nothing. Every term is divided by the number of tracks in the
-    batch (at least 1), as DETR divides by the number of boxes. The unweighted eq. (9) terms come
-    in outputs["quant"]. weight_dict gives every term its weight (an auxiliary layer's term,
-    suffix _0 .. _{L-2}, has its base term's), and total == sum(weight(k) * parts[k]).
+    Unlabelled frames contribute nothing; the normalisers are the file docstring's. The unweighted
+    eq. (9) terms come in outputs["quant"]. weight_dict gives every term its weight (an auxiliary
+    layer's term, suffix _0 .. _{L-2}, has its base term's), and total == sum(weight(k) * parts[k]).
 
     forward = losses with the matcher's assignment; losses also takes one fixed in advance
-    (pretrain.pretrain_visual, with pretrain.fixed_assignment). The decoder layers are stacked
-    once (stack_layers), and the matcher and the losses read the same token rows.
+    (pretrain.pretrain_visual, with pretrain.fixed_assignment).
     """
 
     def __init__(self, num_classes, matcher=None, weights=None, lambda_quant=1.0, lambda_com=0.5, aux_loss=True):
@@ -337,25 +334,23 @@ class SetCriterion(nn.Module):
         weights of eq. (8) and eq. (9); aux_loss: add the losses of outputs["aux_outputs"]."""
         super().__init__()
         self.num_classes = num_classes
-        self.weights = dict(PAPER_LOSS_WEIGHTS, **(weights or {}))
+        weights = dict(PAPER_LOSS_WEIGHTS, **(weights or {}))
         if matcher is None:
             # PAPER: App. D gives one set of lambdas; we use them both for the matching cost
             # (eq. 10) and for the loss (L_segm), as DETR-family code does.
             matcher = HungarianMatcher(
-                cost_class=self.weights["loss_class"], cost_mask=self.weights["loss_mask"],
-                cost_dice=self.weights["loss_dice"], cost_bbox=self.weights["loss_bbox"],
-                cost_giou=self.weights["loss_giou"],
-            )
+                cost_class=weights["loss_class"], cost_mask=weights["loss_mask"], cost_dice=weights["loss_dice"],
+                cost_bbox=weights["loss_bbox"], cost_giou=weights["loss_giou"])
         self.matcher = matcher
         self.lambda_quant = lambda_quant
-        self.lambda_com = lambda_com
         self.aux_loss = aux_loss
-        self.weight_dict = dict(self.weights)
-        self.weight_dict["quant_codebook"] = lambda_quant  # eq. (8) x eq. (9) first term
-        self.weight_dict["quant_commit_global"] = lambda_quant * lambda_com  # eq. (9) second term
-        self.weight_dict["quant_commit_local"] = lambda_quant * lambda_com  # eq. (9) third term
-        # NOT IN PAPER: the local codebook term (no SC, Table 2), weighted as eq. (9)'s first term.
-        self.weight_dict["quant_codebook_local"] = lambda_quant
+        self.weight_dict = dict(
+            weights,
+            quant_codebook=lambda_quant,  # eq. (8) x eq. (9) first term
+            quant_commit_global=lambda_quant * lambda_com,  # eq. (9) second term
+            quant_commit_local=lambda_quant * lambda_com,  # eq. (9) third term
+            # NOT IN PAPER: the local codebook term (no SC, Table 2), weighted as eq. (9)'s first term.
+            quant_codebook_local=lambda_quant)
 
     def forward(self, outputs, targets):
         """outputs: the model's dict (pred_logits, pred_masks, pred_boxes; optional aux_outputs, and
