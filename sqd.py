@@ -181,6 +181,8 @@ class SQD(nn.Module):
         # (docs/paper-silent.md#one-prototype-set-per-asd).
         # PAPER: Table 2 without SC does not say what the local tokens use: a codebook of their own.
         self.local_vq = None if cfg.shared_codebook else VectorQuantizer(cfg.codebook_size, C)
+        # the local tokens train a codebook: their own (no SC), or the only one (no GSD)
+        self.local_owns_codebook = not cfg.shared_codebook or not cfg.use_gsd
         self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
                                                 cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels, cfg.dyn_layers,
                                                 num_slots=N if cfg.slot_positions else None)
@@ -278,11 +280,6 @@ class SQD(nn.Module):
         valid = None if frame_valid is None else frame_valid.bool()[:, :, None].expand(B, T, N)  # (B, T, N)
         return vq(l, update_codebook=self.local_owns_codebook, valid=valid)
 
-    @property
-    def local_owns_codebook(self) -> bool:
-        """The local tokens train a codebook: their own (no SC), or the only one (no GSD)."""
-        return self.local_vq is not None or not self.cfg.use_gsd
-
     def ablation_queries(self, f_a, vq_g):
         """The mask decoder's queries without LSD (Table 2): (B, T, N, C).
 
@@ -314,14 +311,12 @@ class SQD(nn.Module):
         return [vq for vq in (self.vq, self.local_vq) if vq is not None]
 
     def set_quantizer_warmup(self, active: bool) -> None:
-        """Quantizer warm-up on or off: while on, VQ(x) = x and eq. (9) is zero (not in the paper;
-        quantize.VectorQuantizer.set_warmup). train.py calls it before every step and evaluation."""
+        """Quantizer warm-up on or off (not in the paper; quantize.VectorQuantizer.set_warmup)."""
         for vq in self.quantizers():
             vq.set_warmup(active)
 
     def end_quantizer_warmup(self) -> None:
-        """Each codebook to the k-means centres of its last warm-up tokens (not in the paper;
-        quantize.VectorQuantizer.end_warmup), once, in the step that ends the warm-up."""
+        """Each codebook to the k-means centres of its warm-up tokens (VectorQuantizer.end_warmup)."""
         for vq in self.quantizers():
             vq.end_warmup()
 
