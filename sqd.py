@@ -102,13 +102,10 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "swin-t", "video-swin-t", "smal
 def visual_backbone(cfg: ModelConfig) -> nn.Module:
     """The visual backbone that cfg.backbone names (encoders.py): ResNet (frozen_bn applies), Swin-T
     on every frame, Video Swin-T on the whole clip, or the CPU preset's SmallBackbone."""
-    if cfg.backbone == "small":
-        return SmallBackbone()
-    if cfg.backbone == "swin-t":
-        return SwinTransformer()
-    if cfg.backbone == "video-swin-t":
-        return VideoSwinTransformer()
-    return ResNet(int(cfg.backbone[len("resnet"):]), frozen_bn=cfg.frozen_bn)
+    if cfg.backbone.startswith("resnet"):
+        return ResNet(int(cfg.backbone[len("resnet"):]), frozen_bn=cfg.frozen_bn)
+    others = {"small": SmallBackbone, "swin-t": SwinTransformer, "video-swin-t": VideoSwinTransformer}
+    return others[cfg.backbone]()
 
 
 PRESETS = {
@@ -143,7 +140,6 @@ class SQD(nn.Module):
         frames (B, T, 3, H, W) float, ImageNet-normalised
         audio  (B, T, 1, 96, 64) VGGish log-mel, one example per frame
         frame_valid (B, T) bool, optional: False marks a padding frame, which no real frame sees
-            (inside, the attention layers take its inverse, pad = ~frame_valid, True = padding)
     and returns a dict:
         pred_logits (B, T, N, Kc)   class logits (sigmoid; no-object is all classes off)
         pred_masks  (B, T, N, h, w) mask logits at stride 4, eq. (7)
@@ -181,7 +177,6 @@ class SQD(nn.Module):
         # (docs/paper-silent.md#one-prototype-set-per-asd).
         # PAPER: Table 2 without SC does not say what the local tokens use: a codebook of their own.
         self.local_vq = None if cfg.shared_codebook else VectorQuantizer(cfg.codebook_size, C)
-        # the local tokens train a codebook: their own (no SC), or the only one (no GSD)
         self.local_owns_codebook = not cfg.shared_codebook or not cfg.use_gsd
         self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
                                                 cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels, cfg.dyn_layers,
@@ -229,8 +224,7 @@ class SQD(nn.Module):
         if cfg.use_gsd:
             # PAPER: F_v of eq. (3) read as every visual token of the clip, all T frames and all
             # three levels, before recombination; a padding frame's tokens are never attended.
-            S = memory.shape[2]
-            clip_pad = None if pad is None else pad[:, :, None].expand(B, T, S).flatten(1)  # (B, T*S)
+            clip_pad = None if pad is None else pad.repeat_interleave(memory.shape[2], dim=1)  # (B, T*S)
             F_a_prime = self.fusion(f_a, memory.flatten(1, 2), memory_pos.flatten(1, 2),  # (B, T*S, C) x2
                                     time_pos, clip_pad)           # (B, T, C) eq. (3): F'_a
             g = tokens["global"] = self.global_asd(F_a_prime, time_pos, pad)  # (B, N, C)  eq. (4): g_i
@@ -326,9 +320,8 @@ class SQD(nn.Module):
         Frozen parameters (ResNet's unused fc, a frozen audio network) are left out."""
         backbone, rest = [], []
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (backbone if name.startswith("visual_encoder.backbone.") else rest).append(p)
+            if p.requires_grad:
+                (backbone if name.startswith("visual_encoder.backbone.") else rest).append(p)
         return [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "model"},
                 {"params": backbone, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay,
                  "name": "backbone"}]
@@ -337,7 +330,8 @@ class SQD(nn.Module):
 def _frame_tokens(*maps):
     """Each frame's tokens of all levels: every argument, a list of per-level maps (B, T, C, H_l, W_l)
     (the features, their positions), becomes one (B, T, S, C) tensor."""
-    return [torch.cat([m.flatten(3).transpose(2, 3) for m in levels], dim=2) for levels in maps]  # (B, T, S, C)
+    return [torch.cat([m.flatten(3).transpose(2, 3) for m in levels], dim=2)  # (B, T, S, C)
+            for levels in maps]
 
 
 # ----------------------------------------------------------------------------------------------
