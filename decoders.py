@@ -51,8 +51,7 @@ def with_pos(x, pos):
 # 2. the transformer decoder TrD -------------------------------------------------------------------
 
 class DecoderLayer(nn.Module):
-    """One DETR post-norm decoder layer: self-attn, cross-attn, FFN, each with residual + LayerNorm.
-    forward takes TransformerDecoder's arguments and returns (B, Q, C)."""
+    """One DETR post-norm decoder layer: self-attn, cross-attn, FFN, each with residual + LayerNorm."""
 
     def __init__(self, dim, num_heads, ffn_dim):
         super().__init__()
@@ -75,8 +74,7 @@ class DecoderLayer(nn.Module):
 class TransformerDecoder(nn.Module):
     """TrD: a stack of DETR post-norm decoder layers that returns every layer's output.
 
-    forward(queries, memory, query_pos=None, memory_pos=None, memory_padding_mask=None)
-        queries (B, Q, C) the query content, memory (B, S, C) the tokens the queries read;
+    forward: queries (B, Q, C) the query content, memory (B, S, C) the tokens the queries read;
         query_pos (B, Q, C) or None, memory_pos (B, S, C) or None: added to queries / keys, never
         values; memory_padding_mask (B, S) bool or None, True = ignore that memory token
     returns (L, B, Q, C): the output of each of the L layers (the last one is the decoder's output;
@@ -265,7 +263,8 @@ def dynamic_mask_conv(features, theta, channels=8, num_layers=3, rel_coords=None
     shapes = _dynamic_layer_shapes(c_in, channels, num_layers)  # [(c_out, c_in)] per layer
     sizes = [o * i for o, i in shapes] + [o for o, _ in shapes]  # every layer's weights, then biases
     if Pd != sum(sizes):  # num_dynamic_params(c_in, channels, num_layers)
-        raise ValueError(f"got {Pd} dynamic parameters per token, need {sum(sizes)} for {c_in} input channels")
+        raise ValueError(f"got {Pd} dynamic parameters per token, need {sum(sizes)} "
+                         f"for {c_in} input channels")
     chunks = theta.reshape(G * Q, Pd).split(sizes, dim=1)  # weights then biases, each (G*Q, size)
     weights, biases = chunks[:num_layers], chunks[num_layers:]  # num_layers x (G*Q, c_out*c_in), x (G*Q, c_out)
     x = x.reshape(1, G * Q * c_in, h, w)  # (1, G*Q*Cin, h, w) every token's input side by side

@@ -355,8 +355,7 @@ class SetCriterion(nn.Module):
     def forward(self, outputs, targets):
         """outputs: the model's dict (pred_logits, pred_masks, pred_boxes; optional aux_outputs, and
         quant, the unweighted eq. (9) terms); targets: Tracks at its mask size. Returns total, the
-        scalar of eq. (8), and parts, name -> unweighted scalar: loss_class, loss_mask, loss_dice,
-        loss_bbox, loss_giou, the same with suffix _l for aux layer l, and every quant_* term."""
+        scalar of eq. (8), and parts, name -> unweighted scalar: every loss_* and quant_* term."""
         return self.losses(outputs, targets)
 
     def losses(self, outputs, targets, assignment=None):
@@ -367,7 +366,6 @@ class SetCriterion(nn.Module):
         logits, pred_masks, pred_boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
         B, T, R, Kc = logits.shape
         L = len(layers)
-        N = R // L
         if assignment is None:
             assignment = self.matcher(logits, pred_masks, pred_boxes, targets, L)  # (B, R) eq. (10)
         h, w = pred_masks.shape[-2:]
@@ -389,14 +387,14 @@ class SetCriterion(nn.Module):
 
         def per_layer(loss):  # (B, R) loss of each token row -> (L,) summed over clips and matched tokens
             # (unmatched rows give 0 and a zero gradient: a batch without any track is defined too)
-            return torch.where(matched, loss, 0.0).reshape(B, L, N).sum(dim=(0, 2))
+            return torch.where(matched, loss, 0.0).reshape(B, L, -1).sum(dim=(0, 2))
 
         # Class loss: one-hot target where a matched track sounds, all zeros everywhere else.
         class_ids = torch.arange(1, Kc + 1, device=logits.device)  # (Kc,)
         one_hot = (targets.classes[clip, slot][..., None] == class_ids).to(dtype)  # (B, R, Kc) the slot's class
         target_classes = one_hot[:, None] * sounding.transpose(1, 2)[..., None]  # (B, T, R, Kc)
         focal = sigmoid_focal_loss(logits.to(dtype), target_classes)  # (B, T, R, Kc)
-        focal = focal.reshape(B, T, L, N * Kc).sum(dim=-1)  # (B, T, L)
+        focal = focal.reshape(B, T, L, -1).sum(dim=-1)  # (B, T, L) over each layer's N*Kc logits
         focal = torch.where(valid[..., None], focal, torch.zeros_like(focal))  # (B, T, L) unlabelled frames: nothing
         # PAPER: the class loss's normaliser is not given: per clip, the mean over labelled frames,
         # cost_class's form plus no-object terms (docs/paper-silent.md#class-terms-over-frames).
@@ -418,9 +416,8 @@ class SetCriterion(nn.Module):
         l1 = (src_boxes - tgt_boxes).abs().sum(dim=-1)  # (B, R, T)
         l1 = torch.where(sounding, l1, torch.zeros_like(l1))  # (B, R, T) only where it sounds
         loss_bbox = per_layer(l1.sum(dim=2) / num_sounding)  # (L,)
-        giou = generalized_box_iou(
-            box_cxcywh_to_xyxy(src_boxes)[..., None, :], box_cxcywh_to_xyxy(tgt_boxes)[..., None, :]
-        )[..., 0, 0]  # (B, R, T) GIoU of each frame's pair
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(src_boxes)[..., None, :],
+                                   box_cxcywh_to_xyxy(tgt_boxes)[..., None, :])[..., 0, 0]  # (B, R, T)
         giou_loss = torch.where(sounding, 1 - giou, torch.zeros_like(giou))  # (B, R, T)
         loss_giou = per_layer(giou_loss.sum(dim=2) / num_sounding)  # (L,)
 

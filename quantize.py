@@ -33,10 +33,9 @@ import torch.nn.functional as F
 
 
 class QuantizerOutput(NamedTuple):
-    """The result of quantizing vectors x (..., C). quantized is straight-through: the value of the
-    codeword, gradient w.r.t. x the identity, none to the codebook. The losses are means over
-    elements, unweighted (the criterion applies lambda_com). With update_codebook=False,
-    codebook_loss is zero and nothing carries a gradient to the codebook."""
+    """The result of quantizing vectors x (..., C). The losses are means over elements, unweighted
+    (the criterion applies lambda_com); with update_codebook=False, codebook_loss is zero and
+    nothing carries a gradient to the codebook."""
     quantized: torch.Tensor  # (..., C) VQ(x), straight-through
     indices: torch.Tensor  # (...) int64, the index in [0, K) of the chosen codeword
     codebook_loss: torch.Tensor  # () eq. (9) first term ||VQ(x) - sg[x]||^2
