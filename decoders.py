@@ -18,8 +18,9 @@ Reading order
     3. AudioVisualFusion                §3.3 eq. (3) audio-visual fusion
     4. AudioSemanticDecoder             §3.3 eq. (4) global ASD; §3.4 eq. (6) local ASD
     5. ChannelLayerNorm, MaskedBatchNorm2d, SemanticRecombination   §3.3 eq. (5) recombination
-    6. num_dynamic_params, dynamic_mask_conv, relative_coordinates   §3.4 eq. (7), dynamic conv
-    7. SemanticMaskDecoder              §3.4 eq. (7) TrD_segm + controller + class/box heads
+    6. num_dynamic_params, dynamic_mask_conv                        §3.4 eq. (7), dynamic conv
+    7. SemanticMaskDecoder              §3.4 eq. (7) TrD_segm + controller + class/box heads,
+                                        relative coordinates
 
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
     B clips, T frames, N semantic tokens, C model channels, Q queries of a decoder, S memory tokens
@@ -43,16 +44,14 @@ def mlp(in_dim, hidden_dim, out_dim):
 
 
 def with_pos(x, pos):
-    """x + pos, or x when there is no positional embedding (DETR adds it to queries/keys only).
-    x: (..., C); pos: the same shape or None. Returns the shape of x."""
+    """x (..., C) + pos (the same shape), or x when pos is None (DETR adds it to queries/keys only)."""
     return x if pos is None else x + pos
 
 
 # 2. the transformer decoder TrD -------------------------------------------------------------------
 
 class DecoderLayer(nn.Module):
-    """One DETR post-norm decoder layer: self-attn, cross-attn, FFN, each with residual + LayerNorm.
-    forward takes TransformerDecoder's arguments and returns (B, Q, C)."""
+    """One DETR post-norm decoder layer: self-attn, cross-attn, FFN, each with residual + LayerNorm."""
 
     def __init__(self, dim, num_heads, ffn_dim):
         super().__init__()
@@ -75,8 +74,7 @@ class DecoderLayer(nn.Module):
 class TransformerDecoder(nn.Module):
     """TrD: a stack of DETR post-norm decoder layers that returns every layer's output.
 
-    forward(queries, memory, query_pos=None, memory_pos=None, memory_padding_mask=None)
-        queries (B, Q, C) the query content, memory (B, S, C) the tokens the queries read;
+    forward: queries (B, Q, C) the query content, memory (B, S, C) the tokens the queries read;
         query_pos (B, Q, C) or None, memory_pos (B, S, C) or None: added to queries / keys, never
         values; memory_padding_mask (B, S) bool or None, True = ignore that memory token
     returns (L, B, Q, C): the output of each of the L layers (the last one is the decoder's output;
@@ -263,10 +261,10 @@ def dynamic_mask_conv(features, theta, channels=8, num_layers=3, rel_coords=None
         x = torch.cat([rel_coords, x], dim=2)  # (G, Q, Cin, h, w), channels: (x, y, features)
     c_in, h, w = x.shape[2:]
     shapes = _dynamic_layer_shapes(c_in, channels, num_layers)  # [(c_out, c_in)] per layer
-    if Pd != num_dynamic_params(c_in, channels, num_layers):
-        raise ValueError(f"got {Pd} dynamic parameters per token, need "
-                         f"{num_dynamic_params(c_in, channels, num_layers)} for {c_in} input channels")
-    sizes = [o * i for o, i in shapes] + [o for o, _ in shapes]
+    sizes = [o * i for o, i in shapes] + [o for o, _ in shapes]  # every layer's weights, then biases
+    if Pd != sum(sizes):  # num_dynamic_params(c_in, channels, num_layers)
+        raise ValueError(f"got {Pd} dynamic parameters per token, need {sum(sizes)} "
+                         f"for {c_in} input channels")
     chunks = theta.reshape(G * Q, Pd).split(sizes, dim=1)  # weights then biases, each (G*Q, size)
     weights, biases = chunks[:num_layers], chunks[num_layers:]  # num_layers x (G*Q, c_out*c_in), x (G*Q, c_out)
     x = x.reshape(1, G * Q * c_in, h, w)  # (1, G*Q*Cin, h, w) every token's input side by side
@@ -278,20 +276,6 @@ def dynamic_mask_conv(features, theta, channels=8, num_layers=3, rel_coords=None
     return x.view(G, Q, h, w)  # eq. (7): (G, Q, h, w) mask logits
 
 
-def relative_coordinates(centres, h, w):
-    """Pixel centres of an h x w grid in [0, 1] minus each token's box centre.
-
-    centres: (G, Q, 2) (cx, cy) in [0, 1]
-    returns (G, Q, 2, h, w), channel 0 = x offset, channel 1 = y offset
-    """
-    xs = (torch.arange(w, dtype=centres.dtype, device=centres.device) + 0.5) / w  # (w,)
-    ys = (torch.arange(h, dtype=centres.dtype, device=centres.device) + 0.5) / h  # (h,)
-    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, h, w)
-    # PAPER: offsets in normalised [0, 1] units (CondInst divides pixels by a size of interest,
-    # ReferFormer keeps raw pixels); this keeps the filters independent of the image size.
-    return grid - centres[:, :, :, None, None]  # (G, Q, 2, h, w)
-
-
 # 7. the semantic-guided mask decoder (Fig. 4b) ----------------------------------------------------
 
 class SemanticMaskDecoder(nn.Module):
@@ -300,7 +284,6 @@ class SemanticMaskDecoder(nn.Module):
     theta_{i,t} = phi_segm(TrD_segm(VQ(l_{i,t}) | f_t)), phi_segm the two-layer controller MLP;
     M_{i,t} = f_out_t * theta_{i,t} (dynamic_mask_conv with relative coordinates);
     P_{i,t} and B_{i,t} come from two two-layer MLPs on the same embeddings (§3.4).
-    Heads and controller, shared by all decoder layers, apply to each one's output (aux losses).
 
     forward(queries, memory, memory_pos, mask_features)
         queries:       (B, T, N, C) the quantized local tokens VQ(l_{i,t}) (the query content)
@@ -350,9 +333,15 @@ class SemanticMaskDecoder(nn.Module):
         logits = self.class_head(hs)  # (L, B*T, N, Kc) P_{i,t} as logits
         boxes = self.box_head(hs).sigmoid()  # (L, B*T, N, 4) B_{i,t}, cxcywh in [0, 1]
         theta = self.controller(hs)  # (L, B*T, N, Pd) theta_{i,t}
+        # Relative coordinates (CondInst): every pixel centre in [0, 1] minus the token's box centre.
         # PAPER: the relative-coordinate origin is not given; we use the token's predicted box
         # centre, detached (ReferFormer uses its reference point, CondInst the instance location).
-        rel = relative_coordinates(boxes[..., :2].detach().flatten(0, 1), h, w)  # (L*B*T, N, 2, h, w)
+        # PAPER: offsets in normalised [0, 1] units (CondInst divides pixels by a size of interest,
+        # ReferFormer keeps raw pixels); this keeps the filters independent of the image size.
+        xs = (torch.arange(w, dtype=boxes.dtype, device=boxes.device) + 0.5) / w  # (w,)
+        ys = (torch.arange(h, dtype=boxes.dtype, device=boxes.device) + 0.5) / h  # (h,)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, h, w) pixel centres, x then y
+        rel = grid - boxes[..., :2].detach().flatten(0, 1)[:, :, :, None, None]  # (L*B*T, N, 2, h, w)
         feats = mask_features.flatten(0, 1).expand(L, -1, -1, -1, -1).flatten(0, 1)  # (L*B*T, Cm, h, w)
         masks = dynamic_mask_conv(feats, theta.flatten(0, 1), self.dyn_channels, self.dyn_layers,
                                   rel_coords=rel)  # eq. (7): (L*B*T, N, h, w)

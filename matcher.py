@@ -192,9 +192,8 @@ def pairwise_dice_cost(logits, targets, valid=None):
 def stack_layers(layers):
     """L decoder layers' outputs (dicts of "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
     "pred_boxes" (B, T, N, 4)) as R = L*N token rows, row l*N + i token i of layer l."""
-    def rows(key):
-        return torch.cat([layer[key] for layer in layers], dim=2)  # (B, T, R, ...)
-    return rows("pred_logits"), rows("pred_masks"), rows("pred_boxes")
+    return tuple(torch.cat([layer[key] for layer in layers], dim=2)  # (B, T, R, ...)
+                 for key in ("pred_logits", "pred_masks", "pred_boxes"))
 
 
 # The five terms of eq. (10), in the order in which a non-finite one is reported.
@@ -224,13 +223,12 @@ class HungarianMatcher(nn.Module):
         self.cost_giou = cost_giou
 
     @torch.no_grad()
-    def forward(self, layers, targets):
-        """layers: L output dicts of the model (the final decoder layer first); targets: Tracks at
-        their mask size. Returns the assignment (B, L*N) int64: row l*N + i holds the slot that token
-        i of layer l is matched to, -1 if none (min(N, tracks) per clip and layer). A non-finite
-        cost raises a ValueError naming its term and clip, where scipy would fail obscurely."""
-        logits, masks, boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
-        B, R, L = logits.shape[0], logits.shape[2], len(layers)
+    def forward(self, logits, masks, boxes, targets, num_layers):
+        """logits, masks, boxes: the token rows of num_layers = L decoder layers (stack_layers);
+        targets: Tracks at their mask size. Returns the assignment (B, L*N) int64: row l*N + i holds
+        the slot that token i of layer l is matched to, -1 if none (min(N, tracks) per clip and layer).
+        A non-finite cost raises a ValueError naming its term and clip, where scipy would fail obscurely."""
+        B, R, L = logits.shape[0], logits.shape[2], num_layers
         N, J = R // L, targets.classes.shape[1]
         # Costs in full precision even inside an AMP region (matmuls would otherwise run in half).
         with torch.autocast(device_type=logits.device.type, enabled=False):
@@ -322,12 +320,11 @@ class SetCriterion(nn.Module):
         track on the clip's labelled volume;
       * loss_bbox, loss_giou: L1 and 1 - GIoU of each matched token's box, on the frames where
         its track sounds.
-    Unlabelled frames contribute nothing. Every term is divided by the number of tracks in the
-    batch (at least 1), as DETR divides by the number of boxes. The unweighted eq. (9) terms come
-    in outputs["quant"]. weight_dict gives every term its weight (an auxiliary layer's term,
-    suffix _0 .. _{L-2}, has its base term's), and total == sum(weight(k) * parts[k]).
+    Unlabelled frames contribute nothing; the normalisers are the file docstring's. The unweighted
+    eq. (9) terms come in outputs["quant"]. weight_dict gives every term its weight (an auxiliary
+    layer's term, suffix _0 .. _{L-2}, has its base term's), and total == sum(weight(k) * parts[k]).
 
-    forward = the matcher + losses; losses also takes an assignment fixed in advance
+    forward = losses with the matcher's assignment; losses also takes one fixed in advance
     (pretrain.pretrain_visual, with pretrain.fixed_assignment).
     """
 
@@ -337,47 +334,40 @@ class SetCriterion(nn.Module):
         weights of eq. (8) and eq. (9); aux_loss: add the losses of outputs["aux_outputs"]."""
         super().__init__()
         self.num_classes = num_classes
-        self.weights = dict(PAPER_LOSS_WEIGHTS, **(weights or {}))
+        weights = dict(PAPER_LOSS_WEIGHTS, **(weights or {}))
         if matcher is None:
             # PAPER: App. D gives one set of lambdas; we use them both for the matching cost
             # (eq. 10) and for the loss (L_segm), as DETR-family code does.
             matcher = HungarianMatcher(
-                cost_class=self.weights["loss_class"], cost_mask=self.weights["loss_mask"],
-                cost_dice=self.weights["loss_dice"], cost_bbox=self.weights["loss_bbox"],
-                cost_giou=self.weights["loss_giou"],
-            )
+                cost_class=weights["loss_class"], cost_mask=weights["loss_mask"], cost_dice=weights["loss_dice"],
+                cost_bbox=weights["loss_bbox"], cost_giou=weights["loss_giou"])
         self.matcher = matcher
         self.lambda_quant = lambda_quant
-        self.lambda_com = lambda_com
         self.aux_loss = aux_loss
-        self.weight_dict = dict(self.weights)
-        self.weight_dict["quant_codebook"] = lambda_quant  # eq. (8) x eq. (9) first term
-        self.weight_dict["quant_commit_global"] = lambda_quant * lambda_com  # eq. (9) second term
-        self.weight_dict["quant_commit_local"] = lambda_quant * lambda_com  # eq. (9) third term
-        # NOT IN PAPER: the local codebook term (no SC, Table 2), weighted as eq. (9)'s first term.
-        self.weight_dict["quant_codebook_local"] = lambda_quant
+        self.weight_dict = dict(
+            weights,
+            quant_codebook=lambda_quant,  # eq. (8) x eq. (9) first term
+            quant_commit_global=lambda_quant * lambda_com,  # eq. (9) second term
+            quant_commit_local=lambda_quant * lambda_com,  # eq. (9) third term
+            # NOT IN PAPER: the local codebook term (no SC, Table 2), weighted as eq. (9)'s first term.
+            quant_codebook_local=lambda_quant)
 
     def forward(self, outputs, targets):
         """outputs: the model's dict (pred_logits, pred_masks, pred_boxes; optional aux_outputs, and
         quant, the unweighted eq. (9) terms); targets: Tracks at its mask size. Returns total, the
-        scalar of eq. (8), and parts, name -> unweighted scalar: loss_class, loss_mask, loss_dice,
-        loss_bbox, loss_giou, the same with suffix _l for aux layer l, and every quant_* term."""
-        assignment = self.matcher(self.layers(outputs), targets)  # (B, L*N) eq. (10)
-        return self.losses(outputs, targets, assignment)
+        scalar of eq. (8), and parts, name -> unweighted scalar: every loss_* and quant_* term."""
+        return self.losses(outputs, targets)
 
-    def layers(self, outputs):
-        """The decoder layers that get a loss: the final one, then the earlier ones in order."""
+    def losses(self, outputs, targets, assignment=None):
+        """Eq. (8) for the matched tokens of every decoder layer, all layers and clips at once, as
+        forward. assignment: (B, L*N) int64 fixed in advance, or None for the matcher's (eq. 10)."""
         # NOT IN PAPER: losses on every earlier decoder layer, as DETR and ReferFormer (aux_loss).
-        return [outputs] + (list(outputs.get("aux_outputs", [])) if self.aux_loss else [])
-
-    def losses(self, outputs, targets, assignment):
-        """Eq. (8) for the matched tokens of every decoder layer, all layers and clips at once.
-        assignment: (B, L*N) int64 as HungarianMatcher returns it. Returns total, parts as forward."""
-        layers = self.layers(outputs)
+        layers = [outputs] + (list(outputs.get("aux_outputs", [])) if self.aux_loss else [])
         logits, pred_masks, pred_boxes = stack_layers(layers)  # (B, T, R, Kc), (B, T, R, h, w), (B, T, R, 4)
         B, T, R, Kc = logits.shape
         L = len(layers)
-        N = R // L
+        if assignment is None:
+            assignment = self.matcher(logits, pred_masks, pred_boxes, targets, L)  # (B, R) eq. (10)
         h, w = pred_masks.shape[-2:]
         dtype = torch.promote_types(logits.dtype, torch.float32)
 
@@ -397,14 +387,14 @@ class SetCriterion(nn.Module):
 
         def per_layer(loss):  # (B, R) loss of each token row -> (L,) summed over clips and matched tokens
             # (unmatched rows give 0 and a zero gradient: a batch without any track is defined too)
-            return torch.where(matched, loss, 0.0).reshape(B, L, N).sum(dim=(0, 2))
+            return torch.where(matched, loss, 0.0).reshape(B, L, -1).sum(dim=(0, 2))
 
         # Class loss: one-hot target where a matched track sounds, all zeros everywhere else.
         class_ids = torch.arange(1, Kc + 1, device=logits.device)  # (Kc,)
         one_hot = (targets.classes[clip, slot][..., None] == class_ids).to(dtype)  # (B, R, Kc) the slot's class
         target_classes = one_hot[:, None] * sounding.transpose(1, 2)[..., None]  # (B, T, R, Kc)
         focal = sigmoid_focal_loss(logits.to(dtype), target_classes)  # (B, T, R, Kc)
-        focal = focal.reshape(B, T, L, N * Kc).sum(dim=-1)  # (B, T, L)
+        focal = focal.reshape(B, T, L, -1).sum(dim=-1)  # (B, T, L) over each layer's N*Kc logits
         focal = torch.where(valid[..., None], focal, torch.zeros_like(focal))  # (B, T, L) unlabelled frames: nothing
         # PAPER: the class loss's normaliser is not given: per clip, the mean over labelled frames,
         # cost_class's form plus no-object terms (docs/paper-silent.md#class-terms-over-frames).
@@ -426,9 +416,8 @@ class SetCriterion(nn.Module):
         l1 = (src_boxes - tgt_boxes).abs().sum(dim=-1)  # (B, R, T)
         l1 = torch.where(sounding, l1, torch.zeros_like(l1))  # (B, R, T) only where it sounds
         loss_bbox = per_layer(l1.sum(dim=2) / num_sounding)  # (L,)
-        giou = generalized_box_iou(
-            box_cxcywh_to_xyxy(src_boxes)[..., None, :], box_cxcywh_to_xyxy(tgt_boxes)[..., None, :]
-        )[..., 0, 0]  # (B, R, T) GIoU of each frame's pair
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(src_boxes)[..., None, :],
+                                   box_cxcywh_to_xyxy(tgt_boxes)[..., None, :])[..., 0, 0]  # (B, R, T)
         giou_loss = torch.where(sounding, 1 - giou, torch.zeros_like(giou))  # (B, R, T)
         loss_giou = per_layer(giou_loss.sum(dim=2) / num_sounding)  # (L,)
 

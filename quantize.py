@@ -1,20 +1,22 @@
-"""Vector quantization with one shared codebook, product quantization, and the SQD quantization loss.
+"""Vector quantization with one shared codebook (product quantization) and the SQD quantization loss.
 
 What this file teaches
     SQD (Sec. 3.1) represents a multi-source audio clip by N semantic tokens, each snapped to its
-    nearest word of ONE shared codebook of K words: N tokens can express K**N products (eq. 1)
-    while the codebook stays small (K << Kc**N, Kc sound categories: §3.3's 128 << 70**N), so a mixture must decompose into single-source
-    parts that reuse the same words (eq. 2). Eq. (9) of Sec. 3.5 trains the codebook (first term),
-    pulls the global tokens e_i = VQ(g_i) of Sec. 3.3 to their codewords (second term), and makes
-    the local, per-frame tokens of Sec. 3.4 commit to the same codebook without updating it (third).
+    nearest word of ONE shared codebook of K words: N tokens can express K**N products (eq. 1) while
+    the codebook stays small (K << Kc**N, Kc sound categories: §3.3's 128 << 70**N), so a mixture
+    must decompose into single-source parts that reuse the same words (eq. 2). The N quantized
+    tokens stay side by side, (..., N, C): eq. (2)'s concatenation (+) is that layout read as one
+    N*C vector, which no step needs (tests/test_quantize.py's product_quantize writes it out).
+    Eq. (9) of Sec. 3.5 trains the codebook (first term), pulls the global tokens e_i = VQ(g_i) of
+    Sec. 3.3 to their codewords (second term), and makes the local, per-frame tokens of Sec. 3.4
+    commit to the same codebook without updating it (third).
 
 Reading order
     1. QuantizerOutput        what one quantization returns
     2. VectorQuantizer        codebook, nearest_code (VQ of eq. 2), forward (straight-through, the
                               eq. (9) terms, the update_codebook=False local path); then, not in
                               the paper, the warm-up (VQ(x) = x) and the k-means codebook ending it
-    3. product_quantize       eq. (2): N tokens through one shared quantizer, concatenated
-    4. quantization_loss      eq. (9): the three named, unweighted terms
+    3. quantization_loss      eq. (9): the three named, unweighted terms
     (how much of the codebook a run uses, and the collapse warning: metrics.py)
 
 Shape alphabet (the repository's one alphabet: docs/shapes.md)
@@ -31,12 +33,10 @@ import torch.nn.functional as F
 
 
 class QuantizerOutput(NamedTuple):
-    """The result of quantizing vectors x (..., C). quantized is straight-through: the value of the
-    codeword, gradient w.r.t. x the identity, none to the codebook. The losses are means over
-    elements, unweighted (the criterion applies lambda_com). With update_codebook=False,
-    codebook_loss is zero and codes carry no gradient to the codebook."""
+    """The result of quantizing vectors x (..., C). The losses are means over elements, unweighted
+    (the criterion applies lambda_com); with update_codebook=False, codebook_loss is zero and
+    nothing carries a gradient to the codebook."""
     quantized: torch.Tensor  # (..., C) VQ(x), straight-through
-    codes: torch.Tensor  # (..., C) the chosen codewords
     indices: torch.Tensor  # (...) int64, the index in [0, K) of the chosen codeword
     codebook_loss: torch.Tensor  # () eq. (9) first term ||VQ(x) - sg[x]||^2
     commitment_loss: torch.Tensor  # () eq. (9) second/third term ||sg[VQ(x)] - x||^2
@@ -97,15 +97,12 @@ class VectorQuantizer(nn.Module):
 
         # NOT IN PAPER: eq. (9)'s sums over tokens are means over all V * C elements (MSE), so
         # lambda_quant keeps one meaning across presets; docs/paper-silent.md#eq-9-as-means.
-        if flat.shape[0] == 0:
-            zero = flat.new_zeros(())  # () nothing to quantize
-            codebook_loss, commitment_loss = zero, zero
-        else:
+        # zero: the local path's codebook term (update_codebook=False), and both terms of an empty x
+        codebook_loss = commitment_loss = flat.new_zeros(())  # ()
+        if flat.shape[0] > 0:
             xd = flat.to(codes.dtype)  # (V, C)
             if update_codebook:
                 codebook_loss = _mse(codes, xd.detach(), keep)  # eq. (9), first term ||VQ(g) - sg[g]||^2
-            else:
-                codebook_loss = flat.new_zeros(())  # () the local path does not update the codebook
             commitment_loss = _mse(xd, codes.detach(), keep)  # eq. (9), second/third term ||sg[VQ(x)] - x||^2
 
         # PAPER: gradients cross the argmin by VQ-VAE's straight-through estimator, written
@@ -114,7 +111,6 @@ class VectorQuantizer(nn.Module):
         quantized = codes.detach().to(flat.dtype) + (flat - flat.detach())  # (V, C)
         return QuantizerOutput(
             quantized=quantized.reshape(*lead, self.dim),  # (..., C)
-            codes=codes.reshape(*lead, self.dim),  # (..., C)
             indices=indices.reshape(lead),  # (...)
             codebook_loss=codebook_loss,
             commitment_loss=commitment_loss,
@@ -142,30 +138,24 @@ class VectorQuantizer(nn.Module):
 
     def _warmup_forward(self, flat: torch.Tensor, lead, update_codebook: bool,
                         keep: Optional[torch.Tensor]) -> QuantizerOutput:
-        """forward in the warm-up, on flat (V, C) and keep (V,): VQ(x) = x and zero losses; the
-        nearest codewords are still reported (for logging), and training tokens are remembered."""
-        if self.training:
-            self._remember(flat.detach() if keep is None else flat.detach()[keep])  # (V', C)
+        """forward in the warm-up, on flat (V, C) and keep (V,): VQ(x) = x and zero losses; the nearest
+        codewords' indices are still reported (for logging), and training tokens are remembered."""
+        if self.training:  # into the ring `warmup_tokens`, overwriting the oldest (no host read)
+            ring = self.warmup_tokens.shape[0]
+            seen = (flat if keep is None else flat[keep]).detach()[-ring:]  # (V', C), V' <= ring
+            seen = seen.to(self.warmup_tokens.dtype)  # (V', C)
+            self.warmup_tokens[(self.warmup_seen + torch.arange(len(seen), device=flat.device)) % ring] = seen
+            self.warmup_seen += len(seen)
         indices = self.nearest_code(flat)  # (V,)
         # () eq. (9) is off. The global path's zero comes from the codebook, keeping it in the graph
         # with a zero gradient (DDP expects every parameter used); the local path never touches it.
         zero = (self.codebook.sum() * 0.0).to(flat.dtype) if update_codebook else flat.new_zeros(())
         return QuantizerOutput(
             quantized=flat.reshape(*lead, self.dim),  # (..., C) the token itself
-            codes=self.codebook.detach()[indices].reshape(*lead, self.dim),  # (..., C)
             indices=indices.reshape(lead),  # (...)
             codebook_loss=zero,
             commitment_loss=flat.new_zeros(()),
         )
-
-    @torch.no_grad()
-    def _remember(self, flat: torch.Tensor) -> None:
-        """Write tokens (V, C) into the ring `warmup_tokens`, overwriting the oldest."""
-        ring = self.warmup_tokens.shape[0]
-        flat = flat[-ring:].to(self.warmup_tokens.dtype)  # (V', C), V' <= ring size
-        slots = (self.warmup_seen + torch.arange(flat.shape[0], device=flat.device)) % ring  # (V',) no host read
-        self.warmup_tokens[slots] = flat
-        self.warmup_seen += flat.shape[0]
 
     @torch.no_grad()
     def init_from_tokens(self, tokens: torch.Tensor, iters: int = 20, seed: int = 0) -> torch.Tensor:
@@ -211,18 +201,6 @@ def _mse(a: torch.Tensor, b: torch.Tensor, keep: Optional[torch.Tensor]) -> torc
         return F.mse_loss(a, b)
     w = keep.to(a.dtype)  # (V,)
     return ((a - b).pow(2).mean(1) * w).sum() / w.sum().clamp(min=1.0)  # ()
-
-
-def product_quantize(vq: VectorQuantizer, tokens: torch.Tensor, update_codebook: bool = True):
-    """Eq. (2): PQ(x) = VQ_s(x_1) (+) ... (+) VQ_s(x_N) with one shared codebook C_s (vq).
-
-    tokens (..., N, C) are the decomposed tokens x_i = f_i(x) (here g_i or l_{i,t}). Returns pq
-    (..., N*C), the N straight-through quantized tokens concatenated (token i in channels
-    [i*C, (i+1)*C)), and the QuantizerOutput of the N tokens.
-    """
-    out = vq(tokens, update_codebook=update_codebook)  # quantized (..., N, C): one VQ_s for every token
-    pq = out.quantized.flatten(-2)  # (..., N*C) eq. (2), concatenation (+)
-    return pq, out
 
 
 def quantization_loss(global_out: QuantizerOutput, local_out: Optional[QuantizerOutput] = None) -> dict:

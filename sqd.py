@@ -102,13 +102,10 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "swin-t", "video-swin-t", "smal
 def visual_backbone(cfg: ModelConfig) -> nn.Module:
     """The visual backbone that cfg.backbone names (encoders.py): ResNet (frozen_bn applies), Swin-T
     on every frame, Video Swin-T on the whole clip, or the CPU preset's SmallBackbone."""
-    if cfg.backbone == "small":
-        return SmallBackbone()
-    if cfg.backbone == "swin-t":
-        return SwinTransformer()
-    if cfg.backbone == "video-swin-t":
-        return VideoSwinTransformer()
-    return ResNet(int(cfg.backbone[len("resnet"):]), frozen_bn=cfg.frozen_bn)
+    if cfg.backbone.startswith("resnet"):
+        return ResNet(int(cfg.backbone[len("resnet"):]), frozen_bn=cfg.frozen_bn)
+    others = {"small": SmallBackbone, "swin-t": SwinTransformer, "video-swin-t": VideoSwinTransformer}
+    return others[cfg.backbone]()
 
 
 PRESETS = {
@@ -143,7 +140,6 @@ class SQD(nn.Module):
         frames (B, T, 3, H, W) float, ImageNet-normalised
         audio  (B, T, 1, 96, 64) VGGish log-mel, one example per frame
         frame_valid (B, T) bool, optional: False marks a padding frame, which no real frame sees
-            (inside, the attention layers take its inverse, pad = ~frame_valid, True = padding)
     and returns a dict:
         pred_logits (B, T, N, Kc)   class logits (sigmoid; no-object is all classes off)
         pred_masks  (B, T, N, h, w) mask logits at stride 4, eq. (7)
@@ -181,19 +177,14 @@ class SQD(nn.Module):
         # (docs/paper-silent.md#one-prototype-set-per-asd).
         # PAPER: Table 2 without SC does not say what the local tokens use: a codebook of their own.
         self.local_vq = None if cfg.shared_codebook else VectorQuantizer(cfg.codebook_size, C)
+        self.local_owns_codebook = not cfg.shared_codebook or not cfg.use_gsd
         self.mask_decoder = SemanticMaskDecoder(C, cfg.num_classes, cfg.dec_layers, cfg.num_heads,
                                                 cfg.ffn_dim, cfg.mask_dim, cfg.dyn_channels, cfg.dyn_layers,
                                                 num_slots=N if cfg.slot_positions else None)
         # Table 2 baseline without GSD and LSD: N learnable queries plus the frame's audio embedding
         self.baseline_queries = nn.Parameter(torch.randn(N, C))  # (N, C)
 
-        self._drop_unused_modules()
-        if cfg.freeze_audio:  # a pretrained audio network kept as it is (train.py sets this)
-            self.audio_encoder.freeze_net()
-
-    def _drop_unused_modules(self) -> None:
-        """Ablated modules are removed so that every remaining parameter gets a gradient."""
-        cfg = self.cfg
+        # Ablated modules are removed, so that every remaining parameter gets a gradient.
         if not cfg.use_gsd:
             self.fusion, self.global_asd = None, None
         if not cfg.use_avsr:
@@ -204,6 +195,8 @@ class SQD(nn.Module):
             self.baseline_queries = None
         if not cfg.use_gsd and not cfg.use_lsd:
             self.vq = None
+        if cfg.freeze_audio:  # a pretrained audio network kept as it is (train.py sets this)
+            self.audio_encoder.freeze_net()
 
     # ------------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
@@ -218,6 +211,7 @@ class SQD(nn.Module):
         # the visual encoder (encoders.py) gives, per frame: "levels", F_v at strides 8, 16, 32,
         # its sine positions "pos" (the same shapes), and "c2", the backbone's stride-4 map (the FPN's)
         F_v, pos = vis["levels"], vis["pos"]                      # 3 x (B, T, C, H_l, W_l) each
+        memory, memory_pos = _frame_tokens(F_v, pos)              # (B, T, S, C) each, all levels
         f_a = self.audio_encoder(audio)                           # (B, T, C)  F_a = {f_a,t}
         # PAPER: App. D says only that sine embeddings are added in the transformers; the audio
         # tokens get a 1-D sine embedding over time (queries of eq. 3, memory of eq. 4).
@@ -228,8 +222,11 @@ class SQD(nn.Module):
         vq_g, tokens = None, {}                                   # vq_g: QuantizerOutput of the g_i
         F_v_prime = F_v                                           # F'_v; F_v itself without AVSR
         if cfg.use_gsd:
-            clip_memory, clip_pos, clip_pad = _clip_tokens(F_v, pos, pad)  # (B, T*S, C) x2, (B, T*S)
-            F_a_prime = self.fusion(f_a, clip_memory, clip_pos, time_pos, clip_pad)  # (B, T, C) eq. (3): F'_a
+            # PAPER: F_v of eq. (3) read as every visual token of the clip, all T frames and all
+            # three levels, before recombination; a padding frame's tokens are never attended.
+            clip_pad = None if pad is None else pad.repeat_interleave(memory.shape[2], dim=1)  # (B, T*S)
+            F_a_prime = self.fusion(f_a, memory.flatten(1, 2), memory_pos.flatten(1, 2),  # (B, T*S, C) x2
+                                    time_pos, clip_pad)           # (B, T, C) eq. (3): F'_a
             g = tokens["global"] = self.global_asd(F_a_prime, time_pos, pad)  # (B, N, C)  eq. (4): g_i
             vq_g = self.vq(g)                                     # §3.3, eq. (2)'s shared codebook: e_i = VQ(g_i)
             e_i = vq_g.quantized                                  # (B, N, C)  e_i, straight-through
@@ -237,6 +234,7 @@ class SQD(nn.Module):
                 # PAPER: §3.3 derives the filters from e_i, one sentence later "from g_i"; e_i here
                 # (docs/paper-silent.md#avsr-filters-from-the-quantized-tokens).
                 F_v_prime = [avsr(e_i, F_l, frame_valid) for avsr, F_l in zip(self.avsr, F_v)]  # eq. (5)
+                memory = _frame_tokens(F_v_prime)[0]              # (B, T, S, C) recombined
         c2 = vis["c2"].flatten(0, 1)                              # (B*T, C2, h, w) backbone stride-4 map
         f_out = self.fpn([F_l.flatten(0, 1) for F_l in F_v_prime], c2)  # (B*T, Cm, h, w)
         f_out = f_out.unflatten(0, (B, T))                        # (B, T, Cm, h, w)
@@ -254,8 +252,7 @@ class SQD(nn.Module):
         else:
             queries = self.ablation_queries(f_a, vq_g)            # (B, T, N, C)
         # PAPER: f_t of TrD_segm(VQ(l_{i,t}) | f_t) read as F'_v of frame t, all three levels.
-        frame_memory, frame_pos = _frame_tokens(F_v_prime, pos)   # (B, T, S, C) each
-        out = self.mask_decoder(queries, frame_memory, frame_pos, f_out)  # eq. (7) inside
+        out = self.mask_decoder(queries, memory, memory_pos, f_out)  # eq. (7) inside
 
         out["quant"] = self.quantization_terms(vq_g, vq_l)        # eq. (9), weighted in eq. (8)
         out["indices"] = {k: q.indices for k, q in (("global", vq_g), ("local", vq_l)) if q is not None}
@@ -276,11 +273,6 @@ class SQD(nn.Module):
         vq = self.vq if self.local_vq is None else self.local_vq
         valid = None if frame_valid is None else frame_valid.bool()[:, :, None].expand(B, T, N)  # (B, T, N)
         return vq(l, update_codebook=self.local_owns_codebook, valid=valid)
-
-    @property
-    def local_owns_codebook(self) -> bool:
-        """The local tokens train a codebook: their own (no SC), or the only one (no GSD)."""
-        return self.local_vq is not None or not self.cfg.use_gsd
 
     def ablation_queries(self, f_a, vq_g):
         """The mask decoder's queries without LSD (Table 2): (B, T, N, C).
@@ -313,14 +305,12 @@ class SQD(nn.Module):
         return [vq for vq in (self.vq, self.local_vq) if vq is not None]
 
     def set_quantizer_warmup(self, active: bool) -> None:
-        """Quantizer warm-up on or off: while on, VQ(x) = x and eq. (9) is zero (not in the paper;
-        quantize.VectorQuantizer.set_warmup). train.py calls it before every step and evaluation."""
+        """Quantizer warm-up on or off (not in the paper; quantize.VectorQuantizer.set_warmup)."""
         for vq in self.quantizers():
             vq.set_warmup(active)
 
     def end_quantizer_warmup(self) -> None:
-        """Each codebook to the k-means centres of its last warm-up tokens (not in the paper;
-        quantize.VectorQuantizer.end_warmup), once, in the step that ends the warm-up."""
+        """Each codebook to the k-means centres of its warm-up tokens (VectorQuantizer.end_warmup)."""
         for vq in self.quantizers():
             vq.end_warmup()
 
@@ -330,30 +320,18 @@ class SQD(nn.Module):
         Frozen parameters (ResNet's unused fc, a frozen audio network) are left out."""
         backbone, rest = [], []
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (backbone if name.startswith("visual_encoder.backbone.") else rest).append(p)
+            if p.requires_grad:
+                (backbone if name.startswith("visual_encoder.backbone.") else rest).append(p)
         return [{"params": rest, "lr": lr, "weight_decay": weight_decay, "name": "model"},
                 {"params": backbone, "lr": lr * backbone_lr_mult, "weight_decay": weight_decay,
                  "name": "backbone"}]
 
 
-def _clip_tokens(F_v, pos, pad):
-    """All visual tokens of a clip, every frame and level: (B, T*S, C) features and positions,
-    and (B, T*S) True where the token belongs to a padding frame (None without padding).
-    PAPER: F_v of eq. (3) read as every visual token of the clip, all T frames and all three
-    encoder levels, before recombination."""
-    feats, poss = _frame_tokens(F_v, pos)                      # (B, T, S, C) each
-    B, T, S = feats.shape[:3]
-    pad_tokens = None if pad is None else pad[:, :, None].expand(B, T, S).flatten(1)  # (B, T*S)
-    return feats.flatten(1, 2), poss.flatten(1, 2), pad_tokens  # (B, T*S, C) x2, (B, T*S)
-
-
-def _frame_tokens(F_v, pos):
-    """The visual tokens of each frame, all levels: (B, T, S, C) features and positions."""
-    feats = torch.cat([F_l.flatten(3).transpose(2, 3) for F_l in F_v], dim=2)  # (B, T, S, C)
-    poss = torch.cat([p.flatten(3).transpose(2, 3) for p in pos], dim=2)        # (B, T, S, C)
-    return feats, poss
+def _frame_tokens(*maps):
+    """Each frame's tokens of all levels: every argument, a list of per-level maps (B, T, C, H_l, W_l)
+    (the features, their positions), becomes one (B, T, S, C) tensor."""
+    return [torch.cat([m.flatten(3).transpose(2, 3) for m in levels], dim=2)  # (B, T, S, C)
+            for levels in maps]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from matcher import (  # noqa: E402
     pairwise_dice_cost,
     pairwise_focal_cost,
     sigmoid_focal_loss,
+    stack_layers,
     track_batch,
 )
 from oracles import PerClipHungarianMatcher, PerClipSetCriterion, build_tracks, pack_tracks  # noqa: E402
@@ -126,7 +127,8 @@ def run_matcher(layers, targets, matcher=None):
     int64, token pred_idx[k] matched to track tgt_idx[k], pred_idx ascending; and the assignment
     (B, L*N) itself."""
     size = layers[0]["pred_masks"].shape[-2:]
-    assignment = (matcher or HungarianMatcher())(layers, pack_tracks(targets, size))  # (B, L*N)
+    rows = stack_layers(layers)  # (B, T, L*N, Kc), (B, T, L*N, h, w), (B, T, L*N, 4)
+    assignment = (matcher or HungarianMatcher())(*rows, pack_tracks(targets, size), len(layers))  # (B, L*N)
     N = layers[0]["pred_logits"].shape[2]
     indices = []
     for layer in range(len(layers)):
@@ -662,7 +664,7 @@ def test_the_step_copies_to_the_host_two_tensors_whatever_the_batch(host_waits):
     tracks = build_tracks(labels, valid, Kc)  # (its torch.unique would count)
     packed = pack_tracks(tracks, (h, w))
     host_waits.active = True  # the matcher alone, the oracle's tracks in: the same two copies
-    HungarianMatcher()([out], packed)
+    HungarianMatcher()(*stack_layers([out]), packed, 1)
     host_waits.active = False
     assert host_waits.copies == 4 and host_waits.other == []
 

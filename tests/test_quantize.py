@@ -12,13 +12,23 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from quantize import (QuantizerOutput, VectorQuantizer, product_quantize,  # noqa: E402
-                      quantization_loss)
+from quantize import QuantizerOutput, VectorQuantizer, quantization_loss  # noqa: E402
 
 
 def make_vq(K, D, seed=0, **kw):
     torch.manual_seed(seed)
     return VectorQuantizer(K, D, **kw).double()
+
+
+def product_quantize(vq, tokens, update_codebook=True):
+    """Eq. (2): PQ(x) = VQ_s(x_1) (+) ... (+) VQ_s(x_N) with one shared codebook C_s (vq).
+
+    tokens (..., N, C) are the decomposed tokens x_i = f_i(x) (in the model g_i or l_{i,t}, which
+    it keeps side by side). Returns pq (..., N*C), the N straight-through quantized tokens
+    concatenated (token i in channels [i*C, (i+1)*C)), and the QuantizerOutput of the N tokens.
+    """
+    out = vq(tokens, update_codebook=update_codebook)  # quantized (..., N, C): one VQ_s for every token
+    return out.quantized.flatten(-2), out  # (..., N*C) eq. (2), concatenation (+)
 
 
 def brute_force_nearest(x, codebook):
@@ -74,7 +84,7 @@ def test_eq02_product_quantization_equals_per_token_loop():
                 k = brute_force_nearest(tokens[b, t, i].tolist(), cb.tolist())
                 assert out.indices[b, t, i].item() == k
                 assert torch.equal(pq[b, t, i * D:(i + 1) * D], cb[k])  # token i at channels [iD, (i+1)D)
-                assert torch.equal(out.codes[b, t, i], cb[k])
+                assert torch.equal(out.quantized[b, t, i], cb[k])
     # the local path chooses the same codewords
     pq_local, out_local = product_quantize(vq, tokens, update_codebook=False)
     assert torch.equal(pq_local, pq) and torch.equal(out_local.indices, out.indices)
@@ -172,7 +182,7 @@ def test_eq09_straight_through_gradient_is_identity():
     torch.manual_seed(4)
     x = torch.randn(M, D, dtype=torch.float64)
     out = vq(x)
-    assert torch.equal(out.quantized, out.codes.detach())  # value = codeword
+    assert torch.equal(out.quantized, vq.codebook.detach()[out.indices])  # value = codeword
     jac = torch.autograd.functional.jacobian(lambda v: vq(v).quantized, x)  # (M, D, M, D)
     assert torch.equal(jac.reshape(M * D, M * D), torch.eye(M * D, dtype=torch.float64))
 
@@ -189,12 +199,11 @@ def test_eq09_local_path_never_changes_codebook():
     for _ in range(3):
         opt.zero_grad(set_to_none=True)
         pq, out = product_quantize(vq, l, update_codebook=False)
-        no_global = QuantizerOutput(*[torch.zeros((), dtype=torch.float64)] * 5)
-        assert not out.codes.requires_grad  # the selected codewords are detached on the local path
+        no_global = QuantizerOutput(*[torch.zeros((), dtype=torch.float64)] * 4)
         loss = (sum(quantization_loss(no_global, out).values())  # eq. (9), third term
-                + pq.pow(2).sum() + out.codes.pow(2).sum())  # anything downstream
+                + pq.pow(2).sum() + out.quantized.pow(2).sum())  # anything downstream
         loss.backward()
-        assert vq.codebook.grad is None
+        assert vq.codebook.grad is None  # the selected codewords are detached on the local path
         opt.step()
     assert torch.equal(vq.codebook.detach(), before)  # bit-identical
     assert not torch.equal(l.detach(), l_before)  # the local tokens did move
