@@ -3,7 +3,7 @@
 What this file teaches
     SQD (Sec. 3.1) represents a multi-source audio clip by N semantic tokens, each snapped to its
     nearest word of ONE shared codebook of K words: N tokens can express K**N products (eq. 1) while
-    the codebook stays small (K << Kc**N, Kc sound categories: §3.3's 128 << 70**N), so a mixture
+    the codebook stays small (K << Kc**N, Kc sound categories: §4.2's 128 << 70**N), so a mixture
     must decompose into single-source parts that reuse the same words (eq. 2). The N quantized
     tokens stay side by side, (..., N, C): eq. (2)'s concatenation (+) is that layout read as one
     N*C vector, which no step needs (tests/test_quantize.py's product_quantize writes it out).

@@ -114,8 +114,8 @@ RECIPES = {
     "ms3": dict(epochs=13, lr_drop_epoch=11, preset="paper", lr=1e-4, quant_warmup_steps=300),
     "avss": dict(epochs=16, lr_drop_epoch=14, preset="paper", lr=1e-4, quant_warmup_steps=300),
     # The synthetic recipe: 1 epoch = 4000 train clips / batch 4 = 1000 steps.
-    # NOT IN PAPER: masks and boxes weigh 5x less than in App. D (class 2 kept), and lr 4e-4 instead
-    # of 1e-4: docs/paper-silent.md#the-synthetic-recipe.
+    # NOT IN PAPER: masks and boxes weigh less than in App. D (focal and L1 5x, dice and GIoU 4x;
+    # class 2 kept), and lr 4e-4 instead of 1e-4: docs/paper-silent.md#the-synthetic-recipe.
     "synthetic": dict(epochs=1, lr_drop_epoch=2, preset="cpu", lr=4e-4, quant_warmup_steps=300,
                       loss_weights=dict(loss_class=2.0, loss_mask=1.0, loss_dice=0.5, loss_bbox=1.0,
                                         loss_giou=0.5)),
@@ -163,8 +163,8 @@ def _field_comments() -> dict:
 
 
 def loss_weights(cfg: TrainConfig) -> dict:
-    """The weights of eq. (8), which are also eq. (10)'s matching costs (App. D gives one set): the
-    recipe's, or App. D's (matcher.PAPER_LOSS_WEIGHTS) where the recipe sets none."""
+    """The lambdas of L_segm in eq. (8), which are also eq. (10)'s matching costs (App. D gives one
+    set): the recipe's, or App. D's (matcher.PAPER_LOSS_WEIGHTS) where the recipe sets none."""
     return dict(RECIPES[cfg.dataset].get("loss_weights", PAPER_LOSS_WEIGHTS))
 
 

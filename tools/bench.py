@@ -201,8 +201,7 @@ def run(args: argparse.Namespace, argv=None) -> int:
     # The model, loss, optimizer and one batch, as train.run builds them.
     cfg = train.TrainConfig(dataset="synthetic", preset=args.preset, img_size=args.img_size,
                             backbone=args.backbone, batch_size=args.batch_size, amp=args.amp,
-                            compile=args.compile, device=str(device), threads=args.threads,
-                            seed=args.seed)
+                            compile=args.compile, seed=args.seed)
     img = args.img_size or train.PRESET_IMG_SIZE[args.preset or "cpu"]
     dataset = data.build_dataset("synthetic", "train", img_size=img, frames=args.frames, train=True,
                                  seed=args.seed)                  # clips of T = --frames frames

@@ -61,8 +61,7 @@ def main(argv=None) -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    cfg = train.TrainConfig(dataset="synthetic", preset=args.preset, batch_size=args.batch_size,
-                            device=args.device)
+    cfg = train.TrainConfig(dataset="synthetic", preset=args.preset, batch_size=args.batch_size)
     dataset = train.make_dataset(cfg, "train", train=True)
     cfg, model_cfg = train.resolve(cfg, dataset.num_classes)
     batch = train.to_device(data.collate([dataset[i] for i in range(cfg.batch_size)]), device)
