@@ -6,11 +6,14 @@ import pretrain
 import train
 
 
-@pytest.fixture(autouse=True)
-def stand_ins(monkeypatch):
-    """Every synthetic run of a test starts from the stand-ins of commands.stand_in_cache() (random
-    weights, made in a moment) instead of building the real ones (minutes)."""
-    monkeypatch.setattr(pretrain, "STAND_IN_DIR", commands.stand_in_cache())
+@pytest.fixture(scope="session", autouse=True)
+def stand_ins():
+    """Every synthetic run of the tests, run_dir's too (an autouse fixture comes first in its scope),
+    starts from the stand-ins of commands.stand_in_cache() (random weights, made in a moment)
+    instead of building the real ones into the repository's runs/ (minutes)."""
+    default, pretrain.STAND_IN_DIR = pretrain.STAND_IN_DIR, commands.stand_in_cache()
+    yield
+    pretrain.STAND_IN_DIR = default
 
 
 @pytest.fixture(scope="session")
