@@ -69,12 +69,12 @@ def load_model(path: str, device) -> tuple[SQD, train.TrainConfig, list]:
     """The model of a train.py checkpoint in eval mode, its run's TrainConfig and class names.
 
     Exit code 2 with one line for a missing or unreadable file, a file that is no train.py
-    checkpoint, one of an older format (checkpoint.CheckpointError), a run on the retired synthetic
-    v1, or weights that do not fit the model its config describes (UserError).
+    checkpoint, one of an older format (checkpoint.CheckpointError), or weights that do not fit the
+    model its config describes (UserError).
     """
     ckpt = load_checkpoint(path, mmap=True)                            # weights only, no code runs
     try:
-        cfg = train.TrainConfig(**train.saved_train_config(ckpt, path))  # refuses a synthetic v1 run
+        cfg = train.TrainConfig(**train.saved_train_config(ckpt))
         model = SQD(ModelConfig(**ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
         step = int(ckpt["state"]["step"])

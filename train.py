@@ -251,7 +251,7 @@ def run(cfg: TrainConfig) -> int:
     if cfg.resume or cfg.eval_only:
         path = cfg.resume or cfg.eval_only
         ckpt = load_checkpoint(path)
-        saved = saved_train_config(ckpt, path)
+        saved = saved_train_config(ckpt)
         if cfg.resume:
             keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "workers")}
             out = os.path.dirname(os.path.abspath(path)) if cfg.out is None else cfg.out
@@ -677,23 +677,13 @@ def redraw_curves(ctx: dict, log_path: str) -> None:
 # The run's checkpoints (checkpoint.py writes and reads them), small helpers
 # ----------------------------------------------------------------------------------------------
 
-def saved_train_config(ckpt: dict, path: str) -> dict:
-    """The TrainConfig fields of a checkpoint's run, or UserError for a run on synthetic v1.
-
-    A run's train config also records 'benchmark': the synthetic benchmark's version
-    (synthetic.SYNTHETIC_VERSION; None for AVSBench). A synthetic run that records another version, or
-    none (runs from before there was a choice), was on v1, whose clips this code no longer makes.
-    Settings that are no longer options (the recipe's constants now) are left out; a resumed or
-    evaluated run takes its model config from the checkpoint, so they change nothing of its model.
-    """
-    saved = dict(ckpt["config"]["train"])
-    version = saved.pop("benchmark", None)
-    if saved.get("dataset", "synthetic") == "synthetic" and version != synthetic.SYNTHETIC_VERSION:
-        raise UserError(f"{path}: a run on synthetic benchmark {version or 'v1'}, retired; this code "
-                        f"makes {synthetic.SYNTHETIC_VERSION}. v1 is read by the code of its tag: "
-                        f"git checkout synthetic-v1")
+def saved_train_config(ckpt: dict) -> dict:
+    """The TrainConfig fields of a checkpoint's run. What is no field is left out: the record of the
+    synthetic benchmark's version ('benchmark'; every format-6 run is on v2, v1 was retired
+    before) and settings that are no longer options (the recipe's constants now). A resumed or
+    evaluated run takes its model config from the checkpoint, so they change nothing of its model."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return {k: v for k, v in saved.items() if k in known}
+    return {k: v for k, v in ckpt["config"]["train"].items() if k in known}
 
 
 def save(ctx: dict, name: str) -> None:

@@ -312,11 +312,12 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
 
 def test_settings_that_are_no_longer_options_are_left_out_of_a_saved_config():
     """A format-6 run's config holds fields since removed (--log-every, --num-overlays,
-    --finetune-audio): saved_train_config leaves them out, so the run resumes or is evaluated."""
+    --finetune-audio, --device, --threads, --audio-cache): saved_train_config leaves them out, so
+    the run resumes or is evaluated."""
     from train import TrainConfig, saved_train_config
     old = {"dataset": "avss", "benchmark": None, "seed": 3, "log_every": 1, "num_overlays": 0,
-           "finetune_audio": True}
-    saved = saved_train_config({"config": {"train": old}}, "a.pt")
+           "finetune_audio": True, "device": "cpu", "threads": 1, "audio_cache": "runs/audio-weights"}
+    saved = saved_train_config({"config": {"train": old}})
     assert saved == {"dataset": "avss", "seed": 3} and TrainConfig(**saved).seed == 3
 
 
