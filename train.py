@@ -44,7 +44,7 @@ import data
 import metrics
 from matcher import PAPER_LOSS_WEIGHTS, SetCriterion, track_batch
 import pictures
-from checkpoint import (CheckpointError, ResumableSampler, append_jsonl, atomic_save, code_version,
+from checkpoint import (CheckpointError, ResumableSampler, append_jsonl, code_version,
                         deferred_interrupt, load_checkpoint, save_checkpoint, set_rng_state, start_log,
                         write_json)
 from pretrained import WeightsError, load_start_weights, uses_stand_ins
@@ -129,7 +129,6 @@ EVAL_BATCH_SIZE = 4   # clips per evaluation batch (the official AVSBench test b
 LOG_EVERY = 10        # steps between log.jsonl lines
 NUM_OVERLAYS = 4      # prediction pictures (AVSBench) or synthetic clips drawn into the run directory
 PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
-CODEBOOK_START = "codebook_start.pt"  # in the run directory: the codebook(s) at the first quantized step
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -341,8 +340,6 @@ def run(cfg: TrainConfig) -> int:
     log_path = os.path.join(out_dir, "log.jsonl")
     if main_proc:
         start_log(log_path, None if ckpt is None else state["step"])
-    if ckpt is None and main_proc and os.path.exists(os.path.join(out_dir, CODEBOOK_START)):
-        os.remove(os.path.join(out_dir, CODEBOOK_START))  # an earlier run's, in a reused --out
     try:
         while state["epoch"] < cfg.epochs:
             finished_epoch = train_one_epoch(ctx, log_path)
@@ -485,11 +482,10 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
         # quantizer warm-up (VQ(x) = x) for the first quant_warmup_steps steps
         warmup = state["step"] < cfg.quant_warmup_steps
         model.set_quantizer_warmup(warmup)
-        if state["step"] == cfg.quant_warmup_steps and ctx["main_proc"] and model.quantizers():
-            # the codebook the quantized steps start from (k-means after a warm-up, else the
-            # init): tools/diagnostics.py measures how far each word moves from here
-            atomic_save({"codebooks": [vq.codebook.detach().cpu().clone() for vq in model.quantizers()],
-                         "step": state["step"]}, os.path.join(ctx["out_dir"], CODEBOOK_START))
+        if state["step"] == cfg.quant_warmup_steps and model.quantizers():
+            # the codebook(s) the quantized steps start from (k-means after a warm-up, else the
+            # init), in every later checkpoint: tools/diagnostics.py measures how far words move
+            state["codebook_start"] = [vq.codebook.detach().cpu().clone() for vq in model.quantizers()]
         try:
             total, parts, outputs = forward_loss(model, train_model, criterion, batch, cfg.amp)
         except ValueError as e:  # the matcher refuses a non-finite cost and names the term

@@ -107,7 +107,7 @@ def test_interrupted_and_resumed_run_reproduces_the_unbroken_losses(tmp_path):
     whole = tmp_path / "whole"
     train("--max-steps", "6", "--out", str(whole), *warm, *TINY)
     codebook = lambda run: torch.load(run / "last.pt", map_location="cpu", weights_only=True)["model"]["vq.codebook"]  # noqa: E731
-    start = lambda run: torch.load(run / "codebook_start.pt", weights_only=True)["codebooks"][0]  # noqa: E731
+    start = lambda run: torch.load(run / "last.pt", weights_only=True)["state"]["codebook_start"][0]  # noqa: E731
     for stop in (3, 4):
         broken = tmp_path / f"stop{stop}"
         train("--max-steps", str(stop), "--out", str(broken), *warm, *TINY)
@@ -672,25 +672,21 @@ DIAGNOSTICS_KEYS = {
 
 
 def test_runs_past_the_warmup_write_codebook_start_and_its_drift_or_none_without_a_codebook(tmp_path):
-    """A synthetic run that passes the end of the quantizer warm-up saves the codebook it starts
-    from, and `tools/diagnostics.py RUN/best.pt --out RUN` reports the drift from it with every
-    other diagnostic (train.py computes none of them); the Table 2 baseline has no codebook,
-    saves none and still finishes (it once failed reading an empty list at the end), and has
-    nothing to diagnose. A codebook_start.pt left in a reused --out by an earlier run is not
-    taken for this run's."""
+    """A synthetic run that passes the end of the quantizer warm-up keeps the codebook it starts
+    from in its checkpoints, and `tools/diagnostics.py RUN/best.pt --out RUN` reports the drift
+    from it with every other diagnostic (train.py computes none of them); the Table 2 baseline has
+    no codebook, keeps none and still finishes (it once failed reading an empty list at the end),
+    and has nothing to diagnose."""
     for name, flags in (("full", []), ("baseline", ["--no-gsd", "--no-avsr", "--no-lsd"])):
         out = tmp_path / name
-        out.mkdir()
-        torch.save({"codebooks": [], "step": 7}, out / "codebook_start.pt")  # an earlier run's, in a reused --out
         train(*TINY, "--quant-warmup-steps", "1", "--max-steps", "2", "--out", str(out), *flags)
-        start = out / "codebook_start.pt"
+        state = torch.load(out / "best.pt", weights_only=True)["state"]
         metrics = json.loads((out / "metrics.json").read_text())
         assert "codebook" not in metrics and not (out / "diagnostics.json").exists()
         from tools import diagnostics
         proc = commands.run(diagnostics.main, out / "best.pt", "--out", out)
         if name == "full":
-            saved = torch.load(start, weights_only=True)
-            assert saved["step"] == 1 and saved["codebooks"][0].shape == (128, 64)
+            assert state["step"] == 2 and [c.shape for c in state["codebook_start"]] == [(128, 64)]
             diag = json.loads((out / "diagnostics.json").read_text())
             assert set(diag) == DIAGNOSTICS_KEYS
             assert diag["drift_max"] > 0                                  # one quantized step moved it
@@ -698,5 +694,5 @@ def test_runs_past_the_warmup_write_codebook_start_and_its_drift_or_none_without
             assert (out / "tokens.png").is_file() and (out / "tokens_local.png").is_file()
             assert '"drift_max"' in proc.stdout                           # the summary, printed
         else:
-            assert not start.exists() and not (out / "diagnostics.json").exists()
+            assert "codebook_start" not in state and not (out / "diagnostics.json").exists()
             assert "no global tokens" in proc.stdout

@@ -44,7 +44,7 @@ pictures.synthetic_picture with the signatures of read_signatures()). No top-lev
 this one: python train.py prints the command below at the end of a synthetic run.
 
 Usage on a finished run (the test and val splits of the checkpoint's own seed and --eval-clips;
-the drift from codebook_start.pt beside the checkpoint), then the picture 6 of any clip of the
+the drift from the codebook the checkpoint kept of the first quantized step), then the picture 6 of any clip of the
 run's benchmark, its tokens named with the signatures of the run's diagnostics.json:
     python tools/diagnostics.py runs/synthetic-DATE/best.pt --out runs/synthetic-DATE
     python tools/diagnostics.py runs/synthetic-DATE/best.pt --clip test-unseen:17
@@ -470,8 +470,8 @@ def diagnose_run(checkpoint_path: str, out_dir: str | None, device="cpu") -> dic
     The model of the checkpoint (predict.load_model: its weights, the quantizer in warm-up if
     the checkpoint was saved during it) on the run's own test and val splits (train.make_dataset
     with the run's config: its seed and --eval-clips), with the codebook of the first quantized
-    step from codebook_start.pt beside the checkpoint where the run wrote one (the drift; none
-    before the end of the warm-up, or for a model without a codebook). write_diagnostics on test,
+    step that the checkpoint keeps (state "codebook_start", for the drift; none before the end
+    of the warm-up, or for a model without a codebook). write_diagnostics on test,
     with the signatures' test against chance fitted on val. With out_dir, also writes
     tokens.png, tokens_local.png and diagnostics.json there (diagnostics.json: the whole dict;
     none when it is empty). Returns the dict, {} for a model without global tokens (the Table 2
@@ -485,8 +485,7 @@ def diagnose_run(checkpoint_path: str, out_dir: str | None, device="cpu") -> dic
                               f"synthetic benchmark's ground truth of which categories sound")
     test = train.make_dataset(cfg, "test", train=False)      # the run's own seed and clip count
     val = train.make_dataset(cfg, "val", train=False)
-    start = os.path.join(os.path.dirname(os.path.abspath(checkpoint_path)), train.CODEBOOK_START)
-    codebooks = torch.load(start, weights_only=True)["codebooks"] if os.path.isfile(start) else []
+    codebooks = checkpoint.load_checkpoint(checkpoint_path, mmap=True)["state"].get("codebook_start", [])
     start = codebooks[0].float().numpy() if codebooks else None  # (K, C) the shared codebook then
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
@@ -542,8 +541,8 @@ def main(argv=None) -> int:
         print(f"{args.checkpoint}: the model has no global tokens (no GSD): nothing to diagnose")
         return 0
     if "drift_mean" not in res:
-        print(f"no {train.CODEBOOK_START} beside the checkpoint (a run writes it when the quantizer "
-              f"warm-up ends): no codebook drift")
+        print("the checkpoint keeps no starting codebook (a run keeps it from the end of the "
+              "quantizer warm-up on): no codebook drift")
     # the summary numbers; the tables (category x codeword) are in diagnostics.json
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1))
     if args.out:
