@@ -334,30 +334,32 @@ def write_clip_pictures(model, eval_sets: dict, device, out_dir: str, limit: int
 
 
 # ----------------------------------------------------------------------------------------------
-# A run's pictures: the evaluation overlays of AVSBench runs and curves.png
+# A run's pictures: the test overlays of AVSBench runs and curves.png
 # ----------------------------------------------------------------------------------------------
-def write_overlays(out_dir: str, split: str, batch: dict, pred: torch.Tensor, limit: int,
-                   class_names: list) -> int:
-    """Frame | ground truth | prediction of the first frame of up to `limit` clips, labels in the
-    AVSS (VOC) palette, panels scaled up to at least 256 px under title lines that name the panels
-    and the classes."""
-    n = 0
-    for b in range(min(limit, batch["frames"].shape[0])):
-        t = 0
-        img = frame_rgb(batch["frames"][b, t])                         # (H, W, 3)
-        gt, pr = batch["labels"][b, t].cpu().numpy(), pred[b, t].cpu().numpy()  # (H, W) each
-        panels = np.concatenate([img, colour_ids(gt), colour_ids(pr)], axis=1)  # (H, 3W, 3)
-        clip_id = str(batch["meta"][b].get("clip", b))
+@torch.no_grad()
+def write_overlays(model: SQD, test, device, out_dir: str, limit: int, amp: bool = False) -> None:
+    """An AVSBench run's pictures (a synthetic run's are write_clip_pictures'): frame | ground
+    truth | prediction (label_map) of the first frame of the first `limit` test clips, labels in
+    the AVSS (VOC) palette, panels scaled up to at least 256 px under title lines that name the
+    panels and the classes (overlay_test_CLIP.png)."""
+    model.eval()
+    for i in range(min(limit, len(test))):
+        item = test[i]
+        out = run_clip(model, item["frames"], item["audio"], device, amp)
+        gt = item["labels"][0].numpy()                                              # (H, W)
+        pr = label_map(out["pred_logits"][0], out["pred_masks"][0], gt.shape)       # (H, W)
+        panels = np.concatenate([frame_rgb(item["frames"][0]), colour_ids(gt), colour_ids(pr)],
+                                axis=1)                                             # (H, 3W, 3)
+        clip_id = str(item["meta"].get("clip", i))
 
         def named(ids):
-            return ([(f"{class_names[c]}  ", PALETTE[c]) for c in np.unique(ids) if c > 0]
+            return ([(f"{test.class_names[c]}  ", PALETTE[c]) for c in np.unique(ids) if c > 0]
                     or [("nothing", None)])
         picture = titled(panels, [
-            [(f"{split} clip {clip_id}, frame {t}:   frame | ground truth | prediction", None)],
+            [(f"test clip {clip_id}, frame 0:   frame | ground truth | prediction", None)],
             [("ground truth: ", None)] + named(gt), [("prediction: ", None)] + named(pr)])
-        picture.save(os.path.join(out_dir, f"overlay_{split}_{clip_id.replace('/', '_')}.png"))
-        n += 1
-    return n
+        picture.save(os.path.join(out_dir, f"overlay_test_{clip_id.replace('/', '_')}.png"))
+    model.train()
 
 
 def draw_curves(log_path: str, png_path: str, codebook_size: int) -> dict | None:

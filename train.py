@@ -283,8 +283,9 @@ def run(cfg: TrainConfig) -> int:
     if cfg.eval_only:
         model.load_state_dict(ckpt["model"])
         model.set_quantizer_warmup(ckpt["state"]["step"] < (saved.get("quant_warmup_steps") or 0))
-        results = evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc)
+        results = evaluate_all(cfg, model, eval_sets, device, rank, world)
         if main_proc:
+            draw_test_clips(cfg, model, eval_sets, device)
             write_json(os.path.join(out_dir, "metrics.json"), results)
             print(json.dumps(results, indent=2))
         return 0
@@ -349,7 +350,7 @@ def run(cfg: TrainConfig) -> int:
             state["step_in_epoch"] = 0
             if "val" in eval_sets:
                 model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
-                val = evaluate(cfg, model, eval_sets["val"], "val", device, rank, world)
+                val = evaluate(cfg, model, eval_sets["val"], device, rank, world)
                 # best.pt's state holds the val of its own weights (metrics.json's "val" entry)
                 state["val"], state["val_step"] = val, state["step"]
                 score = metrics.headline(val)
@@ -375,10 +376,7 @@ def run(cfg: TrainConfig) -> int:
     results = evaluate_best_and_last(ctx, eval_sets)  # the model is best.pt's from here on
     if main_proc:
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
-        if cfg.dataset == "synthetic" and "test" in eval_sets:
-            # a single- and a multi-source test clip, then test-unseen ones: each frame with the
-            # codeword each local token chose and what the token predicts (clip_*.png, .gif)
-            pictures.write_clip_pictures(model, eval_sets, device, out_dir, NUM_OVERLAYS, cfg.amp)
+        draw_test_clips(cfg, model, eval_sets, device)
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"],  # metrics.json's content
                                 **{k: v for k, v in results.items() if k != "metric_definitions"}})
@@ -414,14 +412,14 @@ def evaluate_best_and_last(ctx: dict, eval_sets: dict) -> dict:
     last = "same as best"
     if best_state["step"] != state["step"]:
         model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
-        last = {k: v for k, v in evaluate_all(cfg, model, eval_sets, *args, None, False).items()
-                if k not in ("dataset", "metric_definitions")}  # no pictures of it
+        last = {k: v for k, v in evaluate_all(cfg, model, eval_sets, *args).items()
+                if k not in ("dataset", "metric_definitions")}
         if state.get("val_step") == state["step"]:
             last["val"] = state["val"]
         model.load_state_dict(best["model"])
     # as --eval-only: the quantizer in warm-up (VQ(x) = x) if best.pt was saved during it
     model.set_quantizer_warmup(best_state["step"] < cfg.quant_warmup_steps)
-    results = evaluate_all(cfg, model, eval_sets, *args, out_dir, ctx["main_proc"])
+    results = evaluate_all(cfg, model, eval_sets, *args)
     if best_state.get("val") is not None:
         results["val"] = best_state["val"]
     results["model"] = {"checkpoint": "best.pt", "step": best_state["step"], "epoch": best_state["epoch"],
@@ -591,8 +589,7 @@ def evaluation_splits(cfg: TrainConfig) -> dict:
 
 
 @torch.no_grad()
-def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: int, world: int,
-             overlay_dir: str | None = None) -> dict:
+def evaluate(cfg: TrainConfig, model: SQD, dataset, device, rank: int, world: int) -> dict:
     """Run the model on every clip of a split and return the metrics (reduced over ranks).
 
     Semantic tasks (avss, synthetic): eq. (11) label maps -> SemanticMetrics. Binary tasks
@@ -609,7 +606,6 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
     obj = {"all": metrics.ObjectMetrics()}
     if cfg.dataset == "synthetic":
         obj = {"single": metrics.ObjectMetrics(), "multi": metrics.ObjectMetrics()}
-    written = 0
     for batch in loader:
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
@@ -630,10 +626,6 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
             for name, sel in (("single", ~multi), ("multi", multi)):
                 if sel.any():
                     obj[name].update(fg[sel], (gt[sel] > 0).long(), valid[sel])
-        if overlay_dir is not None and written < NUM_OVERLAYS:
-            pred_map = pred if sem is not None else (fg > 0.5).long()   # (B, T, H, W)
-            written += pictures.write_overlays(overlay_dir, split, batch, pred_map,
-                                               NUM_OVERLAYS - written, dataset.class_names)
     results = {}
     if sem is not None:
         sem.all_reduce()
@@ -648,17 +640,24 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, split: str, device, rank: in
             for k, v in results.items()}
 
 
-def evaluate_all(cfg, model, eval_sets, device, rank, world, out_dir, main_proc) -> dict:
-    """Every split but val (val alone if it is the only one); out_dir None: no overlay pictures."""
+def evaluate_all(cfg, model, eval_sets, device, rank, world) -> dict:
+    """Every split but val (val alone if it is the only one)."""
     results = {"dataset": cfg.dataset, "metric_definitions": metrics.METRIC_DEFINITIONS}
     for name, ds in eval_sets.items():
-        if name == "val" and len(eval_sets) > 1:
-            continue
-        # synthetic runs draw richer pictures of a few clips instead (pictures.write_clip_pictures)
-        overlays = main_proc and out_dir is not None and cfg.dataset != "synthetic"
-        results[name] = evaluate(cfg, model, ds, name, device, rank, world,
-                                 overlay_dir=out_dir if overlays else None)
+        if name != "val" or len(eval_sets) == 1:
+            results[name] = evaluate(cfg, model, ds, device, rank, world)
     return results
+
+
+def draw_test_clips(cfg: TrainConfig, model: SQD, eval_sets: dict, device) -> None:
+    """The pictures of the first NUM_OVERLAYS test clips in the run directory: for the synthetic
+    benchmark each frame with the codeword each local token chose and what it predicts (a single-
+    and a multi-source clip, then test-unseen ones: clip_*.png, .gif), for AVSBench frame |
+    ground truth | prediction (overlay_test_*.png)."""
+    if "test" in eval_sets and cfg.dataset == "synthetic":
+        pictures.write_clip_pictures(model, eval_sets, device, cfg.out, NUM_OVERLAYS, cfg.amp)
+    elif "test" in eval_sets:
+        pictures.write_overlays(model, eval_sets["test"], device, cfg.out, NUM_OVERLAYS, cfg.amp)
 
 
 def redraw_curves(ctx: dict, log_path: str) -> None:
