@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import commands
+import pictures
 import train as train_py
 from fixtures import RunsCode, write_avss, write_ms3, write_s4
 
@@ -27,10 +28,14 @@ TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--epoch
 
 @pytest.fixture(autouse=True)
 def log_every_step(monkeypatch):
-    """The runs of this file log every step (LOG_EVERY 1) and draw no pictures at the end
-    (NUM_OVERLAYS 0) unless a test asks for them."""
+    """The runs of this file log every step (LOG_EVERY 1) and draw no pictures (NUM_OVERLAYS 0, no
+    curves.png: a quarter of a small run's time) unless a test asks for them (DRAW_CURVES)."""
     monkeypatch.setattr(train_py, "LOG_EVERY", 1)
     monkeypatch.setattr(train_py, "NUM_OVERLAYS", 0)
+    monkeypatch.setattr(pictures, "draw_curves", lambda *args: {})
+
+
+DRAW_CURVES = pictures.draw_curves
 
 
 def train(*args, check=True):
@@ -592,7 +597,8 @@ def test_checkpoint_whose_unpickling_would_run_code_is_refused_and_the_code_neve
     assert not marker.exists()
 
 
-def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_path):
+def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_path, monkeypatch):
+    monkeypatch.setattr(pictures, "draw_curves", DRAW_CURVES)
     run = tmp_path / "run"
     # 8 clips of 4: 2 steps an epoch, 2 epochs, val evaluated after steps 2 and 4
     proc = train("--epochs", "2", "--train-clips", "8", "--batch-size", "4", "--eval-clips", "4",
