@@ -188,8 +188,8 @@ class MaskedBatchNorm2d(nn.BatchNorm2d):
 class SemanticRecombination(nn.Module):
     """AVSR, eq. (5): F'_v = BN(phi(w_1 F_v (+) ... (+) w_N F_v) + F_v), for one visual level.
 
-    w_i (C,) = two linear layers of token i; w_i F_v is channel-wise attention, sigmoid(w_i) * F_v
-    here (the PAPER note in forward); (+) concatenates channels; phi is a 1x1 conv N*C -> C. One instance per visual level.
+    w_i (C,) = two linear layers of token i; w_i F_v is channel-wise attention, here sigmoid(w_i) *
+    F_v (forward's PAPER note); (+) concatenates channels; phi is a 1x1 conv N*C -> C. One per level.
 
     forward(tokens, visual, frame_valid=None)
         tokens: (B, N, C) the (quantized) global semantic tokens e_i (the paper also says g_i:
@@ -206,9 +206,8 @@ class SemanticRecombination(nn.Module):
         self.phi = nn.Conv2d(num_tokens * dim, dim, kernel_size=1)
         # NOT IN PAPER: batch_norm=False (the CPU preset) replaces eq. (5)'s BN by a per-position
         # LayerNorm over channels; docs/paper-silent.md#layernorm-for-bn-in-the-cpu-preset.
-        # PAPER: BN's statistics are taken over the real frames only (padding frames, as in AVSS
-        # evaluation or Table 6's T = 7 on AVSS's 5-frame v1s/v1m clips, would otherwise shift
-        # every real frame).
+        # PAPER: BN's statistics are taken over the real frames only (padding frames, of AVSS's
+        # 5-frame v1s/v1m clips in a 10-frame batch or at Table 6's T = 7, would shift them).
         self.norm = MaskedBatchNorm2d(dim) if batch_norm else ChannelLayerNorm(dim)
 
     def forward(self, tokens, visual, frame_valid=None):

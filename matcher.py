@@ -190,9 +190,8 @@ def pairwise_dice_cost(logits, targets, valid=None):
 # 3. The video-level Hungarian matcher, eq. (10)
 # ----------------------------------------------------------------------------------------------
 def stack_layers(layers):
-    """L decoder layers' outputs (dicts of "pred_logits" (B, T, N, Kc), "pred_masks" (B, T, N, h, w),
-    "pred_boxes" (B, T, N, 4)) as R = L*N token rows, row l*N + i token i of layer l, in the order
-    SetCriterion.losses lists them: l = 0 the final decoder layer, l >= 1 auxiliary layer l - 1."""
+    """L decoder layers' outputs (dicts of pred_logits, pred_masks, pred_boxes: (B, T, N, ...)) as
+    R = L*N token rows, row l*N + i token i of layer l (l = 0 the final layer, l >= 1 aux layer l-1)."""
     return tuple(torch.cat([layer[key] for layer in layers], dim=2)  # (B, T, R, ...)
                  for key in ("pred_logits", "pred_masks", "pred_boxes"))
 
