@@ -578,6 +578,6 @@ class CollapseWatch:
                 st = codebook_stats(indices[path], num_codes)
                 fields.update({("codebook_" if path == "global" else "local_codebook_") + k: float(v)
                                for k, v in st.items()})
-                message = self.update(step, path, round(st["usage"] * num_codes)) if quantized else None
+                message = self.update(step, path, num_codes - st["dead"]) if quantized else None
                 messages += [message] if message else []
         return fields, messages

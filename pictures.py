@@ -16,7 +16,7 @@ What this file teaches
     tools/diagnostics.py --clip SPLIT:INDEX draws any clip with its tokens so named.
 
     The drawing functions run no model and use no other file of the repository but data.py (the
-    palette) and metrics.py (the val score curves.png plots). run_clip runs the model once on a
+    palette), metrics.py (the val score curves.png plots) and checkpoint.py (atomic_write). run_clip runs the model once on a
     clip and label_map applies eq. (11) (sqd.segment) at a frame's own size, for the clip picture
     and for predict.py. This file never imports predict.py or train.py, which import it.
 
@@ -345,7 +345,8 @@ def write_overlays(model: SQD, test, device, out_dir: str, limit: int, amp: bool
     model.eval()
     for i in range(min(limit, len(test))):
         item = test[i]
-        out = run_clip(model, item["frames"], item["audio"], device, amp)
+        real = int(item["frame_valid"].sum())  # the real frames come first (AVSS pads to 10)
+        out = run_clip(model, item["frames"][:real], item["audio"][:real], device, amp)
         gt = item["labels"][0].numpy()                                              # (H, W)
         pr = label_map(out["pred_logits"][0], out["pred_masks"][0], gt.shape)       # (H, W)
         panels = np.concatenate([frame_rgb(item["frames"][0]), colour_ids(gt), colour_ids(pr)],
@@ -358,7 +359,8 @@ def write_overlays(model: SQD, test, device, out_dir: str, limit: int, amp: bool
         picture = titled(panels, [
             [(f"test clip {clip_id}, frame 0:   frame | ground truth | prediction", None)],
             [("ground truth: ", None)] + named(gt), [("prediction: ", None)] + named(pr)])
-        picture.save(os.path.join(out_dir, f"overlay_test_{clip_id.replace('/', '_')}.png"))
+        atomic_write(os.path.join(out_dir, f"overlay_test_{clip_id.replace('/', '_')}.png"),
+                     lambda f: picture.save(f, format="PNG"))
     model.train()
 
 

@@ -474,9 +474,9 @@ def load_start_weights(model: nn.Module, cfg, main_proc: bool = True) -> None:
         try:
             model.visual_encoder.backbone.load_torchvision_weights(cfg.backbone_weights)
         except Exception as e:  # unreadable, unsafe, or another network's keys and shapes
-            first = (str(e).strip().splitlines() or [""])[0][:200]
+            _, reason = load_error(e)
             raise WeightsError(f"--backbone-weights {cfg.backbone_weights}: not a torchvision state_dict "
-                               f"of --backbone {model.cfg.backbone} ({type(e).__name__}: {first})") from None
+                               f"of --backbone {model.cfg.backbone} ({type(e).__name__}: {reason})") from None
     audio_flag, audio_path = "--audio-weights", cfg.audio_weights
     audio_stand_in = uses_stand_ins(cfg) and not audio_path
     visual_stand_in = (uses_stand_ins(cfg) and model.cfg.backbone == "small"

@@ -48,7 +48,6 @@ from checkpoint import (CheckpointError, ResumableSampler, append_jsonl, code_ve
                         deferred_interrupt, load_checkpoint, save_checkpoint, set_rng_state, start_log,
                         write_json)
 from pretrained import WeightsError, load_start_weights, uses_stand_ins
-from metrics import CollapseWatch
 from sqd import BACKBONES, SQD, ModelConfig, foreground_probability, preset, segment
 import synthetic
 
@@ -337,7 +336,7 @@ def run(cfg: TrainConfig) -> int:
                sched=sched, loader=loader, sampler=sampler, device=device, rank=rank,
                world=world, main_proc=main_proc, out_dir=out_dir, full_config=full_config,
                state=state, steps_per_epoch=steps_per_epoch,
-               collapse_watch=CollapseWatch(model_cfg.num_tokens))
+               collapse_watch=metrics.CollapseWatch(model_cfg.num_tokens))
     log_path = os.path.join(out_dir, "log.jsonl")
     if main_proc:
         start_log(log_path, None if ckpt is None else state["step"])
