@@ -72,9 +72,10 @@ def test_the_visual_stand_in_is_loaded_from_the_cache_unless_a_file_starts_the_v
     monkeypatch.setattr(pretrain, "STAND_IN_DIR", str(tmp_path))
     cfg, model_cfg = resolve(TrainConfig(), 3)
     state = _tiny_state(model_cfg)
-    torch.save(state, os.path.join(tmp_path, pretrain.visual_cache_name(model_cfg, 0, pretrain.DEFAULT_VISUAL_STEPS)))
+    audio_path, visual_path = pretrain.stand_in_paths(str(tmp_path), model_cfg, 0)  # where train.py looks
+    torch.save(state, visual_path)
     from encoders import SmallVGG
-    torch.save(SmallVGG().state_dict(), os.path.join(tmp_path, pretrain.audio_cache_name(0, pretrain.DEFAULT_AUDIO_STEPS)))
+    torch.save(SmallVGG().state_dict(), audio_path)
     fpn = [k for k in state if k.startswith("fpn.")]
     torch.manual_seed(0)
     model = SQD(model_cfg)

@@ -299,10 +299,3 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path, m
                  "--img-size", "32", "--eval-clips", "2")
     assert "val-unseen" in json.loads((ev / "metrics.json").read_text())
 
-
-def test_the_benchmark_record_is_no_train_setting():
-    import train
-    # a v2 run's record and an AVSBench run's (None) are read; the record is no TrainConfig field
-    for dataset, version in (("synthetic", "v2"), ("avss", None)):
-        ckpt = {"config": {"train": {"dataset": dataset, "benchmark": version, "seed": 3}}}
-        assert train.saved_train_config(ckpt) == {"dataset": dataset, "seed": 3}
