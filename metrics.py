@@ -490,16 +490,18 @@ def summary(results: dict) -> str:
     that names the evaluated weights (results["model"], where a training run wrote it)."""
     cols = HEADLINE[results["dataset"]]
     splits = [k for k, v in results.items() if isinstance(v, dict)
-              and k not in ("metric_definitions", "train", "codebook", "model", "last")]
+              and k not in ("metric_definitions", "train", "codebook", "model")]
     width = max(len(s) for s in splits) if splits else 5
     lines = ["results (every measure: metrics.json):"]
     if "model" in results:
         m = results["model"]
         name = "J&F" if results["dataset"] in ("s4", "ms3") else "mIoU"  # headline()'s measure
         val = "no val score" if m["val"] is None else f"val {name} {m['val']:.3f}"
-        last = ("it is the last model" if results.get("last") == "same as best"
-                else 'the last model\'s numbers: metrics.json "last"')
-        lines.append(f"  model: {m['checkpoint']} (step {m['step']}, epoch {m['epoch']}, {val}); {last}")
+        last = ""  # a training run's: are these the last model's numbers?
+        if "train" in results:
+            last = ("; it is the last model" if m["step"] == results["train"]["steps"]
+                    else "; the last model's numbers: --eval-only last.pt")
+        lines.append(f"  model: {m['checkpoint']} (step {m['step']}, epoch {m['epoch']}, {val}){last}")
     lines.append("  " + "split".ljust(width) + "".join(f"  {name:>17}" for name, _ in cols))
     for split in splits:
         cells = []

@@ -336,6 +336,18 @@ def write_clip_pictures(model, eval_sets: dict, device, out_dir: str, limit: int
 # ----------------------------------------------------------------------------------------------
 # A run's pictures: the test overlays of AVSBench runs and curves.png
 # ----------------------------------------------------------------------------------------------
+
+def write_test_pictures(dataset: str, model, eval_sets: dict, device, out_dir: str, limit: int,
+                        amp: bool = False) -> None:
+    """The pictures of the first `limit` test clips that train.py draws at the end of a run (and of
+    --eval-only): a synthetic run's clip pictures (write_clip_pictures: clip_*.png, .gif), an
+    AVSBench run's frame | ground truth | prediction (write_overlays: overlay_test_*.png)."""
+    if "test" in eval_sets and dataset == "synthetic":
+        write_clip_pictures(model, eval_sets, device, out_dir, limit, amp)
+    elif "test" in eval_sets:
+        write_overlays(model, eval_sets["test"], device, out_dir, limit, amp)
+
+
 @torch.no_grad()
 def write_overlays(model: SQD, test, device, out_dir: str, limit: int, amp: bool = False) -> None:
     """An AVSBench run's pictures (a synthetic run's are write_clip_pictures'): frame | ground

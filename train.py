@@ -6,7 +6,7 @@ What this file teaches
     the eq. (8) loss from matcher.SetCriterion, evaluation with the official AVSBench metrics
     (metrics.py), and what a research run needs around them: a run directory, best.pt and last.pt
     (written and read by checkpoint.py, which makes --resume and Ctrl-C exact), a final evaluation
-    of the checkpoint with the best val score (the last model's numbers kept apart), bf16
+    of the checkpoint with the best val score, bf16
     autocast, torch.compile and multi-GPU through torchrun.
 
     python train.py                                  # synthetic benchmark, CPU preset
@@ -16,7 +16,7 @@ What this file teaches
 
 Reading order
     TrainConfig (every setting, one comment each) and RECIPES (the paper's epochs per dataset),
-    parse_args and resolve, main/run (set-up and the epoch loop), evaluate_best_and_last (the
+    parse_args and resolve, main/run (set-up and the epoch loop), evaluate_checkpoint (the
     final evaluation), train_one_epoch with forward_loss and apply_gradients (one step), the step's
     log (finish_step), evaluate. What a resumed run relies on is checkpoint.py's.
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import importlib.util
 import math
 import os
 import random
@@ -68,7 +68,6 @@ class TrainConfig:
     data_root: str | None = None   # AVSBench root (the folder that holds the release's files)
     img_size: int | None = None    # training/eval image size; None: preset (cpu 64, paper 224)
     workers: int = 0               # DataLoader worker processes (0: a resumed run draws the same crops)
-    train_clips: int | None = None  # synthetic only: clips in the train split (None: data default)
     eval_clips: int | None = 200    # synthetic only: clips per evaluation split (None: all of it; tools/ablate.py: 500)
     train_multi_ratio: float | None = None  # synthetic only: share of multi-source train clips (None: 0.5; Fig. 7: 1.0)
     # model
@@ -249,8 +248,11 @@ def run(cfg: TrainConfig) -> int:
     if cfg.resume or cfg.eval_only:
         path = cfg.resume or cfg.eval_only
         ckpt = load_checkpoint(path)
-        saved = saved_train_config(ckpt)
         if cfg.resume:
+            saved = saved_train_config(ckpt)
+            if ckpt["config"]["train"].get("train_clips") is not None:  # an option since removed
+                raise UserError(f"{path}: its run trained on a cut train split (--train-clips), which "
+                                f"this code cannot rebuild")
             keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "workers")}
             out = os.path.dirname(os.path.abspath(path)) if cfg.out is None else cfg.out
             epochs = saved["epochs"] if cfg.epochs is None else cfg.epochs
@@ -280,13 +282,11 @@ def run(cfg: TrainConfig) -> int:
     if main_proc:
         os.makedirs(out_dir, exist_ok=True)
     if cfg.eval_only:
-        model.load_state_dict(ckpt["model"])
-        model.set_quantizer_warmup(ckpt["state"]["step"] < (saved.get("quant_warmup_steps") or 0))
-        results = evaluate_all(cfg, model, eval_sets, device, rank, world)
+        results = evaluate_checkpoint(cfg, model, cfg.eval_only, eval_sets, device, rank, world)
         if main_proc:
-            draw_test_clips(cfg, model, eval_sets, device)
+            pictures.write_test_pictures(cfg.dataset, model, eval_sets, device, out_dir, NUM_OVERLAYS, cfg.amp)
             write_json(os.path.join(out_dir, "metrics.json"), results)
-            print(json.dumps(results, indent=2))
+            print(metrics.summary(results))
         return 0
 
     opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, BACKBONE_LR_MULT, WEIGHT_DECAY))
@@ -340,6 +340,8 @@ def run(cfg: TrainConfig) -> int:
     log_path = os.path.join(out_dir, "log.jsonl")
     if main_proc:
         start_log(log_path, None if ckpt is None else state["step"])
+        if importlib.util.find_spec("matplotlib") is None:  # pictures.draw_curves draws nothing
+            print("curves.png skipped: matplotlib is not installed (optional: pip install matplotlib)")
     try:
         while state["epoch"] < cfg.epochs:
             finished_epoch = train_one_epoch(ctx, log_path)
@@ -359,7 +361,7 @@ def run(cfg: TrainConfig) -> int:
                     if state["best"] is None or score > state["best"]:
                         state["best"] = score
                         save(ctx, "best.pt")
-                    redraw_curves(ctx, log_path)
+                    pictures.draw_curves(log_path, os.path.join(out_dir, "curves.png"), model_cfg.codebook_size)
             if main_proc:
                 save(ctx, "last.pt")
     except KeyboardInterrupt:
@@ -372,14 +374,20 @@ def run(cfg: TrainConfig) -> int:
         save(ctx, "last.pt")
         if state["best"] is None:  # no validation in this run chose a model: best.pt is the last one
             save(ctx, "best.pt")
-    results = evaluate_best_and_last(ctx, eval_sets)  # the model is best.pt's from here on
+    # Under torchrun rank 0 writes best.pt and every rank reads that file after this barrier (a run
+    # directory every rank sees): all evaluate the weights that --eval-only and predict.py load.
+    if world > 1:
+        dist.barrier()
+    # PAPER: the paper does not say which checkpoint its tables report; a run reports best.pt's
+    # weights, the best val score (the usual model selection). The last model's: --eval-only last.pt
+    results = evaluate_checkpoint(cfg, model, os.path.join(out_dir, "best.pt"), eval_sets, device, rank, world)
     if main_proc:
         results["train"] = {"steps": state["step"], "epochs": state["epoch"]}
-        draw_test_clips(cfg, model, eval_sets, device)
+        pictures.write_test_pictures(cfg.dataset, model, eval_sets, device, out_dir, NUM_OVERLAYS, cfg.amp)
         write_json(os.path.join(out_dir, "metrics.json"), results)
         append_jsonl(log_path, {"eval": "final", "step": state["step"],  # metrics.json's content
                                 **{k: v for k, v in results.items() if k != "metric_definitions"}})
-        redraw_curves(ctx, log_path)
+        pictures.draw_curves(log_path, os.path.join(out_dir, "curves.png"), model_cfg.codebook_size)
         print(metrics.summary(results))
         if cfg.dataset == "synthetic" and model_cfg.use_gsd:  # the diagnostics need global tokens
             # the codebook diagnostics are a lab tool (tools/diagnostics.py): the run names the command
@@ -390,40 +398,23 @@ def run(cfg: TrainConfig) -> int:
     return 0
 
 
-def evaluate_best_and_last(ctx: dict, eval_sets: dict) -> dict:
-    """The final evaluation of a run: best.pt's weights (the best val score, see headline) on every
-    split, and the last model's too where it is another model. Returns metrics.json's content:
-    {split: metrics} of best.pt (its "val": the val it was chosen by), "model": which weights
-    those are, and "last": the last model's {split: metrics}, or "same as best" when best.pt was
-    saved at the last step (then nothing is evaluated twice). Leaves best.pt's weights in the model.
-    """
-    # PAPER: the paper does not say which checkpoint its tables report; we report the one with the
-    # best val score, the usual model selection, and keep the last model's numbers beside it.
-    cfg, model, state, out_dir = ctx["cfg"], ctx["model"], ctx["state"], ctx["out_dir"]
-    args = (ctx["device"], ctx["rank"], ctx["world"])
-    # Under torchrun rank 0 writes best.pt and every rank reads that file after this barrier (a run
-    # directory every rank sees): all evaluate the weights that --eval-only and predict.py load.
-    if ctx["world"] > 1:
-        dist.barrier()
-    # mapped from the file: the weights are read, the optimizer's state is not
-    best = load_checkpoint(os.path.join(out_dir, "best.pt"), mmap=True)
-    best_state = best["state"]
-    last = "same as best"
-    if best_state["step"] != state["step"]:
-        model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
-        last = {k: v for k, v in evaluate_all(cfg, model, eval_sets, *args).items()
-                if k not in ("dataset", "metric_definitions")}
-        if state.get("val_step") == state["step"]:
-            last["val"] = state["val"]
-        model.load_state_dict(best["model"])
-    # as --eval-only: the quantizer in warm-up (VQ(x) = x) if best.pt was saved during it
-    model.set_quantizer_warmup(best_state["step"] < cfg.quant_warmup_steps)
-    results = evaluate_all(cfg, model, eval_sets, *args)
-    if best_state.get("val") is not None:
-        results["val"] = best_state["val"]
-    results["model"] = {"checkpoint": "best.pt", "step": best_state["step"], "epoch": best_state["epoch"],
-                        "val": None if best_state.get("val") is None else metrics.headline(best_state["val"])}
-    results["last"] = last
+def evaluate_checkpoint(cfg: TrainConfig, model: SQD, path: str, eval_sets: dict, device, rank: int,
+                        world: int) -> dict:
+    """The final evaluation of a run (best.pt) and --eval-only's: the checkpoint's weights on every
+    split. Returns metrics.json's content: {split: metrics}, "val" (the val of these weights, saved
+    with them: for best.pt the one that chose it) and "model", which weights those are. Leaves the
+    checkpoint's weights in the model."""
+    ckpt = load_checkpoint(path, mmap=True)  # mapped: the weights are read, the optimizer's state is not
+    model.load_state_dict(ckpt["model"])
+    state = ckpt["state"]
+    # the quantizer in warm-up (VQ(x) = x) if the checkpoint was saved during it
+    model.set_quantizer_warmup(state["step"] < (saved_train_config(ckpt).get("quant_warmup_steps") or 0))
+    results = evaluate_all(cfg, model, eval_sets, device, rank, world)
+    val = state.get("val") if state.get("val_step") == state["step"] else None  # these weights' val
+    if val is not None:
+        results["val"] = val
+    results["model"] = {"checkpoint": os.path.basename(path), "step": state["step"], "epoch": state["epoch"],
+                        "val": None if val is None else metrics.headline(val)}
     return results
 
 
@@ -566,9 +557,8 @@ def make_dataset(cfg: TrainConfig, split: str, train: bool):
     img = cfg.img_size or PRESET_IMG_SIZE[cfg.preset or RECIPES[cfg.dataset]["preset"]]
     extra = {}
     if cfg.dataset == "synthetic":
-        n = cfg.train_clips if train else cfg.eval_clips
-        if n is not None:
-            extra["num_clips"] = n
+        if not train and cfg.eval_clips is not None:
+            extra["num_clips"] = cfg.eval_clips
         if train and cfg.train_multi_ratio is not None:
             if not 0.0 <= cfg.train_multi_ratio <= 1.0:
                 raise UserError(f"--train-multi-ratio must be in [0, 1], got {cfg.train_multi_ratio}")
@@ -646,25 +636,6 @@ def evaluate_all(cfg, model, eval_sets, device, rank, world) -> dict:
         if name != "val" or len(eval_sets) == 1:
             results[name] = evaluate(cfg, model, ds, device, rank, world)
     return results
-
-
-def draw_test_clips(cfg: TrainConfig, model: SQD, eval_sets: dict, device) -> None:
-    """The pictures of the first NUM_OVERLAYS test clips in the run directory: for the synthetic
-    benchmark each frame with the codeword each local token chose and what it predicts (a single-
-    and a multi-source clip, then test-unseen ones: clip_*.png, .gif), for AVSBench frame |
-    ground truth | prediction (overlay_test_*.png)."""
-    if "test" in eval_sets and cfg.dataset == "synthetic":
-        pictures.write_clip_pictures(model, eval_sets, device, cfg.out, NUM_OVERLAYS, cfg.amp)
-    elif "test" in eval_sets:
-        pictures.write_overlays(model, eval_sets["test"], device, cfg.out, NUM_OVERLAYS, cfg.amp)
-
-
-def redraw_curves(ctx: dict, log_path: str) -> None:
-    """curves.png in the run directory (draw_curves); without matplotlib one line says so, once a run."""
-    drawn = pictures.draw_curves(log_path, os.path.join(ctx["out_dir"], "curves.png"), ctx["model"].cfg.codebook_size)
-    if drawn is None and not ctx.get("curves_skipped"):
-        ctx["curves_skipped"] = True
-        print("curves.png skipped: matplotlib is not installed (optional: pip install matplotlib)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ traceback of a subprocess would. Tests that need a process of their own (Ctrl-C,
 
 `stand_in_cache()` is the pretrain.STAND_IN_DIR of the test runs (tests/conftest.py sets it): the
 pretrained stand-ins a synthetic run starts from, already there. A train.py process of its own
-finds them when it runs in `stand_in_root()`, the folder that holds runs/audio-weights.
+finds them when it runs in `stand_in_root()`, the folder that holds runs/audio-weights;
+`train_script()` gives it a small train split.
 """
 import atexit
 import contextlib
@@ -56,6 +57,16 @@ def run(main, *args, check=True):
     if check and code != 0:
         raise AssertionError(f"{' '.join(args)} exited {code}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def train_script(folder, train_clips: int) -> str:
+    """A script that runs train.py's main() with the synthetic train split cut to `train_clips`
+    clips (as a test in this process sets synthetic.SYNTHETIC_SIZES), for a process of its own."""
+    path = os.path.join(folder, "train_small.py")
+    with open(path, "w") as f:
+        f.write(f"import sys\nsys.path.insert(0, {ROOT!r})\nimport synthetic\nimport train\n"
+                f"synthetic.SYNTHETIC_SIZES['train'] = {int(train_clips)}\nsys.exit(train.main())\n")
+    return path
 
 
 @functools.lru_cache(maxsize=None)

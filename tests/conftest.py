@@ -3,6 +3,7 @@ import pytest
 
 import commands
 import pretrain
+import synthetic
 import train
 
 
@@ -22,10 +23,8 @@ def run_dir(tmp_path_factory):
     tests/test_diagnostics.py writes with tools/diagnostics.py), trained once for the session:
     tests/test_predict.py and tests/test_diagnostics.py read it and write only new names into it."""
     run = tmp_path_factory.mktemp("run")
-    drawn, train.NUM_OVERLAYS = train.NUM_OVERLAYS, 1
-    try:
-        commands.run(train.main, "--max-steps", "2", "--out", run, "--img-size", "32", "--train-clips", "8",
-                     "--eval-clips", "4")
-    finally:
-        train.NUM_OVERLAYS = drawn
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "NUM_OVERLAYS", 1)
+        mp.setitem(synthetic.SYNTHETIC_SIZES, "train", 8)
+        commands.run(train.main, "--max-steps", "2", "--out", run, "--img-size", "32", "--eval-clips", "4")
     return run

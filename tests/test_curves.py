@@ -15,6 +15,7 @@ sys.path.insert(0, ROOT)
 
 import commands  # noqa: E402
 import pictures  # noqa: E402
+import synthetic  # noqa: E402
 import train  # noqa: E402
 
 K = 8  # codebook size of the hand-written log
@@ -85,7 +86,8 @@ def test_a_run_without_matplotlib_says_once_that_it_skipped_the_picture(tmp_path
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     run = tmp_path / "run"
     # 4 clips of 4: one step an epoch, two epochs, so val is evaluated twice, then the end
-    proc = commands.run(train.main, "--epochs", "2", "--train-clips", "4", "--batch-size", "4",
+    monkeypatch.setitem(synthetic.SYNTHETIC_SIZES, "train", 4)
+    proc = commands.run(train.main, "--epochs", "2", "--batch-size", "4",
                         "--eval-clips", "4", "--img-size", "32", "--out", run)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r.get("eval") == "val"] == [1, 2]  # three redraws asked for

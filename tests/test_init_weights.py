@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import commands
+import synthetic
 from encoders import SmallBackbone, SwinTransformer, VideoSwinTransformer, VisualEncoder
 from pretrained import WeightsError, format_table, load_init_weights
 from sqd import SQD, preset
@@ -465,8 +466,8 @@ def test_train_py_init_weights_prints_the_table_and_a_bad_file_is_one_line(tmp_p
                               points=cpu.num_points, enc_layers=cpu.enc_layers, ffn=cpu.ffn_dim)
     path = tmp_path / "referformer_cpu.pth"
     save_checkpoint(random_state(names), path)
-    flags = ["--preset", "cpu", "--img-size", "64", "--max-steps", "1", "--eval-clips", "2",
-             "--train-clips", "4"]
+    monkeypatch.setitem(synthetic.SYNTHETIC_SIZES, "train", 4)
+    flags = ["--preset", "cpu", "--img-size", "64", "--max-steps", "1", "--eval-clips", "2"]
     proc = train(*flags, "--out", str(tmp_path / "run"), "--init-weights", str(path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()

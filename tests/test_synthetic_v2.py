@@ -18,6 +18,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import commands  # noqa: E402
+import synthetic  # noqa: E402
 import train  # noqa: E402
 from data import build_dataset  # noqa: E402
 from synthetic import SyntheticAVS  # noqa: E402
@@ -281,8 +282,9 @@ def test_v2_frame_audio_is_often_unreliable():
 def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "NUM_OVERLAYS", 0)  # no pictures at the end
     run = tmp_path / "run"
+    monkeypatch.setitem(synthetic.SYNTHETIC_SIZES, "train", 8)
     commands.run(train.main, "--epochs", "1", "--out", run,  # 2 steps
-                 "--img-size", "32", "--train-clips", "8", "--eval-clips", "4")
+                 "--img-size", "32", "--eval-clips", "4")
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["benchmark"] == "v2" and config["model"]["num_classes"] == 24
     metrics = json.loads((run / "metrics.json").read_text())

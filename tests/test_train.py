@@ -17,19 +17,24 @@ import torch
 
 import commands
 import pictures
+import synthetic
 import train as train_py
 from fixtures import RunsCode, write_avss, write_ms3, write_s4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the runs start from the pretrained stand-ins, found in a cache made for the tests (random
 # weights: tests/commands.py); building them is tested in tests/test_pretrain_*.py and below
-TINY = ["--img-size", "32", "--train-clips", "16", "--eval-clips", "4", "--epochs", "3"]
+# and a train split of 16 clips (log_every_step below): 4 steps an epoch
+TINY = ["--img-size", "32", "--eval-clips", "4", "--epochs", "3"]
+TRAIN_CLIPS = 16
 
 
 @pytest.fixture(autouse=True)
 def log_every_step(monkeypatch):
-    """The runs of this file log every step (LOG_EVERY 1) and draw no pictures (NUM_OVERLAYS 0, no
-    curves.png: a quarter of a small run's time) unless a test asks for them (DRAW_CURVES)."""
+    """The runs of this file train on 16 synthetic clips, log every step (LOG_EVERY 1) and draw no
+    pictures (NUM_OVERLAYS 0, no curves.png: a quarter of a small run's time) unless a test asks
+    for them (DRAW_CURVES)."""
+    monkeypatch.setitem(synthetic.SYNTHETIC_SIZES, "train", TRAIN_CLIPS)
     monkeypatch.setattr(train_py, "LOG_EVERY", 1)
     monkeypatch.setattr(train_py, "NUM_OVERLAYS", 0)
     monkeypatch.setattr(pictures, "draw_curves", lambda *args: {})
@@ -154,10 +159,11 @@ def logged_steps(log):
 
 def test_ctrl_c_saves_last_checkpoint(tmp_path):
     run = tmp_path / "run"
-    # The flags after TINY win (argparse keeps the last value): one epoch of 10,000 steps and no
-    # step limit the run could reach, so the interrupt lands inside the first epoch's training
-    # loop, never in an end-of-epoch evaluation or checkpoint, nor after the run has ended.
-    long_run = ["--train-clips", "40000", "--epochs", "1000", "--max-steps", "100000000"]
+    # The flags after TINY win (argparse keeps the last value). A process of its own trains on the
+    # whole train split: one epoch of 1,000 steps, and no step limit the run could reach, so the
+    # interrupt lands inside the first epoch's training loop, never in an end-of-epoch evaluation
+    # or checkpoint, nor after the run has ended.
+    long_run = ["--epochs", "1000", "--max-steps", "100000000"]
     err_path = tmp_path / "stderr.txt"  # a file, not a pipe: tqdm's output can never fill it and block
     with open(err_path, "w") as err_file:
         # A shell that starts jobs in the background (`cmd &`) makes them ignore SIGINT, and Python
@@ -298,7 +304,7 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     # --standalone: the rendezvous takes a free port from the system; a fixed --master_port
     # fails whenever another run on the same machine holds it
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", os.path.join(ROOT, "train.py"), "--max-steps", "3",
+                           "--nproc_per_node", "2", commands.train_script(tmp_path, TRAIN_CLIPS), "--max-steps", "3",
                            "--out", str(run), *TINY], cwd=commands.stand_in_root(),  # its stand-ins
                           capture_output=True, text=True,
                           timeout=300, env=env)
@@ -312,17 +318,17 @@ def test_torchrun_two_cpu_processes_train_and_evaluate(tmp_path):
     assert sorted(losses(run)) == [s for s in (1, 2, 3) if s == 1 or s % PROCESS_LOG_EVERY == 0]
     assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["state"]["step"] == 3
     # 16 clips, 8 a rank, 2 steps an epoch: val after step 2 chose best.pt, which both ranks read
-    # back for the final evaluation; the last model (step 3) was evaluated apart
-    assert metrics["model"]["step"] == 2 and metrics["last"]["test"]["num_real_frames"] == 4 * 5
+    # back for the final evaluation, not the last model (step 3)
+    assert metrics["model"]["step"] == 2
 
 
 def test_settings_that_are_no_longer_options_are_left_out_of_a_saved_config():
     """A format-6 run's config holds fields since removed (--log-every, --num-overlays,
-    --finetune-audio, --device, --threads, --audio-cache): saved_train_config leaves them out, so
+    --finetune-audio, --device, --threads, --audio-cache, --train-clips): saved_train_config leaves them out, so
     the run resumes or is evaluated."""
     from train import TrainConfig, saved_train_config
     removed = {"log_every": 1, "num_overlays": 0, "finetune_audio": True, "device": "cpu", "threads": 1,
-               "audio_cache": "runs/audio-weights"}
+               "audio_cache": "runs/audio-weights", "train_clips": None}
     # the benchmark record too (a synthetic run's v2, an AVSBench run's None)
     for dataset, version in (("synthetic", "v2"), ("avss", None)):
         old = {"dataset": dataset, "benchmark": version, "seed": 3, **removed}
@@ -358,6 +364,15 @@ def test_checkpoint_of_an_older_format_or_not_a_checkpoint_exits_2(tmp_path):
         assert proc.returncode == 2 and str(path) in proc.stderr and words in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
 
+
+def test_resuming_a_run_of_a_cut_train_split_is_refused(tmp_path, run_dir):
+    """--train-clips is gone: a run that trained on a cut split cannot be continued on it."""
+    ckpt = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    ckpt["config"]["train"]["train_clips"] = 8
+    torch.save(ckpt, tmp_path / "last.pt")
+    proc = train("--resume", str(tmp_path / "last.pt"), "--max-steps", "3", check=False)
+    assert proc.returncode == 2 and "--train-clips" in proc.stderr and str(tmp_path) in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "log.jsonl").exists()
 
 
 def _audio_net(state: dict) -> dict:
@@ -601,12 +616,12 @@ def test_checkpoint_whose_unpickling_would_run_code_is_refused_and_the_code_neve
     assert not marker.exists()
 
 
-def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_path, monkeypatch):
+def test_final_evaluation_is_of_best_pt(tmp_path, monkeypatch):
     monkeypatch.setattr(pictures, "draw_curves", DRAW_CURVES)
     run = tmp_path / "run"
     # 8 clips of 4: 2 steps an epoch, 2 epochs, val evaluated after steps 2 and 4
-    proc = train("--epochs", "2", "--train-clips", "8", "--batch-size", "4", "--eval-clips", "4",
-                 "--img-size", "32", "--out", str(run))
+    monkeypatch.setitem(synthetic.SYNTHETIC_SIZES, "train", 8)
+    proc = train("--epochs", "2", "--batch-size", "4", "--eval-clips", "4", "--img-size", "32", "--out", str(run))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     vals = [r for r in log if r.get("eval") == "val"]
     assert [(r["epoch"], r["step"]) for r in vals] == [(1, 2), (2, 4)]
@@ -617,16 +632,13 @@ def test_final_evaluation_is_of_best_pt_and_the_last_model_is_kept_apart(tmp_pat
     assert torch.load(run / "best.pt", weights_only=True)["state"]["step"] == best["step"]
     strip = lambda r: {k: v for k, v in r.items() if k not in ("eval", "epoch", "step")}  # noqa: E731
     assert metrics["val"] == strip(best)
-    # the printed table says which weights it shows
+    # the printed table says which weights it shows, and where the last model's numbers come from
+    last = "it is the last model" if best["step"] == 4 else "the last model's numbers: --eval-only last.pt"
     assert (f"model: best.pt (step {best['step']}, epoch {best['epoch']}, "
-            f"val mIoU {best['miou_official']:.3f})") in proc.stdout
+            f"val mIoU {best['miou_official']:.3f}); {last}") in proc.stdout
     assert (run / "curves.png").is_file() and (run / "curves.png").stat().st_size > 10_000
     splits = ["test", "test-seen-multi", "test-unseen", "val-unseen"]
-    if best["step"] == 4:
-        assert metrics["last"] == "same as best"
-    else:  # the last model (step 4), evaluated on every split with its own val
-        assert sorted(metrics["last"]) == sorted(splits + ["val"])
-        assert metrics["last"]["val"] == strip(vals[-1])
+    assert sorted(k for k, v in metrics.items() if isinstance(v, dict) and "miou_official" in v) == sorted(splits + ["val"])
     # tools/ablate.py reads its columns from the splits of metrics.json, val included
     from tools import ablate
     row = ablate.collect_run({"out": str(run), "name": "full", "seed": 0, "start": time.time()})
@@ -658,14 +670,12 @@ def test_final_print_is_a_small_table_of_the_headline_numbers():
     s4 = {"dataset": "s4", "metric_definitions": {}, "test": {"j_official": 0.5, "f_official": 0.25,
                                                              "jf_official": 0.375, "num_frames": 4}}
     assert summary(s4).splitlines()[2].split() == ["test", "0.500", "0.250", "0.375"]
-    # a training run names the evaluated weights above the table; "model" and "last" are no splits
-    s4.update(model={"checkpoint": "best.pt", "step": 26, "epoch": 2, "val": 0.625},
-              last={"test": {"j_official": 0.0, "f_official": 0.0, "jf_official": 0.0}})
+    # a training run names the evaluated weights above the table; "model" and "train" are no splits
+    s4.update(model={"checkpoint": "best.pt", "step": 26, "epoch": 2, "val": 0.625}, train={"steps": 39})
     lines = summary(s4).splitlines()
     assert len(lines) == 4 and lines[3].split() == ["test", "0.500", "0.250", "0.375"]
-    assert lines[1] == ('  model: best.pt (step 26, epoch 2, val J&F 0.625); '
-                        'the last model\'s numbers: metrics.json "last"')
-    s4.update(model=dict(s4["model"], val=None), last="same as best")
+    assert lines[1] == "  model: best.pt (step 26, epoch 2, val J&F 0.625); the last model's numbers: --eval-only last.pt"
+    s4.update(model=dict(s4["model"], val=None), train={"steps": 26})
     assert summary(s4).splitlines()[1] == "  model: best.pt (step 26, epoch 2, no val score); it is the last model"
 
 

@@ -565,7 +565,7 @@ def draw_clip(args) -> int:
     if not split or not index.isdigit():
         raise train.UserError(f"--clip {args.clip!r}: expected SPLIT:INDEX, e.g. test-unseen:17")
     # every clip of the split (not only the run's --eval-clips), with the run's seed and size
-    full = dataclasses.replace(cfg, train_clips=None, eval_clips=None)
+    full = dataclasses.replace(cfg, eval_clips=None)
     try:
         dataset = train.make_dataset(full, split, train=split == "train")
     except ValueError as e:
