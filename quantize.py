@@ -122,16 +122,17 @@ class VectorQuantizer(nn.Module):
     # docs/paper-silent.md#the-quantizer-warm-up.
     # ------------------------------------------------------------------------------------------
     def set_warmup(self, active: bool) -> None:
-        """Switch the warm-up on or off (train.py, before every step, from its step count). While
+        """Switch the warm-up on or off (train.py, from its step count when it starts or evaluates). While
         on, VQ(x) = x: the tokens go on unquantized, eq. (9) is zero, the codebook is not touched,
         and the tokens of each training forward (global and local) go into the ring from which
         `end_warmup` initialises the codebook."""
         self.warmup = bool(active)
 
     def end_warmup(self) -> None:
-        """Set the codebook to the k-means centres of the remembered warm-up tokens
-        (`init_from_tokens`); nothing changes if no token was remembered (no warm-up). train.py
+        """End the warm-up: set the codebook to the k-means centres of the remembered warm-up tokens
+        (`init_from_tokens`; kept if no token was remembered) and quantize from now on. train.py
         calls it once, in the training step that ends the warm-up, right after its update."""
+        self.warmup = False
         seen = int(self.warmup_seen)
         if seen > 0:
             self.init_from_tokens(self.warmup_tokens[: min(seen, self.warmup_tokens.shape[0])])  # (V', C)

@@ -6,8 +6,7 @@ What this file teaches
     the eq. (8) loss from matcher.SetCriterion, evaluation with the official AVSBench metrics
     (metrics.py), and what a research run needs around them: a run directory, best.pt and last.pt
     (written and read by checkpoint.py, which makes --resume and Ctrl-C exact), a final evaluation
-    of the checkpoint with the best val score, bf16
-    autocast, torch.compile and multi-GPU through torchrun.
+    of the checkpoint with the best val score, bf16 autocast, torch.compile and torchrun.
 
     python train.py                                  # synthetic benchmark, CPU preset
     python train.py --dataset avss --data-root DIR   # the paper's recipe on AVSBench-semantic
@@ -27,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import inspect
 import math
 import os
 import random
@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import data
 import metrics
@@ -133,7 +134,11 @@ def parse_args(argv=None) -> TrainConfig:
     """argparse over TrainConfig: one flag per field, its comment as help text."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    comments = _field_comments()
+    comments = {}  # the comment after each TrainConfig field is its --help text
+    for line in inspect.getsource(TrainConfig).splitlines():
+        name, _, rest = line.strip().partition(":")
+        if "#" in rest and not name.startswith(("#", '"')):
+            comments[name] = rest.split("#", 1)[1].strip()
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         help_text = comments.get(f.name, "")
@@ -146,17 +151,6 @@ def parse_args(argv=None) -> TrainConfig:
         p.add_argument(flag, type=kind, default=f.default, choices=choices, help=help_text)
     args = p.parse_args(argv)
     return TrainConfig(**vars(args))
-
-
-def _field_comments() -> dict:
-    """The comment after each TrainConfig field, used as its --help text."""
-    import inspect
-    comments = {}
-    for line in inspect.getsource(TrainConfig).splitlines():
-        line = line.strip()
-        if ":" in line and "#" in line and not line.startswith(("#", '"')):
-            comments[line.split(":")[0].strip()] = line.split("#", 1)[1].strip()
-    return comments
 
 
 def loss_weights(cfg: TrainConfig) -> dict:
@@ -181,9 +175,8 @@ def resolve(cfg: TrainConfig, num_classes: int) -> tuple[TrainConfig, ModelConfi
     # AVSegFormer (freeze_audio_extractor=True) keep the pretrained audio network frozen; so do we.
     # A network without pretrained weights trains.
     overrides["freeze_audio"] = bool(cfg.audio_weights) or uses_stand_ins(cfg)
-    for name in ("backbone", "codebook_size", "num_tokens"):
-        if getattr(cfg, name) is not None:
-            overrides[name] = getattr(cfg, name)
+    overrides.update({k: getattr(cfg, k) for k in ("backbone", "codebook_size", "num_tokens")
+                      if getattr(cfg, k) is not None})
     try:
         model_cfg = preset(cfg.preset, **overrides)
         model_cfg.check()
@@ -214,8 +207,7 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if world > 1:
         if device.type == "cuda":
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            device = torch.device("cuda", local)
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
@@ -263,9 +255,7 @@ def run(cfg: TrainConfig) -> int:
     np.random.seed(cfg.seed)
 
     # data
-    train_set = None
-    if not cfg.eval_only:
-        train_set = make_dataset(cfg, "train", train=True)
+    train_set = None if cfg.eval_only else make_dataset(cfg, "train", train=True)
     eval_sets = evaluation_splits(cfg)
     num_classes = (train_set or next(iter(eval_sets.values()))).num_classes
     cfg, model_cfg = resolve(cfg, num_classes)
@@ -277,8 +267,7 @@ def run(cfg: TrainConfig) -> int:
     if ckpt is None:  # a resumed or evaluated run takes every weight from its checkpoint
         load_start_weights(model, cfg, main_proc)
     criterion = SetCriterion(model_cfg.num_classes, weights=loss_weights(cfg))  # eq. (8), eq. (10)
-    out_dir = cfg.out or os.path.join("runs", f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    cfg.out = out_dir
+    cfg.out = out_dir = cfg.out or os.path.join("runs", f"{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
     if main_proc:
         os.makedirs(out_dir, exist_ok=True)
     if cfg.eval_only:
@@ -311,6 +300,9 @@ def run(cfg: TrainConfig) -> int:
         sched.load_state_dict(ckpt["scheduler"])
         state.update(ckpt["state"])
         set_rng_state(ckpt["rng"])
+    # NOT IN PAPER: the quantizer's warm-up (VQ(x) = x) for the first quant_warmup_steps steps,
+    # ended by end_quantizer_warmup in the step that reaches it (train_one_epoch)
+    model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
 
     train_model = model
     if cfg.compile:
@@ -344,13 +336,11 @@ def run(cfg: TrainConfig) -> int:
             print("curves.png skipped: matplotlib is not installed (optional: pip install matplotlib)")
     try:
         while state["epoch"] < cfg.epochs:
-            finished_epoch = train_one_epoch(ctx, log_path)
-            if not finished_epoch:
+            if not train_one_epoch(ctx, log_path):
                 break  # --max-steps reached
             state["epoch"] += 1
             state["step_in_epoch"] = 0
             if "val" in eval_sets:
-                model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
                 val = evaluate(cfg, model, eval_sets["val"], device, rank, world)
                 # best.pt's state holds the val of its own weights (metrics.json's "val" entry)
                 state["val"], state["val_step"] = val, state["step"]
@@ -409,7 +399,10 @@ def evaluate_checkpoint(cfg: TrainConfig, model: SQD, path: str, eval_sets: dict
     state = ckpt["state"]
     # the quantizer in warm-up (VQ(x) = x) if the checkpoint was saved during it
     model.set_quantizer_warmup(state["step"] < (saved_train_config(ckpt).get("quant_warmup_steps") or 0))
-    results = evaluate_all(cfg, model, eval_sets, device, rank, world)
+    results = {"dataset": cfg.dataset, "metric_definitions": metrics.METRIC_DEFINITIONS}
+    for name, ds in eval_sets.items():  # every split but val (val alone if it is the only one)
+        if name != "val" or len(eval_sets) == 1:
+            results[name] = evaluate(cfg, model, ds, device, rank, world)
     val = state.get("val") if state.get("val_step") == state["step"] else None  # these weights' val
     if val is not None:
         results["val"] = val
@@ -450,7 +443,6 @@ def apply_gradients(model: SQD, opt, total: torch.Tensor, clip_grad: float):
 
 def train_one_epoch(ctx: dict, log_path: str) -> bool:
     """One epoch (or its remainder after a resume). Returns False when --max-steps stopped it."""
-    from tqdm import tqdm
     cfg, state = ctx["cfg"], ctx["state"]
     model, train_model, criterion = ctx["model"], ctx["train_model"], ctx["criterion"]
     opt, sched, device = ctx["opt"], ctx["sched"], ctx["device"]
@@ -467,9 +459,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
     done = None  # the last finished step of this epoch
     for batch in bar:
         batch = to_device(batch, device)
-        # quantizer warm-up (VQ(x) = x) for the first quant_warmup_steps steps
-        warmup = state["step"] < cfg.quant_warmup_steps
-        model.set_quantizer_warmup(warmup)
+        warmup = state["step"] < cfg.quant_warmup_steps  # the quantizer's pass-through, VQ(x) = x
         if state["step"] == cfg.quant_warmup_steps and model.quantizers():
             # the codebook(s) the quantized steps start from (k-means after a warm-up, else the
             # init), in every later checkpoint: tools/diagnostics.py measures how far words move
@@ -520,14 +510,9 @@ def check_loss(ctx: dict, done: dict) -> float:
 
 
 def finish_step(ctx: dict, done: dict, log_path: str, bar) -> None:
-    """After a training step (train_one_epoch), on the first step and every LOG_EVERY steps: the
-    loss checked (check_loss), the codebook collapse watch, and the log line written.
-
-    done: the step's number, epoch, lr, clips/s ("rate") and quantizer warm-up, and on the device
-    its loss, loss parts (names start with loss_ or quant_), gradient norms (all, and the global
-    decoder's: None without GSD) and codeword indices. As in nanoGPT, the device is read (.item())
-    only on the steps that are logged. UserError if such a step's loss is not finite.
-    """
+    """On the first step and every LOG_EVERY steps: the loss checked (check_loss), the codebook
+    collapse watch and the log line. `done` holds the step's tensors on the device (loss, parts,
+    gradient norms, codeword indices): as in nanoGPT, they are read (.item()) only on these steps."""
     step = done["step"]
     if not (step % LOG_EVERY == 0 or step == 1):
         return
@@ -570,10 +555,9 @@ def make_dataset(cfg: TrainConfig, split: str, train: bool):
 
 def evaluation_splits(cfg: TrainConfig) -> dict:
     """The splits evaluated at the end of a run (and 'val' during it)."""
+    names = ["val", "test"]
     if cfg.dataset == "synthetic":  # test-seen-multi: test-unseen's matched twin
-        names = ["val", "test", "test-seen-multi", "test-unseen", "val-unseen"]
-    else:
-        names = ["val", "test"]
+        names += ["test-seen-multi", "test-unseen", "val-unseen"]
     return {name: make_dataset(cfg, name, train=False) for name in names}
 
 
@@ -586,12 +570,11 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, device, rank: int, world: in
     ObjectMetrics. One evaluation batch is one official test batch (4 clips).
     """
     model.eval()
-    binary = dataset.num_classes == 1
     sampler = ResumableSampler(len(dataset), False, 0, rank, world)
     loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, sampler=sampler,
                         collate_fn=data.collate, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda")
-    sem = None if binary else metrics.SemanticMetrics(num_classes=dataset.num_classes)
+    sem = None if dataset.num_classes == 1 else metrics.SemanticMetrics(num_classes=dataset.num_classes)
     obj = {"all": metrics.ObjectMetrics()}
     if cfg.dataset == "synthetic":
         obj = {"single": metrics.ObjectMetrics(), "multi": metrics.ObjectMetrics()}
@@ -619,22 +602,10 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, device, rank: int, world: in
     if sem is not None:
         sem.all_reduce()
         results.update(sem.compute())
-    for name, m in obj.items():
+    for name, m in obj.items():  # the synthetic columns as single_* and multi_*
         m.all_reduce()
-        res = m.compute()
-        prefix = "" if name == "all" else f"{name}_"
-        results.update({prefix + k: v for k, v in res.items()})
+        results.update({("" if name == "all" else f"{name}_") + k: v for k, v in m.compute().items()})
     model.train()
-    return {k: (float(v) if isinstance(v, (int, float)) or torch.is_tensor(v) else v)
-            for k, v in results.items()}
-
-
-def evaluate_all(cfg, model, eval_sets, device, rank, world) -> dict:
-    """Every split but val (val alone if it is the only one)."""
-    results = {"dataset": cfg.dataset, "metric_definitions": metrics.METRIC_DEFINITIONS}
-    for name, ds in eval_sets.items():
-        if name != "val" or len(eval_sets) == 1:
-            results[name] = evaluate(cfg, model, ds, device, rank, world)
     return results
 
 
@@ -643,10 +614,9 @@ def evaluate_all(cfg, model, eval_sets, device, rank, world) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 def saved_train_config(ckpt: dict) -> dict:
-    """The TrainConfig fields of a checkpoint's run. What is no field is left out: the record of the
-    synthetic benchmark's version ('benchmark'; every format-6 run is on v2, v1 was retired
-    before) and settings that are no longer options (the recipe's constants now). A resumed or
-    evaluated run takes its model config from the checkpoint, so they change nothing of its model."""
+    """The TrainConfig fields of a checkpoint's run; left out: the synthetic benchmark's version
+    ('benchmark', a record) and settings since removed (the recipe's constants now). A resumed or
+    evaluated run takes its model config from the checkpoint, so these change nothing of its model."""
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return {k: v for k, v in ckpt["config"]["train"].items() if k in known}
 
@@ -667,17 +637,13 @@ def to_device(batch: dict, device) -> dict:
             for k, v in batch.items()}
 
 
-def to_float(outputs: dict) -> dict:
-    """bf16 autocast outputs back to float32 before the loss."""
-    def conv(x):
-        if torch.is_tensor(x) and x.is_floating_point():
-            return x.float()
-        if isinstance(x, dict):
-            return {k: conv(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [conv(v) for v in x]
-        return x
-    return conv(outputs)
+def to_float(x):
+    """bf16 autocast outputs (dicts and lists of tensors) back to float32 before the loss."""
+    if isinstance(x, dict):
+        return {k: to_float(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [to_float(v) for v in x]
+    return x.float() if torch.is_tensor(x) and x.is_floating_point() else x
 
 
 if __name__ == "__main__":
