@@ -122,16 +122,14 @@ class VectorQuantizer(nn.Module):
     # docs/paper-silent.md#the-quantizer-warm-up.
     # ------------------------------------------------------------------------------------------
     def set_warmup(self, active: bool) -> None:
-        """Switch the warm-up on or off (train.py, from its step count when it starts or evaluates). While
-        on, VQ(x) = x: the tokens go on unquantized, eq. (9) is zero, the codebook is not touched,
-        and the tokens of each training forward (global and local) go into the ring from which
-        `end_warmup` initialises the codebook."""
+        """Switch the warm-up on or off (train.py, from its step count). While on, VQ(x) = x: the
+        tokens go on unquantized, eq. (9) is zero, the codebook is not touched, and the tokens of
+        each training forward (global and local) go into the ring that `end_warmup` clusters."""
         self.warmup = bool(active)
 
     def end_warmup(self) -> None:
-        """End the warm-up: set the codebook to the k-means centres of the remembered warm-up tokens
-        (`init_from_tokens`; kept if no token was remembered) and quantize from now on. train.py
-        calls it once, in the training step that ends the warm-up, right after its update."""
+        """End the warm-up (train.py: once, right after the update of the step that ends it): quantize
+        from now on, from the k-means centres of the remembered tokens (`init_from_tokens`), if any."""
         self.warmup = False
         seen = int(self.warmup_seen)
         if seen > 0:
