@@ -61,7 +61,6 @@ IOU_EPS_BINARY = 1e-7  # eps in the denominator of the binary J (official mask_i
 PR_EPS_BINARY = 1e-20  # eps in precision / recall of the binary F (official _eval_pr)
 IOU_EPS_SEMANTIC = 2.220446049250313e-16  # eps in the AVSS IoU denominator (official _batch_miou_fscore)
 OFFICIAL_OBJECT_TEST_BATCH = 4  # clips per S4 / MS3 test batch (AVSBench test.sh); one ObjectMetrics.update each
-OFFICIAL_AVSS_CLIP_LENGTH = 10  # AVSS clips are padded to 10 frame slots; the official protocol scores them all
 
 METRIC_DEFINITIONS = {
     # AVS-Object (S4, MS3): keys of ObjectMetrics.compute()

@@ -397,7 +397,9 @@ def draw_curves(log_path: str, png_path: str, codebook_size: int) -> dict | None
         return [x for x, _ in points], [y for _, y in points]
 
     keys = sorted({k for r in steps for k, v in r.items() if not isinstance(v, bool)})
-    measure = "mIoU" if any("miou_official" in r for r in vals) else "J&F"
+    # the val score that picks best.pt (metrics.headline): mIoU, or J&F on S4/MS3; none logged yet: "score"
+    measure = next((name for key, name in (("miou_official", "mIoU"), ("jf_official", "J&F"))
+                    if any(key in r for r in vals)), "score")
     panels = {
         "eq. (8): segmentation loss terms": [(k, series(steps, k)) for k in keys
                                              if k.startswith("loss_") and not re.search(r"_\d+$", k)],

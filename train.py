@@ -69,12 +69,12 @@ class TrainConfig:
     data_root: str | None = None   # AVSBench root (the folder that holds the release's files)
     img_size: int | None = None    # training/eval image size; None: preset (cpu 64, paper 224)
     workers: int = 0               # DataLoader worker processes (0: a resumed run draws the same crops)
-    eval_clips: int | None = 200    # synthetic only: clips per evaluation split (None: all of it; tools/ablate.py: 500)
+    eval_clips: int | None = 200    # synthetic only: clips per evaluation split (tools/ablate.py: 500)
     train_multi_ratio: float | None = None  # synthetic only: share of multi-source train clips (None: 0.5; Fig. 7: 1.0)
     # model
     preset: str | None = None      # cpu | paper; None: cpu for synthetic, paper for AVSBench
     backbone: str | None = None    # resnet18 | resnet34 | resnet50 | swin-t | video-swin-t | small; None: preset's
-    init_weights: str | None = None  # whole-model checkpoint of ReferFormer (r50_pretrained.pth): what maps and fits loads, a table says what (docs/init-weights.md)
+    init_weights: str | None = None  # whole-model checkpoint of ReferFormer (r50_pretrained.pth): the tensors whose names map and shapes fit load, a table says which (docs/init-weights.md)
     backbone_weights: str | None = None  # torchvision state_dict (.pth) of the backbone: resnet50-*.pth, swin_t-704ceda3.pth, swin3d_t-7615ae03.pth
     audio_weights: str | None = None     # state_dict of the audio network: the released VGGish (vggish-10086976.pth), or the cpu preset's SmallVGG
     # ablations (Tables 2-4) and a control; defaults are the paper's full model
@@ -88,15 +88,15 @@ class TrainConfig:
     # NOT IN PAPER: the quantizer warm-up (RECIPES)
     quant_warmup_steps: int | None = None  # first steps with VQ(x) = x, then a k-means codebook (not in the paper); None: recipe (300; 0 quantizes from step 1, as the paper)
     # optimisation (paper §4)
-    epochs: int | None = None      # None: recipe (s4/ms3 13, avss 16, synthetic see RECIPES)
+    epochs: int | None = None      # epochs to train; None: recipe (s4/ms3 13, avss 16, synthetic see RECIPES)
     lr_drop_epoch: int | None = None  # epoch (1-based) from which lr is x0.1; None: recipe
     max_steps: int | None = None   # stop after this many optimizer steps (smoke tests, budgets)
     batch_size: int = 4            # clips per optimizer step and GPU (paper: 4)
     lr: float | None = None        # AdamW learning rate; None: recipe (paper 1e-4; synthetic 4e-4)
     # run
     out: str | None = None         # run directory; None: runs/{dataset}-{time}
-    resume: str | None = None      # checkpoint to continue from (last.pt)
-    eval_only: str | None = None   # a checkpoint (best.pt) to evaluate, then exit
+    resume: str | None = None      # checkpoint (last.pt) to continue with its run's settings; flags: --out --data-root --epochs --max-steps --workers
+    eval_only: str | None = None   # checkpoint (best.pt) to evaluate with its run's settings, then exit; flags: --out --data-root --eval-clips --amp --workers
     amp: bool = False              # bf16 autocast (GPU)
     compile: bool = False          # torch.compile the model (GPU)
     seed: int = 0                  # seed of model init, data order and augmentation
@@ -124,7 +124,7 @@ RECIPES = {
 BACKBONE_LR_MULT = 0.5
 WEIGHT_DECAY = 5e-4
 CLIP_GRAD = 0.1       # max gradient norm; NOT IN PAPER: the paper names no clipping, 0.1 is DETR's
-EVAL_BATCH_SIZE = 4   # clips per evaluation batch (the official AVSBench test batch)
+EVAL_BATCH_SIZE = metrics.OFFICIAL_OBJECT_TEST_BATCH  # clips per evaluation batch (4, AVSBench's test batch)
 LOG_EVERY = 10        # steps between log.jsonl lines
 NUM_OVERLAYS = 4      # prediction pictures (AVSBench) or synthetic clips drawn into the run directory
 PRESET_IMG_SIZE = {"cpu": 64, "paper": 224}
@@ -232,23 +232,24 @@ def main(argv=None) -> int:
 def run(cfg: TrainConfig) -> int:
     rank, world, device = setup_distributed()
     main_proc = rank == 0
-    if cfg.dataset != "synthetic":
-        data.require_dataset(cfg.data_root, cfg.dataset)  # every missing file, named now
-    # checkpoint to resume or evaluate: its config wins over the defaults (not over the flags
-    # that change the run length, which a resume may extend)
+    # A resumed or evaluated run takes its run's settings from the checkpoint; from the flags, where
+    # the data and the run directory are, a resume's length, an evaluation's clips and bf16.
     ckpt = None
+    if cfg.resume and cfg.eval_only:
+        raise UserError("--resume continues a run, --eval-only evaluates a checkpoint: give one")
     if cfg.resume or cfg.eval_only:
         path = cfg.resume or cfg.eval_only
         ckpt = load_checkpoint(path)
-        if cfg.resume:
-            saved = saved_train_config(ckpt)
-            if ckpt["config"]["train"].get("train_clips") is not None:  # an option since removed
-                raise UserError(f"{path}: its run trained on a cut train split (--train-clips), which "
-                                f"this code cannot rebuild")
-            keep = {k: getattr(cfg, k) for k in ("max_steps", "resume", "workers")}
-            out = os.path.dirname(os.path.abspath(path)) if cfg.out is None else cfg.out
-            epochs = saved["epochs"] if cfg.epochs is None else cfg.epochs
-            cfg = dataclasses.replace(TrainConfig(**saved), **keep, out=out, epochs=epochs)
+        if cfg.resume and ckpt["config"]["train"].get("train_clips") is not None:  # an option since removed
+            raise UserError(f"{path}: its run trained on a cut train split (--train-clips, removed)")
+        keep = {k: getattr(cfg, k) for k in ("resume", "eval_only", "workers", "max_steps")}
+        keep["out"] = cfg.out or (os.path.dirname(os.path.abspath(path)) if cfg.resume else None)
+        keep.update({k: getattr(cfg, k) for k in ("epochs", "data_root") if getattr(cfg, k) is not None})
+        if cfg.eval_only:
+            keep.update(eval_clips=cfg.eval_clips, amp=cfg.amp)
+        cfg = dataclasses.replace(TrainConfig(**saved_train_config(ckpt)), **keep)
+    if cfg.dataset != "synthetic":
+        data.require_dataset(cfg.data_root, cfg.dataset)  # every missing file, named now
 
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -300,6 +301,8 @@ def run(cfg: TrainConfig) -> int:
         sched.load_state_dict(ckpt["scheduler"])
         state.update(ckpt["state"])
         set_rng_state(ckpt["rng"])
+        if os.path.dirname(os.path.abspath(cfg.resume)) != os.path.abspath(out_dir):
+            state["best"] = None  # its best.pt stays in the checkpoint's folder: this one picks anew
     # NOT IN PAPER: the quantizer's warm-up (VQ(x) = x) for the first quant_warmup_steps steps,
     # ended by end_quantizer_warmup in the step that reaches it (train_one_epoch)
     model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
@@ -447,8 +450,6 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
     model, train_model, criterion = ctx["model"], ctx["train_model"], ctx["criterion"]
     opt, sched, device = ctx["opt"], ctx["sched"], ctx["device"]
     ctx["sampler"].set_epoch(state["epoch"], state["step_in_epoch"] * cfg.batch_size)
-    if hasattr(ctx["loader"].dataset, "set_epoch"):
-        ctx["loader"].dataset.set_epoch(state["epoch"])
     model.train()
     bar = tqdm(ctx["loader"], disable=not ctx["main_proc"], leave=False,
                desc=f"epoch {state['epoch'] + 1}/{cfg.epochs}",
@@ -469,6 +470,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
         except ValueError as e:  # the matcher refuses a non-finite cost and names the term
             raise UserError(f"non-finite loss at step {state['step'] + 1}: {e}\n"
                             f"last good checkpoint: {_last_checkpoint(ctx)}") from None
+        lr = opt.param_groups[0]["lr"]  # this step's (sched.step() sets the next one's)
         with deferred_interrupt():  # Ctrl-C never splits an update from its step count
             grad_norm, grad_global = apply_gradients(model, opt, total, CLIP_GRAD)
             sched.step()
@@ -476,12 +478,11 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
             state["step_in_epoch"] += 1
             if state["step"] == cfg.quant_warmup_steps:
                 # the warm-up ends with this step: the codebook becomes the k-means centres of its
-                # tokens now, inside this block, so that every checkpoint (a resumed run starts
-                # from it) and every evaluation from this step on holds them
+                # tokens inside this block, so that every later checkpoint and evaluation holds them
                 model.end_quantizer_warmup()
         clips += cfg.batch_size * ctx["world"]
         done = {"step": state["step"], "epoch": state["epoch"], "warmup": warmup,
-                "lr": opt.param_groups[0]["lr"], "rate": clips / max(time.time() - t0, 1e-9),
+                "lr": lr, "rate": clips / max(time.time() - t0, 1e-9),
                 "loss": total.detach(), "parts": {k: v.detach() for k, v in parts.items()},
                 "grad_norm": grad_norm, "grad_norm_global": grad_global,
                 "indices": outputs["indices"]}  # {'global': (B, N), 'local': (B, T, N)} codewords
@@ -499,8 +500,7 @@ def train_one_epoch(ctx: dict, log_path: str) -> bool:
 
 
 def check_loss(ctx: dict, done: dict) -> float:
-    """A finished step's loss, read on the host (.item(), a wait for the device).
-    Raises UserError naming the step and the non-finite terms if the loss is not finite."""
+    """A finished step's loss read on the host (.item()); UserError naming its non-finite terms."""
     loss = done["loss"].item()
     if not math.isfinite(loss):
         bad = [k for k, v in done["parts"].items() if not math.isfinite(v.item())]
@@ -575,9 +575,8 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, device, rank: int, world: in
                         collate_fn=data.collate, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda")
     sem = None if dataset.num_classes == 1 else metrics.SemanticMetrics(num_classes=dataset.num_classes)
-    obj = {"all": metrics.ObjectMetrics()}
-    if cfg.dataset == "synthetic":
-        obj = {"single": metrics.ObjectMetrics(), "multi": metrics.ObjectMetrics()}
+    obj = ({"single": metrics.ObjectMetrics(), "multi": metrics.ObjectMetrics()}
+           if cfg.dataset == "synthetic" else {"all": metrics.ObjectMetrics()})
     for batch in loader:
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):

@@ -17,6 +17,13 @@ def stand_ins():
     pretrain.STAND_IN_DIR = default
 
 
+@pytest.fixture(autouse=True)
+def no_test_pictures(monkeypatch):
+    """The train.py runs of the tests draw no test pictures (NUM_OVERLAYS 0) unless a test sets
+    its own number: the pictures are a large part of a small run's time."""
+    monkeypatch.setattr(train, "NUM_OVERLAYS", 0)
+
+
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
     """A synthetic run of 2 steps (last.pt, best.pt, one clip picture; no diagnostics.json, which

@@ -76,10 +76,13 @@ def test_draw_curves_plots_the_logged_terms_val_score_and_words_in_use(tmp_path)
                     {"eval": "val", "epoch": 1, "step": 1, "j_official": 0.25, "jf_official": 0.375}])
     plotted = pictures.draw_curves(str(log), str(png), K)
     assert plotted["val J&F (picks best.pt)"] == {"val J&F": ([1], [0.375])}
+    # a log without a val line yet names no measure
+    write_log(log, [training_line(1, 2.0, 0.125, 0.25, False)])
+    plotted = pictures.draw_curves(str(log), str(png), K)
+    assert plotted["val score (picks best.pt)"] == {"val score": ([], [])}
 
 
 def test_a_run_without_matplotlib_says_once_that_it_skipped_the_picture(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "NUM_OVERLAYS", 0)  # no pictures at the end
     # matplotlib unimportable, its submodules too (an earlier test may have imported them)
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, name, None)

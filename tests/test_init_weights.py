@@ -460,7 +460,6 @@ def test_train_py_init_weights_prints_the_table_and_a_bad_file_is_one_line(tmp_p
     """The command line, on the CPU preset (the paper preset's run costs 26 s of CPU) with a file
     of ReferFormer's names at the CPU preset's widths: exit 0 and the table. A bad file: main()
     returns exit code 2 with one line (run in this process: the same main() as the command's)."""
-    monkeypatch.setattr("train.NUM_OVERLAYS", 0)  # clip pictures drawn
     cpu = preset("cpu")
     names = referformer_names({}, SmallBackbone().channels, hidden=cpu.dim, heads=cpu.num_heads,
                               points=cpu.num_points, enc_layers=cpu.enc_layers, ffn=cpu.ffn_dim)

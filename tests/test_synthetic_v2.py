@@ -280,7 +280,6 @@ def test_v2_frame_audio_is_often_unreliable():
 # train.py on the benchmark
 # ----------------------------------------------------------------------------------------------
 def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path, monkeypatch):
-    monkeypatch.setattr(train, "NUM_OVERLAYS", 0)  # no pictures at the end
     run = tmp_path / "run"
     monkeypatch.setitem(synthetic.SYNTHETIC_SIZES, "train", 8)
     commands.run(train.main, "--epochs", "1", "--out", run,  # 2 steps

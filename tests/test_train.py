@@ -24,19 +24,18 @@ from fixtures import RunsCode, write_avss, write_ms3, write_s4
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the runs start from the pretrained stand-ins, found in a cache made for the tests (random
 # weights: tests/commands.py); building them is tested in tests/test_pretrain_*.py and below
-# and a train split of 16 clips (log_every_step below): 4 steps an epoch
+# and a train split of 16 clips (small_runs below): 4 steps an epoch
 TINY = ["--img-size", "32", "--eval-clips", "4", "--epochs", "3"]
 TRAIN_CLIPS = 16
 
 
 @pytest.fixture(autouse=True)
-def log_every_step(monkeypatch):
+def small_runs(monkeypatch):
     """The runs of this file train on 16 synthetic clips, log every step (LOG_EVERY 1) and draw no
-    pictures (NUM_OVERLAYS 0, no curves.png: a quarter of a small run's time) unless a test asks
-    for them (DRAW_CURVES)."""
+    curves.png (a quarter of a small run's time; test pictures: tests/conftest.py) unless a test
+    asks for them (DRAW_CURVES)."""
     monkeypatch.setitem(synthetic.SYNTHETIC_SIZES, "train", TRAIN_CLIPS)
     monkeypatch.setattr(train_py, "LOG_EVERY", 1)
-    monkeypatch.setattr(train_py, "NUM_OVERLAYS", 0)
     monkeypatch.setattr(pictures, "draw_curves", lambda *args: {})
 
 
@@ -98,6 +97,13 @@ def test_synthetic_run_writes_every_file_and_resume_continues(tmp_path, monkeypa
     # the resumed run's log goes on from the checkpoint: each step once, one final evaluation
     finals = lambda: [json.loads(line).get("eval") for line in open(run / "log.jsonl")].count("final")  # noqa: E731
     assert logged_steps(run / "log.jsonl") == [1, 2, 3, 4, 5] and finals() == 1
+
+    # resumed into another directory, where no best.pt is yet: it picks its own (here the last model,
+    # step 6, as no val falls in it) and leaves the checkpoint's folder as it was
+    other = tmp_path / "other"
+    train("--resume", str(run / "last.pt"), "--max-steps", "6", "--out", str(other))
+    assert json.loads((other / "metrics.json").read_text())["model"]["step"] == 6
+    assert torch.load(run / "last.pt", map_location="cpu", weights_only=True)["state"]["step"] == 5
 
     # --eval-only evaluates a checkpoint into a new directory
     ev = tmp_path / "eval"
@@ -226,6 +232,12 @@ def test_avsbench_fixture_runs_and_writes_metrics(tmp_path, name, writer, monkey
     assert 0.0 <= metrics["test"][key] <= 1.0
     wav = os.path.join(str(root), "v2", "v2TestClip1_2000_12000", "audio.wav")
     assert proc.stderr.count(f"{wav}: 1.5 s of audio; expected 9.615 s") == (name == "avss"), proc.stderr[-3000:]
+    # --eval-only takes the dataset, preset and image size from the checkpoint, and the data from
+    # where --data-root says it is now
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    train("--eval-only", str(run / "best.pt"), "--data-root", str(moved), "--out", str(tmp_path / "ev"))
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["test"] == metrics["test"]
 
 
 @pytest.mark.parametrize("backbone", ["swin-t", "video-swin-t"])
@@ -287,6 +299,8 @@ def test_missing_root_and_broken_file_fail_with_one_message_and_exit_code_2(tmp_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     proc = train("--resume", str(tmp_path / "no.pt"), check=False)
     assert proc.returncode == 2 and "no.pt" in proc.stderr
+    proc = train("--resume", str(tmp_path / "a.pt"), "--eval-only", str(tmp_path / "b.pt"), check=False)
+    assert proc.returncode == 2 and "give one" in proc.stderr and "Traceback" not in proc.stderr
     for flag, value in (("--quant-warmup-steps", "-1"), ("--lr", "0")):
         proc = train(flag, value, "--max-steps", "1", check=False)
         assert proc.returncode == 2 and flag in proc.stderr and "Traceback" not in proc.stderr
@@ -621,8 +635,11 @@ def test_final_evaluation_is_of_best_pt(tmp_path, monkeypatch):
     run = tmp_path / "run"
     # 8 clips of 4: 2 steps an epoch, 2 epochs, val evaluated after steps 2 and 4
     monkeypatch.setitem(synthetic.SYNTHETIC_SIZES, "train", 8)
-    proc = train("--epochs", "2", "--batch-size", "4", "--eval-clips", "4", "--img-size", "32", "--out", str(run))
+    proc = train("--epochs", "2", "--lr-drop-epoch", "2", "--batch-size", "4", "--eval-clips", "4",
+                 "--img-size", "32", "--seed", "1", "--out", str(run))
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    # each step logs the learning rate it trained with: x0.1 from epoch 2 (steps 3 and 4) on
+    assert [r["lr"] for r in log if "loss" in r and "eval" not in r] == pytest.approx([4e-4, 4e-4, 4e-5, 4e-5])
     vals = [r for r in log if r.get("eval") == "val"]
     assert [(r["epoch"], r["step"]) for r in vals] == [(1, 2), (2, 4)]
     best = max(vals, key=lambda r: r["miou_official"])  # the first of equal scores, as best.pt keeps
@@ -644,13 +661,14 @@ def test_final_evaluation_is_of_best_pt(tmp_path, monkeypatch):
     row = ablate.collect_run({"out": str(run), "name": "full", "seed": 0, "start": time.time()})
     assert row["metrics"]["val mIoU"] == best["miou_official"]
     assert row["metrics"]["test mIoU"] == metrics["test"]["miou_official"]
-    # the table's numbers are best.pt's: --eval-only of that file gives them again (on this machine
-    # the two models differ in test's multi-source F, so evaluating last.pt would not)
+    # the table's numbers are best.pt's: --eval-only of that file gives them again, on the run's
+    # image size and seed (its clips) without those flags
     ev = tmp_path / "eval"
-    train("--eval-only", str(run / "best.pt"), "--eval-clips", "4", "--img-size", "32", "--out", str(ev))
+    train("--eval-only", str(run / "best.pt"), "--eval-clips", "4", "--out", str(ev))
     again = json.loads((ev / "metrics.json").read_text())
     for split in splits:
         assert again[split] == metrics[split], split
+    assert again["model"] == metrics["model"] and again["val"] == metrics["val"]
 
 
 def test_final_print_is_a_small_table_of_the_headline_numbers():
