@@ -551,12 +551,15 @@ class CollapseWatch:
     is called on the quantized training steps that are logged (train.LOG_EVERY) with the words in
     use of a path ('global' or 'local'); when a path has used <= N words at every such step from
     `patience` steps ago (or more) up to now, it returns a warning naming the step, once per path.
+    `state` is a dict that holds what the watch remembers (train.py keeps it in the run's state, so
+    that a resumed run warns where the unbroken one does).
     """
 
-    def __init__(self, num_tokens: int, patience: int = 100):
+    def __init__(self, num_tokens: int, patience: int = 100, state: dict | None = None):
         self.num_tokens, self.patience = num_tokens, patience
-        self.since = {}     # path -> the first step of its current run of steps with <= N words
-        self.fired = set()  # paths already warned about
+        state = {} if state is None else state
+        self.since = state.setdefault("since", {})  # path -> the first step of its current run of steps with <= N words
+        self.fired = state.setdefault("fired", [])  # paths already warned about
 
     def update(self, step: int, path: str, words: int) -> str | None:
         if words > self.num_tokens:
@@ -564,7 +567,7 @@ class CollapseWatch:
             return None
         since = self.since.setdefault(path, step)
         if step - since + 1 >= self.patience and path not in self.fired:
-            self.fired.add(path)
+            self.fired.append(path)
             return (f"codebook collapse at step {step}: the {path} tokens used <= {self.num_tokens} "
                     f"words (N = {self.num_tokens}) in every batch logged since step {since}")
         return None

@@ -15,9 +15,10 @@ What this file teaches
 
 Reading order
     TrainConfig (every setting, one comment each) and RECIPES (the paper's epochs per dataset),
-    parse_args and resolve, main/run (set-up and the epoch loop), evaluate_checkpoint (the
-    final evaluation), train_one_epoch with forward_loss and apply_gradients (one step), the step's
-    log (finish_step), evaluate. What a resumed run relies on is checkpoint.py's.
+    parse_args and resolve, main/run (set-up and the epoch loop; its helpers setup_distributed,
+    saved_train_config, make_dataset, evaluation_splits are short), evaluate_checkpoint (the final
+    evaluation), train_one_epoch with forward_loss and apply_gradients (one step), the step's log
+    (finish_step), evaluate. What a resumed run relies on is checkpoint.py's.
 
 Shape alphabet: B clips, T frames, N tokens, Kc classes, H, W image size, h, w mask size.
 """
@@ -280,7 +281,7 @@ def run(cfg: TrainConfig) -> int:
         return 0
 
     opt = torch.optim.AdamW(model.parameter_groups(cfg.lr, BACKBONE_LR_MULT, WEIGHT_DECAY))
-    sampler = ResumableSampler(len(train_set), True, cfg.seed, rank, world)
+    sampler = ResumableSampler(len(train_set), shuffle=True, seed=cfg.seed, rank=rank, world=world)
     # The loader draws its workers' base seed from `generator` when an epoch starts; a generator of
     # its own keeps that draw out of the global RNG, whose state a resumed run restores exactly.
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
@@ -330,8 +331,8 @@ def run(cfg: TrainConfig) -> int:
     ctx = dict(cfg=cfg, model=model, train_model=train_model, criterion=criterion, opt=opt,
                sched=sched, loader=loader, sampler=sampler, device=device, rank=rank,
                world=world, main_proc=main_proc, out_dir=out_dir, full_config=full_config,
-               state=state, steps_per_epoch=steps_per_epoch,
-               collapse_watch=metrics.CollapseWatch(model_cfg.num_tokens))
+               state=state, steps_per_epoch=steps_per_epoch,  # the watch's state is the run's: resumed
+               collapse_watch=metrics.CollapseWatch(model_cfg.num_tokens, state=state.setdefault("collapse", {})))
     log_path = os.path.join(out_dir, "log.jsonl")
     if main_proc:
         start_log(log_path, None if ckpt is None else state["step"])
@@ -570,7 +571,7 @@ def evaluate(cfg: TrainConfig, model: SQD, dataset, device, rank: int, world: in
     ObjectMetrics. One evaluation batch is one official test batch (4 clips).
     """
     model.eval()
-    sampler = ResumableSampler(len(dataset), False, 0, rank, world)
+    sampler = ResumableSampler(len(dataset), shuffle=False, seed=0, rank=rank, world=world)
     loader = DataLoader(dataset, batch_size=EVAL_BATCH_SIZE, sampler=sampler,
                         collate_fn=data.collate, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda")

@@ -4,6 +4,7 @@ Each control is one flag; each test here fails when its flag is ignored (checked
 flag's effect in the code and watching the test fail). The measures are checked against hand-built
 cases whose answer is counted by hand.
 """
+import copy
 import json
 import os
 import sys
@@ -65,6 +66,12 @@ def test_collapse_watch_fires_once_per_path_naming_the_step():
     assert [i for i, m in enumerate(fired, start=1) if m] == [8]
     assert "step 8" in fired[7] and "global" in fired[7]
     assert watch.update(12, "local", 1) is None                              # a path counts on its own
+    # a watch rebuilt from a saved copy of its state (a resumed run's) fires where the unbroken one did
+    state = {}
+    watch = CollapseWatch(num_tokens=3, patience=4, state=state)
+    assert not any(watch.update(step, "global", words) for step, words in enumerate([3, 3, 3, 4, 2], start=1))
+    resumed = CollapseWatch(num_tokens=3, patience=4, state=copy.deepcopy(state))
+    assert [s for s, w in [(6, 3), (7, 1), (8, 3), (9, 3)] if resumed.update(s, "global", w)] == [8]
     # called on logged steps only (1, 10, 20, ...): the run spans steps, not calls
     watch = CollapseWatch(num_tokens=3, patience=100)
     words = {s: (9 if s == 50 else 3) for s in [1] + list(range(10, 200, 10))}  # broken at step 50
