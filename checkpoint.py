@@ -38,7 +38,8 @@ class CheckpointError(Exception):
 
 
 # The layout of a checkpoint. It goes up by one when a model's keys change or a config's field
-# changes meaning (a removed field needs none: train.saved_train_config leaves it out);
+# changes meaning (a removed field needs none: train.saved_train_config leaves it out, and train.py
+# refuses to resume a run whose removed --train-clips cut its data);
 # OLD_FORMATS is the message that refuses each older one (what it lacks, and the git tag whose code
 # reads it). What each format changed: docs/extending.md, "Checkpoint formats".
 CHECKPOINT_FORMAT = 6

@@ -310,7 +310,7 @@ class SQD(nn.Module):
             vq.set_warmup(active)
 
     def end_quantizer_warmup(self) -> None:
-        """Each codebook to the k-means centres of its warm-up tokens (VectorQuantizer.end_warmup)."""
+        """Warm-up off, each codebook at the k-means centres of its warm-up tokens (VectorQuantizer.end_warmup)."""
         for vq in self.quantizers():
             vq.end_warmup()
 

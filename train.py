@@ -97,7 +97,7 @@ class TrainConfig:
     # run
     out: str | None = None         # run directory; None: runs/{dataset}-{time}
     resume: str | None = None      # checkpoint (last.pt) to continue with its run's settings; flags: --out --data-root --epochs --max-steps --workers
-    eval_only: str | None = None   # checkpoint (best.pt) to evaluate with its run's settings, then exit; flags: --out --data-root --eval-clips --amp --workers
+    eval_only: str | None = None   # checkpoint (best.pt) to evaluate with its run's settings, then exit; flags: --out --data-root --workers, and --eval-clips --amp if not the default
     amp: bool = False              # bf16 autocast (GPU)
     compile: bool = False          # torch.compile the model (GPU)
     seed: int = 0                  # seed of model init, data order and augmentation
@@ -246,8 +246,8 @@ def run(cfg: TrainConfig) -> int:
         keep = {k: getattr(cfg, k) for k in ("resume", "eval_only", "workers", "max_steps")}
         keep["out"] = cfg.out or (os.path.dirname(os.path.abspath(path)) if cfg.resume else None)
         keep.update({k: getattr(cfg, k) for k in ("epochs", "data_root") if getattr(cfg, k) is not None})
-        if cfg.eval_only:
-            keep.update(eval_clips=cfg.eval_clips, amp=cfg.amp)
+        if cfg.eval_only:  # given, these two change the run's evaluation; left at the default, not
+            keep.update({k: getattr(cfg, k) for k in ("eval_clips", "amp") if getattr(cfg, k) != getattr(TrainConfig, k)})
         cfg = dataclasses.replace(TrainConfig(**saved_train_config(ckpt)), **keep)
     if cfg.dataset != "synthetic":
         data.require_dataset(cfg.data_root, cfg.dataset)  # every missing file, named now

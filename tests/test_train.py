@@ -662,9 +662,9 @@ def test_final_evaluation_is_of_best_pt(tmp_path, monkeypatch):
     assert row["metrics"]["val mIoU"] == best["miou_official"]
     assert row["metrics"]["test mIoU"] == metrics["test"]["miou_official"]
     # the table's numbers are best.pt's: --eval-only of that file gives them again, on the run's
-    # image size and seed (its clips) without those flags
+    # image size, seed and --eval-clips (its clips) without those flags
     ev = tmp_path / "eval"
-    train("--eval-only", str(run / "best.pt"), "--eval-clips", "4", "--out", str(ev))
+    train("--eval-only", str(run / "best.pt"), "--out", str(ev))
     again = json.loads((ev / "metrics.json").read_text())
     for split in splits:
         assert again[split] == metrics[split], split
