@@ -401,8 +401,8 @@ def evaluate_checkpoint(cfg: TrainConfig, model: SQD, path: str, eval_sets: dict
     ckpt = load_checkpoint(path, mmap=True)  # mapped: the weights are read, the optimizer's state is not
     model.load_state_dict(ckpt["model"])
     state = ckpt["state"]
-    # the quantizer in warm-up (VQ(x) = x) if the checkpoint was saved during it
-    model.set_quantizer_warmup(state["step"] < (saved_train_config(ckpt).get("quant_warmup_steps") or 0))
+    # the quantizer in warm-up (VQ(x) = x) if the checkpoint was saved during it (cfg is its run's)
+    model.set_quantizer_warmup(state["step"] < cfg.quant_warmup_steps)
     results = {"dataset": cfg.dataset, "metric_definitions": metrics.METRIC_DEFINITIONS}
     for name, ds in eval_sets.items():  # every split but val (val alone if it is the only one)
         if name != "val" or len(eval_sets) == 1:

@@ -4,8 +4,9 @@ the test process.
 `run(main, *args)` calls the command's `main(argv)` with the repository root as the working
 directory and one torch thread (as OMP_NUM_THREADS=1 gives a process), and returns what
 `subprocess.run(..., capture_output=True, text=True)` would: a CompletedProcess with returncode
-(main's return value, or the code of a SystemExit such as argparse's 2), stdout and stderr. Warnings go to stderr as a fresh interpreter would print them
-(each shown once, DeprecationWarnings hidden), so a test can read them there.
+(main's return value, or the code of a SystemExit such as argparse's 2), stdout and stderr.
+Warnings go to stderr as a fresh interpreter would print them (each shown once,
+DeprecationWarnings hidden), so a test can read them there.
 
 Why not a subprocess: a fresh interpreter imports torch and, on the optimizer's first use,
 torch._dynamo again for every command, about 4 s on 2 cores; the suite runs some 40 commands.

@@ -296,7 +296,6 @@ def test_train_v2_evaluates_the_new_splits_and_records_the_benchmark(tmp_path, m
     assert len(val) == 1 and val[0]["miou_official"] == metrics["val"]["miou_official"]
     # --eval-only evaluates the same splits
     ev = tmp_path / "eval"
-    commands.run(train.main, "--eval-only", run / "last.pt", "--out", ev,
-                 "--img-size", "32", "--eval-clips", "2")
+    commands.run(train.main, "--eval-only", run / "last.pt", "--out", ev, "--eval-clips", "2")
     assert "val-unseen" in json.loads((ev / "metrics.json").read_text())
 
